@@ -1,0 +1,750 @@
+//! The local transport: a frontend and tapdisk on one host, without Xen.
+//!
+//! It plays the role blktap2's character device played in the thesis. The frontend owns its
+//! "guest memory" (a sealed memfd) and its ring (another sealed memfd), creates two eventfds
+//! (`kick`: frontend to backend, `notify`: backend to frontend), and sends all four descriptors
+//! with `SCM_RIGHTS` over a unix stream socket to the VBD, together with a one-line JSON
+//! [`AttachRequest`]. The backend answers with one JSON line, [`AttachReply`]. A grant reference
+//! is a page number in the guest memory. The socket stays open for the life of the ring: when
+//! either side closes it, the ring is gone.
+//!
+//! The backend trusts none of it: the memfds must be sealed against shrinking (else the
+//! frontend could truncate them under our mapping and kill tapdisk with SIGBUS), the eventfds
+//! must be eventfds, sizes must match, and every grant reference is bounds-checked.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+use crate::mmap::Mapping;
+use crate::protocol::{Abi, GrantRef, Response, Segment, MAX_SLOT, PAGE_SIZE};
+use crate::request::{encode, encode_discard, DiskInfo, Problem};
+use crate::ring::{BackRing, FrontRing};
+use crate::transport::{EventChannel, GrantMapper, MapHandle};
+
+/// Version of the attach handshake.
+pub const VERSION: u32 = 1;
+const MAX_LINE: usize = 4096;
+
+/// What the frontend asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AttachRequest {
+    /// Handshake version ([`VERSION`]).
+    pub version: u32,
+    /// Ring layout.
+    pub abi: Abi,
+    /// The ring has `2^ring_order` pages.
+    pub ring_order: u8,
+    /// Pages of guest memory; grant refs are `0..mem_pages`.
+    pub mem_pages: u32,
+}
+
+/// The backend's answer.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AttachReply {
+    /// Handshake version.
+    pub version: u32,
+    /// The disk, or why the attach was refused.
+    pub result: Result<DiskInfo, String>,
+}
+
+/// Limits the backend puts on a frontend.
+#[derive(Clone, Copy, Debug)]
+pub struct AttachLimits {
+    /// Largest ring order accepted.
+    pub max_ring_order: u8,
+    /// Largest guest memory accepted, in pages.
+    pub max_mem_pages: u32,
+}
+
+impl Default for AttachLimits {
+    fn default() -> Self {
+        AttachLimits { max_ring_order: 8, max_mem_pages: 1 << 22 }
+    }
+}
+
+/// Why an attach failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// Socket IO failed.
+    #[error("local transport: {0}")]
+    Io(#[from] io::Error),
+    /// The peer broke the handshake.
+    #[error("local transport: {0}")]
+    Protocol(String),
+    /// The backend refused.
+    #[error("backend refused the attach: {0}")]
+    Refused(String),
+}
+
+fn proto(msg: impl Into<String>) -> AttachError {
+    AttachError::Protocol(msg.into())
+}
+
+fn send_line(sock: &UnixStream, line: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let iov = [io::IoSlice::new(line)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    let n = sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    (&*sock).write_all(&line[n..])
+}
+
+/// Reads one newline-terminated line (at most 4 KiB) and the descriptors sent with it.
+fn recv_line(sock: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), AttachError> {
+    let mut buf = vec![0u8; MAX_LINE];
+    let mut fds = Vec::new();
+    let mut cmsg_space = nix::cmsg_space!([RawFd; 8]);
+    let n = {
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg_space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(v) = c {
+                // SAFETY: the kernel just installed these descriptors in our table for us;
+                // nothing else owns them.
+                fds.extend(v.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+            return Err(proto("too many descriptors sent"));
+        }
+        msg.bytes
+    };
+    let mut len = n;
+    while !buf[..len].contains(&b'\n') {
+        if len == MAX_LINE {
+            return Err(proto("handshake line longer than 4 KiB"));
+        }
+        let m = (&*sock).read(&mut buf[len..])?;
+        if m == 0 {
+            return Err(proto("peer closed the socket during the handshake"));
+        }
+        len += m;
+    }
+    let end = buf[..len].iter().position(|&b| b == b'\n').unwrap_or(len);
+    buf.truncate(end);
+    Ok((buf, fds))
+}
+
+fn fd_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(nix::sys::stat::fstat(fd.as_raw_fd()).map_err(io::Error::from)?.st_size as u64)
+}
+
+fn check_sealed(fd: BorrowedFd<'_>, what: &str) -> Result<(), AttachError> {
+    // SAFETY: plain fcntl query on a descriptor we own.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        return Err(proto(format!("{what} must be a memfd sealed with F_SEAL_SHRINK")));
+    }
+    Ok(())
+}
+
+fn check_eventfd(fd: BorrowedFd<'_>, what: &str) -> Result<(), AttachError> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    if link.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(proto(format!("{what} is not an eventfd")));
+    }
+    set_nonblocking(fd)?;
+    Ok(())
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own, with integer arguments.
+    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if fl < 0 || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn eventfd_signal(fd: RawFd) -> io::Result<()> {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live local buffer to a descriptor we own.
+    let n = unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
+    if n == 8 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    // A saturated counter already means "notified".
+    if e.kind() == io::ErrorKind::WouldBlock {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+fn eventfd_drain(fd: RawFd) -> io::Result<u64> {
+    let mut v = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a live local buffer from a descriptor we own.
+    let n = unsafe { libc::read(fd, v.as_mut_ptr().cast(), 8) };
+    if n == 8 {
+        return Ok(u64::from_ne_bytes(v));
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::WouldBlock {
+        Ok(0)
+    } else {
+        Err(e)
+    }
+}
+
+fn new_eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is checked before it is wrapped.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn new_sealed_memfd(name: &std::ffi::CStr, len: u64) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with a valid C string; the result is checked before it is wrapped.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::unistd::ftruncate(&fd, len as i64).map_err(io::Error::from)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own, with integer arguments.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend side
+
+/// Grant references of the local transport: page numbers in the frontend's memfd.
+#[derive(Debug)]
+pub struct LocalGrants {
+    mem: Mapping,
+    pages: u32,
+}
+
+impl LocalGrants {
+    /// Pages of guest memory.
+    pub fn pages(&self) -> u32 {
+        self.pages
+    }
+}
+
+impl GrantMapper for LocalGrants {
+    fn map(
+        &mut self,
+        refs: &[GrantRef],
+        _writable: bool,
+        addrs: &mut [*mut u8],
+    ) -> Result<MapHandle, Problem> {
+        for (r, a) in refs.iter().zip(addrs.iter_mut()) {
+            if *r >= self.pages {
+                return Err(Problem::BadGrant(*r));
+            }
+            // SAFETY: `r < pages`, so the page lies inside the mapping of `pages` pages.
+            *a = unsafe { self.mem.ptr().as_ptr().add(*r as usize * PAGE_SIZE) };
+        }
+        Ok(MapHandle(0))
+    }
+
+    fn unmap(&mut self, _handle: MapHandle) {}
+}
+
+/// Event channel of the local transport: two eventfds.
+#[derive(Debug)]
+pub struct LocalEvtchn {
+    kick: OwnedFd,
+    notify: OwnedFd,
+}
+
+impl EventChannel for LocalEvtchn {
+    fn fd(&self) -> RawFd {
+        self.kick.as_raw_fd()
+    }
+    fn ack(&self) -> io::Result<()> {
+        eventfd_drain(self.kick.as_raw_fd()).map(|_| ())
+    }
+    fn notify(&self) -> io::Result<()> {
+        eventfd_signal(self.notify.as_raw_fd())
+    }
+}
+
+/// A ring attached over the local transport, as the backend sees it.
+#[derive(Debug)]
+pub struct LocalBackend {
+    /// The back half of the ring. Declared first so it is dropped before its mapping.
+    pub ring: BackRing,
+    /// Grant mapping.
+    pub grants: LocalGrants,
+    /// Event channel.
+    pub evtchn: LocalEvtchn,
+    /// The frontend's ABI.
+    pub abi: Abi,
+    /// The ring order it asked for.
+    pub ring_order: u8,
+    /// The socket: it hangs up when the frontend goes away; dropping it tells the frontend
+    /// that the ring is gone.
+    pub sock: UnixStream,
+    _ring_map: Mapping,
+}
+
+/// Runs the backend half of the handshake on a freshly accepted socket: validates everything
+/// the frontend sent, maps it, answers with `info` (or with the reason for refusing).
+pub fn accept(
+    sock: UnixStream,
+    limits: &AttachLimits,
+    info: &DiskInfo,
+) -> Result<LocalBackend, AttachError> {
+    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    sock.set_write_timeout(Some(Duration::from_secs(5)))?;
+    match accept_inner(&sock, limits, info) {
+        Ok(parts) => {
+            let reply = AttachReply { version: VERSION, result: Ok(*info) };
+            send_json(&sock, &reply)?;
+            sock.set_read_timeout(None)?;
+            sock.set_write_timeout(None)?;
+            let (ring, grants, evtchn, req, ring_map) = parts;
+            Ok(LocalBackend {
+                ring,
+                grants,
+                evtchn,
+                abi: req.abi,
+                ring_order: req.ring_order,
+                sock,
+                _ring_map: ring_map,
+            })
+        }
+        Err(e) => {
+            let reply = AttachReply { version: VERSION, result: Err(e.to_string()) };
+            let _ = send_json(&sock, &reply);
+            Err(e)
+        }
+    }
+}
+
+type Parts = (BackRing, LocalGrants, LocalEvtchn, AttachRequest, Mapping);
+
+fn accept_inner(
+    sock: &UnixStream,
+    limits: &AttachLimits,
+    info: &DiskInfo,
+) -> Result<Parts, AttachError> {
+    let (line, fds) = recv_line(sock)?;
+    let req: AttachRequest = serde_json::from_slice(&line)
+        .map_err(|e| proto(format!("attach request is not valid JSON: {e}")))?;
+    if req.version != VERSION {
+        return Err(proto(format!("handshake version {} (this backend speaks {VERSION})", req.version)));
+    }
+    if req.ring_order > limits.max_ring_order {
+        return Err(proto(format!(
+            "ring order {} is above the maximum {}",
+            req.ring_order, limits.max_ring_order
+        )));
+    }
+    if req.mem_pages == 0 || req.mem_pages > limits.max_mem_pages {
+        return Err(proto(format!(
+            "guest memory of {} pages is outside 1..={}",
+            req.mem_pages, limits.max_mem_pages
+        )));
+    }
+    let [mem_fd, ring_fd, kick, notify]: [OwnedFd; 4] = fds
+        .try_into()
+        .map_err(|v: Vec<OwnedFd>| proto(format!("expected 4 descriptors, got {}", v.len())))?;
+    check_sealed(mem_fd.as_fd(), "guest memory")?;
+    check_sealed(ring_fd.as_fd(), "the ring")?;
+    check_eventfd(kick.as_fd(), "the kick descriptor")?;
+    check_eventfd(notify.as_fd(), "the notify descriptor")?;
+    let ring_pages = 1usize << req.ring_order;
+    let mem_len = req.mem_pages as u64 * PAGE_SIZE as u64;
+    if fd_size(mem_fd.as_fd())? < mem_len {
+        return Err(proto("guest memory memfd is smaller than mem_pages"));
+    }
+    if fd_size(ring_fd.as_fd())? < (ring_pages * PAGE_SIZE) as u64 {
+        return Err(proto("ring memfd is smaller than 2^ring_order pages"));
+    }
+    let mem = Mapping::map_shared(mem_fd.as_fd(), mem_len as usize)?;
+    let ring_map = Mapping::map_shared(ring_fd.as_fd(), ring_pages * PAGE_SIZE)?;
+    // SAFETY: `ring_map` is page aligned, `ring_pages` pages long, sealed against shrinking,
+    // and is moved into the same `LocalBackend` as the ring, which drops the ring first.
+    let ring = unsafe { BackRing::new(ring_map.ptr(), ring_pages, req.abi) }
+        .ok_or_else(|| proto("ring too small"))?;
+    let _ = info;
+    Ok((
+        ring,
+        LocalGrants { mem, pages: req.mem_pages },
+        LocalEvtchn { kick, notify },
+        req,
+        ring_map,
+    ))
+}
+
+fn send_json<T: serde::Serialize>(sock: &UnixStream, v: &T) -> io::Result<()> {
+    let mut line = serde_json::to_vec(v).map_err(io::Error::other)?;
+    line.push(b'\n');
+    send_line(sock, &line, &[])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frontend side
+
+/// How a local frontend sets up its ring.
+#[derive(Clone, Copy, Debug)]
+pub struct FrontendConfig {
+    /// Ring layout to use.
+    pub abi: Abi,
+    /// `2^ring_order` ring pages.
+    pub ring_order: u8,
+    /// Pages of guest memory to share.
+    pub mem_pages: u32,
+}
+
+impl Default for FrontendConfig {
+    fn default() -> Self {
+        FrontendConfig { abi: Abi::NATIVE, ring_order: 0, mem_pages: 1024 }
+    }
+}
+
+/// A request as a frontend builds it.
+#[derive(Clone, Copy, Debug)]
+pub enum FrontRequest<'a> {
+    /// A read, write, flush or barrier with these segments.
+    Rw {
+        /// `BLKIF_OP_*`.
+        op: u8,
+        /// Id echoed in the response.
+        id: u64,
+        /// First sector.
+        sector: u64,
+        /// Segments (at most 11).
+        segments: &'a [Segment],
+    },
+    /// A discard.
+    Discard {
+        /// Id echoed in the response.
+        id: u64,
+        /// First sector.
+        sector: u64,
+        /// Sectors.
+        nr_sectors: u64,
+        /// Secure discard.
+        secure: bool,
+    },
+}
+
+/// A frontend on the local transport: tests, `td-bench` and fuzzers drive tapdisk with it.
+#[derive(Debug)]
+pub struct LocalFrontend {
+    ring: FrontRing,
+    abi: Abi,
+    info: DiskInfo,
+    mem: Mapping,
+    mem_pages: u32,
+    kick: OwnedFd,
+    notify: OwnedFd,
+    sock: UnixStream,
+    _ring_map: Mapping,
+}
+
+impl LocalFrontend {
+    /// Connects to a VBD's local-transport socket and attaches a new ring.
+    pub fn connect(path: &Path, cfg: FrontendConfig) -> Result<LocalFrontend, AttachError> {
+        let sock = UnixStream::connect(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot connect to {}: {e}", path.display()))
+        })?;
+        Self::attach(sock, cfg)
+    }
+
+    /// Attaches over an already connected socket.
+    pub fn attach(sock: UnixStream, cfg: FrontendConfig) -> Result<LocalFrontend, AttachError> {
+        let ring_pages = 1usize << cfg.ring_order;
+        let mem_fd = new_sealed_memfd(c"blkif-guest-mem", cfg.mem_pages as u64 * PAGE_SIZE as u64)?;
+        let ring_fd = new_sealed_memfd(c"blkif-ring", (ring_pages * PAGE_SIZE) as u64)?;
+        let mem = Mapping::map_shared(mem_fd.as_fd(), cfg.mem_pages as usize * PAGE_SIZE)?;
+        let ring_map = Mapping::map_shared(ring_fd.as_fd(), ring_pages * PAGE_SIZE)?;
+        // SAFETY: `ring_map` is page aligned, `ring_pages` long, and lives in the same struct
+        // as the ring, which is declared (and so dropped) first.
+        let ring = unsafe { FrontRing::init(ring_map.ptr(), ring_pages, cfg.abi) }
+            .ok_or_else(|| proto("ring too small"))?;
+        let kick = new_eventfd()?;
+        let notify = new_eventfd()?;
+        let req = AttachRequest {
+            version: VERSION,
+            abi: cfg.abi,
+            ring_order: cfg.ring_order,
+            mem_pages: cfg.mem_pages,
+        };
+        let mut line = serde_json::to_vec(&req).map_err(io::Error::other)?;
+        line.push(b'\n');
+        let fds = [mem_fd.as_raw_fd(), ring_fd.as_raw_fd(), kick.as_raw_fd(), notify.as_raw_fd()];
+        send_line(&sock, &line, &fds)?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let (line, _) = recv_line(&sock)?;
+        sock.set_read_timeout(None)?;
+        let reply: AttachReply = serde_json::from_slice(&line)
+            .map_err(|e| proto(format!("attach reply is not valid JSON: {e}")))?;
+        let info = reply.result.map_err(AttachError::Refused)?;
+        Ok(LocalFrontend {
+            ring,
+            abi: cfg.abi,
+            info,
+            mem,
+            mem_pages: cfg.mem_pages,
+            kick,
+            notify,
+            sock,
+            _ring_map: ring_map,
+        })
+    }
+
+    /// The disk as the backend described it.
+    pub fn info(&self) -> &DiskInfo {
+        &self.info
+    }
+
+    /// The ring layout.
+    pub fn abi(&self) -> Abi {
+        self.abi
+    }
+
+    /// Slots in the ring.
+    pub fn ring_size(&self) -> u32 {
+        self.ring.size()
+    }
+
+    /// Pages of guest memory (valid grant refs are `0..mem_pages()`).
+    pub fn mem_pages(&self) -> u32 {
+        self.mem_pages
+    }
+
+    /// Copies `data` into guest memory at byte offset `off`.
+    ///
+    /// # Panics
+    /// If the range is outside guest memory (a bug in the caller, which owns that memory).
+    pub fn write_mem(&self, off: usize, data: &[u8]) {
+        assert!(off.checked_add(data.len()).is_some_and(|e| e <= self.mem.len()));
+        // SAFETY: the range is inside our mapping (checked above). The backend only writes a
+        // page while a read request naming it is in flight, which the caller does not overlap
+        // with its own writes; a racing write would tear data, not memory safety.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.mem.ptr().as_ptr().add(off), data.len())
+        };
+    }
+
+    /// Copies guest memory at byte offset `off` into `out`.
+    ///
+    /// # Panics
+    /// If the range is outside guest memory.
+    pub fn read_mem(&self, off: usize, out: &mut [u8]) {
+        assert!(off.checked_add(out.len()).is_some_and(|e| e <= self.mem.len()));
+        // SAFETY: as for `write_mem`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.mem.ptr().as_ptr().add(off), out.as_mut_ptr(), out.len())
+        };
+    }
+
+    /// Raw pointer to guest memory (for zero-copy benchmarks).
+    pub fn mem_ptr(&self) -> NonNull<u8> {
+        self.mem.ptr()
+    }
+
+    /// Slots free for new requests.
+    pub fn free_slots(&self) -> u32 {
+        self.ring.free()
+    }
+
+    /// Requests published and not yet answered.
+    pub fn outstanding(&self) -> u32 {
+        self.ring.outstanding()
+    }
+
+    /// Queues a request (not visible to the backend until [`LocalFrontend::push`]).
+    /// Returns false if the ring is full.
+    pub fn queue(&mut self, req: &FrontRequest<'_>) -> bool {
+        if self.ring.free() == 0 {
+            return false;
+        }
+        let mut bytes = [0u8; MAX_SLOT];
+        match *req {
+            FrontRequest::Rw { op, id, sector, segments } => {
+                let n = segments.len().min(u8::MAX as usize) as u8;
+                encode(self.abi, op, n, id, sector, segments, &mut bytes)
+            }
+            FrontRequest::Discard { id, sector, nr_sectors, secure } => {
+                encode_discard(self.abi, id, sector, nr_sectors, secure, &mut bytes)
+            }
+        }
+        self.ring.put_request(&bytes[..self.abi.layout().slot]);
+        true
+    }
+
+    /// Queues arbitrary slot bytes, as a hostile frontend would. Returns false if full.
+    pub fn queue_raw(&mut self, bytes: &[u8]) -> bool {
+        if self.ring.free() == 0 {
+            return false;
+        }
+        self.ring.put_request(bytes);
+        true
+    }
+
+    /// Publishes queued requests and kicks the backend if it asked for it.
+    pub fn push(&mut self) -> io::Result<()> {
+        if self.ring.push_requests() {
+            eventfd_signal(self.kick.as_raw_fd())?;
+        }
+        Ok(())
+    }
+
+    /// Publishes an arbitrary `req_prod` and kicks (hostile index games).
+    pub fn publish_raw_req_prod(&mut self, v: u32) -> io::Result<()> {
+        self.ring.publish_raw_req_prod(v);
+        eventfd_signal(self.kick.as_raw_fd())
+    }
+
+    /// Takes every response published so far.
+    pub fn poll(&mut self, f: impl FnMut(Response)) -> u32 {
+        self.ring.take_responses(f)
+    }
+
+    /// Waits until responses are published, the timeout passes (`Ok(false)`), or the backend
+    /// drops the ring (an error).
+    pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            if self.ring.final_check() {
+                return Ok(true);
+            }
+            let left = match deadline {
+                None => PollTimeout::NONE,
+                Some(d) => {
+                    let now = std::time::Instant::now();
+                    if now >= d {
+                        return Ok(false);
+                    }
+                    PollTimeout::try_from(d - now).unwrap_or(PollTimeout::MAX)
+                }
+            };
+            let mut fds = [
+                PollFd::new(self.notify.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.sock.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, left) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                if self.ring.final_check() {
+                    return Ok(true);
+                }
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the backend disconnected the ring",
+                ));
+            }
+            if fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) {
+                eventfd_drain(self.notify.as_raw_fd())?;
+            }
+        }
+    }
+
+    /// Whether the backend has dropped this ring (its socket end is closed).
+    pub fn disconnected(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::op;
+
+    const INFO: DiskInfo = DiskInfo {
+        sectors: 2048,
+        sector_size: 512,
+        read_only: false,
+        flush: true,
+        barrier: true,
+        discard: true,
+        max_segments: 11,
+    };
+
+    #[test]
+    fn handshake_and_one_request() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || accept(b, &AttachLimits::default(), &INFO));
+        let mut fe = LocalFrontend::attach(a, FrontendConfig { mem_pages: 4, ..Default::default() })
+            .unwrap();
+        let mut be = t.join().unwrap().unwrap();
+        assert_eq!(fe.info(), &INFO);
+        assert_eq!(fe.ring_size(), 32);
+        fe.write_mem(4096, b"hello");
+        let seg = [Segment { gref: 1, first_sect: 0, last_sect: 7, pad: 0 }];
+        assert!(fe.queue(&FrontRequest::Rw { op: op::WRITE, id: 9, sector: 0, segments: &seg }));
+        fe.push().unwrap();
+        be.evtchn.ack().unwrap();
+        assert_eq!(be.ring.pending(), Ok(1));
+        let mut addrs = [std::ptr::null_mut(); 1];
+        be.grants.map(&[1], false, &mut addrs).unwrap();
+        // SAFETY: the page is mapped by `be.grants`, which is alive.
+        assert_eq!(unsafe { std::slice::from_raw_parts(addrs[0], 5) }, b"hello");
+        assert_eq!(be.grants.map(&[4], false, &mut addrs), Err(Problem::BadGrant(4)));
+        be.ring.put_response(&Response { id: 9, operation: op::WRITE, status: 0 });
+        if be.ring.push_responses() {
+            be.evtchn.notify().unwrap();
+        }
+        assert!(fe.wait(Some(Duration::from_secs(5))).unwrap());
+        let mut got = vec![];
+        fe.poll(|r| got.push(r));
+        assert_eq!(got, vec![Response { id: 9, operation: op::WRITE, status: 0 }]);
+        drop(be);
+        assert!(fe.wait(Some(Duration::from_secs(5))).is_err());
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let lim = AttachLimits { max_ring_order: 2, max_mem_pages: 8 };
+        let t = std::thread::spawn(move || accept(b, &lim, &INFO));
+        let r = LocalFrontend::attach(a, FrontendConfig { ring_order: 3, mem_pages: 4, ..Default::default() });
+        assert!(matches!(r, Err(AttachError::Refused(m)) if m.contains("ring order 3")));
+        assert!(t.join().unwrap().is_err());
+    }
+
+    #[test]
+    fn unsealed_or_missing_descriptors_are_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || accept(b, &AttachLimits::default(), &INFO));
+        let ev = new_eventfd().unwrap();
+        let line = b"{\"version\":1,\"abi\":\"x86_64-abi\",\"ring_order\":0,\"mem_pages\":1}\n";
+        send_line(&a, line, &[ev.as_raw_fd()]).unwrap();
+        let err = t.join().unwrap().unwrap_err().to_string();
+        assert!(err.contains("expected 4 descriptors"), "{err}");
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || accept(b, &AttachLimits::default(), &INFO));
+        let f = new_eventfd().unwrap();
+        send_line(&a, line, &[f.as_raw_fd(), f.as_raw_fd(), f.as_raw_fd(), f.as_raw_fd()]).unwrap();
+        let err = t.join().unwrap().unwrap_err().to_string();
+        assert!(err.contains("sealed"), "{err}");
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || accept(b, &AttachLimits::default(), &INFO));
+        (&a).write_all(b"not json\n").unwrap();
+        assert!(t.join().unwrap().unwrap_err().to_string().contains("JSON"));
+    }
+}
