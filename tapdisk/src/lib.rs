@@ -1,9 +1,17 @@
 //! tapdisk-rs: the userspace backend that serves a guest's virtual disk.
 //!
-//! A tapdisk process owns one or more VBDs (virtual block devices). Each VBD has an image
+//! A tapdisk process ([`daemon`]) owns one or more VBDs ([`vbd`]). Each VBD has an image
 //! ([`image`]), zero or more blkif rings attached to it, each served by its own event loop on
-//! io_uring ([`vbd`]), and optionally an NBD export ([`nbd`]). The process is driven through a
-//! unix control socket ([`control`]) by `tap-ctl`.
+//! io_uring ([`ringloop`]), and optionally an NBD export ([`nbd`]). The process is driven
+//! through a unix control socket ([`control`]) by `tap-ctl`; [`stats`] holds the counters
+//! `tap-ctl stats` prints.
 
+pub mod control;
+pub mod daemon;
+pub mod idset;
 pub mod image;
+pub mod logging;
 pub mod nbd;
+pub mod ringloop;
+pub mod stats;
+pub mod vbd;

@@ -1,2 +1,106 @@
-//! End-to-end tests of tapdisk-rs live in `tests/`: they spawn the real `tapdisk`, `tap-ctl` and
-//! `td-bench` binaries and drive them with real peers (qemu-io, qemu-img, nbdinfo, fio).
+//! Harness for the end-to-end tests in `tests/`: they start the real `tapdisk`, `tap-ctl` and
+//! `td-bench` binaries (built by `cargo test --workspace`) in a private run directory and drive
+//! them with real peers (qemu-io, qemu-img, nbdinfo, fio) and the blkif local frontend.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use tapdisk::control::client::Client;
+use tapdisk::control::proto::{Command as Ctl, Reply, VbdOptions, VbdSummary};
+use tapdisk::control::RunDir;
+
+/// The folder holding the workspace's binaries (`target/<profile>`), found from the running
+/// test executable (`target/<profile>/deps/<test>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+/// Path of workspace binary `name`, with a clear panic if it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.is_file(), "{} is missing: run `cargo build --workspace` (cargo test --workspace builds it)", p.display());
+    p
+}
+
+/// A tapdisk process in the foreground with its own run directory, killed on drop.
+pub struct Tapdisk {
+    /// The child.
+    pub child: Child,
+    /// Its pid.
+    pub pid: u32,
+    /// Its run directory.
+    pub rundir: RunDir,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Tapdisk {
+    /// Starts a tapdisk in a fresh temporary run directory.
+    pub fn start() -> Result<Tapdisk> {
+        let dir = tempfile::tempdir()?;
+        let mut t = Tapdisk::start_in(dir.path())?;
+        t._dir = Some(dir);
+        Ok(t)
+    }
+
+    /// Starts a tapdisk in `rundir`.
+    pub fn start_in(rundir: &Path) -> Result<Tapdisk> {
+        let mut child = Command::new(bin("tapdisk"))
+            .arg("--rundir")
+            .arg(rundir)
+            .arg("--log-level")
+            .arg("debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting tapdisk")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let pid: u32 = line.trim().parse().with_context(|| format!("tapdisk printed {line:?}"))?;
+        Ok(Tapdisk { child, pid, rundir: RunDir(rundir.to_owned()), _dir: None })
+    }
+
+    /// A control connection.
+    pub fn client(&self) -> Result<Client> {
+        Client::connect_pid(&self.rundir, self.pid)
+    }
+
+    /// Opens `image` (a TYPE:PATH spec) with `options`.
+    pub fn open(&self, image: &str, options: VbdOptions) -> Result<VbdSummary> {
+        match self.client()?.call(Ctl::Open { minor: None, image: image.into(), options })? {
+            Reply::Opened { vbd } => Ok(vbd),
+            other => bail!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// Counters of `minor` as JSON.
+    pub fn stats(&self, minor: u32) -> Result<serde_json::Value> {
+        match self.client()?.call(Ctl::Stats { minor })? {
+            Reply::Stats { stats } => Ok(stats),
+            other => bail!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Tapdisk {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A sparse image file of `size` bytes in a temporary folder.
+pub fn image(size: u64) -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let p = dir.path().join("disk.img");
+    std::fs::File::create(&p)?.set_len(size)?;
+    Ok((dir, p))
+}

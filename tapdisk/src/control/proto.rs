@@ -1,0 +1,205 @@
+//! Control messages. One JSON object per line: `{"v":1,"cmd":"open",...}` and a response
+//! `{"v":1,"ok":...}` or `{"v":1,"error":"..."}`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::image::DirectIo;
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// Longest line either side accepts.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Per-VBD settings, given at open.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VbdOptions {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// O_DIRECT policy for `aio:` images.
+    pub direct: DirectIo,
+    /// Largest ring order a frontend may use (local transport up to 8).
+    pub max_ring_order: u8,
+    /// Segments per direct request offered (1..=11).
+    pub max_segments: u8,
+    /// Also export the disk over NBD: `unix:PATH` or `tcp:ADDR:PORT`.
+    pub nbd: Option<String>,
+}
+
+impl Default for VbdOptions {
+    fn default() -> Self {
+        VbdOptions { read_only: false, direct: DirectIo::Auto, max_ring_order: 8, max_segments: 11, nbd: None }
+    }
+}
+
+/// A command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Who are you? Answered with [`Reply::Hello`].
+    Hello,
+    /// Open an image as a new VBD. Answered with [`Reply::Opened`].
+    Open {
+        /// Wanted minor number; the lowest free one if absent.
+        minor: Option<u32>,
+        /// Disk spec, e.g. `aio:/path/disk.img`.
+        image: String,
+        /// Settings.
+        #[serde(default)]
+        options: VbdOptions,
+    },
+    /// Close a VBD: disconnect its rings and NBD clients, close the image.
+    Close {
+        /// Which VBD.
+        minor: u32,
+    },
+    /// Quiesce a VBD: finish in-flight IO, take no new requests.
+    Pause {
+        /// Which VBD.
+        minor: u32,
+    },
+    /// Resume a paused VBD, optionally on another image of the same size.
+    Unpause {
+        /// Which VBD.
+        minor: u32,
+        /// New disk spec.
+        image: Option<String>,
+    },
+    /// List VBDs. Answered with [`Reply::List`].
+    List,
+    /// Counters of one VBD. Answered with [`Reply::Stats`].
+    Stats {
+        /// Which VBD.
+        minor: u32,
+    },
+    /// Close every VBD and exit.
+    Shutdown,
+}
+
+/// A request line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestMsg {
+    /// Protocol version.
+    pub v: u32,
+    /// The command.
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+/// State of a VBD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VbdState {
+    /// Serving requests.
+    Running,
+    /// Pause requested; in-flight IO draining.
+    Quiescing,
+    /// No IO in flight, none accepted.
+    Paused,
+    /// Closing.
+    Closing,
+}
+
+impl std::fmt::Display for VbdState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VbdState::Running => "running",
+            VbdState::Quiescing => "quiescing",
+            VbdState::Paused => "paused",
+            VbdState::Closing => "closing",
+        })
+    }
+}
+
+/// One VBD in a listing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VbdSummary {
+    /// Minor number.
+    pub minor: u32,
+    /// State.
+    pub state: VbdState,
+    /// Disk spec.
+    pub image: String,
+    /// Local-transport socket ("device node").
+    pub device: String,
+    /// NBD export address, if any.
+    pub nbd: Option<String>,
+    /// Rings attached.
+    pub rings: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Read-only.
+    pub read_only: bool,
+}
+
+/// A successful result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    /// Done.
+    Done,
+    /// Identity of the tapdisk.
+    Hello {
+        /// Process id.
+        pid: u32,
+        /// Control protocol version.
+        version: u32,
+        /// Crate version.
+        build: String,
+    },
+    /// A VBD was opened.
+    Opened {
+        /// The VBD.
+        vbd: VbdSummary,
+    },
+    /// The VBDs of this tapdisk.
+    List {
+        /// VBDs by minor.
+        vbds: Vec<VbdSummary>,
+    },
+    /// Counters (see `tapdisk::stats` for the fields).
+    Stats {
+        /// The counters as JSON.
+        stats: serde_json::Value,
+    },
+}
+
+/// A response line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResponseMsg {
+    /// Protocol version.
+    pub v: u32,
+    /// The result: `{"ok": {...}}` or `{"error": "..."}`.
+    #[serde(flatten)]
+    pub result: ResultMsg,
+}
+
+/// Success or a one-line error.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResultMsg {
+    /// Success.
+    Ok(Reply),
+    /// Failure, in words an operator can act on.
+    Error(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_is_stable() {
+        let m = RequestMsg { v: 1, command: Command::Close { minor: 3 } };
+        assert_eq!(serde_json::to_string(&m).unwrap(), r#"{"v":1,"cmd":"close","minor":3}"#);
+        let open: RequestMsg =
+            serde_json::from_str(r#"{"v":1,"cmd":"open","minor":null,"image":"aio:/x"}"#).unwrap();
+        assert_eq!(open.command, Command::Open { minor: None, image: "aio:/x".into(), options: VbdOptions::default() });
+        let r = ResponseMsg { v: 1, result: ResultMsg::Error("no such minor 3".into()) };
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"v":1,"error":"no such minor 3"}"#);
+        let r = ResponseMsg { v: 1, result: ResultMsg::Ok(Reply::Done) };
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"v":1,"ok":{"kind":"done"}}"#);
+        assert!(serde_json::from_str::<RequestMsg>(r#"{"v":1,"cmd":"explode"}"#).is_err());
+    }
+}

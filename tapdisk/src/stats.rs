@@ -1,0 +1,274 @@
+//! Per-VBD counters and latency histograms.
+//!
+//! Each ring's event loop is the only writer of its own [`RingStats`], so a counter update is a
+//! relaxed load and store (no locked instruction, no lock); the control thread reads them at
+//! any time and sums the rings of a VBD. Values read mid-update may be one request stale, which
+//! is fine for statistics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// A counter with one writer and many readers.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the owning thread may call this.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+    /// Subtracts `n`. Only the owning thread may call this.
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_sub(n), Ordering::Relaxed);
+    }
+    /// Current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters of one kind of operation.
+#[derive(Debug, Default)]
+pub struct OpCounters {
+    /// Requests completed.
+    pub requests: Counter,
+    /// Sectors moved (or discarded).
+    pub sectors: Counter,
+    /// Requests answered with an error.
+    pub errors: Counter,
+}
+
+/// Sub-buckets per power of two in [`Histogram`].
+const SUB: usize = 8;
+const SUB_BITS: u32 = 3;
+/// Buckets: values up to 2^48 ns (three days) with 8 sub-buckets per octave.
+const BUCKETS: usize = 48 * SUB;
+
+/// A log-linear latency histogram in nanoseconds (relative error under 12.5 %).
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: Box<[Counter]>,
+    max: Counter,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram { buckets: (0..BUCKETS).map(|_| Counter::default()).collect(), max: Counter::default() }
+    }
+}
+
+fn bucket_of(v: u64) -> usize {
+    if v < SUB as u64 {
+        return v as usize;
+    }
+    let exp = 63 - v.leading_zeros(); // >= SUB_BITS
+    let sub = ((v >> (exp - SUB_BITS)) as usize) & (SUB - 1);
+    (((exp - SUB_BITS + 1) as usize) * SUB + sub).min(BUCKETS - 1)
+}
+
+fn bucket_low(b: usize) -> u64 {
+    if b < SUB {
+        return b as u64;
+    }
+    let exp = (b / SUB) as u32 + SUB_BITS - 1;
+    let sub = (b % SUB) as u64;
+    (1u64 << exp) | (sub << (exp - SUB_BITS))
+}
+
+impl Histogram {
+    /// Records one value. Only the owning thread may call this.
+    #[inline]
+    pub fn record(&self, ns: u64) {
+        self.buckets[bucket_of(ns)].add(1);
+        if ns > self.max.get() {
+            self.max.0.store(ns, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds this histogram's counts into `into` (a plain array of `BUCKETS`).
+    fn accumulate(&self, into: &mut [u64], max: &mut u64) {
+        for (a, b) in into.iter_mut().zip(self.buckets.iter()) {
+            *a += b.get();
+        }
+        *max = (*max).max(self.max.get());
+    }
+}
+
+/// Percentiles of a set of histograms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: u64,
+    /// Median, µs.
+    pub p50_us: f64,
+    /// 90th percentile, µs.
+    pub p90_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// 99.9th percentile, µs.
+    pub p999_us: f64,
+    /// Largest, µs.
+    pub max_us: f64,
+}
+
+/// Percentiles over several histograms (e.g. every ring of a VBD).
+pub fn percentiles<'a>(hs: impl IntoIterator<Item = &'a Histogram>) -> Percentiles {
+    let mut counts = vec![0u64; BUCKETS];
+    let mut max = 0;
+    for h in hs {
+        h.accumulate(&mut counts, &mut max);
+    }
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return Percentiles::default();
+    }
+    let at = |q: f64| {
+        let rank = ((q * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (b, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                // Middle of the bucket, in µs.
+                let lo = bucket_low(b) as f64;
+                let hi = bucket_low(b + 1) as f64;
+                return ((lo + hi) / 2.0).min(max as f64) / 1000.0;
+            }
+        }
+        max as f64 / 1000.0
+    };
+    Percentiles {
+        count: total,
+        p50_us: at(0.5),
+        p90_us: at(0.9),
+        p99_us: at(0.99),
+        p999_us: at(0.999),
+        max_us: max as f64 / 1000.0,
+    }
+}
+
+/// The counters of one ring (or of the NBD export): written by one thread only.
+#[derive(Debug, Default)]
+pub struct RingStats {
+    /// Reads.
+    pub read: OpCounters,
+    /// Writes.
+    pub write: OpCounters,
+    /// Flushes and barriers.
+    pub flush: OpCounters,
+    /// Discards.
+    pub discard: OpCounters,
+    /// Requests in flight now.
+    pub in_flight: Counter,
+    /// Requests refused as malformed (guest-caused).
+    pub bad_requests: Counter,
+    /// Requests with unsupported operations.
+    pub unsupported: Counter,
+    /// Backend IO errors.
+    pub io_errors: Counter,
+    /// io_uring submissions (syscalls that submitted work).
+    pub submits: Counter,
+    /// Frontend notifications sent.
+    pub notifies: Counter,
+    /// Request latency, ring pop to response push.
+    pub latency: Histogram,
+}
+
+/// Sums of one kind of operation, for output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct OpTotals {
+    /// Requests completed.
+    pub requests: u64,
+    /// Sectors.
+    pub sectors: u64,
+    /// Errors.
+    pub errors: u64,
+}
+
+impl OpTotals {
+    fn add(&mut self, c: &OpCounters) {
+        self.requests += c.requests.get();
+        self.sectors += c.sectors.get();
+        self.errors += c.errors.get();
+    }
+}
+
+/// A VBD's counters summed over its rings and NBD export, as `tap-ctl stats` prints them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Totals {
+    /// Reads.
+    pub read: OpTotals,
+    /// Writes.
+    pub write: OpTotals,
+    /// Flushes and barriers.
+    pub flush: OpTotals,
+    /// Discards.
+    pub discard: OpTotals,
+    /// In flight now.
+    pub in_flight: u64,
+    /// Malformed requests refused.
+    pub bad_requests: u64,
+    /// Unsupported operations refused.
+    pub unsupported: u64,
+    /// Backend IO errors.
+    pub io_errors: u64,
+    /// io_uring submit calls.
+    pub submits: u64,
+    /// Notifications sent to frontends.
+    pub notifies: u64,
+    /// Latency from ring pop to response.
+    pub latency: Percentiles,
+}
+
+/// Sums `rings`.
+pub fn totals<'a>(rings: impl IntoIterator<Item = &'a RingStats> + Clone) -> Totals {
+    let mut t = Totals::default();
+    for r in rings.clone() {
+        t.read.add(&r.read);
+        t.write.add(&r.write);
+        t.flush.add(&r.flush);
+        t.discard.add(&r.discard);
+        t.in_flight += r.in_flight.get();
+        t.bad_requests += r.bad_requests.get();
+        t.unsupported += r.unsupported.get();
+        t.io_errors += r.io_errors.get();
+        t.submits += r.submits.get();
+        t.notifies += r.notifies.get();
+    }
+    t.latency = percentiles(rings.into_iter().map(|r| &r.latency));
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_tight() {
+        let mut last = 0;
+        for v in (0..100_000u64).chain([1 << 30, 1 << 40, u64::MAX]) {
+            let b = bucket_of(v);
+            assert!(b >= last || v > 100_000);
+            last = b;
+            if v < (1 << 47) {
+                assert!(bucket_low(b) <= v && v < bucket_low(b + 1), "v={v} b={b}");
+            }
+        }
+    }
+
+    #[test]
+    fn percentiles_are_close() {
+        let h = Histogram::default();
+        for v in 1..=10_000u64 {
+            h.record(v * 1000); // 1..10000 µs
+        }
+        let p = percentiles([&h]);
+        assert_eq!(p.count, 10_000);
+        assert!((p.p50_us - 5000.0).abs() / 5000.0 < 0.13, "{p:?}");
+        assert!((p.p99_us - 9900.0).abs() / 9900.0 < 0.13, "{p:?}");
+        assert_eq!(p.max_us, 10_000.0);
+        assert_eq!(percentiles([&Histogram::default()]).count, 0);
+    }
+}

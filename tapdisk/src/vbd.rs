@@ -1,0 +1,550 @@
+//! A VBD: one image, the rings attached to it, and its NBD export.
+//!
+//! The VBD listens on its "device node", a unix socket in `<rundir>/vbd/tapdevN`, where local
+//! frontends attach rings ([`blkif::local`]); each ring gets its own thread running a
+//! [`RingLoop`]. The NBD export serves the same image through [`GatedTarget`].
+//!
+//! Pausing sets a flag every ring loop checks before taking requests, wakes the loops, and
+//! waits until each reports that nothing is in flight; NBD requests wait at a gate. Unpausing
+//! may swap the image first (same size), as `tap-ctl unpause -a` does for a live image move.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use blkif::local::AttachLimits;
+use blkif::request::DiskInfo;
+use slog::{info, o, warn, Logger};
+
+use crate::control::proto::{VbdOptions, VbdState, VbdSummary};
+use crate::image::{AioImage, BlockTarget, ImageSpec, OpenOptionsImg, SECTOR};
+use tmp_nbd::{NbdListen, NbdServer};
+mod tmp_nbd {
+    #![allow(missing_docs, dead_code)]
+    use std::sync::Arc;
+    pub struct NbdListen;
+    impl std::str::FromStr for NbdListen { type Err = String; fn from_str(_: &str) -> Result<Self, String> { Err("x".into()) } }
+    impl std::fmt::Display for NbdListen { fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { Ok(()) } }
+    pub struct NbdServer;
+    impl NbdServer {
+        pub fn start(_: &NbdListen, _: &str, _: Arc<dyn crate::image::BlockTarget>, _: slog::Logger) -> std::io::Result<NbdServer> { Ok(NbdServer) }
+        pub fn local_addr(&self) -> NbdListen { NbdListen }
+        pub fn connections(&self) -> usize { 0 }
+        pub fn shutdown(self) {}
+    }
+}
+use crate::ringloop::{RingExit, RingLoop};
+use crate::stats::{self, RingStats};
+
+/// Locks a mutex, recovering the data if a thread panicked while holding it (the state these
+/// mutexes guard stays consistent at every await point).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// State shared by the VBD and its ring loops.
+#[derive(Debug)]
+pub struct VbdShared {
+    /// Ring loops take no new requests while set.
+    pub paused: AtomicBool,
+    image: Mutex<Arc<AioImage>>,
+}
+
+impl VbdShared {
+    /// The current image.
+    pub fn image(&self) -> Arc<AioImage> {
+        lock(&self.image).clone()
+    }
+}
+
+/// The control side of one ring loop.
+#[derive(Debug)]
+pub struct RingControl {
+    wake: OwnedFd,
+    /// Asks the loop to finish in-flight IO and exit.
+    pub stop: AtomicBool,
+    /// Set by the loop while paused with nothing in flight.
+    pub quiesced: AtomicBool,
+}
+
+impl RingControl {
+    fn new() -> io::Result<RingControl> {
+        // SAFETY: plain syscall; the result is checked before it is wrapped.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor nothing else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(RingControl { wake, stop: AtomicBool::new(false), quiesced: AtomicBool::new(false) })
+    }
+
+    /// The descriptor the loop polls.
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
+
+    /// Wakes the loop so it re-reads the flags.
+    pub fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our own eventfd. A full counter (EAGAIN)
+        // already means "woken".
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+
+    /// Consumes wake-ups.
+    pub fn ack(&self) {
+        let mut b = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live buffer from our own nonblocking eventfd.
+        unsafe { libc::read(self.wake.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+    }
+}
+
+struct RingHandle {
+    ctl: Arc<RingControl>,
+    thread: Option<JoinHandle<RingExit>>,
+}
+
+/// NBD-side gate and counters.
+#[derive(Debug, Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: bool,
+    active: u32,
+}
+
+/// The image as the NBD export sees it: every call passes the pause gate and is counted.
+pub struct GatedTarget {
+    shared: Arc<VbdShared>,
+    gate: Arc<Gate>,
+    size: u64,
+    read_only: bool,
+    counters: Arc<NbdCounters>,
+}
+
+/// Counters of the NBD export (several connection threads write them).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct NbdCounters {
+    /// Reads.
+    pub reads: AtomicU64,
+    /// Writes.
+    pub writes: AtomicU64,
+    /// Flushes.
+    pub flushes: AtomicU64,
+    /// Discards and write-zeroes.
+    pub discards: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// Errors returned.
+    pub errors: AtomicU64,
+}
+
+impl GatedTarget {
+    fn with<R>(&self, c: &AtomicU64, f: impl FnOnce(&AioImage) -> io::Result<R>) -> io::Result<R> {
+        {
+            let mut g = lock(&self.gate.state);
+            while g.closed {
+                g = self.gate.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            g.active += 1;
+        }
+        let r = f(&self.shared.image());
+        {
+            let mut g = lock(&self.gate.state);
+            g.active -= 1;
+            self.gate.cv.notify_all();
+        }
+        c.fetch_add(1, Ordering::Relaxed);
+        if r.is_err() {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl BlockTarget for GatedTarget {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn supports_discard(&self) -> bool {
+        true
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.counters.read_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.with(&self.counters.reads, |i| i.read_at(buf, offset))
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.counters.write_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.with(&self.counters.writes, |i| i.write_at(buf, offset, fua))
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.with(&self.counters.flushes, |i| i.flush())
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.with(&self.counters.discards, |i| i.discard(offset, len))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.with(&self.counters.discards, |i| i.write_zeroes(offset, len))
+    }
+}
+
+/// One virtual block device.
+pub struct Vbd {
+    /// Minor number.
+    pub minor: u32,
+    spec: ImageSpec,
+    opts: VbdOptions,
+    disk: DiskInfo,
+    shared: Arc<VbdShared>,
+    rings: Arc<Mutex<Vec<RingHandle>>>,
+    ring_stats: Arc<Mutex<Vec<Arc<RingStats>>>>,
+    accept_stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+    device: PathBuf,
+    nbd: Option<NbdServer>,
+    gate: Arc<Gate>,
+    nbd_counters: Arc<NbdCounters>,
+    quiescing: bool,
+    log: Logger,
+}
+
+impl Vbd {
+    /// Opens `spec` as VBD `minor`, with its device socket at `device`.
+    pub fn open(
+        minor: u32,
+        spec: ImageSpec,
+        opts: VbdOptions,
+        device: PathBuf,
+        log: &Logger,
+    ) -> anyhow::Result<Vbd> {
+        use anyhow::{bail, Context};
+        if !(1..=11).contains(&opts.max_segments) {
+            bail!("max segments {} is outside 1..=11", opts.max_segments);
+        }
+        if opts.max_ring_order > 8 {
+            bail!("max ring order {} is above 8", opts.max_ring_order);
+        }
+        let nbd_listen: Option<NbdListen> = match &opts.nbd {
+            Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
+            None => None,
+        };
+        let image = AioImage::open(
+            &spec.path,
+            OpenOptionsImg { read_only: opts.read_only, direct: opts.direct },
+        )?;
+        if image.size() < SECTOR {
+            bail!("image {} is smaller than one sector", spec.path.display());
+        }
+        let disk = DiskInfo {
+            sectors: image.size() / SECTOR,
+            sector_size: SECTOR as u32,
+            read_only: opts.read_only,
+            flush: true,
+            barrier: true,
+            discard: !opts.read_only,
+            max_segments: opts.max_segments,
+        };
+        let log = log.new(o!("minor" => minor));
+        let direct = image.direct_fd().is_some();
+        let size = image.size();
+        let shared = Arc::new(VbdShared { paused: AtomicBool::new(false), image: Mutex::new(Arc::new(image)) });
+        if device.exists() {
+            std::fs::remove_file(&device).ok();
+        }
+        let listener = UnixListener::bind(&device)
+            .with_context(|| format!("cannot create the device socket {}", device.display()))?;
+        let rings: Arc<Mutex<Vec<RingHandle>>> = Arc::default();
+        let ring_stats: Arc<Mutex<Vec<Arc<RingStats>>>> = Arc::default();
+        let accept_stop = Arc::new(AtomicBool::new(false));
+        let accept = {
+            let (shared, rings, ring_stats, stop, log) =
+                (shared.clone(), rings.clone(), ring_stats.clone(), accept_stop.clone(), log.clone());
+            let limits = AttachLimits { max_ring_order: opts.max_ring_order, ..AttachLimits::default() };
+            std::thread::Builder::new().name(format!("vbd{minor}-accept")).spawn(move || {
+                accept_loop(listener, limits, disk, shared, rings, ring_stats, stop, log)
+            })?
+        };
+        let gate = Arc::new(Gate::default());
+        let nbd_counters = Arc::new(NbdCounters::default());
+        let nbd = match nbd_listen {
+            Some(l) => {
+                let target = Arc::new(GatedTarget {
+                    shared: shared.clone(),
+                    gate: gate.clone(),
+                    size,
+                    read_only: opts.read_only,
+                    counters: nbd_counters.clone(),
+                });
+                Some(
+                    NbdServer::start(&l, &format!("tapdev{minor}"), target, log.clone())
+                        .with_context(|| format!("cannot start the NBD export on {l}"))?,
+                )
+            }
+            None => None,
+        };
+        info!(log, "opened"; "image" => %spec, "sectors" => disk.sectors, "direct" => direct,
+              "read_only" => opts.read_only, "nbd" => opts.nbd.as_deref().unwrap_or("-"));
+        Ok(Vbd {
+            minor,
+            spec,
+            opts,
+            disk,
+            shared,
+            rings,
+            ring_stats,
+            accept_stop,
+            accept: Some(accept),
+            device,
+            nbd,
+            gate,
+            nbd_counters,
+            quiescing: false,
+            log,
+        })
+    }
+
+    fn live_rings(&self) -> Vec<Arc<RingControl>> {
+        let mut rings = lock(&self.rings);
+        rings.retain(|r| r.thread.as_ref().is_some_and(|t| !t.is_finished()));
+        rings.iter().map(|r| r.ctl.clone()).collect()
+    }
+
+    /// The VBD's state.
+    pub fn state(&self) -> VbdState {
+        if self.shared.paused.load(Ordering::Acquire) {
+            if self.quiescing {
+                VbdState::Quiescing
+            } else {
+                VbdState::Paused
+            }
+        } else {
+            VbdState::Running
+        }
+    }
+
+    /// A line for `tap-ctl list`.
+    pub fn summary(&self) -> VbdSummary {
+        VbdSummary {
+            minor: self.minor,
+            state: self.state(),
+            image: self.spec.to_string(),
+            device: self.device.display().to_string(),
+            nbd: self.nbd.as_ref().map(|n| n.local_addr().to_string()),
+            rings: self.live_rings().len() as u32,
+            size: self.disk.sectors * SECTOR,
+            read_only: self.disk.read_only,
+        }
+    }
+
+    /// Counters for `tap-ctl stats`.
+    pub fn stats(&self) -> serde_json::Value {
+        let rs = lock(&self.ring_stats).clone();
+        let t = stats::totals(rs.iter().map(|a| &**a));
+        serde_json::json!({
+            "minor": self.minor,
+            "image": self.spec.to_string(),
+            "state": self.state(),
+            "sectors": self.disk.sectors,
+            "rings": self.live_rings().len(),
+            "rings_total": rs.len(),
+            "ring": t,
+            "nbd": {
+                "address": self.nbd.as_ref().map(|n| n.local_addr().to_string()),
+                "connections": self.nbd.as_ref().map(|n| n.connections()).unwrap_or(0),
+                "counters": &*self.nbd_counters,
+            },
+        })
+    }
+
+    /// Quiesces: returns once no IO is in flight and none will start until [`Vbd::unpause`].
+    pub fn pause(&mut self) -> anyhow::Result<()> {
+        self.shared.paused.store(true, Ordering::Release);
+        self.quiescing = true;
+        {
+            let mut g = lock(&self.gate.state);
+            g.closed = true;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while g.active > 0 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    anyhow::bail!("NBD requests did not finish within 30 s");
+                }
+                g = self.gate.cv.wait_timeout(g, left).unwrap_or_else(|e| e.into_inner()).0;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let rings = self.live_rings();
+            for r in &rings {
+                r.wake();
+            }
+            if rings.iter().all(|r| r.quiesced.load(Ordering::Acquire)) {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("rings still have IO in flight after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.quiescing = false;
+        info!(self.log, "paused");
+        Ok(())
+    }
+
+    /// Resumes, first switching to `new_image` if given (it must have the same size).
+    pub fn unpause(&mut self, new_image: Option<ImageSpec>) -> anyhow::Result<()> {
+        if !self.shared.paused.load(Ordering::Acquire) {
+            anyhow::bail!("minor {} is not paused", self.minor);
+        }
+        if let Some(spec) = new_image {
+            let img = AioImage::open(
+                &spec.path,
+                OpenOptionsImg { read_only: self.opts.read_only, direct: self.opts.direct },
+            )?;
+            if img.size() / SECTOR != self.disk.sectors {
+                anyhow::bail!(
+                    "new image {} has {} sectors, the disk has {}",
+                    spec.path.display(),
+                    img.size() / SECTOR,
+                    self.disk.sectors
+                );
+            }
+            *lock(&self.shared.image) = Arc::new(img);
+            info!(self.log, "image replaced"; "image" => %spec);
+            self.spec = spec;
+        }
+        self.shared.paused.store(false, Ordering::Release);
+        {
+            let mut g = lock(&self.gate.state);
+            g.closed = false;
+            self.gate.cv.notify_all();
+        }
+        for r in self.live_rings() {
+            r.wake();
+        }
+        info!(self.log, "unpaused");
+        Ok(())
+    }
+
+    /// The device socket.
+    pub fn device(&self) -> &Path {
+        &self.device
+    }
+
+    /// Disconnects everything and closes the image.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(n) = self.nbd.take() {
+            n.shutdown();
+        }
+        self.accept_stop.store(true, Ordering::Release);
+        let _ = UnixStream::connect(&self.device);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        // Let paused rings run to their exit.
+        self.shared.paused.store(false, Ordering::Release);
+        {
+            let mut g = lock(&self.gate.state);
+            g.closed = false;
+            self.gate.cv.notify_all();
+        }
+        let handles: Vec<RingHandle> = std::mem::take(&mut *lock(&self.rings));
+        for h in &handles {
+            h.ctl.stop.store(true, Ordering::Release);
+            h.ctl.wake();
+        }
+        for mut h in handles {
+            if let Some(t) = h.thread.take() {
+                let _ = t.join();
+            }
+        }
+        let _ = std::fs::remove_file(&self.device);
+        info!(self.log, "closed");
+    }
+}
+
+impl Drop for Vbd {
+    fn drop(&mut self) {
+        if self.accept.is_some() {
+            self.shutdown();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn accept_loop(
+    listener: UnixListener,
+    limits: AttachLimits,
+    disk: DiskInfo,
+    shared: Arc<VbdShared>,
+    rings: Arc<Mutex<Vec<RingHandle>>>,
+    ring_stats: Arc<Mutex<Vec<Arc<RingStats>>>>,
+    stop: Arc<AtomicBool>,
+    log: Logger,
+) {
+    let mut ring_no = 0u32;
+    for conn in listener.incoming() {
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(sock) = conn else { continue };
+        ring_no += 1;
+        let ctl = match RingControl::new() {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                warn!(log, "cannot create a ring's control eventfd"; "error" => %e);
+                continue;
+            }
+        };
+        let stats = Arc::new(RingStats::default());
+        let (shared2, ctl2, stats2) = (shared.clone(), ctl.clone(), stats.clone());
+        let rlog = log.new(o!("ring" => ring_no));
+        let thread = std::thread::Builder::new().name(format!("ring{ring_no}")).spawn(move || {
+            let be = match blkif::local::accept(sock, &limits, &disk) {
+                Ok(be) => be,
+                Err(e) => {
+                    info!(rlog, "attach refused"; "why" => %e);
+                    return RingExit::Broken(e.to_string());
+                }
+            };
+            info!(rlog, "ring attached"; "abi" => be.abi.name(), "ring_order" => be.ring_order,
+                  "slots" => be.ring.size(), "mem_pages" => be.grants.pages());
+            let exit = match RingLoop::new(be, disk, shared2, ctl2, stats2, rlog.clone()) {
+                Ok(l) => l.run(),
+                Err(e) => RingExit::Fatal(e),
+            };
+            info!(rlog, "ring detached"; "why" => ?exit);
+            exit
+        });
+        match thread {
+            Ok(t) => {
+                lock(&ring_stats).push(stats);
+                lock(&rings).push(RingHandle { ctl, thread: Some(t) });
+            }
+            Err(e) => warn!(log, "cannot start a ring thread"; "error" => %e),
+        }
+    }
+}
+
+/// Map of open VBDs by minor.
+pub type VbdMap = BTreeMap<u32, Vbd>;
