@@ -660,6 +660,11 @@ impl LocalFrontend {
         }
     }
 
+    /// Copies the raw bytes of ring slot `idx` (tests look at what the backend wrote there).
+    pub fn peek_slot(&self, idx: u32, out: &mut crate::ring::SlotCopy) {
+        self.ring.peek(idx, out)
+    }
+
     /// Whether the backend has dropped this ring (its socket end is closed).
     pub fn disconnected(&self) -> bool {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};

@@ -330,6 +330,11 @@ impl FrontRing {
         self.sh.index(RSP_PROD).load(Ordering::Acquire) != self.rsp_cons
     }
 
+    /// Copies slot `idx` (diagnostics and tests).
+    pub fn peek(&self, idx: u32, out: &mut SlotCopy) {
+        self.sh.copy_slot(idx, out)
+    }
+
     /// Requests published and not yet answered.
     pub fn outstanding(&self) -> u32 {
         self.req_prod_pvt.wrapping_sub(self.rsp_cons)

@@ -285,6 +285,9 @@ impl<T: RingTransport> RingLoop<T> {
                     Err(e) => self.broken(e.to_string()),
                 }
             }
+            if self.stopping.is_some() && self.in_flight == 0 {
+                continue;
+            }
             if wait && self.paused && self.in_flight == 0 {
                 self.ctl.quiesced.store(true, Ordering::Release);
             }
