@@ -228,13 +228,26 @@ fn dio_alignment(f: &File) -> u32 {
     }
 }
 
-/// Punches a hole (file) or discards (block device) `len` bytes at `offset`.
-pub fn discard_fd(fd: RawFd, block_device: bool, offset: u64, len: u64) -> io::Result<()> {
+/// Punches a hole (file) or discards (block device: BLKDISCARD, or BLKSECDISCARD if `secure`)
+/// `len` bytes at `offset`.
+pub fn discard_fd(
+    fd: RawFd,
+    block_device: bool,
+    offset: u64,
+    len: u64,
+    secure: bool,
+) -> io::Result<()> {
     if block_device {
         nix::ioctl_write_ptr_bad!(blkdiscard, 0x1277, [u64; 2]);
+        nix::ioctl_write_ptr_bad!(blksecdiscard, 0x127d, [u64; 2]);
         let range = [offset, len];
-        // SAFETY: `fd` is an open block device; `range` is a valid [u64; 2] for the call.
-        unsafe { blkdiscard(fd, &range) }.map_err(io::Error::from)?;
+        if secure {
+            // SAFETY: `fd` is an open block device; `range` is a valid [u64; 2] for the call.
+            unsafe { blksecdiscard(fd, &range) }.map_err(io::Error::from)?;
+        } else {
+            // SAFETY: as above.
+            unsafe { blkdiscard(fd, &range) }.map_err(io::Error::from)?;
+        }
         Ok(())
     } else {
         let (off, l) = (to_off(offset)?, to_off(len)?);
@@ -281,7 +294,7 @@ impl BlockTarget for AioImage {
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check(offset, len, true)?;
-        discard_fd(self.buffered.as_raw_fd(), self.block_device, offset, len)
+        discard_fd(self.buffered.as_raw_fd(), self.block_device, offset, len, false)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check(offset, len, true)?;

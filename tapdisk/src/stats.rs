@@ -98,7 +98,7 @@ impl Histogram {
 }
 
 /// Percentiles of a set of histograms.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Percentiles {
     /// Samples.
     pub count: u64,
@@ -112,6 +112,8 @@ pub struct Percentiles {
     pub p999_us: f64,
     /// Largest, µs.
     pub max_us: f64,
+    /// The non-empty buckets: lower bound in µs and count.
+    pub buckets: Vec<(f64, u64)>,
 }
 
 /// Percentiles over several histograms (e.g. every ring of a VBD).
@@ -146,6 +148,12 @@ pub fn percentiles<'a>(hs: impl IntoIterator<Item = &'a Histogram>) -> Percentil
         p99_us: at(0.99),
         p999_us: at(0.999),
         max_us: max as f64 / 1000.0,
+        buckets: counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(b, c)| (bucket_low(b) as f64 / 1000.0, *c))
+            .collect(),
     }
 }
 

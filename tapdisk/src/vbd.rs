@@ -24,21 +24,7 @@ use slog::{info, o, warn, Logger};
 
 use crate::control::proto::{VbdOptions, VbdState, VbdSummary};
 use crate::image::{AioImage, BlockTarget, ImageSpec, OpenOptionsImg, SECTOR};
-use tmp_nbd::{NbdListen, NbdServer};
-mod tmp_nbd {
-    #![allow(missing_docs, dead_code)]
-    use std::sync::Arc;
-    pub struct NbdListen;
-    impl std::str::FromStr for NbdListen { type Err = String; fn from_str(_: &str) -> Result<Self, String> { Err("x".into()) } }
-    impl std::fmt::Display for NbdListen { fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { Ok(()) } }
-    pub struct NbdServer;
-    impl NbdServer {
-        pub fn start(_: &NbdListen, _: &str, _: Arc<dyn crate::image::BlockTarget>, _: slog::Logger) -> std::io::Result<NbdServer> { Ok(NbdServer) }
-        pub fn local_addr(&self) -> NbdListen { NbdListen }
-        pub fn connections(&self) -> usize { 0 }
-        pub fn shutdown(self) {}
-    }
-}
+use crate::nbd::{NbdListen, NbdServer};
 use crate::ringloop::{RingExit, RingLoop};
 use crate::stats::{self, RingStats};
 
