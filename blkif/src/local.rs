@@ -64,7 +64,10 @@ pub struct AttachLimits {
 
 impl Default for AttachLimits {
     fn default() -> Self {
-        AttachLimits { max_ring_order: 8, max_mem_pages: 1 << 22 }
+        AttachLimits {
+            max_ring_order: 8,
+            max_mem_pages: 1 << 22,
+        }
     }
 }
 
@@ -137,14 +140,18 @@ fn recv_line(sock: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), AttachError> 
 }
 
 fn fd_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    Ok(nix::sys::stat::fstat(fd.as_raw_fd()).map_err(io::Error::from)?.st_size as u64)
+    Ok(nix::sys::stat::fstat(fd.as_raw_fd())
+        .map_err(io::Error::from)?
+        .st_size as u64)
 }
 
 fn check_sealed(fd: BorrowedFd<'_>, what: &str) -> Result<(), AttachError> {
     // SAFETY: plain fcntl query on a descriptor we own.
     let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
     if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-        return Err(proto(format!("{what} must be a memfd sealed with F_SEAL_SHRINK")));
+        return Err(proto(format!(
+            "{what} must be a memfd sealed with F_SEAL_SHRINK"
+        )));
     }
     Ok(())
 }
@@ -211,7 +218,8 @@ fn new_eventfd() -> io::Result<OwnedFd> {
 
 fn new_sealed_memfd(name: &std::ffi::CStr, len: u64) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall with a valid C string; the result is checked before it is wrapped.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -312,7 +320,10 @@ pub fn accept(
     sock.set_write_timeout(Some(Duration::from_secs(5)))?;
     match accept_inner(&sock, limits, info) {
         Ok(parts) => {
-            let reply = AttachReply { version: VERSION, result: Ok(*info) };
+            let reply = AttachReply {
+                version: VERSION,
+                result: Ok(*info),
+            };
             send_json(&sock, &reply)?;
             sock.set_read_timeout(None)?;
             sock.set_write_timeout(None)?;
@@ -328,7 +339,10 @@ pub fn accept(
             })
         }
         Err(e) => {
-            let reply = AttachReply { version: VERSION, result: Err(e.to_string()) };
+            let reply = AttachReply {
+                version: VERSION,
+                result: Err(e.to_string()),
+            };
             let _ = send_json(&sock, &reply);
             Err(e)
         }
@@ -346,7 +360,10 @@ fn accept_inner(
     let req: AttachRequest = serde_json::from_slice(&line)
         .map_err(|e| proto(format!("attach request is not valid JSON: {e}")))?;
     if req.version != VERSION {
-        return Err(proto(format!("handshake version {} (this backend speaks {VERSION})", req.version)));
+        return Err(proto(format!(
+            "handshake version {} (this backend speaks {VERSION})",
+            req.version
+        )));
     }
     if req.ring_order > limits.max_ring_order {
         return Err(proto(format!(
@@ -384,7 +401,10 @@ fn accept_inner(
     let _ = info;
     Ok((
         ring,
-        LocalGrants { mem, pages: req.mem_pages },
+        LocalGrants {
+            mem,
+            pages: req.mem_pages,
+        },
         LocalEvtchn { kick, notify },
         req,
         ring_map,
@@ -413,7 +433,11 @@ pub struct FrontendConfig {
 
 impl Default for FrontendConfig {
     fn default() -> Self {
-        FrontendConfig { abi: Abi::NATIVE, ring_order: 0, mem_pages: 1024 }
+        FrontendConfig {
+            abi: Abi::NATIVE,
+            ring_order: 0,
+            mem_pages: 1024,
+        }
     }
 }
 
@@ -462,7 +486,10 @@ impl LocalFrontend {
     /// Connects to a VBD's local-transport socket and attaches a new ring.
     pub fn connect(path: &Path, cfg: FrontendConfig) -> Result<LocalFrontend, AttachError> {
         let sock = UnixStream::connect(path).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot connect to {}: {e}", path.display()))
+            io::Error::new(
+                e.kind(),
+                format!("cannot connect to {}: {e}", path.display()),
+            )
         })?;
         Self::attach(sock, cfg)
     }
@@ -488,7 +515,12 @@ impl LocalFrontend {
         };
         let mut line = serde_json::to_vec(&req).map_err(io::Error::other)?;
         line.push(b'\n');
-        let fds = [mem_fd.as_raw_fd(), ring_fd.as_raw_fd(), kick.as_raw_fd(), notify.as_raw_fd()];
+        let fds = [
+            mem_fd.as_raw_fd(),
+            ring_fd.as_raw_fd(),
+            kick.as_raw_fd(),
+            notify.as_raw_fd(),
+        ];
         send_line(&sock, &line, &fds)?;
         sock.set_read_timeout(Some(Duration::from_secs(10)))?;
         let (line, _) = recv_line(&sock)?;
@@ -534,12 +566,18 @@ impl LocalFrontend {
     /// # Panics
     /// If the range is outside guest memory (a bug in the caller, which owns that memory).
     pub fn write_mem(&self, off: usize, data: &[u8]) {
-        assert!(off.checked_add(data.len()).is_some_and(|e| e <= self.mem.len()));
+        assert!(off
+            .checked_add(data.len())
+            .is_some_and(|e| e <= self.mem.len()));
         // SAFETY: the range is inside our mapping (checked above). The backend only writes a
         // page while a read request naming it is in flight, which the caller does not overlap
         // with its own writes; a racing write would tear data, not memory safety.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.mem.ptr().as_ptr().add(off), data.len())
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.mem.ptr().as_ptr().add(off),
+                data.len(),
+            )
         };
     }
 
@@ -548,10 +586,16 @@ impl LocalFrontend {
     /// # Panics
     /// If the range is outside guest memory.
     pub fn read_mem(&self, off: usize, out: &mut [u8]) {
-        assert!(off.checked_add(out.len()).is_some_and(|e| e <= self.mem.len()));
+        assert!(off
+            .checked_add(out.len())
+            .is_some_and(|e| e <= self.mem.len()));
         // SAFETY: as for `write_mem`.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.mem.ptr().as_ptr().add(off), out.as_mut_ptr(), out.len())
+            std::ptr::copy_nonoverlapping(
+                self.mem.ptr().as_ptr().add(off),
+                out.as_mut_ptr(),
+                out.len(),
+            )
         };
     }
 
@@ -578,13 +622,21 @@ impl LocalFrontend {
         }
         let mut bytes = [0u8; MAX_SLOT];
         match *req {
-            FrontRequest::Rw { op, id, sector, segments } => {
+            FrontRequest::Rw {
+                op,
+                id,
+                sector,
+                segments,
+            } => {
                 let n = segments.len().min(u8::MAX as usize) as u8;
                 encode(self.abi, op, n, id, sector, segments, &mut bytes)
             }
-            FrontRequest::Discard { id, sector, nr_sectors, secure } => {
-                encode_discard(self.abi, id, sector, nr_sectors, secure, &mut bytes)
-            }
+            FrontRequest::Discard {
+                id,
+                sector,
+                nr_sectors,
+                secure,
+            } => encode_discard(self.abi, id, sector, nr_sectors, secure, &mut bytes),
         }
         self.ring.put_request(&bytes[..self.abi.layout().slot]);
         true
@@ -654,7 +706,10 @@ impl LocalFrontend {
                     "the backend disconnected the ring",
                 ));
             }
-            if fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) {
+            if fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLIN))
+            {
                 eventfd_drain(self.notify.as_raw_fd())?;
             }
         }
@@ -692,14 +747,30 @@ mod tests {
     fn handshake_and_one_request() {
         let (a, b) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || accept(b, &AttachLimits::default(), &INFO));
-        let mut fe = LocalFrontend::attach(a, FrontendConfig { mem_pages: 4, ..Default::default() })
-            .unwrap();
+        let mut fe = LocalFrontend::attach(
+            a,
+            FrontendConfig {
+                mem_pages: 4,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut be = t.join().unwrap().unwrap();
         assert_eq!(fe.info(), &INFO);
         assert_eq!(fe.ring_size(), 32);
         fe.write_mem(4096, b"hello");
-        let seg = [Segment { gref: 1, first_sect: 0, last_sect: 7, pad: 0 }];
-        assert!(fe.queue(&FrontRequest::Rw { op: op::WRITE, id: 9, sector: 0, segments: &seg }));
+        let seg = [Segment {
+            gref: 1,
+            first_sect: 0,
+            last_sect: 7,
+            pad: 0,
+        }];
+        assert!(fe.queue(&FrontRequest::Rw {
+            op: op::WRITE,
+            id: 9,
+            sector: 0,
+            segments: &seg
+        }));
         fe.push().unwrap();
         be.evtchn.ack().unwrap();
         assert_eq!(be.ring.pending(), Ok(1));
@@ -707,15 +778,29 @@ mod tests {
         be.grants.map(&[1], false, &mut addrs).unwrap();
         // SAFETY: the page is mapped by `be.grants`, which is alive.
         assert_eq!(unsafe { std::slice::from_raw_parts(addrs[0], 5) }, b"hello");
-        assert_eq!(be.grants.map(&[4], false, &mut addrs), Err(Problem::BadGrant(4)));
-        be.ring.put_response(&Response { id: 9, operation: op::WRITE, status: 0 });
+        assert_eq!(
+            be.grants.map(&[4], false, &mut addrs),
+            Err(Problem::BadGrant(4))
+        );
+        be.ring.put_response(&Response {
+            id: 9,
+            operation: op::WRITE,
+            status: 0,
+        });
         if be.ring.push_responses() {
             be.evtchn.notify().unwrap();
         }
         assert!(fe.wait(Some(Duration::from_secs(5))).unwrap());
         let mut got = vec![];
         fe.poll(|r| got.push(r));
-        assert_eq!(got, vec![Response { id: 9, operation: op::WRITE, status: 0 }]);
+        assert_eq!(
+            got,
+            vec![Response {
+                id: 9,
+                operation: op::WRITE,
+                status: 0
+            }]
+        );
         drop(be);
         assert!(fe.wait(Some(Duration::from_secs(5))).is_err());
     }
@@ -723,9 +808,19 @@ mod tests {
     #[test]
     fn limits_are_enforced() {
         let (a, b) = UnixStream::pair().unwrap();
-        let lim = AttachLimits { max_ring_order: 2, max_mem_pages: 8 };
+        let lim = AttachLimits {
+            max_ring_order: 2,
+            max_mem_pages: 8,
+        };
         let t = std::thread::spawn(move || accept(b, &lim, &INFO));
-        let r = LocalFrontend::attach(a, FrontendConfig { ring_order: 3, mem_pages: 4, ..Default::default() });
+        let r = LocalFrontend::attach(
+            a,
+            FrontendConfig {
+                ring_order: 3,
+                mem_pages: 4,
+                ..Default::default()
+            },
+        );
         assert!(matches!(r, Err(AttachError::Refused(m)) if m.contains("ring order 3")));
         assert!(t.join().unwrap().is_err());
     }
@@ -743,7 +838,12 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || accept(b, &AttachLimits::default(), &INFO));
         let f = new_eventfd().unwrap();
-        send_line(&a, line, &[f.as_raw_fd(), f.as_raw_fd(), f.as_raw_fd(), f.as_raw_fd()]).unwrap();
+        send_line(
+            &a,
+            line,
+            &[f.as_raw_fd(), f.as_raw_fd(), f.as_raw_fd(), f.as_raw_fd()],
+        )
+        .unwrap();
         let err = t.join().unwrap().unwrap_err().to_string();
         assert!(err.contains("sealed"), "{err}");
 

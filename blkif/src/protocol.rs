@@ -411,7 +411,12 @@ mod tests {
 
     #[test]
     fn segment_sector_rules() {
-        let s = |f, l| Segment { gref: 1, first_sect: f, last_sect: l, pad: 0 };
+        let s = |f, l| Segment {
+            gref: 1,
+            first_sect: f,
+            last_sect: l,
+            pad: 0,
+        };
         assert_eq!(s(0, 7).sectors(), Some(8));
         assert_eq!(s(3, 3).sectors(), Some(1));
         assert_eq!(s(4, 3).sectors(), None);

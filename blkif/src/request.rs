@@ -50,7 +50,10 @@ pub enum Operation {
 impl Operation {
     /// Whether the request moves data from the frontend to the disk.
     pub fn writes(self) -> bool {
-        matches!(self, Operation::Write | Operation::Flush | Operation::Barrier)
+        matches!(
+            self,
+            Operation::Write | Operation::Flush | Operation::Barrier
+        )
     }
 }
 
@@ -171,11 +174,19 @@ pub fn parse(
     let lay = abi.layout();
     let b = &slot.bytes;
     let (id, raw_op) = slot_id(slot, abi);
-    let reject = |problem| Rejection { id, raw_op, problem };
+    let reject = |problem| Rejection {
+        id,
+        raw_op,
+        problem,
+    };
     let sector = u64_at(b, lay.sector);
     let check_range = |count: u64| match sector.checked_add(count) {
         Some(end) if end <= disk.sectors => Ok(()),
-        _ => Err(reject(Problem::OutOfRange { sector, count, disk: disk.sectors })),
+        _ => Err(reject(Problem::OutOfRange {
+            sector,
+            count,
+            disk: disk.sectors,
+        })),
     };
 
     let opn = match raw_op {
@@ -209,7 +220,9 @@ pub fn parse(
     };
 
     let n = b[1] as usize;
-    let max = (disk.max_segments as usize).min(MAX_SEGMENTS_PER_REQUEST).min(segs.len());
+    let max = (disk.max_segments as usize)
+        .min(MAX_SEGMENTS_PER_REQUEST)
+        .min(segs.len());
     if n == 0 && matches!(opn, Operation::Read | Operation::Write) {
         return Err(reject(Problem::NoSegments));
     }
@@ -222,7 +235,12 @@ pub fn parse(
     let mut total = 0u64;
     for (i, seg) in segs.iter_mut().enumerate().take(n) {
         let o = lay.seg + i * 8;
-        let s = Segment { gref: u32_at(b, o), first_sect: b[o + 4], last_sect: b[o + 5], pad: 0 };
+        let s = Segment {
+            gref: u32_at(b, o),
+            first_sect: b[o + 4],
+            last_sect: b[o + 5],
+            pad: 0,
+        };
         let count = s.sectors().ok_or(reject(Problem::BadSegment {
             index: i,
             first: s.first_sect,
@@ -233,7 +251,14 @@ pub fn parse(
     }
     check_range(total)?;
     let _ = u16_at; // handle is not used by this backend: one ring serves one disk
-    Ok(Request { id, raw_op, op: opn, sector, nr_sectors: total, nr_segments: n })
+    Ok(Request {
+        id,
+        raw_op,
+        op: opn,
+        sector,
+        nr_sectors: total,
+        nr_segments: n,
+    })
 }
 
 /// Bytes a validated request transfers.
@@ -267,7 +292,14 @@ pub fn encode(
 }
 
 /// Encodes a discard request.
-pub fn encode_discard(abi: Abi, id: u64, sector: u64, nr_sectors: u64, secure: bool, out: &mut [u8]) {
+pub fn encode_discard(
+    abi: Abi,
+    id: u64,
+    sector: u64,
+    nr_sectors: u64,
+    secure: bool,
+    out: &mut [u8],
+) {
     let lay = abi.layout();
     out[..lay.slot].fill(0);
     out[0] = op::DISCARD;
@@ -295,7 +327,12 @@ mod tests {
     };
 
     fn seg(gref: u32, f: u8, l: u8) -> Segment {
-        Segment { gref, first_sect: f, last_sect: l, pad: 0 }
+        Segment {
+            gref,
+            first_sect: f,
+            last_sect: l,
+            pad: 0,
+        }
     }
 
     fn slot(abi: Abi, opc: u8, n: u8, id: u64, sector: u64, segs: &[Segment]) -> SlotCopy {
@@ -312,7 +349,14 @@ mod tests {
     #[test]
     fn good_requests_in_both_abis() {
         for abi in [Abi::X86_64, Abi::X86_32] {
-            let s = slot(abi, op::WRITE, 2, 0xdead_beef_0042, 10, &[seg(3, 0, 7), seg(9, 2, 5)]);
+            let s = slot(
+                abi,
+                op::WRITE,
+                2,
+                0xdead_beef_0042,
+                10,
+                &[seg(3, 0, 7), seg(9, 2, 5)],
+            );
             let mut segs = [Segment::default(); 11];
             let r = parse(&s, abi, &DISK, &mut segs).unwrap();
             assert_eq!(r.id, 0xdead_beef_0042);
@@ -333,10 +377,22 @@ mod tests {
     fn each_problem_is_caught() {
         let a = Abi::X86_64;
         let p = |s: SlotCopy, d: &DiskInfo| run(&s, a, d).unwrap_err().problem;
-        assert_eq!(p(slot(a, 99, 1, 1, 0, &[seg(1, 0, 7)]), &DISK), Problem::UnknownOperation(99));
-        assert_eq!(p(slot(a, op::RESERVED_1, 1, 1, 0, &[]), &DISK), Problem::UnknownOperation(4));
-        assert_eq!(p(slot(a, op::INDIRECT, 1, 1, 0, &[]), &DISK), Problem::Unsupported(6));
-        assert_eq!(p(slot(a, op::READ, 0, 1, 0, &[]), &DISK), Problem::NoSegments);
+        assert_eq!(
+            p(slot(a, 99, 1, 1, 0, &[seg(1, 0, 7)]), &DISK),
+            Problem::UnknownOperation(99)
+        );
+        assert_eq!(
+            p(slot(a, op::RESERVED_1, 1, 1, 0, &[]), &DISK),
+            Problem::UnknownOperation(4)
+        );
+        assert_eq!(
+            p(slot(a, op::INDIRECT, 1, 1, 0, &[]), &DISK),
+            Problem::Unsupported(6)
+        );
+        assert_eq!(
+            p(slot(a, op::READ, 0, 1, 0, &[]), &DISK),
+            Problem::NoSegments
+        );
         assert_eq!(
             p(slot(a, op::READ, 12, 1, 0, &[seg(1, 0, 7); 11]), &DISK),
             Problem::TooManySegments { got: 12, max: 11 }
@@ -347,37 +403,72 @@ mod tests {
         );
         assert_eq!(
             p(slot(a, op::READ, 1, 1, 0, &[seg(1, 0, 8)]), &DISK),
-            Problem::BadSegment { index: 0, first: 0, last: 8 }
+            Problem::BadSegment {
+                index: 0,
+                first: 0,
+                last: 8
+            }
         );
         assert_eq!(
-            p(slot(a, op::READ, 2, 1, 0, &[seg(1, 0, 7), seg(1, 5, 4)]), &DISK),
-            Problem::BadSegment { index: 1, first: 5, last: 4 }
+            p(
+                slot(a, op::READ, 2, 1, 0, &[seg(1, 0, 7), seg(1, 5, 4)]),
+                &DISK
+            ),
+            Problem::BadSegment {
+                index: 1,
+                first: 5,
+                last: 4
+            }
         );
         assert_eq!(
             p(slot(a, op::READ, 1, 1, 0, &[seg(1, 0, 255)]), &DISK),
-            Problem::BadSegment { index: 0, first: 0, last: 255 }
+            Problem::BadSegment {
+                index: 0,
+                first: 0,
+                last: 255
+            }
         );
         assert!(matches!(
             p(slot(a, op::READ, 1, 1, 995, &[seg(1, 0, 7)]), &DISK),
             Problem::OutOfRange { .. }
         ));
         assert!(matches!(
-            p(slot(a, op::WRITE, 1, 1, u64::MAX - 2, &[seg(1, 0, 7)]), &DISK),
+            p(
+                slot(a, op::WRITE, 1, 1, u64::MAX - 2, &[seg(1, 0, 7)]),
+                &DISK
+            ),
             Problem::OutOfRange { .. }
         ));
-        let ro = DiskInfo { read_only: true, ..DISK };
-        assert_eq!(p(slot(a, op::WRITE, 1, 1, 0, &[seg(1, 0, 7)]), &ro), Problem::ReadOnly);
+        let ro = DiskInfo {
+            read_only: true,
+            ..DISK
+        };
+        assert_eq!(
+            p(slot(a, op::WRITE, 1, 1, 0, &[seg(1, 0, 7)]), &ro),
+            Problem::ReadOnly
+        );
         assert!(run(&slot(a, op::READ, 1, 1, 0, &[seg(1, 0, 7)]), a, &ro).is_ok());
         let mut d = SlotCopy::default();
         encode_discard(a, 5, 999, 2, false, &mut d.bytes);
         assert!(matches!(p(d, &DISK), Problem::OutOfRange { .. }));
         encode_discard(a, 5, 0, 0, false, &mut d.bytes);
         assert_eq!(p(d, &DISK), Problem::EmptyDiscard);
-        let nodiscard = DiskInfo { discard: false, flush: false, barrier: false, ..DISK };
+        let nodiscard = DiskInfo {
+            discard: false,
+            flush: false,
+            barrier: false,
+            ..DISK
+        };
         encode_discard(a, 5, 0, 8, false, &mut d.bytes);
         assert_eq!(p(d, &nodiscard), Problem::Unsupported(op::DISCARD));
-        assert_eq!(p(slot(a, op::FLUSH_DISKCACHE, 0, 1, 0, &[]), &nodiscard).status(), -2);
-        let four = DiskInfo { max_segments: 4, ..DISK };
+        assert_eq!(
+            p(slot(a, op::FLUSH_DISKCACHE, 0, 1, 0, &[]), &nodiscard).status(),
+            -2
+        );
+        let four = DiskInfo {
+            max_segments: 4,
+            ..DISK
+        };
         assert_eq!(
             p(slot(a, op::READ, 5, 1, 0, &[seg(1, 0, 7); 5]), &four),
             Problem::TooManySegments { got: 5, max: 4 }
@@ -387,8 +478,16 @@ mod tests {
     #[test]
     fn rejection_carries_id_and_status() {
         let r = run(&slot(Abi::X86_32, 42, 1, 77, 0, &[]), Abi::X86_32, &DISK).unwrap_err();
-        assert_eq!((r.id, r.raw_op, r.problem.status()), (77, 42, status::EOPNOTSUPP));
-        let r = run(&slot(Abi::X86_32, op::READ, 0, 78, 0, &[]), Abi::X86_32, &DISK).unwrap_err();
+        assert_eq!(
+            (r.id, r.raw_op, r.problem.status()),
+            (77, 42, status::EOPNOTSUPP)
+        );
+        let r = run(
+            &slot(Abi::X86_32, op::READ, 0, 78, 0, &[]),
+            Abi::X86_32,
+            &DISK,
+        )
+        .unwrap_err();
         assert_eq!((r.id, r.problem.status()), (78, status::ERROR));
     }
 

@@ -59,7 +59,9 @@ pub struct SlotCopy {
 
 impl Default for SlotCopy {
     fn default() -> Self {
-        SlotCopy { bytes: [0; MAX_SLOT] }
+        SlotCopy {
+            bytes: [0; MAX_SLOT],
+        }
     }
 }
 
@@ -81,7 +83,11 @@ impl Shared {
     /// writable for the lifetime of the value.
     unsafe fn new(base: NonNull<u8>, pages: usize, abi: Abi) -> Option<Shared> {
         let size = ring_size(abi, pages);
-        (size > 0).then_some(Shared { base, size, layout: abi.layout() })
+        (size > 0).then_some(Shared {
+            base,
+            size,
+            layout: abi.layout(),
+        })
     }
 
     fn index(&self, off: usize) -> &AtomicU32 {
@@ -122,15 +128,20 @@ impl Shared {
     fn write_response(&self, idx: u32, rsp: &Response) {
         let dst = self.slot_ptr(idx);
         let id = rsp.id.to_le_bytes();
-        // SAFETY (all four stores): the slot is inside the mapping and at least 12 bytes long;
+        // SAFETY: (all four stores) the slot is inside the mapping and at least 12 bytes long;
         // slot offsets are 4-aligned, so the u32 stores at 0 and 4 and the u16 store at the
         // status offset (10) are aligned. The id is split in two u32 halves because x86_32
         // slots are only 4-aligned. Padding bytes are deliberately left untouched.
         unsafe {
-            dst.cast::<u32>().write_volatile(u32::from_le_bytes([id[0], id[1], id[2], id[3]]));
-            dst.add(4).cast::<u32>().write_volatile(u32::from_le_bytes([id[4], id[5], id[6], id[7]]));
+            dst.cast::<u32>()
+                .write_volatile(u32::from_le_bytes([id[0], id[1], id[2], id[3]]));
+            dst.add(4)
+                .cast::<u32>()
+                .write_volatile(u32::from_le_bytes([id[4], id[5], id[6], id[7]]));
             dst.add(8).write_volatile(rsp.operation);
-            dst.add(self.layout.rsp_status).cast::<i16>().write_volatile(rsp.status.to_le());
+            dst.add(self.layout.rsp_status)
+                .cast::<i16>()
+                .write_volatile(rsp.status.to_le());
         }
     }
 
@@ -168,7 +179,11 @@ impl BackRing {
         let sh = unsafe { Shared::new(base, pages, abi)? };
         // Start from the indexes the frontend published, as blkback does on connect.
         let rsp = sh.index(RSP_PROD).load(Ordering::Acquire);
-        Some(BackRing { sh, req_cons: rsp, rsp_prod_pvt: rsp })
+        Some(BackRing {
+            sh,
+            req_cons: rsp,
+            rsp_prod_pvt: rsp,
+        })
     }
 
     /// Slots in the ring.
@@ -209,7 +224,8 @@ impl BackRing {
 
     /// Responses written but not yet published.
     pub fn unpublished(&self) -> u32 {
-        self.rsp_prod_pvt.wrapping_sub(self.sh.index(RSP_PROD).load(Ordering::Relaxed))
+        self.rsp_prod_pvt
+            .wrapping_sub(self.sh.index(RSP_PROD).load(Ordering::Relaxed))
     }
 
     /// Publishes every written response with one index store and says whether the frontend
@@ -236,7 +252,9 @@ impl BackRing {
         if n > 0 {
             return Ok(n);
         }
-        self.sh.index(REQ_EVENT).store(self.req_cons.wrapping_add(1), Ordering::Relaxed);
+        self.sh
+            .index(REQ_EVENT)
+            .store(self.req_cons.wrapping_add(1), Ordering::Relaxed);
         // Full fence: the req_event store must be visible before we re-read req_prod, or a
         // request published in between would wait for a notification that never comes.
         fence(Ordering::SeqCst);
@@ -270,7 +288,11 @@ impl FrontRing {
         sh.index(RSP_PROD).store(0, Ordering::Relaxed);
         sh.index(REQ_EVENT).store(1, Ordering::Relaxed);
         sh.index(RSP_EVENT).store(1, Ordering::Release);
-        Some(FrontRing { sh, req_prod_pvt: 0, rsp_cons: 0 })
+        Some(FrontRing {
+            sh,
+            req_prod_pvt: 0,
+            rsp_cons: 0,
+        })
     }
 
     /// Slots in the ring.
@@ -325,7 +347,9 @@ impl FrontRing {
         if self.sh.index(RSP_PROD).load(Ordering::Acquire) != self.rsp_cons {
             return true;
         }
-        self.sh.index(RSP_EVENT).store(self.rsp_cons.wrapping_add(1), Ordering::Relaxed);
+        self.sh
+            .index(RSP_EVENT)
+            .store(self.rsp_cons.wrapping_add(1), Ordering::Relaxed);
         fence(Ordering::SeqCst);
         self.sh.index(RSP_PROD).load(Ordering::Acquire) != self.rsp_cons
     }
@@ -373,7 +397,12 @@ mod tests {
     fn pair(mem: &mut Pages, pages: usize, abi: Abi) -> (FrontRing, BackRing) {
         let base = mem.base();
         // SAFETY: `mem` outlives both halves in every test and is `pages` pages long.
-        unsafe { (FrontRing::init(base, pages, abi).unwrap(), BackRing::new(base, pages, abi).unwrap()) }
+        unsafe {
+            (
+                FrontRing::init(base, pages, abi).unwrap(),
+                BackRing::new(base, pages, abi).unwrap(),
+            )
+        }
     }
 
     #[test]
@@ -383,7 +412,10 @@ mod tests {
         f.publish_raw_req_prod(32);
         assert_eq!(b.pending(), Ok(32));
         f.publish_raw_req_prod(33);
-        assert!(matches!(b.pending(), Err(RingError::ProducerOverflow { .. })));
+        assert!(matches!(
+            b.pending(),
+            Err(RingError::ProducerOverflow { .. })
+        ));
         f.publish_raw_req_prod(u32::MAX);
         assert!(b.pending().is_err());
     }
@@ -404,13 +436,31 @@ mod tests {
         b.pop(&mut s);
         assert_eq!(b.final_check(), Ok(0));
         f.put_request(&[0u8; 112]);
-        assert!(f.push_requests(), "after final_check the next request must notify");
-        b.put_response(&Response { id: 7, operation: 1, status: 0 });
+        assert!(
+            f.push_requests(),
+            "after final_check the next request must notify"
+        );
+        b.put_response(&Response {
+            id: 7,
+            operation: 1,
+            status: 0,
+        });
         assert!(b.push_responses(), "rsp_event starts at 1");
         let mut got = vec![];
         f.take_responses(|r| got.push(r));
-        assert_eq!(got, vec![Response { id: 7, operation: 1, status: 0 }]);
-        b.put_response(&Response { id: 8, operation: 0, status: -1 });
+        assert_eq!(
+            got,
+            vec![Response {
+                id: 7,
+                operation: 1,
+                status: 0
+            }]
+        );
+        b.put_response(&Response {
+            id: 8,
+            operation: 0,
+            status: -1,
+        });
         assert!(!b.push_responses(), "frontend has not re-armed rsp_event");
         assert!(f.final_check());
     }

@@ -38,7 +38,10 @@ fuzz_target!(|inp: Input| {
     s.bytes[1] = inp.nseg % 16;
     let mut segs = [Segment::default(); 11];
     if let Ok(r) = parse(&s, abi, &disk, &mut segs) {
-        assert!(r.sector.checked_add(r.nr_sectors).is_some_and(|e| e <= disk.sectors));
+        assert!(r
+            .sector
+            .checked_add(r.nr_sectors)
+            .is_some_and(|e| e <= disk.sectors));
         assert!(r.nr_segments <= disk.max_segments as usize);
         for sg in &segs[..r.nr_segments] {
             assert!(sg.first_sect <= sg.last_sect && sg.last_sect < 8);

@@ -88,7 +88,11 @@ fuzz_target!(|inp: Input| {
             },
             Step::Answer if !broken => {
                 for id in consumed.drain(..) {
-                    ring.put_response(&Response { id, operation: 0, status: 0 });
+                    ring.put_response(&Response {
+                        id,
+                        operation: 0,
+                        status: 0,
+                    });
                     answered += 1;
                 }
                 ring.push_responses();

@@ -8,7 +8,9 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok((mut a, b)) = UnixStream::pair() else { return };
+    let Ok((mut a, b)) = UnixStream::pair() else {
+        return;
+    };
     let info = DiskInfo {
         sectors: 8,
         sector_size: 512,

@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use slog::{info, warn, Logger};
 
-use crate::control::proto::{Command, Reply, RequestMsg, ResponseMsg, ResultMsg, MAX_LINE, VERSION};
+use crate::control::proto::{
+    Command, Reply, RequestMsg, ResponseMsg, ResultMsg, MAX_LINE, VERSION,
+};
 use crate::control::RunDir;
 use crate::image::ImageSpec;
 use crate::vbd::{lock, Vbd, VbdMap};
@@ -39,7 +41,11 @@ pub fn claim_minor(rundir: &RunDir, wanted: Option<u32>) -> Result<MinorClaim> {
     let try_one = |m: u32| -> Result<Option<MinorClaim>> {
         let path = rundir.minor_dir().join(m.to_string());
         for _ in 0..2 {
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
                 Ok(mut f) => {
                     writeln!(f, "{me}")?;
                     return Ok(Some(MinorClaim { minor: m, path }));
@@ -61,7 +67,8 @@ pub fn claim_minor(rundir: &RunDir, wanted: Option<u32>) -> Result<MinorClaim> {
     };
     match wanted {
         Some(m) => try_one(m)?.ok_or_else(|| {
-            let owner = std::fs::read_to_string(rundir.minor_dir().join(m.to_string())).unwrap_or_default();
+            let owner =
+                std::fs::read_to_string(rundir.minor_dir().join(m.to_string())).unwrap_or_default();
             anyhow!("minor {m} is in use by tapdisk {}", owner.trim())
         }),
         None => {
@@ -92,12 +99,20 @@ pub struct Daemon {
 impl Daemon {
     /// Binds the control socket of this process in `rundir`.
     pub fn bind(rundir: RunDir, log: Logger) -> Result<(Arc<Daemon>, UnixListener)> {
-        rundir.create().with_context(|| format!("cannot create {}", rundir.0.display()))?;
+        rundir
+            .create()
+            .with_context(|| format!("cannot create {}", rundir.0.display()))?;
         let ctl_path = rundir.ctl_socket(std::process::id());
         let _ = std::fs::remove_file(&ctl_path);
         let l = UnixListener::bind(&ctl_path)
             .with_context(|| format!("cannot listen on {}", ctl_path.display()))?;
-        let d = Daemon { rundir, log, vbds: Mutex::default(), exiting: AtomicBool::new(false), ctl_path };
+        let d = Daemon {
+            rundir,
+            log,
+            vbds: Mutex::default(),
+            exiting: AtomicBool::new(false),
+            ctl_path,
+        };
         Ok((Arc::new(d), l))
     }
 
@@ -110,7 +125,9 @@ impl Daemon {
             }
             let Ok(sock) = conn else { continue };
             let d = self.clone();
-            let _ = std::thread::Builder::new().name("control".into()).spawn(move || d.connection(sock));
+            let _ = std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || d.connection(sock));
         }
     }
 
@@ -123,15 +140,24 @@ impl Daemon {
         let mut r = BufReader::new(sock);
         loop {
             let mut line = Vec::new();
-            match (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line) {
+            match (&mut r)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut line)
+            {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
             let (reply, exit) = if line.len() > MAX_LINE {
-                (ResultMsg::Error(format!("control message longer than {MAX_LINE} bytes")), true)
+                (
+                    ResultMsg::Error(format!("control message longer than {MAX_LINE} bytes")),
+                    true,
+                )
             } else {
                 match serde_json::from_slice::<RequestMsg>(&line) {
-                    Err(e) => (ResultMsg::Error(format!("malformed control message: {e}")), false),
+                    Err(e) => (
+                        ResultMsg::Error(format!("malformed control message: {e}")),
+                        false,
+                    ),
                     Ok(m) if m.v != VERSION => (
                         ResultMsg::Error(format!(
                             "control protocol version {} (this tapdisk speaks {VERSION})",
@@ -149,7 +175,11 @@ impl Daemon {
                 }
             };
             let is_shutdown = exit && matches!(reply, ResultMsg::Ok(_));
-            let mut out = serde_json::to_vec(&ResponseMsg { v: VERSION, result: reply }).unwrap_or_default();
+            let mut out = serde_json::to_vec(&ResponseMsg {
+                v: VERSION,
+                result: reply,
+            })
+            .unwrap_or_default();
             out.push(b'\n');
             let _ = w.write_all(&out);
             if is_shutdown {
@@ -168,7 +198,11 @@ impl Daemon {
                 version: VERSION,
                 build: env!("CARGO_PKG_VERSION").into(),
             }),
-            Command::Open { minor, image, options } => {
+            Command::Open {
+                minor,
+                image,
+                options,
+            } => {
                 let spec: ImageSpec = image.parse().map_err(|e: String| anyhow!(e))?;
                 let claim = claim_minor(&self.rundir, minor)?;
                 let m = claim.minor;
@@ -178,13 +212,18 @@ impl Daemon {
                 Ok(Reply::Opened { vbd: summary })
             }
             Command::Close { minor } => {
-                let e = lock(&self.vbds).remove(&minor).ok_or_else(|| no_such(minor))?;
+                let e = lock(&self.vbds)
+                    .remove(&minor)
+                    .ok_or_else(|| no_such(minor))?;
                 e.vbd.close();
                 Ok(Reply::Done)
             }
             Command::Pause { minor } => {
                 let mut v = lock(&self.vbds);
-                v.get_mut(&minor).ok_or_else(|| no_such(minor))?.vbd.pause()?;
+                v.get_mut(&minor)
+                    .ok_or_else(|| no_such(minor))?
+                    .vbd
+                    .pause()?;
                 Ok(Reply::Done)
             }
             Command::Unpause { minor, image } => {
@@ -193,7 +232,10 @@ impl Daemon {
                     None => None,
                 };
                 let mut v = lock(&self.vbds);
-                v.get_mut(&minor).ok_or_else(|| no_such(minor))?.vbd.unpause(spec)?;
+                v.get_mut(&minor)
+                    .ok_or_else(|| no_such(minor))?
+                    .vbd
+                    .unpause(spec)?;
                 Ok(Reply::Done)
             }
             Command::List => {
@@ -202,7 +244,9 @@ impl Daemon {
             }
             Command::Stats { minor } => {
                 let v = lock(&self.vbds);
-                Ok(Reply::Stats { stats: v.get(&minor).ok_or_else(|| no_such(minor))?.vbd.stats() })
+                Ok(Reply::Stats {
+                    stats: v.get(&minor).ok_or_else(|| no_such(minor))?.vbd.stats(),
+                })
             }
             Command::Shutdown => Ok(Reply::Done),
         }
@@ -213,10 +257,13 @@ impl Daemon {
         self.exiting.store(true, Ordering::Release);
         let vbds: VbdMap = {
             let mut g = lock(&self.vbds);
-            std::mem::take(&mut *g).into_iter().map(|(m, e)| {
-                drop(e._claim);
-                (m, e.vbd)
-            }).collect()
+            std::mem::take(&mut *g)
+                .into_iter()
+                .map(|(m, e)| {
+                    drop(e._claim);
+                    (m, e.vbd)
+                })
+                .collect()
         };
         for (_, v) in vbds {
             v.close();
@@ -239,12 +286,14 @@ impl Daemon {
         // SAFETY: setting SIGPIPE to ignored is async-signal-safe and affects only delivery.
         unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) }?;
         let d = self.clone();
-        std::thread::Builder::new().name("signals".into()).spawn(move || {
-            if let Ok(sig) = set.wait() {
-                warn!(d.log, "signal received, shutting down"; "signal" => %sig);
-                d.exit();
-            }
-        })?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Ok(sig) = set.wait() {
+                    warn!(d.log, "signal received, shutting down"; "signal" => %sig);
+                    d.exit();
+                }
+            })?;
         Ok(())
     }
 }
@@ -265,7 +314,10 @@ mod tests {
         let a = claim_minor(&rd, None).unwrap();
         let b = claim_minor(&rd, None).unwrap();
         assert_eq!((a.minor, b.minor), (0, 1));
-        assert!(claim_minor(&rd, Some(0)).unwrap_err().to_string().contains("in use"));
+        assert!(claim_minor(&rd, Some(0))
+            .unwrap_err()
+            .to_string()
+            .contains("in use"));
         drop(a);
         assert_eq!(claim_minor(&rd, None).unwrap().minor, 0);
         // A claim by a dead process is taken over.

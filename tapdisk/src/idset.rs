@@ -78,7 +78,9 @@ impl IdSet {
     /// Removes `id`; false if it was absent.
     #[inline]
     pub fn remove(&mut self, id: u64) -> bool {
-        let Some(mut hole) = self.find(id) else { return false };
+        let Some(mut hole) = self.find(id) else {
+            return false;
+        };
         self.used[hole] = false;
         self.len -= 1;
         let mut j = hole;
@@ -89,7 +91,11 @@ impl IdSet {
             }
             let h = self.home(self.keys[j]);
             // The entry at j may move into the hole unless its home lies cyclically in (hole, j].
-            let stays = if hole <= j { hole < h && h <= j } else { hole < h || h <= j };
+            let stays = if hole <= j {
+                hole < h && h <= j
+            } else {
+                hole < h || h <= j
+            };
             if !stays {
                 self.keys[hole] = self.keys[j];
                 self.used[hole] = true;

@@ -56,9 +56,9 @@ pub struct ImageSpec {
 impl FromStr for ImageSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (ty, path) = s
-            .split_once(':')
-            .ok_or_else(|| format!("disk spec '{s}' has no type: write it as TYPE:PATH, e.g. aio:{s}"))?;
+        let (ty, path) = s.split_once(':').ok_or_else(|| {
+            format!("disk spec '{s}' has no type: write it as TYPE:PATH, e.g. aio:{s}")
+        })?;
         let driver = match ty {
             "aio" => Driver::Aio,
             other => return Err(format!("unknown disk type '{other}' in '{s}' (known: aio)")),
@@ -66,7 +66,10 @@ impl FromStr for ImageSpec {
         if path.is_empty() {
             return Err(format!("disk spec '{s}' has an empty path"));
         }
-        Ok(ImageSpec { driver, path: PathBuf::from(path) })
+        Ok(ImageSpec {
+            driver,
+            path: PathBuf::from(path),
+        })
     }
 }
 
@@ -137,10 +140,17 @@ impl AioImage {
         if !block_device && !meta.is_file() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{} is neither a regular file nor a block device", path.display()),
+                format!(
+                    "{} is neither a regular file nor a block device",
+                    path.display()
+                ),
             ));
         }
-        let size = if block_device { block_device_size(&buffered)? } else { meta.len() };
+        let size = if block_device {
+            block_device_size(&buffered)?
+        } else {
+            meta.len()
+        };
         let size = size - size % SECTOR;
         let direct = match opts.direct {
             DirectIo::Off => None,
@@ -166,7 +176,9 @@ impl AioImage {
 
     /// The O_DIRECT descriptor, if the image has one, and the alignment it needs.
     pub fn direct_fd(&self) -> Option<(RawFd, u32)> {
-        self.direct.as_ref().map(|f| (f.as_raw_fd(), self.dio_align))
+        self.direct
+            .as_ref()
+            .map(|f| (f.as_raw_fd(), self.dio_align))
     }
 
     /// The buffered descriptor (always present).
@@ -181,20 +193,29 @@ impl AioImage {
 
     fn check(&self, offset: u64, len: u64, write: bool) -> io::Result<()> {
         if write && self.read_only {
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "the disk is read-only"));
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the disk is read-only",
+            ));
         }
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("range {offset}+{len} is outside the disk ({} bytes)", self.size),
+                format!(
+                    "range {offset}+{len} is outside the disk ({} bytes)",
+                    self.size
+                ),
             )),
         }
     }
 }
 
 fn annotate(e: io::Error, path: &Path) -> io::Error {
-    io::Error::new(e.kind(), format!("cannot open image {}: {e}", path.display()))
+    io::Error::new(
+        e.kind(),
+        format!("cannot open image {}: {e}", path.display()),
+    )
 }
 
 fn block_device_size(f: &File) -> io::Result<u64> {
@@ -253,7 +274,12 @@ pub fn discard_fd(
         let (off, l) = (to_off(offset)?, to_off(len)?);
         // SAFETY: plain syscall on an open fd with integer arguments.
         let rc = unsafe {
-            libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, l)
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
         };
         if rc == 0 {
             Ok(())
@@ -264,7 +290,8 @@ pub fn discard_fd(
 }
 
 fn to_off(v: u64) -> io::Result<libc::off_t> {
-    libc::off_t::try_from(v).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))
+    libc::off_t::try_from(v)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))
 }
 
 impl BlockTarget for AioImage {
@@ -294,7 +321,13 @@ impl BlockTarget for AioImage {
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check(offset, len, true)?;
-        discard_fd(self.buffered.as_raw_fd(), self.block_device, offset, len, false)
+        discard_fd(
+            self.buffered.as_raw_fd(),
+            self.block_device,
+            offset,
+            len,
+            false,
+        )
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check(offset, len, true)?;
@@ -302,7 +335,12 @@ impl BlockTarget for AioImage {
             let (off, l) = (to_off(offset)?, to_off(len)?);
             // SAFETY: plain syscall on an open fd with integer arguments.
             let rc = unsafe {
-                libc::fallocate(self.buffered.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, off, l)
+                libc::fallocate(
+                    self.buffered.as_raw_fd(),
+                    libc::FALLOC_FL_ZERO_RANGE,
+                    off,
+                    l,
+                )
             };
             if rc == 0 {
                 return Ok(());
@@ -328,9 +366,18 @@ mod tests {
         let s: ImageSpec = "aio:/tmp/x.img".parse().unwrap();
         assert_eq!(s.driver, Driver::Aio);
         assert_eq!(s.to_string(), "aio:/tmp/x.img");
-        assert!("/tmp/x.img".parse::<ImageSpec>().unwrap_err().contains("no type"));
-        assert!("vhd:/x".parse::<ImageSpec>().unwrap_err().contains("unknown disk type"));
-        assert!("aio:".parse::<ImageSpec>().unwrap_err().contains("empty path"));
+        assert!("/tmp/x.img"
+            .parse::<ImageSpec>()
+            .unwrap_err()
+            .contains("no type"));
+        assert!("vhd:/x"
+            .parse::<ImageSpec>()
+            .unwrap_err()
+            .contains("unknown disk type"));
+        assert!("aio:"
+            .parse::<ImageSpec>()
+            .unwrap_err()
+            .contains("empty path"));
     }
 
     #[test]
@@ -348,8 +395,17 @@ mod tests {
         img.discard(8192, 4096).unwrap();
         img.read_at(&mut b, 8192).unwrap();
         assert_eq!(b, [0u8; 4096]);
-        let ro = AioImage::open(f.path(), OpenOptionsImg { read_only: true, ..Default::default() })
-            .unwrap();
-        assert_eq!(ro.write_at(&b, 0, false).unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+        let ro = AioImage::open(
+            f.path(),
+            OpenOptionsImg {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            ro.write_at(&b, 0, false).unwrap_err().kind(),
+            io::ErrorKind::PermissionDenied
+        );
     }
 }

@@ -8,13 +8,17 @@ use slog::{o, Drain, Logger};
 pub fn logger(path: Option<&std::path::Path>, level: slog::Level) -> std::io::Result<Logger> {
     let drain: Box<dyn Drain<Ok = (), Err = slog::Never> + Send> = match path {
         Some(p) => {
-            let f = std::fs::OpenOptions::new().create(true).append(true).open(p)?;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)?;
             let d = slog_term::FullFormat::new(slog_term::PlainSyncDecorator::new(f)).build();
             Box::new(d.filter_level(level).fuse())
         }
         None => {
-            let d = slog_term::FullFormat::new(slog_term::PlainSyncDecorator::new(std::io::stderr()))
-                .build();
+            let d =
+                slog_term::FullFormat::new(slog_term::PlainSyncDecorator::new(std::io::stderr()))
+                    .build();
             Box::new(d.filter_level(level).fuse())
         }
     };
@@ -36,7 +40,13 @@ pub struct RateLimit {
 impl RateLimit {
     /// `burst` messages per `period`.
     pub fn new(burst: u32, period: Duration) -> RateLimit {
-        RateLimit { burst, period, window_start: Instant::now(), in_window: 0, suppressed: 0 }
+        RateLimit {
+            burst,
+            period,
+            window_start: Instant::now(),
+            in_window: 0,
+            suppressed: 0,
+        }
     }
 
     /// Whether to log now; `Some(n)` with `n` messages suppressed since the last one logged.

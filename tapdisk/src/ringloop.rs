@@ -116,9 +116,19 @@ struct Slot {
 impl Slot {
     fn new() -> Slot {
         Slot {
-            req: Request { id: 0, raw_op: 0, op: Operation::Read, sector: 0, nr_sectors: 0, nr_segments: 0 },
+            req: Request {
+                id: 0,
+                raw_op: 0,
+                op: Operation::Read,
+                sector: 0,
+                nr_sectors: 0,
+                nr_segments: 0,
+            },
             segs: [Segment::default(); MAX_SEGMENTS_PER_REQUEST],
-            iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_SEGMENTS_PER_REQUEST],
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; MAX_SEGMENTS_PER_REQUEST],
             iov_start: 0,
             offset: 0,
             remaining: 0,
@@ -255,7 +265,10 @@ impl<T: RingTransport> RingLoop<T> {
     fn arm_polls(&mut self) -> io::Result<()> {
         let ev = self.t.parts().2.fd();
         let multi = |fd: RawFd, tok: u64| {
-            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).multi(true).build().user_data(tok)
+            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(tok)
         };
         self.push_sqe(&multi(ev, TOKEN_EVTCHN))?;
         self.push_sqe(&multi(self.ctl.wake_fd(), TOKEN_CTL))?;
@@ -375,7 +388,11 @@ impl<T: RingTransport> RingLoop<T> {
     }
 
     fn respond(&mut self, id: u64, op: u8, st: i16) {
-        self.t.parts().0.put_response(&Response { id, operation: op, status: st });
+        self.t.parts().0.put_response(&Response {
+            id,
+            operation: op,
+            status: st,
+        });
     }
 
     fn guest_error(&mut self, what: &str, id: u64, problem: &dyn std::fmt::Display) {
@@ -416,8 +433,8 @@ impl<T: RingTransport> RingLoop<T> {
         if n > 0 {
             let mut refs = [0 as GrantRef; MAX_SEGMENTS_PER_REQUEST];
             let mut addrs = [std::ptr::null_mut::<u8>(); MAX_SEGMENTS_PER_REQUEST];
-            for i in 0..n {
-                refs[i] = slot.segs[i].gref;
+            for (r, sg) in refs.iter_mut().zip(&slot.segs[..n]) {
+                *r = sg.gref;
             }
             let writable = req.op == Operation::Read;
             let (_, grants, _) = self.t.parts();
@@ -425,13 +442,15 @@ impl<T: RingTransport> RingLoop<T> {
                 Ok(h) => {
                     let slot = &mut self.slots[s as usize];
                     slot.map = h;
-                    for i in 0..n {
-                        let sg = slot.segs[i];
+                    for ((iov, sg), addr) in slot.iov.iter_mut().zip(&slot.segs[..n]).zip(addrs) {
                         let first = sg.first_sect as usize * SECTOR_SIZE as usize;
-                        let len = (sg.last_sect - sg.first_sect + 1) as usize * SECTOR_SIZE as usize;
-                        // SAFETY: `first + len <= 4096` (validated segment), inside the page.
-                        slot.iov[i] = libc::iovec {
-                            iov_base: unsafe { addrs[i].add(first) }.cast(),
+                        let len =
+                            (sg.last_sect - sg.first_sect + 1) as usize * SECTOR_SIZE as usize;
+                        // SAFETY: `first + len <= 4096` (a validated segment), so the pointer
+                        // stays inside the mapped page.
+                        let base = unsafe { addr.add(first) };
+                        *iov = libc::iovec {
+                            iov_base: base.cast(),
                             iov_len: len,
                         };
                     }
@@ -504,7 +523,9 @@ impl<T: RingTransport> RingLoop<T> {
         let e = if slot.req.op == Operation::Read {
             opcode::Readv::new(fd, iov, cnt).offset(slot.offset).build()
         } else {
-            opcode::Writev::new(fd, iov, cnt).offset(slot.offset).build()
+            opcode::Writev::new(fd, iov, cnt)
+                .offset(slot.offset)
+                .build()
         };
         self.push_sqe(&e.user_data(u64::from(s)))
     }
@@ -546,8 +567,14 @@ impl<T: RingTransport> RingLoop<T> {
 
     fn reap(&mut self) -> io::Result<()> {
         loop {
-            let Some(cqe) = self.uring.completion().next() else { return Ok(()) };
-            let (tok, res, more) = (cqe.user_data(), cqe.result(), io_uring::cqueue::more(cqe.flags()));
+            let Some(cqe) = self.uring.completion().next() else {
+                return Ok(());
+            };
+            let (tok, res, more) = (
+                cqe.user_data(),
+                cqe.result(),
+                io_uring::cqueue::more(cqe.flags()),
+            );
             match tok {
                 TOKEN_EVTCHN => {
                     self.t.parts().2.ack()?;
@@ -563,10 +590,13 @@ impl<T: RingTransport> RingLoop<T> {
                 TOKEN_CTL => {
                     self.ctl.ack();
                     if !more {
-                        let e = opcode::PollAdd::new(types::Fd(self.ctl.wake_fd()), libc::POLLIN as u32)
-                            .multi(true)
-                            .build()
-                            .user_data(TOKEN_CTL);
+                        let e = opcode::PollAdd::new(
+                            types::Fd(self.ctl.wake_fd()),
+                            libc::POLLIN as u32,
+                        )
+                        .multi(true)
+                        .build()
+                        .user_data(TOKEN_CTL);
                         self.push_sqe(&e)?;
                     }
                 }

@@ -68,7 +68,11 @@ impl RingControl {
         }
         // SAFETY: a new descriptor nothing else owns.
         let wake = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(RingControl { wake, stop: AtomicBool::new(false), quiesced: AtomicBool::new(false) })
+        Ok(RingControl {
+            wake,
+            stop: AtomicBool::new(false),
+            quiesced: AtomicBool::new(false),
+        })
     }
 
     /// The descriptor the loop polls.
@@ -172,11 +176,15 @@ impl BlockTarget for GatedTarget {
         true
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.counters.read_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.counters
+            .read_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.with(&self.counters.reads, |i| i.read_at(buf, offset))
     }
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        self.counters.write_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.counters
+            .write_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.with(&self.counters.writes, |i| i.write_at(buf, offset, fua))
     }
     fn flush(&self) -> io::Result<()> {
@@ -232,7 +240,10 @@ impl Vbd {
         };
         let image = AioImage::open(
             &spec.path,
-            OpenOptionsImg { read_only: opts.read_only, direct: opts.direct },
+            OpenOptionsImg {
+                read_only: opts.read_only,
+                direct: opts.direct,
+            },
         )?;
         if image.size() < SECTOR {
             bail!("image {} is smaller than one sector", spec.path.display());
@@ -249,7 +260,10 @@ impl Vbd {
         let log = log.new(o!("minor" => minor));
         let direct = image.direct_fd().is_some();
         let size = image.size();
-        let shared = Arc::new(VbdShared { paused: AtomicBool::new(false), image: Mutex::new(Arc::new(image)) });
+        let shared = Arc::new(VbdShared {
+            paused: AtomicBool::new(false),
+            image: Mutex::new(Arc::new(image)),
+        });
         if device.exists() {
             std::fs::remove_file(&device).ok();
         }
@@ -259,12 +273,22 @@ impl Vbd {
         let ring_stats: Arc<Mutex<Vec<Arc<RingStats>>>> = Arc::default();
         let accept_stop = Arc::new(AtomicBool::new(false));
         let accept = {
-            let (shared, rings, ring_stats, stop, log) =
-                (shared.clone(), rings.clone(), ring_stats.clone(), accept_stop.clone(), log.clone());
-            let limits = AttachLimits { max_ring_order: opts.max_ring_order, ..AttachLimits::default() };
-            std::thread::Builder::new().name(format!("vbd{minor}-accept")).spawn(move || {
-                accept_loop(listener, limits, disk, shared, rings, ring_stats, stop, log)
-            })?
+            let (shared, rings, ring_stats, stop, log) = (
+                shared.clone(),
+                rings.clone(),
+                ring_stats.clone(),
+                accept_stop.clone(),
+                log.clone(),
+            );
+            let limits = AttachLimits {
+                max_ring_order: opts.max_ring_order,
+                ..AttachLimits::default()
+            };
+            std::thread::Builder::new()
+                .name(format!("vbd{minor}-accept"))
+                .spawn(move || {
+                    accept_loop(listener, limits, disk, shared, rings, ring_stats, stop, log)
+                })?
         };
         let gate = Arc::new(Gate::default());
         let nbd_counters = Arc::new(NbdCounters::default());
@@ -371,7 +395,12 @@ impl Vbd {
                 if left.is_zero() {
                     anyhow::bail!("NBD requests did not finish within 30 s");
                 }
-                g = self.gate.cv.wait_timeout(g, left).unwrap_or_else(|e| e.into_inner()).0;
+                g = self
+                    .gate
+                    .cv
+                    .wait_timeout(g, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
         }
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -401,7 +430,10 @@ impl Vbd {
         if let Some(spec) = new_image {
             let img = AioImage::open(
                 &spec.path,
-                OpenOptionsImg { read_only: self.opts.read_only, direct: self.opts.direct },
+                OpenOptionsImg {
+                    read_only: self.opts.read_only,
+                    direct: self.opts.direct,
+                },
             )?;
             if img.size() / SECTOR != self.disk.sectors {
                 anyhow::bail!(
@@ -439,6 +471,14 @@ impl Vbd {
     }
 
     fn shutdown(&mut self) {
+        // Let paused rings and NBD requests waiting at the gate run to their exit first: the
+        // NBD server joins its connection threads, which must not be stuck at the gate.
+        self.shared.paused.store(false, Ordering::Release);
+        {
+            let mut g = lock(&self.gate.state);
+            g.closed = false;
+            self.gate.cv.notify_all();
+        }
         if let Some(n) = self.nbd.take() {
             n.shutdown();
         }
@@ -446,13 +486,6 @@ impl Vbd {
         let _ = UnixStream::connect(&self.device);
         if let Some(t) = self.accept.take() {
             let _ = t.join();
-        }
-        // Let paused rings run to their exit.
-        self.shared.paused.store(false, Ordering::Release);
-        {
-            let mut g = lock(&self.gate.state);
-            g.closed = false;
-            self.gate.cv.notify_all();
         }
         let handles: Vec<RingHandle> = std::mem::take(&mut *lock(&self.rings));
         for h in &handles {
@@ -505,27 +538,32 @@ fn accept_loop(
         let stats = Arc::new(RingStats::default());
         let (shared2, ctl2, stats2) = (shared.clone(), ctl.clone(), stats.clone());
         let rlog = log.new(o!("ring" => ring_no));
-        let thread = std::thread::Builder::new().name(format!("ring{ring_no}")).spawn(move || {
-            let be = match blkif::local::accept(sock, &limits, &disk) {
-                Ok(be) => be,
-                Err(e) => {
-                    info!(rlog, "attach refused"; "why" => %e);
-                    return RingExit::Broken(e.to_string());
-                }
-            };
-            info!(rlog, "ring attached"; "abi" => be.abi.name(), "ring_order" => be.ring_order,
+        let thread = std::thread::Builder::new()
+            .name(format!("ring{ring_no}"))
+            .spawn(move || {
+                let be = match blkif::local::accept(sock, &limits, &disk) {
+                    Ok(be) => be,
+                    Err(e) => {
+                        info!(rlog, "attach refused"; "why" => %e);
+                        return RingExit::Broken(e.to_string());
+                    }
+                };
+                info!(rlog, "ring attached"; "abi" => be.abi.name(), "ring_order" => be.ring_order,
                   "slots" => be.ring.size(), "mem_pages" => be.grants.pages());
-            let exit = match RingLoop::new(be, disk, shared2, ctl2, stats2, rlog.clone()) {
-                Ok(l) => l.run(),
-                Err(e) => RingExit::Fatal(e),
-            };
-            info!(rlog, "ring detached"; "why" => ?exit);
-            exit
-        });
+                let exit = match RingLoop::new(be, disk, shared2, ctl2, stats2, rlog.clone()) {
+                    Ok(l) => l.run(),
+                    Err(e) => RingExit::Fatal(e),
+                };
+                info!(rlog, "ring detached"; "why" => ?exit);
+                exit
+            });
         match thread {
             Ok(t) => {
                 lock(&ring_stats).push(stats);
-                lock(&rings).push(RingHandle { ctl, thread: Some(t) });
+                lock(&rings).push(RingHandle {
+                    ctl,
+                    thread: Some(t),
+                });
             }
             Err(e) => warn!(log, "cannot start a ring thread"; "error" => %e),
         }

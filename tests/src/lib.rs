@@ -1,5 +1,5 @@
 //! Harness for the end-to-end tests in `tests/`: they start the real `tapdisk`, `tap-ctl` and
-//! `td-bench` binaries (built by `cargo test --workspace`) in a private run directory and drive
+//! `td-bench` binaries (built on first use by [`bin_dir`]) in a private run directory and drive
 //! them with real peers (qemu-io, qemu-img, nbdinfo, fio) and the blkif local frontend.
 
 use std::io::{BufRead, BufReader};
@@ -11,18 +11,59 @@ use tapdisk::control::client::Client;
 use tapdisk::control::proto::{Command as Ctl, Reply, VbdOptions, VbdSummary};
 use tapdisk::control::RunDir;
 
-/// The folder holding the workspace's binaries (`target/<profile>`), found from the running
-/// test executable (`target/<profile>/deps/<test>`).
+/// The folder holding the workspace's binaries (`target/<profile>`, or
+/// `target/<triple>/<profile>`), found from the running test executable (which runs from its
+/// `deps/`). `cargo test --workspace` builds only the binaries of the package under test, so
+/// the first call builds `tapdisk`, `tap-ctl` and `td-bench` into that same target directory
+/// (a no-op when they are fresh); this honours `CARGO_TARGET_DIR` and the profile.
 pub fn bin_dir() -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("current_exe");
-    let deps = exe.parent().expect("deps dir");
-    deps.parent().expect("profile dir").to_path_buf()
+    let prof = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf();
+    BUILD.call_once(|| {
+        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "tapdisk-tools",
+            "-p",
+            "tapdisk",
+            "--bins",
+        ]);
+        let parent = prof.parent().expect("target dir");
+        let target_dir = if parent.join("CACHEDIR.TAG").exists() {
+            parent.to_path_buf()
+        } else {
+            let triple = parent.file_name().expect("triple").to_owned();
+            cmd.arg("--target").arg(triple);
+            parent.parent().expect("target dir").to_path_buf()
+        };
+        cmd.arg("--target-dir").arg(target_dir);
+        match prof.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some("release") => {
+                cmd.arg("--release");
+            }
+            Some(other) => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "building the binaries failed: {cmd:?}");
+    });
+    prof
 }
 
-/// Path of workspace binary `name`, with a clear panic if it was not built.
+/// Path of workspace binary `name` (built on first use).
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.is_file(), "{} is missing: run `cargo build --workspace` (cargo test --workspace builds it)", p.display());
+    assert!(p.is_file(), "{} was not built", p.display());
     p
 }
 
@@ -59,8 +100,16 @@ impl Tapdisk {
             .context("starting tapdisk")?;
         let mut line = String::new();
         BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-        let pid: u32 = line.trim().parse().with_context(|| format!("tapdisk printed {line:?}"))?;
-        Ok(Tapdisk { child, pid, rundir: RunDir(rundir.to_owned()), _dir: None })
+        let pid: u32 = line
+            .trim()
+            .parse()
+            .with_context(|| format!("tapdisk printed {line:?}"))?;
+        Ok(Tapdisk {
+            child,
+            pid,
+            rundir: RunDir(rundir.to_owned()),
+            _dir: None,
+        })
     }
 
     /// A control connection.
@@ -70,7 +119,11 @@ impl Tapdisk {
 
     /// Opens `image` (a TYPE:PATH spec) with `options`.
     pub fn open(&self, image: &str, options: VbdOptions) -> Result<VbdSummary> {
-        match self.client()?.call(Ctl::Open { minor: None, image: image.into(), options })? {
+        match self.client()?.call(Ctl::Open {
+            minor: None,
+            image: image.into(),
+            options,
+        })? {
             Reply::Opened { vbd } => Ok(vbd),
             other => bail!("unexpected reply {other:?}"),
         }

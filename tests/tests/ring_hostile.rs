@@ -25,15 +25,33 @@ fn rig(opts: VbdOptions) -> Rig {
     let td = Tapdisk::start().unwrap();
     let (dir, img) = image(4 << 20).unwrap();
     let vbd = td.open(&format!("aio:{}", img.display()), opts).unwrap();
-    Rig { td, _dir: dir, device: vbd.device.into(), minor: vbd.minor }
+    Rig {
+        td,
+        _dir: dir,
+        device: vbd.device.into(),
+        minor: vbd.minor,
+    }
 }
 
 fn fe(r: &Rig, abi: Abi) -> LocalFrontend {
-    LocalFrontend::connect(&r.device, FrontendConfig { abi, ring_order: 0, mem_pages: 64 }).unwrap()
+    LocalFrontend::connect(
+        &r.device,
+        FrontendConfig {
+            abi,
+            ring_order: 0,
+            mem_pages: 64,
+        },
+    )
+    .unwrap()
 }
 
 fn seg(gref: u32, f: u8, l: u8) -> Segment {
-    Segment { gref, first_sect: f, last_sect: l, pad: 0 }
+    Segment {
+        gref,
+        first_sect: f,
+        last_sect: l,
+        pad: 0,
+    }
 }
 
 /// Pushes what is queued and collects `n` responses.
@@ -48,7 +66,12 @@ fn collect(f: &mut LocalFrontend, n: usize) -> Vec<Response> {
 }
 
 fn rw(f: &mut LocalFrontend, opc: u8, id: u64, sector: u64, segs: &[Segment]) {
-    assert!(f.queue(&FrontRequest::Rw { op: opc, id, sector, segments: segs }));
+    assert!(f.queue(&FrontRequest::Rw {
+        op: opc,
+        id,
+        sector,
+        segments: segs
+    }));
 }
 
 fn raw(f: &mut LocalFrontend, opc: u8, nseg: u8, id: u64, sector: u64, segs: &[Segment]) {
@@ -58,7 +81,10 @@ fn raw(f: &mut LocalFrontend, opc: u8, nseg: u8, id: u64, sector: u64, segs: &[S
 }
 
 fn status_of(rs: &[Response], id: u64) -> i16 {
-    rs.iter().find(|r| r.id == id).unwrap_or_else(|| panic!("no response for {id}")).status
+    rs.iter()
+        .find(|r| r.id == id)
+        .unwrap_or_else(|| panic!("no response for {id}"))
+        .status
 }
 
 /// A valid read that must still succeed after the bad ones.
@@ -107,11 +133,20 @@ fn bad_segment_counts_get_errors() {
 
 #[test]
 fn max_segments_setting_is_enforced() {
-    let r = rig(VbdOptions { max_segments: 4, ..Default::default() });
+    let r = rig(VbdOptions {
+        max_segments: 4,
+        ..Default::default()
+    });
     let mut f = fe(&r, Abi::X86_64);
     assert_eq!(f.info().max_segments, 4);
     rw(&mut f, op::READ, 1, 0, &[seg(0, 0, 7); 5]);
-    rw(&mut f, op::READ, 2, 0, &[seg(0, 0, 7), seg(1, 0, 7), seg(2, 0, 7), seg(3, 0, 7)]);
+    rw(
+        &mut f,
+        op::READ,
+        2,
+        0,
+        &[seg(0, 0, 7), seg(1, 0, 7), seg(2, 0, 7), seg(3, 0, 7)],
+    );
     let rs = collect(&mut f, 2);
     assert_eq!(status_of(&rs, 1), status::ERROR);
     assert_eq!(status_of(&rs, 2), status::OKAY);
@@ -139,14 +174,28 @@ fn sector_ranges_outside_the_disk_get_errors() {
     rw(&mut f, op::READ, 1, sectors - 4, &[seg(0, 0, 7)]);
     rw(&mut f, op::READ, 2, sectors, &[seg(0, 0, 0)]);
     rw(&mut f, op::WRITE, 3, u64::MAX - 3, &[seg(0, 0, 7)]);
-    assert!(f.queue(&FrontRequest::Discard { id: 4, sector: sectors - 1, nr_sectors: 2, secure: false }));
-    assert!(f.queue(&FrontRequest::Discard { id: 5, sector: 8, nr_sectors: u64::MAX, secure: false }));
+    assert!(f.queue(&FrontRequest::Discard {
+        id: 4,
+        sector: sectors - 1,
+        nr_sectors: 2,
+        secure: false
+    }));
+    assert!(f.queue(&FrontRequest::Discard {
+        id: 5,
+        sector: 8,
+        nr_sectors: u64::MAX,
+        secure: false
+    }));
     rw(&mut f, op::READ, 6, sectors - 8, &[seg(0, 0, 7)]);
     let rs = collect(&mut f, 6);
     for id in 1..=5 {
         assert_eq!(status_of(&rs, id), status::ERROR, "id {id}");
     }
-    assert_eq!(status_of(&rs, 6), status::OKAY, "the last sectors are readable");
+    assert_eq!(
+        status_of(&rs, 6),
+        status::OKAY,
+        "the last sectors are readable"
+    );
 }
 
 #[test]
@@ -155,7 +204,13 @@ fn grant_refs_outside_guest_memory_get_errors() {
     let mut f = fe(&r, Abi::X86_64);
     let pages = f.mem_pages();
     rw(&mut f, op::READ, 1, 0, &[seg(pages, 0, 7)]);
-    rw(&mut f, op::WRITE, 2, 0, &[seg(0, 0, 7), seg(u32::MAX, 0, 7)]);
+    rw(
+        &mut f,
+        op::WRITE,
+        2,
+        0,
+        &[seg(0, 0, 7), seg(u32::MAX, 0, 7)],
+    );
     let rs = collect(&mut f, 2);
     assert_eq!(status_of(&rs, 1), status::ERROR);
     assert_eq!(status_of(&rs, 2), status::ERROR);
@@ -164,12 +219,20 @@ fn grant_refs_outside_guest_memory_get_errors() {
 
 #[test]
 fn read_only_disks_refuse_writes_and_discards() {
-    let r = rig(VbdOptions { read_only: true, ..Default::default() });
+    let r = rig(VbdOptions {
+        read_only: true,
+        ..Default::default()
+    });
     let mut f = fe(&r, Abi::X86_64);
     assert!(f.info().read_only);
     rw(&mut f, op::WRITE, 1, 0, &[seg(0, 0, 7)]);
     rw(&mut f, op::WRITE_BARRIER, 2, 0, &[seg(0, 0, 7)]);
-    assert!(f.queue(&FrontRequest::Discard { id: 3, sector: 0, nr_sectors: 8, secure: false }));
+    assert!(f.queue(&FrontRequest::Discard {
+        id: 3,
+        sector: 0,
+        nr_sectors: 8,
+        secure: false
+    }));
     let rs = collect(&mut f, 3);
     assert_eq!(status_of(&rs, 1), status::ERROR);
     assert_eq!(status_of(&rs, 2), status::ERROR);
@@ -220,12 +283,31 @@ fn reused_in_flight_id_loses_its_ring_only() {
 
 #[test]
 fn attach_with_bad_parameters_is_refused_cleanly() {
-    let r = rig(VbdOptions { max_ring_order: 2, ..Default::default() });
-    let e = LocalFrontend::connect(&r.device, FrontendConfig { ring_order: 3, ..Default::default() })
-        .unwrap_err();
-    assert!(matches!(&e, AttachError::Refused(m) if m.contains("ring order 3")), "{e}");
-    let mut f = LocalFrontend::connect(&r.device, FrontendConfig { ring_order: 2, mem_pages: 8, ..Default::default() })
-        .unwrap();
+    let r = rig(VbdOptions {
+        max_ring_order: 2,
+        ..Default::default()
+    });
+    let e = LocalFrontend::connect(
+        &r.device,
+        FrontendConfig {
+            ring_order: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, AttachError::Refused(m) if m.contains("ring order 3")),
+        "{e}"
+    );
+    let mut f = LocalFrontend::connect(
+        &r.device,
+        FrontendConfig {
+            ring_order: 2,
+            mem_pages: 8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(f.ring_size(), 128);
     still_serving(&mut f);
 }
@@ -252,11 +334,19 @@ fn responses_leave_padding_untouched() {
     let mut f = fe(&r, Abi::X86_64);
     // Fill the slot's padding area with a marker the backend must not overwrite or replace.
     let mut b = [0u8; MAX_SLOT];
-    encode(Abi::X86_64, op::READ, 1, 0x1122_3344_5566_7788, 0, &[seg(0, 0, 7)], &mut b);
+    encode(
+        Abi::X86_64,
+        op::READ,
+        1,
+        0x1122_3344_5566_7788,
+        0,
+        &[seg(0, 0, 7)],
+        &mut b,
+    );
     b[9] = 0xEE; // nr_segments' neighbour... the response's pad byte
     b[1] = 1;
     b[12..16].copy_from_slice(&[0xEE; 4]); // beyond the response's status: id high half in the request
-    // Keep the request well formed: byte 9 is part of the id's... so use a fresh id layout.
+                                           // Keep the request well formed: byte 9 is part of the id's... so use a fresh id layout.
     let id = u64::from_le_bytes(b[8..16].try_into().unwrap());
     assert!(f.queue_raw(&b[..112]));
     let rs = collect(&mut f, 1);
@@ -278,7 +368,13 @@ fn barrier_and_flush_wait_for_earlier_requests() {
     }
     rw(&mut f, op::WRITE_BARRIER, 100, 64, &[seg(8, 0, 7)]);
     for i in 0..8u64 {
-        rw(&mut f, op::READ, 200 + i, i * 8, &[seg(16 + i as u32, 0, 7)]);
+        rw(
+            &mut f,
+            op::READ,
+            200 + i,
+            i * 8,
+            &[seg(16 + i as u32, 0, 7)],
+        );
     }
     rw(&mut f, op::FLUSH_DISKCACHE, 300, 0, &[]);
     let rs = collect(&mut f, 18);
@@ -286,7 +382,10 @@ fn barrier_and_flush_wait_for_earlier_requests() {
     let pos = |id| rs.iter().position(|r| r.id == id).unwrap();
     for i in 0..8 {
         assert!(pos(i) < pos(100), "write {i} answered after the barrier");
-        assert!(pos(200 + i) > pos(100), "read {i} answered before the barrier");
+        assert!(
+            pos(200 + i) > pos(100),
+            "read {i} answered before the barrier"
+        );
         assert!(pos(200 + i) < pos(300), "read {i} answered after the flush");
     }
     for i in 0..8u64 {
@@ -305,7 +404,12 @@ fn discard_reads_back_zeroes() {
     f.write_mem(0, &[0x77; 4096]);
     rw(&mut f, op::WRITE, 1, 16, &[seg(0, 0, 7)]);
     collect(&mut f, 1);
-    assert!(f.queue(&FrontRequest::Discard { id: 2, sector: 16, nr_sectors: 8, secure: false }));
+    assert!(f.queue(&FrontRequest::Discard {
+        id: 2,
+        sector: 16,
+        nr_sectors: 8,
+        secure: false
+    }));
     assert_eq!(collect(&mut f, 1)[0].status, status::OKAY);
     rw(&mut f, op::READ, 3, 16, &[seg(1, 0, 7)]);
     assert_eq!(collect(&mut f, 1)[0].status, status::OKAY);

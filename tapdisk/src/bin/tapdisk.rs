@@ -11,7 +11,10 @@ use tapdisk::daemon::Daemon;
 /// clients. One process owns one or more VBDs and is driven through its control socket,
 /// `<rundir>/ctl/tapdisk-<pid>.sock`, by tap-ctl.
 #[derive(Parser, Debug)]
-#[command(version, after_help = "Examples:\n  tapdisk --rundir /run/tapdisk-rs --daemonize   # what tap-ctl spawn runs\n  tapdisk --rundir /tmp/td                      # foreground, logs on stderr")]
+#[command(
+    version,
+    after_help = "Examples:\n  tapdisk --rundir /run/tapdisk-rs --daemonize   # what tap-ctl spawn runs\n  tapdisk --rundir /tmp/td                      # foreground, logs on stderr"
+)]
 struct Args {
     /// Run directory (control sockets, VBD sockets, minor claims, logs).
     #[arg(long, env = "TAPDISK_RS_RUNDIR", default_value = "/run/tapdisk-rs")]
@@ -68,7 +71,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     println!("{pid}");
     std::io::stdout().flush()?;
     if args.daemonize {
-        let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?;
         use std::os::fd::AsRawFd;
         for fd in [0, 1, 2] {
             nix::unistd::dup2(null.as_raw_fd(), fd)?;

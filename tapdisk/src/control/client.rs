@@ -24,20 +24,30 @@ impl Client {
             .with_context(|| format!("cannot reach tapdisk at {}", path.display()))?;
         s.set_read_timeout(Some(Duration::from_secs(60)))?;
         s.set_write_timeout(Some(Duration::from_secs(10)))?;
-        Ok(Client { reader: BufReader::new(s), path: path.to_owned() })
+        Ok(Client {
+            reader: BufReader::new(s),
+            path: path.to_owned(),
+        })
     }
 
     /// Connects to tapdisk `pid` in `rundir`.
     pub fn connect_pid(rundir: &RunDir, pid: u32) -> Result<Client> {
-        Client::connect(&rundir.ctl_socket(pid)).with_context(|| format!("no tapdisk with pid {pid}"))
+        Client::connect(&rundir.ctl_socket(pid))
+            .with_context(|| format!("no tapdisk with pid {pid}"))
     }
 
     /// Sends a command and waits for its reply; a tapdisk-side error becomes an `Err` with the
     /// tapdisk's message.
     pub fn call(&mut self, command: Command) -> Result<Reply> {
-        let mut line = serde_json::to_vec(&RequestMsg { v: VERSION, command })?;
+        let mut line = serde_json::to_vec(&RequestMsg {
+            v: VERSION,
+            command,
+        })?;
         line.push(b'\n');
-        self.reader.get_mut().write_all(&line).with_context(|| format!("writing to {}", self.path.display()))?;
+        self.reader
+            .get_mut()
+            .write_all(&line)
+            .with_context(|| format!("writing to {}", self.path.display()))?;
         let mut buf = Vec::new();
         let n = (&mut self.reader)
             .take(MAX_LINE as u64)
@@ -92,7 +102,10 @@ pub fn tapdisk_binary() -> PathBuf {
         return p.into();
     }
     if let Ok(exe) = std::env::current_exe() {
-        for dir in [exe.parent(), exe.parent().and_then(Path::parent)].into_iter().flatten() {
+        for dir in [exe.parent(), exe.parent().and_then(Path::parent)]
+            .into_iter()
+            .flatten()
+        {
             let cand = dir.join("tapdisk");
             if cand.is_file() {
                 return cand;
@@ -105,7 +118,9 @@ pub fn tapdisk_binary() -> PathBuf {
 /// Starts a tapdisk daemon in `rundir` and waits until its control socket answers.
 /// Returns its pid. Its log goes to `<rundir>/log/tapdisk-<pid>.log`.
 pub fn spawn(rundir: &RunDir) -> Result<u32> {
-    rundir.create().with_context(|| format!("creating {}", rundir.0.display()))?;
+    rundir
+        .create()
+        .with_context(|| format!("creating {}", rundir.0.display()))?;
     let bin = tapdisk_binary();
     let mut child = std::process::Command::new(&bin)
         .arg("--rundir")
@@ -125,7 +140,10 @@ pub fn spawn(rundir: &RunDir) -> Result<u32> {
     if !status.success() {
         bail!("{} failed to start ({status})", bin.display());
     }
-    let pid: u32 = out.trim().parse().map_err(|_| anyhow!("tapdisk printed no pid: {out:?}"))?;
+    let pid: u32 = out
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("tapdisk printed no pid: {out:?}"))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(mut c) = Client::connect_pid(rundir, pid) {

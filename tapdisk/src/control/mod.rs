@@ -20,7 +20,11 @@ pub struct RunDir(pub PathBuf);
 impl RunDir {
     /// `$TAPDISK_RS_RUNDIR`, or `/run/tapdisk-rs`.
     pub fn from_env() -> RunDir {
-        RunDir(std::env::var_os(RUNDIR_ENV).map(PathBuf::from).unwrap_or_else(|| "/run/tapdisk-rs".into()))
+        RunDir(
+            std::env::var_os(RUNDIR_ENV)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/run/tapdisk-rs".into()),
+        )
     }
     /// Folder of control sockets.
     pub fn ctl_dir(&self) -> PathBuf {
@@ -48,7 +52,12 @@ impl RunDir {
     }
     /// Creates the folders.
     pub fn create(&self) -> std::io::Result<()> {
-        for d in [self.ctl_dir(), self.vbd_dir(), self.minor_dir(), self.log_dir()] {
+        for d in [
+            self.ctl_dir(),
+            self.vbd_dir(),
+            self.minor_dir(),
+            self.log_dir(),
+        ] {
             std::fs::create_dir_all(d)?;
         }
         Ok(())

@@ -29,7 +29,13 @@ pub struct VbdOptions {
 
 impl Default for VbdOptions {
     fn default() -> Self {
-        VbdOptions { read_only: false, direct: DirectIo::Auto, max_ring_order: 8, max_segments: 11, nbd: None }
+        VbdOptions {
+            read_only: false,
+            direct: DirectIo::Auto,
+            max_ring_order: 8,
+            max_segments: 11,
+            nbd: None,
+        }
     }
 }
 
@@ -191,15 +197,40 @@ mod tests {
 
     #[test]
     fn wire_format_is_stable() {
-        let m = RequestMsg { v: 1, command: Command::Close { minor: 3 } };
-        assert_eq!(serde_json::to_string(&m).unwrap(), r#"{"v":1,"cmd":"close","minor":3}"#);
+        let m = RequestMsg {
+            v: 1,
+            command: Command::Close { minor: 3 },
+        };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"v":1,"cmd":"close","minor":3}"#
+        );
         let open: RequestMsg =
             serde_json::from_str(r#"{"v":1,"cmd":"open","minor":null,"image":"aio:/x"}"#).unwrap();
-        assert_eq!(open.command, Command::Open { minor: None, image: "aio:/x".into(), options: VbdOptions::default() });
-        let r = ResponseMsg { v: 1, result: ResultMsg::Error("no such minor 3".into()) };
-        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"v":1,"error":"no such minor 3"}"#);
-        let r = ResponseMsg { v: 1, result: ResultMsg::Ok(Reply::Done) };
-        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"v":1,"ok":{"kind":"done"}}"#);
+        assert_eq!(
+            open.command,
+            Command::Open {
+                minor: None,
+                image: "aio:/x".into(),
+                options: VbdOptions::default()
+            }
+        );
+        let r = ResponseMsg {
+            v: 1,
+            result: ResultMsg::Error("no such minor 3".into()),
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"v":1,"error":"no such minor 3"}"#
+        );
+        let r = ResponseMsg {
+            v: 1,
+            result: ResultMsg::Ok(Reply::Done),
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"v":1,"ok":{"kind":"done"}}"#
+        );
         assert!(serde_json::from_str::<RequestMsg>(r#"{"v":1,"cmd":"explode"}"#).is_err());
     }
 }

@@ -40,7 +40,11 @@ impl ExportInfo {
         if target.supports_discard() {
             flags |= TF_SEND_TRIM;
         }
-        ExportInfo { name: name.to_owned(), size: target.size(), flags }
+        ExportInfo {
+            name: name.to_owned(),
+            size: target.size(),
+            flags,
+        }
     }
 
     fn matches(&self, name: &[u8]) -> bool {
@@ -83,6 +87,20 @@ fn read_exact_or_eof<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
     Ok(true)
 }
 
+/// `read_exact` whose end-of-file error says what was cut short.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8], what: &str) -> io::Result<()> {
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(
+                e.kind(),
+                format!("truncated {what} ({} bytes expected)", buf.len()),
+            )
+        } else {
+            e
+        }
+    })
+}
+
 /// Drives one connection to its end. `buf` is the connection's payload buffer.
 pub fn serve<R: Read, W: Write>(
     r: &mut BufReader<R>,
@@ -118,10 +136,14 @@ fn handshake<R: Read, W: Write>(
     }
     let client_flags = u32::from_be_bytes(b4);
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Err(protocol_error(format!("unknown client flags {client_flags:#x}")));
+        return Err(protocol_error(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
     }
     if client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
-        return Err(protocol_error("client does not speak fixed newstyle".into()));
+        return Err(protocol_error(
+            "client does not speak fixed newstyle".into(),
+        ));
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
 
@@ -141,11 +163,13 @@ fn handshake<R: Read, W: Write>(
                 reply_err(w, opt, REP_ERR_TOO_BIG, &msg)?;
                 w.flush()?;
             }
-            return Err(protocol_error(format!("option {opt} with {len} bytes of data")));
+            return Err(protocol_error(format!(
+                "option {opt} with {len} bytes of data"
+            )));
         }
         // Bounded by MAX_OPTION_LEN above.
         data.resize(len as usize, 0);
-        r.read_exact(data)?;
+        read_full(r, data, "option data")?;
         debug!(log, "option"; "opt" => opt, "len" => len);
         match opt {
             OPT_EXPORT_NAME => {
@@ -183,8 +207,7 @@ fn handshake<R: Read, W: Write>(
             OPT_INFO | OPT_GO => match InfoRequest::parse(data) {
                 None => reply_err(w, opt, REP_ERR_INVALID, "malformed OPT_INFO/OPT_GO data")?,
                 Some(req) if !export.matches(req.name) => {
-                    let msg =
-                        format!("no export named '{}'", String::from_utf8_lossy(req.name));
+                    let msg = format!("no export named '{}'", String::from_utf8_lossy(req.name));
                     reply_err(w, opt, REP_ERR_UNKNOWN, &msg)?;
                 }
                 Some(req) => {
@@ -286,7 +309,7 @@ fn transmission<R: Read, W: Write>(
             if buf.len() < len {
                 buf.resize(len, 0);
             }
-            r.read_exact(&mut buf[..len])?;
+            read_full(r, &mut buf[..len], "write payload")?;
         }
 
         let result: Result<(), u32> = match req.cmd {
@@ -301,7 +324,9 @@ fn transmission<R: Read, W: Write>(
                 if buf.len() < len {
                     buf.resize(len, 0);
                 }
-                target.read_at(&mut buf[..len], req.offset).map_err(|e| io_err(&e, log, &mut io_errors))
+                target
+                    .read_at(&mut buf[..len], req.offset)
+                    .map_err(|e| io_err(&e, log, &mut io_errors))
             }),
             CMD_WRITE => check(&req, CMD_FLAG_FUA, export, read_only, ENOSPC).and_then(|()| {
                 let fua = req.flags & CMD_FLAG_FUA != 0;
@@ -325,17 +350,20 @@ fn transmission<R: Read, W: Write>(
                         .map_err(|e| io_err(&e, log, &mut io_errors))
                 })
             }
-            CMD_WRITE_ZEROES => {
-                check(&req, CMD_FLAG_FUA | CMD_FLAG_NO_HOLE, export, read_only, ENOSPC).and_then(
-                    |()| {
-                        let fua = req.flags & CMD_FLAG_FUA != 0;
-                        target
-                            .write_zeroes(req.offset, req.len.into())
-                            .and_then(|()| if fua { target.flush() } else { Ok(()) })
-                            .map_err(|e| io_err(&e, log, &mut io_errors))
-                    },
-                )
-            }
+            CMD_WRITE_ZEROES => check(
+                &req,
+                CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+                export,
+                read_only,
+                ENOSPC,
+            )
+            .and_then(|()| {
+                let fua = req.flags & CMD_FLAG_FUA != 0;
+                target
+                    .write_zeroes(req.offset, req.len.into())
+                    .and_then(|()| if fua { target.flush() } else { Ok(()) })
+                    .map_err(|e| io_err(&e, log, &mut io_errors))
+            }),
             _ => Err(EINVAL),
         };
         match result {

@@ -1,0 +1,446 @@
+//! `tap-ctl` against real tapdisk processes: the VBD life cycle (create, list, pause, unpause,
+//! stats, destroy), the two-step spawn + open, and one-line errors with exit status 1 for bad
+//! arguments, unknown minors and pids, and unreachable run directories.
+//!
+//! Each test has its own run directory; a guard kills whatever tapdisk is left in it, also when
+//! the test fails. The binaries are built on first use by `tapdisk_e2e::bin_dir`.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The folder holding tap-ctl and tapdisk (built on first use by the harness).
+fn bins() -> PathBuf {
+    tapdisk_e2e::bin_dir()
+}
+
+/// Whether `pid` is running (zombies are not).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next());
+            !matches!(state, Some("Z" | "X" | "x"))
+        }
+        Err(_) => false,
+    }
+}
+
+/// A private run directory and an image; kills any tapdisk left in the run directory on drop.
+struct Rig {
+    bins: PathBuf,
+    rundir: PathBuf,
+    image: PathBuf,
+    seen: std::cell::RefCell<Vec<u32>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let bins = bins();
+        let dir = tempfile::tempdir().unwrap();
+        let rundir = dir.path().join("run");
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+        Rig {
+            bins,
+            rundir,
+            image,
+            seen: Default::default(),
+            _dir: dir,
+        }
+    }
+
+    fn spec(&self) -> String {
+        format!("aio:{}", self.image.display())
+    }
+
+    /// Runs tap-ctl with this run directory (given as `$TAPDISK_RS_RUNDIR`, which a
+    /// `--rundir` in `args` overrides).
+    fn run(&self, args: &[&str]) -> Output {
+        let out = Command::new(self.bins.join("tap-ctl"))
+            .args(args)
+            .env("TAPDISK_RS_RUNDIR", &self.rundir)
+            .env("TAPDISK_RS_TAPDISK", self.bins.join("tapdisk"))
+            .output()
+            .expect("running tap-ctl");
+        self.note_pids();
+        out
+    }
+
+    /// Runs tap-ctl, expecting success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let (so, se) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            out.status.success(),
+            "tap-ctl {args:?} failed ({}): {se}{so}",
+            out.status
+        );
+        assert!(se.is_empty(), "tap-ctl {args:?} wrote to stderr: {se}");
+        so.into_owned()
+    }
+
+    /// Runs tap-ctl, expecting exit status `code` and one line `tap-ctl: ...` on stderr that
+    /// contains `word`; returns that line.
+    fn fails(&self, args: &[&str], code: i32, word: &str) -> String {
+        let out = self.run(args);
+        let se = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(code), "tap-ctl {args:?}: {se}");
+        assert!(
+            out.stdout.is_empty(),
+            "tap-ctl {args:?} printed {:?}",
+            out.stdout
+        );
+        assert_eq!(
+            se.lines().count(),
+            1,
+            "tap-ctl {args:?}: not one line: {se:?}"
+        );
+        assert!(se.ends_with('\n'));
+        let line = se.trim_end().to_string();
+        assert!(line.starts_with("tap-ctl: "), "{line}");
+        assert!(
+            line.contains(word),
+            "tap-ctl {args:?}: {line:?} does not mention {word:?}"
+        );
+        line
+    }
+
+    /// Pids with a control socket in the run directory.
+    fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = std::fs::read_dir(self.rundir.join("ctl"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().into_string().ok()?;
+                        n.strip_prefix("tapdisk-")?
+                            .strip_suffix(".sock")?
+                            .parse()
+                            .ok()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        pids.sort_unstable();
+        pids
+    }
+
+    /// Live tapdisks with a control socket in the run directory.
+    fn live(&self) -> Vec<u32> {
+        self.pids().into_iter().filter(|&p| alive(p)).collect()
+    }
+
+    fn note_pids(&self) {
+        let mut seen = self.seen.borrow_mut();
+        for p in self.pids() {
+            if !seen.contains(&p) {
+                seen.push(p);
+            }
+        }
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.note_pids();
+        for &pid in self.seen.borrow().iter() {
+            // Only pids that had a control socket in this private run directory: our tapdisks.
+            if alive(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+fn wait_gone(pid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+fn is_socket(p: &str) -> bool {
+    std::fs::metadata(p)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false)
+}
+
+#[test]
+fn vbd_life_cycle() {
+    let r = Rig::new();
+    let spec = r.spec();
+    assert_eq!(
+        r.run(&["list"]).status.code(),
+        Some(1),
+        "no run directory yet"
+    );
+
+    let device = r.ok(&["create", "-a", &spec]);
+    let device = device.trim_end();
+    assert_eq!(device, r.rundir.join("vbd/tapdev0").display().to_string());
+    assert!(is_socket(device), "{device} is not a socket");
+    let pids = r.live();
+    assert_eq!(pids.len(), 1, "one tapdisk: {pids:?}");
+    let pid = pids[0];
+
+    let list = r.ok(&["list"]);
+    assert_eq!(
+        list,
+        format!("pid={pid} minor=0 state=running args={spec}\n")
+    );
+
+    r.ok(&["pause", "-m", "0"]);
+    assert_eq!(
+        r.ok(&["list"]),
+        format!("pid={pid} minor=0 state=paused args={spec}\n")
+    );
+    assert_eq!(
+        r.ok(&["list", "-m", "0", "-p", &pid.to_string()]),
+        r.ok(&["list"])
+    );
+    assert_eq!(r.ok(&["list", "-m", "1"]), "");
+
+    r.ok(&["unpause", "-m", "0", "-a", &spec]);
+    assert_eq!(
+        r.ok(&["list"]),
+        format!("pid={pid} minor=0 state=running args={spec}\n")
+    );
+
+    let stats = r.ok(&["stats", "-m", "0"]);
+    println!("tap-ctl stats -m 0:\n{stats}");
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats is JSON");
+    assert!(stats.is_object(), "stats is not an object: {stats}");
+
+    let json: serde_json::Value = serde_json::from_str(&r.ok(&["list", "--json"])).unwrap();
+    assert_eq!(json[0]["pid"], pid);
+    assert_eq!(json[0]["vbds"][0]["minor"], 0);
+    assert_eq!(json[0]["vbds"][0]["state"], "running");
+    assert_eq!(json[0]["vbds"][0]["device"], device);
+
+    r.ok(&["destroy", "-m", "0"]);
+    assert_eq!(r.ok(&["list"]), "");
+    assert!(wait_gone(pid), "tapdisk {pid} still running after destroy");
+    assert!(r.pids().is_empty(), "control socket left: {:?}", r.pids());
+    assert!(!Path::new(device).exists(), "device {device} left behind");
+}
+
+#[test]
+fn spawn_open_close_and_shared_tapdisk() {
+    let r = Rig::new();
+    let spec = r.spec();
+    let pid: u32 = r.ok(&["spawn"]).trim().parse().expect("spawn prints a pid");
+    assert!(alive(pid));
+    let p = pid.to_string();
+    assert_eq!(
+        r.ok(&["list"]),
+        format!("pid={pid} minor=- state=- args=-\n")
+    );
+
+    let dev5 = r.ok(&[
+        "open",
+        "-p",
+        &p,
+        "-m",
+        "5",
+        "-a",
+        &spec,
+        "-R",
+        "--ring-order",
+        "2",
+    ]);
+    assert!(dev5.trim_end().ends_with("/vbd/tapdev5"), "{dev5}");
+    let dev0 = r.ok(&[
+        "open",
+        "-p",
+        &p,
+        "-a",
+        &spec,
+        "--max-segments",
+        "4",
+        "--direct",
+        "off",
+    ]);
+    assert!(dev0.trim_end().ends_with("/vbd/tapdev0"), "{dev0}");
+    assert_eq!(
+        r.ok(&["list"]),
+        format!("pid={pid} minor=0 state=running args={spec}\npid={pid} minor=5 state=running args={spec}\n")
+    );
+    let json: serde_json::Value = serde_json::from_str(&r.ok(&["list", "--json"])).unwrap();
+    assert_eq!(json[0]["vbds"][1]["read_only"], true);
+
+    // A minor in use is refused before anything is started.
+    r.fails(&["create", "-m", "5", "-a", &spec], 1, "minor 5");
+    assert_eq!(r.live(), vec![pid]);
+
+    r.ok(&["close", "-m", "5"]);
+    assert_eq!(
+        r.ok(&["list"]),
+        format!("pid={pid} minor=0 state=running args={spec}\n")
+    );
+    // destroy of the last VBD stops the tapdisk; close does not.
+    r.ok(&["close", "-m", "0", "-p", &p]);
+    assert_eq!(
+        r.ok(&["list"]),
+        format!("pid={pid} minor=- state=- args=-\n")
+    );
+    assert!(alive(pid));
+    r.ok(&["open", "-p", &p, "-a", &spec]);
+    r.ok(&["open", "-p", &p, "-a", &spec]);
+    r.ok(&["destroy", "-m", "1"]);
+    assert!(
+        alive(pid),
+        "destroy stopped a tapdisk that still serves minor 0"
+    );
+    r.ok(&["destroy", "-m", "0", "-p", &p]);
+    assert!(wait_gone(pid), "tapdisk {pid} still running");
+    assert_eq!(r.ok(&["list"]), "");
+}
+
+#[test]
+fn failed_open_stops_the_tapdisk_it_started() {
+    let r = Rig::new();
+    // Passes tap-ctl's checks (it exists), but no tapdisk can serve an empty image.
+    let empty = r.rundir.parent().unwrap().join("empty.img");
+    std::fs::File::create(&empty).unwrap();
+    let spec = format!("aio:{}", empty.display());
+    let line = r.fails(&["create", "-a", &spec], 1, "cannot open");
+    println!("{line}");
+    assert!(line.contains(&spec), "{line}");
+    let seen = r.seen.borrow().clone();
+    for pid in seen {
+        assert!(wait_gone(pid), "tapdisk {pid} was left running");
+    }
+    assert!(r.live().is_empty());
+}
+
+#[test]
+fn bad_arguments_are_one_line_errors() {
+    let r = Rig::new();
+    let spec = r.spec();
+    let img = r.image.display().to_string();
+
+    // Checked before anything is contacted or started: no run directory gets created.
+    r.fails(&["create", "-a", &img], 1, "TYPE:PATH");
+    r.fails(
+        &["create", "-a", &format!("vhd:{img}")],
+        1,
+        "unknown disk type 'vhd'",
+    );
+    r.fails(
+        &["create", "-a", "aio:/nonexistent/disk.img"],
+        1,
+        "/nonexistent/disk.img does not exist",
+    );
+    r.fails(
+        &["create", "-a", &spec, "--ring-order", "9"],
+        1,
+        "ring order 9",
+    );
+    r.fails(
+        &["create", "-a", &spec, "--max-segments", "12"],
+        1,
+        "max segments 12",
+    );
+    r.fails(
+        &["create", "-a", &spec, "--max-segments", "0"],
+        1,
+        "max segments 0",
+    );
+    r.fails(
+        &["create", "-a", &spec, "--nbd", "tcp:localhost"],
+        1,
+        "NBD address",
+    );
+    r.fails(
+        &["create", "-a", &spec, "--nbd", "unix:/nonexistent/n.sock"],
+        1,
+        "NBD address",
+    );
+    r.fails(
+        &["open", "-p", "1", "-a", "aio:/nonexistent/disk.img"],
+        1,
+        "does not exist",
+    );
+    r.fails(&["unpause", "-m", "0", "-a", "/x.img"], 1, "TYPE:PATH");
+    assert!(
+        !r.rundir.exists(),
+        "a failed check created the run directory"
+    );
+
+    // Unreachable run directory.
+    r.fails(&["list"], 1, "run directory");
+    r.fails(&["pause", "-m", "0"], 1, "run directory");
+    r.fails(&["stats", "-m", "0", "-p", "1"], 1, "run directory");
+    let not_a_dir = format!("{}/sub", img);
+    r.fails(
+        &["--rundir", &not_a_dir, "create", "-a", &spec],
+        1,
+        "cannot create run directory",
+    );
+    r.fails(&["--rundir", &not_a_dir, "spawn"], 1, "run directory");
+
+    // Unknown minors and pids.
+    std::fs::create_dir_all(r.rundir.join("ctl")).unwrap();
+    r.fails(&["pause", "-m", "7"], 1, "minor 7");
+    r.fails(&["destroy", "-m", "7"], 1, "minor 7");
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    r.fails(
+        &["stats", "-m", "0", "-p", &dead.to_string()],
+        1,
+        &format!("pid {dead}"),
+    );
+    r.fails(&["list", "-p", &dead.to_string()], 1, "no tapdisk with pid");
+    let me = std::process::id().to_string();
+    r.fails(&["close", "-m", "0", "-p", &me], 1, "is not a tapdisk");
+
+    let pid: u32 = r.ok(&["spawn"]).trim().parse().unwrap();
+    r.fails(&["stats", "-m", "7", "-p", &pid.to_string()], 1, "minor 7");
+    r.fails(&["unpause", "-m", "7"], 1, "minor 7");
+    r.ok(&["open", "-p", &pid.to_string(), "-a", &spec]);
+    r.fails(&["unpause", "-m", "0"], 1, "not paused");
+
+    // Command-line mistakes: clap's exit status 2, still one line.
+    r.fails(&["close"], 2, "--minor");
+    r.fails(
+        &["create", "-a", &spec, "--direct", "maybe"],
+        2,
+        "tap-ctl create --help",
+    );
+    r.fails(&["pause", "-m", "zero"], 2, "invalid value 'zero'");
+    r.fails(&["frobnicate"], 2, "frobnicate");
+
+    r.ok(&["destroy", "-m", "0"]);
+    assert!(wait_gone(pid));
+}
+
+#[test]
+fn help_is_there() {
+    let r = Rig::new();
+    let out = r.ok(&["--help"]);
+    for verb in [
+        "spawn", "create", "open", "close", "pause", "unpause", "destroy", "stats", "list",
+    ] {
+        assert!(out.contains(verb), "--help does not mention {verb}");
+        let sub = r.ok(&[verb, "--help"]);
+        assert!(sub.contains("Examples:"), "{verb} --help has no examples");
+    }
+    assert!(r.ok(&["--version"]).starts_with("tap-ctl "));
+}

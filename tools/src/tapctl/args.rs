@@ -1,0 +1,272 @@
+//! Options shared by several verbs, and their validation: everything is checked before any
+//! tapdisk is contacted or started.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Result};
+use clap::{Args, ValueEnum};
+use tapdisk::control::proto::VbdOptions;
+use tapdisk::image::{DirectIo, ImageSpec};
+use tapdisk::nbd::NbdListen;
+
+use super::io_msg;
+
+/// Highest ring order a VBD may offer.
+pub const MAX_RING_ORDER: u32 = 8;
+/// Most segments per request a VBD may offer.
+pub const MAX_SEGMENTS: u32 = 11;
+
+/// An existing VBD: `-m MINOR`, and optionally the tapdisk serving it.
+#[derive(Debug, Clone, Args)]
+pub struct Target {
+    /// Minor number of the VBD (as shown by 'tap-ctl list').
+    #[arg(short, long, value_name = "MINOR")]
+    pub minor: u32,
+    /// Pid of the tapdisk serving the VBD. Found through the run directory if omitted.
+    #[arg(short, long, value_name = "PID")]
+    pub pid: Option<u32>,
+}
+
+/// O_DIRECT policy, as given on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Direct {
+    /// O_DIRECT where the file system supports it, the page cache otherwise.
+    Auto,
+    /// O_DIRECT; refuse to open the image if it cannot be had.
+    On,
+    /// Always go through the page cache.
+    Off,
+}
+
+impl From<Direct> for DirectIo {
+    fn from(d: Direct) -> DirectIo {
+        match d {
+            Direct::Auto => DirectIo::Auto,
+            Direct::On => DirectIo::On,
+            Direct::Off => DirectIo::Off,
+        }
+    }
+}
+
+/// The image and settings of a new VBD (create, open).
+#[derive(Debug, Clone, Args)]
+pub struct DiskArgs {
+    /// Image to serve, as TYPE:PATH
+    ///
+    /// Types: aio (a raw image file or a block device).
+    /// A relative PATH is taken from the current directory.
+    #[arg(
+        verbatim_doc_comment,
+        short = 'a',
+        long = "args",
+        value_name = "TYPE:PATH"
+    )]
+    pub image: String,
+    /// Serve the disk read-only: frontends and NBD clients cannot write to it.
+    #[arg(short = 'R', long)]
+    pub readonly: bool,
+    /// Largest ring order offered to frontends: rings of up to 2^N pages (0..=8)
+    #[arg(long, value_name = "N", default_value_t = MAX_RING_ORDER)]
+    pub ring_order: u32,
+    /// Segments per request offered to frontends (1..=11)
+    #[arg(long, value_name = "N", default_value_t = MAX_SEGMENTS)]
+    pub max_segments: u32,
+    /// Whether the image is opened with O_DIRECT, bypassing the page cache
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = Direct::Auto)]
+    pub direct: Direct,
+    /// Also export the disk over NBD at ADDRESS: unix:PATH or tcp:IP:PORT
+    ///
+    /// Examples: unix:/run/vm1.nbd, tcp:127.0.0.1:10809, tcp:[::1]:10809.
+    /// Port 0 picks a free port; 'tap-ctl list' shows which.
+    #[arg(verbatim_doc_comment, long, value_name = "ADDRESS")]
+    pub nbd: Option<String>,
+}
+
+/// A validated [`DiskArgs`]: what goes into an `open` command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The image spec, with an absolute path.
+    pub image: String,
+    /// The settings.
+    pub options: VbdOptions,
+}
+
+impl DiskArgs {
+    /// Checks every option; the image must exist.
+    pub fn validate(&self) -> Result<Disk> {
+        let image = validate_image(&self.image)?;
+        if self.ring_order > MAX_RING_ORDER {
+            bail!(
+                "ring order {} is out of range: --ring-order takes 0..={MAX_RING_ORDER}",
+                self.ring_order
+            );
+        }
+        if !(1..=MAX_SEGMENTS).contains(&self.max_segments) {
+            bail!(
+                "max segments {} is out of range: --max-segments takes 1..={MAX_SEGMENTS}",
+                self.max_segments
+            );
+        }
+        let nbd = self.nbd.as_deref().map(validate_nbd).transpose()?;
+        Ok(Disk {
+            image,
+            options: VbdOptions {
+                read_only: self.readonly,
+                direct: self.direct.into(),
+                // Both checked against ranges that fit a u8 just above.
+                max_ring_order: self.ring_order as u8,
+                max_segments: self.max_segments as u8,
+                nbd,
+            },
+        })
+    }
+}
+
+/// `path` made absolute against the current directory (the tapdisk has its own), without
+/// resolving symlinks.
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path)
+        .map_err(|e| anyhow!("cannot make {} absolute: {}", path.display(), io_msg(&e)))
+}
+
+/// Checks a disk spec and that its image exists and is a file or block device; returns the
+/// spec with an absolute path.
+pub fn validate_image(spec: &str) -> Result<String> {
+    let mut spec: ImageSpec = spec.parse().map_err(|e: String| anyhow!(e))?;
+    spec.path = absolute(&spec.path)?;
+    let shown = spec.path.display();
+    match std::fs::metadata(&spec.path) {
+        Ok(m) if m.is_file() || m.file_type().is_block_device() => {}
+        Ok(_) => bail!("image {shown} is neither a regular file nor a block device"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("image {shown} does not exist")
+        }
+        Err(e) => bail!("cannot access image {shown}: {}", io_msg(&e)),
+    }
+    Ok(spec.to_string())
+}
+
+/// Checks an NBD address; a unix socket path is made absolute and its folder must exist.
+pub fn validate_nbd(addr: &str) -> Result<String> {
+    let listen: NbdListen = addr.parse().map_err(|e: String| anyhow!(e))?;
+    let listen = match listen {
+        NbdListen::Unix(path) => {
+            let path = absolute(&path)?;
+            let dir = path.parent().unwrap_or(Path::new("/"));
+            if !dir.is_dir() {
+                bail!(
+                    "NBD address '{addr}': folder {} for the socket does not exist",
+                    dir.display()
+                );
+            }
+            NbdListen::Unix(path)
+        }
+        tcp @ NbdListen::Tcp(_) => tcp,
+    };
+    Ok(listen.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(image: &str) -> DiskArgs {
+        DiskArgs {
+            image: image.into(),
+            readonly: false,
+            ring_order: MAX_RING_ORDER,
+            max_segments: MAX_SEGMENTS,
+            direct: Direct::Auto,
+            nbd: None,
+        }
+    }
+
+    #[test]
+    fn good_disk_validates() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let spec = format!("aio:{}", f.path().display());
+        let mut a = disk(&spec);
+        a.readonly = true;
+        a.ring_order = 0;
+        a.max_segments = 1;
+        a.direct = Direct::Off;
+        a.nbd = Some("tcp:127.0.0.1:0".into());
+        let d = a.validate().unwrap();
+        assert_eq!(d.image, spec);
+        assert_eq!(
+            d.options,
+            VbdOptions {
+                read_only: true,
+                direct: DirectIo::Off,
+                max_ring_order: 0,
+                max_segments: 1,
+                nbd: Some("tcp:127.0.0.1:0".into()),
+            }
+        );
+        assert_eq!(
+            disk(&spec).validate().unwrap().options,
+            VbdOptions::default()
+        );
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let cwd = std::env::current_dir().unwrap();
+        let img = validate_image("aio:Cargo.toml").unwrap();
+        assert_eq!(img, format!("aio:{}", cwd.join("Cargo.toml").display()));
+        let n = validate_nbd("unix:x.sock").unwrap();
+        assert_eq!(n, format!("unix:{}", cwd.join("x.sock").display()));
+    }
+
+    #[test]
+    fn bad_disks_are_named() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let good = format!("aio:{}", f.path().display());
+        let err = |a: DiskArgs| a.validate().unwrap_err().to_string();
+        assert!(err(disk("/tmp/x.img")).contains("disk spec '/tmp/x.img' has no type"));
+        assert!(err(disk("vhd:/tmp/x.img")).contains("unknown disk type 'vhd'"));
+        assert_eq!(
+            err(disk("aio:/nonexistent/x.img")),
+            "image /nonexistent/x.img does not exist"
+        );
+        assert!(err(disk("aio:/tmp")).contains("neither a regular file nor a block device"));
+        let mut a = disk(&good);
+        a.ring_order = 9;
+        assert!(err(a).contains("ring order 9 is out of range"));
+        let mut a = disk(&good);
+        a.max_segments = 0;
+        assert!(err(a).contains("max segments 0 is out of range"));
+        let mut a = disk(&good);
+        a.max_segments = 12;
+        assert!(err(a).contains("max segments 12"));
+    }
+
+    #[test]
+    fn nbd_addresses() {
+        assert_eq!(validate_nbd("tcp:[::1]:10809").unwrap(), "tcp:[::1]:10809");
+        assert_eq!(
+            validate_nbd("unix:/tmp/n.sock").unwrap(),
+            "unix:/tmp/n.sock"
+        );
+        for bad in [
+            "tcp:localhost",
+            "tcp:1.2.3.4",
+            "udp:1.2.3.4:5",
+            "/tmp/s",
+            "unix:",
+        ] {
+            assert!(
+                validate_nbd(bad)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("NBD address"),
+                "{bad}"
+            );
+        }
+        let e = validate_nbd("unix:/nonexistent/dir/n.sock")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("folder /nonexistent/dir"), "{e}");
+    }
+}
