@@ -180,6 +180,7 @@ pub struct RingLoop<T: RingTransport> {
     log: Logger,
     guest_errors: RateLimit,
     copy: SlotCopy,
+    poll: std::time::Duration,
 }
 
 fn new_uring(entries: u32) -> io::Result<IoUring> {
@@ -246,7 +247,14 @@ impl<T: RingTransport> RingLoop<T> {
             log,
             guest_errors: RateLimit::new(10, std::time::Duration::from_secs(5)),
             copy: SlotCopy::default(),
+            poll: std::time::Duration::ZERO,
         })
+    }
+
+    /// Polls the ring for up to `poll` before sleeping (see `VbdOptions::poll_us`).
+    pub fn with_poll(mut self, poll: std::time::Duration) -> Self {
+        self.poll = poll;
+        self
     }
 
     fn push_sqe(&mut self, e: &squeue::Entry) -> io::Result<()> {
@@ -308,6 +316,11 @@ impl<T: RingTransport> RingLoop<T> {
             }
             self.publish()?;
             let mut wait = !more;
+            if wait && self.can_pop() && self.in_flight == 0 && !self.poll.is_zero() {
+                // Busy-poll before re-arming req_event: a frontend that publishes within the
+                // window needs neither a kick nor a wake-up.
+                wait = !self.poll_ring();
+            }
             if wait && self.can_pop() {
                 // About to sleep: re-arm req_event and look once more.
                 match self.t.parts().0.final_check() {
@@ -333,6 +346,21 @@ impl<T: RingTransport> RingLoop<T> {
                 Err(e) => return Err(e),
             }
             self.reap()?;
+        }
+    }
+
+    /// Spins until the ring has requests (true), or the poll window or a control event ends.
+    fn poll_ring(&mut self) -> bool {
+        let start = Instant::now();
+        loop {
+            match self.t.parts().0.pending() {
+                Ok(0) => {}
+                Ok(_) | Err(_) => return true,
+            }
+            if start.elapsed() >= self.poll || self.ctl.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 

@@ -284,10 +284,13 @@ impl Vbd {
                 max_ring_order: opts.max_ring_order,
                 ..AttachLimits::default()
             };
+            let poll = Duration::from_micros(u64::from(opts.poll_us.min(10_000)));
             std::thread::Builder::new()
                 .name(format!("vbd{minor}-accept"))
                 .spawn(move || {
-                    accept_loop(listener, limits, disk, shared, rings, ring_stats, stop, log)
+                    accept_loop(
+                        listener, limits, poll, disk, shared, rings, ring_stats, stop, log,
+                    )
                 })?
         };
         let gate = Arc::new(Gate::default());
@@ -514,6 +517,7 @@ impl Drop for Vbd {
 fn accept_loop(
     listener: UnixListener,
     limits: AttachLimits,
+    poll: Duration,
     disk: DiskInfo,
     shared: Arc<VbdShared>,
     rings: Arc<Mutex<Vec<RingHandle>>>,
@@ -551,7 +555,7 @@ fn accept_loop(
                 info!(rlog, "ring attached"; "abi" => be.abi.name(), "ring_order" => be.ring_order,
                   "slots" => be.ring.size(), "mem_pages" => be.grants.pages());
                 let exit = match RingLoop::new(be, disk, shared2, ctl2, stats2, rlog.clone()) {
-                    Ok(l) => l.run(),
+                    Ok(l) => l.with_poll(poll).run(),
                     Err(e) => RingExit::Fatal(e),
                 };
                 info!(rlog, "ring detached"; "why" => ?exit);

@@ -25,6 +25,9 @@ pub struct VbdOptions {
     pub max_segments: u8,
     /// Also export the disk over NBD: `unix:PATH` or `tcp:ADDR:PORT`.
     pub nbd: Option<String>,
+    /// Before a ring loop sleeps, it polls the ring for this many microseconds (0: never).
+    /// Trades CPU for latency under dense load, like QEMU's iothread `poll-max-ns`.
+    pub poll_us: u32,
 }
 
 impl Default for VbdOptions {
@@ -35,6 +38,7 @@ impl Default for VbdOptions {
             max_ring_order: 8,
             max_segments: 11,
             nbd: None,
+            poll_us: 0,
         }
     }
 }

@@ -81,6 +81,11 @@ pub struct DiskArgs {
     /// Port 0 picks a free port; 'tap-ctl list' shows which.
     #[arg(verbatim_doc_comment, long, value_name = "ADDRESS")]
     pub nbd: Option<String>,
+    /// Before sleeping, each ring loop polls its ring for up to US microseconds (0..=10000)
+    ///
+    /// Trades CPU for latency under dense load; 0 (the default) never polls.
+    #[arg(verbatim_doc_comment, long, value_name = "US", default_value_t = 0)]
+    pub poll_us: u32,
 }
 
 /// A validated [`DiskArgs`]: what goes into an `open` command.
@@ -108,6 +113,12 @@ impl DiskArgs {
                 self.max_segments
             );
         }
+        if self.poll_us > 10_000 {
+            bail!(
+                "poll time {} µs is out of range: --poll-us takes 0..=10000",
+                self.poll_us
+            );
+        }
         let nbd = self.nbd.as_deref().map(validate_nbd).transpose()?;
         Ok(Disk {
             image,
@@ -118,6 +129,7 @@ impl DiskArgs {
                 max_ring_order: self.ring_order as u8,
                 max_segments: self.max_segments as u8,
                 nbd,
+                poll_us: self.poll_us,
             },
         })
     }
@@ -179,6 +191,7 @@ mod tests {
             max_segments: MAX_SEGMENTS,
             direct: Direct::Auto,
             nbd: None,
+            poll_us: 0,
         }
     }
 
@@ -202,6 +215,7 @@ mod tests {
                 max_ring_order: 0,
                 max_segments: 1,
                 nbd: Some("tcp:127.0.0.1:0".into()),
+                poll_us: 0,
             }
         );
         assert_eq!(

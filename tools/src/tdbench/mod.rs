@@ -1,0 +1,132 @@
+//! td-bench: the benchmark and verification frontend of tapdisk-rs.
+//!
+//! It drives a VBD over the local transport with [`blkif::local::LocalFrontend`], either an
+//! existing VBD socket or an image served by a private tapdisk it starts for the run
+//! ([`target`]). Three subcommands:
+//!
+//! - `verify` ([`verify`]): random reads, writes, flushes and discards of mixed sizes and
+//!   alignments, every read checked byte for byte against a shadow of the disk ([`shadow`]).
+//! - `run` ([`bench`]): a fio-like load generator reporting IOPS, bandwidth and latency
+//!   percentiles from a log-bucket histogram ([`hist`]).
+//! - `compare` ([`compare`]): fio on the image file, then the same workload through tapdisk.
+
+pub mod bench;
+pub mod compare;
+pub mod hist;
+pub mod shadow;
+pub mod target;
+pub mod util;
+pub mod verify;
+
+use clap::{Parser, Subcommand};
+
+const EXAMPLES: &str = "\
+Examples:
+  td-bench verify                                  # 100000 checked requests, temporary 256M image
+  td-bench verify --image /tmp/d.img --size 64M --requests 20000 --ring-order 4 --abi x86_32
+  td-bench run --rw randread --bs 4k --iodepth 32 --runtime 10s
+  td-bench run --device /run/tapdisk-rs/vbd/tapdev0 --rw write --bs 44k --count 100000 --json
+  td-bench compare --image /var/tmp/d.img --size 1G --rw randread --iodepth 32 --repeat 3
+
+Without --device or --image, td-bench creates a temporary 256M sparse image, serves it with a
+private tapdisk (found via $TAPDISK_RS_TAPDISK, next to td-bench, or on PATH) and removes both
+at the end, also on error or Ctrl-C.";
+
+/// td-bench: verify and benchmark tapdisk-rs through its local blkif transport.
+#[derive(Parser, Debug)]
+#[command(name = "td-bench", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Check data integrity: random mixed IO, every read compared with a shadow of the disk;
+    /// ends with "N passed, M failed" and exits 1 if M > 0.
+    #[command(
+        after_help = "Example:\n  td-bench verify --image /tmp/d.img --size 64M --requests 20000 --seed 7"
+    )]
+    Verify(verify::VerifyArgs),
+    /// Benchmark: keep --iodepth requests in flight; print IOPS, MB/s and latency percentiles.
+    #[command(
+        after_help = "Example:\n  td-bench run --rw randrw --rwmixread 70 --bs 16k --iodepth 64 --ring-order 2 --runtime 30s"
+    )]
+    Run(bench::RunArgs),
+    /// Run the workload with fio on the image file, then through tapdisk, and compare.
+    #[command(
+        after_help = "Example:\n  td-bench compare --image /var/tmp/d.img --size 1G --rw randread --runtime 5s --repeat 3"
+    )]
+    Compare(compare::CompareArgs),
+}
+
+/// Runs td-bench with these arguments. Returns the process exit code; errors are printed as
+/// one line `td-bench: <message>`.
+pub fn main_with(cli: Cli) -> i32 {
+    let res = target::install_signal_handler().and_then(|()| match &cli.command {
+        Cmd::Verify(a) => verify::run(a),
+        Cmd::Run(a) => bench::run(a),
+        Cmd::Compare(a) => compare::run(a),
+    });
+    match res {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(e) => {
+            target::park_if_interrupted();
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("td-bench: {msg}");
+            1
+        }
+    }
+}
+
+/// Parses the process's arguments and runs td-bench; returns the exit code.
+pub fn main() -> i32 {
+    main_with(Cli::parse())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn target_options_parse() {
+        let c = Cli::try_parse_from([
+            "td-bench",
+            "verify",
+            "--image",
+            "/x",
+            "--size",
+            "64M",
+            "--ring-order",
+            "4",
+            "--abi",
+            "x86_32",
+            "--requests",
+            "5",
+        ])
+        .unwrap();
+        let Cmd::Verify(v) = c.command else { panic!() };
+        assert_eq!(v.target.size, Some(64 << 20));
+        assert_eq!(v.target.ring_slots(), 512);
+        assert!(Cli::try_parse_from(["td-bench", "run", "--ring-order", "9"]).is_err());
+        assert!(
+            Cli::try_parse_from(["td-bench", "run", "--device", "/d", "--image", "/i"]).is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["td-bench", "run", "--runtime", "1s", "--count", "5"]).is_err()
+        );
+        let c =
+            Cli::try_parse_from(["td-bench", "compare", "--repeat", "3", "--bs", "16k"]).unwrap();
+        let Cmd::Compare(a) = c.command else { panic!() };
+        assert_eq!((a.repeat, a.workload.bs), (3, 16384));
+    }
+}

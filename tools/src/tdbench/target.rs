@@ -1,0 +1,413 @@
+//! The disk under test: an existing VBD socket, or an image served by a private tapdisk that
+//! td-bench starts in a temporary run directory and shuts down when it is done, also on error
+//! and on SIGINT/SIGTERM/SIGHUP.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use blkif::local::{FrontendConfig, LocalFrontend};
+use blkif::{Abi, DiskInfo};
+use clap::{Args, ValueEnum};
+use tapdisk::control::client::{self, Client};
+use tapdisk::control::proto::{Command, Reply, VbdOptions};
+use tapdisk::control::RunDir;
+use tapdisk::image::DirectIo;
+
+use crate::tdbench::util::{fmt_size, parse_size};
+
+/// Default size of an image td-bench creates.
+pub const DEFAULT_SIZE: u64 = 256 << 20;
+
+/// Ring layout on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AbiArg {
+    /// 64-bit layout (112-byte requests), the native one.
+    #[value(name = "x86_64", alias = "x86_64-abi")]
+    X86_64,
+    /// 32-bit layout (108-byte requests, ids aligned to 4).
+    #[value(name = "x86_32", alias = "x86_32-abi")]
+    X86_32,
+}
+
+impl From<AbiArg> for Abi {
+    fn from(a: AbiArg) -> Abi {
+        match a {
+            AbiArg::X86_64 => Abi::X86_64,
+            AbiArg::X86_32 => Abi::X86_32,
+        }
+    }
+}
+
+/// O_DIRECT policy on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DirectArg {
+    /// O_DIRECT where the file system takes it.
+    Auto,
+    /// O_DIRECT or fail.
+    On,
+    /// Page cache.
+    Off,
+}
+
+impl From<DirectArg> for DirectIo {
+    fn from(d: DirectArg) -> DirectIo {
+        match d {
+            DirectArg::Auto => DirectIo::Auto,
+            DirectArg::On => DirectIo::On,
+            DirectArg::Off => DirectIo::Off,
+        }
+    }
+}
+
+/// Which disk to drive, and how to attach to it.
+#[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Target (default: a private tapdisk on a temporary 256M image)")]
+pub struct TargetArgs {
+    /// An existing VBD socket (e.g. from `tap-ctl create`).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["image", "size"])]
+    pub device: Option<PathBuf>,
+    /// An image file, served by a private tapdisk for this run (created sparse if missing).
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+    /// Size of the image when td-bench creates it [default: 256M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// The ring has 2^N pages.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=8))]
+    pub ring_order: u8,
+    /// Ring layout.
+    #[arg(long, value_enum, default_value_t = AbiArg::X86_64)]
+    pub abi: AbiArg,
+    /// Segments per request (1..=11; the backend may offer fewer).
+    #[arg(long, value_name = "N", default_value_t = 11, value_parser = clap::value_parser!(u8).range(1..=11))]
+    pub max_segments: u8,
+    /// O_DIRECT policy of the private tapdisk.
+    #[arg(long, value_enum, default_value_t = DirectArg::Auto)]
+    pub direct: DirectArg,
+    /// The private tapdisk's ring loops poll for up to US µs before sleeping (0: never).
+    #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10000))]
+    pub poll_us: u32,
+}
+
+impl TargetArgs {
+    /// Slots of the ring these options ask for.
+    pub fn ring_slots(&self) -> u32 {
+        blkif::ring::ring_size(self.abi.into(), 1 << self.ring_order)
+    }
+}
+
+/// A private tapdisk: its temporary folder (run directory, maybe the image) and its pid.
+#[derive(Debug)]
+struct Private {
+    dir: PathBuf,
+    pid: Option<u32>,
+}
+
+/// What must be undone however td-bench ends.
+#[derive(Debug, Default)]
+struct Cleanup {
+    private: Option<Private>,
+    child: Option<u32>,
+}
+
+static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
+    private: None,
+    child: None,
+});
+
+/// Set when a signal arrived: the signal thread is tearing down and will exit the process.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// If td-bench was interrupted, waits for the signal thread to finish the cleanup and exit, so
+/// the failures the teardown causes (a ring gone, fio killed) are not reported as results.
+pub fn park_if_interrupted() {
+    while INTERRUPTED.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn cleanup() -> std::sync::MutexGuard<'static, Cleanup> {
+    CLEANUP.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn pid_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name; a zombie has exited.
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+impl Private {
+    /// Asks the tapdisk to shut down, waits for it (killing it after 5 s), removes the folder.
+    fn teardown(self) {
+        if let Some(pid) = self.pid {
+            let rundir = RunDir(self.dir.join("run"));
+            let asked = Client::connect_pid(&rundir, pid)
+                .and_then(|mut c| c.call(Command::Shutdown))
+                .is_ok();
+            let deadline = Instant::now() + Duration::from_secs(if asked { 5 } else { 0 });
+            while pid_running(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if pid_running(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The number of the signal that arrived (0: none yet).
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    // An atomic store is async-signal-safe.
+    SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+fn stop_child(pid: u32) {
+    use nix::sys::signal::{kill, Signal};
+    let p = nix::unistd::Pid::from_raw(pid as i32);
+    let _ = kill(p, Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while pid_running(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if pid_running(pid) {
+        let _ = kill(p, Signal::SIGKILL);
+    }
+}
+
+/// Catches SIGINT, SIGTERM and SIGHUP and starts a thread that, on any of them, stops a running
+/// fio and the private tapdisk, removes temporary files and exits with 130.
+///
+/// The handler only records the signal; the thread polls for it. (Blocking the signals and
+/// waiting for them instead would leak the blocked mask into tapdisk and fio.)
+pub fn install_signal_handler() -> Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let act = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe) and is a plain
+        // function that lives as long as the process; exec resets it in children.
+        unsafe { sigaction(s, &act) }.with_context(|| format!("catching {s}"))?;
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(|| {
+            let sig = loop {
+                match SIGNAL.load(Ordering::SeqCst) {
+                    0 => std::thread::sleep(Duration::from_millis(20)),
+                    s => break s,
+                }
+            };
+            INTERRUPTED.store(true, Ordering::SeqCst);
+            let mut c = cleanup();
+            if let Some(pid) = c.child.take() {
+                stop_child(pid);
+            }
+            if let Some(p) = c.private.take() {
+                p.teardown();
+            }
+            match Signal::try_from(sig) {
+                Ok(s) => eprintln!("td-bench: interrupted by {s}"),
+                Err(_) => eprintln!("td-bench: interrupted by signal {sig}"),
+            }
+            std::process::exit(130);
+        })?;
+    Ok(())
+}
+
+/// Remembers a child process (fio) to terminate if td-bench is interrupted.
+pub fn register_child(pid: Option<u32>) {
+    cleanup().child = pid;
+}
+
+/// Makes a new private folder under the system temporary folder.
+fn make_temp_dir() -> Result<PathBuf> {
+    let base = std::env::temp_dir();
+    for i in 0..1000u32 {
+        let p = base.join(format!("td-bench-{}-{i}", std::process::id()));
+        match std::fs::create_dir(&p) {
+            Ok(()) => return Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).context(format!("creating a folder in {}", base.display())),
+        }
+    }
+    bail!("cannot create a temporary folder in {}", base.display())
+}
+
+/// Shuts the private tapdisk down when dropped (after the frontend, declared before it).
+#[derive(Debug)]
+struct PrivateGuard;
+
+impl Drop for PrivateGuard {
+    fn drop(&mut self) {
+        let p = cleanup().private.take();
+        if let Some(p) = p {
+            p.teardown();
+        }
+    }
+}
+
+/// An attached disk.
+#[derive(Debug)]
+pub struct Target {
+    /// The frontend. Declared first: dropped (ring detached) before the tapdisk is stopped.
+    pub fe: LocalFrontend,
+    /// The disk as the backend describes it.
+    pub info: DiskInfo,
+    /// Segments per request to use: the smaller of `--max-segments` and the backend's offer.
+    pub max_segments: u8,
+    /// The VBD socket.
+    pub device: PathBuf,
+    /// The image file, when td-bench serves it.
+    pub image: Option<PathBuf>,
+    /// td-bench created the image in this run, so it is known to read as zeroes.
+    pub fresh: bool,
+    /// Words for the header line.
+    pub describe: String,
+    _guard: Option<PrivateGuard>,
+}
+
+fn create_image(path: &Path, size: u64) -> Result<bool> {
+    if path.exists() {
+        return Ok(false);
+    }
+    if size == 0 || size % 512 != 0 {
+        bail!("image size {size} is not a positive multiple of 512 bytes");
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(size)
+        .with_context(|| format!("sizing {} to {}", path.display(), fmt_size(size)))?;
+    Ok(true)
+}
+
+/// Opens the target the options name with `mem_pages` pages of guest memory.
+pub fn open(args: &TargetArgs, mem_pages: u32) -> Result<Target> {
+    let cfg = FrontendConfig {
+        abi: args.abi.into(),
+        ring_order: args.ring_order,
+        mem_pages: mem_pages.max(1),
+    };
+    if let Some(dev) = &args.device {
+        let fe = LocalFrontend::connect(dev, cfg)
+            .with_context(|| format!("attaching to {}", dev.display()))?;
+        let describe = format!("device {}", dev.display());
+        return finish(fe, args, dev.clone(), None, false, describe, None);
+    }
+    let dir = make_temp_dir()?;
+    cleanup().private = Some(Private {
+        dir: dir.clone(),
+        pid: None,
+    });
+    let guard = PrivateGuard;
+    let (path, temporary) = match &args.image {
+        Some(p) => (
+            std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))?,
+            false,
+        ),
+        None => (dir.join("disk.img"), true),
+    };
+    let size = args.size.unwrap_or(DEFAULT_SIZE);
+    let fresh = create_image(&path, size)?;
+    if !fresh
+        && args
+            .size
+            .is_some_and(|s| std::fs::metadata(&path).map(|m| m.len()).ok() != Some(s))
+    {
+        eprintln!(
+            "td-bench: note: {} exists; using it at its own size (--size ignored)",
+            path.display()
+        );
+    }
+    let rundir = RunDir(dir.join("run"));
+    let pid = {
+        // Held across the spawn so an interrupt cannot miss the new pid.
+        let mut c = cleanup();
+        let pid = client::spawn(&rundir).context("starting a private tapdisk")?;
+        if let Some(p) = c.private.as_mut() {
+            p.pid = Some(pid);
+        }
+        pid
+    };
+    let options = VbdOptions {
+        direct: args.direct.into(),
+        max_ring_order: 8,
+        max_segments: args.max_segments,
+        poll_us: args.poll_us,
+        ..VbdOptions::default()
+    };
+    let spec = format!("aio:{}", path.display());
+    let reply = Client::connect_pid(&rundir, pid)?
+        .call(Command::Open {
+            minor: None,
+            image: spec.clone(),
+            options,
+        })
+        .with_context(|| format!("opening {spec}"))?;
+    let Reply::Opened { vbd } = reply else {
+        bail!("tapdisk answered the open with {reply:?}");
+    };
+    let device = PathBuf::from(&vbd.device);
+    let fe = LocalFrontend::connect(&device, cfg)
+        .with_context(|| format!("attaching to {}", device.display()))?;
+    let what = if temporary {
+        "temporary image"
+    } else {
+        "image"
+    };
+    let describe = format!("{what} {} via private tapdisk {pid}", path.display());
+    finish(fe, args, device, Some(path), fresh, describe, Some(guard))
+}
+
+fn finish(
+    fe: LocalFrontend,
+    args: &TargetArgs,
+    device: PathBuf,
+    image: Option<PathBuf>,
+    fresh: bool,
+    describe: String,
+    guard: Option<PrivateGuard>,
+) -> Result<Target> {
+    let info = *fe.info();
+    if info.sectors == 0 {
+        return Err(anyhow!("the disk is empty"));
+    }
+    let max_segments = args.max_segments.min(info.max_segments).max(1);
+    Ok(Target {
+        fe,
+        info,
+        max_segments,
+        device,
+        image,
+        fresh,
+        describe,
+        _guard: guard,
+    })
+}
+
+/// Turns a frontend wait failure into an error that says what happened.
+pub fn wait_error(e: std::io::Error, in_flight: u32) -> anyhow::Error {
+    park_if_interrupted();
+    anyhow!("tapdisk went away with {in_flight} requests in flight: {e}")
+}
+
+/// How long a request may take before td-bench gives up on the backend.
+pub const STALL: Duration = Duration::from_secs(30);
