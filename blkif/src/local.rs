@@ -22,8 +22,11 @@ use std::time::Duration;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 use crate::mmap::Mapping;
+use crate::protocol::SEGMENTS_PER_INDIRECT_FRAME;
 use crate::protocol::{Abi, GrantRef, Response, Segment, MAX_SLOT, PAGE_SIZE};
-use crate::request::{encode, encode_discard, DiskInfo, Problem};
+use crate::request::{
+    encode, encode_discard, encode_indirect, encode_indirect_page, DiskInfo, Problem,
+};
 use crate::ring::{BackRing, FrontRing};
 use crate::transport::{EventChannel, GrantMapper, MapHandle};
 
@@ -455,6 +458,21 @@ pub enum FrontRequest<'a> {
         /// Segments (at most 11).
         segments: &'a [Segment],
     },
+    /// An indirect read or write: the descriptors of `segments` are written into the guest
+    /// pages `indirect` names (512 per page; grant refs outside guest memory are skipped, so a
+    /// test can name bad ones), then the header is queued.
+    Indirect {
+        /// `BLKIF_OP_READ` or `BLKIF_OP_WRITE` (anything, for hostile tests).
+        op: u8,
+        /// Id echoed in the response.
+        id: u64,
+        /// First sector.
+        sector: u64,
+        /// Pages for the descriptors (at most 8 are named in the request).
+        indirect: &'a [GrantRef],
+        /// Segments (`nr_segments` is their count, truncated to u16).
+        segments: &'a [Segment],
+    },
     /// A discard.
     Discard {
         /// Id echoed in the response.
@@ -631,6 +649,24 @@ impl LocalFrontend {
                 let n = segments.len().min(u8::MAX as usize) as u8;
                 encode(self.abi, op, n, id, sector, segments, &mut bytes)
             }
+            FrontRequest::Indirect {
+                op,
+                id,
+                sector,
+                indirect,
+                segments,
+            } => {
+                let mut page = [0u8; PAGE_SIZE];
+                for (chunk, &g) in segments.chunks(SEGMENTS_PER_INDIRECT_FRAME).zip(indirect) {
+                    if g < self.mem_pages {
+                        page.fill(0);
+                        encode_indirect_page(chunk, &mut page);
+                        self.write_mem(g as usize * PAGE_SIZE, &page);
+                    }
+                }
+                let n = segments.len().min(u16::MAX as usize) as u16;
+                encode_indirect(self.abi, op, n, id, sector, indirect, &mut bytes)
+            }
             FrontRequest::Discard {
                 id,
                 sector,
@@ -741,6 +777,7 @@ mod tests {
         barrier: true,
         discard: true,
         max_segments: 11,
+        max_indirect_segments: 0,
     };
 
     #[test]
