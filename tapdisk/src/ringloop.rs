@@ -182,13 +182,14 @@ impl<T: RingTransport> RingLoop<T> {
         let abi = t.abi();
         let n = t.parts().0.size();
         let seg_cap = disk.segment_capacity();
-        let sched = Sched::new(cfg.sched, n, seg_cap);
+        let mut sched = Sched::new(cfg.sched, n, seg_cap);
         let tags = sched.tags();
         // Room for every engine op (model timers included) and the loop's own polls.
         let entries = (tags * 2 + 8).next_power_of_two().min(32768);
         let mut uring = Uring::new(entries)?;
         let image = vbd.image();
         let engine = make_engine(&mut uring, image.clone(), cfg.model, tags, false)?;
+        sched.set_engine_limit(engine.max_in_flight());
         let max_batch = if cfg.max_batch == 0 {
             n
         } else {
@@ -348,6 +349,7 @@ impl<T: RingTransport> RingLoop<T> {
                     let tags = self.sched.tags();
                     match make_engine(&mut self.uring, image.clone(), self.cfg.model, tags, true) {
                         Ok(e) => {
+                            self.sched.set_engine_limit(e.max_in_flight());
                             self.engine = e;
                             self.image = image;
                         }

@@ -40,6 +40,11 @@ pub struct SchedConfig {
     pub merge: bool,
     /// Largest merged IO, bytes.
     pub max_merge_bytes: u64,
+    /// Backend IOs in flight at most (0: no limit of our own; the engine may still ask for
+    /// one, see [`Engine::max_in_flight`]). Requests beyond it wait here, where later ones
+    /// can still be sorted and merged with them, as in an elevator in front of a busy disk.
+    /// (A request too large for one IO may go over it by its extra parts.)
+    pub max_ios: u32,
 }
 
 impl Default for SchedConfig {
@@ -47,6 +52,7 @@ impl Default for SchedConfig {
         SchedConfig {
             merge: true,
             max_merge_bytes: 1 << 20,
+            max_ios: 0,
         }
     }
 }
@@ -99,6 +105,10 @@ pub struct ReqSlot {
     failed: bool,
     /// Next member of the same merged IO.
     next_member: u32,
+    /// Arrival order (ring order), to keep `pending` sorted by it.
+    seq: u64,
+    /// Never merge this request again (its merged IO failed; it is retried alone).
+    solo: bool,
 }
 
 impl ReqSlot {
@@ -129,6 +139,8 @@ impl ReqSlot {
             parts_left: 0,
             failed: false,
             next_member: NONE,
+            seq: 0,
+            solo: false,
         }
     }
 
@@ -238,6 +250,9 @@ pub struct Sched {
     ready: Vec<u32>,
     seen: Vec<Range>,
     done: Done,
+    next_seq: u64,
+    /// Backend IOs in flight at most (0: unlimited): the config's, or the engine's.
+    io_limit: usize,
 }
 
 impl Sched {
@@ -284,7 +299,17 @@ impl Sched {
             ready: Vec::with_capacity(n),
             seen: Vec::with_capacity(n),
             done: Done::with_capacity(n_ios),
+            next_seq: 0,
+            io_limit: cfg.max_ios as usize,
         }
+    }
+
+    /// Takes the engine's wish for a limit on IOs in flight, unless the config sets one.
+    pub fn set_engine_limit(&mut self, limit: Option<u32>) {
+        self.io_limit = match (self.cfg.max_ios, limit) {
+            (0, Some(l)) => l as usize,
+            (c, _) => c as usize,
+        };
     }
 
     /// Engine tags this scheduler uses (`0..tags()`).
@@ -324,6 +349,9 @@ impl Sched {
         slot.failed = false;
         slot.parts_left = 0;
         slot.next_member = NONE;
+        slot.seq = self.next_seq;
+        slot.solo = false;
+        self.next_seq += 1;
         self.pending.push(s);
     }
 
@@ -402,6 +430,9 @@ impl Sched {
         if self.pending.is_empty() || self.ordering {
             return Ok(());
         }
+        if self.io_limit > 0 && self.active.len() >= self.io_limit {
+            return Ok(());
+        }
         self.ready.clear();
         self.seen.clear();
         let mut seen_modifying = 0usize;
@@ -446,6 +477,9 @@ impl Sched {
         }
         let mut k = 0;
         while k < self.ready.len() {
+            if self.io_limit > 0 && self.active.len() >= self.io_limit {
+                break;
+            }
             let n = self.group_len(k);
             if n > 1 {
                 self.submit_merged(k, n, ring, eng, stats, now)?;
@@ -454,6 +488,16 @@ impl Sched {
                 self.submit_single(s, ring, eng, stats, now)?;
             }
             k += n;
+        }
+        if k < self.ready.len() {
+            // Over the IO limit: the rest waits, back in ring order.
+            for j in k..self.ready.len() {
+                let s = self.ready[j];
+                self.pending.push(s);
+            }
+            let slots = &self.slots;
+            self.pending
+                .sort_unstable_by_key(|&s| slots[s as usize].seq);
         }
         if let Some(s) = start_ordering {
             self.ordering = true;
@@ -483,7 +527,7 @@ impl Sched {
             return 1;
         }
         let first = &self.slots[self.ready[k] as usize];
-        if !matches!(first.req.op, Operation::Read | Operation::Write) {
+        if first.solo || !matches!(first.req.op, Operation::Read | Operation::Write) {
             return 1;
         }
         let (op, mut end) = (first.req.op, first.end());
@@ -496,7 +540,8 @@ impl Sched {
         while let Some(&s) = self.ready.get(k + n) {
             let r = &self.slots[s as usize];
             let b = r.req.nr_sectors * SECTOR_SIZE;
-            if r.req.op != op
+            if r.solo
+                || r.req.op != op
                 || r.req.sector != end
                 || bytes + b > self.cfg.max_merge_bytes
                 || iovs + r.n_iov > IOV_MAX
@@ -772,22 +817,21 @@ impl Sched {
             IoKind::Merged { first, .. } => {
                 let mut s = first;
                 if res < 0 {
-                    // Find out which requests fail: retry each alone.
+                    // Find out which requests fail: each goes back to wait, to be retried
+                    // alone, in ring order with the rest.
                     stats.sched.merge_retries.add(1);
                     while s != NONE {
-                        let next = self.slots[s as usize].next_member;
-                        let op = if self.slots[s as usize].req.op == Operation::Read {
-                            IoOp::Read
-                        } else {
-                            IoOp::Write
-                        };
-                        let (a, b) = (self.slots[s as usize].start(), self.slots[s as usize].end());
-                        let t = self
-                            .alloc_io(IoKind::Single(s), op, a, b)
-                            .ok_or_else(|| io::Error::other("no free IO slot"))?;
-                        self.submit_io(t, ring, eng, stats)?;
+                        let slot = &mut self.slots[s as usize];
+                        let next = slot.next_member;
+                        slot.solo = true;
+                        slot.stage = Stage::Pending;
+                        slot.parts_left = 0;
+                        self.pending.push(s);
                         s = next;
                     }
+                    let slots = &self.slots;
+                    self.pending
+                        .sort_unstable_by_key(|&s| slots[s as usize].seq);
                 } else {
                     while s != NONE {
                         let next = self.slots[s as usize].next_member;
@@ -835,6 +879,7 @@ mod tests {
         flushing: bool,
         violations: Vec<String>,
         merged_seen: usize,
+        max_seen: usize,
     }
 
     impl MemEngine {
@@ -915,6 +960,7 @@ mod tests {
                 }
             }
             self.in_flight.push(io);
+            self.max_seen = self.max_seen.max(self.in_flight.len());
             Ok(())
         }
         fn complete(&mut self, _: &mut Uring, _: u64, _: i32, _: &mut Done) -> io::Result<()> {
@@ -965,12 +1011,14 @@ mod tests {
         merge: bool,
         batch: usize,
         picks: &[u16],
+        max_ios: u32,
     ) -> (Vec<(i16, Vec<u8>)>, MemEngine, u64) {
         let slots = 16u32;
         let mut sched = Sched::new(
             SchedConfig {
                 merge,
                 max_merge_bytes: 16 * 512,
+                max_ios,
             },
             slots,
             11,
@@ -982,6 +1030,7 @@ mod tests {
             flushing: false,
             violations: Vec::new(),
             merged_seen: 0,
+            max_seen: 0,
         };
         let mut ring = Uring::new(8).unwrap();
         let stats = RingStats::default();
@@ -1129,12 +1178,16 @@ mod tests {
             merge in any::<bool>(),
             batch in 1usize..16,
             picks in proptest::collection::vec(any::<u16>(), 0..400),
+            max_ios in 0u32..3,
         ) {
             let mut bad = vec![false; SECTORS as usize];
             for b in bad_at {
                 bad[b as usize] = true;
             }
-            let (got, eng, _) = run_sched(&reqs, &bad, merge, batch, &picks);
+            let (got, eng, _) = run_sched(&reqs, &bad, merge, batch, &picks, max_ios);
+            if max_ios > 0 {
+                prop_assert!(eng.max_seen <= max_ios as usize, "{} IOs in flight", eng.max_seen);
+            }
             prop_assert!(eng.violations.is_empty(), "{:?}", eng.violations);
             let want = reference(&reqs, &bad);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -1158,7 +1211,7 @@ mod tests {
             .collect();
         let mut bad = vec![false; SECTORS as usize];
         bad[21] = true;
-        let (got, eng, ios) = run_sched(&reqs, &bad, true, 16, &[0; 64]);
+        let (got, eng, ios) = run_sched(&reqs, &bad, true, 16, &[0; 64], 0);
         assert!(eng.violations.is_empty());
         assert!(eng.merged_seen > 0, "contiguous writes were not merged");
         for (i, g) in got.iter().enumerate() {
@@ -1167,7 +1220,7 @@ mod tests {
         }
         // Merged into 16-sector IOs: 4 of them, and the failed one retried as 4 singles.
         assert_eq!(ios, 4 + 4);
-        let (_, _, ios) = run_sched(&reqs, &[false; 64], false, 16, &[0; 64]);
+        let (_, _, ios) = run_sched(&reqs, &[false; 64], false, 16, &[0; 64], 0);
         assert_eq!(ios, 16, "without merging each request is an IO");
     }
 }

@@ -287,6 +287,7 @@ impl Vbd {
             sched: SchedConfig {
                 merge: opts.merge,
                 max_merge_bytes: u64::from(opts.max_merge_kb) * 1024,
+                max_ios: opts.max_ios,
             },
             max_batch: opts.max_batch,
             batch_wait: Duration::from_micros(u64::from(opts.batch_wait_us)),

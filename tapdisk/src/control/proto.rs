@@ -32,6 +32,8 @@ pub struct VbdOptions {
     pub max_merge_kb: u32,
     /// Requests taken from a ring per batch (0: the ring size).
     pub max_batch: u32,
+    /// Backend IOs in flight per ring at most (0: no limit unless the engine asks for one).
+    pub max_ios: u32,
     /// Wait up to this many µs for a batch to fill before dispatching it (0: never).
     pub batch_wait_us: u32,
     /// Record a trace of up to this many requests per ring (0: off).
@@ -56,6 +58,7 @@ impl Default for VbdOptions {
             merge: true,
             max_merge_kb: 1024,
             max_batch: 0,
+            max_ios: 0,
             batch_wait_us: 0,
             trace: 0,
             model: None,

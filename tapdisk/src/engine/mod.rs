@@ -174,4 +174,11 @@ pub trait Engine {
 
     /// A short name for logs and stats ("aio", "model disk over aio").
     fn describe(&self) -> String;
+
+    /// How many IOs this engine wants in flight at most (None: as many as it gets). A
+    /// device that serves one IO at a time says so, and the scheduler keeps the rest, where
+    /// they can still be sorted and merged.
+    fn max_in_flight(&self) -> Option<u32> {
+        None
+    }
 }

@@ -225,6 +225,11 @@ impl Engine for ModelDisk {
     fn describe(&self) -> String {
         format!("{} over {}", self.params, self.inner.describe())
     }
+
+    fn max_in_flight(&self) -> Option<u32> {
+        // One spindle: the next IO is chosen when this one finishes.
+        Some(1)
+    }
 }
 
 #[cfg(test)]

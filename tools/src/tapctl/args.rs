@@ -100,6 +100,10 @@ pub struct DiskArgs {
     /// Requests taken from a ring at a time (0: the whole ring)
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_batch: u32,
+    /// Backend IOs in flight per ring at most (0: unlimited); the rest wait in the scheduler,
+    /// where later requests can still be sorted and merged with them
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_ios: u32,
     /// Wait up to US microseconds for a batch to fill before starting its IO (0..=1000000)
     ///
     /// More requests per batch means more to merge, at the cost of latency; 0 never waits.
@@ -190,6 +194,7 @@ impl DiskArgs {
                 merge: !self.no_merge,
                 max_merge_kb: self.max_merge_kb,
                 max_batch: self.max_batch,
+                max_ios: self.max_ios,
                 batch_wait_us: self.batch_wait_us,
                 trace: self.trace,
                 model,
@@ -261,6 +266,7 @@ mod tests {
             no_merge: false,
             max_merge_kb: 1024,
             max_batch: 0,
+            max_ios: 0,
             batch_wait_us: 0,
             trace: 0,
             model_disk: None,

@@ -153,7 +153,8 @@ pub fn fio_args(w: &Workload, file: &Path, direct: bool) -> Vec<String> {
     a
 }
 
-fn run_fio(fio: &str, args: &[String]) -> Result<Figures> {
+/// Runs fio with `args` (JSON output) and returns its figures.
+pub fn run_fio_figures(fio: &str, args: &[String]) -> Result<Figures> {
     let child = Command::new(fio)
         .args(args)
         .stdin(Stdio::null())
@@ -247,7 +248,7 @@ pub fn run(args: &CompareArgs) -> Result<bool> {
     let (mut fio_runs, mut td_runs) = (Vec::new(), Vec::new());
     let mut errors = 0;
     for i in 1..=args.repeat {
-        let f = run_fio(&args.fio, &fio_args)?;
+        let f = run_fio_figures(&args.fio, &fio_args)?;
         let r = bench::measure(&mut t.fe, t.info.sectors, &t.shape, &w, None)?;
         errors += r.errors;
         let tf = Figures::from(&r);
