@@ -497,10 +497,17 @@ pub struct LocalFrontend {
     kick: OwnedFd,
     notify: OwnedFd,
     sock: UnixStream,
+    spin: Duration,
     _ring_map: Mapping,
 }
 
 impl LocalFrontend {
+    /// Busy-polls the ring for up to `spin` in [`LocalFrontend::wait`] before sleeping:
+    /// lower latency for a CPU (0, the default, never spins).
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.spin = spin;
+    }
+
     /// Connects to a VBD's local-transport socket and attaches a new ring.
     pub fn connect(path: &Path, cfg: FrontendConfig) -> Result<LocalFrontend, AttachError> {
         let sock = UnixStream::connect(path).map_err(|e| {
@@ -555,6 +562,7 @@ impl LocalFrontend {
             kick,
             notify,
             sock,
+            spin: Duration::ZERO,
             _ring_map: ring_map,
         })
     }
@@ -710,6 +718,15 @@ impl LocalFrontend {
     /// drops the ring (an error).
     pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        if !self.spin.is_zero() {
+            let until = std::time::Instant::now() + self.spin;
+            while std::time::Instant::now() < until {
+                if self.ring.has_responses() {
+                    return Ok(true);
+                }
+                std::hint::spin_loop();
+            }
+        }
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
             if self.ring.final_check() {

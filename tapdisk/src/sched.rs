@@ -122,15 +122,8 @@ impl ReqSlot {
                 nr_sectors: 0,
                 nr_segments: 0,
             },
-            segs: vec![Segment::default(); seg_cap].into_boxed_slice(),
-            iov: vec![
-                libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0,
-                };
-                seg_cap
-            ]
-            .into_boxed_slice(),
+            segs: zeroed_segments(seg_cap),
+            iov: zeroed_iovecs(seg_cap),
             n_iov: 0,
             map: MapHandle::default(),
             stage: Stage::Idle,
@@ -185,6 +178,23 @@ impl ReqSlot {
 }
 
 const NONE: u32 = u32::MAX;
+
+// Per-slot arrays are sized for the largest request the ring may carry (4096 segments with
+// indirect requests: 96 KiB per slot). Zeroed allocations come from fresh pages the kernel
+// maps on first touch, so a ring only pays for the slots and sizes it actually uses.
+
+/// `n` all-zero segments.
+pub fn zeroed_segments(n: usize) -> Box<[Segment]> {
+    // SAFETY: `Segment` is plain integers; all-zero bytes are a valid value.
+    unsafe { Box::<[Segment]>::new_zeroed_slice(n).assume_init() }
+}
+
+/// `n` all-zero iovecs.
+pub fn zeroed_iovecs(n: usize) -> Box<[libc::iovec]> {
+    // SAFETY: an iovec is a raw pointer and a length; all-zero bytes are a valid value (a
+    // null pointer, length 0).
+    unsafe { Box::<[libc::iovec]>::new_zeroed_slice(n).assume_init() }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum IoKind {

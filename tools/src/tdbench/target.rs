@@ -91,6 +91,9 @@ pub struct TargetArgs {
     /// The private tapdisk's ring loops poll for up to US µs before sleeping (0: never).
     #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10000))]
     pub poll_us: u32,
+    /// The frontend busy-polls for responses up to US µs before sleeping (0: never).
+    #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10000))]
+    pub spin_us: u32,
     /// Use indirect requests of up to N segments (0: direct requests of --max-segments only;
     /// the backend may offer fewer). 256 = 1 MiB per request, 4096 = 16 MiB.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=4096))]
@@ -546,6 +549,8 @@ fn finish(
     if info.sectors == 0 {
         return Err(anyhow!("the disk is empty"));
     }
+    let mut fe = fe;
+    fe.set_spin(Duration::from_micros(u64::from(args.spin_us)));
     let max_segments = args.max_segments.min(info.max_segments).max(1);
     let shape = ReqShape {
         max_segments,

@@ -86,6 +86,10 @@ pub struct ThesisArgs {
     /// X_US,Y_NS_PER_KB,SEEK_US.
     #[arg(long, value_name = "PARAMS", default_value = "default", value_parser = |s: &str| s.parse::<ModelParams>())]
     pub model: ModelParams,
+    /// Also measure the added time of a 4 KB write with tapdisk polling its ring and the
+    /// frontend polling for responses for up to US µs (needs two otherwise idle cores).
+    #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10000))]
+    pub poll_us: u32,
     /// fio binary, for the physical-disk line of Figure 3.1.
     #[arg(long, value_name = "PATH", default_value = "fio")]
     pub fio: String,
@@ -114,6 +118,8 @@ struct Config {
     ring_order: u8,
     indirect: u16,
     merge: bool,
+    /// tapdisk polls its ring, and the frontend polls for responses, this long (µs).
+    poll_us: u32,
 }
 
 const THESIS_SETUP: Config = Config {
@@ -121,6 +127,7 @@ const THESIS_SETUP: Config = Config {
     ring_order: 0,
     indirect: 0,
     merge: false,
+    poll_us: 0,
 };
 
 fn targs(disk: &Disk, c: Config) -> TargetArgs {
@@ -132,7 +139,8 @@ fn targs(disk: &Disk, c: Config) -> TargetArgs {
         abi: AbiArg::X86_64,
         max_segments: 11,
         direct: DirectArg::Auto,
-        poll_us: 0,
+        poll_us: c.poll_us,
+        spin_us: c.poll_us,
         indirect_segments: c.indirect,
         no_merge: !c.merge,
         max_merge_kb: 16384,
@@ -185,6 +193,29 @@ struct DirectRow {
     reqs_per_io: f64,
     backend_ios_per_io: f64,
     mb_s: f64,
+    /// Medians per ring request, µs: frontend publish to ring pop, pop to scheduler, scheduler
+    /// to IO submit, IO complete to response push, push to the frontend seeing it.
+    stages: [f64; 5],
+}
+
+/// Per-request stage medians (see `DirectRow::stages`).
+fn stage_medians(stamps: &Stamps, trace: &[RingTrace]) -> [f64; 5] {
+    let recs: HashMap<u64, &ReqRecord> = trace
+        .iter()
+        .flat_map(|r| r.requests.iter())
+        .map(|q| (q.id, q))
+        .collect();
+    let mut v: [Vec<f64>; 5] = Default::default();
+    for &(id, pushed, seen) in stamps {
+        let Some(q) = recs.get(&id) else { continue };
+        let d = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1000.0;
+        v[0].push(d(pushed, q.pop));
+        v[1].push(d(q.pop, q.sched));
+        v[2].push(d(q.sched, q.submit));
+        v[3].push(d(q.complete, q.push));
+        v[4].push(d(q.push, seen));
+    }
+    v.map(median)
 }
 
 fn direct_writes(disk: &Disk, c: Config, bs: u64, count: u64) -> Result<DirectRow> {
@@ -216,6 +247,7 @@ fn direct_writes(disk: &Disk, c: Config, bs: u64, count: u64) -> Result<DirectRo
         reqs_per_io: f64::from(r.ring_requests_per_io),
         backend_ios_per_io: sched_figure(&stats, "backend_ios") / r.ios as f64,
         mb_s: r.mb_s,
+        stages: stage_medians(&stamps, &trace),
     })
 }
 
@@ -309,22 +341,25 @@ const DIRECT_CONFIGS: [Config; 4] = [
         ring_order: 0,
         indirect: 22,
         merge: false,
+        poll_us: 0,
     },
     Config {
         name: "704 KB requests (indirect, 176 segments)",
         ring_order: 0,
         indirect: 176,
         merge: false,
+        poll_us: 0,
     },
     Config {
         name: "11 segments, merging scheduler",
         ring_order: 0,
         indirect: 0,
         merge: true,
+        poll_us: 0,
     },
 ];
 
-fn table_3_2(disk: &Disk, count: u64) -> Result<Vec<Vec<DirectRow>>> {
+fn table_3_2(disk: &Disk, count: u64, poll_us: u32) -> Result<Vec<Vec<DirectRow>>> {
     println!();
     println!(
         "Tables 3.1-3.4: direct writes (dd oflag=direct, one at a time, sequential), {count} per \
@@ -387,6 +422,31 @@ fn table_3_2(disk: &Disk, count: u64) -> Result<Vec<Vec<DirectRow>>> {
         }
         println!();
     }
+    for (c, rows) in DIRECT_CONFIGS.iter().zip(&all) {
+        let st = rows[0].stages;
+        println!(
+            "  added time of a 4 KB write, {}: {:.1} µs = ring in {:.1} + validate and map {:.1} \
+             + schedule {:.1} + respond {:.1} + ring out {:.1} (medians per request, µs)",
+            c.name, rows[0].added_us, st[0], st[1], st[2], st[3], st[4]
+        );
+    }
+    // The two wake-ups (tapdisk woken by the frontend's kick, the frontend by tapdisk's
+    // notification) dominate; polling on both sides removes them, given two idle cores.
+    if poll_us == 0 {
+        return Ok(all);
+    }
+    let polled = Config {
+        name: "11 segments, both sides polling",
+        poll_us,
+        ..THESIS_SETUP
+    };
+    let r = direct_writes(disk, polled, 4096, count)?;
+    let st = r.stages;
+    println!(
+        "  added time of a 4 KB write, {} {poll_us} µs: {:.1} µs = ring in {:.1} + validate and \
+         map {:.1} + schedule {:.1} + respond {:.1} + ring out {:.1}",
+        polled.name, r.added_us, st[0], st[1], st[2], st[3], st[4]
+    );
     Ok(all)
 }
 
@@ -422,6 +482,7 @@ fn table_3_5(disk: &Disk) -> Result<Vec<BufferedRow>> {
             ring_order: order,
             indirect: 0,
             merge: true,
+            poll_us: 0,
         };
         let r = buffered(disk, c, &writes)?;
         let mut counts: Vec<(u32, usize)> = Vec::new();
@@ -750,7 +811,7 @@ pub fn run(args: &ThesisArgs) -> Result<bool> {
             args.count
         };
         if what(Experiment::Table32) {
-            table_3_2(d, n)?;
+            table_3_2(d, n, args.poll_us)?;
         }
         if what(Experiment::Table35) {
             table_3_5(d)?;
