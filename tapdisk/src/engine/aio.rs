@@ -84,10 +84,10 @@ impl AioEngine {
         if let Some((_, align)) = self.image.direct_fd() {
             let a = u64::from(align);
             let off = t.io.offset + t.done_bytes;
-            let aligned = off % a == 0
-                && self.iovs(t)[t.iov_start as usize..]
-                    .iter()
-                    .all(|v| v.iov_base as u64 % a == 0 && v.iov_len as u64 % a == 0);
+            let aligned = off.is_multiple_of(a)
+                && self.iovs(t)[t.iov_start as usize..].iter().all(|v| {
+                    (v.iov_base as u64).is_multiple_of(a) && (v.iov_len as u64).is_multiple_of(a)
+                });
             if aligned {
                 return types::Fixed(FILE_DIRECT);
             }

@@ -132,7 +132,7 @@ pub const MAX_IODEPTH: u32 = 4096;
 impl Workload {
     /// Fills in defaults and checks the workload against the disk.
     pub fn resolve(w: &WorkloadArgs, disk_bytes: u64) -> Result<Workload> {
-        if w.bs == 0 || w.bs % 512 != 0 {
+        if w.bs == 0 || !w.bs.is_multiple_of(512) {
             bail!("--bs {} is not a positive multiple of 512", w.bs);
         }
         if w.bs > MAX_BS {
@@ -478,7 +478,7 @@ pub fn measure(
                 continue;
             }
             free.push(s);
-            let measured = t0.is_some_and(|t| issued_at[s] >= t) && end.map_or(true, |e| done <= e);
+            let measured = t0.is_some_and(|t| issued_at[s] >= t) && end.is_none_or(|e| done <= e);
             if measured {
                 let lat = done.duration_since(issued_at[s]).as_nanos() as u64;
                 if is_read[s] {

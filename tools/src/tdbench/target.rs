@@ -423,7 +423,7 @@ fn create_image(path: &Path, size: u64) -> Result<bool> {
     if path.exists() {
         return Ok(false);
     }
-    if size == 0 || size % 512 != 0 {
+    if size == 0 || !size.is_multiple_of(512) {
         bail!("image size {size} is not a positive multiple of 512 bytes");
     }
     let f = std::fs::OpenOptions::new()
