@@ -88,6 +88,19 @@ pub struct RunArgs {
     /// Print the result as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Trace every request (up to N; see --trace-size) and write a Chrome trace-event JSON
+    /// to FILE (open it in https://ui.perfetto.dev): the frontend's stamps and tapdisk's
+    /// stages, per request. Needs a private tapdisk (not --device).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<std::path::PathBuf>,
+    /// Requests the trace has room for (per ring).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1_000_000,
+        requires = "trace"
+    )]
+    pub trace_size: u32,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub workload: WorkloadArgs,
@@ -542,6 +555,34 @@ pub fn print_text(r: &BenchResult) {
     );
 }
 
+/// Joins tapdisk's trace of `t` with the frontend's `stamps` and writes Chrome JSON to `path`.
+pub fn write_trace(t: &Target, path: &std::path::Path, stamps: &Stamps) -> Result<()> {
+    let rings = t.trace()?;
+    let front: std::collections::HashMap<u64, tapdisk::trace::FrontStamps> = stamps
+        .iter()
+        .map(|&(id, submit, seen)| (id, tapdisk::trace::FrontStamps { submit, seen }))
+        .collect();
+    let minor = 0;
+    let f = std::fs::File::create(path)
+        .map_err(|e| anyhow!("cannot create {}: {e}", path.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    tapdisk::trace::write_chrome(&mut w, minor, &rings, &|_, q| front.get(&q.id).copied())?;
+    use std::io::Write;
+    w.flush()?;
+    let n: usize = rings.iter().map(|r| r.requests.len()).sum();
+    let dropped: u64 = rings.iter().map(|r| r.dropped).sum();
+    eprintln!(
+        "td-bench: wrote a trace of {n} requests to {}{}",
+        path.display(),
+        if dropped > 0 {
+            format!(" ({dropped} more did not fit: raise --trace-size)")
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
 /// Opens the target and resolves the workload against it.
 pub fn prepare(w: &WorkloadArgs, t: &TargetArgs) -> Result<(Target, Workload)> {
     // Check what does not depend on the disk before starting anything.
@@ -553,7 +594,18 @@ pub fn prepare(w: &WorkloadArgs, t: &TargetArgs) -> Result<(Target, Workload)> {
 
 /// Runs `td-bench run`. Returns whether every request succeeded.
 pub fn run(args: &RunArgs) -> Result<bool> {
-    let (mut t, w) = prepare(&args.workload, &args.target)?;
+    let (mut t, w) = if args.trace.is_some() {
+        let work = Workload::resolve(&args.workload, u64::MAX)?;
+        let t = target::open_traced(
+            &args.target,
+            work.mem_pages(&args.target.shape()),
+            args.trace_size,
+        )?;
+        let work = Workload::resolve(&args.workload, t.info.sectors * 512)?;
+        (t, work)
+    } else {
+        prepare(&args.workload, &args.target)?
+    };
     if !args.json {
         eprintln!(
             "td-bench run: {} on {}; ring {} slots {}",
@@ -563,7 +615,11 @@ pub fn run(args: &RunArgs) -> Result<bool> {
             t.fe.abi().name()
         );
     }
-    let r = measure(&mut t.fe, t.info.sectors, &t.shape, &w, None)?;
+    let mut stamps = args.trace.as_ref().map(|_| Stamps::new());
+    let r = measure(&mut t.fe, t.info.sectors, &t.shape, &w, stamps.as_mut())?;
+    if let (Some(path), Some(stamps)) = (&args.trace, &stamps) {
+        write_trace(&t, path, stamps)?;
+    }
     drop(t);
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
