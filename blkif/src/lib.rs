@@ -10,12 +10,14 @@
 //! - [`local`]: the local transport (memfd + eventfd over a unix socket) and a frontend that
 //!   tests, benchmarks and fuzzers use to drive a backend, hostile requests included.
 
+pub mod early;
 pub mod local;
 pub mod mmap;
 pub mod protocol;
 pub mod request;
 pub mod ring;
 pub mod transport;
+pub mod uffd;
 
 pub use protocol::{Abi, Response, Segment};
 pub use request::{DiskInfo, Operation, Problem, Rejection, Request};

@@ -30,6 +30,22 @@ use crate::request::{
 use crate::ring::{BackRing, FrontRing};
 use crate::transport::{EventChannel, GrantMapper, MapHandle};
 
+/// `poll(2)` on raw pollfds (nix's wrapper cannot report `POLLRDHUP`). Retries on EINTR;
+/// returns how many descriptors have events.
+pub(crate) fn poll_raw(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    loop {
+        // SAFETY: `fds` is a live, writable array of `fds.len()` pollfds for the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Version of the attach handshake.
 pub const VERSION: u32 = 1;
 const MAX_LINE: usize = 4096;
@@ -45,7 +61,59 @@ pub struct AttachRequest {
     pub ring_order: u8,
     /// Pages of guest memory; grant refs are `0..mem_pages`.
     pub mem_pages: u32,
+    /// Early-read mode: a fifth descriptor, a userfaultfd on which the frontend registered its
+    /// mapping of guest memory (at `base` in its address space) for minor faults; the
+    /// frontend unmaps the pages of every read it queues, and the backend maps each page
+    /// (`UFFDIO_CONTINUE`) once its data is in it (see [`crate::uffd`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_read: Option<EarlyReadAttach>,
 }
+
+/// The frontend's side of early-read mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EarlyReadAttach {
+    /// Where guest memory is mapped in the frontend.
+    pub base: u64,
+}
+
+/// What the backend needs to serve early reads on a ring.
+#[derive(Debug)]
+pub struct EarlyReadPort {
+    /// The frontend's userfaultfd.
+    pub uffd: crate::uffd::Uffd,
+    /// Guest memory's address in the frontend.
+    pub base: u64,
+    /// Pages of guest memory.
+    pub pages: u32,
+}
+
+impl EarlyReadPort {
+    /// The frontend address of guest page `page`, if it exists.
+    pub fn page_addr(&self, page: u32) -> Option<u64> {
+        (page < self.pages).then(|| self.base + u64::from(page) * PAGE_SIZE as u64)
+    }
+
+    /// The guest page holding frontend address `addr`, if it is guest memory.
+    pub fn page_of(&self, addr: u64) -> Option<u32> {
+        let off = addr.checked_sub(self.base)?;
+        let p = off / PAGE_SIZE as u64;
+        (p < u64::from(self.pages)).then_some(p as u32)
+    }
+}
+
+/// Response status, to early-read frontends only: the read was answered before all its data
+/// is in; the pages fill in behind (each unmapped until filled), and a completion record
+/// ([`EARLY_READ_DONE`] or [`EARLY_READ_FAILED`]) follows on the socket. The frontend library
+/// hands it to its caller as `BLKIF_RSP_OKAY` and waits for the record in
+/// [`LocalFrontend::finish_read`].
+pub const STATUS_EARLY: i16 = 1;
+
+/// Completion record of an early-answered read whose pages are all filled: `b"ERRD"`, 4 zero
+/// bytes, the request id (little endian).
+pub const EARLY_READ_DONE: &[u8; 4] = b"ERRD";
+/// Completion record of an early-answered read that failed after the answer (its unfilled
+/// pages hold [`crate::early::POISON`]).
+pub const EARLY_READ_FAILED: &[u8; 4] = b"ERRF";
 
 /// The backend's answer.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -309,7 +377,34 @@ pub struct LocalBackend {
     /// The socket: it hangs up when the frontend goes away; dropping it tells the frontend
     /// that the ring is gone.
     pub sock: UnixStream,
+    /// Early-read mode, if the frontend asked for it.
+    pub early_read: Option<EarlyReadPort>,
     _ring_map: Mapping,
+}
+
+impl LocalBackend {
+    /// Sends the completion record of early-answered read `id` (`ok`: every page filled).
+    /// The frontend's watchdog reads the socket all the time; if its buffer were full anyway,
+    /// the frontend would find out by its pages (poisoned, never silently wrong) or by the
+    /// hang-up when the ring goes.
+    pub fn report_early_read_done(&self, id: u64, ok: bool) -> io::Result<()> {
+        let mut m = [0u8; 16];
+        m[..4].copy_from_slice(if ok {
+            EARLY_READ_DONE
+        } else {
+            EARLY_READ_FAILED
+        });
+        m[8..].copy_from_slice(&id.to_le_bytes());
+        let n = nix::sys::socket::send(
+            self.sock.as_raw_fd(),
+            &m,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        )?;
+        if n != m.len() {
+            return Err(io::Error::other("short write of an early-read failure"));
+        }
+        Ok(())
+    }
 }
 
 /// Runs the backend half of the handshake on a freshly accepted socket: validates everything
@@ -330,7 +425,7 @@ pub fn accept(
             send_json(&sock, &reply)?;
             sock.set_read_timeout(None)?;
             sock.set_write_timeout(None)?;
-            let (ring, grants, evtchn, req, ring_map) = parts;
+            let (ring, grants, evtchn, req, ring_map, early_read) = parts;
             Ok(LocalBackend {
                 ring,
                 grants,
@@ -338,6 +433,7 @@ pub fn accept(
                 abi: req.abi,
                 ring_order: req.ring_order,
                 sock,
+                early_read,
                 _ring_map: ring_map,
             })
         }
@@ -352,7 +448,14 @@ pub fn accept(
     }
 }
 
-type Parts = (BackRing, LocalGrants, LocalEvtchn, AttachRequest, Mapping);
+type Parts = (
+    BackRing,
+    LocalGrants,
+    LocalEvtchn,
+    AttachRequest,
+    Mapping,
+    Option<EarlyReadPort>,
+);
 
 fn accept_inner(
     sock: &UnixStream,
@@ -380,9 +483,30 @@ fn accept_inner(
             req.mem_pages, limits.max_mem_pages
         )));
     }
-    let [mem_fd, ring_fd, kick, notify]: [OwnedFd; 4] = fds
-        .try_into()
-        .map_err(|v: Vec<OwnedFd>| proto(format!("expected 4 descriptors, got {}", v.len())))?;
+    let want = if req.early_read.is_some() { 5 } else { 4 };
+    if fds.len() != want {
+        return Err(proto(format!(
+            "expected {want} descriptors, got {}",
+            fds.len()
+        )));
+    }
+    let mut fds = fds.into_iter();
+    let mut next = || fds.next().ok_or_else(|| proto("descriptor missing"));
+    let (mem_fd, ring_fd, kick, notify) = (next()?, next()?, next()?, next()?);
+    let early_read = match req.early_read {
+        Some(e) => {
+            let uffd = crate::uffd::Uffd::from_fd(next()?).map_err(|e| proto(e.to_string()))?;
+            if e.base % PAGE_SIZE as u64 != 0 {
+                return Err(proto("early-read base address is not page aligned"));
+            }
+            Some(EarlyReadPort {
+                uffd,
+                base: e.base,
+                pages: req.mem_pages,
+            })
+        }
+        None => None,
+    };
     check_sealed(mem_fd.as_fd(), "guest memory")?;
     check_sealed(ring_fd.as_fd(), "the ring")?;
     check_eventfd(kick.as_fd(), "the kick descriptor")?;
@@ -411,6 +535,7 @@ fn accept_inner(
         LocalEvtchn { kick, notify },
         req,
         ring_map,
+        early_read,
     ))
 }
 
@@ -432,6 +557,10 @@ pub struct FrontendConfig {
     pub ring_order: u8,
     /// Pages of guest memory to share.
     pub mem_pages: u32,
+    /// Early-read mode: every read's pages are unmapped here until tapdisk has filled them,
+    /// so tapdisk may answer reads early (see [`crate::early`]). Needs userfaultfd with minor
+    /// faults on shmem (Linux 5.13+) and the privilege to use it.
+    pub early_read: bool,
 }
 
 impl Default for FrontendConfig {
@@ -440,6 +569,7 @@ impl Default for FrontendConfig {
             abi: Abi::NATIVE,
             ring_order: 0,
             mem_pages: 1024,
+            early_read: false,
         }
     }
 }
@@ -498,6 +628,7 @@ pub struct LocalFrontend {
     notify: OwnedFd,
     sock: UnixStream,
     spin: Duration,
+    early: Option<crate::early::EarlyFront>,
     _ring_map: Mapping,
 }
 
@@ -524,7 +655,25 @@ impl LocalFrontend {
         let ring_pages = 1usize << cfg.ring_order;
         let mem_fd = new_sealed_memfd(c"blkif-guest-mem", cfg.mem_pages as u64 * PAGE_SIZE as u64)?;
         let ring_fd = new_sealed_memfd(c"blkif-ring", (ring_pages * PAGE_SIZE) as u64)?;
-        let mem = Mapping::map_shared(mem_fd.as_fd(), cfg.mem_pages as usize * PAGE_SIZE)?;
+        let mem_len = cfg.mem_pages as usize * PAGE_SIZE;
+        let mem = if cfg.early_read {
+            // Every page mapped now, so only pages we zap ever fault.
+            Mapping::map_shared_populated(mem_fd.as_fd(), mem_len)?
+        } else {
+            Mapping::map_shared(mem_fd.as_fd(), mem_len)?
+        };
+        let early = if cfg.early_read {
+            let uffd = crate::uffd::Uffd::new_minor_shmem().map_err(|e| {
+                io::Error::new(e.kind(), format!("early-read mode needs userfaultfd: {e}"))
+            })?;
+            // SAFETY: `mem` is our shared memfd mapping; it lives in the frontend as long as
+            // the registration matters (faults on it are resolved by tapdisk or the watchdog).
+            unsafe { uffd.register_minor(mem.ptr().as_ptr(), mem_len)? };
+            let alias = Mapping::map_shared(mem_fd.as_fd(), mem_len)?;
+            Some((uffd, alias))
+        } else {
+            None
+        };
         let ring_map = Mapping::map_shared(ring_fd.as_fd(), ring_pages * PAGE_SIZE)?;
         // SAFETY: `ring_map` is page aligned, `ring_pages` long, and lives in the same struct
         // as the ring, which is declared (and so dropped) first.
@@ -537,15 +686,21 @@ impl LocalFrontend {
             abi: cfg.abi,
             ring_order: cfg.ring_order,
             mem_pages: cfg.mem_pages,
+            early_read: early.as_ref().map(|_| EarlyReadAttach {
+                base: mem.ptr().as_ptr() as u64,
+            }),
         };
         let mut line = serde_json::to_vec(&req).map_err(io::Error::other)?;
         line.push(b'\n');
-        let fds = [
+        let mut fds = vec![
             mem_fd.as_raw_fd(),
             ring_fd.as_raw_fd(),
             kick.as_raw_fd(),
             notify.as_raw_fd(),
         ];
+        if let Some((uffd, _)) = &early {
+            fds.push(uffd.fd());
+        }
         send_line(&sock, &line, &fds)?;
         sock.set_read_timeout(Some(Duration::from_secs(10)))?;
         let (line, _) = recv_line(&sock)?;
@@ -553,6 +708,10 @@ impl LocalFrontend {
         let reply: AttachReply = serde_json::from_slice(&line)
             .map_err(|e| proto(format!("attach reply is not valid JSON: {e}")))?;
         let info = reply.result.map_err(AttachError::Refused)?;
+        let early = match early {
+            Some((uffd, alias)) => Some(crate::early::EarlyFront::start(&mem, alias, uffd, &sock)?),
+            None => None,
+        };
         Ok(LocalFrontend {
             ring,
             abi: cfg.abi,
@@ -563,8 +722,31 @@ impl LocalFrontend {
             notify,
             sock,
             spin: Duration::ZERO,
+            early,
             _ring_map: ring_map,
         })
+    }
+
+    /// Whether early-read mode is on.
+    pub fn early_read(&self) -> bool {
+        self.early.is_some()
+    }
+
+    /// In early-read mode: waits until every page of read `id` (answered already) is filled,
+    /// then says whether its data is good. A thread touching an unfilled page of an answered
+    /// read stalls the same way; this is how a reader learns that the data is complete, or
+    /// that it never will be (tapdisk failed the rest, or went away: the unfilled pages then
+    /// hold [`crate::early::POISON`]). Outside early-read mode, always `Ok`.
+    pub fn finish_read(&self, id: u64) -> Result<(), crate::early::EarlyReadError> {
+        match &self.early {
+            Some(e) => e.finish(id),
+            None => Ok(()),
+        }
+    }
+
+    /// In early-read mode: whether tapdisk went away (the watchdog noticed).
+    pub fn backend_gone(&self) -> bool {
+        self.early.as_ref().is_some_and(|e| e.backend_gone())
     }
 
     /// The disk as the backend described it.
@@ -646,6 +828,21 @@ impl LocalFrontend {
         if self.ring.free() == 0 {
             return false;
         }
+        if let Some(e) = &self.early {
+            // Reads' pages are unmapped here until tapdisk has filled them.
+            let (read, id, segs) = match *req {
+                FrontRequest::Rw {
+                    op, id, segments, ..
+                } => (op == crate::protocol::op::READ, id, segments),
+                FrontRequest::Indirect {
+                    op, id, segments, ..
+                } => (op == crate::protocol::op::READ, id, segments),
+                FrontRequest::Discard { .. } => (false, 0, &[][..]),
+            };
+            if read && e.zap_read(id, segs.iter().map(|s| s.gref)).is_err() {
+                return false;
+            }
+        }
         let mut bytes = [0u8; MAX_SLOT];
         match *req {
             FrontRequest::Rw {
@@ -710,14 +907,22 @@ impl LocalFrontend {
     }
 
     /// Takes every response published so far.
-    pub fn poll(&mut self, f: impl FnMut(Response)) -> u32 {
-        self.ring.take_responses(f)
+    pub fn poll(&mut self, mut f: impl FnMut(Response)) -> u32 {
+        match &self.early {
+            Some(e) => self.ring.take_responses(|mut r| {
+                if r.status == STATUS_EARLY {
+                    e.answered_early(r.id);
+                    r.status = crate::protocol::status::OKAY;
+                }
+                f(r)
+            }),
+            None => self.ring.take_responses(f),
+        }
     }
 
     /// Waits until responses are published, the timeout passes (`Ok(false)`), or the backend
     /// drops the ring (an error).
     pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         if !self.spin.is_zero() {
             let until = std::time::Instant::now() + self.spin;
             while std::time::Instant::now() < until {
@@ -732,25 +937,32 @@ impl LocalFrontend {
             if self.ring.final_check() {
                 return Ok(true);
             }
-            let left = match deadline {
-                None => PollTimeout::NONE,
+            let left_ms = match deadline {
+                None => -1,
                 Some(d) => {
                     let now = std::time::Instant::now();
                     if now >= d {
                         return Ok(false);
                     }
-                    PollTimeout::try_from(d - now).unwrap_or(PollTimeout::MAX)
+                    (d - now).as_millis().clamp(1, i32::MAX as u128) as i32
                 }
             };
+            // The socket only ever says "gone" (hang-up); in early-read mode tapdisk also sends
+            // it messages, which the watchdog reads.
             let mut fds = [
-                PollFd::new(self.notify.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.sock.as_fd(), PollFlags::POLLIN),
+                libc::pollfd {
+                    fd: self.notify.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.sock.as_raw_fd(),
+                    events: libc::POLLRDHUP,
+                    revents: 0,
+                },
             ];
-            match poll(&mut fds, left) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            poll_raw(&mut fds, left_ms)?;
+            if fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
                 if self.ring.final_check() {
                     return Ok(true);
                 }
@@ -759,10 +971,7 @@ impl LocalFrontend {
                     "the backend disconnected the ring",
                 ));
             }
-            if fds[0]
-                .revents()
-                .is_some_and(|r| r.contains(PollFlags::POLLIN))
-            {
+            if fds[0].revents & libc::POLLIN != 0 {
                 eventfd_drain(self.notify.as_raw_fd())?;
             }
         }
@@ -775,9 +984,13 @@ impl LocalFrontend {
 
     /// Whether the backend has dropped this ring (its socket end is closed).
     pub fn disconnected(&self) -> bool {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
-        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        let mut fds = [libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        }];
+        matches!(poll_raw(&mut fds, 0), Ok(n) if n > 0)
+            && fds[0].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 }
 

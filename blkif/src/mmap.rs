@@ -20,6 +20,15 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `len` bytes of `fd` from offset 0, readable and writable, shared.
     pub fn map_shared(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+        Self::map(fd, len, 0)
+    }
+
+    /// As [`Mapping::map_shared`], with every page faulted in now (`MAP_POPULATE`).
+    pub fn map_shared_populated(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+        Self::map(fd, len, libc::MAP_POPULATE)
+    }
+
+    fn map(fd: BorrowedFd<'_>, len: usize, extra: libc::c_int) -> io::Result<Mapping> {
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
         }
@@ -30,7 +39,7 @@ impl Mapping {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | extra,
                 fd.as_raw_fd(),
                 0,
             )

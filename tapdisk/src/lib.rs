@@ -12,6 +12,7 @@
 
 pub mod control;
 pub mod daemon;
+pub mod early;
 pub mod engine;
 pub mod idset;
 pub mod image;

@@ -22,7 +22,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use blkif::protocol::{status, GrantRef, Response, MAX_INDIRECT_PAGES_PER_REQUEST};
+use blkif::local::EarlyReadPort;
+use blkif::protocol::{status, GrantRef, Response, MAX_INDIRECT_PAGES_PER_REQUEST, PAGE_SIZE};
 use blkif::request::{
     copy_indirect_segments, finish_indirect, parse, slot_id, DiskInfo, Operation, Parsed, Problem,
     Rejection, Request,
@@ -33,8 +34,9 @@ use blkif::Abi;
 use io_uring::{opcode, types};
 use slog::{debug, info, warn, Logger};
 
+use crate::early::{self, EarlyPolicy, EarlyReads, Outcome, ReadCache};
 use crate::engine::aio::AioEngine;
-use crate::engine::model::{ModelDisk, ModelParams};
+use crate::engine::model::ModelParams;
 use crate::engine::{Done, Engine, Uring, ENGINE_SPACE};
 use crate::idset::IdSet;
 use crate::image::AioImage;
@@ -48,6 +50,7 @@ const TOKEN_EVTCHN: u64 = u64::MAX;
 const TOKEN_CTL: u64 = u64::MAX - 1;
 const TOKEN_HANGUP: u64 = u64::MAX - 2;
 const TOKEN_BATCH: u64 = u64::MAX - 3;
+const TOKEN_UFFD: u64 = u64::MAX - 4;
 
 /// A ring as a transport hands it over: the back ring, grant mapper and event channel.
 pub trait RingTransport: Send + 'static {
@@ -61,6 +64,16 @@ pub trait RingTransport: Send + 'static {
     fn abi(&self) -> Abi;
     /// A descriptor that polls readable or hung-up when the frontend is gone, if any.
     fn hangup_fd(&self) -> Option<RawFd>;
+    /// The early-read contract, if the frontend set it up (local transport only: an
+    /// unmodified Xen frontend ends its grant access when it sees the response, so answering
+    /// a read before its data is in would hand the guest garbage).
+    fn early_read(&self) -> Option<&EarlyReadPort> {
+        None
+    }
+    /// Sends the completion record of early-answered read `id`.
+    fn report_early_read_done(&self, _id: u64, _ok: bool) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl RingTransport for blkif::local::LocalBackend {
@@ -74,6 +87,12 @@ impl RingTransport for blkif::local::LocalBackend {
     }
     fn hangup_fd(&self) -> Option<RawFd> {
         Some(self.sock.as_raw_fd())
+    }
+    fn early_read(&self) -> Option<&EarlyReadPort> {
+        self.early_read.as_ref()
+    }
+    fn report_early_read_done(&self, id: u64, ok: bool) -> io::Result<()> {
+        blkif::local::LocalBackend::report_early_read_done(self, id, ok)
     }
 }
 
@@ -103,6 +122,8 @@ pub struct RingConfig {
     pub poll: Duration,
     /// Serve through the thesis's disk model.
     pub model: Option<ModelParams>,
+    /// Early read return (for frontends that set up the early-read contract).
+    pub early: Option<EarlyPolicy>,
 }
 
 /// What a ring loop shares with its VBD.
@@ -117,6 +138,8 @@ pub struct RingEnv {
     pub trace: Option<TraceWriter>,
     /// The ring's logger.
     pub log: Logger,
+    /// The VBD's read cache, if it has one.
+    pub cache: Option<Arc<ReadCache>>,
 }
 
 /// Builds the engine for `image` on `ring`.
@@ -129,7 +152,7 @@ pub fn make_engine(
 ) -> io::Result<Box<dyn Engine>> {
     let aio: Box<dyn Engine> = Box::new(AioEngine::new(ring, image, tags, update)?);
     Ok(match model {
-        Some(p) => Box::new(ModelDisk::new(aio, p, tags)),
+        Some(p) => crate::engine::model::wrap(aio, p, tags),
         None => aio,
     })
 }
@@ -161,6 +184,17 @@ pub struct RingLoop<T: RingTransport> {
     batch_deadline: Option<u64>,
     batch_timer: bool,
     batch_ts: Box<types::Timespec>,
+    // Early read return.
+    /// Ring slots; sched slots from here on are chunks of early reads.
+    n_ring: u32,
+    early: Option<EarlyReads>,
+    cache: Option<Arc<ReadCache>>,
+    chunk_free: Vec<u32>,
+    /// Per chunk slot (minus `n_ring`): its read's slot and first segment.
+    chunk_of: Box<[(u32, u32)]>,
+    /// Early reads answered or not whose pages are still being filled.
+    early_busy: u32,
+    block_buf: Box<[u8]>,
     // Scratch, preallocated.
     refs: Box<[GrantRef]>,
     addrs: Box<[*mut u8]>,
@@ -177,12 +211,33 @@ impl<T: RingTransport> RingLoop<T> {
             stats,
             trace,
             log,
+            cache,
         } = env;
         let mut t = t;
         let abi = t.abi();
         let n = t.parts().0.size();
         let seg_cap = disk.segment_capacity();
-        let mut sched = Sched::new(cfg.sched, n, seg_cap);
+        // Early reads: only where the frontend set up the contract, and only if asked for.
+        let early = match (t.early_read(), cfg.early) {
+            (Some(port), Some(p)) if p.answers_early() || p.cache_mb > 0 => {
+                Some(EarlyReads::new(p, n, seg_cap, port.pages))
+            }
+            (None, Some(p)) if p.answers_early() => {
+                info!(
+                    log,
+                    "early read return stays off on this ring: the frontend did not \
+                            set up the early-read contract (Xen frontends cannot)"
+                );
+                None
+            }
+            _ => None,
+        };
+        let n_chunks = if early.is_some() {
+            (n * 8).min(16384)
+        } else {
+            0
+        };
+        let mut sched = Sched::new(cfg.sched, n + n_chunks, seg_cap);
         let tags = sched.tags();
         // Room for every engine op (model timers included) and the loop's own polls.
         let entries = (tags * 2 + 8).next_power_of_two().min(32768);
@@ -220,10 +275,17 @@ impl<T: RingTransport> RingLoop<T> {
             batch_deadline: None,
             batch_timer: false,
             batch_ts: Box::new(types::Timespec::new()),
+            n_ring: n,
+            early,
+            cache,
+            chunk_free: (n..n + n_chunks).rev().collect(),
+            chunk_of: vec![(0, 0); n_chunks as usize].into_boxed_slice(),
+            early_busy: 0,
+            block_buf: vec![0u8; PAGE_SIZE].into_boxed_slice(),
             refs: vec![0; seg_cap].into_boxed_slice(),
             addrs: vec![std::ptr::null_mut(); seg_cap].into_boxed_slice(),
             done: Done::with_capacity(tags as usize),
-            finished: Vec::with_capacity(n as usize),
+            finished: Vec::with_capacity((n + n_chunks) as usize),
         })
     }
 
@@ -250,6 +312,9 @@ impl<T: RingTransport> RingLoop<T> {
                 .user_data(TOKEN_HANGUP);
             self.push_sqe(&e)?;
         }
+        if let Some(fd) = self.t.early_read().map(|p| p.uffd.fd()) {
+            self.push_sqe(&multi(fd, TOKEN_UFFD))?;
+        }
         Ok(())
     }
 
@@ -270,7 +335,7 @@ impl<T: RingTransport> RingLoop<T> {
         self.t.parts().2.ack()?;
         loop {
             self.check_control()?;
-            if self.stopping.is_some() && self.in_flight == 0 {
+            if self.stopping.is_some() && self.idle() {
                 self.publish()?;
                 return Ok(());
             }
@@ -295,10 +360,10 @@ impl<T: RingTransport> RingLoop<T> {
                     Err(e) => self.broken(e.to_string()),
                 }
             }
-            if self.stopping.is_some() && self.in_flight == 0 {
+            if self.stopping.is_some() && self.idle() {
                 continue;
             }
-            if wait && self.paused && self.in_flight == 0 {
+            if wait && self.paused && self.idle() {
                 self.ctl.quiesced.store(true, Ordering::Release);
             }
             match self.uring.submit_and_wait(usize::from(wait)) {
@@ -329,6 +394,11 @@ impl<T: RingTransport> RingLoop<T> {
             }
             std::hint::spin_loop();
         }
+    }
+
+    /// Nothing answered or not is still using the frontend's memory.
+    fn idle(&self) -> bool {
+        self.in_flight == 0 && self.early_busy == 0
     }
 
     fn can_pop(&self) -> bool {
@@ -463,10 +533,15 @@ impl<T: RingTransport> RingLoop<T> {
             let (_, grants, _) = self.t.parts();
             match grants.map(&self.refs[..n], writable, &mut self.addrs[..n]) {
                 Ok(h) => {
+                    let exact = self.early.as_ref().is_some_and(|e| e.eligible(&req));
                     let slot = self.sched.slot_mut(s);
                     slot.req = req;
                     slot.map = h;
-                    slot.build_iov(&self.addrs[..n]);
+                    if exact {
+                        slot.build_iov_exact(&self.addrs[..n]);
+                    } else {
+                        slot.build_iov(&self.addrs[..n]);
+                    }
                 }
                 Err(problem) => {
                     let rej = Rejection {
@@ -487,12 +562,21 @@ impl<T: RingTransport> RingLoop<T> {
         if n == 0 {
             slot.n_iov = 0;
         }
+        let now = now_ns();
         slot.t = crate::sched::Stamps {
             pop,
-            sched: now_ns(),
+            sched: now,
             submit: 0,
             complete: 0,
         };
+        if let Some(c) = &self.cache {
+            if req.op.writes() || matches!(req.op, Operation::Discard { .. }) {
+                c.invalidate(req.sector, req.nr_sectors);
+            }
+        }
+        if self.early.as_ref().is_some_and(|e| e.eligible(&req)) && self.start_early(s, now) {
+            return Some(n);
+        }
         self.sched.enqueue(s);
         Some(n)
     }
@@ -573,54 +657,398 @@ impl<T: RingTransport> RingLoop<T> {
         let now = now_ns();
         let mut finished = std::mem::take(&mut self.finished);
         for &s in &finished {
-            let (req, st, t, map) = {
+            if s >= self.n_ring {
+                self.chunk_finished(s, now);
+                continue;
+            }
+            let (req, st) = {
                 let slot = self.sched.slot(s);
-                (slot.req, slot.status, slot.t, slot.map)
+                (slot.req, slot.status)
             };
-            self.respond(req.id, req.raw_op, st);
-            self.ids.remove(req.id);
-            if req.nr_segments > 0 {
-                self.t.parts().1.unmap(map);
+            if req.op.writes() || matches!(req.op, Operation::Discard { .. }) {
+                if let Some(c) = &self.cache {
+                    c.invalidate(req.sector, req.nr_sectors);
+                }
             }
-            let c = match req.op {
-                Operation::Read => &self.stats.read,
-                Operation::Write => &self.stats.write,
-                Operation::Flush | Operation::Barrier => &self.stats.flush,
-                Operation::Discard { .. } => &self.stats.discard,
-            };
-            c.requests.add(1);
-            c.sectors.add(req.nr_sectors);
-            if st != status::OKAY {
-                c.errors.add(1);
+            if req.op == Operation::Read {
+                // Early-read frontends unmapped these pages when they queued the read.
+                self.map_for_frontend(s, 0, req.nr_segments);
             }
-            let st_ = &self.stats.stages;
-            st_.validate.record(t.sched.saturating_sub(t.pop));
-            st_.queue.record(t.submit.saturating_sub(t.sched));
-            st_.io.record(t.complete.saturating_sub(t.submit));
-            st_.respond.record(now.saturating_sub(t.complete));
-            self.stats.latency.record(now.saturating_sub(t.pop));
-            if let Some(tr) = &self.trace {
-                tr.request(ReqRecord {
-                    id: req.id,
-                    op: req.raw_op,
-                    sector: req.sector,
-                    sectors: req.nr_sectors as u32,
-                    segments: req.nr_segments as u32,
-                    status: st,
-                    pop: t.pop,
-                    sched: t.sched,
-                    submit: t.submit,
-                    complete: t.complete,
-                    push: now,
-                });
-            }
+            self.respond_request(s, st, now);
             self.sched.release(s);
-            self.free.push(s);
-            self.in_flight -= 1;
-            self.stats.in_flight.sub(1);
+            self.release_request(s);
         }
         finished.clear();
         self.finished = finished;
+    }
+
+    /// Answers request `s` with `st` and accounts for it; its slot and grants stay held.
+    fn respond_request(&mut self, s: u32, st: i16, now: u64) {
+        let (req, t) = {
+            let slot = self.sched.slot(s);
+            (slot.req, slot.t)
+        };
+        self.respond(req.id, req.raw_op, st);
+        self.ids.remove(req.id);
+        let c = match req.op {
+            Operation::Read => &self.stats.read,
+            Operation::Write => &self.stats.write,
+            Operation::Flush | Operation::Barrier => &self.stats.flush,
+            Operation::Discard { .. } => &self.stats.discard,
+        };
+        c.requests.add(1);
+        c.sectors.add(req.nr_sectors);
+        if st != status::OKAY {
+            c.errors.add(1);
+        }
+        let complete = if t.complete == 0 { now } else { t.complete };
+        let submit = if t.submit == 0 { t.sched } else { t.submit };
+        let st_ = &self.stats.stages;
+        st_.validate.record(t.sched.saturating_sub(t.pop));
+        st_.queue.record(submit.saturating_sub(t.sched));
+        st_.io.record(complete.saturating_sub(submit));
+        st_.respond.record(now.saturating_sub(complete));
+        self.stats.latency.record(now.saturating_sub(t.pop));
+        if let Some(tr) = &self.trace {
+            tr.request(ReqRecord {
+                id: req.id,
+                op: req.raw_op,
+                sector: req.sector,
+                sectors: req.nr_sectors as u32,
+                segments: req.nr_segments as u32,
+                status: st,
+                pop: t.pop,
+                sched: t.sched,
+                submit,
+                complete,
+                push: now,
+            });
+        }
+        self.in_flight -= 1;
+        self.stats.in_flight.sub(1);
+    }
+
+    /// Releases request slot `s` (answered): its grants and the slot itself.
+    fn release_request(&mut self, s: u32) {
+        let (nseg, map) = {
+            let slot = self.sched.slot(s);
+            (slot.req.nr_segments, slot.map)
+        };
+        if nseg > 0 {
+            self.t.parts().1.unmap(map);
+        }
+        self.free.push(s);
+    }
+
+    /// Maps segments `first..first+n` of request `s` for an early-read frontend (nothing
+    /// without one). A failure means the frontend broke its own mapping; its readers may
+    /// fault, and are then served by the fault handler.
+    fn map_for_frontend(&mut self, s: u32, first: usize, n: usize) {
+        if let Some(port) = self.t.early_read() {
+            let segs = &self.sched.slot(s).segs[first..first + n];
+            if let Err(e) = early::continue_pages(port, segs) {
+                if self.guest_errors.check().is_some() {
+                    warn!(self.log, "cannot map pages for the frontend"; "error" => %e);
+                }
+            }
+        }
+    }
+
+    /// Starts read `s` (validated, mapped, one iovec per segment) through the early-read
+    /// layer: fills what the cache has, fetches the rest in chunks, answers when the policy
+    /// says so. Returns false (nothing done) if there are not enough chunk slots.
+    fn start_early(&mut self, s: u32, now: u64) -> bool {
+        let Some(er) = self.early.as_mut() else {
+            return false;
+        };
+        let chunk = er.chunk_pages();
+        let req = self.sched.slot(s).req;
+        let n = req.nr_segments;
+        // The cache first (the patent's steps 310-315): whole aligned 4 KiB blocks.
+        let mut hit = [0u64; 64];
+        let mut hits = 0u32;
+        if let Some(cache) = &self.cache {
+            let slot = self.sched.slot(s);
+            let mut sector = req.sector;
+            for i in 0..n.min(64 * 64) {
+                let sg = slot.segs[i];
+                if let Some(b) = early::segment_block(sector, &sg) {
+                    if cache.get(b, &mut self.block_buf) {
+                        let v = slot.iov[i];
+                        // SAFETY: iovec `i` (exact, one per segment) points at the mapped
+                        // page of a whole-page segment: 4096 writable bytes, which the
+                        // frontend cannot see yet (unmapped there until we continue it).
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                self.block_buf.as_ptr(),
+                                v.iov_base.cast::<u8>(),
+                                v.iov_len.min(PAGE_SIZE),
+                            )
+                        };
+                        hit[i / 64] |= 1 << (i % 64);
+                        hits += 1;
+                    }
+                }
+                sector += u64::from(sg.last_sect - sg.first_sect + 1);
+            }
+        }
+        let is_hit = |i: usize| i < 64 * 64 && hit[i / 64] & (1 << (i % 64)) != 0;
+        // Chunks: runs of missing segments, at most `chunk` long.
+        let mut chunks = 0usize;
+        let mut i = 0;
+        while i < n {
+            if is_hit(i) {
+                i += 1;
+                continue;
+            }
+            let mut k = 0;
+            while i + k < n && k < chunk && !is_hit(i + k) {
+                k += 1;
+            }
+            chunks += 1;
+            i += k;
+        }
+        if chunks > self.chunk_free.len() {
+            return false;
+        }
+        let c = &self.stats.early;
+        c.reads.add(1);
+        c.cache_hits.add(u64::from(hits));
+        c.cache_misses.add(n as u64 - u64::from(hits));
+        er.begin(s, &req, &self.sched.slot(s).segs[..n], now);
+        self.early_busy += 1;
+        // Plan and enqueue the chunks.
+        let mut sector = req.sector;
+        let mut i = 0;
+        while i < n {
+            let sectors_of = |sl: &crate::sched::ReqSlot, a: usize, b: usize| -> u64 {
+                sl.segs[a..b]
+                    .iter()
+                    .map(|g| u64::from(g.last_sect - g.first_sect + 1))
+                    .sum()
+            };
+            if is_hit(i) {
+                sector += sectors_of(self.sched.slot(s), i, i + 1);
+                i += 1;
+                continue;
+            }
+            let mut k = 0;
+            while i + k < n && k < chunk && !is_hit(i + k) {
+                k += 1;
+            }
+            let c = self.chunk_free.pop().expect("counted above");
+            let nsec = sectors_of(self.sched.slot(s), i, i + k);
+            let (segs, iov, t) = {
+                let p = self.sched.slot(s);
+                (p.segs.as_ptr(), p.iov.as_ptr(), p.t)
+            };
+            let slot = self.sched.slot_mut(c);
+            // SAFETY: `segs`/`iov` point at request `s`'s arrays (a different slot from `c`),
+            // which hold at least `i + k <= n` entries and are not written meanwhile.
+            unsafe {
+                std::ptr::copy_nonoverlapping(segs.add(i), slot.segs.as_mut_ptr(), k);
+                std::ptr::copy_nonoverlapping(iov.add(i), slot.iov.as_mut_ptr(), k);
+            }
+            slot.n_iov = k;
+            slot.req = Request {
+                id: req.id,
+                raw_op: req.raw_op,
+                op: Operation::Read,
+                sector,
+                nr_sectors: nsec,
+                nr_segments: k,
+            };
+            slot.t = t;
+            self.chunk_of[(c - self.n_ring) as usize] = (s, i as u32);
+            if let Some(er) = self.early.as_mut() {
+                er.chunk_issued(s);
+            }
+            self.sched.enqueue_solo(c);
+            sector += nsec;
+            i += k;
+        }
+        // Cache hits are filled: map them for the frontend now.
+        if hits > 0 {
+            let mut i = 0;
+            while i < n {
+                if !is_hit(i) {
+                    i += 1;
+                    continue;
+                }
+                let mut k = 0;
+                while i + k < n && is_hit(i + k) {
+                    k += 1;
+                }
+                if let Some(er) = self.early.as_mut() {
+                    let segs = &self.sched.slot(s).segs[i..i + k];
+                    er.fill(s, i, segs, now, &self.stats.early);
+                }
+                self.map_for_frontend(s, i, k);
+                i += k;
+            }
+        }
+        self.early_decide(s, now);
+        true
+    }
+
+    /// Acts on what the policy says about early read `s`.
+    fn early_decide(&mut self, s: u32, now: u64) {
+        let Some(er) = self.early.as_mut() else {
+            return;
+        };
+        match er.decide(s) {
+            Outcome::Wait => {}
+            Outcome::Answer(st) => self.early_answer(s, st, now),
+            Outcome::Done(st) => self.early_done(s, st, now),
+        }
+    }
+
+    fn early_answer(&mut self, s: u32, st: i16, now: u64) {
+        let mut st = st;
+        if let Some(er) = self.early.as_mut() {
+            let unfilled = er.answered(s);
+            if unfilled > 0 {
+                self.stats.early.answered_early.add(1);
+                self.stats.early.pages_unmapped.add(u64::from(unfilled));
+                if st == status::OKAY {
+                    st = blkif::local::STATUS_EARLY;
+                }
+            }
+        }
+        self.respond_request(s, st, now);
+    }
+
+    /// Every chunk of early read `s` is done: answer it if not yet, and release it.
+    fn early_done(&mut self, s: u32, st: i16, now: u64) {
+        let answered = self.early.as_ref().is_some_and(|er| er.was_answered(s));
+        if !answered {
+            if let Some(er) = self.early.as_mut() {
+                er.answered(s);
+            }
+            self.respond_request(s, st, now);
+        } else if self.early.as_ref().is_some_and(|er| er.answered_early(s)) {
+            if st != status::OKAY {
+                self.stats.early.late_failures.add(1);
+            }
+            let id = self.sched.slot(s).req.id;
+            if let Err(e) = self.t.report_early_read_done(id, st == status::OKAY) {
+                warn!(self.log, "cannot send the completion of an early read";
+                      "id" => id, "error" => %e);
+            }
+        }
+        let n = self.sched.slot(s).req.nr_segments;
+        if let Some(er) = self.early.as_mut() {
+            er.end(s, &self.sched.slot(s).segs[..n]);
+        }
+        self.early_busy -= 1;
+        self.release_request(s);
+    }
+
+    /// Chunk slot `c` of an early read finished.
+    fn chunk_finished(&mut self, c: u32, now: u64) {
+        let (s, first) = self.chunk_of[(c - self.n_ring) as usize];
+        let (ok, k) = {
+            let slot = self.sched.slot(c);
+            (slot.status == status::OKAY, slot.req.nr_segments)
+        };
+        let first = first as usize;
+        if ok {
+            // Keep what was read, then let the frontend see it.
+            if let Some(cache) = &self.cache {
+                let p = self.sched.slot(s);
+                let mut sector = p.req.sector
+                    + p.segs[..first]
+                        .iter()
+                        .map(|g| u64::from(g.last_sect - g.first_sect + 1))
+                        .sum::<u64>();
+                for i in first..first + k {
+                    let sg = p.segs[i];
+                    if let Some(b) = early::segment_block(sector, &sg) {
+                        let v = p.iov[i];
+                        // SAFETY: iovec `i` points at 4096 readable bytes of the mapped page
+                        // just filled by the chunk's read.
+                        let data = unsafe {
+                            std::slice::from_raw_parts(v.iov_base.cast::<u8>(), PAGE_SIZE)
+                        };
+                        cache.put(b, data);
+                    }
+                    sector += u64::from(sg.last_sect - sg.first_sect + 1);
+                }
+            }
+            if let Some(er) = self.early.as_mut() {
+                let segs = &self.sched.slot(s).segs[first..first + k];
+                er.fill(s, first, segs, now, &self.stats.early);
+            }
+            self.map_for_frontend(s, first, k);
+        } else if self.early.as_ref().is_some_and(|er| er.was_answered(s)) {
+            // Answered already: nobody may wait forever, nobody may read garbage unknowing.
+            // Poison the pages, map them (stalled readers wake), and report at the end.
+            let p = self.sched.slot(s);
+            for i in first..first + k {
+                let v = p.iov[i];
+                // SAFETY: iovec `i` points at `iov_len` writable bytes of a mapped page of
+                // this request, which the frontend cannot see until we continue it.
+                unsafe {
+                    std::ptr::write_bytes(v.iov_base.cast::<u8>(), blkif::early::POISON, v.iov_len)
+                };
+            }
+            if let Some(er) = self.early.as_mut() {
+                let segs = &self.sched.slot(s).segs[first..first + k];
+                er.fill(s, first, segs, now, &self.stats.early);
+            }
+            self.map_for_frontend(s, first, k);
+        }
+        self.sched.release(c);
+        self.chunk_free.push(c);
+        let Some(er) = self.early.as_mut() else {
+            return;
+        };
+        match er.chunk_done(s, ok, now) {
+            Outcome::Wait => {}
+            Outcome::Answer(st) => self.early_answer(s, st, now),
+            Outcome::Done(st) => self.early_done(s, st, now),
+        }
+    }
+
+    /// The frontend faulted on guest memory: map pages that are filled (or belong to no
+    /// read), leave the others stalled until their data is in.
+    fn handle_faults(&mut self) -> io::Result<()> {
+        let now = now_ns();
+        loop {
+            let fault = match self.t.early_read() {
+                Some(port) => port.uffd.read_fault()?,
+                None => return Ok(()),
+            };
+            let Some(f) = fault else { return Ok(()) };
+            let Some(port) = self.t.early_read() else {
+                return Ok(());
+            };
+            let Some(page) = port.page_of(f.address) else {
+                // Not guest memory: the frontend registered more than it told us. Map it
+                // anyway so its thread does not hang; the frontend is on its own there.
+                let _ = port
+                    .uffd
+                    .continue_range(f.address & !(PAGE_SIZE as u64 - 1), PAGE_SIZE as u64);
+                continue;
+            };
+            let stalled = match self.early.as_mut() {
+                Some(er) => er.faulted(page, now, &self.stats.early),
+                None => {
+                    self.stats.early.faults.add(1);
+                    false
+                }
+            };
+            if !stalled {
+                if let Some(a) = port.page_addr(page) {
+                    if let Err(e) = port.uffd.continue_range(a, PAGE_SIZE as u64) {
+                        if self.guest_errors.check().is_some() {
+                            warn!(self.log, "cannot map a page the frontend faulted on";
+                                  "page" => page, "error" => %e);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn reap(&mut self) -> io::Result<()> {
@@ -657,6 +1085,18 @@ impl<T: RingTransport> RingLoop<T> {
                     }
                 }
                 TOKEN_BATCH => self.batch_timer = false,
+                TOKEN_UFFD => {
+                    self.handle_faults()?;
+                    if !more {
+                        if let Some(fd) = self.t.early_read().map(|p| p.uffd.fd()) {
+                            let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                                .multi(true)
+                                .build()
+                                .user_data(TOKEN_UFFD);
+                            self.push_sqe(&e)?;
+                        }
+                    }
+                }
                 ud if ud < ENGINE_SPACE => {
                     self.engine
                         .complete(&mut self.uring, ud, res, &mut self.done)?;

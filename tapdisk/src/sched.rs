@@ -140,6 +140,15 @@ impl ReqSlot {
     /// Points the iovecs at the mapped pages `addrs[i]` of the segments, coalescing segments
     /// that are adjacent in our address space.
     pub fn build_iov(&mut self, addrs: &[*mut u8]) {
+        self.build_iov_inner(addrs, true)
+    }
+
+    /// As [`ReqSlot::build_iov`], one iovec per segment (iovec `i` is segment `i`).
+    pub fn build_iov_exact(&mut self, addrs: &[*mut u8]) {
+        self.build_iov_inner(addrs, false)
+    }
+
+    fn build_iov_inner(&mut self, addrs: &[*mut u8], coalesce: bool) {
         let mut n = 0usize;
         for (sg, &addr) in self.segs[..self.req.nr_segments].iter().zip(addrs) {
             let first = usize::from(sg.first_sect) * SECTOR_SIZE as usize;
@@ -147,7 +156,7 @@ impl ReqSlot {
             // SAFETY: a validated segment has `first + len <= 4096`, so the pointer stays
             // inside the mapped page.
             let base = unsafe { addr.add(first) };
-            if n > 0 {
+            if n > 0 && coalesce {
                 let prev = &mut self.iov[n - 1];
                 if prev.iov_base as usize + prev.iov_len == base as usize {
                     prev.iov_len += len;
@@ -354,13 +363,23 @@ impl Sched {
 
     /// Hands a validated, mapped request to the scheduler.
     pub fn enqueue(&mut self, s: u32) {
+        self.enqueue_as(s, false)
+    }
+
+    /// Hands a request over that must never be merged with another (a chunk of an early
+    /// read: merging it back would defeat the point).
+    pub fn enqueue_solo(&mut self, s: u32) {
+        self.enqueue_as(s, true)
+    }
+
+    fn enqueue_as(&mut self, s: u32, solo: bool) {
         let slot = &mut self.slots[s as usize];
         slot.stage = Stage::Pending;
         slot.failed = false;
         slot.parts_left = 0;
         slot.next_member = NONE;
         slot.seq = self.next_seq;
-        slot.solo = false;
+        slot.solo = solo;
         self.next_seq += 1;
         self.pending.push(s);
     }

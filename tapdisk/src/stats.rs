@@ -210,6 +210,8 @@ pub struct StageHists {
 pub struct RingStats {
     /// Scheduler counters.
     pub sched: SchedCounters,
+    /// Early read return.
+    pub early: crate::early::EarlyCounters,
     /// Per-stage latencies.
     pub stages: StageHists,
     /// Reads.
@@ -284,6 +286,8 @@ pub struct Totals {
     pub sched: SchedTotals,
     /// Latency per stage.
     pub stages: StageTotals,
+    /// Early read return.
+    pub early: crate::early::EarlyTotals,
 }
 
 /// Scheduler figures for output.
@@ -379,6 +383,7 @@ pub fn totals<'a>(rings: impl IntoIterator<Item = &'a RingStats> + Clone) -> Tot
         io: brief(rings.clone().into_iter().map(|r| &r.stages.io)),
         respond: brief(rings.clone().into_iter().map(|r| &r.stages.respond)),
     };
+    t.early = crate::early::totals(rings.clone().into_iter().map(|r| &r.early));
     t.latency = percentiles(rings.into_iter().map(|r| &r.latency));
     t
 }

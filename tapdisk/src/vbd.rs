@@ -42,6 +42,8 @@ pub struct VbdShared {
     /// Ring loops take no new requests while set.
     pub paused: AtomicBool,
     image: Mutex<Arc<AioImage>>,
+    /// The host-side read cache (early read return), if configured.
+    pub cache: Option<Arc<crate::early::ReadCache>>,
 }
 
 impl VbdShared {
@@ -145,6 +147,15 @@ pub struct NbdCounters {
 }
 
 impl GatedTarget {
+    /// Keeps the read cache coherent with writes that do not come through a ring.
+    fn invalidate(&self, offset: u64, len: u64) {
+        if let Some(c) = &self.shared.cache {
+            let first = offset / SECTOR;
+            let end = (offset + len).div_ceil(SECTOR);
+            c.invalidate(first, end - first);
+        }
+    }
+
     fn with<R>(&self, c: &AtomicU64, f: impl FnOnce(&AioImage) -> io::Result<R>) -> io::Result<R> {
         {
             let mut g = lock(&self.gate.state);
@@ -187,16 +198,25 @@ impl BlockTarget for GatedTarget {
         self.counters
             .write_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.with(&self.counters.writes, |i| i.write_at(buf, offset, fua))
+        self.invalidate(offset, buf.len() as u64);
+        let r = self.with(&self.counters.writes, |i| i.write_at(buf, offset, fua));
+        self.invalidate(offset, buf.len() as u64);
+        r
     }
     fn flush(&self) -> io::Result<()> {
         self.with(&self.counters.flushes, |i| i.flush())
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.with(&self.counters.discards, |i| i.discard(offset, len))
+        self.invalidate(offset, len);
+        let r = self.with(&self.counters.discards, |i| i.discard(offset, len));
+        self.invalidate(offset, len);
+        r
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.with(&self.counters.discards, |i| i.write_zeroes(offset, len))
+        self.invalidate(offset, len);
+        let r = self.with(&self.counters.discards, |i| i.write_zeroes(offset, len));
+        self.invalidate(offset, len);
+        r
     }
 }
 
@@ -293,6 +313,7 @@ impl Vbd {
             batch_wait: Duration::from_micros(u64::from(opts.batch_wait_us)),
             poll: Duration::from_micros(u64::from(opts.poll_us.min(10_000))),
             model: opts.model,
+            early: opts.early,
         };
         let log = log.new(o!("minor" => minor));
         let direct = image.direct_fd().is_some();
@@ -300,6 +321,10 @@ impl Vbd {
         let shared = Arc::new(VbdShared {
             paused: AtomicBool::new(false),
             image: Mutex::new(Arc::new(image)),
+            cache: opts
+                .early
+                .filter(|p| p.cache_mb > 0)
+                .map(|p| Arc::new(crate::early::ReadCache::new(p.cache_mb))),
         });
         if device.exists() {
             std::fs::remove_file(&device).ok();
@@ -593,6 +618,7 @@ fn accept_loop(listener: UnixListener, cx: AcceptCtx) {
             (None, None)
         };
         let (shared2, ctl2, stats2) = (cx.shared.clone(), ctl.clone(), stats.clone());
+        let cache = cx.shared.cache.clone();
         let rlog = cx.log.new(o!("ring" => ring_no));
         let (limits, disk, cfg) = (cx.limits, cx.disk, cx.cfg);
         let thread = std::thread::Builder::new()
@@ -617,6 +643,7 @@ fn accept_loop(listener: UnixListener, cx: AcceptCtx) {
                         stats: stats2,
                         trace: writer,
                         log: rlog.clone(),
+                        cache,
                     },
                 ) {
                     Ok(l) => l.run(),

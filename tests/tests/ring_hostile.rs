@@ -40,6 +40,7 @@ fn fe(r: &Rig, abi: Abi) -> LocalFrontend {
             abi,
             ring_order: 0,
             mem_pages: 64,
+            ..Default::default()
         },
     )
     .unwrap()

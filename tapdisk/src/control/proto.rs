@@ -40,6 +40,9 @@ pub struct VbdOptions {
     pub trace: u32,
     /// Serve through the thesis's disk model (see `tapdisk::engine::model`).
     pub model: Option<ModelParams>,
+    /// Early read return for frontends that set up the early-read contract (see
+    /// `tapdisk::early`), and the host-side read cache.
+    pub early: Option<crate::early::EarlyPolicy>,
     /// Also export the disk over NBD: `unix:PATH` or `tcp:ADDR:PORT`.
     pub nbd: Option<String>,
     /// Before a ring loop sleeps, it polls the ring for this many microseconds (0: never).
@@ -62,6 +65,7 @@ impl Default for VbdOptions {
             batch_wait_us: 0,
             trace: 0,
             model: None,
+            early: None,
             nbd: None,
             poll_us: 0,
         }

@@ -1,16 +1,15 @@
-//! The thesis's disk model: one spindle whose every IO costs `X + Y × size`, plus a
-//! positioning delay when the IO does not start where the previous one ended.
+//! Slow-storage models, for experiments: the IO is done for real (so data is right) and its
+//! completion is held back until the modelled service time has passed (an io_uring timeout).
+//! Every output that uses a model says so.
 //!
-//! The thesis (Table 3.1, direct writes of 4 KB to 1 MB on a Seagate 7200.11) fits
-//! `time = X + Y × size` with X ≈ 335 µs and Y ≈ 4 µs per KB; those are the defaults. A disk
-//! that services sequential IOs at that rate still has to wait for the platter when it jumps:
-//! [`ModelParams::seek_us`] (default 4170 µs, half a revolution at 7200 rpm, the mean
-//! rotational latency) is added to an IO that does not start where the last one ended. The
-//! model serialises IOs, one at a time in arrival order, like one spindle.
-//!
-//! It wraps a real engine: the IO is done for real (so data is right), and its completion is
-//! held back until the modelled service time has passed (an io_uring timeout). Every output
-//! that uses it says "model disk".
+//! - **Spindle** (the thesis's disk): one IO at a time, in arrival order, each costing
+//!   `X + Y × size`, plus a positioning delay when it does not start where the previous one
+//!   ended. The thesis (Table 3.1, direct writes of 4 KB to 1 MB on a Seagate 7200.11) fits
+//!   X ≈ 335 µs and Y ≈ 4 µs per KB; those are the defaults, with 4170 µs (half a revolution
+//!   at 7200 rpm, the mean rotational latency) to reposition.
+//! - **Link** (remote storage behind a network link): IOs are in flight together; their data
+//!   crosses one link of a given bandwidth one after another, and each completes a fixed
+//!   latency after its last byte is through. What early read return is for.
 
 use std::collections::VecDeque;
 use std::io;
@@ -20,25 +19,35 @@ use serde::{Deserialize, Serialize};
 
 use super::{BackendIo, Done, Engine, IoOp, Uring, ENGINE_SPACE};
 
-/// User data of the model's timer (the inner engine uses tag numbers, far below).
+/// User data of the spindle's timer; a link's timers are `LINK_TIMERS + tag`.
 const TIMER: u64 = ENGINE_SPACE - 1;
+const LINK_TIMERS: u64 = ENGINE_SPACE / 2;
 
-/// The model's constants.
+/// A model's constants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ModelParams {
-    /// Fixed cost of every IO, µs (thesis: 335).
-    pub x_us: u32,
-    /// Transfer cost, ns per KiB (thesis: about 4 µs per KB = 4000).
-    pub y_ns_per_kb: u32,
-    /// Added when an IO does not start where the previous one ended, µs (4170: half a turn
-    /// at 7200 rpm).
-    pub seek_us: u32,
+#[serde(rename_all = "lowercase")]
+pub enum ModelParams {
+    /// One spindle.
+    Spindle {
+        /// Fixed cost of every IO, µs (thesis: 335).
+        x_us: u32,
+        /// Transfer cost, ns per KiB (thesis: about 4 µs per KB = 4000).
+        y_ns_per_kb: u32,
+        /// Added when an IO does not start where the previous one ended, µs.
+        seek_us: u32,
+    },
+    /// A network link to remote storage.
+    Link {
+        /// Time from the last byte sent to the completion, µs.
+        latency_us: u32,
+        /// Link bandwidth, MB/s (10^6 bytes).
+        mb_s: u32,
+    },
 }
 
 impl Default for ModelParams {
     fn default() -> Self {
-        ModelParams {
+        ModelParams::Spindle {
             x_us: 335,
             y_ns_per_kb: 4000,
             seek_us: 4170,
@@ -48,37 +57,64 @@ impl Default for ModelParams {
 
 impl std::fmt::Display for ModelParams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "model disk X={} µs Y={} ns/KB seek={} µs",
-            self.x_us, self.y_ns_per_kb, self.seek_us
-        )
+        match *self {
+            ModelParams::Spindle {
+                x_us,
+                y_ns_per_kb,
+                seek_us,
+            } => write!(
+                f,
+                "model disk X={x_us} µs Y={y_ns_per_kb} ns/KB seek={seek_us} µs"
+            ),
+            ModelParams::Link { latency_us, mb_s } => {
+                write!(f, "model link {mb_s} MB/s, {latency_us} µs latency")
+            }
+        }
     }
 }
 
 impl std::str::FromStr for ModelParams {
     type Err = String;
-    /// `X,Y,SEEK` (µs, ns per KB, µs) or `default`.
+    /// `default` (the thesis's spindle), `X_US,Y_NS_PER_KB,SEEK_US` (a spindle), or
+    /// `link:LATENCY_US,MB_S`.
     fn from_str(s: &str) -> Result<Self, String> {
-        if s == "default" || s.is_empty() {
+        if s == "default" || s == "spindle" || s.is_empty() {
             return Ok(ModelParams::default());
         }
-        let v: Vec<&str> = s.split(',').collect();
+        let (link, body) = match s.strip_prefix("link:") {
+            Some(b) => (true, b),
+            None => (false, s),
+        };
+        let v: Vec<&str> = body.split(',').collect();
         let num = |i: usize, what: &str| -> Result<u32, String> {
             v.get(i)
-                .ok_or_else(|| {
-                    format!("model disk '{s}' lacks {what}: write X_US,Y_NS_PER_KB,SEEK_US")
-                })?
+                .ok_or_else(|| format!("model '{s}' lacks {what}"))?
                 .trim()
                 .parse::<u32>()
-                .map_err(|_| format!("model disk '{s}': {what} is not a whole number"))
+                .map_err(|_| format!("model '{s}': {what} is not a whole number"))
         };
+        if link {
+            if v.len() != 2 {
+                return Err(format!(
+                    "model '{s}' is not link:LATENCY_US,MB_S (e.g. link:2000,100)"
+                ));
+            }
+            let mb_s = num(1, "the bandwidth")?;
+            if mb_s == 0 {
+                return Err(format!("model '{s}': the bandwidth must be positive"));
+            }
+            return Ok(ModelParams::Link {
+                latency_us: num(0, "the latency")?,
+                mb_s,
+            });
+        }
         if v.len() != 3 {
             return Err(format!(
-                "model disk '{s}' is not X_US,Y_NS_PER_KB,SEEK_US (e.g. 335,4000,4170) or 'default'"
+                "model '{s}' is not X_US,Y_NS_PER_KB,SEEK_US (e.g. 335,4000,4170), \
+                 link:LATENCY_US,MB_S or 'default'"
             ));
         }
-        Ok(ModelParams {
+        Ok(ModelParams::Spindle {
             x_us: num(0, "X")?,
             y_ns_per_kb: num(1, "Y")?,
             seek_us: num(2, "the seek time")?,
@@ -87,15 +123,36 @@ impl std::str::FromStr for ModelParams {
 }
 
 impl ModelParams {
-    /// Service time of an IO of `len` bytes, in ns, `sequential` if it starts where the
-    /// previous one ended.
+    /// A spindle's service time of an IO of `len` bytes, ns, `sequential` if it starts where
+    /// the previous one ended (a link: its transfer time).
     pub fn service_ns(&self, len: u64, sequential: bool) -> u64 {
-        let mut t = u64::from(self.x_us) * 1000 + u64::from(self.y_ns_per_kb) * len / 1024;
-        if !sequential {
-            t += u64::from(self.seek_us) * 1000;
+        match *self {
+            ModelParams::Spindle {
+                x_us,
+                y_ns_per_kb,
+                seek_us,
+            } => {
+                let mut t = u64::from(x_us) * 1000 + u64::from(y_ns_per_kb) * len / 1024;
+                if !sequential {
+                    t += u64::from(seek_us) * 1000;
+                }
+                t
+            }
+            ModelParams::Link { mb_s, .. } => len * 1000 / u64::from(mb_s.max(1)),
         }
-        t
     }
+}
+
+/// Builds the model engine around `inner`.
+pub fn wrap(inner: Box<dyn Engine>, params: ModelParams, tags: u32) -> Box<dyn Engine> {
+    match params {
+        ModelParams::Spindle { .. } => Box::new(ModelDisk::new(inner, params, tags)),
+        ModelParams::Link { .. } => Box::new(ModelLink::new(inner, params, tags)),
+    }
+}
+
+fn now_ns() -> u64 {
+    crate::trace::now_ns()
 }
 
 struct Busy {
@@ -104,7 +161,7 @@ struct Busy {
     timer_done: bool,
 }
 
-/// A spindle model around another engine.
+/// The spindle model around another engine.
 pub struct ModelDisk {
     inner: Box<dyn Engine>,
     params: ModelParams,
@@ -232,6 +289,122 @@ impl Engine for ModelDisk {
     }
 }
 
+#[derive(Clone, Copy, Default)]
+struct LinkTag {
+    busy: bool,
+    result: Option<i32>,
+    timer_done: bool,
+}
+
+/// The link model around another engine: IOs in flight together, sharing the bandwidth.
+pub struct ModelLink {
+    inner: Box<dyn Engine>,
+    params: ModelParams,
+    tags: Box<[LinkTag]>,
+    /// Absolute completion time of each tag's timer.
+    ts: Box<[types::Timespec]>,
+    /// When the link is free again (ns, CLOCK_MONOTONIC).
+    link_free: u64,
+    inner_done: Done,
+}
+
+impl ModelLink {
+    /// Wraps `inner`, which serves `tags` tags.
+    pub fn new(inner: Box<dyn Engine>, params: ModelParams, tags: u32) -> ModelLink {
+        ModelLink {
+            inner,
+            params,
+            tags: vec![LinkTag::default(); tags as usize].into_boxed_slice(),
+            ts: (0..tags).map(|_| types::Timespec::new()).collect(),
+            link_free: 0,
+            inner_done: Done::with_capacity(tags as usize),
+        }
+    }
+
+    fn collect(&mut self, done: &mut Done) {
+        for i in 0..self.inner_done.0.len() {
+            let (tag, res) = self.inner_done.0[i];
+            if let Some(t) = self.tags.get_mut(tag as usize) {
+                t.result = Some(res);
+                if t.timer_done {
+                    t.busy = false;
+                    done.push(tag, res);
+                }
+            }
+        }
+        self.inner_done.0.clear();
+    }
+}
+
+impl Engine for ModelLink {
+    unsafe fn submit(
+        &mut self,
+        ring: &mut Uring,
+        io: BackendIo,
+        done: &mut Done,
+    ) -> io::Result<()> {
+        let ModelParams::Link { latency_us, .. } = self.params else {
+            return Err(io::Error::other("not a link model"));
+        };
+        let len = if matches!(io.op, IoOp::Read | IoOp::Write) {
+            io.len
+        } else {
+            0
+        };
+        let now = now_ns();
+        let start = self.link_free.max(now);
+        self.link_free = start + self.params.service_ns(len, true);
+        let at = self.link_free + u64::from(latency_us) * 1000;
+        let t = io.tag as usize;
+        self.tags[t] = LinkTag {
+            busy: true,
+            result: None,
+            timer_done: false,
+        };
+        self.ts[t] = types::Timespec::new()
+            .sec(at / 1_000_000_000)
+            .nsec((at % 1_000_000_000) as u32);
+        let e = opcode::Timeout::new(&self.ts[t])
+            .flags(types::TimeoutFlags::ABS)
+            .build()
+            .user_data(LINK_TIMERS + u64::from(io.tag));
+        // SAFETY: the timespec lives in `self.ts[tag]`, a boxed slice that is never resized,
+        // and is not rewritten before this tag completes (tags are not reused while busy).
+        unsafe { ring.push(&e)? };
+        // SAFETY: forwarded from our own submit contract, which the caller upholds.
+        unsafe { self.inner.submit(ring, io, &mut self.inner_done)? };
+        self.collect(done);
+        Ok(())
+    }
+
+    fn complete(
+        &mut self,
+        ring: &mut Uring,
+        user_data: u64,
+        res: i32,
+        done: &mut Done,
+    ) -> io::Result<()> {
+        if (LINK_TIMERS..LINK_TIMERS + self.tags.len() as u64).contains(&user_data) {
+            let tag = (user_data - LINK_TIMERS) as u32;
+            let t = &mut self.tags[tag as usize];
+            t.timer_done = true;
+            if let (true, Some(r)) = (t.busy, t.result) {
+                t.busy = false;
+                done.push(tag, r);
+            }
+            return Ok(());
+        }
+        self.inner
+            .complete(ring, user_data, res, &mut self.inner_done)?;
+        self.collect(done);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("{} over {}", self.params, self.inner.describe())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +421,9 @@ mod tests {
             );
         }
         assert_eq!(m.service_ns(0, false), (335 + 4170) * 1000);
+        let l: ModelParams = "link:2000,100".parse().unwrap();
+        // 1 MB at 100 MB/s: 10.49 ms on the wire.
+        assert_eq!(l.service_ns(1 << 20, true), 10_485_760);
     }
 
     #[test]
@@ -255,10 +431,17 @@ mod tests {
         assert_eq!("default".parse::<ModelParams>(), Ok(ModelParams::default()));
         assert_eq!(
             "100,2000,0".parse::<ModelParams>(),
-            Ok(ModelParams {
+            Ok(ModelParams::Spindle {
                 x_us: 100,
                 y_ns_per_kb: 2000,
                 seek_us: 0
+            })
+        );
+        assert_eq!(
+            "link:500,250".parse::<ModelParams>(),
+            Ok(ModelParams::Link {
+                latency_us: 500,
+                mb_s: 250
             })
         );
         assert!("1,2"
@@ -269,5 +452,15 @@ mod tests {
             .parse::<ModelParams>()
             .unwrap_err()
             .contains("X is not"));
+        assert!("link:1".parse::<ModelParams>().is_err());
+        assert!("link:1,0".parse::<ModelParams>().is_err());
+        assert_eq!(
+            ModelParams::Link {
+                latency_us: 2000,
+                mb_s: 100
+            }
+            .to_string(),
+            "model link 100 MB/s, 2000 µs latency"
+        );
     }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, ValueEnum};
 use tapdisk::control::proto::VbdOptions;
+use tapdisk::early::EarlyPolicy;
 use tapdisk::engine::model::ModelParams;
 use tapdisk::image::{DirectIo, ImageSpec};
 use tapdisk::nbd::NbdListen;
@@ -119,6 +120,19 @@ pub struct DiskArgs {
     /// X_US,Y_NS_PER_KB,SEEK_US. For experiments only: the data is real, the timing is not.
     #[arg(verbatim_doc_comment, long, value_name = "PARAMS", num_args = 0..=1, default_missing_value = "default")]
     pub model_disk: Option<String>,
+    /// Early read return: answer a read before all of it is in, under POLICY, for frontends
+    /// that unmap their read pages until filled (local transport's early-read mode; never on
+    /// Xen rings). POLICY is any of, comma-separated (the read is answered when any holds):
+    ///   percent=P      P % of the read's pages filled
+    ///   first=X+Y      the first X % filled, and Y % of the rest
+    ///   outstanding=N  at most N of its chunk IOs outstanding
+    ///   eta=US         the rest estimated to take at most US µs
+    ///   seq=R:X        after R sequential reads, the stream's reads once their first X % are in
+    ///   chunk=KIB      fetch reads in chunks of KIB (default 64)
+    ///   cache=MIB      a host-side read cache of MIB, served first
+    /// e.g. --early-read percent=25,cache=256
+    #[arg(verbatim_doc_comment, long, value_name = "POLICY")]
+    pub early_read: Option<String>,
 }
 
 /// A validated [`DiskArgs`]: what goes into an `open` command.
@@ -176,6 +190,11 @@ impl DiskArgs {
                 self.trace
             );
         }
+        let early = self
+            .early_read
+            .as_deref()
+            .map(|m| m.parse::<EarlyPolicy>().map_err(|e| anyhow!("{e}")))
+            .transpose()?;
         let model = self
             .model_disk
             .as_deref()
@@ -198,6 +217,7 @@ impl DiskArgs {
                 batch_wait_us: self.batch_wait_us,
                 trace: self.trace,
                 model,
+                early,
                 nbd,
                 poll_us: self.poll_us,
             },
@@ -270,6 +290,7 @@ mod tests {
             batch_wait_us: 0,
             trace: 0,
             model_disk: None,
+            early_read: None,
         }
     }
 

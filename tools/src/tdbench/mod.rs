@@ -9,11 +9,13 @@
 //! - `run` ([`bench`]): a fio-like load generator reporting IOPS, bandwidth and latency
 //!   percentiles from a log-bucket histogram ([`hist`]).
 //! - `compare` ([`compare`]): fio on the image file, then the same workload through tapdisk.
+//! - `err` ([`err`]): early read return against a slow disk, per policy.
 //! - `thesis` ([`thesis`]): the thesis's experiments (Tables 3.1-3.5, 4.1, 4.2, Figures 3.1,
 //!   4.1-4.3), with a model of the guest's block layer ([`guest`]) and PNG charts ([`plot`]).
 
 pub mod bench;
 pub mod compare;
+pub mod err;
 pub mod guest;
 pub mod hist;
 pub mod plot;
@@ -69,7 +71,21 @@ pub enum Cmd {
     /// real file and on the model disk, the thesis's figures beside ours.
     #[command(after_help = THESIS_EXAMPLES)]
     Thesis(thesis::ThesisArgs),
+    /// Early read return measured: large reads from a slow disk, every page consumed and
+    /// checked; perceived latency and total time per policy, against early return off.
+    #[command(after_help = ERR_EXAMPLES)]
+    Err(err::ErrArgs),
 }
+
+const ERR_EXAMPLES: &str = "\
+Examples:
+  td-bench err                                   # 1M reads on the model disk, the usual policies
+  td-bench err percent=25 --order random --count 200
+  td-bench err seq=2:10 --sequential --bs 4M
+
+The reader runs in early-read mode: each read's pages are unmapped until tapdisk has filled
+them, so touching one early stalls the reader until it is there (userfaultfd; needs root or
+vm.unprivileged_userfaultfd=1).";
 
 const THESIS_EXAMPLES: &str = "\
 Examples:
@@ -89,6 +105,7 @@ pub fn main_with(cli: Cli) -> i32 {
         Cmd::Run(a) => bench::run(a),
         Cmd::Compare(a) => compare::run(a),
         Cmd::Thesis(a) => thesis::run(a),
+        Cmd::Err(a) => err::run(a),
     });
     match res {
         Ok(true) => 0,

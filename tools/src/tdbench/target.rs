@@ -14,6 +14,7 @@ use clap::{Args, ValueEnum};
 use tapdisk::control::client::{self, Client};
 use tapdisk::control::proto::{Command, Reply, VbdOptions};
 use tapdisk::control::RunDir;
+use tapdisk::early::EarlyPolicy;
 use tapdisk::engine::model::ModelParams;
 use tapdisk::image::DirectIo;
 
@@ -104,6 +105,13 @@ pub struct TargetArgs {
     /// The private tapdisk's largest merged IO, KiB.
     #[arg(long, value_name = "KIB", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(4..=65536))]
     pub max_merge_kb: u32,
+    /// Early-read mode: the frontend unmaps each read's pages until tapdisk has filled them,
+    /// and the private tapdisk answers reads early under POLICY, e.g. percent=25 or
+    /// first=10+20,seq=4:10,cache=64 ('off': the mode without early answers). See
+    /// 'tap-ctl create --help' for the rules.
+    #[arg(long, value_name = "POLICY", num_args = 0..=1, default_missing_value = "off",
+          value_parser = |s: &str| s.parse::<EarlyPolicy>())]
+    pub early_read: Option<EarlyPolicy>,
     /// The private tapdisk serves through the thesis's disk model ('default', or
     /// X_US,Y_NS_PER_KB,SEEK_US); the data is real, the timing modelled.
     #[arg(long, value_name = "PARAMS", num_args = 0..=1, default_missing_value = "default",
@@ -447,6 +455,7 @@ pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<
         abi: args.abi.into(),
         ring_order: args.ring_order,
         mem_pages: mem_pages.max(1),
+        early_read: args.early_read.is_some(),
     };
     if let Some(dev) = &args.device {
         let fe = LocalFrontend::connect(dev, cfg)
@@ -500,6 +509,7 @@ pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<
         merge: !args.no_merge,
         max_merge_kb: args.max_merge_kb,
         model: args.model_disk,
+        early: args.early_read,
         trace: trace_cap,
         poll_us: args.poll_us,
         ..VbdOptions::default()

@@ -145,6 +145,7 @@ fn targs(disk: &Disk, c: Config) -> TargetArgs {
         no_merge: !c.merge,
         max_merge_kb: 16384,
         model_disk: disk.model,
+        early_read: None,
     }
 }
 
