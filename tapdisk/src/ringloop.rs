@@ -110,7 +110,7 @@ pub enum RingExit {
 }
 
 /// Per-ring settings, from the VBD's options.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RingConfig {
     /// Sorting and merging.
     pub sched: SchedConfig,
@@ -124,6 +124,8 @@ pub struct RingConfig {
     pub model: Option<ModelParams>,
     /// Early read return (for frontends that set up the early-read contract).
     pub early: Option<EarlyPolicy>,
+    /// Faults to inject (testing).
+    pub faults: Option<crate::engine::fault::FaultPlan>,
 }
 
 /// What a ring loop shares with its VBD.
@@ -142,19 +144,22 @@ pub struct RingEnv {
     pub cache: Option<Arc<ReadCache>>,
 }
 
-/// Builds the engine for `image` on `ring`.
+/// Builds the engine for `image` on `ring`: aio, then injected faults, then a model.
 pub fn make_engine(
     ring: &mut Uring,
     image: Arc<AioImage>,
-    model: Option<ModelParams>,
+    cfg: &RingConfig,
     tags: u32,
     update: bool,
 ) -> io::Result<Box<dyn Engine>> {
-    let aio: Box<dyn Engine> = Box::new(AioEngine::new(ring, image, tags, update)?);
-    Ok(match model {
-        Some(p) => crate::engine::model::wrap(aio, p, tags),
-        None => aio,
-    })
+    let mut e: Box<dyn Engine> = Box::new(AioEngine::new(ring, image, tags, update)?);
+    if let Some(f) = &cfg.faults {
+        e = Box::new(crate::engine::fault::FaultEngine::new(e, f.clone(), tags));
+    }
+    if let Some(p) = cfg.model {
+        e = crate::engine::model::wrap(e, p, tags);
+    }
+    Ok(e)
 }
 
 /// One ring's loop. Build it on the thread that runs it (it holds raw pointers).
@@ -243,7 +248,7 @@ impl<T: RingTransport> RingLoop<T> {
         let entries = (tags * 2 + 8).next_power_of_two().min(32768);
         let mut uring = Uring::new(entries)?;
         let image = vbd.image();
-        let engine = make_engine(&mut uring, image.clone(), cfg.model, tags, false)?;
+        let engine = make_engine(&mut uring, image.clone(), &cfg, tags, false)?;
         sched.set_engine_limit(engine.max_in_flight());
         let max_batch = if cfg.max_batch == 0 {
             n
@@ -378,6 +383,11 @@ impl<T: RingTransport> RingLoop<T> {
             }
             self.reap()?;
             self.answer();
+            self.stats.waiting.set(self.sched.pending() as u64);
+            self.stats
+                .ios_in_flight
+                .set(self.sched.ios_in_flight() as u64);
+            self.stats.early_busy.set(u64::from(self.early_busy));
         }
     }
 
@@ -417,7 +427,7 @@ impl<T: RingTransport> RingLoop<T> {
                 let image = self.vbd.image();
                 if !Arc::ptr_eq(&image, &self.image) {
                     let tags = self.sched.tags();
-                    match make_engine(&mut self.uring, image.clone(), self.cfg.model, tags, true) {
+                    match make_engine(&mut self.uring, image.clone(), &self.cfg, tags, true) {
                         Ok(e) => {
                             self.sched.set_engine_limit(e.max_in_flight());
                             self.engine = e;
@@ -698,7 +708,7 @@ impl<T: RingTransport> RingLoop<T> {
         };
         c.requests.add(1);
         c.sectors.add(req.nr_sectors);
-        if st != status::OKAY {
+        if st != status::OKAY && st != blkif::local::STATUS_EARLY {
             c.errors.add(1);
         }
         let complete = if t.complete == 0 { now } else { t.complete };

@@ -272,6 +272,8 @@ pub struct Sched {
     next_seq: u64,
     /// Backend IOs in flight at most (0: unlimited): the config's, or the engine's.
     io_limit: usize,
+    /// Completions engines reported inside submit, ever.
+    sync_done: u64,
 }
 
 impl Sched {
@@ -320,6 +322,7 @@ impl Sched {
             done: Done::with_capacity(n_ios),
             next_seq: 0,
             io_limit: cfg.max_ios as usize,
+            sync_done: 0,
         }
     }
 
@@ -359,6 +362,19 @@ impl Sched {
     /// Requests waiting to start.
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    /// A flush or barrier is running (nothing else may start).
+    pub fn ordering(&self) -> bool {
+        self.ordering
+    }
+
+    /// The first request waiting: its operation and sector range (for diagnostics).
+    pub fn first_pending(&self) -> Option<(Operation, u64, u64, bool)> {
+        self.pending.first().map(|&s| {
+            let r = &self.slots[s as usize];
+            (r.req.op, r.req.sector, r.req.nr_sectors, r.solo)
+        })
     }
 
     /// Hands a validated, mapped request to the scheduler.
@@ -450,6 +466,25 @@ impl Sched {
 
     /// Starts every pending request that may start now. `now` stamps their submission.
     pub fn dispatch(
+        &mut self,
+        ring: &mut Uring,
+        eng: &mut dyn Engine,
+        stats: &RingStats,
+        now: u64,
+    ) -> io::Result<()> {
+        // An engine may finish an IO inside submit (a synchronous ioctl, an injected fault);
+        // if that lets more start (a flush done, a conflict gone), go round again: no
+        // completion will come later to prompt it.
+        loop {
+            let before = self.sync_done;
+            self.dispatch_once(ring, eng, stats, now)?;
+            if self.sync_done == before || self.pending.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn dispatch_once(
         &mut self,
         ring: &mut Uring,
         eng: &mut dyn Engine,
@@ -799,6 +834,7 @@ impl Sched {
         stats: &RingStats,
     ) -> io::Result<()> {
         while let Some((tag, res)) = self.done.0.pop() {
+            self.sync_done += 1;
             self.io_done(tag, res, ring, eng, stats, 0)?;
         }
         Ok(())
@@ -909,6 +945,8 @@ mod tests {
         violations: Vec<String>,
         merged_seen: usize,
         max_seen: usize,
+        /// Finish flushes inside submit, as a synchronous ioctl would.
+        sync_flush: bool,
     }
 
     impl MemEngine {
@@ -964,7 +1002,20 @@ mod tests {
     }
 
     impl Engine for MemEngine {
-        unsafe fn submit(&mut self, _: &mut Uring, io: BackendIo, _: &mut Done) -> io::Result<()> {
+        unsafe fn submit(
+            &mut self,
+            _: &mut Uring,
+            io: BackendIo,
+            done: &mut Done,
+        ) -> io::Result<()> {
+            if io.op == IoOp::Flush && self.sync_flush {
+                if !self.in_flight.is_empty() {
+                    self.violations
+                        .push("flush submitted with IO in flight".into());
+                }
+                done.push(io.tag, 0);
+                return Ok(());
+            }
             if self.flushing {
                 self.violations
                     .push(format!("{io:?} submitted during a flush"));
@@ -1041,6 +1092,7 @@ mod tests {
         batch: usize,
         picks: &[u16],
         max_ios: u32,
+        sync_flush: bool,
     ) -> (Vec<(i16, Vec<u8>)>, MemEngine, u64) {
         let slots = 16u32;
         let mut sched = Sched::new(
@@ -1060,6 +1112,7 @@ mod tests {
             violations: Vec::new(),
             merged_seen: 0,
             max_seen: 0,
+            sync_flush,
         };
         let mut ring = Uring::new(8).unwrap();
         let stats = RingStats::default();
@@ -1155,6 +1208,15 @@ mod tests {
                 }
             }
             sched.dispatch(&mut ring, &mut eng, &stats, 3).unwrap();
+            // As in the ring loop, nothing prompts another dispatch unless a request arrives
+            // or an IO completes: with none in flight and none to come, nothing may wait.
+            if next == reqs.len() && eng.in_flight.is_empty() {
+                assert_eq!(
+                    sched.pending(),
+                    0,
+                    "requests wait with nothing to wake them"
+                );
+            }
             sched.take_finished(&mut finished);
             for s in finished.drain(..) {
                 let i = owner[s as usize];
@@ -1208,12 +1270,13 @@ mod tests {
             batch in 1usize..16,
             picks in proptest::collection::vec(any::<u16>(), 0..400),
             max_ios in 0u32..3,
+            sync_flush in any::<bool>(),
         ) {
             let mut bad = vec![false; SECTORS as usize];
             for b in bad_at {
                 bad[b as usize] = true;
             }
-            let (got, eng, _) = run_sched(&reqs, &bad, merge, batch, &picks, max_ios);
+            let (got, eng, _) = run_sched(&reqs, &bad, merge, batch, &picks, max_ios, sync_flush);
             if max_ios > 0 {
                 prop_assert!(eng.max_seen <= max_ios as usize, "{} IOs in flight", eng.max_seen);
             }
@@ -1240,7 +1303,7 @@ mod tests {
             .collect();
         let mut bad = vec![false; SECTORS as usize];
         bad[21] = true;
-        let (got, eng, ios) = run_sched(&reqs, &bad, true, 16, &[0; 64], 0);
+        let (got, eng, ios) = run_sched(&reqs, &bad, true, 16, &[0; 64], 0, false);
         assert!(eng.violations.is_empty());
         assert!(eng.merged_seen > 0, "contiguous writes were not merged");
         for (i, g) in got.iter().enumerate() {
@@ -1249,7 +1312,7 @@ mod tests {
         }
         // Merged into 16-sector IOs: 4 of them, and the failed one retried as 4 singles.
         assert_eq!(ios, 4 + 4);
-        let (_, _, ios) = run_sched(&reqs, &[false; 64], false, 16, &[0; 64], 0);
+        let (_, _, ios) = run_sched(&reqs, &[false; 64], false, 16, &[0; 64], 0, false);
         assert_eq!(ios, 16, "without merging each request is an IO");
     }
 }

@@ -30,6 +30,12 @@ impl Counter {
             Ordering::Relaxed,
         );
     }
+    /// Sets the value (a gauge). Only the owning thread may call this.
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
     /// Current value.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -222,8 +228,14 @@ pub struct RingStats {
     pub flush: OpCounters,
     /// Discards.
     pub discard: OpCounters,
-    /// Requests in flight now.
+    /// Requests in flight now (accepted, not answered).
     pub in_flight: Counter,
+    /// Requests waiting in the scheduler now.
+    pub waiting: Counter,
+    /// Backend IOs in flight now.
+    pub ios_in_flight: Counter,
+    /// Early reads answered or not whose pages are still being filled now.
+    pub early_busy: Counter,
     /// Requests refused as malformed (guest-caused).
     pub bad_requests: Counter,
     /// Requests with unsupported operations.
@@ -270,6 +282,12 @@ pub struct Totals {
     pub discard: OpTotals,
     /// In flight now.
     pub in_flight: u64,
+    /// Waiting in the scheduler now.
+    pub waiting: u64,
+    /// Backend IOs in flight now.
+    pub ios_in_flight: u64,
+    /// Early reads still filling now.
+    pub early_busy: u64,
     /// Malformed requests refused.
     pub bad_requests: u64,
     /// Unsupported operations refused.
@@ -353,6 +371,9 @@ pub fn totals<'a>(rings: impl IntoIterator<Item = &'a RingStats> + Clone) -> Tot
         t.flush.add(&r.flush);
         t.discard.add(&r.discard);
         t.in_flight += r.in_flight.get();
+        t.waiting += r.waiting.get();
+        t.ios_in_flight += r.ios_in_flight.get();
+        t.early_busy += r.early_busy.get();
         t.bad_requests += r.bad_requests.get();
         t.unsupported += r.unsupported.get();
         t.io_errors += r.io_errors.get();

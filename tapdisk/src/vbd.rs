@@ -314,6 +314,7 @@ impl Vbd {
             poll: Duration::from_micros(u64::from(opts.poll_us.min(10_000))),
             model: opts.model,
             early: opts.early,
+            faults: opts.faults.clone(),
         };
         let log = log.new(o!("minor" => minor));
         let direct = image.direct_fd().is_some();
@@ -620,7 +621,7 @@ fn accept_loop(listener: UnixListener, cx: AcceptCtx) {
         let (shared2, ctl2, stats2) = (cx.shared.clone(), ctl.clone(), stats.clone());
         let cache = cx.shared.cache.clone();
         let rlog = cx.log.new(o!("ring" => ring_no));
-        let (limits, disk, cfg) = (cx.limits, cx.disk, cx.cfg);
+        let (limits, disk, cfg) = (cx.limits, cx.disk, cx.cfg.clone());
         let thread = std::thread::Builder::new()
             .name(format!("ring{ring_no}"))
             .spawn(move || {

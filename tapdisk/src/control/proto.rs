@@ -43,6 +43,8 @@ pub struct VbdOptions {
     /// Early read return for frontends that set up the early-read contract (see
     /// `tapdisk::early`), and the host-side read cache.
     pub early: Option<crate::early::EarlyPolicy>,
+    /// Faults to inject below the scheduler (testing; see `tapdisk::engine::fault`).
+    pub faults: Option<crate::engine::fault::FaultPlan>,
     /// Also export the disk over NBD: `unix:PATH` or `tcp:ADDR:PORT`.
     pub nbd: Option<String>,
     /// Before a ring loop sleeps, it polls the ring for this many microseconds (0: never).
@@ -66,6 +68,7 @@ impl Default for VbdOptions {
             trace: 0,
             model: None,
             early: None,
+            faults: None,
             nbd: None,
             poll_us: 0,
         }

@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail, Result};
 use clap::{Args, ValueEnum};
 use tapdisk::control::proto::VbdOptions;
 use tapdisk::early::EarlyPolicy;
+use tapdisk::engine::fault::FaultPlan;
 use tapdisk::engine::model::ModelParams;
 use tapdisk::image::{DirectIo, ImageSpec};
 use tapdisk::nbd::NbdListen;
@@ -133,6 +134,14 @@ pub struct DiskArgs {
     /// e.g. --early-read percent=25,cache=256
     #[arg(verbatim_doc_comment, long, value_name = "POLICY")]
     pub early_read: Option<String>,
+    /// For testing: inject faults below the scheduler. PLAN is any of, comma-separated:
+    ///   seed=N          seed of the random faults
+    ///   fail=PPM        IOs failing at random, per million
+    ///   delay=PPM:US    IOs held back US µs at random, per million
+    ///   tear            a failing write first writes half its data
+    ///   bad=S+N;S+N     bad sector ranges: every IO touching one fails
+    #[arg(verbatim_doc_comment, long, value_name = "PLAN")]
+    pub inject_faults: Option<String>,
 }
 
 /// A validated [`DiskArgs`]: what goes into an `open` command.
@@ -195,6 +204,11 @@ impl DiskArgs {
             .as_deref()
             .map(|m| m.parse::<EarlyPolicy>().map_err(|e| anyhow!("{e}")))
             .transpose()?;
+        let faults = self
+            .inject_faults
+            .as_deref()
+            .map(|m| m.parse::<FaultPlan>().map_err(|e| anyhow!("{e}")))
+            .transpose()?;
         let model = self
             .model_disk
             .as_deref()
@@ -218,6 +232,7 @@ impl DiskArgs {
                 trace: self.trace,
                 model,
                 early,
+                faults,
                 nbd,
                 poll_us: self.poll_us,
             },
@@ -291,6 +306,7 @@ mod tests {
             trace: 0,
             model_disk: None,
             early_read: None,
+            inject_faults: None,
         }
     }
 

@@ -144,6 +144,7 @@ fn run_one(
         max_merge_kb: 1024,
         model_disk: model,
         early_read: Some(policy.unwrap_or_default()),
+        inject_faults: None,
     };
     let shape = ta.shape();
     let mut t = target::open(&ta, shape.pages_per_io(args.bs) as u32)?;

@@ -15,6 +15,7 @@ use tapdisk::control::client::{self, Client};
 use tapdisk::control::proto::{Command, Reply, VbdOptions};
 use tapdisk::control::RunDir;
 use tapdisk::early::EarlyPolicy;
+use tapdisk::engine::fault::FaultPlan;
 use tapdisk::engine::model::ModelParams;
 use tapdisk::image::DirectIo;
 
@@ -112,6 +113,10 @@ pub struct TargetArgs {
     #[arg(long, value_name = "POLICY", num_args = 0..=1, default_missing_value = "off",
           value_parser = |s: &str| s.parse::<EarlyPolicy>())]
     pub early_read: Option<EarlyPolicy>,
+    /// For testing: the private tapdisk injects faults below its scheduler (see 'tap-ctl
+    /// create --help'), e.g. seed=1,fail=2000,tear or bad=1000+8.
+    #[arg(long, value_name = "PLAN", value_parser = |s: &str| s.parse::<FaultPlan>())]
+    pub inject_faults: Option<FaultPlan>,
     /// The private tapdisk serves through the thesis's disk model ('default', or
     /// X_US,Y_NS_PER_KB,SEEK_US); the data is real, the timing modelled.
     #[arg(long, value_name = "PARAMS", num_args = 0..=1, default_missing_value = "default",
@@ -510,6 +515,7 @@ pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<
         max_merge_kb: args.max_merge_kb,
         model: args.model_disk,
         early: args.early_read,
+        faults: args.inject_faults.clone(),
         trace: trace_cap,
         poll_us: args.poll_us,
         ..VbdOptions::default()

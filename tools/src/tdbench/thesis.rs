@@ -146,6 +146,7 @@ fn targs(disk: &Disk, c: Config) -> TargetArgs {
         max_merge_kb: 16384,
         model_disk: disk.model,
         early_read: None,
+        inject_faults: None,
     }
 }
 

@@ -47,9 +47,40 @@ pub struct VerifyArgs {
     /// Print the result as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Accept error responses (with faults injected at random): the request passes, and a
+    /// failed write's sectors are unknown until rewritten. Wrong data is still a failure.
+    #[arg(long)]
+    pub allow_errors: bool,
+    /// Sector ranges that must fail (bad sectors injected there): every request touching one
+    /// must get an error, and every other must succeed (unless --allow-errors).
+    /// Written SECTOR+COUNT;SECTOR+COUNT.
+    #[arg(long, value_name = "RANGES", value_parser = parse_ranges)]
+    pub expect_bad: Option<Ranges>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub target: TargetArgs,
+}
+
+/// Sector ranges `(first, count)`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ranges(pub Vec<(u64, u64)>);
+
+fn parse_ranges(s: &str) -> Result<Ranges, String> {
+    s.split(';')
+        .map(|r| {
+            let (a, b) = r
+                .split_once('+')
+                .ok_or_else(|| format!("range '{r}' is not SECTOR+COUNT"))?;
+            let a = a
+                .parse::<u64>()
+                .map_err(|_| format!("'{a}' is not a sector"))?;
+            let b = b
+                .parse::<u64>()
+                .map_err(|_| format!("'{b}' is not a count"))?;
+            Ok((a, b.max(1)))
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map(Ranges)
 }
 
 /// What a planned request does.
@@ -275,6 +306,8 @@ pub struct Totals {
     pub bytes_written: u64,
     /// Sectors whose content a read could check.
     pub sectors_checked: u64,
+    /// Requests answered with an error that was expected (injected faults).
+    pub expected_errors: u64,
 }
 
 struct Failures {
@@ -367,6 +400,8 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
         failures: Failures { shown: 0 },
         discard_zeroes: !args.discard_unknown,
         per_slot: per_slot as u32,
+        allow_errors: args.allow_errors,
+        expect_bad: args.expect_bad.clone().unwrap_or_default().0,
     };
     let mut rng = Rng::new(seed);
     let mut rsps: Vec<Response> = Vec::with_capacity(ring as usize);
@@ -457,6 +492,12 @@ fn print_totals(t: &Totals, json: bool, elapsed: Duration, seed: u64) {
         return;
     }
     let done = t.reads + t.writes + t.flushes + t.discards;
+    if t.expected_errors > 0 {
+        eprintln!(
+            "td-bench verify: {} requests got the error injected for them",
+            t.expected_errors
+        );
+    }
     eprintln!(
         "td-bench verify: {} reads ({}), {} writes ({}), {} flushes, {} discards, {} sectors \
          checked in {:.2} s ({:.0} requests/s)",
@@ -486,6 +527,10 @@ struct Verifier {
     discard_zeroes: bool,
     /// Pages of guest memory each slot owns (the last is the descriptor page, if indirect).
     per_slot: u32,
+    /// Error responses are acceptable (random faults injected).
+    allow_errors: bool,
+    /// Ranges every request touching must fail.
+    expect_bad: Vec<(u64, u64)>,
 }
 
 const SEGS: usize = MAX_SEGMENTS_PER_REQUEST;
@@ -615,11 +660,36 @@ impl Verifier {
                 r.operation, want_op
             ));
         }
-        let good = r.status == status::OKAY;
+        let mut good = r.status == status::OKAY;
+        if good && p.kind == Kind::Read {
+            // In early-read mode a read may be answered before all of it is in: its data is
+            // good only once the backend says the rest arrived.
+            if let Err(e) = fe.finish_read(r.id) {
+                if matches!(e, blkif::early::EarlyReadError::Failed(_)) {
+                    good = false;
+                } else {
+                    ok = false;
+                    self.failures.report(format_args!("{what}: {e}"));
+                }
+            }
+        }
+        let touches_bad = p.kind != Kind::Flush
+            && self.expect_bad.iter().any(|&(a, n)| {
+                p.range.start < a.saturating_add(n) && a < p.range.start + p.range.len
+            });
         if !good {
+            if touches_bad || self.allow_errors {
+                self.totals.expected_errors += 1;
+            } else {
+                ok = false;
+                self.failures
+                    .report(format_args!("{what}: status {}", r.status));
+            }
+        } else if touches_bad {
             ok = false;
-            self.failures
-                .report(format_args!("{what}: status {}", r.status));
+            self.failures.report(format_args!(
+                "{what}: succeeded, but it touches a bad sector range"
+            ));
         }
         let bytes = p.range.len * SECTOR as u64;
         match p.kind {

@@ -1,0 +1,282 @@
+//! Fault injection: an engine wrapper that fails, delays or tears IOs on a seeded schedule,
+//! for testing everything above an engine (the scheduler, early reads, the drivers).
+//!
+//! A [`FaultPlan`] names bad sector ranges (every IO touching one fails with EIO, every time:
+//! a bad spot on the disk) and seeded random faults per IO: failures (parts per million),
+//! delays, and torn writes (a failing write first writes the first half of its data, as a
+//! power cut or a dying disk can). Faults never corrupt what they do not report: an IO that
+//! completes OK did all of its work.
+
+use std::io;
+
+use io_uring::{opcode, types};
+use serde::{Deserialize, Serialize};
+
+use super::{BackendIo, Done, Engine, IoOp, Uring, ENGINE_SPACE};
+
+/// Timer user data: `FAULT_TIMERS + tag` (the inner engine uses tag numbers).
+const FAULT_TIMERS: u64 = ENGINE_SPACE / 4;
+
+/// What to inject.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FaultPlan {
+    /// Seed of the random faults.
+    pub seed: u64,
+    /// IOs failing at random, per million.
+    pub fail_ppm: u32,
+    /// IOs delayed at random, per million.
+    pub delay_ppm: u32,
+    /// How long a delayed IO is held back, µs.
+    pub delay_us: u32,
+    /// A failing write first writes the first half of its data (a torn write).
+    pub tear: bool,
+    /// Bad sector ranges `(first sector, sectors)`: every IO touching one fails.
+    pub bad: Vec<(u64, u64)>,
+}
+
+impl std::str::FromStr for FaultPlan {
+    type Err = String;
+    /// `seed=N,fail=PPM,delay=PPM:US,tear,bad=SECTOR+COUNT;SECTOR+COUNT`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut p = FaultPlan::default();
+        for part in s.split(',').filter(|x| !x.is_empty()) {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            let num = |v: &str, what: &str| -> Result<u64, String> {
+                v.parse::<u64>()
+                    .map_err(|_| format!("fault plan: {what} '{v}' is not a whole number"))
+            };
+            match k {
+                "seed" => p.seed = num(v, "seed")?,
+                "fail" => p.fail_ppm = num(v, "fail")?.min(1_000_000) as u32,
+                "delay" => {
+                    let (a, b) = v
+                        .split_once(':')
+                        .ok_or_else(|| format!("fault plan: delay='{v}' is not PPM:US"))?;
+                    p.delay_ppm = num(a, "delay")?.min(1_000_000) as u32;
+                    p.delay_us = num(b, "delay time")?.min(10_000_000) as u32;
+                }
+                "tear" => p.tear = true,
+                "bad" => {
+                    for r in v.split(';') {
+                        let (a, b) = r.split_once('+').ok_or_else(|| {
+                            format!("fault plan: bad range '{r}' is not SECTOR+COUNT")
+                        })?;
+                        p.bad
+                            .push((num(a, "bad sector")?, num(b, "bad count")?.max(1)));
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "unknown fault plan item '{other}' (known: seed, fail, delay, tear, bad)"
+                    ))
+                }
+            }
+        }
+        Ok(p)
+    }
+}
+
+impl FaultPlan {
+    /// Whether an IO of `len` bytes at byte `offset` touches a bad range.
+    pub fn hits_bad(&self, offset: u64, len: u64) -> bool {
+        let (a, b) = (offset / 512, (offset + len).div_ceil(512));
+        self.bad
+            .iter()
+            .any(|&(s, n)| a < s.saturating_add(n) && s < b.max(a + 1))
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Tag {
+    busy: bool,
+    /// Report this instead of the inner result (a torn write's EIO).
+    force: Option<i32>,
+    result: Option<i32>,
+    /// Waiting for a delay timer.
+    delayed: bool,
+    timer_done: bool,
+}
+
+/// The fault-injecting wrapper.
+pub struct FaultEngine {
+    inner: Box<dyn Engine>,
+    plan: FaultPlan,
+    rng: u64,
+    tags: Box<[Tag]>,
+    ts: Box<[types::Timespec]>,
+    inner_done: Done,
+}
+
+impl FaultEngine {
+    /// Wraps `inner`, which serves `tags` tags.
+    pub fn new(inner: Box<dyn Engine>, plan: FaultPlan, tags: u32) -> FaultEngine {
+        FaultEngine {
+            inner,
+            rng: plan.seed ^ 0x9E37_79B9_7F4A_7C15,
+            plan,
+            tags: vec![Tag::default(); tags as usize].into_boxed_slice(),
+            ts: (0..tags).map(|_| types::Timespec::new()).collect(),
+            inner_done: Done::with_capacity(tags as usize),
+        }
+    }
+
+    fn roll(&mut self, ppm: u32) -> bool {
+        if ppm == 0 {
+            return false;
+        }
+        // xorshift64*
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let v = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        (v >> 32) % 1_000_000 < u64::from(ppm)
+    }
+
+    fn report(&mut self, tag: u32, done: &mut Done) {
+        let t = &mut self.tags[tag as usize];
+        if !t.busy || t.result.is_none() || (t.delayed && !t.timer_done) {
+            return;
+        }
+        t.busy = false;
+        let r = t.force.unwrap_or(t.result.unwrap_or(-libc::EIO));
+        done.push(tag, r);
+    }
+
+    fn collect(&mut self, done: &mut Done) {
+        for i in 0..self.inner_done.0.len() {
+            let (tag, res) = self.inner_done.0[i];
+            if let Some(t) = self.tags.get_mut(tag as usize) {
+                t.result = Some(res);
+            }
+            self.report(tag, done);
+        }
+        self.inner_done.0.clear();
+    }
+}
+
+impl Engine for FaultEngine {
+    unsafe fn submit(
+        &mut self,
+        ring: &mut Uring,
+        io: BackendIo,
+        done: &mut Done,
+    ) -> io::Result<()> {
+        let data = matches!(io.op, IoOp::Read | IoOp::Write | IoOp::Discard { .. });
+        let fail = (data && self.plan.hits_bad(io.offset, io.len)) || {
+            let p = self.plan.fail_ppm;
+            self.roll(p)
+        };
+        let delay = {
+            let p = self.plan.delay_ppm;
+            self.roll(p)
+        };
+        let t = io.tag as usize;
+        self.tags[t] = Tag {
+            busy: true,
+            ..Tag::default()
+        };
+        if delay && self.plan.delay_us > 0 {
+            let at = crate::trace::now_ns() + u64::from(self.plan.delay_us) * 1000;
+            self.ts[t] = types::Timespec::new()
+                .sec(at / 1_000_000_000)
+                .nsec((at % 1_000_000_000) as u32);
+            let e = opcode::Timeout::new(&self.ts[t])
+                .flags(types::TimeoutFlags::ABS)
+                .build()
+                .user_data(FAULT_TIMERS + u64::from(io.tag));
+            // SAFETY: the timespec lives in `self.ts[tag]`, never resized nor rewritten while
+            // the tag is busy.
+            unsafe { ring.push(&e)? };
+            self.tags[t].delayed = true;
+        }
+        if fail {
+            self.tags[t].force = Some(-libc::EIO);
+            if io.op == IoOp::Write && self.plan.tear && io.len >= 1024 {
+                // Write the first half (whole sectors, whole iovecs cut short), then fail.
+                let mut keep = (io.len / 2) & !511;
+                let mut cnt = 0u32;
+                // SAFETY: the iovecs are ours to rewrite until the tag completes (submit
+                // contract); `cnt < iovcnt` while bytes remain to keep.
+                unsafe {
+                    while keep > 0 && cnt < io.iovcnt {
+                        let v = &mut *io.iov.add(cnt as usize);
+                        if (v.iov_len as u64) > keep {
+                            v.iov_len = keep as usize;
+                        }
+                        keep -= v.iov_len as u64;
+                        cnt += 1;
+                    }
+                }
+                let torn = BackendIo {
+                    len: (io.len / 2) & !511,
+                    iovcnt: cnt,
+                    ..io
+                };
+                // SAFETY: forwarded from our submit contract.
+                unsafe { self.inner.submit(ring, torn, &mut self.inner_done)? };
+                self.collect(done);
+                return Ok(());
+            }
+            self.tags[t].result = Some(-libc::EIO);
+            self.report(io.tag, done);
+            return Ok(());
+        }
+        // SAFETY: forwarded from our submit contract.
+        unsafe { self.inner.submit(ring, io, &mut self.inner_done)? };
+        self.collect(done);
+        Ok(())
+    }
+
+    fn complete(
+        &mut self,
+        ring: &mut Uring,
+        user_data: u64,
+        res: i32,
+        done: &mut Done,
+    ) -> io::Result<()> {
+        if (FAULT_TIMERS..FAULT_TIMERS + self.tags.len() as u64).contains(&user_data) {
+            let tag = (user_data - FAULT_TIMERS) as u32;
+            self.tags[tag as usize].timer_done = true;
+            self.report(tag, done);
+            return Ok(());
+        }
+        self.inner
+            .complete(ring, user_data, res, &mut self.inner_done)?;
+        self.collect(done);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("faults injected over {}", self.inner.describe())
+    }
+
+    fn max_in_flight(&self) -> Option<u32> {
+        self.inner.max_in_flight()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_parse() {
+        let p: FaultPlan = "seed=7,fail=1000,delay=500:2000,tear,bad=100+8;5000+1"
+            .parse()
+            .unwrap();
+        assert_eq!(p.seed, 7);
+        assert_eq!(
+            (p.fail_ppm, p.delay_ppm, p.delay_us, p.tear),
+            (1000, 500, 2000, true)
+        );
+        assert_eq!(p.bad, vec![(100, 8), (5000, 1)]);
+        assert!(p.hits_bad(100 * 512, 512));
+        assert!(p.hits_bad(96 * 512, 4096));
+        assert!(!p.hits_bad(108 * 512, 4096));
+        assert!(!p.hits_bad(0, 100 * 512));
+        assert!("bad=5".parse::<FaultPlan>().is_err());
+        assert!("nope=1".parse::<FaultPlan>().is_err());
+        assert_eq!("".parse::<FaultPlan>(), Ok(FaultPlan::default()));
+    }
+}
