@@ -145,7 +145,9 @@ fn run(ops: Vec<Op>, block_size: u64, size: u64) -> Result<(), TestCaseError> {
     for op in ops {
         match op {
             Op::Write { vol, sector, n } => {
-                let Some(name) = nth_name(&m, vol) else { continue };
+                let Some(name) = nth_name(&m, vol) else {
+                    continue;
+                };
                 let v = m.vols.get_mut(&name).unwrap();
                 if v.kind == VolumeKind::Snapshot {
                     continue;
@@ -163,7 +165,9 @@ fn run(ops: Vec<Op>, block_size: u64, size: u64) -> Result<(), TestCaseError> {
                 }
             }
             Op::Read { vol, sector, n } => {
-                let Some(name) = nth_name(&m, vol) else { continue };
+                let Some(name) = nth_name(&m, vol) else {
+                    continue;
+                };
                 let n = n.min(sectors - sector);
                 let mut buf = vec![0u8; n as usize * SECTOR];
                 let h = img.volume(&name).unwrap();
@@ -171,18 +175,27 @@ fn run(ops: Vec<Op>, block_size: u64, size: u64) -> Result<(), TestCaseError> {
                 for (i, s) in buf.chunks(SECTOR).enumerate() {
                     let at = sector + i as u64;
                     let got = decode(s, at).map_err(TestCaseError::fail)?;
-                    prop_assert_eq!(got, m.vols[&name].cur[at as usize], "volume {} sector {}", name, at);
+                    prop_assert_eq!(
+                        got,
+                        m.vols[&name].cur[at as usize],
+                        "volume {} sector {}",
+                        name,
+                        at
+                    );
                 }
             }
             Op::Discard { vol, sector, n } => {
-                let Some(name) = nth_name(&m, vol) else { continue };
+                let Some(name) = nth_name(&m, vol) else {
+                    continue;
+                };
                 let v = m.vols.get_mut(&name).unwrap();
                 if v.kind == VolumeKind::Snapshot {
                     continue;
                 }
                 let n = n.min(sectors - sector);
                 let h = img.volume(&name).unwrap();
-                img.discard(h, sector * SECTOR as u64, n * SECTOR as u64).unwrap();
+                img.discard(h, sector * SECTOR as u64, n * SECTOR as u64)
+                    .unwrap();
                 // Whole blocks inside the range read as zeroes.
                 let first = sector.div_ceil(spb) * spb;
                 let end = (sector + n) / spb * spb;
@@ -198,7 +211,9 @@ fn run(ops: Vec<Op>, block_size: u64, size: u64) -> Result<(), TestCaseError> {
                 m.durable = m.vols.clone();
             }
             Op::Snapshot { vol } | Op::Clone { vol } => {
-                let Some(name) = nth_name(&m, vol) else { continue };
+                let Some(name) = nth_name(&m, vol) else {
+                    continue;
+                };
                 if m.vols.len() >= 8 {
                     continue;
                 }
@@ -212,14 +227,20 @@ fn run(ops: Vec<Op>, block_size: u64, size: u64) -> Result<(), TestCaseError> {
                     img.clone_volume(h, &new).unwrap();
                 }
                 let v = Vol {
-                    kind: if snap { VolumeKind::Snapshot } else { VolumeKind::Disk },
+                    kind: if snap {
+                        VolumeKind::Snapshot
+                    } else {
+                        VolumeKind::Disk
+                    },
                     cur: m.vols[&name].cur.clone(),
                     since: BTreeMap::new(),
                 };
                 m.vols.insert(new, v);
             }
             Op::Delete { vol } => {
-                let Some(name) = nth_name(&m, vol) else { continue };
+                let Some(name) = nth_name(&m, vol) else {
+                    continue;
+                };
                 let h = img.volume(&name).unwrap();
                 img.delete(h).unwrap();
                 m.vols.remove(&name);
@@ -251,7 +272,9 @@ fn run(ops: Vec<Op>, block_size: u64, size: u64) -> Result<(), TestCaseError> {
                     for (s, &id) in got.iter().enumerate() {
                         let allowed = id == d.cur[s]
                             || last.is_some_and(|v| {
-                                v.since.get(&(s as u64)).is_some_and(|ids| ids.contains(&id))
+                                v.since
+                                    .get(&(s as u64))
+                                    .is_some_and(|ids| ids.contains(&id))
                             });
                         prop_assert!(
                             allowed,
@@ -259,7 +282,10 @@ fn run(ops: Vec<Op>, block_size: u64, size: u64) -> Result<(), TestCaseError> {
                             name, s, id, d.cur[s]
                         );
                     }
-                    prop_assert_eq!(img.volume_info(img.volume(name).unwrap()).unwrap().kind, d.kind);
+                    prop_assert_eq!(
+                        img.volume_info(img.volume(name).unwrap()).unwrap().kind,
+                        d.kind
+                    );
                     now.insert(
                         name.clone(),
                         Vol {
@@ -310,15 +336,35 @@ proptest! {
 #[test]
 fn deleted_snapshot_survives_a_crash_before_the_commit() {
     let ops = vec![
-        Op::Write { vol: 0, sector: 0, n: 2048 },
+        Op::Write {
+            vol: 0,
+            sector: 0,
+            n: 2048,
+        },
         Op::Snapshot { vol: 0 },
-        Op::Write { vol: 0, sector: 0, n: 2048 },
+        Op::Write {
+            vol: 0,
+            sector: 0,
+            n: 2048,
+        },
         Op::Flush,
         Op::Delete { vol: 1 },
-        Op::Write { vol: 0, sector: 0, n: 4096 },
-        Op::Write { vol: 0, sector: 4096, n: 2048 },
+        Op::Write {
+            vol: 0,
+            sector: 0,
+            n: 4096,
+        },
+        Op::Write {
+            vol: 0,
+            sector: 4096,
+            n: 2048,
+        },
         Op::Crash { seed: 7, slots: 2 },
-        Op::Read { vol: 1, sector: 0, n: 2048 },
+        Op::Read {
+            vol: 1,
+            sector: 0,
+            n: 2048,
+        },
     ];
     run(ops, 4096, 3 << 20).unwrap();
 }
@@ -330,21 +376,41 @@ fn blocks_shared_at_the_last_commit_are_not_written_in_place() {
     for seed in 0..8 {
         // The snapshot is deleted, then the disk rewrites the blocks it shared.
         let ops = vec![
-            Op::Write { vol: 0, sector: 0, n: 64 },
+            Op::Write {
+                vol: 0,
+                sector: 0,
+                n: 64,
+            },
             Op::Snapshot { vol: 0 },
             Op::Flush,
             Op::Delete { vol: 1 },
-            Op::Write { vol: 0, sector: 0, n: 64 },
+            Op::Write {
+                vol: 0,
+                sector: 0,
+                n: 64,
+            },
             Op::Crash { seed, slots: 3 },
         ];
         run(ops, 4096, 3 << 20).unwrap();
         // The disk copies a block it shares with a clone; then the clone writes it.
         let ops = vec![
-            Op::Write { vol: 0, sector: 0, n: 64 },
+            Op::Write {
+                vol: 0,
+                sector: 0,
+                n: 64,
+            },
             Op::Clone { vol: 0 },
             Op::Flush,
-            Op::Write { vol: 0, sector: 0, n: 64 },
-            Op::Write { vol: 1, sector: 0, n: 64 },
+            Op::Write {
+                vol: 0,
+                sector: 0,
+                n: 64,
+            },
+            Op::Write {
+                vol: 1,
+                sector: 0,
+                n: 64,
+            },
             Op::Crash { seed, slots: 3 },
         ];
         run(ops, 4096, 3 << 20).unwrap();
@@ -356,19 +422,50 @@ fn blocks_shared_at_the_last_commit_are_not_written_in_place() {
 fn clone_and_snapshot_crash_mix() {
     for seed in 0..20 {
         let ops = vec![
-            Op::Write { vol: 0, sector: 10, n: 90 },
+            Op::Write {
+                vol: 0,
+                sector: 10,
+                n: 90,
+            },
             Op::Clone { vol: 0 },
             Op::Flush,
-            Op::Write { vol: 1, sector: 0, n: 50 },
-            Op::Write { vol: 0, sector: 20, n: 50 },
+            Op::Write {
+                vol: 1,
+                sector: 0,
+                n: 50,
+            },
+            Op::Write {
+                vol: 0,
+                sector: 20,
+                n: 50,
+            },
             Op::Flush,
-            Op::Write { vol: 1, sector: 0, n: 50 },
-            Op::Write { vol: 0, sector: 20, n: 50 },
+            Op::Write {
+                vol: 1,
+                sector: 0,
+                n: 50,
+            },
+            Op::Write {
+                vol: 0,
+                sector: 20,
+                n: 50,
+            },
             Op::Snapshot { vol: 0 },
-            Op::Discard { vol: 1, sector: 0, n: 4000 },
+            Op::Discard {
+                vol: 1,
+                sector: 0,
+                n: 4000,
+            },
             Op::Crash { seed, slots: 1 },
-            Op::Write { vol: 0, sector: 5000, n: 900 },
-            Op::Crash { seed: seed + 100, slots: 10 },
+            Op::Write {
+                vol: 0,
+                sector: 5000,
+                n: 900,
+            },
+            Op::Crash {
+                seed: seed + 100,
+                slots: 10,
+            },
         ];
         run(ops, 4096, 3 << 20).unwrap();
     }
