@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use parallax::{check, Backing, CreateOptions, FaultBacking, Image, OpenOptions, VolumeKind};
+use parallax::{check, CreateOptions, FaultBacking, Image, OpenOptions, VolumeKind};
 use proptest::prelude::*;
 
 const SECTOR: usize = 512;
@@ -79,7 +79,7 @@ fn fill(buf: &mut [u8], first_sector: u64, id: u32) {
 /// The write id a sector holds, or why it holds garbage.
 fn decode(s: &[u8], sector: u64) -> Result<u32, String> {
     let word = u64::from_le_bytes(s[..8].try_into().unwrap());
-    if s.chunks(8).any(|w| w != &word.to_le_bytes()) {
+    if s.chunks(8).any(|w| w != word.to_le_bytes()) {
         return Err(format!("sector {sector} is torn or garbage"));
     }
     if word == 0 {
