@@ -1,1 +1,225 @@
-//! placeholder
+//! Measurements the thesis made on Parallax (section 3.5), for `parallax-img bench-cache`,
+//! `parallax-img bench-io` and `td-bench thesis`.
+//!
+//! - [`cache_experiment`]: Table 3.7, metadata cache misses for 32768 sequential 4 KiB writes
+//!   with N cache slots (the thesis: V2P 0 %, P2M 0.98 % at 10 slots, none at 128).
+//! - [`throughput`]: Table 3.6, sequential throughput through Parallax against the same IO on
+//!   a plain file in the same directory, measured in the same run.
+
+use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Instant;
+
+use crate::backing::MemBacking;
+use crate::cache::CacheStats;
+use crate::disk::Disk;
+use crate::error::{Error, Result};
+use crate::image::{CreateOptions, Image};
+
+/// The thesis's Table 3.7: `(slots, V2P miss %, P2M miss %)`.
+pub const THESIS_MISS_RATES: [(usize, f64, f64); 2] = [(10, 0.0, 0.98), (128, 0.0, 0.0)];
+
+/// The thesis's Table 3.6: `(block size KiB, MB/s without Parallax, MB/s with Parallax)`.
+/// ("Virtual disk 2" is the plain one, "virtual disk 1" the Parallax one.)
+pub const THESIS_THROUGHPUT: [(u64, f64, f64); 4] = [
+    (4, 20.0, 18.0),
+    (8, 31.0, 29.0),
+    (16, 46.0, 40.0),
+    (32, 64.0, 59.0),
+];
+
+/// Cache counters of one run of the miss-rate experiment.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct CacheExperiment {
+    /// Cache slots.
+    pub slots: usize,
+    /// Writes issued.
+    pub writes: u64,
+    /// Bytes per write.
+    pub write_size: u64,
+    /// Writing a fresh disk (the thesis's workload), flushing at the end.
+    pub fresh: CacheStats,
+    /// Writing the same blocks again after the cache was emptied (every node must be read
+    /// once: compulsory misses).
+    pub rewrite_cold: CacheStats,
+}
+
+/// Issues `writes` sequential writes of `write_size` bytes to a fresh in-memory disk whose
+/// image has `slots` cache slots, flushes, and reports the cache counters; then empties the
+/// cache and does it again over the same blocks.
+pub fn cache_experiment(slots: usize, writes: u64, write_size: u64) -> Result<CacheExperiment> {
+    if write_size == 0 || write_size % 512 != 0 || writes == 0 {
+        return Err(Error::Invalid(
+            "the write size must be a positive multiple of 512 and writes at least 1".into(),
+        ));
+    }
+    let size = (writes * write_size).next_multiple_of(1 << 20);
+    let mut o = CreateOptions::new(size);
+    o.cache_slots = slots;
+    let mut img = Image::create(MemBacking::new(), &o)?;
+    let vol = img.volume(crate::image::DEFAULT_VOLUME)?;
+    let buf = vec![0x5au8; write_size as usize];
+    let pass = |img: &mut Image<MemBacking>| -> Result<CacheStats> {
+        let before = img.stats();
+        for i in 0..writes {
+            img.write_at(vol, i * write_size, &buf)?;
+        }
+        img.flush()?;
+        Ok(img.stats().since(&before))
+    };
+    let fresh = pass(&mut img)?;
+    img.drop_cache()?;
+    let rewrite_cold = pass(&mut img)?;
+    Ok(CacheExperiment {
+        slots,
+        writes,
+        write_size,
+        fresh,
+        rewrite_cold,
+    })
+}
+
+/// Sequential throughput, in MB/s (10^6 bytes per second), through Parallax and on a plain
+/// file, for one block size.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Throughput {
+    /// Bytes per IO.
+    pub block_size: u64,
+    /// Bytes moved per pass.
+    pub bytes: u64,
+    /// Writing a new plain file, then fdatasync.
+    pub raw_write: f64,
+    /// Writing a new Parallax disk (allocating every block), then a commit.
+    pub plx_write: f64,
+    /// Writing the plain file again.
+    pub raw_rewrite: f64,
+    /// Writing the Parallax disk again (blocks in place), then a commit.
+    pub plx_rewrite: f64,
+    /// Reading the plain file (its pages dropped from the page cache first).
+    pub raw_read: f64,
+    /// Reading the Parallax disk (pages dropped likewise; metadata cache cold).
+    pub plx_read: f64,
+}
+
+fn drop_pages(f: &File) {
+    // SAFETY: posix_fadvise on a descriptor the caller owns; no memory is passed.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+fn mbs(bytes: u64, t: Instant) -> f64 {
+    bytes as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Measures sequential IO of `bytes` bytes in `block_size` pieces on a plain file and through
+/// Parallax's synchronous API ([`Disk::write_at`], [`Disk::read_at`]), both in `dir`,
+/// alternating `repeat` times, and returns the medians. The files are removed afterwards.
+pub fn throughput(dir: &Path, bytes: u64, block_size: u64, repeat: u32) -> Result<Throughput> {
+    if block_size == 0 || block_size % 512 != 0 || bytes < block_size {
+        return Err(Error::Invalid(
+            "block size must be a positive multiple of 512, no larger than the size".into(),
+        ));
+    }
+    let bytes = bytes / block_size * block_size;
+    let io = |what: &str, e| Error::io(what.to_string(), e);
+    let raw_path = dir.join(format!("parallax-bench-{}.raw", std::process::id()));
+    let plx_path = dir.join(format!("parallax-bench-{}.plx", std::process::id()));
+    let mut runs: [Vec<f64>; 6] = Default::default();
+    let buf = vec![0xa5u8; block_size as usize];
+    let mut rbuf = vec![0u8; block_size as usize];
+    let result = (|| -> Result<()> {
+        for _ in 0..repeat.max(1) {
+            // Plain file.
+            let _ = std::fs::remove_file(&raw_path);
+            let f = FsOpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&raw_path)
+                .map_err(|e| io("creating the plain file", e))?;
+            for slot in [0usize, 2] {
+                let t = Instant::now();
+                for off in (0..bytes).step_by(block_size as usize) {
+                    f.write_all_at(&buf, off).map_err(|e| io("writing", e))?;
+                }
+                f.sync_data().map_err(|e| io("syncing", e))?;
+                runs[slot].push(mbs(bytes, t));
+            }
+            drop_pages(&f);
+            let t = Instant::now();
+            for off in (0..bytes).step_by(block_size as usize) {
+                f.read_exact_at(&mut rbuf, off)
+                    .map_err(|e| io("reading", e))?;
+            }
+            runs[4].push(mbs(bytes, t));
+            drop(f);
+            std::fs::remove_file(&raw_path).map_err(|e| io("removing the plain file", e))?;
+
+            // Parallax.
+            let _ = std::fs::remove_file(&plx_path);
+            let mut d = Disk::create(&plx_path, &CreateOptions::new(bytes))?;
+            for slot in [1usize, 3] {
+                let t = Instant::now();
+                for off in (0..bytes).step_by(block_size as usize) {
+                    d.write_at(off, &buf)?;
+                }
+                d.flush()?;
+                runs[slot].push(mbs(bytes, t));
+            }
+            d.image_mut().drop_cache()?;
+            drop_pages(d.file());
+            let t = Instant::now();
+            for off in (0..bytes).step_by(block_size as usize) {
+                d.read_at(off, &mut rbuf)?;
+            }
+            runs[5].push(mbs(bytes, t));
+            drop(d);
+            std::fs::remove_file(&plx_path).map_err(|e| io("removing the Parallax file", e))?;
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&raw_path);
+    let _ = std::fs::remove_file(&plx_path);
+    result?;
+    let [a, b, c, d, e, f] = runs;
+    Ok(Throughput {
+        block_size,
+        bytes,
+        raw_write: median(a),
+        plx_write: median(b),
+        raw_rewrite: median(c),
+        plx_rewrite: median(d),
+        raw_read: median(e),
+        plx_read: median(f),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_experiment_counts() {
+        let e = cache_experiment(10, 2048, 4096).unwrap();
+        assert!(e.fresh.v2p.lookups >= 2048);
+        assert!(e.fresh.p2m.lookups >= 2048);
+        assert!(e.rewrite_cold.p2m.misses >= 8, "{e:?}");
+        assert!(cache_experiment(10, 0, 4096).is_err());
+    }
+
+    #[test]
+    fn throughput_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = throughput(dir.path(), 1 << 20, 8192, 1).unwrap();
+        assert!(t.raw_write > 0.0 && t.plx_read > 0.0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

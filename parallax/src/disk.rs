@@ -85,20 +85,19 @@ impl Default for DiskOptions {
 }
 
 /// Opens the store of an image file, turning lock and not-found failures into clear errors.
+///
+/// Errors do not repeat the path: callers say which image they were opening.
 pub fn open_backing(path: &Path, read_only: bool) -> Result<FileBacking> {
     FileBacking::open(path, read_only).map_err(|e| match e {
         OpenFileError::Locked => Error::Locked(path.display().to_string()),
-        OpenFileError::Io(e) => Error::io(format!("opening {}", path.display()), e),
+        OpenFileError::Io(e) => Error::io("cannot open", e),
     })
 }
 
 /// Opens the image in file `path`.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image<FileBacking>> {
     let b = open_backing(path, opts.read_only)?;
-    let mut img = Image::open(b, opts).map_err(|e| match e {
-        Error::NotParallax(m) => Error::NotParallax(format!("{}: {m}", path.display())),
-        e => e,
-    })?;
+    let mut img = Image::open(b, opts)?;
     img.set_label(path.display().to_string());
     Ok(img)
 }
@@ -134,13 +133,20 @@ impl Disk<FileBacking> {
         Disk::from_image(img, spec.volume_name(), false)
     }
 
-    /// Creates a new image file at `path` (which must not exist) and opens its disk.
+    /// Creates a new image file at `path` (which must not exist) and opens its disk. If the
+    /// image cannot be made, the file is removed again.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Disk> {
         let b = FileBacking::create(path).map_err(|e| match e {
             OpenFileError::Locked => Error::Locked(path.display().to_string()),
-            OpenFileError::Io(e) => Error::io(format!("creating {}", path.display()), e),
+            OpenFileError::Io(e) => Error::io("cannot create", e),
         })?;
-        let mut img = Image::create(b, opts)?;
+        let mut img = match Image::create(b, opts) {
+            Ok(img) => img,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        };
         img.set_label(path.display().to_string());
         Disk::from_image(img, &opts.name, false)
     }

@@ -6,13 +6,13 @@ use std::io;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The store failed an IO.
-    #[error("{what}: {source}")]
+    #[error("{what}: {err}")]
     Io {
         /// What was being done.
         what: String,
-        /// The IO error.
-        #[source]
-        source: io::Error,
+        /// The IO error (part of the message, not a separate source, so that error chains
+        /// print it once).
+        err: io::Error,
     },
     /// The file is not a Parallax image at all.
     #[error("not a Parallax image: {0}")]
@@ -38,8 +38,8 @@ pub enum Error {
     /// The store is full and cannot grow.
     #[error("out of space: {0}")]
     NoSpace(String),
-    /// Another process has the image open.
-    #[error("image {0} is in use by another process")]
+    /// Another process has the image open (the path is in the field).
+    #[error("in use by another process")]
     Locked(String),
     /// An earlier metadata error stopped the image; nothing has been committed since.
     #[error(
@@ -56,7 +56,7 @@ impl Error {
         }
         Error::Io {
             what: what.into(),
-            source,
+            err: source,
         }
     }
 
