@@ -20,6 +20,8 @@ use crate::image::{Image, ResKind};
 
 /// Physical block numbers reserved at a time.
 const RESERVE_PHYS: u64 = 1024;
+/// Physical block numbers for V2P nodes reserved at a time.
+const RESERVE_NODE_PHYS: u64 = 256;
 /// Metadata blocks reserved at a time.
 const RESERVE_META: u64 = 64;
 /// Data blocks reserved at a time: at least this many...
@@ -85,6 +87,7 @@ impl<B: Backing> Image<B> {
             ResKind::Data => &mut self.sb.data_reserve,
             ResKind::Meta => &mut self.sb.meta_reserve,
             ResKind::Phys => &mut self.sb.phys_reserve,
+            ResKind::NodePhys => &mut self.sb.node_phys_reserve,
         }
     }
 
@@ -119,18 +122,24 @@ impl<B: Backing> Image<B> {
         (self.sb.data_reserve.len() >= self.sb.data_run()).then_some(self.sb.data_reserve.start)
     }
 
-    /// A physical block number.
-    pub(crate) fn alloc_phys(&mut self) -> Result<u64> {
+    /// A physical block number for a data block (`node` false) or a V2P node.
+    pub(crate) fn alloc_phys(&mut self, node: bool) -> Result<u64> {
         if self.quarantine {
             return Err(Error::Corrupt(
                 "internal inconsistency: physical allocation during a commit".into(),
             ));
         }
-        if self.sb.phys_reserve.is_empty() {
-            self.reserve(ResKind::Phys)?;
+        let k = if node {
+            ResKind::NodePhys
+        } else {
+            ResKind::Phys
+        };
+        if self.reservation_mut(k).is_empty() {
+            self.reserve(k)?;
         }
-        let p = self.sb.phys_reserve.start;
-        self.sb.phys_reserve.start += 1;
+        let r = self.reservation_mut(k);
+        let p = r.start;
+        r.start += 1;
         self.changed = true;
         Ok(p)
     }
@@ -188,6 +197,7 @@ impl<B: Backing> Image<B> {
             }
             ResKind::Meta => (Tree::Mfree, RESERVE_META, 1),
             ResKind::Phys => (Tree::Pfree, RESERVE_PHYS, 1),
+            ResKind::NodePhys => (Tree::Pfree, RESERVE_NODE_PHYS, 1),
         };
         let (first, limit, used) = match t {
             Tree::Pfree => (1, self.sb.phys_limit, self.sb.used_phys),
@@ -245,7 +255,7 @@ impl<B: Backing> Image<B> {
     fn excluded(&self, t: Tree, start: u64, end: u64) -> Option<u64> {
         let overlaps = |r: &Range| r.start < end && start < r.end;
         let reservations: &[Range] = match t {
-            Tree::Pfree => &[self.sb.phys_reserve],
+            Tree::Pfree => &[self.sb.phys_reserve, self.sb.node_phys_reserve],
             _ => &[self.sb.data_reserve, self.sb.meta_reserve],
         };
         for r in reservations {

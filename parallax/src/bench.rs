@@ -110,18 +110,17 @@ fn drop_pages(f: &File) {
     }
 }
 
-fn mbs(bytes: u64, t: Instant) -> f64 {
-    bytes as f64 / t.elapsed().as_secs_f64() / 1e6
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
 /// Measures sequential IO of `bytes` bytes in `block_size` pieces on a plain file and through
-/// Parallax's synchronous API ([`Disk::write_at`], [`Disk::read_at`]), both in `dir`,
-/// alternating `repeat` times, and returns the medians. The files are removed afterwards.
+/// Parallax's synchronous API ([`Disk::write_at`], [`Disk::read_at`]), both in `dir`, and
+/// returns the medians of `repeat` runs. Within a run the two alternate every 1/16 of the
+/// size, so that a busy machine slows both alike. Writes are timed with their final sync
+/// (fdatasync, a Parallax commit); reads follow `posix_fadvise(DONTNEED)` on both files.
+/// The files are removed afterwards.
 pub fn throughput(dir: &Path, bytes: u64, block_size: u64, repeat: u32) -> Result<Throughput> {
     if block_size == 0 || block_size % 512 != 0 || bytes < block_size {
         return Err(Error::Invalid(
@@ -135,53 +134,69 @@ pub fn throughput(dir: &Path, bytes: u64, block_size: u64, repeat: u32) -> Resul
     let mut runs: [Vec<f64>; 6] = Default::default();
     let buf = vec![0xa5u8; block_size as usize];
     let mut rbuf = vec![0u8; block_size as usize];
+    let blocks = bytes / block_size;
+    let chunks: Vec<(u64, u64)> = (0..16)
+        .map(|c| {
+            (
+                blocks * c / 16 * block_size,
+                blocks * (c + 1) / 16 * block_size,
+            )
+        })
+        .filter(|(a, b)| b > a)
+        .collect();
     let result = (|| -> Result<()> {
         for _ in 0..repeat.max(1) {
-            // Plain file.
             let _ = std::fs::remove_file(&raw_path);
-            let f = FsOpenOptions::new()
+            let _ = std::fs::remove_file(&plx_path);
+            let raw = FsOpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
                 .open(&raw_path)
                 .map_err(|e| io("creating the plain file", e))?;
-            for slot in [0usize, 2] {
-                let t = Instant::now();
-                for off in (0..bytes).step_by(block_size as usize) {
-                    f.write_all_at(&buf, off).map_err(|e| io("writing", e))?;
+            let mut plx = Disk::create(&plx_path, &CreateOptions::new(bytes))?;
+            for pass in 0..3 {
+                let (mut t_raw, mut t_plx) = (0f64, 0f64);
+                if pass == 2 {
+                    drop_pages(&raw);
+                    plx.image_mut().drop_cache()?;
+                    drop_pages(plx.file());
                 }
-                f.sync_data().map_err(|e| io("syncing", e))?;
-                runs[slot].push(mbs(bytes, t));
+                for &(from, to) in &chunks {
+                    let t = Instant::now();
+                    for off in (from..to).step_by(block_size as usize) {
+                        if pass < 2 {
+                            raw.write_all_at(&buf, off).map_err(|e| io("writing", e))?;
+                        } else {
+                            raw.read_exact_at(&mut rbuf, off)
+                                .map_err(|e| io("reading", e))?;
+                        }
+                    }
+                    t_raw += t.elapsed().as_secs_f64();
+                    let t = Instant::now();
+                    for off in (from..to).step_by(block_size as usize) {
+                        if pass < 2 {
+                            plx.write_at(off, &buf)?;
+                        } else {
+                            plx.read_at(off, &mut rbuf)?;
+                        }
+                    }
+                    t_plx += t.elapsed().as_secs_f64();
+                }
+                if pass < 2 {
+                    let t = Instant::now();
+                    raw.sync_data().map_err(|e| io("syncing", e))?;
+                    t_raw += t.elapsed().as_secs_f64();
+                    let t = Instant::now();
+                    plx.flush()?;
+                    t_plx += t.elapsed().as_secs_f64();
+                }
+                runs[pass * 2].push(bytes as f64 / t_raw / 1e6);
+                runs[pass * 2 + 1].push(bytes as f64 / t_plx / 1e6);
             }
-            drop_pages(&f);
-            let t = Instant::now();
-            for off in (0..bytes).step_by(block_size as usize) {
-                f.read_exact_at(&mut rbuf, off)
-                    .map_err(|e| io("reading", e))?;
-            }
-            runs[4].push(mbs(bytes, t));
-            drop(f);
+            drop(raw);
+            drop(plx);
             std::fs::remove_file(&raw_path).map_err(|e| io("removing the plain file", e))?;
-
-            // Parallax.
-            let _ = std::fs::remove_file(&plx_path);
-            let mut d = Disk::create(&plx_path, &CreateOptions::new(bytes))?;
-            for slot in [1usize, 3] {
-                let t = Instant::now();
-                for off in (0..bytes).step_by(block_size as usize) {
-                    d.write_at(off, &buf)?;
-                }
-                d.flush()?;
-                runs[slot].push(mbs(bytes, t));
-            }
-            d.image_mut().drop_cache()?;
-            drop_pages(d.file());
-            let t = Instant::now();
-            for off in (0..bytes).step_by(block_size as usize) {
-                d.read_at(off, &mut rbuf)?;
-            }
-            runs[5].push(mbs(bytes, t));
-            drop(d);
             std::fs::remove_file(&plx_path).map_err(|e| io("removing the Parallax file", e))?;
         }
         Ok(())
@@ -221,5 +236,46 @@ mod tests {
         let t = throughput(dir.path(), 1 << 20, 8192, 1).unwrap();
         assert!(t.raw_write > 0.0 && t.plx_read > 0.0);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
+
+#[cfg(test)]
+mod perf {
+    use super::*;
+    use std::time::Instant;
+
+    /// Nanoseconds per mapping call, without data IO (run with --release --ignored).
+    #[test]
+    #[ignore]
+    fn mapping_cost() {
+        let size = 256u64 << 20;
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let d = Disk::create(&dir.path().join("p"), &CreateOptions::new(size)).unwrap();
+        let mut img = d.into_image();
+        let v = img.volume("base").unwrap();
+        for bs in [4096u64, 32768] {
+            let n = size / bs;
+            let t = Instant::now();
+            for i in 0..n {
+                img.map_write(v, i * bs, bs).unwrap();
+            }
+            let w_new = t.elapsed().as_nanos() as f64 / n as f64;
+            img.flush().unwrap();
+            let t = Instant::now();
+            for i in 0..n {
+                img.map_write(v, i * bs, bs).unwrap();
+            }
+            let w = t.elapsed().as_nanos() as f64 / n as f64;
+            let t = Instant::now();
+            for i in 0..n {
+                img.map_read(v, i * bs, bs).unwrap();
+            }
+            let r = t.elapsed().as_nanos() as f64 / n as f64;
+            eprintln!(
+                "bs {bs}: map_write new {w_new:.0} ns, map_write {w:.0} ns, map_read {r:.0} ns"
+            );
+            img.discard(v, 0, size).unwrap();
+            img.flush().unwrap();
+        }
     }
 }

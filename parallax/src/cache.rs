@@ -331,6 +331,21 @@ impl Cache {
         Some(s)
     }
 
+    /// [`Cache::lookup`], trying slot `*hint` first (the slot this kind of node was found in
+    /// last time), and updating it.
+    #[inline]
+    pub fn lookup_hinted(&mut self, key: Key, hint: &mut u32) -> Option<u32> {
+        let h = *hint as usize;
+        if h < self.slots.len() && self.slots[h].used && self.slots[h].key == key {
+            self.layer(key.layer()).lookups.add(1);
+            self.touch(*hint);
+            return Some(*hint);
+        }
+        let s = self.lookup(key)?;
+        *hint = s;
+        Some(s)
+    }
+
     /// Finds `key` without counting or reordering.
     #[inline]
     pub fn peek(&self, key: Key) -> Option<u32> {

@@ -602,7 +602,8 @@ pub fn check<'a, B: Backing>(
             ));
         }
     }
-    let (kinds, pfree, reserve) = (&c.kind, &c.pfree, sb.phys_reserve);
+    let (kinds, pfree, reserve, node_reserve) =
+        (&c.kind, &c.pfree, sb.phys_reserve, sb.node_phys_reserve);
     let mut probs = CheckReport::default();
     report_runs(
         &mut probs,
@@ -613,7 +614,13 @@ pub fn check<'a, B: Backing>(
     report_runs(
         &mut probs,
         phys,
-        |p| p > 0 && kinds[p as usize] == 0 && pfree.get(p) && !in_reserve(reserve, p),
+        |p| {
+            p > 0
+                && kinds[p as usize] == 0
+                && pfree.get(p)
+                && !in_reserve(reserve, p)
+                && !in_reserve(node_reserve, p)
+        },
         |s| format!("physical {s} marked allocated but unused"),
     );
     if !c.pfree.get(0) {

@@ -468,8 +468,11 @@ pub struct Superblock {
     pub data_reserve: Range,
     /// Machine blocks reserved for metadata (bits set, not yet referenced).
     pub meta_reserve: Range,
-    /// Physical block numbers reserved (bits set, not yet referenced).
+    /// Physical block numbers reserved for data blocks (bits set, not yet referenced).
     pub phys_reserve: Range,
+    /// Physical block numbers reserved for V2P nodes (kept apart from data blocks so that
+    /// the P2M entries of nodes share a few P2M leaves).
+    pub node_phys_reserve: Range,
 }
 
 /// Why a superblock copy was refused.
@@ -544,6 +547,7 @@ impl Superblock {
         self.data_reserve.encode(&mut b[..], 208);
         self.meta_reserve.encode(&mut b[..], 224);
         self.phys_reserve.encode(&mut b[..], 240);
+        self.node_phys_reserve.encode(&mut b[..], 256);
         let crc = crc32c(&b[..SB_CRC]);
         put_u32(&mut b[..], SB_CRC, crc);
         b
@@ -578,7 +582,7 @@ impl Superblock {
                 incompat & !INCOMPAT_KNOWN
             )));
         }
-        if b[93..96].iter().any(|&x| x != 0) || b[256..SB_CRC].iter().any(|&x| x != 0) {
+        if b[93..96].iter().any(|&x| x != 0) || b[272..SB_CRC].iter().any(|&x| x != 0) {
             return Err(Invalid("reserved superblock bytes are not zero".into()));
         }
         let ptr = |off: usize, kind: PtrKind, what: &str| {
@@ -612,6 +616,7 @@ impl Superblock {
             data_reserve: Range::decode(b, 208),
             meta_reserve: Range::decode(b, 224),
             phys_reserve: Range::decode(b, 240),
+            node_phys_reserve: Range::decode(b, 256),
         };
         sb.validate().map_err(Invalid)?;
         Ok(sb)
@@ -715,6 +720,7 @@ impl Superblock {
             ("data reservation", self.data_reserve, self.store_blocks),
             ("metadata reservation", self.meta_reserve, self.store_blocks),
             ("physical reservation", self.phys_reserve, self.phys_limit),
+            ("node reservation", self.node_phys_reserve, self.phys_limit),
         ] {
             if r.start > r.end || r.end > limit || (r.start < 2 && !r.is_empty()) {
                 return Err(format!("{name} [{}, {}) is invalid", r.start, r.end));
@@ -951,6 +957,7 @@ mod tests {
             data_reserve: Range { start: 10, end: 20 },
             meta_reserve: Range { start: 30, end: 40 },
             phys_reserve: Range { start: 50, end: 60 },
+            node_phys_reserve: Range { start: 60, end: 70 },
         }
     }
 

@@ -98,6 +98,7 @@ pub(crate) enum ResKind {
     Data,
     Meta,
     Phys,
+    NodePhys,
 }
 
 /// A Parallax image on a store.
@@ -127,7 +128,7 @@ pub struct Image<B: Backing> {
     /// Reserved ranges whose bits are not yet set: machine (`Mfree`) and physical (`Pfree`).
     pub(crate) unsettled: Vec<(Tree, Range)>,
     /// Where the next search for free space starts, per reservation kind.
-    pub(crate) cursors: [u64; 3],
+    pub(crate) cursors: [u64; 4],
     pub(crate) volumes: Vec<Volume>,
     pub(crate) volumes_dirty: bool,
     /// Machine blocks of the committed volume table.
@@ -140,6 +141,24 @@ pub struct Image<B: Backing> {
     pub(crate) fill: Vec<u8>,
     pub(crate) label: String,
     pub(crate) progress: Option<Progress>,
+    /// Slots where the last V2P node and the last P2M leaf were found.
+    pub(crate) hint_v2p: u32,
+    pub(crate) hint_p2m: u32,
+    /// The leaf the last mapping call used, valid while `v2p_epoch` is unchanged.
+    pub(crate) memo: Option<LeafMemo>,
+    /// Bumped by every change to a V2P node above the leaves and every node freed.
+    pub(crate) v2p_epoch: u64,
+}
+
+/// Which leaf holds a volume's pointers for one 512-block stretch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LeafMemo {
+    pub root: u64,
+    pub leaf_index: u64,
+    pub leaf: u64,
+    /// Reached through writable pointers only (a write may use it without copying).
+    pub writable: bool,
+    pub epoch: u64,
 }
 
 /// A progress callback: `f(what, done, total)` with `total` 0 when unknown.
@@ -230,7 +249,7 @@ impl<B: Backing> Image<B> {
             quarantine: false,
             cleared: (0, 0),
             unsettled: Vec::new(),
-            cursors: [2, 2, 1],
+            cursors: [2, 2, 1, 1],
             volumes: Vec::new(),
             volumes_dirty: false,
             volume_blocks: Vec::new(),
@@ -240,6 +259,10 @@ impl<B: Backing> Image<B> {
             fill: vec![0u8; run],
             label: "image".into(),
             progress: None,
+            hint_v2p: u32::MAX,
+            hint_p2m: u32::MAX,
+            memo: None,
+            v2p_epoch: 0,
         }
     }
 
@@ -289,6 +312,7 @@ impl<B: Backing> Image<B> {
             data_reserve: Range::default(),
             meta_reserve: Range::default(),
             phys_reserve: Range::default(),
+            node_phys_reserve: Range::default(),
         };
         let mut img = Image::empty(backing, sb, opts.cache_slots, false);
         // A stale superblock from an earlier image must not win over the new one.
@@ -336,6 +360,7 @@ impl<B: Backing> Image<B> {
             img.sb.data_reserve.end.max(2),
             img.sb.meta_reserve.end.max(2),
             img.sb.phys_reserve.end.max(1),
+            img.sb.node_phys_reserve.end.max(1),
         ];
         img.read_volume_table()?;
         Ok(img)

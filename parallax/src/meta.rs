@@ -246,10 +246,20 @@ impl<B: Backing> Image<B> {
         }
     }
 
+    /// A cached tree node (P2M leaves through their hint).
+    #[inline]
+    fn cached(&mut self, t: Tree, level: u8, key: Key) -> Option<u32> {
+        if t == Tree::P2m && level == 0 {
+            self.cache.lookup_hinted(key, &mut self.hint_p2m)
+        } else {
+            self.cache.lookup(key)
+        }
+    }
+
     /// Tree node `(level, index)` for reading; `None` if it does not exist (all zero).
     pub(crate) fn tree_get(&mut self, t: Tree, level: u8, index: u64) -> Result<Option<u32>> {
         let key = Key::tree(t, level, index);
-        if let Some(s) = self.cache.lookup(key) {
+        if let Some(s) = self.cached(t, level, key) {
             return Ok(Some(s));
         }
         let ptr = self.tree_ptr_of(t, level, index)?;
@@ -264,7 +274,7 @@ impl<B: Backing> Image<B> {
     /// dirty.
     pub(crate) fn tree_mut(&mut self, t: Tree, level: u8, index: u64) -> Result<u32> {
         let key = Key::tree(t, level, index);
-        if let Some(s) = self.cache.lookup(key) {
+        if let Some(s) = self.cached(t, level, key) {
             if self.cache.slot(s).fresh {
                 self.cache.slot_mut(s).dirty = true;
                 self.changed = true;
@@ -443,7 +453,7 @@ impl<B: Backing> Image<B> {
     /// V2P node `p` (of `level`) for reading.
     pub(crate) fn v2p_get(&mut self, p: u64, level: u8) -> Result<u32> {
         let key = Key::v2p(p);
-        if let Some(s) = self.cache.lookup(key) {
+        if let Some(s) = self.cache.lookup_hinted(key, &mut self.hint_v2p) {
             return Ok(s);
         }
         let e = self.node_entry(p, level)?;
@@ -465,7 +475,10 @@ impl<B: Backing> Image<B> {
     /// V2P node `p` (of `level`) for changing: moved if not fresh, marked dirty.
     pub(crate) fn v2p_mut(&mut self, p: u64, level: u8) -> Result<u32> {
         let key = Key::v2p(p);
-        if let Some(s) = self.cache.lookup(key) {
+        if level > 0 {
+            self.v2p_epoch += 1;
+        }
+        if let Some(s) = self.cache.lookup_hinted(key, &mut self.hint_v2p) {
             if self.cache.slot(s).fresh {
                 self.cache.slot_mut(s).dirty = true;
                 self.changed = true;
@@ -508,7 +521,7 @@ impl<B: Backing> Image<B> {
     /// A new V2P node of `level`, holding `content` (or empty), with one reference.
     pub(crate) fn v2p_new(&mut self, level: u8, content: Option<&[u8]>) -> Result<u64> {
         self.writable()?;
-        let p = self.alloc_phys()?;
+        let p = self.alloc_phys(true)?;
         let m = self.alloc_meta()?;
         let old = self.p2m_get(p)?;
         if old.kind != BlockKind::Free {
@@ -541,7 +554,7 @@ impl<B: Backing> Image<B> {
 
     /// A new data block with one reference: `(physical, machine)`.
     pub(crate) fn data_new(&mut self) -> Result<(u64, u64)> {
-        let p = self.alloc_phys()?;
+        let p = self.alloc_phys(false)?;
         let m = self.alloc_data()?;
         let old = self.p2m_get(p)?;
         if old.kind != BlockKind::Free {

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::format::{
     BlockKind, Range, V2pEntry, VolumeKind, BLOCK, BLOCK_SHIFT, V2P_BITS, V2P_FANOUT,
 };
-use crate::image::{Image, VolumeId};
+use crate::image::{Image, LeafMemo, VolumeId};
 
 /// Where a virtual range lives, as the data path needs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,16 +116,34 @@ impl<B: Backing> Image<B> {
             len: ((k << shift) - head).min(len),
             machine,
         };
-        let mut node = root;
-        for level in (1..self.sb.v2p_levels).rev() {
-            let e = self.v2p_entry(node, level, Self::digit(vb, level))?;
-            if e.phys == 0 {
-                let span = 1u64 << (V2P_BITS * level as u32);
-                let k = (span - (vb & (span - 1))).min(blocks);
-                return Ok(extent(k, None));
+        let leaf_index = vb >> V2P_BITS;
+        let node = match self.memo {
+            Some(m)
+                if m.root == root && m.leaf_index == leaf_index && m.epoch == self.v2p_epoch =>
+            {
+                m.leaf
             }
-            node = e.phys;
-        }
+            _ => {
+                let mut node = root;
+                for level in (1..self.sb.v2p_levels).rev() {
+                    let e = self.v2p_entry(node, level, Self::digit(vb, level))?;
+                    if e.phys == 0 {
+                        let span = 1u64 << (V2P_BITS * level as u32);
+                        let k = (span - (vb & (span - 1))).min(blocks);
+                        return Ok(extent(k, None));
+                    }
+                    node = e.phys;
+                }
+                self.memo = Some(LeafMemo {
+                    root,
+                    leaf_index,
+                    leaf: node,
+                    writable: false,
+                    epoch: self.v2p_epoch,
+                });
+                node
+            }
+        };
         let i0 = Self::digit(vb, 0);
         let n = blocks.min((V2P_FANOUT - i0) as u64) as usize;
         let first = self.v2p_entry(node, 0, i0)?;
@@ -259,6 +277,16 @@ impl<B: Backing> Image<B> {
     /// The leaf covering virtual block `vb`, private to this volume and reached through
     /// writable pointers only, creating and copying nodes on the way.
     fn leaf_for_write(&mut self, root: u64, vb: u64) -> Result<u64> {
+        let leaf_index = vb >> V2P_BITS;
+        if let Some(m) = self.memo {
+            if m.writable
+                && m.root == root
+                && m.leaf_index == leaf_index
+                && m.epoch == self.v2p_epoch
+            {
+                return Ok(m.leaf);
+            }
+        }
         let mut node = root;
         for level in (1..self.sb.v2p_levels).rev() {
             let i = Self::digit(vb, level);
@@ -284,6 +312,13 @@ impl<B: Backing> Image<B> {
             };
             node = child;
         }
+        self.memo = Some(LeafMemo {
+            root,
+            leaf_index,
+            leaf: node,
+            writable: true,
+            epoch: self.v2p_epoch,
+        });
         Ok(node)
     }
 
@@ -379,6 +414,7 @@ impl<B: Backing> Image<B> {
                 if let Some(s) = self.cache.peek(crate::cache::Key::v2p(p)) {
                     self.cache.remove(s);
                 }
+                self.v2p_epoch += 1;
                 self.free_machine(e.machine, 1);
                 self.tick("freeing", 1);
             }
