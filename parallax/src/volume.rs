@@ -647,34 +647,31 @@ impl<B: Backing> Image<B> {
         root: u64,
         f: &mut dyn FnMut(&mut Self, u64, u64) -> Result<()>,
     ) -> Result<()> {
-        let levels = self.sb.v2p_levels;
-        let leaves = self.sb.virtual_blocks().div_ceil(V2P_FANOUT as u64);
+        let top = self.sb.v2p_levels - 1;
+        self.for_each_below(root, top, f)
+    }
+
+    /// [`Image::for_each_block`] below node `p` of `level` (depth first, in virtual order).
+    fn for_each_below(
+        &mut self,
+        p: u64,
+        level: u8,
+        f: &mut dyn FnMut(&mut Self, u64, u64) -> Result<()>,
+    ) -> Result<()> {
         let mut buf = self.take_scratch();
-        for leaf_index in 0..leaves {
-            // Walk down to the leaf (reading only).
-            let mut node = root;
-            let mut present = true;
-            for level in (1..levels).rev() {
-                let vb = leaf_index << V2P_BITS;
-                let e = self.v2p_entry(node, level, Self::digit(vb, level))?;
-                if e.phys == 0 {
-                    present = false;
-                    break;
-                }
-                node = e.phys;
-            }
-            if !present {
+        let s = self.v2p_get(p, level)?;
+        buf.copy_from_slice(self.cache.buf(s));
+        for i in 0..V2P_FANOUT {
+            let e = V2pEntry::decode(V2pEntry::raw_at(&buf[..], i))
+                .map_err(|e| Error::Corrupt(format!("V2P node {p}, entry {i}: {e}")))?;
+            if e.phys == 0 {
                 continue;
             }
-            let s = self.v2p_get(node, 0)?;
-            buf.copy_from_slice(self.cache.buf(s));
-            for i in 0..V2P_FANOUT {
-                let e = V2pEntry::decode(V2pEntry::raw_at(&buf[..], i))
-                    .map_err(|e| Error::Corrupt(format!("V2P node {node}, entry {i}: {e}")))?;
-                if e.phys != 0 {
-                    let m = self.data_machine(e.phys)?;
-                    f(self, e.phys, m)?;
-                }
+            if level == 0 {
+                let m = self.data_machine(e.phys)?;
+                f(self, e.phys, m)?;
+            } else {
+                self.for_each_below(e.phys, level - 1, f)?;
             }
         }
         self.give_scratch(buf);

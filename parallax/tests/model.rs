@@ -313,7 +313,7 @@ fn run(ops: Vec<Op>, block_size: u64, size: u64) -> Result<(), TestCaseError> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 24,
+        cases: 16,
         max_shrink_iters: 2000,
         ..ProptestConfig::default()
     })]
