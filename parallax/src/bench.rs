@@ -101,6 +101,22 @@ pub struct Throughput {
     pub raw_read: f64,
     /// Reading the Parallax disk (pages dropped likewise; metadata cache cold).
     pub plx_read: f64,
+    /// CPU time of this thread per IO, in microseconds, in the same six passes (user and
+    /// kernel time: what the IOs cost the machine, whatever else runs on it).
+    pub cpu_us: [f64; 6],
+}
+
+/// CPU time this thread has used, in seconds.
+fn thread_cpu() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the pointer, a live local.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 fn drop_pages(f: &File) {
@@ -132,6 +148,7 @@ pub fn throughput(dir: &Path, bytes: u64, block_size: u64, repeat: u32) -> Resul
     let raw_path = dir.join(format!("parallax-bench-{}.raw", std::process::id()));
     let plx_path = dir.join(format!("parallax-bench-{}.plx", std::process::id()));
     let mut runs: [Vec<f64>; 6] = Default::default();
+    let mut cpu: [Vec<f64>; 6] = Default::default();
     let buf = vec![0xa5u8; block_size as usize];
     let mut rbuf = vec![0u8; block_size as usize];
     let blocks = bytes / block_size;
@@ -157,12 +174,14 @@ pub fn throughput(dir: &Path, bytes: u64, block_size: u64, repeat: u32) -> Resul
             let mut plx = Disk::create(&plx_path, &CreateOptions::new(bytes))?;
             for pass in 0..3 {
                 let (mut t_raw, mut t_plx) = (0f64, 0f64);
+                let (mut c_raw, mut c_plx) = (0f64, 0f64);
                 if pass == 2 {
                     drop_pages(&raw);
                     plx.image_mut().drop_cache()?;
                     drop_pages(plx.file());
                 }
                 for &(from, to) in &chunks {
+                    let c = thread_cpu();
                     let t = Instant::now();
                     for off in (from..to).step_by(block_size as usize) {
                         if pass < 2 {
@@ -173,6 +192,8 @@ pub fn throughput(dir: &Path, bytes: u64, block_size: u64, repeat: u32) -> Resul
                         }
                     }
                     t_raw += t.elapsed().as_secs_f64();
+                    c_raw += thread_cpu() - c;
+                    let c = thread_cpu();
                     let t = Instant::now();
                     for off in (from..to).step_by(block_size as usize) {
                         if pass < 2 {
@@ -182,17 +203,22 @@ pub fn throughput(dir: &Path, bytes: u64, block_size: u64, repeat: u32) -> Resul
                         }
                     }
                     t_plx += t.elapsed().as_secs_f64();
+                    c_plx += thread_cpu() - c;
                 }
                 if pass < 2 {
-                    let t = Instant::now();
+                    let (c, t) = (thread_cpu(), Instant::now());
                     raw.sync_data().map_err(|e| io("syncing", e))?;
                     t_raw += t.elapsed().as_secs_f64();
-                    let t = Instant::now();
+                    c_raw += thread_cpu() - c;
+                    let (c, t) = (thread_cpu(), Instant::now());
                     plx.flush()?;
                     t_plx += t.elapsed().as_secs_f64();
+                    c_plx += thread_cpu() - c;
                 }
                 runs[pass * 2].push(bytes as f64 / t_raw / 1e6);
                 runs[pass * 2 + 1].push(bytes as f64 / t_plx / 1e6);
+                cpu[pass * 2].push(c_raw * 1e6 / blocks as f64);
+                cpu[pass * 2 + 1].push(c_plx * 1e6 / blocks as f64);
             }
             drop(raw);
             drop(plx);
@@ -205,7 +231,9 @@ pub fn throughput(dir: &Path, bytes: u64, block_size: u64, repeat: u32) -> Resul
     let _ = std::fs::remove_file(&plx_path);
     result?;
     let [a, b, c, d, e, f] = runs;
+    let cpu_us = cpu.map(median);
     Ok(Throughput {
+        cpu_us,
         block_size,
         bytes,
         raw_write: median(a),

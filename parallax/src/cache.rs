@@ -352,6 +352,12 @@ impl Cache {
         self.map.get(&key).copied()
     }
 
+    /// Counts `n` lookups served by a node already found (consecutive entries of one node).
+    #[inline]
+    pub fn count_lookups(&self, layer: Layer, n: u64) {
+        self.layer(layer).lookups.add(n);
+    }
+
     /// Counts a miss (a read from the store) in `key`'s layer.
     pub fn count_miss(&self, key: Key) {
         self.layer(key.layer()).misses.add(1);

@@ -226,6 +226,40 @@ impl<B: Backing> Disk<B> {
         self.image.discard(self.vol, offset, len)
     }
 
+    /// Makes `len` bytes at `offset` read as zeroes: whole blocks are discarded, the parts of
+    /// blocks at either end written with zeroes.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let bs = self.block_size();
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.size())
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "range of {len} bytes at {offset} is beyond the disk"
+                ))
+            })?;
+        let first = offset.div_ceil(bs) * bs;
+        let last = end / bs * bs;
+        let zeroes = vec![0u8; bs as usize];
+        if first >= last {
+            return self.write_zero_bytes(offset, end, &zeroes);
+        }
+        self.write_zero_bytes(offset, first, &zeroes)?;
+        self.image.discard(self.vol, first, last - first)?;
+        self.write_zero_bytes(last, end, &zeroes)
+    }
+
+    fn write_zero_bytes(&mut self, from: u64, to: u64, zeroes: &[u8]) -> Result<()> {
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(zeroes.len() as u64);
+            self.image.write_at(self.vol, at, &zeroes[..n as usize])?;
+            at += n;
+        }
+        Ok(())
+    }
+
     /// Commits: see [`Image::flush`].
     pub fn flush(&mut self) -> Result<()> {
         self.image.flush()
@@ -281,6 +315,29 @@ impl<B: Backing> fmt::Debug for Disk<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disks_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<Disk<FileBacking>>();
+        send::<Image<crate::MemBacking>>();
+    }
+
+    #[test]
+    fn write_zeroes_discards_whole_blocks_and_zeroes_the_ends() {
+        let img = Image::create(crate::MemBacking::new(), &CreateOptions::new(1 << 20)).unwrap();
+        let mut d = Disk::from_image(img, "base", false).unwrap();
+        d.write_at(0, &[7u8; 65536]).unwrap();
+        d.write_zeroes(100, 20000).unwrap();
+        let mut b = vec![0u8; 65536];
+        d.read_at(0, &mut b).unwrap();
+        assert!(b[..100].iter().all(|&x| x == 7));
+        assert!(b[100..20100].iter().all(|&x| x == 0));
+        assert!(b[20100..].iter().all(|&x| x == 7));
+        let v = d.volume_id();
+        assert_eq!(d.image_mut().usage(v).unwrap().mapped_blocks, 16 - 3);
+        assert!(d.write_zeroes(1 << 20, 1).is_err());
+    }
 
     #[test]
     fn specs() {

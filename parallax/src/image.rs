@@ -137,8 +137,12 @@ pub struct Image<B: Backing> {
     pub(crate) changed: bool,
     pub(crate) stopped: Option<String>,
     pub(crate) pool: Vec<Box<[u8; BLOCK]>>,
-    /// Scratch for partial-block fills on the write path.
+    /// Scratch for copying a data block on the write path.
     pub(crate) fill: Vec<u8>,
+    /// A data block of zeroes, for partial writes to new blocks.
+    pub(crate) zeroes: Vec<u8>,
+    /// Leaf entries copied out on the mapping path.
+    pub(crate) entries: Vec<u64>,
     pub(crate) label: String,
     pub(crate) progress: Option<Progress>,
     /// Slots where the last V2P node and the last P2M leaf were found.
@@ -257,6 +261,8 @@ impl<B: Backing> Image<B> {
             stopped: None,
             pool: Vec::new(),
             fill: vec![0u8; run],
+            zeroes: vec![0u8; run],
+            entries: Vec::with_capacity(crate::format::V2P_FANOUT),
             label: "image".into(),
             progress: None,
             hint_v2p: u32::MAX,

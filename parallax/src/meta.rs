@@ -401,6 +401,12 @@ impl<B: Backing> Image<B> {
         let Some(s) = self.tree_get(Tree::P2m, 0, p >> P2M_LEAF_BITS)? else {
             return Ok(P2mEntry::FREE);
         };
+        self.p2m_entry_in(s, p)
+    }
+
+    /// Entry `p` of the P2M leaf in slot `s`, checked.
+    #[inline]
+    pub(crate) fn p2m_entry_in(&self, s: u32, p: u64) -> Result<P2mEntry> {
         let off = (p as usize & 0xff) * 16;
         let e = P2mEntry::decode(&self.cache.buf(s)[off..off + 16])
             .map_err(|e| Error::Corrupt(format!("P2M entry of physical block {p}: {e}")))?;

@@ -17,9 +17,10 @@
 //! change that snapshot's data if the deletion never became durable.
 
 use crate::backing::Backing;
+use crate::cache::{Layer, Tree};
 use crate::error::{Error, Result};
 use crate::format::{
-    BlockKind, Range, V2pEntry, VolumeKind, BLOCK, BLOCK_SHIFT, V2P_BITS, V2P_FANOUT,
+    BlockKind, Range, V2pEntry, VolumeKind, BLOCK, BLOCK_SHIFT, P2M_LEAF_BITS, V2P_BITS, V2P_FANOUT,
 };
 use crate::image::{Image, LeafMemo, VolumeId};
 
@@ -146,26 +147,78 @@ impl<B: Backing> Image<B> {
         };
         let i0 = Self::digit(vb, 0);
         let n = blocks.min((V2P_FANOUT - i0) as u64) as usize;
-        let first = self.v2p_entry(node, 0, i0)?;
+        self.leaf_entries(node, i0, n)?;
+        let first = self.entry(node, i0, 0)?;
         if first.phys == 0 {
-            let s = self.v2p_get(node, 0)?;
-            let buf = self.cache.buf(s);
-            let k = (1..n)
-                .find(|&k| V2pEntry::raw_at(buf, i0 + k) != 0)
-                .unwrap_or(n);
+            let k = (1..n).find(|&k| self.entries[k] != 0).unwrap_or(n);
             return Ok(extent(k as u64, None));
         }
-        let m0 = self.data_machine(first.phys)?;
+        let mut cur = None;
+        let m0 = self.data_machine_at(first.phys, &mut cur)?;
         let run = self.sb.data_run();
         let mut k = 1;
         while k < n {
-            let e = self.v2p_entry(node, 0, i0 + k)?;
-            if e.phys == 0 || self.data_machine(e.phys)? != m0 + k as u64 * run {
+            let e = self.entry(node, i0, k)?;
+            if e.phys == 0 || self.data_machine_at(e.phys, &mut cur)? != m0 + k as u64 * run {
                 break;
             }
             k += 1;
         }
         Ok(extent(k as u64, Some((m0 << BLOCK_SHIFT) + head)))
+    }
+
+    /// Copies entries `i0..i0 + n` of leaf `leaf` into `self.entries` (a lookup each).
+    fn leaf_entries(&mut self, leaf: u64, i0: usize, n: usize) -> Result<()> {
+        let s = self.v2p_get(leaf, 0)?;
+        let (cache, entries) = (&self.cache, &mut self.entries);
+        let buf = cache.buf(s);
+        entries.clear();
+        entries.extend((i0..i0 + n).map(|i| V2pEntry::raw_at(buf, i)));
+        if n > 1 {
+            self.cache.count_lookups(Layer::V2p, n as u64 - 1);
+        }
+        Ok(())
+    }
+
+    /// Copied entry `k` (entry `i0 + k` of leaf `leaf`), decoded.
+    #[inline]
+    fn entry(&self, leaf: u64, i0: usize, k: usize) -> Result<V2pEntry> {
+        V2pEntry::decode(self.entries[k])
+            .map_err(|e| Error::Corrupt(format!("V2P node {leaf}, entry {}: {e}", i0 + k)))
+    }
+
+    /// The machine block of data block `p`, through `cur`: the P2M leaf used last (valid as long
+    /// as nothing else touched the cache since).
+    #[inline]
+    fn data_machine_at(&mut self, p: u64, cur: &mut Option<(u64, u32)>) -> Result<u64> {
+        let li = p >> P2M_LEAF_BITS;
+        let s = match *cur {
+            Some((l, s)) if l == li => {
+                self.cache.count_lookups(Layer::P2m, 1);
+                s
+            }
+            _ => {
+                if p == 0 || p >= self.sb.phys_limit {
+                    return Err(Error::Corrupt(format!(
+                        "physical block {p} is outside 1..{}",
+                        self.sb.phys_limit
+                    )));
+                }
+                let Some(s) = self.tree_get(Tree::P2m, 0, li)? else {
+                    return Err(Error::Corrupt(format!("data block {p} has no P2M entry")));
+                };
+                *cur = Some((li, s));
+                s
+            }
+        };
+        let e = self.p2m_entry_in(s, p)?;
+        if e.kind != BlockKind::Data {
+            return Err(Error::Corrupt(format!(
+                "physical block {p} should be a data block, but its P2M entry says {:?}",
+                e.kind
+            )));
+        }
+        Ok(e.machine)
     }
 
     /// Where to write `len` bytes at `offset` of volume `vol`: the longest prefix that can be
@@ -200,13 +253,15 @@ impl<B: Backing> Image<B> {
         let leaf = self.leaf_for_write(root, vb)?;
         let i0 = Self::digit(vb, 0);
         let n = (last - vb + 1).min((V2P_FANOUT - i0) as u64) as usize;
+        self.leaf_entries(leaf, i0, n)?;
+        let mut cur = None;
         let mut m0 = 0;
         let mut k = 0;
         while k < n {
             let want = |m0: u64| m0 + k as u64 * run;
-            let e = self.v2p_entry(leaf, 0, i0 + k)?;
+            let e = self.entry(leaf, i0, k)?;
             let m = if e.writable {
-                let m = self.data_machine(e.phys)?;
+                let m = self.data_machine_at(e.phys, &mut cur)?;
                 if k > 0 && m != want(m0) {
                     break;
                 }
@@ -215,6 +270,7 @@ impl<B: Backing> Image<B> {
                 if k > 0 && self.next_data() != Some(want(m0)) {
                     break;
                 }
+                cur = None;
                 let lo = if k == 0 { head } else { 0 };
                 let hi = if vb + k as u64 == last { tail_end } else { bs };
                 let (p, m) = self.data_new()?;
@@ -253,11 +309,10 @@ impl<B: Backing> Image<B> {
     fn zero_fill(&mut self, m: u64, lo: u64, hi: u64) -> Result<()> {
         let bs = self.sb.data_block();
         let base = m << BLOCK_SHIFT;
-        self.fill.fill(0);
         for (from, to) in [(0, lo), (hi, bs)] {
             if to > from {
                 self.backing
-                    .write_at(&self.fill[..(to - from) as usize], base + from)
+                    .write_at(&self.zeroes[..(to - from) as usize], base + from)
                     .map_err(|e| Error::io("filling a new block with zeroes", e))?;
             }
         }

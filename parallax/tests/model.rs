@@ -320,13 +320,13 @@ proptest! {
 
     /// 4 KiB blocks, a disk spanning two V2P leaves.
     #[test]
-    fn model_4k(ops in prop::collection::vec(op(6144), 1..70)) {
+    fn model_4k(ops in prop::collection::vec(op(6144), 1..56)) {
         run(ops, 4096, 3 << 20)?;
     }
 
     /// 16 KiB blocks: partial-block writes copy and fill.
     #[test]
-    fn model_16k(ops in prop::collection::vec(op(4096), 1..60)) {
+    fn model_16k(ops in prop::collection::vec(op(4096), 1..40)) {
         run(ops, 16384, 2 << 20)?;
     }
 }

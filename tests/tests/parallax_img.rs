@@ -250,3 +250,43 @@ fn bench_cache_prints_both_cache_sizes() {
     assert_eq!(runs[1]["fresh"]["v2p"]["misses"], 0);
     assert!(runs[1]["fresh"]["p2m"]["lookups"].as_u64().unwrap() >= 4096);
 }
+
+struct Loop(String);
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// An image on a block device (a loop device): formatted in place, fixed size, and a full
+/// device answered with an out-of-space error.
+#[test]
+fn image_on_a_block_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let backing = d.join("dev.img");
+    std::fs::write(&backing, vec![0xeeu8; 8 << 20]).unwrap();
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output()
+        .expect("losetup (util-linux) must be installed");
+    assert!(
+        out.status.success(),
+        "losetup failed (needs root and loop devices): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    ok(d, &["create", &dev.0, "--size", "64M"]);
+    random_file(&d.join("a.raw"), 4 << 20, 5);
+    ok(d, &["import", &dev.0, "a.raw"]);
+    ok(d, &["snapshot", &dev.0, "s"]);
+    ok(d, &["export", &format!("{}@s", dev.0), "s.raw"]);
+    let s = std::fs::read(d.join("s.raw")).unwrap();
+    assert_eq!(&s[..4 << 20], &std::fs::read(d.join("a.raw")).unwrap()[..]);
+    assert!(ok(d, &["check", &dev.0]).contains("no problems found"));
+    // 8 MiB of device cannot hold 12 MiB of data.
+    random_file(&d.join("b.raw"), 12 << 20, 6);
+    fails(d, &["import", &dev.0, "b.raw"], "out of space");
+    assert!(ok(d, &["check", &dev.0]).contains("no problems found"));
+}

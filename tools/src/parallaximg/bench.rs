@@ -163,6 +163,7 @@ pub fn bench_io(a: &BenchIoArgs, p: &Progress) -> Result<()> {
         "thesis w/o, w/"
     );
     let cell = |plx: f64, raw: f64| format!("{plx:.0}/{raw:.0} ({:.2})", plx / raw);
+    let cpu = |plx: f64, raw: f64| format!("{plx:.2}/{raw:.2} ({:.2})", raw / plx);
     for r in &rows {
         let thesis = THESIS_THROUGHPUT
             .iter()
@@ -176,6 +177,21 @@ pub fn bench_io(a: &BenchIoArgs, p: &Progress) -> Result<()> {
             cell(r.plx_rewrite, r.raw_rewrite),
             cell(r.plx_read, r.raw_read),
             thesis
+        ));
+    }
+    out.push_str(&format!(
+        "CPU time per IO (µs, Parallax/plain file; ratio = plain file / Parallax, as for throughput)\n\
+         {:>5}  {:>20}  {:>20}  {:>20}\n",
+        "bs", "write new", "rewrite", "read"
+    ));
+    for r in &rows {
+        let c = r.cpu_us;
+        out.push_str(&format!(
+            "{:>5}  {:>20}  {:>20}  {:>20}\n",
+            fmt_size(r.block_size),
+            cpu(c[1], c[0]),
+            cpu(c[3], c[2]),
+            cpu(c[5], c[4])
         ));
     }
     emit(&out)

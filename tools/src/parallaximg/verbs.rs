@@ -50,7 +50,8 @@ fn label(p: &Path) -> String {
 /// Options of `create`.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// The image file to create (it must not exist).
+    /// The image file to create (it must not exist), or a block device to format (whatever it
+    /// holds is lost).
     pub path: PathBuf,
     /// Virtual size of the disk, a multiple of 512 bytes: e.g. 20G, 512M, 1T.
     #[arg(long, short, value_parser = parse_size)]
@@ -69,7 +70,17 @@ pub fn create(a: &CreateArgs) -> Result<()> {
     let mut o = CreateOptions::new(a.size);
     o.block_size = a.block_size;
     o.name = a.name.clone();
-    let d = parallax::Disk::create(&a.path, &o).with_context(|| label(&a.path))?;
+    let is_device = std::fs::metadata(&a.path)
+        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+        .unwrap_or(false);
+    let d = if is_device {
+        // A block device is formatted in place (whatever it held is lost).
+        let b = parallax::disk::open_backing(&a.path, false).with_context(|| label(&a.path))?;
+        let img = Image::create(b, &o).with_context(|| label(&a.path))?;
+        parallax::Disk::from_image(img, &a.name, false)?
+    } else {
+        parallax::Disk::create(&a.path, &o).with_context(|| label(&a.path))?
+    };
     emit(&format!(
         "created {}: disk '{}' of {} ({} bytes) in {}-byte blocks\n",
         label(&a.path),
