@@ -24,9 +24,9 @@ const RESERVE_PHYS: u64 = 1024;
 const RESERVE_NODE_PHYS: u64 = 256;
 /// Metadata blocks reserved at a time.
 const RESERVE_META: u64 = 64;
-/// Data blocks reserved at a time: at least this many...
-const RESERVE_DATA_MIN: u64 = 256;
-/// ...and at most this many, growing with the store.
+/// Data blocks reserved at a time: a sixteenth of the store, at least this many...
+const RESERVE_DATA_MIN: u64 = 64;
+/// ...and at most this many (and never more than the disk has blocks).
 const RESERVE_DATA_MAX: u64 = 8192;
 
 fn align_up(x: u64, a: u64) -> u64 {
@@ -191,8 +191,9 @@ impl<B: Backing> Image<B> {
         let run = self.sb.data_run();
         let (t, want, align) = match k {
             ResKind::Data => {
-                let blocks =
-                    (self.sb.store_blocks / run / 16).clamp(RESERVE_DATA_MIN, RESERVE_DATA_MAX);
+                let blocks = (self.sb.store_blocks / run / 16)
+                    .clamp(RESERVE_DATA_MIN, RESERVE_DATA_MAX)
+                    .min(self.sb.virtual_blocks().max(1));
                 (Tree::Mfree, blocks * run, run)
             }
             ResKind::Meta => (Tree::Mfree, RESERVE_META, 1),

@@ -187,10 +187,15 @@ fn discard_frees_and_reads_zeroes() {
 fn extents_merge_contiguous_blocks() {
     let mut img = create(16 * MIB, 4096, 128);
     let base = img.volume("base").unwrap();
-    let e = img.map_write(base, 0, MIB).unwrap();
-    assert_eq!(e.len, MIB, "a fresh sequential write is one extent");
+    let e = img.map_write(base, 0, 256 << 10).unwrap();
+    assert_eq!(e.len, 256 << 10, "a fresh sequential write is one extent");
     let r = img.map_read(base, 0, MIB).unwrap();
     assert_eq!(r, e);
+    // Later writes continue where the last one ended, up to the end of the reservation.
+    let e2 = img.map_write(base, 256 << 10, 4096).unwrap();
+    assert!(e2.machine.unwrap() > e.machine.unwrap());
+    img.map_write(base, (256 << 10) + 4096, MIB - (256 << 10) - 4096)
+        .unwrap();
     let r = img.map_read(base, 4 * MIB, MIB).unwrap();
     assert_eq!(r.machine, None);
     assert_eq!(r.len, MIB);
