@@ -765,6 +765,41 @@ mod tests {
     use crate::backing::MemBacking;
     use crate::image::{CreateOptions, Image};
 
+    /// The machine block of V2P node `p` in `bytes` (through the current superblock).
+    fn node_block(bytes: &[u8], p: u64) -> usize {
+        let sb = [0, 1]
+            .iter()
+            .filter_map(|&c| Superblock::decode(&bytes[c * BLOCK..(c + 1) * BLOCK]).ok())
+            .max_by_key(|s| s.generation)
+            .unwrap();
+        let mut node = sb.p2m_root.machine as usize;
+        for l in (1..sb.p2m_levels).rev() {
+            let i = ((p >> (8 + 8 * (l as u64 - 1))) & 0xff) as usize;
+            node = ptr_machine(bytes, node * BLOCK + i * 16) as usize;
+        }
+        ptr_machine(bytes, node * BLOCK + (p as usize & 0xff) * 16) as usize
+    }
+
+    #[test]
+    fn check_finds_a_writable_pointer_to_a_shared_block() {
+        let mut img = Image::create(MemBacking::new(), &CreateOptions::new(4 << 20)).unwrap();
+        let v = img.volume("base").unwrap();
+        img.write_at(v, 0, &[1u8; 8192]).unwrap();
+        img.snapshot(v, "s").unwrap();
+        img.flush().unwrap();
+        let root = img.volume_info(v).unwrap().root;
+        let mut bytes = img.backing().to_bytes();
+        let at = node_block(&bytes, root) * BLOCK;
+        // Entry 0 of the disk's root is read-only (shared with the snapshot): make it writable.
+        bytes[at + 7] |= 0x80;
+        refresh_checksums(&mut bytes);
+        let r = check(&MemBacking::from_bytes(bytes), None).unwrap();
+        assert!(
+            r.to_string().contains("is writable but physical block"),
+            "{r}"
+        );
+    }
+
     #[test]
     fn refreshed_checksums_let_damage_through_to_the_deeper_checks() {
         let mut img = Image::create(MemBacking::new(), &CreateOptions::new(4 << 20)).unwrap();

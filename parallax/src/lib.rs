@@ -35,6 +35,31 @@
 //! calls allocate no memory. [`Disk::read_at`] and [`Disk::write_at`] do the same synchronously
 //! through the backing, for tools, tests and NBD.
 //!
+//! ## How a block driver uses it (tapdisk's `parallax:PATH[@VOLUME]`)
+//!
+//! 1. Open: `let spec: DiskSpec = "vm.plx@snap".parse()?;` then
+//!    `Disk::open(&spec, DiskOptions { cache_slots, read_only })`. Snapshots open read-only;
+//!    a writable volume locks the image file (`flock`) for this process. Several volumes of one
+//!    image served by one process share one [`Image`] (e.g. `Arc<Mutex<Image>>`, a
+//!    [`VolumeId`] per VBD): the same mapping calls exist on [`Image`] with a volume argument.
+//! 2. Data IO goes to the image file at the offsets the mapping calls return:
+//!    [`Disk::file`], or a descriptor of your own on the same path (O_DIRECT works: a machine
+//!    offset keeps the alignment of the virtual offset within its 4 KiB block).
+//! 3. Read `len` bytes at `off`: repeat `let e = disk.map_read(off, len)?` and, for `e.len`
+//!    bytes, read at `e.machine` (or fill zeroes when it is `None`); advance by `e.len`.
+//! 4. Write: the same with [`Disk::map_write`] (`machine` is always `Some`). It allocates or
+//!    copies blocks as needed and, for blocks the write covers only partly, fills the rest
+//!    (zeroes or the old content) synchronously before returning. If the data write then
+//!    fails, call [`Disk::discard`] on the range.
+//! 5. Flush (and barrier): once every earlier request has completed, [`Disk::flush`] commits.
+//!    No data IO may be in flight during a flush.
+//! 6. Discard: [`Disk::discard`]; write-zeroes: [`Disk::write_zeroes`].
+//! 7. Counters for `tap-ctl stats`: [`Disk::stats_handle`], read from any thread without a
+//!    lock ([`StatsHandle::snapshot`] gives a [`CacheStats`], `serde::Serialize`).
+//!
+//! The mapping calls take no lock, do no IO when the metadata they need is cached, and
+//! allocate nothing once warm.
+//!
 //! ```
 //! use parallax::{CreateOptions, Image, MemBacking};
 //! let mut img = Image::create(MemBacking::new(), &CreateOptions::new(1 << 20)).unwrap();
