@@ -75,7 +75,7 @@ pub enum Verb {
     Create(verbs::CreateArgs),
     /// Show an image's format, sizes and space use.
     Info(verbs::InfoArgs),
-    /// List the volumes: kind, creation date, parent, mapped and exclusive size.
+    /// List the volumes: kind, creation date, parent, mapped and exclusive size
     ///
     /// MAPPED is how much of the volume has been written; EXCLUSIVE is what only this volume
     /// holds, the space deleting it gives back.
@@ -91,12 +91,12 @@ pub enum Verb {
     Delete(verbs::DeleteArgs),
     /// Rename a volume.
     Rename(verbs::RenameArgs),
-    /// Verify an image: checksums, pointers, reference counts, bitmaps.
+    /// Verify an image: checksums, pointers, reference counts, bitmaps
     ///
     /// Prints what it found in plain words; exits 1 if there is any problem.
     #[command(verbatim_doc_comment)]
     Check(verbs::CheckArgs),
-    /// Move a volume's blocks into one contiguous run of the store.
+    /// Move a volume's blocks into one contiguous run of the store
     ///
     /// Only the physical-to-machine map changes: snapshots and clones sharing the blocks keep
     /// their content and see the new places too.
