@@ -1,5 +1,7 @@
-//! Operator tools for tapdisk-rs. The binaries in `src/bin` are thin wrappers around the
-//! modules here, so their parsing and formatting can be unit-tested.
+//! Operator tools for tapdisk-rs: `tap-ctl`, `td-bench` and `parallax-img`. The binaries in
+//! `src/bin` are thin wrappers around the modules here, so their parsing and formatting can be
+//! unit-tested.
 
+pub mod parallaximg;
 pub mod tapctl;
 pub mod tdbench;

@@ -1,0 +1,379 @@
+//! The store under a Parallax image: a file now, a striped set of remote extents later.
+//!
+//! [`Backing`] is synchronous positional IO. The image does its metadata IO through it; the
+//! data path hands machine offsets to its caller, which does the data IO itself (tapdisk with
+//! io_uring on [`FileBacking::file`]), or uses the image's synchronous read/write API, which
+//! goes through the backing too.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Synchronous positional access to the bytes of a store.
+///
+/// Reads and writes transfer the whole buffer or fail. Nothing written is durable before
+/// [`Backing::flush`] returns; after a crash, any subset of the writes since the last flush
+/// may have reached the store, some of them only partly.
+pub trait Backing: Send {
+    /// Fills `buf` from `offset`. Reading past the end is an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every write that returned durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Current size in bytes.
+    fn size(&self) -> io::Result<u64>;
+    /// Makes the store at least `size` bytes long (a fixed-size store fails when it is too
+    /// small).
+    fn grow(&self, size: u64) -> io::Result<()>;
+    /// Tells the store that `len` bytes at `offset` hold nothing useful any more, so it may
+    /// give the space back (a file punches a hole). Purely a hint.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+}
+
+impl<B: Backing + Sync> Backing for Arc<B> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn size(&self) -> io::Result<u64> {
+        (**self).size()
+    }
+    fn grow(&self, size: u64) -> io::Result<()> {
+        (**self).grow(size)
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).discard(offset, len)
+    }
+}
+
+/// A store in a regular file or on a block device.
+///
+/// Opening takes an advisory lock (`flock`): exclusive for read-write, shared for read-only, so
+/// two processes never write one image and no reader sees it change under it.
+#[derive(Debug)]
+pub struct FileBacking {
+    file: File,
+    path: PathBuf,
+    block_device: bool,
+    read_only: bool,
+}
+
+/// Why a file could not be opened as a store.
+#[derive(Debug)]
+pub enum OpenFileError {
+    /// Another process holds a conflicting lock.
+    Locked,
+    /// Any other failure.
+    Io(io::Error),
+}
+
+impl FileBacking {
+    /// Opens an existing file or block device.
+    pub fn open(path: &Path, read_only: bool) -> Result<FileBacking, OpenFileError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(OpenFileError::Io)?;
+        Self::from_file(file, path, read_only)
+    }
+
+    /// Creates a new file (failing if it exists).
+    pub fn create(path: &Path) -> Result<FileBacking, OpenFileError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(OpenFileError::Io)?;
+        Self::from_file(file, path, false)
+    }
+
+    fn from_file(file: File, path: &Path, read_only: bool) -> Result<FileBacking, OpenFileError> {
+        let meta = file.metadata().map_err(OpenFileError::Io)?;
+        let block_device = meta.file_type().is_block_device();
+        if !block_device && !meta.is_file() {
+            return Err(OpenFileError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "neither a regular file nor a block device",
+            )));
+        }
+        let op = if read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        } | libc::LOCK_NB;
+        // SAFETY: flock on a descriptor this function owns; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                OpenFileError::Locked
+            } else {
+                OpenFileError::Io(e)
+            });
+        }
+        Ok(FileBacking {
+            file,
+            path: path.to_path_buf(),
+            block_device,
+            read_only,
+        })
+    }
+
+    /// The open file: data IO at the machine offsets the image hands out goes here.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The path it was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether it is a block device (fixed size, no holes).
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    /// Whether it was opened read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+impl Backing for FileBacking {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn size(&self) -> io::Result<u64> {
+        if self.block_device {
+            let mut size = 0u64;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at a
+            // live local of that type.
+            let r = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64, &mut size) };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(size)
+        } else {
+            Ok(self.file.metadata()?.len())
+        }
+    }
+    fn grow(&self, size: u64) -> io::Result<()> {
+        let now = self.size()?;
+        if size <= now {
+            return Ok(());
+        }
+        if self.block_device {
+            // ENOSPC: the image turns it into an out-of-space error.
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.file.set_len(size)
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.block_device || len == 0 {
+            return Ok(());
+        }
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Ok(());
+        };
+        // SAFETY: fallocate on a descriptor this value owns; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            // A file system without hole punching simply keeps the space.
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+// _IOR(0x12, 114, size_t)
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// A store in memory, for tests, fuzzing and the cache experiment. Clones share the bytes.
+#[derive(Clone, Debug, Default)]
+pub struct MemBacking {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    limit: Option<u64>,
+}
+
+impl MemBacking {
+    /// An empty store.
+    pub fn new() -> MemBacking {
+        MemBacking::default()
+    }
+
+    /// A store holding `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>) -> MemBacking {
+        MemBacking {
+            bytes: Arc::new(Mutex::new(bytes)),
+            limit: None,
+        }
+    }
+
+    /// A store that refuses to grow past `limit` bytes.
+    pub fn with_limit(limit: u64) -> MemBacking {
+        MemBacking {
+            bytes: Arc::default(),
+            limit: Some(limit),
+        }
+    }
+
+    /// A copy of the bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.bytes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn range(offset: u64, len: usize, size: usize) -> io::Result<std::ops::Range<usize>> {
+    let start = usize::try_from(offset).map_err(|_| eof())?;
+    let end = start.checked_add(len).ok_or_else(eof)?;
+    if end > size {
+        return Err(eof());
+    }
+    Ok(start..end)
+}
+
+fn eof() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "beyond the end of the store")
+}
+
+impl Backing for MemBacking {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let b = self.lock();
+        let r = range(offset, buf.len(), b.len())?;
+        buf.copy_from_slice(&b[r]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut b = self.lock();
+        let start = usize::try_from(offset).map_err(|_| eof())?;
+        let end = start.checked_add(buf.len()).ok_or_else(eof)?;
+        if let Some(limit) = self.limit {
+            if end as u64 > limit {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+        }
+        if end > b.len() {
+            b.resize(end, 0);
+        }
+        b[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.lock().len() as u64)
+    }
+    fn grow(&self, size: u64) -> io::Result<()> {
+        if let Some(limit) = self.limit {
+            if size > limit {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+        }
+        let size = usize::try_from(size).map_err(|_| eof())?;
+        let mut b = self.lock();
+        if size > b.len() {
+            b.resize(size, 0);
+        }
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut b = self.lock();
+        let size = b.len();
+        if let Ok(r) = range(offset, len as usize, size) {
+            b[r].fill(0);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_backing_reads_what_was_written_and_refuses_past_the_end() {
+        let m = MemBacking::new();
+        m.write_at(b"hello", 10).unwrap();
+        assert_eq!(m.size().unwrap(), 15);
+        let mut b = [0u8; 5];
+        m.read_at(&mut b, 10).unwrap();
+        assert_eq!(&b, b"hello");
+        assert!(m.read_at(&mut b, 11).is_err());
+        m.grow(100).unwrap();
+        assert_eq!(m.size().unwrap(), 100);
+        m.discard(10, 5).unwrap();
+        m.read_at(&mut b, 10).unwrap();
+        assert_eq!(b, [0; 5]);
+        let l = MemBacking::with_limit(50);
+        assert!(l.grow(51).is_err());
+        assert!(l.write_at(&[1], 50).is_err());
+    }
+
+    #[test]
+    fn file_backing_locks_and_punches() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let f = FileBacking::create(&p).unwrap();
+        f.write_at(&[7u8; 8192], 0).unwrap();
+        assert!(matches!(
+            FileBacking::open(&p, true),
+            Err(OpenFileError::Locked)
+        ));
+        assert!(matches!(
+            FileBacking::open(&p, false),
+            Err(OpenFileError::Locked)
+        ));
+        f.discard(0, 4096).unwrap();
+        let mut b = [1u8; 4096];
+        f.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [0; 4096]);
+        f.grow(1 << 20).unwrap();
+        assert_eq!(f.size().unwrap(), 1 << 20);
+        drop(f);
+        let r1 = FileBacking::open(&p, true).unwrap();
+        let _r2 = FileBacking::open(&p, true).unwrap();
+        assert!(matches!(
+            FileBacking::open(&p, false),
+            Err(OpenFileError::Locked)
+        ));
+        drop(r1);
+    }
+}
