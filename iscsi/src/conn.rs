@@ -135,6 +135,9 @@ impl Command {
             dir: Dir::Write,
             len: scsi::UNMAP_PARAM_LEN as u32,
             inline: scsi::unmap_params(lba, blocks),
+            // Targets report residuals for parameter lists inconsistently (tgt reports the
+            // whole list as residual); the status is what counts.
+            exact: false,
             ..Command::no_data(tag, lun, scsi::unmap(scsi::UNMAP_PARAM_LEN as u16))
         }
     }

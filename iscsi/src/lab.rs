@@ -23,6 +23,7 @@ pub struct Tgtd {
     pub size: u64,
     chap: Option<(String, String)>,
     thin: bool,
+    digests: bool,
     _dir: Option<tempfile_dir::Dir>,
 }
 
@@ -61,6 +62,8 @@ pub struct TgtdOptions {
     pub chap: Option<(String, String)>,
     /// Enable thin provisioning on the LUN (so UNMAP works).
     pub thin_provisioning: bool,
+    /// Make the target accept CRC32C header and data digests.
+    pub digests: bool,
     /// Folder for the LUN file (default /dev/shm, else the temp dir).
     pub dir: Option<PathBuf>,
 }
@@ -94,6 +97,7 @@ impl Tgtd {
             size,
             chap: opts.chap.clone(),
             thin: opts.thin_provisioning,
+            digests: opts.digests,
             _dir: Some(dir),
         };
         t.spawn()?;
@@ -140,6 +144,14 @@ impl Tgtd {
                     "--op", "update", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
                     "--params", "thin_provisioning=1",
                 ])?;
+            }
+            if self.digests {
+                for key in ["HeaderDigest", "DataDigest"] {
+                    self.adm(&[
+                        "--op", "update", "--mode", "target", "--tid", "1", "--name", key,
+                        "--value", "CRC32C",
+                    ])?;
+                }
             }
             if let Some((u, p)) = self.chap.clone() {
                 self.adm(&["--op", "new", "--mode", "account", "--user", &u, "--password", &p])?;
@@ -217,16 +229,8 @@ impl Tgtd {
 
 impl Drop for Tgtd {
     fn drop(&mut self) {
-        if let Some(c) = self.child.as_ref() {
-            // SAFETY: plain syscall; the pid is our own child, not yet reaped.
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while self.running() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
+        // Nothing of tgtd's state outlives the test: kill it outright (its LUN file goes with
+        // the temporary folder).
         self.kill();
     }
 }
@@ -238,9 +242,10 @@ fn free_port() -> std::io::Result<u16> {
 
 /// A tgtd control port number nobody on this machine uses now.
 fn control_port() -> u32 {
-    let base = 1000 + (std::process::id() % 5000) * 10;
+    // tgtd takes -C values up to 32767 (0 is the system daemon's).
+    let base = std::process::id().wrapping_mul(7919);
     loop {
-        let n = base + unique() % 10_000;
+        let n = 1000 + (base.wrapping_add(unique().wrapping_mul(104_729))) % 31_000;
         if !Path::new(&format!("/var/run/tgtd/socket.{n}")).exists() {
             return n;
         }

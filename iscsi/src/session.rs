@@ -49,6 +49,9 @@ struct Shared {
     completed: AtomicU64,
     failed: AtomicU64,
     retried: AtomicU64,
+    pings: AtomicU64,
+    nop_answers: AtomicU64,
+    r2ts: AtomicU64,
 }
 
 fn eventfd() -> io::Result<OwnedFd> {
@@ -118,6 +121,9 @@ impl Session {
             completed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             retried: AtomicU64::new(0),
+            pings: AtomicU64::new(0),
+            nop_answers: AtomicU64::new(0),
+            r2ts: AtomicU64::new(0),
         });
         info!(cfg.logger, "iSCSI session up"; "target" => &cfg.target, "portal" => &cfg.portal,
               "params" => format!("{:?}", logged.params));
@@ -237,7 +243,9 @@ impl Session {
             completed: self.shared.completed.load(Ordering::Relaxed),
             failed: self.shared.failed.load(Ordering::Relaxed),
             retried: self.shared.retried.load(Ordering::Relaxed),
-            ..Stats::default()
+            pings: self.shared.pings.load(Ordering::Relaxed),
+            nop_answers: self.shared.nop_answers.load(Ordering::Relaxed),
+            r2ts: self.shared.r2ts.load(Ordering::Relaxed),
         }
     }
 
@@ -344,6 +352,9 @@ impl IoThread {
         self.shared.completed.store(st.completed, Ordering::Relaxed);
         self.shared.failed.store(st.failed, Ordering::Relaxed);
         self.shared.retried.store(st.retried, Ordering::Relaxed);
+        self.shared.pings.store(st.pings, Ordering::Relaxed);
+        self.shared.nop_answers.store(st.nop_answers, Ordering::Relaxed);
+        self.shared.r2ts.store(st.r2ts, Ordering::Relaxed);
         if self.signalled {
             self.signalled = false;
             efd_signal(&self.shared.cq_efd);
@@ -372,7 +383,7 @@ impl IoThread {
     }
 
     fn run(&mut self) {
-        let mut next_tick = Instant::now();
+        let mut next_tick;
         loop {
             if self.shared.stop.load(Ordering::SeqCst) {
                 self.shutdown();
@@ -420,15 +431,12 @@ impl IoThread {
                     continue;
                 }
             };
-            let now = Instant::now();
-            if now >= next_tick {
-                match self.conn.tick(now) {
-                    Ok(t) => next_tick = t,
-                    Err(e) => {
-                        self.publish();
-                        self.lost(e);
-                        continue;
-                    }
+            match self.conn.tick(Instant::now()) {
+                Ok(t) => next_tick = t,
+                Err(e) => {
+                    self.publish();
+                    self.lost(e);
+                    continue;
                 }
             }
             self.publish();
