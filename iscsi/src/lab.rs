@@ -62,6 +62,8 @@ pub struct TgtdOptions {
     pub chap: Option<(String, String)>,
     /// Enable thin provisioning on the LUN (so UNMAP works).
     pub thin_provisioning: bool,
+    /// Allocate the LUN file's blocks up front (as a real disk has them), rather than sparse.
+    pub preallocate: bool,
     /// Make the target accept CRC32C header and data digests.
     pub digests: bool,
     /// Folder for the LUN file (default /dev/shm, else the temp dir).
@@ -87,7 +89,16 @@ impl Tgtd {
         let dir = tempfile_dir::Dir::new(&base, "iscsi-lab")?;
         let size = if opts.size == 0 { 64 << 20 } else { opts.size };
         let lun_file = dir.0.join("lun1.img");
-        std::fs::File::create(&lun_file)?.set_len(size)?;
+        let f = std::fs::File::create(&lun_file)?;
+        f.set_len(size)?;
+        if opts.preallocate {
+            use std::os::fd::AsRawFd;
+            // SAFETY: plain syscall on a file we own.
+            if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as libc::off_t) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        drop(f);
         let port = free_port()?;
         let mut t = Tgtd {
             child: None,
