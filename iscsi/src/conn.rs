@@ -408,6 +408,16 @@ impl Conn {
         self.busy
     }
 
+    /// The Initiator Task Tag an active command with caller tag `tag` uses on the wire (for
+    /// diagnostics and the fuzz target; a linear scan).
+    pub fn itt_of(&self, tag: u32) -> Option<u32> {
+        self.slots
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.state == SlotState::Active && s.cmd.tag == tag)
+            .map(|(i, s)| s.itt(i))
+    }
+
     /// Whether a slot is free for [`Conn::enqueue`].
     pub fn has_free_slot(&self) -> bool {
         !self.free.is_empty()
