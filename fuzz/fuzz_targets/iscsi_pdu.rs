@@ -83,7 +83,11 @@ impl Wire for Script {
             let take = v.iov_len.min(budget).min(self.bytes.len() - self.pos);
             // SAFETY: the caller guarantees `v` is valid for writes of `iov_len` bytes.
             unsafe {
-                std::ptr::copy_nonoverlapping(self.bytes.as_ptr().add(self.pos), v.iov_base as *mut u8, take);
+                std::ptr::copy_nonoverlapping(
+                    self.bytes.as_ptr().add(self.pos),
+                    v.iov_base as *mut u8,
+                    take,
+                );
             }
             self.pos += take;
             budget -= take;
@@ -123,7 +127,12 @@ fuzz_target!(|inp: Input| {
     params.max_xmit_data_segment = 512 + u32::from(inp.max_xmit) % 16384;
     params.immediate_data = inp.immediate;
     params.initial_r2t = inp.initial_r2t;
-    let mut conn = Conn::new(8, params.max_recv_data_segment, Duration::from_secs(5), Duration::from_secs(5));
+    let mut conn = Conn::new(
+        8,
+        params.max_recv_data_segment,
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    );
     conn.bind(&LoggedIn {
         params,
         tsih: 1,
@@ -147,9 +156,23 @@ fuzz_target!(|inp: Input| {
     for (i, c) in cmds.iter().enumerate() {
         let blocks = u32::from(c.blocks.max(1));
         let cmd = if c.write {
-            Command::write(i as u32, 1, scsi::write16(0, blocks, false), blocks * 512, &iovs[i], 1)
+            Command::write(
+                i as u32,
+                1,
+                scsi::write16(0, blocks, false),
+                blocks * 512,
+                &iovs[i],
+                1,
+            )
         } else {
-            Command::read(i as u32, 1, scsi::read16(0, blocks), blocks * 512, &iovs[i], 1)
+            Command::read(
+                i as u32,
+                1,
+                scsi::read16(0, blocks),
+                blocks * 512,
+                &iovs[i],
+                1,
+            )
         };
         assert!(cmd.check().is_ok());
         conn.enqueue(cmd);
@@ -194,7 +217,10 @@ fuzz_target!(|inp: Input| {
         let dlen = p.lie_len.map_or(data.len() as u32, |l| l & 0xff_ffff);
         h[5..8].copy_from_slice(&dlen.to_be_bytes()[1..]);
         let itt = match p.tag {
-            Ok(i) => itts.get(usize::from(i) % itts.len().max(1)).copied().unwrap_or(0),
+            Ok(i) => itts
+                .get(usize::from(i) % itts.len().max(1))
+                .copied()
+                .unwrap_or(0),
             Err(raw) => raw,
         };
         h[16..20].copy_from_slice(&itt.to_be_bytes());
@@ -248,8 +274,14 @@ fuzz_target!(|inp: Input| {
     assert_eq!(conn.busy(), 0);
     assert_eq!(done.len(), cmds.len());
     for b in &bufs {
-        assert!(b[..GUARD].iter().all(|&x| x == 0xa5), "write before a buffer");
-        assert!(b[b.len() - GUARD..].iter().all(|&x| x == 0xa5), "write after a buffer");
+        assert!(
+            b[..GUARD].iter().all(|&x| x == 0xa5),
+            "write before a buffer"
+        );
+        assert!(
+            b[b.len() - GUARD..].iter().all(|&x| x == 0xa5),
+            "write after a buffer"
+        );
     }
     let _ = Dir::None;
 });

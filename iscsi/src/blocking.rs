@@ -46,16 +46,16 @@ impl Client {
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1);
         cmd.tag = tag;
-        // SAFETY: forwarded from the caller; this function does not return before the
-        // command's completion has been popped, unless the session is dropped with it.
         loop {
+            // SAFETY: forwarded from the caller; this function does not return before the
+            // command's completion has been popped.
             match unsafe { self.session.submit(cmd) } {
                 Ok(()) => break,
-                Err(SubmitError::Full(c)) => {
-                    cmd = c;
-                    self.session.wait_completion_fd(Some(Duration::from_millis(10)));
+                Err(SubmitError::Full) => {
+                    self.session
+                        .wait_completion_fd(Some(Duration::from_millis(10)));
                 }
-                Err(SubmitError::Invalid(_, e)) => return Err(e),
+                Err(SubmitError::Invalid(e)) => return Err(e),
             }
         }
         loop {
@@ -65,12 +65,14 @@ impl Client {
                     return c.result.map_err(Error::Command);
                 }
             }
-            self.session.wait_completion_fd(Some(Duration::from_secs(1)));
+            self.session
+                .wait_completion_fd(Some(Duration::from_secs(1)));
         }
     }
 
     fn read_cmd(&mut self, cdb: scsi::Cdb, buf: &mut [u8], exact: bool) -> Result<u32> {
-        let len = u32::try_from(buf.len()).map_err(|_| Error::Invalid("buffer too large".into()))?;
+        let len =
+            u32::try_from(buf.len()).map_err(|_| Error::Invalid("buffer too large".into()))?;
         let iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
@@ -113,7 +115,8 @@ impl Client {
     /// READ(16) of `buf.len() / block_size` blocks at `lba` into `buf`.
     pub fn read16(&mut self, lba: u64, buf: &mut [u8], block_size: u32) -> Result<()> {
         let blocks = blocks_of(buf.len(), block_size)?;
-        self.read_cmd(scsi::read16(lba, blocks), buf, true).map(|_| ())
+        self.read_cmd(scsi::read16(lba, blocks), buf, true)
+            .map(|_| ())
     }
 
     /// WRITE(16) of `buf` at `lba` (Force Unit Access when `fua`).
@@ -139,7 +142,14 @@ impl Client {
     /// SYNCHRONIZE CACHE(16) of the whole medium.
     pub fn synchronize_cache16(&mut self) -> Result<()> {
         // SAFETY: no buffers.
-        unsafe { self.run(Command::no_data(0, self.lun, scsi::synchronize_cache16(0, 0))) }.map(|_| ())
+        unsafe {
+            self.run(Command::no_data(
+                0,
+                self.lun,
+                scsi::synchronize_cache16(0, 0),
+            ))
+        }
+        .map(|_| ())
     }
 
     /// UNMAP `blocks` blocks at `lba`.

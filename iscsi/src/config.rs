@@ -81,9 +81,18 @@ pub fn default_initiator_name() -> String {
         .unwrap_or_default();
     let host: String = host
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
-    format!("iqn.2026-11.rs.tapdisk:{}", if host.is_empty() { "initiator" } else { &host })
+    format!(
+        "iqn.2026-11.rs.tapdisk:{}",
+        if host.is_empty() { "initiator" } else { &host }
+    )
 }
 
 /// `iscsi://[user[%secret]@]host[:port]/target-iqn/lun`, the form libiscsi and QEMU use.
@@ -112,14 +121,19 @@ impl FromStr for Url {
             None => (None, rest),
         };
         let mut parts = rest.splitn(3, '/');
-        let host = parts.next().filter(|h| !h.is_empty()).ok_or_else(|| bad("no host"))?;
+        let host = parts
+            .next()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| bad("no host"))?;
         let target = parts
             .next()
             .filter(|t| !t.is_empty())
             .ok_or_else(|| bad("no target name"))?;
         let lun = match parts.next() {
             None | Some("") => 0,
-            Some(l) => l.parse().map_err(|_| bad("LUN is not a number below 65536"))?,
+            Some(l) => l
+                .parse()
+                .map_err(|_| bad("LUN is not a number below 65536"))?,
         };
         let portal = if host.starts_with('[') {
             if host.contains("]:") {
@@ -154,7 +168,9 @@ mod tests {
 
     #[test]
     fn urls() {
-        let u: Url = "iscsi://127.0.0.1:3261/iqn.2026-11.lab:srv1/1".parse().unwrap();
+        let u: Url = "iscsi://127.0.0.1:3261/iqn.2026-11.lab:srv1/1"
+            .parse()
+            .unwrap();
         assert_eq!(u.portal, "127.0.0.1:3261");
         assert_eq!(u.target, "iqn.2026-11.lab:srv1");
         assert_eq!(u.lun, 1);

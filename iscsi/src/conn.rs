@@ -221,7 +221,12 @@ impl Slot {
 #[derive(Clone, Copy, Debug)]
 enum Tx {
     /// The SCSI Command PDU of a slot, with CmdSN and immediate data.
-    Cmd { slot: u16, cmd_sn: u32, imm: u32, fin: bool },
+    Cmd {
+        slot: u16,
+        cmd_sn: u32,
+        imm: u32,
+        fin: bool,
+    },
     /// A Data-Out sequence, expanded into PDUs as it is written.
     Data {
         slot: u16,
@@ -330,7 +335,12 @@ fn proto(m: impl Into<String>) -> ConnError {
 
 impl Conn {
     /// A connection with `depth` command slots, not yet bound to a login.
-    pub fn new(depth: u16, max_recv_data_segment: u32, nop_interval: Duration, nop_timeout: Duration) -> Conn {
+    pub fn new(
+        depth: u16,
+        max_recv_data_segment: u32,
+        nop_interval: Duration,
+        nop_timeout: Duration,
+    ) -> Conn {
         let depth = usize::from(depth.clamp(1, 0x7fff));
         let blank = Slot {
             cmd: Command::no_data(0, 0, [0; 16]),
@@ -388,9 +398,13 @@ impl Conn {
             header_digest: l.params.header_digest,
             data_digest: l.params.data_digest,
         };
-        if self.rx_buf.len() < l.params.max_recv_data_segment as usize {
-            self.rx_buf.resize(l.params.max_recv_data_segment as usize, 0);
+        let max = l.params.max_recv_data_segment as usize;
+        if self.rx_buf.len() < max {
+            self.rx_buf.resize(max, 0);
         }
+        // A queued NOP-Out answer points into `nop_data`: with this capacity (no data segment
+        // is larger) refilling it never reallocates.
+        self.nop_data.reserve(max);
         self.cmd_sn = l.cmd_sn;
         self.exp_stat_sn = l.exp_stat_sn;
         self.max_cmd_sn = l.max_cmd_sn;
@@ -452,7 +466,12 @@ impl Conn {
         self.ready.push_back(idx);
     }
 
-    fn complete(&mut self, idx: usize, result: Result<u32, IoError>, out: &mut impl FnMut(Completion)) {
+    fn complete(
+        &mut self,
+        idx: usize,
+        result: Result<u32, IoError>,
+        out: &mut impl FnMut(Completion),
+    ) {
         let s = &mut self.slots[idx];
         if s.batch_refs > 0 {
             // The kernel has not taken all of this command's data yet: finish after the batch.
@@ -559,7 +578,9 @@ impl Conn {
     /// Moves ready commands into the transmit queue while the CmdSN window allows.
     fn issue_ready(&mut self) {
         while self.can_send_ready() {
-            let Some(idx) = self.ready.pop_front() else { break };
+            let Some(idx) = self.ready.pop_front() else {
+                break;
+            };
             let i = usize::from(idx);
             let cmd_sn = self.cmd_sn;
             self.cmd_sn = self.cmd_sn.wrapping_add(1);
@@ -600,7 +621,13 @@ impl Conn {
 
     /// Counts the iovec entries covering `[off, off + len)` of a slot's buffers, or pushes
     /// them to `out` when given. Inline data is one entry.
-    fn data_iov(&self, idx: usize, off: u32, len: u32, out: Option<&mut Vec<libc::iovec>>) -> usize {
+    fn data_iov(
+        &self,
+        idx: usize,
+        off: u32,
+        len: u32,
+        out: Option<&mut Vec<libc::iovec>>,
+    ) -> usize {
         let c = &self.slots[idx].cmd;
         if c.iovcnt == 0 {
             if let Some(o) = out {
@@ -643,7 +670,11 @@ impl Conn {
                     fin,
                 } => {
                     let i = usize::from(slot);
-                    let need = if imm > 0 { self.data_iov(i, 0, imm, None) } else { 0 };
+                    let need = if imm > 0 {
+                        self.data_iov(i, 0, imm, None)
+                    } else {
+                        0
+                    };
                     if !self.iov.is_empty() && self.iov.len() + need + 2 > TX_IOV {
                         break;
                     }
@@ -714,7 +745,13 @@ impl Conn {
                 Tx::Logout => {
                     self.tx.pop_front();
                     let mut h = [0u8; BHS_LEN];
-                    pdu::logout_request(&mut h, 0x7fff_fffe | 0x8000_0000, 0, self.cmd_sn, self.exp_stat_sn);
+                    pdu::logout_request(
+                        &mut h,
+                        0x7fff_fffe | 0x8000_0000,
+                        0,
+                        self.cmd_sn,
+                        self.exp_stat_sn,
+                    );
                     self.push_header(&h);
                     continue;
                 }
@@ -814,7 +851,11 @@ impl Conn {
     }
 
     /// Writes as much as the wire takes. Returns the bytes written.
-    pub fn flush(&mut self, wire: &mut impl Wire, out: &mut impl FnMut(Completion)) -> Result<usize, ConnError> {
+    pub fn flush(
+        &mut self,
+        wire: &mut impl Wire,
+        out: &mut impl FnMut(Completion),
+    ) -> Result<usize, ConnError> {
         self.issue_ready();
         let mut total = 0;
         loop {
@@ -839,7 +880,8 @@ impl Conn {
                             n -= v.iov_len;
                             self.iov_pos += 1;
                         } else {
-                            v.iov_base = (v.iov_base as *mut u8).wrapping_add(n) as *mut libc::c_void;
+                            v.iov_base =
+                                (v.iov_base as *mut u8).wrapping_add(n) as *mut libc::c_void;
                             v.iov_len -= n;
                             n = 0;
                         }
@@ -1228,7 +1270,15 @@ impl Conn {
                 } else {
                     None
                 };
-                self.finish_command(idx, r.status, r.underflow, r.overflow, r.residual, sense, out);
+                self.finish_command(
+                    idx,
+                    r.status,
+                    r.underflow,
+                    r.overflow,
+                    r.residual,
+                    sense,
+                    out,
+                );
             }
             TargetPdu::R2t(r) => {
                 self.note_sn(r.sn, false);
@@ -1296,13 +1346,20 @@ impl Conn {
                         return Ok(());
                     }
                 }
-                return Err(proto(format!("target rejected a PDU (reason {:#04x})", r.reason)));
+                return Err(proto(format!(
+                    "target rejected a PDU (reason {:#04x})",
+                    r.reason
+                )));
             }
             TargetPdu::LogoutResponse(r) => {
                 self.note_sn(r.sn, true);
                 self.logged_out = true;
             }
-            other => return Err(proto(format!("unexpected PDU in full-feature phase: {other:?}"))),
+            other => {
+                return Err(proto(format!(
+                    "unexpected PDU in full-feature phase: {other:?}"
+                )))
+            }
         }
         Ok(())
     }
@@ -1333,7 +1390,11 @@ impl Conn {
                 if s.cmd.exact && (done != expected || (overflow && residual > 0)) {
                     Err(IoError::Residual {
                         expected,
-                        residual: if done != expected { expected - done } else { residual },
+                        residual: if done != expected {
+                            expected - done
+                        } else {
+                            residual
+                        },
                     })
                 } else {
                     Ok(done)
@@ -1391,7 +1452,12 @@ enum Progress {
 }
 
 /// Counts (and with `out`, pushes) the entries of `iov` covering `[off, off + len)`.
-fn iov_range(iov: &[libc::iovec], mut off: usize, mut len: usize, mut out: Option<&mut Vec<libc::iovec>>) -> usize {
+fn iov_range(
+    iov: &[libc::iovec],
+    mut off: usize,
+    mut len: usize,
+    mut out: Option<&mut Vec<libc::iovec>>,
+) -> usize {
     let mut n = 0;
     for v in iov {
         if len == 0 {

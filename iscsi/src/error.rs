@@ -108,7 +108,10 @@ impl fmt::Display for IoError {
             IoError::Response(r) => write!(f, "iSCSI response {r:#04x} (target failure)"),
             IoError::Rejected(r) => write!(f, "command rejected by target (reason {r:#04x})"),
             IoError::Residual { expected, residual } => {
-                write!(f, "short transfer: {residual} of {expected} bytes missing or extra")
+                write!(
+                    f,
+                    "short transfer: {residual} of {expected} bytes missing or extra"
+                )
             }
             IoError::Disconnected => write!(f, "connection to target lost"),
             IoError::Shutdown => write!(f, "session shut down"),

@@ -145,15 +145,35 @@ impl Tgtd {
         self.child = Some(child);
         let lun = self.lun_file.to_string_lossy().into_owned();
         let r = (|| {
-            self.adm(&["--op", "new", "--mode", "target", "--tid", "1", "-T", TARGET])?;
             self.adm(&[
-                "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "--bstype",
-                "rdwr", "-b", &lun,
+                "--op", "new", "--mode", "target", "--tid", "1", "-T", TARGET,
+            ])?;
+            self.adm(&[
+                "--op",
+                "new",
+                "--mode",
+                "logicalunit",
+                "--tid",
+                "1",
+                "--lun",
+                "1",
+                "--bstype",
+                "rdwr",
+                "-b",
+                &lun,
             ])?;
             if self.thin {
                 self.adm(&[
-                    "--op", "update", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
-                    "--params", "thin_provisioning=1",
+                    "--op",
+                    "update",
+                    "--mode",
+                    "logicalunit",
+                    "--tid",
+                    "1",
+                    "--lun",
+                    "1",
+                    "--params",
+                    "thin_provisioning=1",
                 ])?;
             }
             if self.digests {
@@ -165,10 +185,23 @@ impl Tgtd {
                 }
             }
             if let Some((u, p)) = self.chap.clone() {
-                self.adm(&["--op", "new", "--mode", "account", "--user", &u, "--password", &p])?;
-                self.adm(&["--op", "bind", "--mode", "account", "--tid", "1", "--user", &u])?;
+                self.adm(&[
+                    "--op",
+                    "new",
+                    "--mode",
+                    "account",
+                    "--user",
+                    &u,
+                    "--password",
+                    &p,
+                ])?;
+                self.adm(&[
+                    "--op", "bind", "--mode", "account", "--tid", "1", "--user", &u,
+                ])?;
             }
-            self.adm(&["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"])
+            self.adm(&[
+                "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
+            ])
         })();
         if let Err(e) = r {
             self.kill();
@@ -179,7 +212,9 @@ impl Tgtd {
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if Instant::now() > deadline {
                 self.kill();
-                return Err(std::io::Error::other("tgtd portal does not accept connections"));
+                return Err(std::io::Error::other(
+                    "tgtd portal does not accept connections",
+                ));
             }
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -112,7 +112,9 @@ impl LoginConn {
                 out.extend_from_slice(&c.digest());
             }
         }
-        self.stream.write_all(&out).map_err(|e| timeout_or(e, "sending to the target"))?;
+        self.stream
+            .write_all(&out)
+            .map_err(|e| timeout_or(e, "sending to the target"))?;
         Ok(())
     }
 
@@ -207,7 +209,11 @@ pub fn login(
         SessionType::Discovery => text::push(&mut out, "SessionType", "Discovery"),
     }
     let chap = cfg.chap.as_ref();
-    text::push(&mut out, "AuthMethod", if chap.is_some() { "CHAP" } else { "None" });
+    text::push(
+        &mut out,
+        "AuthMethod",
+        if chap.is_some() { "CHAP" } else { "None" },
+    );
 
     let mut stage = STAGE_SECURITY;
     // With no authentication we ask to move to the operational stage at once.
@@ -223,7 +229,10 @@ pub fn login(
         };
         let (h, data) = exchange(&mut c, transit, stage, nsg, isid, itt, &out)?;
         let TargetPdu::LoginResponse(r) = h.pdu else {
-            return Err(Error::Protocol(format!("expected a Login Response, got {:?}", h.pdu)));
+            return Err(Error::Protocol(format!(
+                "expected a Login Response, got {:?}",
+                h.pdu
+            )));
         };
         if r.status_class != 0 {
             if r.status_class == 2 && r.status_detail == 1 {
@@ -313,10 +322,8 @@ pub fn login(
             }
         }
         if r.transit {
-            if r.nsg == STAGE_FULL {
-                if stage == STAGE_OPERATIONAL || !op_sent {
-                    return finish(c, params, tsih, r.sn);
-                }
+            if r.nsg == STAGE_FULL && (stage == STAGE_OPERATIONAL || !op_sent) {
+                return finish(c, params, tsih, r.sn);
             }
             if stage == STAGE_SECURITY && r.nsg == STAGE_OPERATIONAL {
                 if chap.is_some() && chap_step < 2 {
@@ -347,7 +354,9 @@ pub fn login(
             transit = true;
         }
     }
-    Err(Error::Protocol("login did not finish in 16 exchanges".into()))
+    Err(Error::Protocol(
+        "login did not finish in 16 exchanges".into(),
+    ))
 }
 
 fn finish(
@@ -410,7 +419,17 @@ fn exchange(
             if r.cont && r.status_class == 0 {
                 // Ask for the rest: an empty request in the same stage, T=0.
                 pdu::login_request(
-                    &mut bhs, false, csg, nsg, isid, 0, itt, 0, c.cmd_sn, c.exp_stat_sn, 0,
+                    &mut bhs,
+                    false,
+                    csg,
+                    nsg,
+                    isid,
+                    0,
+                    itt,
+                    0,
+                    c.cmd_sn,
+                    c.exp_stat_sn,
+                    0,
                 );
                 c.send(&bhs, &[])?;
                 continue;
@@ -426,14 +445,23 @@ fn chap_answer(
     out: &mut Vec<u8>,
     target: &str,
 ) -> Result<()> {
-    let get = |k: &str| pairs.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.as_str());
+    let get = |k: &str| {
+        pairs
+            .iter()
+            .find(|(kk, _)| kk == k)
+            .map(|(_, v)| v.as_str())
+    };
     let bad = |why: String| Error::AuthMismatch {
         target: target.to_owned(),
         why,
     };
     match get("CHAP_A") {
         Some("5") => {}
-        other => return Err(bad(format!("the target chose CHAP_A={other:?}; only 5 (MD5) is supported"))),
+        other => {
+            return Err(bad(format!(
+                "the target chose CHAP_A={other:?}; only 5 (MD5) is supported"
+            )))
+        }
     }
     let id: u8 = get("CHAP_I")
         .and_then(|v| v.parse::<u32>().ok())
@@ -472,11 +500,21 @@ pub fn discover(cfg: &Config) -> Result<Vec<DiscoveredTarget>> {
     let mut all = Vec::new();
     loop {
         let mut bhs = [0u8; BHS_LEN];
-        pdu::text_request(&mut bhs, itt, ttt, c.cmd_sn, c.exp_stat_sn, out.len() as u32);
+        pdu::text_request(
+            &mut bhs,
+            itt,
+            ttt,
+            c.cmd_sn,
+            c.exp_stat_sn,
+            out.len() as u32,
+        );
         c.send(&bhs, &out)?;
         let (h, d) = c.recv()?;
         let TargetPdu::TextResponse(r) = h.pdu else {
-            return Err(Error::Protocol(format!("expected a Text Response, got {:?}", h.pdu)));
+            return Err(Error::Protocol(format!(
+                "expected a Text Response, got {:?}",
+                h.pdu
+            )));
         };
         if r.itt != itt {
             return Err(Error::Protocol("Text Response for another task".into()));
@@ -520,6 +558,8 @@ pub fn logout(c: &mut LoginConn) -> Result<()> {
     let (h, _) = c.recv()?;
     match h.pdu {
         TargetPdu::LogoutResponse(r) if r.itt == itt && r.response == 0 => Ok(()),
-        other => Err(Error::Protocol(format!("unexpected answer to Logout: {other:?}"))),
+        other => Err(Error::Protocol(format!(
+            "unexpected answer to Logout: {other:?}"
+        ))),
     }
 }

@@ -477,7 +477,9 @@ pub fn parse_header(b: &[u8; BHS_LEN], limits: &Limits) -> Result<Header, PduErr
             let fin = flags & 0x80 != 0;
             let has_status = flags & 0x01 != 0;
             if has_status && !fin {
-                return Err(PduError::Invalid("Data-In with status but without the F bit"));
+                return Err(PduError::Invalid(
+                    "Data-In with status but without the F bit",
+                ));
             }
             let underflow = flags & 0x02 != 0;
             let overflow = flags & 0x04 != 0;
@@ -562,7 +564,10 @@ pub fn parse_header(b: &[u8; BHS_LEN], limits: &Limits) -> Result<Header, PduErr
 /// Parses one whole PDU from the start of `buf`: BHS, AHS (skipped), header digest, data
 /// segment, padding and data digest, checking both digests when in force. Returns the header,
 /// the data segment (without padding) and the number of bytes consumed.
-pub fn parse_pdu<'a>(buf: &'a [u8], limits: &Limits) -> Result<(Header, &'a [u8], usize), PduError> {
+pub fn parse_pdu<'a>(
+    buf: &'a [u8],
+    limits: &Limits,
+) -> Result<(Header, &'a [u8], usize), PduError> {
     let bhs: &[u8; BHS_LEN] = buf
         .get(..BHS_LEN)
         .and_then(|s| s.try_into().ok())

@@ -342,7 +342,10 @@ mod tests {
         rc[10] = 0x02; // 512-byte blocks
         rc[14] = 0x80;
         let c = Capacity::parse(&rc).unwrap();
-        assert_eq!((c.blocks, c.block_size, c.thin_provisioned), (256, 512, true));
+        assert_eq!(
+            (c.blocks, c.block_size, c.thin_provisioned),
+            (256, 512, true)
+        );
         assert_eq!(c.bytes(), 131072);
         assert_eq!(Capacity::parse(&[0; 12]), None);
         let mut rl = vec![0u8, 0, 0, 16, 0, 0, 0, 0];

@@ -89,7 +89,8 @@ pub fn new_isid() -> [u8; 6] {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let mix = t ^ (u64::from(std::process::id()) << 20) ^ N.fetch_add(0x9e37_79b9, Ordering::Relaxed);
+    let mix =
+        t ^ (u64::from(std::process::id()) << 20) ^ N.fetch_add(0x9e37_79b9, Ordering::Relaxed);
     let b = mix.to_be_bytes();
     [0x80, b[3], b[4], b[5], b[6], b[7]]
 }
@@ -156,8 +157,8 @@ impl Session {
         })
     }
 
-    /// Submits a command. On a full queue the command is handed back (backpressure: wait for
-    /// completions). Invalid commands are refused with an error and never reach the target.
+    /// Submits a command. A full queue is backpressure: reap completions and submit again.
+    /// Invalid commands are refused with an error and never reach the target.
     ///
     /// # Safety
     ///
@@ -168,10 +169,10 @@ impl Session {
     /// straight into these buffers and sends Data-Out straight from them.
     pub unsafe fn submit(&self, cmd: Command) -> std::result::Result<(), SubmitError> {
         if let Err(e) = cmd.check() {
-            return Err(SubmitError::Invalid(cmd, e));
+            return Err(SubmitError::Invalid(e));
         }
-        if let Err(cmd) = self.shared.sq.push(cmd) {
-            return Err(SubmitError::Full(cmd));
+        if self.shared.sq.push(cmd).is_err() {
+            return Err(SubmitError::Full);
         }
         // Pairs with the IO thread's SeqCst store of `sleeping` before it re-checks the queue:
         // either it sees our command or we see it sleeping.
@@ -270,13 +271,13 @@ impl Drop for Session {
     }
 }
 
-/// Why [`Session::submit`] refused a command.
+/// Why [`Session::submit`] refused a command (the caller still has it: commands are `Copy`).
 #[derive(Debug)]
 pub enum SubmitError {
     /// The submission queue is full; try again after reaping completions.
-    Full(Command),
+    Full,
     /// The command is malformed.
-    Invalid(Command, Error),
+    Invalid(Error),
 }
 
 fn short_name(target: &str) -> String {
@@ -353,7 +354,9 @@ impl IoThread {
         self.shared.failed.store(st.failed, Ordering::Relaxed);
         self.shared.retried.store(st.retried, Ordering::Relaxed);
         self.shared.pings.store(st.pings, Ordering::Relaxed);
-        self.shared.nop_answers.store(st.nop_answers, Ordering::Relaxed);
+        self.shared
+            .nop_answers
+            .store(st.nop_answers, Ordering::Relaxed);
         self.shared.r2ts.store(st.r2ts, Ordering::Relaxed);
         if self.signalled {
             self.signalled = false;
@@ -395,7 +398,7 @@ impl IoThread {
                 if self.conn.busy() > 0 {
                     let due = self
                         .last_attempt
-                        .is_none_or(|t| t.elapsed() >= self.cfg.reconnect_interval);
+                        .map_or(true, |t| t.elapsed() >= self.cfg.reconnect_interval);
                     if due {
                         self.last_attempt = Some(Instant::now());
                         if self.try_login() {
@@ -404,8 +407,9 @@ impl IoThread {
                     }
                     let shared = self.shared.clone();
                     let mut sig = false;
-                    self.conn
-                        .fail_ready(IoError::Disconnected, &mut |c| Self::push_completion(&shared, &mut sig, c));
+                    self.conn.fail_ready(IoError::Disconnected, &mut |c| {
+                        Self::push_completion(&shared, &mut sig, c)
+                    });
                     self.signalled |= sig;
                 }
                 self.publish();
@@ -543,8 +547,9 @@ impl IoThread {
         self.set_state(State::Down);
         self.last_attempt = Some(Instant::now());
         let mut sig = false;
-        self.conn
-            .fail_all(IoError::Disconnected, &mut |c| Self::push_completion(&shared, &mut sig, c));
+        self.conn.fail_all(IoError::Disconnected, &mut |c| {
+            Self::push_completion(&shared, &mut sig, c)
+        });
         self.signalled |= sig;
         self.publish();
     }
@@ -587,8 +592,9 @@ impl IoThread {
             }
             let _ = sock.shutdown(std::net::Shutdown::Both);
         }
-        self.conn
-            .fail_all(IoError::Shutdown, &mut |c| Self::push_completion(&shared, &mut sig, c));
+        self.conn.fail_all(IoError::Shutdown, &mut |c| {
+            Self::push_completion(&shared, &mut sig, c)
+        });
         self.signalled |= sig;
         self.set_state(State::Closed);
         self.publish();

@@ -156,7 +156,11 @@ impl Params {
         push(out, "FirstBurstLength", &offer.first_burst.to_string());
         push(out, "DefaultTime2Wait", "0");
         push(out, "DefaultTime2Retain", "0");
-        push(out, "MaxOutstandingR2T", &offer.max_outstanding_r2t.to_string());
+        push(
+            out,
+            "MaxOutstandingR2T",
+            &offer.max_outstanding_r2t.to_string(),
+        );
         push(out, "DataPDUInOrder", "Yes");
         push(out, "DataSequenceInOrder", "Yes");
         push(out, "ErrorRecoveryLevel", "0");
@@ -264,8 +268,13 @@ impl Params {
                 num(0, 3600)?;
             }
             // Declarations and answers that need nothing from us.
-            "TargetAlias" | "TargetPortalGroupTag" | "TargetAddress" | "IFMarker" | "OFMarker"
-            | "OFMarkInt" | "IFMarkInt" => {}
+            "TargetAlias"
+            | "TargetPortalGroupTag"
+            | "TargetAddress"
+            | "IFMarker"
+            | "OFMarker"
+            | "OFMarkInt"
+            | "IFMarkInt" => {}
             _ => return Ok(Some((key.to_owned(), "NotUnderstood".to_owned()))),
         }
         if self.first_burst > self.max_burst {
@@ -359,7 +368,13 @@ mod tests {
         push(&mut b, "TargetName", "iqn.x:y");
         b.extend_from_slice(&[0, 0]);
         let p = parse(&b).unwrap();
-        assert_eq!(p, vec![("A".into(), "1".into()), ("TargetName".into(), "iqn.x:y".into())]);
+        assert_eq!(
+            p,
+            vec![
+                ("A".into(), "1".into()),
+                ("TargetName".into(), "iqn.x:y".into())
+            ]
+        );
         assert!(parse(b"novalue\0").is_err());
         assert!(parse(&[0xff, b'=', b'1', 0]).is_err());
     }

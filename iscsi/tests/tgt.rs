@@ -45,7 +45,10 @@ fn discovery_lists_the_target() {
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].name, TARGET);
     assert!(
-        found[0].addresses.iter().any(|a| a.starts_with(&format!("127.0.0.1:{}", t.port))),
+        found[0]
+            .addresses
+            .iter()
+            .any(|a| a.starts_with(&format!("127.0.0.1:{}", t.port))),
         "{found:?}"
     );
 }
@@ -83,7 +86,8 @@ fn scsi_commands() {
     let end = cap.blocks;
     let e = c.read16(end, &mut back[..512], BS).unwrap_err();
     assert!(
-        e.to_string().contains("ILLEGAL REQUEST, LOGICAL BLOCK ADDRESS OUT OF RANGE"),
+        e.to_string()
+            .contains("ILLEGAL REQUEST, LOGICAL BLOCK ADDRESS OUT OF RANGE"),
         "{e}"
     );
     assert!(matches!(
@@ -100,7 +104,11 @@ fn unmap_without_thin_provisioning_is_a_clear_error() {
     let t = tgtd(TgtdOptions::default());
     let mut c = Client::connect(&t.config(), 1).unwrap();
     let e = c.unmap(0, 8).unwrap_err();
-    assert!(e.to_string().starts_with("CHECK CONDITION: ILLEGAL REQUEST"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("CHECK CONDITION: ILLEGAL REQUEST"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -124,12 +132,16 @@ fn chap_login() {
         user: user.into(),
         secret: "wrong-secret-123".into(),
     });
-    let e = Client::connect(&cfg, 1).err().expect("wrong secret must fail");
+    let e = Client::connect(&cfg, 1)
+        .err()
+        .expect("wrong secret must fail");
     assert!(matches!(e, Error::AuthFailed { .. }), "{e:?}");
     assert!(e.to_string().contains("wrong user name or secret"), "{e}");
 
     cfg.chap = None;
-    let e = Client::connect(&cfg, 1).err().expect("no credentials must fail");
+    let e = Client::connect(&cfg, 1)
+        .err()
+        .expect("no credentials must fail");
     assert!(e.to_string().contains("requires authentication"), "{e}");
 
     // tgt asks no authentication for discovery (the account is bound to the target only).
@@ -148,7 +160,16 @@ fn wrong_target_name_is_a_clear_error() {
 /// given negotiation.
 fn sizes_roundtrip(cfg: &Config, t: &Tgtd) {
     let s = Session::connect(cfg).unwrap();
-    let sizes = [512usize, 4096, 8192 + 512, 65536, 65536 + 4096, 262144, 1 << 20, 3 << 20];
+    let sizes = [
+        512usize,
+        4096,
+        8192 + 512,
+        65536,
+        65536 + 4096,
+        262144,
+        1 << 20,
+        3 << 20,
+    ];
     let mut lba = 0u64;
     for (k, &size) in sizes.iter().enumerate() {
         let data = pattern(k as u64 + 10, size);
@@ -184,14 +205,27 @@ fn sizes_roundtrip(cfg: &Config, t: &Tgtd) {
             (iov, data.clone())
         };
         let blocks = (size / 512) as u32;
-        let cmd = Command::write(1, 1, scsi::write16(lba, blocks, false), size as u32, iov.as_ptr(), iov.len() as u32);
+        let cmd = Command::write(
+            1,
+            1,
+            scsi::write16(lba, blocks, false),
+            size as u32,
+            iov.as_ptr(),
+            iov.len() as u32,
+        );
         // SAFETY: buffers live until the completion is popped below.
         unsafe { s.submit(cmd) }.unwrap();
         let c = wait(&s, 1);
         assert_eq!(c.result, Ok(size as u32), "write of {size}");
-        assert_eq!(file_bytes(t, lba * 512, size), data, "stored content of {size}");
+        assert_eq!(
+            file_bytes(t, lba * 512, size),
+            data,
+            "stored content of {size}"
+        );
         // Read back into scattered buffers.
-        let mut rpieces: Vec<Vec<u8>> = (0..3).map(|i| vec![0u8; [size / 2, size / 4, size - size / 2 - size / 4][i]]).collect();
+        let mut rpieces: Vec<Vec<u8>> = (0..3)
+            .map(|i| vec![0u8; [size / 2, size / 4, size - size / 2 - size / 4][i]])
+            .collect();
         let riov: Vec<libc::iovec> = rpieces
             .iter_mut()
             .filter(|p| !p.is_empty())
@@ -200,7 +234,14 @@ fn sizes_roundtrip(cfg: &Config, t: &Tgtd) {
                 iov_len: p.len(),
             })
             .collect();
-        let cmd = Command::read(2, 1, scsi::read16(lba, blocks), size as u32, riov.as_ptr(), riov.len() as u32);
+        let cmd = Command::read(
+            2,
+            1,
+            scsi::read16(lba, blocks),
+            size as u32,
+            riov.as_ptr(),
+            riov.len() as u32,
+        );
         // SAFETY: buffers live until the completion is popped below.
         unsafe { s.submit(cmd) }.unwrap();
         let c = wait(&s, 2);
@@ -251,7 +292,11 @@ fn sizes_with_digests() {
     cfg.offer.header_digest = true;
     cfg.offer.data_digest = true;
     let s = Session::connect(&cfg).unwrap();
-    assert!(s.params().header_digest && s.params().data_digest, "{:?}", s.params());
+    assert!(
+        s.params().header_digest && s.params().data_digest,
+        "{:?}",
+        s.params()
+    );
     drop(s);
     sizes_roundtrip(&cfg, &t);
 }
@@ -287,7 +332,10 @@ fn many_in_flight(s: &Session, blocks_total: u64, ios: usize, depth: usize, seed
         }
     };
     while done < ios {
-        assert!(Instant::now() < deadline, "many_in_flight stuck: {done}/{ios}");
+        assert!(
+            Instant::now() < deadline,
+            "many_in_flight stuck: {done}/{ios}"
+        );
         for tag in 0..depth {
             if busy[tag].is_some() || issued >= ios {
                 continue;
@@ -305,7 +353,14 @@ fn many_in_flight(s: &Session, blocks_total: u64, ios: usize, depth: usize, seed
                 let gen = shadow[slot].wrapping_add(1).max(1);
                 fill(&mut bufs[tag], slot, gen);
                 busy[tag] = Some((slot, true, gen));
-                Command::write(tag as u32, 1, scsi::write16(lba, 8, false), 4096, &iovs[tag], 1)
+                Command::write(
+                    tag as u32,
+                    1,
+                    scsi::write16(lba, 8, false),
+                    4096,
+                    &iovs[tag],
+                    1,
+                )
             } else {
                 busy[tag] = Some((slot, false, shadow[slot]));
                 Command::read(tag as u32, 1, scsi::read16(lba, 8), 4096, &iovs[tag], 1)
@@ -373,7 +428,14 @@ fn target_killed_mid_io_fails_in_flight_commands() {
         iov_len: buf.len(),
     };
     for tag in 0..8 {
-        let cmd = Command::write(tag, 1, scsi::write16(u64::from(tag) * 2048, 2048, false), 1 << 20, &iov, 1);
+        let cmd = Command::write(
+            tag,
+            1,
+            scsi::write16(u64::from(tag) * 2048, 2048, false),
+            1 << 20,
+            &iov,
+            1,
+        );
         // SAFETY: `buf` lives until every completion is popped.
         unsafe { s.submit(cmd) }.unwrap();
     }
@@ -382,7 +444,10 @@ fn target_killed_mid_io_fails_in_flight_commands() {
     let mut got = 0;
     let mut failed = 0;
     while got < 8 {
-        assert!(start.elapsed() < Duration::from_secs(10), "hung after the target died");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "hung after the target died"
+        );
         s.wait_completion_fd(Some(Duration::from_millis(100)));
         s.clear_completion_fd();
         while let Some(c) = s.pop_completion() {
@@ -437,7 +502,14 @@ fn target_restarted_mid_io_retries_in_flight_commands() {
         .collect();
     for tag in 0..n {
         let lba = u64::from(tag) * (size as u64 / 512);
-        let cmd = Command::write(tag, 1, scsi::write16(lba, (size / 512) as u32, false), size as u32, &iovs[tag as usize], 1);
+        let cmd = Command::write(
+            tag,
+            1,
+            scsi::write16(lba, (size / 512) as u32, false),
+            size as u32,
+            &iovs[tag as usize],
+            1,
+        );
         // SAFETY: `bufs` lives until every completion is popped.
         unsafe { s.submit(cmd) }.unwrap();
     }
@@ -447,7 +519,10 @@ fn target_restarted_mid_io_retries_in_flight_commands() {
     let start = Instant::now();
     let mut got = 0;
     while got < n {
-        assert!(start.elapsed() < Duration::from_secs(20), "hung after the restart");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "hung after the restart"
+        );
         s.wait_completion_fd(Some(Duration::from_millis(100)));
         s.clear_completion_fd();
         while let Some(c) = s.pop_completion() {
@@ -457,7 +532,10 @@ fn target_restarted_mid_io_retries_in_flight_commands() {
     }
     for tag in 0..n {
         let lba = u64::from(tag) * (size as u64 / 512);
-        assert!(file_bytes(&t, lba * 512, size) == bufs[tag as usize], "tag {tag} lost its write");
+        assert!(
+            file_bytes(&t, lba * 512, size) == bufs[tag as usize],
+            "tag {tag} lost its write"
+        );
     }
     assert!(s.reconnects() >= 1);
 }

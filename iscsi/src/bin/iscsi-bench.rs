@@ -102,9 +102,10 @@ fn bench(a: &Args, workdir: &Path) -> Result<()> {
             u
         }
     };
-    let url_s = a.url.clone().unwrap_or_else(|| {
-        format!("iscsi://{}/{}/{}", url.portal, url.target, url.lun)
-    });
+    let url_s = a
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("iscsi://{}/{}/{}", url.portal, url.target, url.lun));
     let mut cfg = Config::new(url.portal.clone(), url.target.clone());
     cfg.chap = url.chap.clone();
     let (blocks, bsz) = {
@@ -115,20 +116,41 @@ fn bench(a: &Args, workdir: &Path) -> Result<()> {
     };
     println!(
         "iscsi-bench: {url_s}: {} MiB, {bsz}-byte blocks; {} s per run, {} runs each (median)",
-        blocks * u64::from(bsz) >> 20,
+        (blocks * u64::from(bsz)) >> 20,
         a.runtime,
         a.repeat
     );
     let all = [
-        Workload { name: "seq-read", write: false, random: false, bs: 512 * 1024, qd: a.seq_qd },
-        Workload { name: "seq-write", write: true, random: false, bs: 512 * 1024, qd: a.seq_qd },
-        Workload { name: "rand-read", write: false, random: true, bs: 4096, qd: a.rand_qd },
+        Workload {
+            name: "seq-read",
+            write: false,
+            random: false,
+            bs: 512 * 1024,
+            qd: a.seq_qd,
+        },
+        Workload {
+            name: "seq-write",
+            write: true,
+            random: false,
+            bs: 512 * 1024,
+            qd: a.seq_qd,
+        },
+        Workload {
+            name: "rand-read",
+            write: false,
+            random: true,
+            bs: 4096,
+            qd: a.rand_qd,
+        },
     ];
     println!(
         "{:<28} {:>12} {:>12} {:>8} {:>12} {:>12}",
         "workload", "libiscsi MB/s", "ours MB/s", "ratio", "libiscsi IOPS", "ours IOPS"
     );
-    for w in all.iter().filter(|w| a.only.is_empty() || a.only.iter().any(|o| o == w.name)) {
+    for w in all
+        .iter()
+        .filter(|w| a.only.is_empty() || a.only.iter().any(|o| o == w.name))
+    {
         let mut theirs = Vec::new();
         let mut ours = Vec::new();
         for k in 0..a.repeat.max(1) {
@@ -203,8 +225,18 @@ fn run_libiscsi(rw: &Path, url: &str, w: &Workload, secs: u64) -> Result<Sample>
     if w.random {
         cmd.arg("-R");
     }
-    cmd.args(["-b", &w.bs.to_string(), "-q", &w.qd.to_string(), "-t", &secs.to_string(), url]);
-    let out = cmd.output().with_context(|| format!("running {}", rw.display()))?;
+    cmd.args([
+        "-b",
+        &w.bs.to_string(),
+        "-q",
+        &w.qd.to_string(),
+        "-t",
+        &secs.to_string(),
+        url,
+    ]);
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", rw.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -220,12 +252,25 @@ fn run_libiscsi(rw: &Path, url: &str, w: &Workload, secs: u64) -> Result<Sample>
         .context("iscsi-rw printed no TOTAL line")?;
     let after = line.split_once(": ").map(|x| x.1).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    let mbps: f64 = f.first().and_then(|x| x.parse().ok()).context("parsing MB/s")?;
-    let iops: f64 = f.get(2).and_then(|x| x.parse().ok()).context("parsing IOPS")?;
+    let mbps: f64 = f
+        .first()
+        .and_then(|x| x.parse().ok())
+        .context("parsing MB/s")?;
+    let iops: f64 = f
+        .get(2)
+        .and_then(|x| x.parse().ok())
+        .context("parsing IOPS")?;
     Ok(Sample { mbps, iops })
 }
 
-fn run_ours(cfg: &Config, lun: u16, w: &Workload, secs: u64, blocks: u64, bsz: u32) -> Result<Sample> {
+fn run_ours(
+    cfg: &Config,
+    lun: u16,
+    w: &Workload,
+    secs: u64,
+    blocks: u64,
+    bsz: u32,
+) -> Result<Sample> {
     let mut cfg = cfg.clone();
     cfg.queue_depth = w.qd as u16;
     let s = Session::connect(&cfg)?;
@@ -258,7 +303,14 @@ fn run_ours(cfg: &Config, lun: u16, w: &Workload, secs: u64, blocks: u64, bsz: u
     };
     let make = |tag: usize, lba: u64| {
         if w.write {
-            Command::write(tag as u32, lun, scsi::write16(lba, nb, false), w.bs, &iovs[tag], 1)
+            Command::write(
+                tag as u32,
+                lun,
+                scsi::write16(lba, nb, false),
+                w.bs,
+                &iovs[tag],
+                1,
+            )
         } else {
             Command::read(tag as u32, lun, scsi::read16(lba, nb), w.bs, &iovs[tag], 1)
         }
@@ -268,8 +320,8 @@ fn run_ours(cfg: &Config, lun: u16, w: &Workload, secs: u64, blocks: u64, bsz: u
         // after every completion has been popped or the session is closed).
         match unsafe { s.submit(c) } {
             Ok(()) => Ok(()),
-            Err(SubmitError::Full(_)) => bail!("submission queue full"),
-            Err(SubmitError::Invalid(_, e)) => Err(e.into()),
+            Err(SubmitError::Full) => bail!("submission queue full"),
+            Err(SubmitError::Invalid(e)) => Err(e.into()),
         }
     };
     for tag in 0..qd {
