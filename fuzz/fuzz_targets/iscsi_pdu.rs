@@ -264,6 +264,7 @@ fuzz_target!(|inp: Input| {
         if conn.receive(&mut wire, &mut out).is_err() {
             break;
         }
+        conn.wake_rx();
         if conn.flush(&mut sink, &mut out).is_err() || wire.pos >= wire.bytes.len() {
             break;
         }

@@ -317,6 +317,9 @@ pub struct Conn {
     nop_interval: Duration,
     nop_timeout: Duration,
     logged_out: bool,
+    /// The last read came back short: the socket is probably empty, so skip reading until the
+    /// owner's poll says it is readable ([`Conn::wake_rx`]). Saves an EAGAIN read per loop.
+    rx_idle: bool,
     /// Counters.
     pub stats: Stats,
 }
@@ -385,6 +388,7 @@ impl Conn {
             nop_interval,
             nop_timeout,
             logged_out: false,
+            rx_idle: false,
             stats: Stats::default(),
         }
     }
@@ -410,6 +414,12 @@ impl Conn {
         self.max_cmd_sn = l.max_cmd_sn;
         self.last_rx = Instant::now();
         self.ping = None;
+        self.rx_idle = false;
+    }
+
+    /// Tells the connection the socket is readable again (see the `rx_idle` field).
+    pub fn wake_rx(&mut self) {
+        self.rx_idle = false;
     }
 
     /// The parameters in force.
@@ -966,6 +976,9 @@ impl Conn {
 
     /// Reads more bytes into the staging buffer.
     fn fill_stage(&mut self, wire: &mut impl Wire) -> Result<Progress, ConnError> {
+        if self.rx_idle {
+            return Ok(Progress::Blocked);
+        }
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -982,6 +995,7 @@ impl Conn {
         match unsafe { wire.readv(&v) } {
             Ok(0) => Err(proto("target closed the connection")),
             Ok(n) => {
+                self.rx_idle = n < v[0].iov_len;
                 self.end += n;
                 self.last_rx = Instant::now();
                 Ok(Progress::More)
@@ -1100,6 +1114,15 @@ impl Conn {
             self.start += n;
             tail_got += n;
         }
+        if (got < len || tail_got < tail_len) && self.rx_idle {
+            self.rx = RxState::Data {
+                hdr,
+                sink: restore(slot, offset),
+                got,
+                tail_got,
+            };
+            return Ok(Progress::Blocked);
+        }
         if got < len || tail_got < tail_len {
             // Then straight from the socket: the rest of the payload into its destination, the
             // padding and digest, and whatever follows into the (now empty) staging buffer.
@@ -1133,11 +1156,13 @@ impl Conn {
             // against its length (valid for writes until its completion, by the submission
             // contract), or buffers owned by self.
             let r = unsafe { wire.readv(&sc) };
+            let asked: usize = sc.iter().map(|v| v.iov_len).sum();
             self.scratch = sc;
             match r {
                 Ok(0) => return Err(proto("target closed the connection")),
                 Ok(mut n) => {
                     self.last_rx = Instant::now();
+                    self.rx_idle = n < asked;
                     let p = n.min((len - got) as usize);
                     got += p as u32;
                     n -= p;
@@ -1531,6 +1556,24 @@ mod tests {
         }
     }
 
+    /// Receives until the script is used up, as the session does: a short read makes the
+    /// connection wait for poll, which the test stands in for with `wake_rx`.
+    fn pump(
+        c: &mut Conn,
+        w: &mut Script,
+        out: &mut impl FnMut(Completion),
+    ) -> Result<usize, ConnError> {
+        let mut n = 0;
+        loop {
+            n += c.receive(w, out)?;
+            if w.pos == w.input.len() {
+                n += c.receive(w, out)?;
+                return Ok(n);
+            }
+            c.wake_rx();
+        }
+    }
+
     fn conn(p: impl FnOnce(&mut Params)) -> Conn {
         let mut params = Params::defaults(&crate::text::Offer::default());
         p(&mut params);
@@ -1599,7 +1642,7 @@ mod tests {
         w.input.extend_from_slice(&payload[..3000]);
         w.input.extend_from_slice(&h2);
         w.input.extend_from_slice(&payload[3000..]);
-        let n = c.receive(&mut w, &mut |x| done.push(x)).unwrap();
+        let n = pump(&mut c, &mut w, &mut |x| done.push(x)).unwrap();
         assert_eq!(n, 2);
         assert_eq!(
             done,
@@ -1648,7 +1691,7 @@ mod tests {
         r2t[44..48].copy_from_slice(&20000u32.to_be_bytes());
         w.input.extend_from_slice(&r2t);
         w.written.clear();
-        c.receive(&mut w, &mut |x| done.push(x)).unwrap();
+        pump(&mut c, &mut w, &mut |x| done.push(x)).unwrap();
         c.flush(&mut w, &mut |x| done.push(x)).unwrap();
         let mut at = 0;
         let mut got = Vec::new();
@@ -1665,7 +1708,7 @@ mod tests {
         assert_eq!(at, w.written.len());
         assert_eq!(got, data);
         w.input.extend_from_slice(&bhs(op::SCSI_RSP, 0x80, itt, 0));
-        c.receive(&mut w, &mut |x| done.push(x)).unwrap();
+        pump(&mut c, &mut w, &mut |x| done.push(x)).unwrap();
         assert_eq!(
             done,
             vec![Completion {
@@ -1725,7 +1768,7 @@ mod tests {
                 chunk: 4096,
                 written: Vec::new(),
             };
-            let e = c.receive(&mut w, &mut |_| {}).unwrap_err().to_string();
+            let e = pump(&mut c, &mut w, &mut |_| {}).unwrap_err().to_string();
             assert!(e.contains(want), "{e:?} should mention {want:?}");
             // As after a lost connection: forget the wire, keep the command.
             c.requeue(&mut |_| {});

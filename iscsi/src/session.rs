@@ -43,6 +43,8 @@ struct Shared {
     cq_efd: OwnedFd,
     /// The IO thread is (about to be) asleep in poll and needs a kick.
     sleeping: AtomicBool,
+    /// The caller is (about to be) asleep on the completion eventfd ([`Session::arm`]).
+    armed: AtomicBool,
     stop: AtomicBool,
     state: AtomicU8,
     reconnects: AtomicU64,
@@ -116,6 +118,7 @@ impl Session {
             sq_efd: eventfd()?,
             cq_efd: eventfd()?,
             sleeping: AtomicBool::new(false),
+            armed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             state: AtomicU8::new(State::Up as u8),
             reconnects: AtomicU64::new(0),
@@ -177,7 +180,10 @@ impl Session {
         // Pairs with the IO thread's SeqCst store of `sleeping` before it re-checks the queue:
         // either it sees our command or we see it sleeping.
         std::sync::atomic::fence(Ordering::SeqCst);
-        if self.shared.sleeping.load(Ordering::SeqCst) {
+        // Only the first submission after it fell asleep pays for the wake-up.
+        if self.shared.sleeping.load(Ordering::SeqCst)
+            && self.shared.sleeping.swap(false, Ordering::SeqCst)
+        {
             efd_signal(&self.shared.sq_efd);
         }
         Ok(())
@@ -188,8 +194,12 @@ impl Session {
         self.shared.cq.pop()
     }
 
-    /// An eventfd that becomes readable when completions are queued. Poll it, call
-    /// [`Session::clear_completion_fd`], then pop completions until none is left.
+    /// An eventfd that becomes readable when completions are queued while the caller is
+    /// [armed](Session::arm). The protocol of a caller's event loop: pop completions until none
+    /// is left; call `arm()`; if it returns false, completions arrived meanwhile: pop again;
+    /// otherwise sleep (epoll) on this fd, and when it fires call
+    /// [`Session::clear_completion_fd`] and pop. While the caller keeps busy the IO thread
+    /// never touches the eventfd, so a steady stream of completions costs no syscalls here.
     pub fn completion_fd(&self) -> RawFd {
         self.shared.cq_efd.as_raw_fd()
     }
@@ -199,8 +209,22 @@ impl Session {
         efd_drain(self.shared.cq_efd.as_raw_fd());
     }
 
-    /// Waits up to `timeout` for the completion eventfd.
+    /// Asks for a signal on [`Session::completion_fd`] at the next completion. Returns false
+    /// when completions are already queued (pop them instead of sleeping).
+    pub fn arm(&self) -> bool {
+        self.shared.armed.store(true, Ordering::SeqCst);
+        // Pairs with the IO thread's fence between pushing a completion and reading `armed`:
+        // either it sees us armed or we see its completion.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.shared.cq.is_empty()
+    }
+
+    /// Arms and waits up to `timeout` for the completion eventfd (returns at once when
+    /// completions are queued).
     pub fn wait_completion_fd(&self, timeout: Option<Duration>) {
+        if !self.arm() {
+            return;
+        }
         let mut p = libc::pollfd {
             fd: self.completion_fd(),
             events: libc::POLLIN,
@@ -360,7 +384,12 @@ impl IoThread {
         self.shared.r2ts.store(st.r2ts, Ordering::Relaxed);
         if self.signalled {
             self.signalled = false;
-            efd_signal(&self.shared.cq_efd);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if self.shared.armed.load(Ordering::SeqCst)
+                && self.shared.armed.swap(false, Ordering::SeqCst)
+            {
+                efd_signal(&self.shared.cq_efd);
+            }
         }
     }
 
@@ -486,6 +515,9 @@ impl IoThread {
             libc::poll(fds.as_mut_ptr(), 2, ms);
         }
         self.shared.sleeping.store(false, Ordering::SeqCst);
+        if fds[1].revents != 0 {
+            self.conn.wake_rx();
+        }
         if fds[0].revents != 0 {
             efd_drain(self.shared.sq_efd.as_raw_fd());
         }
@@ -589,6 +621,7 @@ impl IoThread {
                 unsafe {
                     libc::poll(&mut p, 1, 50);
                 }
+                self.conn.wake_rx();
             }
             let _ = sock.shutdown(std::net::Shutdown::Both);
         }
