@@ -11,12 +11,12 @@
 #   storage-lan.sh iscsi-rw                               build the libiscsi benchmark beside the state; print its path
 #   storage-lan.sh selftest                               up 2 servers, write+verify each with iscsi-rw, down
 #
-# Server i (1-based) listens on 169.254.(200+i).2:3260 as target iqn.2026-11.rs.tapdisk:srv<i>,
+# Server i (1-based) listens on 169.254.(100+i).2:3260 as target iqn.2026-11.rs.tapdisk:srv<i>,
 # LUN 1 a preallocated tmpfs file of LUN_SIZE. The client end of its link, tdslan<i>a, has
-# 169.254.(200+i).1 in the calling namespace. State (PID files, logs, LUN files, the iscsi-rw
+# 169.254.(100+i).1 in the calling namespace. State (PID files, logs, LUN files, the iscsi-rw
 # binary) lives in $STORAGE_LAN_DIR (default /dev/shm/tapdisk-storage-lan) and is removed by
 # `down`. Namespaces are tdslan<i>; tgtd control ports are $STORAGE_LAN_CTL_BASE+i (default
-# 20060+i), so this lab does not disturb another one on the machine.
+# 20060+i), and its subnets are not those of /work/shared/lab, so the two can run side by side.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 LAB_DIR=${STORAGE_LAN_DIR:-/dev/shm/tapdisk-storage-lan}
@@ -59,7 +59,7 @@ up() {
   local burst=64kb
   case $rate in *gbit) burst=256kb ;; esac
   for i in $(seq 1 "$n"); do
-    local ns=$PREFIX$i net=169.254.$((200 + i)) ctl=$((CTL_BASE + i))
+    local ns=$PREFIX$i net=169.254.$((100 + i)) ctl=$((CTL_BASE + i))
     ip netns add "$ns"
     ip link add "${PREFIX}${i}a" type veth peer name "${PREFIX}${i}b"
     ip link set "${PREFIX}${i}b" netns "$ns"
@@ -97,7 +97,7 @@ urls() {
   for pidf in "$LAB_DIR"/tgtd-*.pid; do
     [ -f "$pidf" ] || return 0
     i=${pidf##*/tgtd-}; i=${i%.pid}
-    echo "iscsi://169.254.$((200 + i)).2:3260/iqn.2026-11.rs.tapdisk:srv$i/1"
+    echo "iscsi://169.254.$((100 + i)).2:3260/iqn.2026-11.rs.tapdisk:srv$i/1"
   done
 }
 
@@ -108,7 +108,7 @@ status() {
     any=1
     i=${pidf##*/tgtd-}; i=${i%.pid}
     state=dead; kill -0 "$(cat "$pidf")" 2>/dev/null && state=up
-    echo "server $i $state iscsi://169.254.$((200 + i)).2:3260/iqn.2026-11.rs.tapdisk:srv$i/1"
+    echo "server $i $state iscsi://169.254.$((100 + i)).2:3260/iqn.2026-11.rs.tapdisk:srv$i/1"
   done
   [ -n "$any" ] || echo "no servers"
 }
