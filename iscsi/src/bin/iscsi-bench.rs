@@ -62,6 +62,20 @@ struct Workload {
 struct Sample {
     mbps: f64,
     iops: f64,
+    /// CPU time (user + system, all threads) per IO, in microseconds.
+    cpu_us: f64,
+}
+
+/// User + system CPU seconds of this process (`RUSAGE_SELF`) or its waited-for children.
+fn cpu_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: all-zero is a valid rusage.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we pass.
+    unsafe {
+        libc::getrusage(who, &mut ru);
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
 }
 
 fn main() {
@@ -144,8 +158,15 @@ fn bench(a: &Args, workdir: &Path) -> Result<()> {
         },
     ];
     println!(
-        "{:<28} {:>12} {:>12} {:>8} {:>12} {:>12}",
-        "workload", "libiscsi MB/s", "ours MB/s", "ratio", "libiscsi IOPS", "ours IOPS"
+        "{:<26} {:>13} {:>10} {:>6} {:>13} {:>10} {:>15} {:>12}",
+        "workload",
+        "libiscsi MB/s",
+        "ours MB/s",
+        "ratio",
+        "libiscsi IOPS",
+        "ours IOPS",
+        "libiscsi CPU/IO",
+        "ours CPU/IO"
     );
     for w in all
         .iter()
@@ -166,13 +187,15 @@ fn bench(a: &Args, workdir: &Path) -> Result<()> {
         let o = median(&ours);
         let label = format!("{} bs={}k qd={}", w.name, w.bs / 1024, w.qd);
         println!(
-            "{:<28} {:>12.1} {:>12.1} {:>8.2} {:>12.0} {:>12.0}",
+            "{:<26} {:>13.1} {:>10.1} {:>6.2} {:>13.0} {:>10.0} {:>13.1}µs {:>10.1}µs",
             label,
             t.mbps,
             o.mbps,
             o.mbps / t.mbps,
             t.iops,
-            o.iops
+            o.iops,
+            t.cpu_us,
+            o.cpu_us
         );
     }
     Ok(())
@@ -181,8 +204,10 @@ fn bench(a: &Args, workdir: &Path) -> Result<()> {
 fn median(v: &[Sample]) -> Sample {
     let mut m: Vec<f64> = v.iter().map(|s| s.mbps).collect();
     let mut i: Vec<f64> = v.iter().map(|s| s.iops).collect();
+    let mut c: Vec<f64> = v.iter().map(|s| s.cpu_us).collect();
     m.sort_by(f64::total_cmp);
     i.sort_by(f64::total_cmp);
+    c.sort_by(f64::total_cmp);
     let mid = |x: &[f64]| {
         let n = x.len();
         if n % 2 == 1 {
@@ -194,6 +219,7 @@ fn median(v: &[Sample]) -> Sample {
     Sample {
         mbps: mid(&m),
         iops: mid(&i),
+        cpu_us: mid(&c),
     }
 }
 
@@ -234,9 +260,11 @@ fn run_libiscsi(rw: &Path, url: &str, w: &Workload, secs: u64) -> Result<Sample>
         &secs.to_string(),
         url,
     ]);
+    let cpu0 = cpu_seconds(libc::RUSAGE_CHILDREN);
     let out = cmd
         .output()
         .with_context(|| format!("running {}", rw.display()))?;
+    let cpu = cpu_seconds(libc::RUSAGE_CHILDREN) - cpu0;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -260,7 +288,11 @@ fn run_libiscsi(rw: &Path, url: &str, w: &Workload, secs: u64) -> Result<Sample>
         .get(2)
         .and_then(|x| x.parse().ok())
         .context("parsing IOPS")?;
-    Ok(Sample { mbps, iops })
+    Ok(Sample {
+        mbps,
+        iops,
+        cpu_us: cpu * 1e6 / (iops * secs as f64).max(1.0),
+    })
 }
 
 fn run_ours(
@@ -328,6 +360,7 @@ fn run_ours(
         submit(make(tag, lba_for(())))?;
     }
     let start = Instant::now();
+    let cpu0 = cpu_seconds(libc::RUSAGE_SELF);
     let end = start + Duration::from_secs(secs);
     let mut done = 0u64;
     let mut inflight = qd;
@@ -356,10 +389,12 @@ fn run_ours(
         }
     }
     let el = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(libc::RUSAGE_SELF) - cpu0;
     s.close();
     drop(bufs);
     Ok(Sample {
         mbps: done as f64 * f64::from(w.bs) / el / 1e6,
         iops: done as f64 / el,
+        cpu_us: cpu * 1e6 / (done as f64).max(1.0),
     })
 }
