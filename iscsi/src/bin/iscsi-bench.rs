@@ -45,6 +45,9 @@ struct Args {
     /// Use this iscsi-rw binary instead of compiling one.
     #[arg(long)]
     iscsi_rw: Option<PathBuf>,
+    /// Measure only our initiator (for profiling); no libiscsi, no ratios.
+    #[arg(long)]
+    ours_only: bool,
     /// Only these workloads (seq-read, seq-write, rand-read); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -96,6 +99,7 @@ fn run(a: Args) -> Result<()> {
 fn bench(a: &Args, workdir: &Path) -> Result<()> {
     let rw = match &a.iscsi_rw {
         Some(p) => p.clone(),
+        None if a.ours_only => PathBuf::new(),
         None => compile_iscsi_rw(workdir)?,
     };
     let mut _tgtd = None;
@@ -175,7 +179,14 @@ fn bench(a: &Args, workdir: &Path) -> Result<()> {
         let mut theirs = Vec::new();
         let mut ours = Vec::new();
         for k in 0..a.repeat.max(1) {
-            if k % 2 == 0 {
+            if a.ours_only {
+                ours.push(run_ours(&cfg, url.lun, w, a.runtime, blocks, bsz)?);
+                theirs.push(Sample {
+                    mbps: f64::NAN,
+                    iops: f64::NAN,
+                    cpu_us: f64::NAN,
+                });
+            } else if k % 2 == 0 {
                 theirs.push(run_libiscsi(&rw, &url_s, w, a.runtime)?);
                 ours.push(run_ours(&cfg, url.lun, w, a.runtime, blocks, bsz)?);
             } else {
