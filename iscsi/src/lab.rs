@@ -1,7 +1,10 @@
 //! A private `tgtd` (Debian's `tgt`) on loopback for tests and benchmarks: its own iSCSI port
-//! and control port, one target with a file LUN, stopped (and its files removed) on drop.
+//! and control port, one target with a file LUN, stopped (and its files removed) on drop. The
+//! daemon also gets SIGKILL when the thread that started it dies (`PR_SET_PDEATHSIG`), so a
+//! killed test run leaves no tgtd behind: start and drop it on the same thread.
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -117,7 +120,17 @@ impl Tgtd {
 
     /// (Re)starts the daemon on the same ports and LUN file (after [`Tgtd::kill`]).
     pub fn spawn(&mut self) -> std::io::Result<()> {
-        let mut child = Command::new("tgtd")
+        let mut cmd = Command::new("tgtd");
+        // SAFETY: the hook runs in the forked child before exec and only makes one
+        // async-signal-safe syscall.
+        unsafe {
+            cmd.pre_exec(|| {
+                // If the test (or benchmark) dies without dropping us, tgtd goes with it.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .arg("-f")
             .arg("-C")
             .arg(self.control.to_string())
