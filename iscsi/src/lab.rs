@@ -27,6 +27,7 @@ pub struct Tgtd {
     chap: Option<(String, String)>,
     thin: bool,
     digests: bool,
+    target_params: Vec<(String, String)>,
     _dir: Option<tempfile_dir::Dir>,
 }
 
@@ -69,6 +70,9 @@ pub struct TgtdOptions {
     pub preallocate: bool,
     /// Make the target accept CRC32C header and data digests.
     pub digests: bool,
+    /// Further target parameters (`tgtadm --op update --mode target --name K --value V`), e.g.
+    /// `("InitialR2T", "No")`.
+    pub target_params: Vec<(String, String)>,
     /// Folder for the LUN file (default /dev/shm, else the temp dir).
     pub dir: Option<PathBuf>,
 }
@@ -112,6 +116,7 @@ impl Tgtd {
             chap: opts.chap.clone(),
             thin: opts.thin_provisioning,
             digests: opts.digests,
+            target_params: opts.target_params.clone(),
             _dir: Some(dir),
         };
         t.spawn()?;
@@ -196,6 +201,11 @@ impl Tgtd {
                         "--value", "CRC32C",
                     ])?;
                 }
+            }
+            for (k, v) in self.target_params.clone() {
+                self.adm(&[
+                    "--op", "update", "--mode", "target", "--tid", "1", "--name", &k, "--value", &v,
+                ])?;
             }
             if let Some((u, p)) = self.chap.clone() {
                 self.adm(&[

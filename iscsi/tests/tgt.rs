@@ -273,6 +273,24 @@ fn sizes_with_immediate_and_unsolicited_data() {
 }
 
 #[test]
+fn sizes_with_unsolicited_data_out() {
+    let t = tgtd(TgtdOptions {
+        target_params: vec![
+            ("InitialR2T".into(), "No".into()),
+            ("FirstBurstLength".into(), "131072".into()),
+        ],
+        ..Default::default()
+    });
+    let cfg = t.config();
+    let s = Session::connect(&cfg).unwrap();
+    let p = *s.params();
+    assert!(!p.initial_r2t && p.immediate_data, "{p:?}");
+    assert_eq!(p.first_burst, 131072, "{p:?}");
+    drop(s);
+    sizes_roundtrip(&cfg, &t);
+}
+
+#[test]
 fn sizes_with_r2t_only() {
     let t = tgtd(TgtdOptions::default());
     let mut cfg = t.config();
