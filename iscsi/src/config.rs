@@ -45,6 +45,9 @@ pub struct Config {
     pub nop_interval: Duration,
     /// Declare the connection dead when a ping stays unanswered this long.
     pub nop_timeout: Duration,
+    /// A command unanswered this long (up to 1.5 times this) drops the connection; the
+    /// command is then retried after the reconnect like any other in flight.
+    pub command_timeout: Duration,
     /// After a lost connection, keep trying to log in again for this long before failing the
     /// commands in flight with [`crate::IoError::Disconnected`].
     pub reconnect_timeout: Duration,
@@ -67,6 +70,7 @@ impl Config {
             login_timeout: Duration::from_secs(10),
             nop_interval: Duration::from_secs(5),
             nop_timeout: Duration::from_secs(10),
+            command_timeout: Duration::from_secs(30),
             reconnect_timeout: Duration::from_secs(30),
             reconnect_interval: Duration::from_millis(100),
             logger: slog::Logger::root(slog::Discard, slog::o!()),

@@ -209,6 +209,8 @@ struct Slot {
     /// Pieces of the current transmit batch pointing at this slot's buffers.
     batch_refs: u32,
     retries: u8,
+    /// The command-timeout epoch in which it was sent.
+    epoch: u32,
     deferred: Option<Result<u32, IoError>>,
 }
 
@@ -317,6 +319,11 @@ pub struct Conn {
     nop_interval: Duration,
     nop_timeout: Duration,
     logged_out: bool,
+    /// Command timeout bookkeeping: the clock advances one epoch every half timeout, and a
+    /// command still unanswered three epochs after it was sent has waited at least the timeout.
+    epoch: u32,
+    next_epoch: Instant,
+    epoch_len: Duration,
     /// The last read came back short: the socket is probably empty, so skip reading until the
     /// owner's poll says it is readable ([`Conn::wake_rx`]). Saves an EAGAIN read per loop.
     rx_idle: bool,
@@ -354,6 +361,7 @@ impl Conn {
             tx_refs: 0,
             batch_refs: 0,
             retries: 0,
+            epoch: 0,
             deferred: None,
         };
         let params = Params::defaults(&crate::text::Offer::default());
@@ -388,6 +396,9 @@ impl Conn {
             nop_interval,
             nop_timeout,
             logged_out: false,
+            epoch: 0,
+            next_epoch: Instant::now(),
+            epoch_len: Duration::from_secs(15),
             rx_idle: false,
             stats: Stats::default(),
         }
@@ -415,11 +426,19 @@ impl Conn {
         self.last_rx = Instant::now();
         self.ping = None;
         self.rx_idle = false;
+        self.next_epoch = Instant::now() + self.epoch_len;
     }
 
     /// Tells the connection the socket is readable again (see the `rx_idle` field).
     pub fn wake_rx(&mut self) {
         self.rx_idle = false;
+    }
+
+    /// A command unanswered for `t` (up to 1.5 `t`) drops the connection, so a target that
+    /// accepts commands and never answers them costs a reconnect and a retry, not a hang.
+    pub fn set_command_timeout(&mut self, t: Duration) {
+        self.epoch_len = (t / 2).max(Duration::from_millis(1));
+        self.next_epoch = Instant::now() + self.epoch_len;
     }
 
     /// The parameters in force.
@@ -598,6 +617,7 @@ impl Conn {
             let p = self.params;
             let s = &mut self.slots[i];
             s.state = SlotState::Active;
+            s.epoch = self.epoch;
             let mut imm = 0;
             let mut unsolicited_end = 0;
             if s.cmd.dir == Dir::Write {
@@ -929,6 +949,23 @@ impl Conn {
     /// Sends a ping when the target has been quiet for the NOP interval; fails when a ping
     /// stays unanswered past the NOP timeout. Returns when it next needs to run.
     pub fn tick(&mut self, now: Instant) -> Result<Instant, ConnError> {
+        if now >= self.next_epoch {
+            self.epoch = self.epoch.wrapping_add(1);
+            self.next_epoch = now + self.epoch_len;
+            let e = self.epoch;
+            if self
+                .slots
+                .iter()
+                .any(|s| s.state == SlotState::Active && e.wrapping_sub(s.epoch) >= 3)
+            {
+                return Err(Error::Timeout("waiting for the target to answer a command"));
+            }
+        }
+        let next = self.keepalive(now)?;
+        Ok(next.min(self.next_epoch))
+    }
+
+    fn keepalive(&mut self, now: Instant) -> Result<Instant, ConnError> {
         if let Some((_, sent)) = self.ping {
             if now.duration_since(sent) >= self.nop_timeout {
                 return Err(Error::Timeout("waiting for the answer to a NOP-Out ping"));

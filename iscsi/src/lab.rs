@@ -290,6 +290,16 @@ impl Tgtd {
         let _ = std::fs::remove_file(format!("/var/run/tgtd/socket.{}.lock", self.control));
     }
 
+    /// Sends `sig` to the daemon (SIGSTOP makes a hung target, SIGCONT revives it).
+    pub fn signal(&self, sig: libc::c_int) {
+        if let Some(c) = self.child.as_ref() {
+            // SAFETY: plain syscall; the pid is our own child, not yet reaped.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, sig);
+            }
+        }
+    }
+
     /// Whether the daemon runs.
     pub fn running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))

@@ -19,7 +19,8 @@
 //!   format) is decoded into [`IoError::Check`], which names the sense key and, for the codes
 //!   a block device meets, the ASC/ASCQ ("ILLEGAL REQUEST, LOGICAL BLOCK ADDRESS OUT OF RANGE").
 //! - NOP-In/NOP-Out: target pings are answered; after [`Config::nop_interval`] of silence we
-//!   ping, and a ping unanswered for [`Config::nop_timeout`] drops the connection.
+//!   ping, and a ping unanswered for [`Config::nop_timeout`] drops the connection, as does a
+//!   command unanswered for [`Config::command_timeout`].
 //! - Logout when a session is closed or dropped.
 //!
 //! # Reconnecting

@@ -137,6 +137,7 @@ impl Session {
             cfg.nop_interval,
             cfg.nop_timeout,
         );
+        conn.set_command_timeout(cfg.command_timeout);
         conn.bind(&logged);
         let params = logged.params;
         let mut io = IoThread {

@@ -557,3 +557,41 @@ fn target_restarted_mid_io_retries_in_flight_commands() {
     }
     assert!(s.reconnects() >= 1);
 }
+
+#[test]
+fn hung_target_fails_commands_and_recovers() {
+    let t = tgtd(TgtdOptions::default());
+    let mut cfg = t.config();
+    cfg.command_timeout = Duration::from_millis(600);
+    cfg.nop_interval = Duration::from_secs(60); // the command timeout must catch it
+    cfg.login_timeout = Duration::from_millis(300);
+    cfg.reconnect_timeout = Duration::from_millis(800);
+    let s = Session::connect(&cfg).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut _,
+        iov_len: buf.len(),
+    };
+    t.signal(libc::SIGSTOP);
+    let t0 = Instant::now();
+    // SAFETY: `buf` lives until the completion is popped.
+    unsafe { s.submit(Command::read(1, 1, scsi::read16(0, 8), 4096, &iov, 1)) }.unwrap();
+    let c = wait(&s, 1);
+    t.signal(libc::SIGCONT);
+    assert_eq!(c.result, Err(IoError::Disconnected));
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    // The target answers again: the next command logs in anew and succeeds.
+    std::thread::sleep(cfg.reconnect_interval);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: as above.
+        unsafe { s.submit(Command::read(2, 1, scsi::read16(0, 8), 4096, &iov, 1)) }.unwrap();
+        if wait(&s, 2).result == Ok(4096) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "IO did not resume after SIGCONT");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(s.state(), State::Up);
+    let _ = &mut buf;
+}
