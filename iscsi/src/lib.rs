@@ -66,6 +66,38 @@
 //! [`Config::login_timeout`]; the first login happens in [`Session::connect`] on the caller's
 //! thread so errors surface there.
 //!
+//! An event loop drives a session like this (one session shown; a `stripe:` driver has one per
+//! server, all in one epoll set):
+//!
+//! ```no_run
+//! use iscsi::{scsi, Command, Config, Session, SubmitError};
+//!
+//! let s = Session::connect(&Config::new("127.0.0.1:3260", "iqn.2026-11.lab:srv1"))?;
+//! // Per-request state lives in caller-owned, preallocated memory, indexed by the tag.
+//! let mut buf = vec![0u8; 64 * 1024];
+//! let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+//! let cmd = Command::read(7, 1, scsi::read16(2048, 128), 64 * 1024, iov.as_ptr(), 1);
+//! // SAFETY: `buf` and `iov` stay untouched until tag 7 completes (we wait for it below).
+//! match unsafe { s.submit(cmd) } {
+//!     Ok(()) => {}
+//!     Err(SubmitError::Full) => { /* keep the request queued; retry after completions */ }
+//!     Err(SubmitError::Invalid(e)) => return Err(e.into()),
+//! }
+//! loop {
+//!     while let Some(c) = s.pop_completion() {
+//!         assert_eq!(c.tag, 7);
+//!         println!("read: {:?}", c.result); // Ok(bytes) or an IoError naming the sense data
+//!         return Ok(());
+//!     }
+//!     if s.arm() {
+//!         // epoll_wait on s.completion_fd() together with the ring's event channel, then:
+//!         s.wait_completion_fd(None);
+//!         s.clear_completion_fd();
+//!     }
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! [`Client`] is a blocking wrapper (one command at a time, plain slices) for tools and tests.
 //!
 //! # Safety of input
