@@ -447,9 +447,9 @@ impl IoThread {
                 continue;
             };
             let mut wire = SockWire(&sock);
-            let shared = self.shared.clone();
+            let shared = &*self.shared;
             let mut sig = false;
-            let mut out = |c| Self::push_completion(&shared, &mut sig, c);
+            let mut out = |c| Self::push_completion(shared, &mut sig, c);
             let r = (|| -> Result<(usize, usize)> {
                 let w = self.conn.flush(&mut wire, &mut out)?;
                 let r = self.conn.receive(&mut wire, &mut out)?;
