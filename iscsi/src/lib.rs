@@ -46,7 +46,8 @@
 //!
 //! - a bounded lock-free submission queue ([`crossbeam_queue::ArrayQueue`]) of [`Command`]s,
 //!   each tagged with a caller-chosen `u32`. [`Session::submit`] pushes and, only when the IO
-//!   thread has announced that it is going to sleep, writes an eventfd to wake it;
+//!   thread has announced that it is going to sleep, writes an eventfd to wake it
+//!   ([`Session::submit_quiet`] and [`Session::kick`] make that one wake-up per batch);
 //! - a bounded lock-free completion queue of [`Completion`]s (tag and result), with an eventfd
 //!   ([`Session::completion_fd`]) the IO thread signals once per batch of completions, for the
 //!   caller's epoll loop.

@@ -172,22 +172,39 @@ impl Session {
     /// read (write) command, and not be accessed by the caller. The IO thread writes Data-In
     /// straight into these buffers and sends Data-Out straight from them.
     pub unsafe fn submit(&self, cmd: Command) -> std::result::Result<(), SubmitError> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.submit_quiet(cmd) }?;
+        self.kick();
+        Ok(())
+    }
+
+    /// Queues a command without waking the IO thread; call [`Session::kick`] after the last
+    /// one of a batch, so a batch costs at most one wake-up.
+    ///
+    /// # Safety
+    ///
+    /// As [`Session::submit`].
+    pub unsafe fn submit_quiet(&self, cmd: Command) -> std::result::Result<(), SubmitError> {
         if let Err(e) = cmd.check() {
             return Err(SubmitError::Invalid(e));
         }
         if self.shared.sq.push(cmd).is_err() {
             return Err(SubmitError::Full);
         }
+        Ok(())
+    }
+
+    /// Wakes the IO thread if it sleeps (after [`Session::submit_quiet`]).
+    pub fn kick(&self) {
         // Pairs with the IO thread's SeqCst store of `sleeping` before it re-checks the queue:
-        // either it sees our command or we see it sleeping.
+        // either it sees our commands or we see it sleeping.
         std::sync::atomic::fence(Ordering::SeqCst);
-        // Only the first submission after it fell asleep pays for the wake-up.
+        // Only the first kick after it fell asleep pays for the wake-up.
         if self.shared.sleeping.load(Ordering::SeqCst)
             && self.shared.sleeping.swap(false, Ordering::SeqCst)
         {
             efd_signal(&self.shared.sq_efd);
         }
-        Ok(())
     }
 
     /// The next completion, if any.
