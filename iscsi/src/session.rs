@@ -1,0 +1,653 @@
+//! A session with one target over one connection, driven by its own IO thread.
+//!
+//! The caller submits [`Command`]s (tagged with a `u32` of its choosing) through a bounded
+//! lock-free queue and gets [`Completion`]s back through another, with an eventfd it can poll.
+//! Neither side blocks or allocates per command. See the crate docs for the threading model.
+
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use slog::{debug, info, warn};
+
+use crate::config::Config;
+use crate::conn::{Command, Completion, Conn, Stats, Wire};
+use crate::error::{Error, IoError, Result};
+use crate::login::{self, LoggedIn, SessionType};
+use crate::text::Params;
+
+/// Where the session's connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Logged in, commands flow.
+    Up = 0,
+    /// The connection dropped; logging in again. Commands wait.
+    Reconnecting = 1,
+    /// Reconnecting timed out; new commands fail at once (each new batch of commands tries
+    /// one more login first, at most once per reconnect interval).
+    Down = 2,
+    /// Shut down.
+    Closed = 3,
+}
+
+struct Shared {
+    sq: ArrayQueue<Command>,
+    cq: ArrayQueue<Completion>,
+    sq_efd: OwnedFd,
+    cq_efd: OwnedFd,
+    /// The IO thread is (about to be) asleep in poll and needs a kick.
+    sleeping: AtomicBool,
+    /// The caller is (about to be) asleep on the completion eventfd ([`Session::arm`]).
+    armed: AtomicBool,
+    stop: AtomicBool,
+    state: AtomicU8,
+    reconnects: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    retried: AtomicU64,
+    pings: AtomicU64,
+    nop_answers: AtomicU64,
+    r2ts: AtomicU64,
+}
+
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall without pointers.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn efd_signal(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd we own; failure (counter overflow)
+    // only means it is already signalled.
+    unsafe {
+        libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8);
+    }
+}
+
+fn efd_drain(fd: RawFd) {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
+    unsafe {
+        libc::read(fd, (&mut v as *mut u64).cast(), 8);
+    }
+}
+
+/// A fresh random-type ISID (RFC 7143 section 11.12.5): `0x80` then 40 bits from the clock,
+/// the pid and a counter.
+pub fn new_isid() -> [u8; 6] {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mix =
+        t ^ (u64::from(std::process::id()) << 20) ^ N.fetch_add(0x9e37_79b9, Ordering::Relaxed);
+    let b = mix.to_be_bytes();
+    [0x80, b[3], b[4], b[5], b[6], b[7]]
+}
+
+/// A session: see the module docs.
+pub struct Session {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    params: Params,
+    depth: usize,
+}
+
+impl Session {
+    /// Connects and logs in (on the calling thread, so a refused login is reported here), then
+    /// starts the IO thread.
+    pub fn connect(cfg: &Config) -> Result<Session> {
+        let isid = new_isid();
+        let (stream, logged) = open(cfg, isid)?;
+        let depth = usize::from(cfg.queue_depth.clamp(1, 4096));
+        let shared = Arc::new(Shared {
+            sq: ArrayQueue::new(depth),
+            cq: ArrayQueue::new(depth),
+            sq_efd: eventfd()?,
+            cq_efd: eventfd()?,
+            sleeping: AtomicBool::new(false),
+            armed: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            state: AtomicU8::new(State::Up as u8),
+            reconnects: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            pings: AtomicU64::new(0),
+            nop_answers: AtomicU64::new(0),
+            r2ts: AtomicU64::new(0),
+        });
+        info!(cfg.logger, "iSCSI session up"; "target" => &cfg.target, "portal" => &cfg.portal,
+              "params" => format!("{:?}", logged.params));
+        let mut conn = Conn::new(
+            depth as u16,
+            cfg.offer.max_recv_data_segment,
+            cfg.nop_interval,
+            cfg.nop_timeout,
+        );
+        conn.set_command_timeout(cfg.command_timeout);
+        conn.bind(&logged);
+        let params = logged.params;
+        let mut io = IoThread {
+            cfg: cfg.clone(),
+            isid,
+            shared: shared.clone(),
+            conn,
+            sock: Some(stream),
+            depth,
+            last_attempt: None,
+            signalled: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("iscsi-{}", short_name(&cfg.target)))
+            .spawn(move || io.run())?;
+        Ok(Session {
+            shared,
+            thread: Some(thread),
+            params,
+            depth,
+        })
+    }
+
+    /// Submits a command. A full queue is backpressure: reap completions and submit again.
+    /// Invalid commands are refused with an error and never reach the target.
+    ///
+    /// # Safety
+    ///
+    /// Until the command's completion has been popped from [`Session::pop_completion`] (or the
+    /// session is dropped), the iovec array `cmd.iov[..cmd.iovcnt]` must stay valid for reads,
+    /// and every buffer it points at must stay valid for writes (reads) of its length for a
+    /// read (write) command, and not be accessed by the caller. The IO thread writes Data-In
+    /// straight into these buffers and sends Data-Out straight from them.
+    pub unsafe fn submit(&self, cmd: Command) -> std::result::Result<(), SubmitError> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.submit_quiet(cmd) }?;
+        self.kick();
+        Ok(())
+    }
+
+    /// Queues a command without waking the IO thread; call [`Session::kick`] after the last
+    /// one of a batch, so a batch costs at most one wake-up.
+    ///
+    /// # Safety
+    ///
+    /// As [`Session::submit`].
+    pub unsafe fn submit_quiet(&self, cmd: Command) -> std::result::Result<(), SubmitError> {
+        if let Err(e) = cmd.check() {
+            return Err(SubmitError::Invalid(e));
+        }
+        if self.shared.sq.push(cmd).is_err() {
+            return Err(SubmitError::Full);
+        }
+        Ok(())
+    }
+
+    /// Wakes the IO thread if it sleeps (after [`Session::submit_quiet`]).
+    pub fn kick(&self) {
+        // Pairs with the IO thread's SeqCst store of `sleeping` before it re-checks the queue:
+        // either it sees our commands or we see it sleeping.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        // Only the first kick after it fell asleep pays for the wake-up.
+        if self.shared.sleeping.load(Ordering::SeqCst)
+            && self.shared.sleeping.swap(false, Ordering::SeqCst)
+        {
+            efd_signal(&self.shared.sq_efd);
+        }
+    }
+
+    /// The next completion, if any.
+    pub fn pop_completion(&self) -> Option<Completion> {
+        self.shared.cq.pop()
+    }
+
+    /// An eventfd that becomes readable when completions are queued while the caller is
+    /// [armed](Session::arm). The protocol of a caller's event loop: pop completions until none
+    /// is left; call `arm()`; if it returns false, completions arrived meanwhile: pop again;
+    /// otherwise sleep (epoll) on this fd, and when it fires call
+    /// [`Session::clear_completion_fd`] and pop. While the caller keeps busy the IO thread
+    /// never touches the eventfd, so a steady stream of completions costs no syscalls here.
+    pub fn completion_fd(&self) -> RawFd {
+        self.shared.cq_efd.as_raw_fd()
+    }
+
+    /// Resets the completion eventfd (before draining the completion queue).
+    pub fn clear_completion_fd(&self) {
+        efd_drain(self.shared.cq_efd.as_raw_fd());
+    }
+
+    /// Asks for a signal on [`Session::completion_fd`] at the next completion. Returns false
+    /// when completions are already queued (pop them instead of sleeping).
+    pub fn arm(&self) -> bool {
+        self.shared.armed.store(true, Ordering::SeqCst);
+        // Pairs with the IO thread's fence between pushing a completion and reading `armed`:
+        // either it sees us armed or we see its completion.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.shared.cq.is_empty()
+    }
+
+    /// Arms and waits up to `timeout` for the completion eventfd (returns at once when
+    /// completions are queued).
+    pub fn wait_completion_fd(&self, timeout: Option<Duration>) {
+        if !self.arm() {
+            return;
+        }
+        let mut p = libc::pollfd {
+            fd: self.completion_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32);
+        // SAFETY: one valid pollfd on the stack.
+        unsafe {
+            libc::poll(&mut p, 1, ms);
+        }
+    }
+
+    /// The parameters negotiated at the first login.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// The queue depth (most commands in flight; the queues' capacity).
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    /// Where the connection stands.
+    pub fn state(&self) -> State {
+        match self.shared.state.load(Ordering::Relaxed) {
+            0 => State::Up,
+            1 => State::Reconnecting,
+            2 => State::Down,
+            _ => State::Closed,
+        }
+    }
+
+    /// Times the connection was re-established.
+    pub fn reconnects(&self) -> u64 {
+        self.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Counters (updated by the IO thread about once per loop).
+    pub fn stats(&self) -> Stats {
+        Stats {
+            completed: self.shared.completed.load(Ordering::Relaxed),
+            failed: self.shared.failed.load(Ordering::Relaxed),
+            retried: self.shared.retried.load(Ordering::Relaxed),
+            pings: self.shared.pings.load(Ordering::Relaxed),
+            nop_answers: self.shared.nop_answers.load(Ordering::Relaxed),
+            r2ts: self.shared.r2ts.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Logs out and stops the IO thread. Commands still in flight complete with
+    /// [`IoError::Shutdown`] (their completions are discarded).
+    pub fn close(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        efd_signal(&self.shared.sq_efd);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Why [`Session::submit`] refused a command (the caller still has it: commands are `Copy`).
+#[derive(Debug)]
+pub enum SubmitError {
+    /// The submission queue is full; try again after reaping completions.
+    Full,
+    /// The command is malformed.
+    Invalid(Error),
+}
+
+fn short_name(target: &str) -> String {
+    let tail = target.rsplit([':', '.']).next().unwrap_or(target);
+    tail.chars().take(9).collect()
+}
+
+/// Connects and logs in with `isid` (TSIH 0: a new session, or the reinstatement of ours).
+fn open(cfg: &Config, isid: [u8; 6]) -> Result<(TcpStream, LoggedIn)> {
+    let deadline = Instant::now() + cfg.login_timeout;
+    let stream = login::connect(&cfg.portal, cfg.login_timeout)?;
+    let (c, logged) = login::login(stream, cfg, SessionType::Normal, isid, deadline)?;
+    let stream = c.stream;
+    stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
+    stream.set_nonblocking(true)?;
+    Ok((stream, logged))
+}
+
+struct SockWire<'a>(&'a TcpStream);
+
+impl Wire for SockWire<'_> {
+    unsafe fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let n = iov.len().min(1024) as libc::c_int;
+        // SAFETY: the caller guarantees each entry is valid for writes of its length.
+        let r = unsafe { libc::readv(self.0.as_raw_fd(), iov.as_ptr(), n) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+
+    unsafe fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let n = iov.len().min(1024) as libc::c_int;
+        // SAFETY: the caller guarantees each entry is valid for reads of its length.
+        let r = unsafe { libc::writev(self.0.as_raw_fd(), iov.as_ptr(), n) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+}
+
+struct IoThread {
+    cfg: Config,
+    isid: [u8; 6],
+    shared: Arc<Shared>,
+    conn: Conn,
+    sock: Option<TcpStream>,
+    depth: usize,
+    /// When the last login attempt in the Down state happened.
+    last_attempt: Option<Instant>,
+    signalled: bool,
+}
+
+impl IoThread {
+    fn set_state(&self, s: State) {
+        self.shared.state.store(s as u8, Ordering::Relaxed);
+    }
+
+    fn push_completion(shared: &Shared, signalled: &mut bool, c: Completion) {
+        // Cannot fail: commands are only accepted while busy + queued completions < depth.
+        if shared.cq.push(c).is_err() {
+            debug_assert!(false, "completion queue overflow");
+        }
+        *signalled = true;
+    }
+
+    fn publish(&mut self) {
+        let st = &self.conn.stats;
+        self.shared.completed.store(st.completed, Ordering::Relaxed);
+        self.shared.failed.store(st.failed, Ordering::Relaxed);
+        self.shared.retried.store(st.retried, Ordering::Relaxed);
+        self.shared.pings.store(st.pings, Ordering::Relaxed);
+        self.shared
+            .nop_answers
+            .store(st.nop_answers, Ordering::Relaxed);
+        self.shared.r2ts.store(st.r2ts, Ordering::Relaxed);
+        if self.signalled {
+            self.signalled = false;
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if self.shared.armed.load(Ordering::SeqCst)
+                && self.shared.armed.swap(false, Ordering::SeqCst)
+            {
+                efd_signal(&self.shared.cq_efd);
+            }
+        }
+    }
+
+    /// Moves submissions into free slots while completions have room.
+    fn accept(&mut self) -> usize {
+        let mut n = 0;
+        while self.conn.has_free_slot() && self.conn.busy() + self.shared.cq.len() < self.depth {
+            match self.shared.sq.pop() {
+                Some(c) => {
+                    self.conn.enqueue(c);
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        n
+    }
+
+    fn can_accept(&self) -> bool {
+        !self.shared.sq.is_empty()
+            && self.conn.has_free_slot()
+            && self.conn.busy() + self.shared.cq.len() < self.depth
+    }
+
+    fn run(&mut self) {
+        let mut next_tick;
+        loop {
+            if self.shared.stop.load(Ordering::SeqCst) {
+                self.shutdown();
+                return;
+            }
+            let accepted = self.accept();
+            let Some(sock) = self.sock.take() else {
+                // Down: try one login when there is work, at most once per interval.
+                if self.conn.busy() > 0 {
+                    let due = self
+                        .last_attempt
+                        .map_or(true, |t| t.elapsed() >= self.cfg.reconnect_interval);
+                    if due {
+                        self.last_attempt = Some(Instant::now());
+                        if self.try_login() {
+                            continue;
+                        }
+                    }
+                    let shared = self.shared.clone();
+                    let mut sig = false;
+                    self.conn.fail_ready(IoError::Disconnected, &mut |c| {
+                        Self::push_completion(&shared, &mut sig, c)
+                    });
+                    self.signalled |= sig;
+                }
+                self.publish();
+                self.sleep(None, Some(Duration::from_millis(100)));
+                continue;
+            };
+            let mut wire = SockWire(&sock);
+            let shared = &*self.shared;
+            let mut sig = false;
+            let mut out = |c| Self::push_completion(shared, &mut sig, c);
+            let r = (|| -> Result<(usize, usize)> {
+                let w = self.conn.flush(&mut wire, &mut out)?;
+                let r = self.conn.receive(&mut wire, &mut out)?;
+                Ok((w, r))
+            })();
+            self.signalled |= sig;
+            self.sock = Some(sock);
+            let (w, r) = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    self.publish();
+                    self.lost(e);
+                    continue;
+                }
+            };
+            match self.conn.tick(Instant::now()) {
+                Ok(t) => next_tick = t,
+                Err(e) => {
+                    self.publish();
+                    self.lost(e);
+                    continue;
+                }
+            }
+            self.publish();
+            if accepted == 0 && w == 0 && r == 0 && !self.can_accept() {
+                let wait = next_tick.saturating_duration_since(Instant::now());
+                let sock = self.sock.take();
+                self.sleep(sock.as_ref(), Some(wait.max(Duration::from_millis(1))));
+                self.sock = sock;
+            }
+        }
+    }
+
+    /// Sleeps in poll until the socket (readable, or writable when output is pending), a
+    /// submission kick or the timeout.
+    fn sleep(&mut self, sock: Option<&TcpStream>, timeout: Option<Duration>) {
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        if self.can_accept() || self.shared.stop.load(Ordering::SeqCst) {
+            self.shared.sleeping.store(false, Ordering::SeqCst);
+            return;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: self.shared.sq_efd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: -1,
+                events: 0,
+                revents: 0,
+            },
+        ];
+        if let Some(s) = sock {
+            fds[1].fd = s.as_raw_fd();
+            fds[1].events = libc::POLLIN;
+            if self.conn.wants_write() {
+                fds[1].events |= libc::POLLOUT;
+            }
+        }
+        let ms = timeout.map_or(-1, |d| d.as_millis().min(60_000) as i32);
+        // SAFETY: a valid array of two pollfds on the stack.
+        unsafe {
+            libc::poll(fds.as_mut_ptr(), 2, ms);
+        }
+        self.shared.sleeping.store(false, Ordering::SeqCst);
+        if fds[1].revents != 0 {
+            self.conn.wake_rx();
+        }
+        if fds[0].revents != 0 {
+            efd_drain(self.shared.sq_efd.as_raw_fd());
+        }
+    }
+
+    /// One login attempt; on success the connection is bound and in-flight commands resent.
+    fn try_login(&mut self) -> bool {
+        match open(&self.cfg, self.isid) {
+            Ok((s, l)) => {
+                self.conn.bind(&l);
+                self.sock = Some(s);
+                self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                self.set_state(State::Up);
+                info!(self.cfg.logger, "iSCSI session re-established"; "target" => &self.cfg.target,
+                      "resending" => self.conn.busy());
+                true
+            }
+            Err(e) => {
+                debug!(self.cfg.logger, "iSCSI login attempt failed"; "target" => &self.cfg.target, "error" => %e);
+                false
+            }
+        }
+    }
+
+    /// The connection failed: drop it, requeue what was in flight, and log in again until the
+    /// reconnect timeout; then fail everything and go Down.
+    fn lost(&mut self, e: Error) {
+        warn!(self.cfg.logger, "iSCSI connection lost"; "target" => &self.cfg.target, "error" => %e,
+              "in_flight" => self.conn.busy());
+        if let Some(s) = self.sock.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        self.set_state(State::Reconnecting);
+        let shared = self.shared.clone();
+        let mut sig = false;
+        self.conn
+            .requeue(&mut |c| Self::push_completion(&shared, &mut sig, c));
+        self.signalled |= sig;
+        self.publish();
+        let deadline = Instant::now() + self.cfg.reconnect_timeout;
+        loop {
+            if self.shared.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if self.try_login() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            let pause = self
+                .cfg
+                .reconnect_interval
+                .min(deadline.saturating_duration_since(Instant::now()));
+            std::thread::sleep(pause);
+        }
+        warn!(self.cfg.logger, "iSCSI target unreachable; failing commands in flight";
+              "target" => &self.cfg.target, "failed" => self.conn.busy());
+        self.set_state(State::Down);
+        self.last_attempt = Some(Instant::now());
+        let mut sig = false;
+        self.conn.fail_all(IoError::Disconnected, &mut |c| {
+            Self::push_completion(&shared, &mut sig, c)
+        });
+        self.signalled |= sig;
+        self.publish();
+    }
+
+    /// Logs out (waiting up to a second for commands in flight and for the answer), then
+    /// fails whatever is left.
+    fn shutdown(&mut self) {
+        let shared = self.shared.clone();
+        let mut sig = false;
+        if let Some(sock) = self.sock.take() {
+            let deadline = Instant::now() + Duration::from_secs(1);
+            let mut logout_sent = false;
+            let mut wire = SockWire(&sock);
+            while Instant::now() < deadline {
+                if !logout_sent && self.conn.busy() == 0 {
+                    self.conn.queue_logout();
+                    logout_sent = true;
+                }
+                let mut out = |c| Self::push_completion(&shared, &mut sig, c);
+                if self.conn.flush(&mut wire, &mut out).is_err()
+                    || self.conn.receive(&mut wire, &mut out).is_err()
+                    || self.conn.logged_out()
+                {
+                    break;
+                }
+                let mut p = libc::pollfd {
+                    fd: sock.as_raw_fd(),
+                    events: libc::POLLIN
+                        | if self.conn.wants_write() {
+                            libc::POLLOUT
+                        } else {
+                            0
+                        },
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd on the stack.
+                unsafe {
+                    libc::poll(&mut p, 1, 50);
+                }
+                self.conn.wake_rx();
+            }
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+        }
+        self.conn.fail_all(IoError::Shutdown, &mut |c| {
+            Self::push_completion(&shared, &mut sig, c)
+        });
+        self.signalled |= sig;
+        self.set_state(State::Closed);
+        self.publish();
+    }
+}
