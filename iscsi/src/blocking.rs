@@ -165,7 +165,7 @@ impl Client {
 }
 
 fn blocks_of(len: usize, block_size: u32) -> Result<u32> {
-    if block_size == 0 || len == 0 || len % block_size as usize != 0 {
+    if block_size == 0 || len == 0 || !len.is_multiple_of(block_size as usize) {
         return Err(Error::Invalid(format!(
             "buffer of {len} bytes is not a whole number of {block_size}-byte blocks"
         )));

@@ -445,7 +445,7 @@ impl IoThread {
                 if self.conn.busy() > 0 {
                     let due = self
                         .last_attempt
-                        .map_or(true, |t| t.elapsed() >= self.cfg.reconnect_interval);
+                        .is_none_or(|t| t.elapsed() >= self.cfg.reconnect_interval);
                     if due {
                         self.last_attempt = Some(Instant::now());
                         if self.try_login() {

@@ -325,7 +325,9 @@ impl<B: Backing> Image<B> {
                     let mut hit = None;
                     while x + align <= leaf_end {
                         let off = (x - base) as usize;
-                        if off % 64 == 0 && x + 64 <= leaf_end && word_at(buf, off / 64) == u64::MAX
+                        if off.is_multiple_of(64)
+                            && x + 64 <= leaf_end
+                            && word_at(buf, off / 64) == u64::MAX
                         {
                             x += 64;
                             continue;

@@ -50,7 +50,7 @@ pub struct CacheExperiment {
 /// image has `slots` cache slots, flushes, and reports the cache counters; then empties the
 /// cache and does it again over the same blocks.
 pub fn cache_experiment(slots: usize, writes: u64, write_size: u64) -> Result<CacheExperiment> {
-    if write_size == 0 || write_size % 512 != 0 || writes == 0 {
+    if write_size == 0 || !write_size.is_multiple_of(512) || writes == 0 {
         return Err(Error::Invalid(
             "the write size must be a positive multiple of 512 and writes at least 1".into(),
         ));
@@ -138,7 +138,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// (fdatasync, a Parallax commit); reads follow `posix_fadvise(DONTNEED)` on both files.
 /// The files are removed afterwards.
 pub fn throughput(dir: &Path, bytes: u64, block_size: u64, repeat: u32) -> Result<Throughput> {
-    if block_size == 0 || block_size % 512 != 0 || bytes < block_size {
+    if block_size == 0 || !block_size.is_multiple_of(512) || bytes < block_size {
         return Err(Error::Invalid(
             "block size must be a positive multiple of 512, no larger than the size".into(),
         ));

@@ -446,7 +446,7 @@ impl Cache {
         for (i, s) in self.slots.iter().enumerate() {
             if s.used && s.dirty {
                 let r = s.key.rank();
-                if best.map_or(true, |(br, _)| r < br) {
+                if best.is_none_or(|(br, _)| r < br) {
                     best = Some((r, i as u32));
                 }
             }

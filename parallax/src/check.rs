@@ -373,7 +373,7 @@ impl<B: Backing> Checker<'_, B> {
             return;
         }
         self.r.v2p_nodes += 1;
-        if self.r.v2p_nodes % 4096 == 0 {
+        if self.r.v2p_nodes.is_multiple_of(4096) {
             let n = self.r.v2p_nodes;
             self.tick("V2P nodes", n, self.nodes.len() as u64);
         }

@@ -634,7 +634,7 @@ impl Superblock {
             ));
         }
         if self.virtual_size == 0
-            || self.virtual_size % 512 != 0
+            || !self.virtual_size.is_multiple_of(512)
             || self.virtual_size > MAX_VIRTUAL_SIZE
         {
             return Err(format!("virtual size {} is invalid", self.virtual_size));

@@ -275,7 +275,7 @@ impl<B: Backing> Image<B> {
     /// Creates a new image on `backing` (whatever it held is lost) with one empty disk, and
     /// commits it.
     pub fn create(backing: B, opts: &CreateOptions) -> Result<Image<B>> {
-        if opts.size == 0 || opts.size % 512 != 0 || opts.size > MAX_VIRTUAL_SIZE {
+        if opts.size == 0 || !opts.size.is_multiple_of(512) || opts.size > MAX_VIRTUAL_SIZE {
             return Err(Error::Invalid(format!(
                 "size {} is not a positive multiple of 512 bytes up to 64 PiB",
                 opts.size

@@ -785,7 +785,7 @@ impl<B: Backing> Image<B> {
                 img.free_machine(m, run);
                 moved += 1;
                 img.tick("moving", 1);
-                if moved % 4096 == 0 {
+                if moved.is_multiple_of(4096) {
                     img.commit()?;
                 }
                 Ok(())
