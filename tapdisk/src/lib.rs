@@ -4,7 +4,7 @@
 //! ([`image`]), zero or more blkif rings attached to it, each served by its own event loop on
 //! io_uring ([`ringloop`]), and optionally an NBD export ([`nbd`]). The process is driven
 //! through a unix control socket ([`control`]) by `tap-ctl`; [`stats`] holds the counters
-//! `tap-ctl stats` prints.
+//! `tap-ctl stats` prints; [`xen`] serves Xen frontends' rings, which tapback hands over.
 
 pub mod control;
 pub mod daemon;
@@ -15,3 +15,4 @@ pub mod nbd;
 pub mod ringloop;
 pub mod stats;
 pub mod vbd;
+pub mod xen;

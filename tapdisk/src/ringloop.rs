@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use blkif::protocol::{status, GrantRef, Response, Segment, MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE};
+use blkif::protocol::{status, Response, Segment, MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE};
 use blkif::request::{parse, slot_id, DiskInfo, Operation, Problem, Request};
 use blkif::ring::{BackRing, SlotCopy};
 use blkif::transport::{EventChannel, GrantMapper, MapHandle};
@@ -83,6 +83,17 @@ pub enum RingExit {
     Stopped,
     /// io_uring failed; the ring cannot continue.
     Fatal(io::Error),
+}
+
+impl std::fmt::Display for RingExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RingExit::FrontendGone => f.write_str("frontend gone"),
+            RingExit::Broken(why) => write!(f, "frontend broke the protocol: {why}"),
+            RingExit::Stopped => f.write_str("stopped"),
+            RingExit::Fatal(e) => write!(f, "IO engine failed: {e}"),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,6 +192,8 @@ pub struct RingLoop<T: RingTransport> {
     guest_errors: RateLimit,
     copy: SlotCopy,
     poll: std::time::Duration,
+    /// An event was consumed and its channel still waits for its EOI (see `EventChannel::eoi`).
+    eoi_due: bool,
 }
 
 fn new_uring(entries: u32) -> io::Result<IoUring> {
@@ -248,6 +261,7 @@ impl<T: RingTransport> RingLoop<T> {
             guest_errors: RateLimit::new(10, std::time::Duration::from_secs(5)),
             copy: SlotCopy::default(),
             poll: std::time::Duration::ZERO,
+            eoi_due: true,
         })
     }
 
@@ -331,6 +345,11 @@ impl<T: RingTransport> RingLoop<T> {
             }
             if self.stopping.is_some() && self.in_flight == 0 {
                 continue;
+            }
+            if wait && self.eoi_due {
+                // Drained and req_event re-armed: only now let the frontend's next kick in.
+                self.eoi_due = false;
+                self.t.parts().2.eoi()?;
             }
             if wait && self.paused && self.in_flight == 0 {
                 self.ctl.quiesced.store(true, Ordering::Release);
@@ -459,14 +478,10 @@ impl<T: RingTransport> RingLoop<T> {
         // Map the grants and point the iovecs at the pages.
         let n = req.nr_segments;
         if n > 0 {
-            let mut refs = [0 as GrantRef; MAX_SEGMENTS_PER_REQUEST];
             let mut addrs = [std::ptr::null_mut::<u8>(); MAX_SEGMENTS_PER_REQUEST];
-            for (r, sg) in refs.iter_mut().zip(&slot.segs[..n]) {
-                *r = sg.gref;
-            }
             let writable = req.op == Operation::Read;
             let (_, grants, _) = self.t.parts();
-            match grants.map(&refs[..n], writable, &mut addrs[..n]) {
+            match grants.map(&slot.segs[..n], writable, &mut addrs[..n]) {
                 Ok(h) => {
                     let slot = &mut self.slots[s as usize];
                     slot.map = h;
@@ -606,6 +621,7 @@ impl<T: RingTransport> RingLoop<T> {
             match tok {
                 TOKEN_EVTCHN => {
                     self.t.parts().2.ack()?;
+                    self.eoi_due = true;
                     if !more {
                         let fd = self.t.parts().2.fd();
                         let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
@@ -687,11 +703,16 @@ impl<T: RingTransport> RingLoop<T> {
         slot.phase = Phase::Idle;
         let req = slot.req;
         let (map, start) = (slot.map, slot.start);
+        let mut st = st;
+        // Unmap before answering: a copying transport copies read data back here.
+        if req.nr_segments > 0 {
+            if let Err(p) = self.t.parts().1.unmap(map) {
+                self.guest_error("unmap", req.id, &p);
+                st = status::ERROR;
+            }
+        }
         self.respond(req.id, req.raw_op, st);
         self.ids.remove(req.id);
-        if req.nr_segments > 0 {
-            self.t.parts().1.unmap(map);
-        }
         let c = match req.op {
             Operation::Read => &self.stats.read,
             Operation::Write => &self.stats.write,

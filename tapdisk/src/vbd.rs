@@ -25,7 +25,7 @@ use slog::{info, o, warn, Logger};
 use crate::control::proto::{VbdOptions, VbdState, VbdSummary};
 use crate::image::{AioImage, BlockTarget, ImageSpec, OpenOptionsImg, SECTOR};
 use crate::nbd::{NbdListen, NbdServer};
-use crate::ringloop::{RingExit, RingLoop};
+use crate::ringloop::{RingExit, RingLoop, RingTransport};
 use crate::stats::{self, RingStats};
 
 /// Locks a mutex, recovering the data if a thread panicked while holding it (the state these
@@ -216,6 +216,8 @@ pub struct Vbd {
     nbd_counters: Arc<NbdCounters>,
     quiescing: bool,
     log: Logger,
+    /// Xen frontends this VBD serves (see [`crate::xen`]).
+    pub xen: Vec<crate::xen::XenAttachment>,
 }
 
 impl Vbd {
@@ -329,6 +331,7 @@ impl Vbd {
             nbd_counters,
             quiescing: false,
             log,
+            xen: Vec::new(),
         })
     }
 
@@ -362,6 +365,7 @@ impl Vbd {
             rings: self.live_rings().len() as u32,
             size: self.disk.sectors * SECTOR,
             read_only: self.disk.read_only,
+            xen: self.xen.iter().map(|x| x.info()).collect(),
         }
     }
 
@@ -468,6 +472,46 @@ impl Vbd {
         &self.device
     }
 
+    /// The disk as rings see it.
+    pub fn disk(&self) -> DiskInfo {
+        self.disk
+    }
+
+    /// Serves a ring that any transport attached (a Xen frontend's, say) on a thread of its
+    /// own, like the rings local frontends attach through the device socket: it is paused,
+    /// counted in the stats and stopped with the VBD.
+    pub fn attach_ring<T: RingTransport>(&self, t: T, name: &str) -> io::Result<RingLink> {
+        let ctl = Arc::new(RingControl::new()?);
+        let stats = Arc::new(RingStats::default());
+        let exit: Arc<Mutex<Option<String>>> = Arc::default();
+        let (shared, ctl2, stats2, exit2, disk) = (
+            self.shared.clone(),
+            ctl.clone(),
+            stats.clone(),
+            exit.clone(),
+            self.disk,
+        );
+        let poll = Duration::from_micros(u64::from(self.opts.poll_us.min(10_000)));
+        let rlog = self.log.new(o!("ring" => name.to_owned()));
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let r = match RingLoop::new(t, disk, shared, ctl2, stats2, rlog.clone()) {
+                    Ok(l) => l.with_poll(poll).run(),
+                    Err(e) => RingExit::Fatal(e),
+                };
+                info!(rlog, "ring detached"; "why" => ?r);
+                *lock(&exit2) = Some(r.to_string());
+                r
+            })?;
+        lock(&self.ring_stats).push(stats.clone());
+        lock(&self.rings).push(RingHandle {
+            ctl: ctl.clone(),
+            thread: Some(thread),
+        });
+        Ok(RingLink { ctl, exit, stats })
+    }
+
     /// Disconnects everything and closes the image.
     pub fn close(mut self) {
         self.shutdown();
@@ -572,6 +616,17 @@ fn accept_loop(
             Err(e) => warn!(log, "cannot start a ring thread"; "error" => %e),
         }
     }
+}
+
+/// A ring started by [`Vbd::attach_ring`], as its owner sees it.
+#[derive(Debug, Clone)]
+pub struct RingLink {
+    /// Stop and wake the loop through this.
+    pub ctl: Arc<RingControl>,
+    /// Why the loop ended, once it has (and the transport, with its mappings, is gone).
+    pub exit: Arc<Mutex<Option<String>>>,
+    /// The ring's counters.
+    pub stats: Arc<RingStats>,
 }
 
 /// Map of open VBDs by minor.
