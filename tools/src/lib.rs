@@ -1,5 +1,7 @@
 //! Operator tools for tapdisk-rs. The binaries in `src/bin` are thin wrappers around the
 //! modules here, so their parsing and formatting can be unit-tested.
 
+pub mod tapback;
 pub mod tapctl;
 pub mod tdbench;
+pub mod xenfront;
