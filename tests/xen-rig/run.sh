@@ -51,8 +51,10 @@ if [ ! -s "$INITRD" ] || [ "$HERE/domu-init" -nt "$INITRD" ]; then
         done
     done
     : > "$D/lib/modules/order"
-    modprobe -d "$R" -S "$KVER" --show-depends ext4 xen-blkfront 2>/dev/null | awk '/^insmod/ {print $2}' |
-    while read -r m; do
+    for mod in ext4 xen-blkfront; do
+        modprobe -d "$R" -S "$KVER" --show-depends "$mod" 2>/dev/null | awk '/^insmod/ {print $2}'
+    done | while read -r m; do
+        m=${m#"$R"}
         n=$(basename "$m"); n=${n%.xz}; n=${n%.zst}
         case "$m" in
             *.xz)  xz -dc "$R$m" > "$D/lib/modules/$n";;
@@ -81,13 +83,13 @@ TIMEOUT=${RIG_TIMEOUT:-900}
 LOG=$RIG_LOGS/run-$RIG_SUITE-$(date +%Y%m%d-%H%M%S).log
 PIDF=$RIG_WORK/qemu.pid
 XEN_CMD="console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 loglvl=warning guest_loglvl=warning noreboot"
-DOM0_CMD="console=hvc0 earlyprintk=xen root=/dev/vda rw init=/sbin/rig-init rig.suite=$RIG_SUITE rig.benchsecs=${RIG_BENCHSECS:-5}"
+DOM0_CMD="console=hvc0 earlyprintk=xen root=/dev/vda rw init=/usr/sbin/rig-init rig.suite=$RIG_SUITE rig.benchsecs=${RIG_BENCHSECS:-5}"
 # dom0's init goes into the cached root image with debugfs (no mount); the image is then
 # booted with snapshot=on, so the guests' disks and logs never change it.
-if ! debugfs -R "stat /sbin/rig-init" "$RIG_IMG" 2>/dev/null | grep -q Inode || ! cmp -s "$HERE/dom0-init" "$RIG_WORK/dom0-init.installed"; then
-    debugfs -w -R "rm /sbin/rig-init" "$RIG_IMG" >/dev/null 2>&1
-    debugfs -w -R "write $HERE/dom0-init /sbin/rig-init" "$RIG_IMG" >/dev/null 2>&1
-    debugfs -w -R "set_inode_field /sbin/rig-init mode 0100755" "$RIG_IMG" >/dev/null 2>&1
+if ! debugfs -R "stat /usr/sbin/rig-init" "$RIG_IMG" 2>/dev/null | grep -q Inode || ! cmp -s "$HERE/dom0-init" "$RIG_WORK/dom0-init.installed"; then
+    debugfs -w -R "rm /usr/sbin/rig-init" "$RIG_IMG" >/dev/null 2>&1
+    debugfs -w -R "write $HERE/dom0-init /usr/sbin/rig-init" "$RIG_IMG" >/dev/null 2>&1
+    debugfs -w -R "set_inode_field /usr/sbin/rig-init mode 0100755" "$RIG_IMG" >/dev/null 2>&1
     cp "$HERE/dom0-init" "$RIG_WORK/dom0-init.installed"
 fi
 rm -f "$PIDF"
@@ -98,8 +100,8 @@ timeout --foreground "$TIMEOUT" qemu-system-x86_64 -machine q35 -accel tcg,threa
     -initrd "$RIG_BOOT/vmlinuz $DOM0_CMD,$RIG_BOOT/initrd.img" \
     -drive "file=$RIG_IMG,if=none,id=d0,format=raw,cache=unsafe,snapshot=on" -device virtio-blk-pci,drive=d0 \
     -drive "file=$RIG_WORK/payload.ext4,if=none,id=d1,format=raw,readonly=on" -device virtio-blk-pci,drive=d1 \
-    -pidfile "$PIDF" < /dev/null 2>&1 | tr -d '\r' | while IFS= read -r line; do
-        printf '%6.1f %s\n' "$(echo "$(date +%s.%N) - $T0" | bc)" "$line"
+    -pidfile "$PIDF" < /dev/null 2>&1 | while IFS= read -r line; do
+        printf '%6d %s\n' "$(( ${EPOCHSECONDS} - ${T0%.*} ))" "${line//$'\r'/}"
     done > "$LOG"
 step "QEMU exited"
 
