@@ -22,8 +22,11 @@ use std::time::Duration;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 use crate::mmap::Mapping;
-use crate::protocol::{Abi, Response, Segment, MAX_SLOT, PAGE_SIZE};
-use crate::request::{encode, encode_discard, DiskInfo, Problem};
+use crate::protocol::SEGMENTS_PER_INDIRECT_FRAME;
+use crate::protocol::{Abi, GrantRef, Response, Segment, MAX_SLOT, PAGE_SIZE};
+use crate::request::{
+    encode, encode_discard, encode_indirect, encode_indirect_page, DiskInfo, Problem,
+};
 use crate::ring::{BackRing, FrontRing};
 use crate::transport::{EventChannel, GrantMapper, MapHandle};
 
@@ -458,6 +461,21 @@ pub enum FrontRequest<'a> {
         /// Segments (at most 11).
         segments: &'a [Segment],
     },
+    /// An indirect read or write: the descriptors of `segments` are written into the guest
+    /// pages `indirect` names (512 per page; grant refs outside guest memory are skipped, so a
+    /// test can name bad ones), then the header is queued.
+    Indirect {
+        /// `BLKIF_OP_READ` or `BLKIF_OP_WRITE` (anything, for hostile tests).
+        op: u8,
+        /// Id echoed in the response.
+        id: u64,
+        /// First sector.
+        sector: u64,
+        /// Pages for the descriptors (at most 8 are named in the request).
+        indirect: &'a [GrantRef],
+        /// Segments (`nr_segments` is their count, truncated to u16).
+        segments: &'a [Segment],
+    },
     /// A discard.
     Discard {
         /// Id echoed in the response.
@@ -482,10 +500,17 @@ pub struct LocalFrontend {
     kick: OwnedFd,
     notify: OwnedFd,
     sock: UnixStream,
+    spin: Duration,
     _ring_map: Mapping,
 }
 
 impl LocalFrontend {
+    /// Busy-polls the ring for up to `spin` in [`LocalFrontend::wait`] before sleeping:
+    /// lower latency for a CPU (0, the default, never spins).
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.spin = spin;
+    }
+
     /// Connects to a VBD's local-transport socket and attaches a new ring.
     pub fn connect(path: &Path, cfg: FrontendConfig) -> Result<LocalFrontend, AttachError> {
         let sock = UnixStream::connect(path).map_err(|e| {
@@ -540,6 +565,7 @@ impl LocalFrontend {
             kick,
             notify,
             sock,
+            spin: Duration::ZERO,
             _ring_map: ring_map,
         })
     }
@@ -634,6 +660,24 @@ impl LocalFrontend {
                 let n = segments.len().min(u8::MAX as usize) as u8;
                 encode(self.abi, op, n, id, sector, segments, &mut bytes)
             }
+            FrontRequest::Indirect {
+                op,
+                id,
+                sector,
+                indirect,
+                segments,
+            } => {
+                let mut page = [0u8; PAGE_SIZE];
+                for (chunk, &g) in segments.chunks(SEGMENTS_PER_INDIRECT_FRAME).zip(indirect) {
+                    if g < self.mem_pages {
+                        page.fill(0);
+                        encode_indirect_page(chunk, &mut page);
+                        self.write_mem(g as usize * PAGE_SIZE, &page);
+                    }
+                }
+                let n = segments.len().min(u16::MAX as usize) as u16;
+                encode_indirect(self.abi, op, n, id, sector, indirect, &mut bytes)
+            }
             FrontRequest::Discard {
                 id,
                 sector,
@@ -677,6 +721,15 @@ impl LocalFrontend {
     /// drops the ring (an error).
     pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        if !self.spin.is_zero() {
+            let until = std::time::Instant::now() + self.spin;
+            while std::time::Instant::now() < until {
+                if self.ring.has_responses() {
+                    return Ok(true);
+                }
+                std::hint::spin_loop();
+            }
+        }
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
             if self.ring.final_check() {
@@ -744,6 +797,7 @@ mod tests {
         barrier: true,
         discard: true,
         max_segments: 11,
+        max_indirect_segments: 0,
     };
 
     #[test]

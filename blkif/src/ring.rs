@@ -341,6 +341,11 @@ impl FrontRing {
         n
     }
 
+    /// Whether responses are waiting, without asking for a notification (for polling).
+    pub fn has_responses(&self) -> bool {
+        self.sh.index(RSP_PROD).load(Ordering::Acquire) != self.rsp_cons
+    }
+
     /// Before sleeping: asks for a notification at the next response and checks once more.
     /// Returns whether responses are waiting.
     pub fn final_check(&mut self) -> bool {

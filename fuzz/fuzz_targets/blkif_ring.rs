@@ -4,7 +4,7 @@
 #![no_main]
 use arbitrary::Arbitrary;
 use blkif::protocol::{Abi, Response, Segment, PAGE_SIZE};
-use blkif::request::{parse, DiskInfo};
+use blkif::request::{parse, DiskInfo, Parsed};
 use blkif::ring::{BackRing, SlotCopy};
 use libfuzzer_sys::fuzz_target;
 use std::ptr::NonNull;
@@ -37,6 +37,7 @@ const DISK: DiskInfo = DiskInfo {
     barrier: true,
     discard: true,
     max_segments: 11,
+    max_indirect_segments: 0,
 };
 
 fuzz_target!(|inp: Input| {
@@ -78,7 +79,8 @@ fuzz_target!(|inp: Input| {
                         ring.pop(&mut s);
                         let mut segs = [Segment::default(); 11];
                         let id = match parse(&s, abi, &DISK, &mut segs) {
-                            Ok(r) => r.id,
+                            Ok(Parsed::Ready(r)) => r.id,
+                            Ok(Parsed::Indirect(h)) => h.id,
                             Err(rej) => rej.id,
                         };
                         consumed.push(id);

@@ -19,6 +19,7 @@ fuzz_target!(|data: &[u8]| {
         barrier: true,
         discard: true,
         max_segments: 11,
+        max_indirect_segments: 0,
     };
     let mut line = data[..data.len().min(8192)].to_vec();
     line.push(b'\n');

@@ -89,7 +89,8 @@ fuzz_target!(|inp: Input| {
         s.extend_from_slice(data);
     }
     if !inp.skip_go {
-        let name = &inp.go_name[..inp.go_name.len().min(16) * usize::from(inp.go_name.first() == Some(&b'x'))];
+        let name = &inp.go_name
+            [..inp.go_name.len().min(16) * usize::from(inp.go_name.first() == Some(&b'x'))];
         s.extend_from_slice(&IHAVEOPT.to_be_bytes());
         s.extend_from_slice(&OPT_GO.to_be_bytes());
         s.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
@@ -98,7 +99,11 @@ fuzz_target!(|inp: Input| {
         s.extend_from_slice(&0u16.to_be_bytes());
     }
     for r in inp.requests.iter().take(32) {
-        let magic = if r.bad_magic { 0xdead_beef } else { REQUEST_MAGIC };
+        let magic = if r.bad_magic {
+            0xdead_beef
+        } else {
+            REQUEST_MAGIC
+        };
         s.extend_from_slice(&magic.to_be_bytes());
         s.extend_from_slice(&r.flags.to_be_bytes());
         s.extend_from_slice(&u16::from(r.cmd % 8).to_be_bytes());

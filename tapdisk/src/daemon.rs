@@ -11,11 +11,27 @@ use anyhow::{anyhow, bail, Context, Result};
 use slog::{info, warn, Logger};
 
 use crate::control::proto::{
-    Command, Reply, RequestMsg, ResponseMsg, ResultMsg, MAX_LINE, VERSION,
+    Command, Reply, RequestMsg, ResponseMsg, ResultMsg, TraceFormat, MAX_LINE, VERSION,
 };
 use crate::control::RunDir;
 use crate::image::ImageSpec;
 use crate::vbd::{lock, Vbd, VbdMap};
+
+fn write_trace(
+    path: &str,
+    minor: u32,
+    rings: &[crate::trace::RingTrace],
+    format: TraceFormat,
+) -> Result<()> {
+    let f = std::fs::File::create(path)?;
+    let mut w = std::io::BufWriter::new(f);
+    match format {
+        TraceFormat::Raw => serde_json::to_writer(&mut w, rings)?,
+        TraceFormat::Chrome => crate::trace::write_chrome(&mut w, minor, rings, &|_, _| None)?,
+    }
+    w.flush()?;
+    Ok(())
+}
 
 /// A claim on a minor number: the file `<rundir>/minors/N` holding our pid, removed on drop.
 #[derive(Debug)]
@@ -248,15 +264,31 @@ impl Daemon {
                     stats: v.get(&minor).ok_or_else(|| no_such(minor))?.vbd.stats(),
                 })
             }
+            Command::Trace {
+                minor,
+                path,
+                format,
+            } => {
+                let rings = {
+                    let v = lock(&self.vbds);
+                    v.get(&minor).ok_or_else(|| no_such(minor))?.vbd.trace()
+                };
+                let requests = rings.iter().map(|r| r.requests.len() as u64).sum();
+                let dropped = rings.iter().map(|r| r.dropped).sum();
+                write_trace(&path, minor, &rings, format)
+                    .with_context(|| format!("writing the trace to {path}"))?;
+                Ok(Reply::Trace {
+                    path,
+                    requests,
+                    dropped,
+                })
+            }
             Command::Shutdown => Ok(Reply::Done),
             Command::XenConnect { minor, spec } => {
                 let mut v = lock(&self.vbds);
                 let vbd = &mut v.get_mut(&minor).ok_or_else(|| no_such(minor))?.vbd;
-                let xen = crate::xen::connect(vbd, spec)?;
-                Ok(Reply::XenConnected {
-                    disk: vbd.disk(),
-                    xen,
-                })
+                let (disk, xen) = crate::xen::connect(vbd, spec)?;
+                Ok(Reply::XenConnected { disk, xen })
             }
             Command::XenDisconnect {
                 minor,

@@ -5,14 +5,21 @@
 //! io_uring ([`ringloop`]), and optionally an NBD export ([`nbd`]). The process is driven
 //! through a unix control socket ([`control`]) by `tap-ctl`; [`stats`] holds the counters
 //! `tap-ctl stats` prints; [`xen`] serves Xen frontends' rings, which tapback hands over.
+//!
+//! On a ring, requests go through the [`sched`]uler (ordering, sorting, merging) to an IO
+//! [`engine`] (io_uring on a raw image, optionally behind the thesis's disk model); every
+//! stage is timestamped ([`trace`]).
 
 pub mod control;
 pub mod daemon;
+pub mod engine;
 pub mod idset;
 pub mod image;
 pub mod logging;
 pub mod nbd;
 pub mod ringloop;
+pub mod sched;
 pub mod stats;
+pub mod trace;
 pub mod vbd;
 pub mod xen;

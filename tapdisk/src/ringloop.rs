@@ -1,19 +1,16 @@
-//! The event loop of one ring: blkif requests in, io_uring IO, blkif responses out.
+//! The event loop of one ring: blkif requests in, scheduled backend IO, blkif responses out.
 //!
 //! One thread per ring runs [`RingLoop::run`]. Everything it waits for is an io_uring
 //! completion: the event channel and the control eventfd are multishot polls, the frontend's
-//! socket a one-shot poll for hang-up, and the IO itself readv/writev/fsync/fallocate. One
-//! `io_uring_enter` per iteration submits new IO and waits.
+//! socket a one-shot poll for hang-up, a batch timer, and the IO itself (through the
+//! [`Engine`]). One `io_uring_enter` per iteration submits new IO and waits.
 //!
-//! Per request: copy the slot out of the ring once, validate it ([`blkif::request::parse`]),
-//! map its grants, point an iovec array at the frontend's pages and submit one readv or writev
-//! (no bounce buffer). Slots, iovecs and the in-flight id set are preallocated per ring; the
-//! path takes no lock and allocates nothing.
-//!
-//! Ordering: requests run concurrently, as blkif allows. A FLUSH_DISKCACHE or WRITE_BARRIER
-//! stops the intake until every earlier request completed, then writes its data (if any), then
-//! `fdatasync`s, then answers, and only then does the intake resume: a flush is acknowledged
-//! only when everything acknowledged before it is durable.
+//! Per request: copy the slot out of the ring once, validate it ([`blkif::request::parse`]; an
+//! indirect request's descriptor pages are mapped read-only, copied once, unmapped and
+//! validated the same way), map its grants, point iovecs at the frontend's pages, and hand it
+//! to the [`Sched`]uler, which orders, sorts and merges before the engine sees anything. Slots,
+//! iovecs, the id set and every scratch list are preallocated per ring: the path takes no lock
+//! and allocates nothing.
 //!
 //! A frontend that publishes more requests than the ring holds, or reuses an id still in
 //! flight, is broken: its ring is disconnected once the IO already started completes. The
@@ -23,26 +20,34 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
-use blkif::protocol::{status, Response, Segment, MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE};
-use blkif::request::{parse, slot_id, DiskInfo, Operation, Problem, Request};
+use blkif::protocol::{status, Response, Segment, MAX_INDIRECT_PAGES_PER_REQUEST};
+use blkif::request::{
+    copy_indirect_segments, finish_indirect, parse, slot_id, DiskInfo, Operation, Parsed, Problem,
+    Rejection, Request,
+};
 use blkif::ring::{BackRing, SlotCopy};
-use blkif::transport::{EventChannel, GrantMapper, MapHandle};
+use blkif::transport::{EventChannel, GrantMapper};
 use blkif::Abi;
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{opcode, types};
 use slog::{debug, info, warn, Logger};
 
+use crate::engine::aio::AioEngine;
+use crate::engine::model::{ModelDisk, ModelParams};
+use crate::engine::{Done, Engine, Uring, ENGINE_SPACE};
 use crate::idset::IdSet;
-use crate::image::{discard_fd, AioImage};
+use crate::image::AioImage;
 use crate::logging::RateLimit;
+use crate::sched::{Sched, SchedConfig};
 use crate::stats::RingStats;
+use crate::trace::{now_ns, BatchRecord, ReqRecord, TraceWriter};
 use crate::vbd::{RingControl, VbdShared};
 
 const TOKEN_EVTCHN: u64 = u64::MAX;
 const TOKEN_CTL: u64 = u64::MAX - 1;
 const TOKEN_HANGUP: u64 = u64::MAX - 2;
-const MAX_RETRIES: u8 = 16;
+const TOKEN_BATCH: u64 = u64::MAX - 3;
 
 /// A ring as a transport hands it over: the back ring, grant mapper and event channel.
 pub trait RingTransport: Send + 'static {
@@ -96,78 +101,48 @@ impl std::fmt::Display for RingExit {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Free.
-    Idle,
-    /// A flush or barrier waiting for earlier requests to complete.
-    Draining,
-    /// readv/writev in flight.
-    Data,
-    /// fdatasync in flight.
-    Sync,
-    /// fallocate (discard) in flight.
-    Discard,
+/// Per-ring settings, from the VBD's options.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RingConfig {
+    /// Sorting and merging.
+    pub sched: SchedConfig,
+    /// Requests taken from the ring per batch (0: the ring size).
+    pub max_batch: u32,
+    /// Wait up to this long for a batch to fill before dispatching it (0: never wait).
+    pub batch_wait: Duration,
+    /// Poll the ring this long before sleeping (0: never).
+    pub poll: Duration,
+    /// Serve through the thesis's disk model.
+    pub model: Option<ModelParams>,
 }
 
-struct Slot {
-    req: Request,
-    segs: [Segment; MAX_SEGMENTS_PER_REQUEST],
-    iov: [libc::iovec; MAX_SEGMENTS_PER_REQUEST],
-    /// First iovec not yet fully transferred (short IO resumes there).
-    iov_start: usize,
-    offset: u64,
-    remaining: u64,
-    map: MapHandle,
-    start: Instant,
-    phase: Phase,
-    retries: u8,
+/// What a ring loop shares with its VBD.
+pub struct RingEnv {
+    /// The VBD's shared state (image, pause flag).
+    pub vbd: Arc<VbdShared>,
+    /// Stop and wake-up from the VBD.
+    pub ctl: Arc<RingControl>,
+    /// Where the loop counts.
+    pub stats: Arc<RingStats>,
+    /// Where the loop records requests, if tracing.
+    pub trace: Option<TraceWriter>,
+    /// The ring's logger.
+    pub log: Logger,
 }
 
-impl Slot {
-    fn new() -> Slot {
-        Slot {
-            req: Request {
-                id: 0,
-                raw_op: 0,
-                op: Operation::Read,
-                sector: 0,
-                nr_sectors: 0,
-                nr_segments: 0,
-            },
-            segs: [Segment::default(); MAX_SEGMENTS_PER_REQUEST],
-            iov: [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; MAX_SEGMENTS_PER_REQUEST],
-            iov_start: 0,
-            offset: 0,
-            remaining: 0,
-            map: MapHandle::default(),
-            start: Instant::now(),
-            phase: Phase::Idle,
-            retries: 0,
-        }
-    }
-
-    /// Skips `done` bytes of the iovecs after a short transfer.
-    fn advance(&mut self, mut done: u64) {
-        self.offset += done;
-        self.remaining -= done;
-        while done > 0 {
-            let v = &mut self.iov[self.iov_start];
-            let l = v.iov_len as u64;
-            if done >= l {
-                done -= l;
-                self.iov_start += 1;
-            } else {
-                // SAFETY: `done < iov_len`, so the new base stays inside the same mapped page.
-                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(done as usize) }.cast();
-                v.iov_len -= done as usize;
-                done = 0;
-            }
-        }
-    }
+/// Builds the engine for `image` on `ring`.
+pub fn make_engine(
+    ring: &mut Uring,
+    image: Arc<AioImage>,
+    model: Option<ModelParams>,
+    tags: u32,
+    update: bool,
+) -> io::Result<Box<dyn Engine>> {
+    let aio: Box<dyn Engine> = Box::new(AioEngine::new(ring, image, tags, update)?);
+    Ok(match model {
+        Some(p) => Box::new(ModelDisk::new(aio, p, tags)),
+        None => aio,
+    })
 }
 
 /// One ring's loop. Build it on the thread that runs it (it holds raw pointers).
@@ -175,14 +150,15 @@ pub struct RingLoop<T: RingTransport> {
     t: T,
     abi: Abi,
     disk: DiskInfo,
+    cfg: RingConfig,
     image: Arc<AioImage>,
-    uring: IoUring,
-    slots: Box<[Slot]>,
+    uring: Uring,
+    engine: Box<dyn Engine>,
+    sched: Sched,
     free: Vec<u32>,
     ids: IdSet,
+    /// Requests accepted and not yet answered.
     in_flight: u32,
-    /// The flush or barrier holding the intake, if any.
-    draining: Option<u32>,
     paused: bool,
     stopping: Option<RingExit>,
     vbd: Arc<VbdShared>,
@@ -191,97 +167,83 @@ pub struct RingLoop<T: RingTransport> {
     log: Logger,
     guest_errors: RateLimit,
     copy: SlotCopy,
-    poll: std::time::Duration,
     /// An event was consumed and its channel still waits for its EOI (see `EventChannel::eoi`).
     eoi_due: bool,
-}
-
-fn new_uring(entries: u32) -> io::Result<IoUring> {
-    // Single issuer + deferred task running: completions are processed when we enter the
-    // kernel, never by interrupting us (kernel 6.1+); fall back to a plain ring.
-    IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .setup_cqsize(entries * 2)
-        .build(entries)
-        .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))
-}
-
-/// Fixed-file slot of the O_DIRECT descriptor (the buffered one if the image has none).
-const FILE_DIRECT: u32 = 0;
-/// Fixed-file slot of the buffered descriptor.
-const FILE_BUFFERED: u32 = 1;
-
-/// Registers the image's descriptors as io_uring fixed files: no fd lookup and reference count
-/// per IO in this multi-threaded process.
-fn register_image(uring: &IoUring, image: &AioImage, update: bool) -> io::Result<()> {
-    let b = image.buffered_fd();
-    let fds = [image.direct_fd().map(|(fd, _)| fd).unwrap_or(b), b];
-    if update {
-        uring.submitter().register_files_update(0, &fds).map(|_| ())
-    } else {
-        uring.submitter().register_files(&fds)
-    }
+    trace: Option<TraceWriter>,
+    max_batch: u32,
+    batch_deadline: Option<u64>,
+    batch_timer: bool,
+    batch_ts: Box<types::Timespec>,
+    // Scratch, preallocated.
+    addrs: Box<[*mut u8]>,
+    done: Done,
+    finished: Vec<u32>,
 }
 
 impl<T: RingTransport> RingLoop<T> {
     /// Prepares a loop for `t`, serving the VBD's current image.
-    pub fn new(
-        t: T,
-        disk: DiskInfo,
-        vbd: Arc<VbdShared>,
-        ctl: Arc<RingControl>,
-        stats: Arc<RingStats>,
-        log: Logger,
-    ) -> io::Result<RingLoop<T>> {
+    pub fn new(t: T, disk: DiskInfo, cfg: RingConfig, env: RingEnv) -> io::Result<RingLoop<T>> {
+        let RingEnv {
+            vbd,
+            ctl,
+            stats,
+            trace,
+            log,
+        } = env;
         let mut t = t;
         let abi = t.abi();
         let n = t.parts().0.size();
-        let entries = (n + 8).next_power_of_two().min(4096);
-        let uring = new_uring(entries)?;
+        let seg_cap = disk.segment_capacity();
+        let mut sched = Sched::new(cfg.sched, n, seg_cap);
+        let tags = sched.tags();
+        // Room for every engine op (model timers included) and the loop's own polls.
+        let entries = (tags * 2 + 8).next_power_of_two().min(32768);
+        let mut uring = Uring::new(entries)?;
         let image = vbd.image();
-        register_image(&uring, &image, false)?;
+        let engine = make_engine(&mut uring, image.clone(), cfg.model, tags, false)?;
+        sched.set_engine_limit(engine.max_in_flight());
+        let max_batch = if cfg.max_batch == 0 {
+            n
+        } else {
+            cfg.max_batch.min(n)
+        };
         Ok(RingLoop {
             t,
             abi,
             disk,
+            cfg,
             image,
             uring,
-            slots: (0..n).map(|_| Slot::new()).collect(),
+            engine,
+            sched,
             free: (0..n).rev().collect(),
             ids: IdSet::new(n as usize),
             in_flight: 0,
-            draining: None,
             paused: false,
             stopping: None,
             vbd,
             ctl,
             stats,
             log,
-            guest_errors: RateLimit::new(10, std::time::Duration::from_secs(5)),
+            guest_errors: RateLimit::new(10, Duration::from_secs(5)),
             copy: SlotCopy::default(),
-            poll: std::time::Duration::ZERO,
             eoi_due: true,
+            trace,
+            max_batch,
+            batch_deadline: None,
+            batch_timer: false,
+            batch_ts: Box::new(types::Timespec::new()),
+            addrs: vec![std::ptr::null_mut(); seg_cap].into_boxed_slice(),
+            done: Done::with_capacity(tags as usize),
+            finished: Vec::with_capacity(n as usize),
         })
     }
 
-    /// Polls the ring for up to `poll` before sleeping (see `VbdOptions::poll_us`).
-    pub fn with_poll(mut self, poll: std::time::Duration) -> Self {
-        self.poll = poll;
-        self
-    }
-
-    fn push_sqe(&mut self, e: &squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: every entry we build points at memory that outlives the operation: the
-            // iovec arrays live in `self.slots` (never reallocated), the pages they point at
-            // stay mapped until the slot completes, and fds stay open while `self` lives.
-            if unsafe { self.uring.submission().push(e) }.is_ok() {
-                return Ok(());
-            }
-            // A full submission queue: hand what is queued to the kernel and retry.
-            self.uring.submit()?;
-        }
+    fn push_sqe(&mut self, e: &io_uring::squeue::Entry) -> io::Result<()> {
+        // SAFETY: the loop's own entries are polls on descriptors that stay open while the
+        // loop lives, and a timeout whose timespec lives in `self.batch_ts` (unchanged until
+        // the next submit, which happens before it is rewritten).
+        unsafe { self.uring.push(e) }
     }
 
     fn arm_polls(&mut self) -> io::Result<()> {
@@ -319,7 +281,7 @@ impl<T: RingTransport> RingLoop<T> {
         self.arm_polls()?;
         self.t.parts().2.ack()?;
         loop {
-            self.check_control();
+            self.check_control()?;
             if self.stopping.is_some() && self.in_flight == 0 {
                 self.publish()?;
                 return Ok(());
@@ -328,9 +290,11 @@ impl<T: RingTransport> RingLoop<T> {
             if self.can_pop() {
                 more = self.take_requests();
             }
+            self.dispatch()?;
+            self.answer();
             self.publish()?;
             let mut wait = !more;
-            if wait && self.can_pop() && self.in_flight == 0 && !self.poll.is_zero() {
+            if wait && self.can_pop() && self.in_flight == 0 && !self.cfg.poll.is_zero() {
                 // Busy-poll before re-arming req_event: a frontend that publishes within the
                 // window needs neither a kick nor a wake-up.
                 wait = !self.poll_ring();
@@ -346,8 +310,10 @@ impl<T: RingTransport> RingLoop<T> {
             if self.stopping.is_some() && self.in_flight == 0 {
                 continue;
             }
-            if wait && self.eoi_due {
+            if wait && self.eoi_due && self.can_pop() {
                 // Drained and req_event re-armed: only now let the frontend's next kick in.
+                // While we cannot take requests (paused, draining, no free slot) the channel
+                // stays masked, so a frontend kicking in a loop cannot keep waking us.
                 self.eoi_due = false;
                 self.t.parts().2.eoi()?;
             }
@@ -365,18 +331,19 @@ impl<T: RingTransport> RingLoop<T> {
                 Err(e) => return Err(e),
             }
             self.reap()?;
+            self.answer();
         }
     }
 
     /// Spins until the ring has requests (true), or the poll window or a control event ends.
     fn poll_ring(&mut self) -> bool {
-        let start = Instant::now();
+        let start = std::time::Instant::now();
         loop {
             match self.t.parts().0.pending() {
                 Ok(0) => {}
                 Ok(_) | Err(_) => return true,
             }
-            if start.elapsed() >= self.poll || self.ctl.stop.load(Ordering::Relaxed) {
+            if start.elapsed() >= self.cfg.poll || self.ctl.stop.load(Ordering::Relaxed) {
                 return false;
             }
             std::hint::spin_loop();
@@ -384,10 +351,10 @@ impl<T: RingTransport> RingLoop<T> {
     }
 
     fn can_pop(&self) -> bool {
-        self.stopping.is_none() && !self.paused && self.draining.is_none() && !self.free.is_empty()
+        self.stopping.is_none() && !self.paused && !self.free.is_empty()
     }
 
-    fn check_control(&mut self) {
+    fn check_control(&mut self) -> io::Result<()> {
         if self.ctl.stop.load(Ordering::Acquire) && self.stopping.is_none() {
             self.stopping = Some(RingExit::Stopped);
         }
@@ -395,21 +362,29 @@ impl<T: RingTransport> RingLoop<T> {
         if paused != self.paused {
             self.paused = paused;
             if !paused {
-                // The image may have been replaced while we were paused.
+                // The image may have been replaced while we were paused (nothing in flight).
                 let image = self.vbd.image();
                 if !Arc::ptr_eq(&image, &self.image) {
-                    if let Err(e) = register_image(&self.uring, &image, true) {
-                        warn!(self.log, "cannot switch to the new image"; "error" => %e);
-                        self.stopping = Some(RingExit::Fatal(e));
+                    let tags = self.sched.tags();
+                    match make_engine(&mut self.uring, image.clone(), self.cfg.model, tags, true) {
+                        Ok(e) => {
+                            self.sched.set_engine_limit(e.max_in_flight());
+                            self.engine = e;
+                            self.image = image;
+                        }
+                        Err(e) => {
+                            warn!(self.log, "cannot switch to the new image"; "error" => %e);
+                            self.stopping = Some(RingExit::Fatal(e));
+                        }
                     }
-                    self.image = image;
                 }
                 self.ctl.quiesced.store(false, Ordering::Release);
             }
         }
+        Ok(())
     }
 
-    /// Pops and starts requests. Returns true if more are waiting (we stopped early).
+    /// Pops and validates up to a batch of requests. Returns true if more are waiting.
     fn take_requests(&mut self) -> bool {
         let pending = match self.t.parts().0.pending() {
             Ok(n) => n,
@@ -418,20 +393,36 @@ impl<T: RingTransport> RingLoop<T> {
                 return false;
             }
         };
-        let mut left = pending;
+        let mut left = pending.min(self.max_batch);
+        let (mut reqs, mut segs) = (0u32, 0u32);
+        let queued_before = self.sched.pending();
         while left > 0 && self.can_pop() {
             let mut copy = std::mem::take(&mut self.copy);
             self.t.parts().0.pop(&mut copy);
             left -= 1;
-            let r = self.start(&copy);
+            if let Some(n) = self.start(&copy) {
+                reqs += 1;
+                segs += n as u32;
+            }
             self.copy = copy;
-            if let Err(e) = r {
-                // io_uring refused work: fatal for the ring; surfaced by the next enter.
-                warn!(self.log, "cannot submit IO"; "error" => %e);
-                self.stopping = Some(RingExit::Fatal(e));
+        }
+        if reqs > 0 {
+            let now = now_ns();
+            self.stats.sched.batches.add(1);
+            self.stats.sched.batch_requests.add(u64::from(reqs));
+            self.stats.sched.batch_segments.add(u64::from(segs));
+            if let Some(tr) = &self.trace {
+                tr.batch(BatchRecord {
+                    t: now,
+                    requests: reqs,
+                    segments: segs,
+                });
+            }
+            if queued_before == 0 && !self.cfg.batch_wait.is_zero() {
+                self.batch_deadline = Some(now + self.cfg.batch_wait.as_nanos() as u64);
             }
         }
-        left > 0 && self.can_pop()
+        self.can_pop() && matches!(self.t.parts().0.pending(), Ok(n) if n > 0)
     }
 
     fn respond(&mut self, id: u64, op: u8, st: i16) {
@@ -449,175 +440,224 @@ impl<T: RingTransport> RingLoop<T> {
         }
     }
 
-    fn start(&mut self, copy: &SlotCopy) -> io::Result<()> {
+    fn reject(&mut self, s: u32, rej: Rejection, kind: &str) {
+        self.free.push(s);
+        if rej.problem.status() == status::EOPNOTSUPP {
+            self.stats.unsupported.add(1);
+        } else {
+            self.stats.bad_requests.add(1);
+        }
+        self.respond(rej.id, rej.raw_op, rej.problem.status());
+        self.guest_error(kind, rej.id, &rej.problem);
+    }
+
+    /// Validates, maps and enqueues one request. Returns its segment count if accepted.
+    fn start(&mut self, copy: &SlotCopy) -> Option<usize> {
+        let pop = now_ns();
         let (id, raw_op) = slot_id(copy, self.abi);
         if self.ids.contains(id) {
             self.broken(format!("frontend reused id {id:#x} while it was in flight"));
-            return Ok(());
+            return None;
         }
         let Some(s) = self.free.pop() else {
             // Cannot happen: pending() bounds outstanding requests by the ring size.
             self.broken("more requests outstanding than the ring holds".into());
-            return Ok(());
+            return None;
         };
-        let slot = &mut self.slots[s as usize];
-        let req = match parse(copy, self.abi, &self.disk, &mut slot.segs) {
+        let req = match self.validate(s, copy) {
             Ok(r) => r,
-            Err(rej) => {
-                self.free.push(s);
-                if rej.problem.status() == status::EOPNOTSUPP {
-                    self.stats.unsupported.add(1);
-                } else {
-                    self.stats.bad_requests.add(1);
-                }
-                self.respond(rej.id, rej.raw_op, rej.problem.status());
-                self.guest_error("invalid", rej.id, &rej.problem);
-                return Ok(());
+            Err((rej, kind)) => {
+                self.reject(s, rej, kind);
+                return None;
             }
         };
         // Map the grants and point the iovecs at the pages.
         let n = req.nr_segments;
         if n > 0 {
-            let mut addrs = [std::ptr::null_mut::<u8>(); MAX_SEGMENTS_PER_REQUEST];
+            let slot = self.sched.slot(s);
             let writable = req.op == Operation::Read;
             let (_, grants, _) = self.t.parts();
-            match grants.map(&slot.segs[..n], writable, &mut addrs[..n]) {
+            match grants.map(&slot.segs[..n], writable, &mut self.addrs[..n]) {
                 Ok(h) => {
-                    let slot = &mut self.slots[s as usize];
+                    let slot = self.sched.slot_mut(s);
+                    slot.req = req;
                     slot.map = h;
-                    for ((iov, sg), addr) in slot.iov.iter_mut().zip(&slot.segs[..n]).zip(addrs) {
-                        let first = sg.first_sect as usize * SECTOR_SIZE as usize;
-                        let len =
-                            (sg.last_sect - sg.first_sect + 1) as usize * SECTOR_SIZE as usize;
-                        // SAFETY: `first + len <= 4096` (a validated segment), so the pointer
-                        // stays inside the mapped page.
-                        let base = unsafe { addr.add(first) };
-                        *iov = libc::iovec {
-                            iov_base: base.cast(),
-                            iov_len: len,
-                        };
-                    }
+                    slot.build_iov(&self.addrs[..n]);
                 }
                 Err(problem) => {
-                    self.free.push(s);
-                    self.stats.bad_requests.add(1);
-                    self.respond(id, raw_op, problem.status());
-                    self.guest_error("grant", id, &problem);
-                    return Ok(());
+                    let rej = Rejection {
+                        id,
+                        raw_op,
+                        problem,
+                    };
+                    self.reject(s, rej, "grant");
+                    return None;
                 }
             }
         }
         self.ids.insert(id);
         self.in_flight += 1;
         self.stats.in_flight.add(1);
-        let slot = &mut self.slots[s as usize];
+        let slot = self.sched.slot_mut(s);
         slot.req = req;
-        slot.iov_start = 0;
-        slot.offset = req.sector * SECTOR_SIZE;
-        slot.remaining = req.nr_sectors * SECTOR_SIZE;
-        slot.start = Instant::now();
-        slot.retries = 0;
-        match req.op {
-            Operation::Read | Operation::Write => self.submit_data(s),
-            Operation::Discard { .. } => self.submit_discard(s),
-            Operation::Flush | Operation::Barrier => {
-                self.slots[s as usize].phase = Phase::Draining;
-                self.draining = Some(s);
-                self.maybe_release_drain()
-            }
+        if n == 0 {
+            slot.n_iov = 0;
         }
-    }
-
-    /// Starts the draining flush/barrier once it is the only request in flight.
-    fn maybe_release_drain(&mut self) -> io::Result<()> {
-        if let Some(d) = self.draining {
-            if self.in_flight == 1 && self.slots[d as usize].phase == Phase::Draining {
-                if self.slots[d as usize].req.nr_segments > 0 {
-                    self.submit_data(d)?;
-                } else {
-                    self.submit_sync(d)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn choose_fd(&self, s: u32) -> types::Fixed {
-        let slot = &self.slots[s as usize];
-        if let Some((_, align)) = self.image.direct_fd() {
-            let a = align as u64;
-            let aligned = slot.offset % a == 0
-                && slot.iov[slot.iov_start..slot.req.nr_segments]
-                    .iter()
-                    .all(|v| v.iov_base as u64 % a == 0 && v.iov_len as u64 % a == 0);
-            if aligned {
-                return types::Fixed(FILE_DIRECT);
-            }
-        }
-        types::Fixed(FILE_BUFFERED)
-    }
-
-    fn submit_data(&mut self, s: u32) -> io::Result<()> {
-        let fd = self.choose_fd(s);
-        let slot = &mut self.slots[s as usize];
-        slot.phase = Phase::Data;
-        let iov = slot.iov[slot.iov_start..].as_ptr();
-        let cnt = (slot.req.nr_segments - slot.iov_start) as u32;
-        let e = if slot.req.op == Operation::Read {
-            opcode::Readv::new(fd, iov, cnt).offset(slot.offset).build()
-        } else {
-            opcode::Writev::new(fd, iov, cnt)
-                .offset(slot.offset)
-                .build()
+        slot.t = crate::sched::Stamps {
+            pop,
+            sched: now_ns(),
+            submit: 0,
+            complete: 0,
         };
-        self.push_sqe(&e.user_data(u64::from(s)))
+        self.sched.enqueue(s);
+        Some(n)
     }
 
-    fn submit_sync(&mut self, s: u32) -> io::Result<()> {
-        self.slots[s as usize].phase = Phase::Sync;
-        let e = opcode::Fsync::new(types::Fixed(FILE_BUFFERED))
-            .flags(types::FsyncFlags::DATASYNC)
-            .build()
-            .user_data(u64::from(s));
-        self.push_sqe(&e)
-    }
-
-    fn submit_discard(&mut self, s: u32) -> io::Result<()> {
-        let slot = &mut self.slots[s as usize];
-        slot.phase = Phase::Discard;
-        if self.image.is_block_device() {
-            // io_uring has no portable discard for block devices before kernel 6.12: issue
-            // BLKDISCARD here. Discards are rare and the ioctl returns once queued.
-            let secure = matches!(slot.req.op, Operation::Discard { secure: true });
-            let (off, len) = (slot.offset, slot.remaining);
-            let r = discard_fd(self.image.buffered_fd(), true, off, len, secure);
-            return match r {
-                Ok(()) => self.complete(s, status::OKAY),
-                Err(e) => {
-                    self.stats.io_errors.add(1);
-                    warn!(self.log, "discard failed"; "error" => %e, "sector" => off / SECTOR_SIZE);
-                    self.complete(s, status::ERROR)
-                }
+    /// Parses the slot (reading an indirect request's descriptor pages once).
+    fn validate(&mut self, s: u32, copy: &SlotCopy) -> Result<Request, (Rejection, &'static str)> {
+        let abi = self.abi;
+        let disk = self.disk;
+        let parsed = parse(copy, abi, &disk, &mut self.sched.slot_mut(s).segs)
+            .map_err(|r| (r, "invalid"))?;
+        let h = match parsed {
+            Parsed::Ready(r) => return Ok(r),
+            Parsed::Indirect(h) => h,
+        };
+        let pages = h.pages();
+        let mut addrs = [std::ptr::null_mut::<u8>(); MAX_INDIRECT_PAGES_PER_REQUEST];
+        let mut pages_segs = [Segment::default(); MAX_INDIRECT_PAGES_PER_REQUEST];
+        for (sg, g) in pages_segs.iter_mut().zip(&h.grefs[..pages]) {
+            *sg = Segment {
+                gref: *g,
+                first_sect: 0,
+                last_sect: 7,
+                pad: 0,
             };
         }
-        let e = opcode::Fallocate::new(types::Fixed(FILE_BUFFERED), slot.remaining)
-            .offset(slot.offset)
-            .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-            .build()
-            .user_data(u64::from(s));
-        self.push_sqe(&e)
+        let (_, grants, _) = self.t.parts();
+        let handle = grants
+            .map(&pages_segs[..pages], false, &mut addrs[..pages])
+            .map_err(|problem| {
+                (
+                    Rejection {
+                        id: h.id,
+                        raw_op: h.raw_op,
+                        problem,
+                    },
+                    "indirect grant",
+                )
+            })?;
+        let mut ptrs = [std::ptr::null::<u8>(); MAX_INDIRECT_PAGES_PER_REQUEST];
+        for (p, a) in ptrs.iter_mut().zip(addrs) {
+            *p = a.cast_const();
+        }
+        // SAFETY: the transport just mapped `pages` pages, each 4096 bytes and page aligned,
+        // readable until the unmap below; `segs` holds the disk's segment capacity, which
+        // `parse` checked `nr_segments` against.
+        unsafe {
+            copy_indirect_segments(
+                &ptrs[..pages],
+                h.nr_segments,
+                &mut self.sched.slot_mut(s).segs,
+            )
+        };
+        // A read-only mapping: nothing is copied back, so unmapping cannot fail the request.
+        let _ = self.t.parts().1.unmap(handle);
+        finish_indirect(&h, &disk, &self.sched.slot(s).segs).map_err(|r| (r, "invalid indirect"))
+    }
+
+    fn dispatch(&mut self) -> io::Result<()> {
+        if self.sched.pending() == 0 {
+            return Ok(());
+        }
+        let now = now_ns();
+        if let Some(deadline) = self.batch_deadline {
+            if now < deadline && (self.sched.pending() as u32) < self.max_batch {
+                if !self.batch_timer {
+                    let ns = deadline - now;
+                    *self.batch_ts = types::Timespec::new().nsec(ns.min(999_999_999) as u32);
+                    let e = opcode::Timeout::new(&*self.batch_ts)
+                        .build()
+                        .user_data(TOKEN_BATCH);
+                    self.push_sqe(&e)?;
+                    self.batch_timer = true;
+                }
+                return Ok(());
+            }
+            self.batch_deadline = None;
+        }
+        self.sched
+            .dispatch(&mut self.uring, &mut *self.engine, &self.stats, now)
+    }
+
+    /// Answers every request the scheduler finished.
+    fn answer(&mut self) {
+        self.sched.take_finished(&mut self.finished);
+        if self.finished.is_empty() {
+            return;
+        }
+        let now = now_ns();
+        let mut finished = std::mem::take(&mut self.finished);
+        for &s in &finished {
+            let (req, st, t, map) = {
+                let slot = self.sched.slot(s);
+                (slot.req, slot.status, slot.t, slot.map)
+            };
+            // Unmap before answering: a copying transport copies read data back here, and a
+            // failed copy must not be answered as a successful read.
+            let mut st = st;
+            if req.nr_segments > 0 {
+                if let Err(p) = self.t.parts().1.unmap(map) {
+                    self.guest_error("unmap", req.id, &p);
+                    st = status::ERROR;
+                }
+            }
+            self.respond(req.id, req.raw_op, st);
+            self.ids.remove(req.id);
+            let c = match req.op {
+                Operation::Read => &self.stats.read,
+                Operation::Write => &self.stats.write,
+                Operation::Flush | Operation::Barrier => &self.stats.flush,
+                Operation::Discard { .. } => &self.stats.discard,
+            };
+            c.requests.add(1);
+            c.sectors.add(req.nr_sectors);
+            if st != status::OKAY {
+                c.errors.add(1);
+            }
+            let st_ = &self.stats.stages;
+            st_.validate.record(t.sched.saturating_sub(t.pop));
+            st_.queue.record(t.submit.saturating_sub(t.sched));
+            st_.io.record(t.complete.saturating_sub(t.submit));
+            st_.respond.record(now.saturating_sub(t.complete));
+            self.stats.latency.record(now.saturating_sub(t.pop));
+            if let Some(tr) = &self.trace {
+                tr.request(ReqRecord {
+                    id: req.id,
+                    op: req.raw_op,
+                    sector: req.sector,
+                    sectors: req.nr_sectors as u32,
+                    segments: req.nr_segments as u32,
+                    status: st,
+                    pop: t.pop,
+                    sched: t.sched,
+                    submit: t.submit,
+                    complete: t.complete,
+                    push: now,
+                });
+            }
+            self.sched.release(s);
+            self.free.push(s);
+            self.in_flight -= 1;
+            self.stats.in_flight.sub(1);
+        }
+        finished.clear();
+        self.finished = finished;
     }
 
     fn reap(&mut self) -> io::Result<()> {
-        loop {
-            let Some(cqe) = self.uring.completion().next() else {
-                return Ok(());
-            };
-            let (tok, res, more) = (
-                cqe.user_data(),
-                cqe.result(),
-                io_uring::cqueue::more(cqe.flags()),
-            );
+        let mut now = 0u64;
+        while let Some((tok, res, more)) = self.uring.next_completion() {
             match tok {
                 TOKEN_EVTCHN => {
                     self.t.parts().2.ack()?;
@@ -649,89 +689,42 @@ impl<T: RingTransport> RingLoop<T> {
                         self.stopping = Some(RingExit::FrontendGone);
                     }
                 }
-                s if (s as usize) < self.slots.len() => self.io_done(s as u32, res)?,
+                TOKEN_BATCH => self.batch_timer = false,
+                ud if ud < ENGINE_SPACE => {
+                    self.engine
+                        .complete(&mut self.uring, ud, res, &mut self.done)?;
+                    if !self.done.0.is_empty() {
+                        if now == 0 {
+                            now = now_ns();
+                        }
+                        for i in 0..self.done.0.len() {
+                            let (tag, r) = self.done.0[i];
+                            if r < 0 {
+                                self.io_error(tag, r);
+                            }
+                            self.sched.io_done(
+                                tag,
+                                r,
+                                &mut self.uring,
+                                &mut *self.engine,
+                                &self.stats,
+                                now,
+                            )?;
+                        }
+                        self.done.0.clear();
+                    }
+                }
                 other => debug!(self.log, "unexpected completion"; "token" => other),
             }
         }
+        Ok(())
     }
 
-    fn io_done(&mut self, s: u32, res: i32) -> io::Result<()> {
-        let phase = self.slots[s as usize].phase;
-        if res == -libc::EAGAIN || res == -libc::EINTR {
-            let slot = &mut self.slots[s as usize];
-            if slot.retries < MAX_RETRIES {
-                slot.retries += 1;
-                return match phase {
-                    Phase::Data => self.submit_data(s),
-                    Phase::Sync => self.submit_sync(s),
-                    _ => self.submit_discard(s),
-                };
-            }
+    fn io_error(&mut self, tag: u32, res: i32) {
+        let e = io::Error::from_raw_os_error(-res);
+        if self.guest_errors.check().is_some() {
+            warn!(self.log, "IO failed"; "error" => %e, "io" => tag);
         }
-        if res < 0 {
-            self.stats.io_errors.add(1);
-            let e = io::Error::from_raw_os_error(-res);
-            warn!(self.log, "IO failed"; "error" => %e, "sector" => self.slots[s as usize].req.sector);
-            return self.complete(s, status::ERROR);
-        }
-        match phase {
-            Phase::Data => {
-                let done = res as u64;
-                let slot = &mut self.slots[s as usize];
-                if done < slot.remaining {
-                    if done == 0 {
-                        // End of file inside the validated range: the image shrank under us.
-                        self.stats.io_errors.add(1);
-                        return self.complete(s, status::ERROR);
-                    }
-                    slot.advance(done);
-                    return self.submit_data(s);
-                }
-                if matches!(slot.req.op, Operation::Flush | Operation::Barrier) {
-                    self.submit_sync(s)
-                } else {
-                    self.complete(s, status::OKAY)
-                }
-            }
-            Phase::Sync | Phase::Discard => self.complete(s, status::OKAY),
-            Phase::Idle | Phase::Draining => Ok(()),
-        }
-    }
-
-    fn complete(&mut self, s: u32, st: i16) -> io::Result<()> {
-        let slot = &mut self.slots[s as usize];
-        slot.phase = Phase::Idle;
-        let req = slot.req;
-        let (map, start) = (slot.map, slot.start);
-        let mut st = st;
-        // Unmap before answering: a copying transport copies read data back here.
-        if req.nr_segments > 0 {
-            if let Err(p) = self.t.parts().1.unmap(map) {
-                self.guest_error("unmap", req.id, &p);
-                st = status::ERROR;
-            }
-        }
-        self.respond(req.id, req.raw_op, st);
-        self.ids.remove(req.id);
-        let c = match req.op {
-            Operation::Read => &self.stats.read,
-            Operation::Write => &self.stats.write,
-            Operation::Flush | Operation::Barrier => &self.stats.flush,
-            Operation::Discard { .. } => &self.stats.discard,
-        };
-        c.requests.add(1);
-        c.sectors.add(req.nr_sectors);
-        if st != status::OKAY {
-            c.errors.add(1);
-        }
-        self.stats.latency.record(start.elapsed().as_nanos() as u64);
-        self.in_flight -= 1;
-        self.stats.in_flight.sub(1);
-        self.free.push(s);
-        if self.draining == Some(s) {
-            self.draining = None;
-        }
-        self.maybe_release_drain()
     }
 
     fn publish(&mut self) -> io::Result<()> {
@@ -753,18 +746,13 @@ impl<T: RingTransport> RingLoop<T> {
     /// Waits for every IO in flight (used on fatal errors only).
     fn drain_all(&mut self) {
         let mut spins = 0;
-        while self.in_flight > 0 && spins < 10_000 {
+        while self.sched.ios_in_flight() > 0 && spins < 10_000 {
             spins += 1;
             if self.uring.submit_and_wait(1).is_err() {
-                std::thread::sleep(std::time::Duration::from_millis(1));
+                std::thread::sleep(Duration::from_millis(1));
             }
-            while let Some(cqe) = self.uring.completion().next() {
-                let s = cqe.user_data();
-                if (s as usize) < self.slots.len() && self.slots[s as usize].phase != Phase::Idle {
-                    self.slots[s as usize].phase = Phase::Idle;
-                    self.in_flight -= 1;
-                    self.stats.in_flight.sub(1);
-                }
+            if self.reap().is_err() {
+                break;
             }
         }
     }

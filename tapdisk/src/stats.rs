@@ -121,7 +121,8 @@ pub struct Percentiles {
     pub p999_us: f64,
     /// Largest, µs.
     pub max_us: f64,
-    /// The non-empty buckets: lower bound in µs and count.
+    /// The non-empty buckets: lower bound in µs and count (omitted for stage latencies).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub buckets: Vec<(f64, u64)>,
 }
 
@@ -166,9 +167,51 @@ pub fn percentiles<'a>(hs: impl IntoIterator<Item = &'a Histogram>) -> Percentil
     }
 }
 
+/// What the scheduler did: ring requests in, backend IOs out.
+#[derive(Debug, Default)]
+pub struct SchedCounters {
+    /// Ring requests (reads, writes, discards) dispatched.
+    pub requests: Counter,
+    /// Their segments.
+    pub segments: Counter,
+    /// Backend reads and writes issued.
+    pub ios: Counter,
+    /// iovecs in them (after coalescing adjacent pages).
+    pub io_iovecs: Counter,
+    /// Backend IOs that merged two or more requests.
+    pub merged_ios: Counter,
+    /// Merged IOs that failed and were retried request by request.
+    pub merge_retries: Counter,
+    /// fdatasyncs issued for flushes and barriers.
+    pub flushes: Counter,
+    /// Batches taken from the ring (one pass over the ring before the IO is submitted).
+    pub batches: Counter,
+    /// Requests in those batches.
+    pub batch_requests: Counter,
+    /// Segments in those batches.
+    pub batch_segments: Counter,
+}
+
+/// Latency of each stage of a request (trace points, always on).
+#[derive(Debug, Default)]
+pub struct StageHists {
+    /// Ring pop to scheduler: copy, validation, grant mapping.
+    pub validate: Histogram,
+    /// Scheduler to IO submit: waiting for ordering, sorting, merging.
+    pub queue: Histogram,
+    /// IO submit to IO complete: the backend.
+    pub io: Histogram,
+    /// IO complete to response pushed.
+    pub respond: Histogram,
+}
+
 /// The counters of one ring (or of the NBD export): written by one thread only.
 #[derive(Debug, Default)]
 pub struct RingStats {
+    /// Scheduler counters.
+    pub sched: SchedCounters,
+    /// Per-stage latencies.
+    pub stages: StageHists,
     /// Reads.
     pub read: OpCounters,
     /// Writes.
@@ -237,6 +280,64 @@ pub struct Totals {
     pub notifies: u64,
     /// Latency from ring pop to response.
     pub latency: Percentiles,
+    /// The scheduler: ring requests vs backend IOs.
+    pub sched: SchedTotals,
+    /// Latency per stage.
+    pub stages: StageTotals,
+}
+
+/// Scheduler figures for output.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SchedTotals {
+    /// Ring requests dispatched (reads, writes, discards).
+    pub requests: u64,
+    /// Backend reads and writes.
+    pub backend_ios: u64,
+    /// Ring requests per backend IO.
+    pub merge_ratio: f64,
+    /// Segments (pages) per backend IO.
+    pub segments_per_io: f64,
+    /// iovecs per backend IO.
+    pub iovecs_per_io: f64,
+    /// Backend IOs made of two or more requests.
+    pub merged_ios: u64,
+    /// Merged IOs retried request by request after an error.
+    pub merge_retries: u64,
+    /// fdatasyncs.
+    pub flushes: u64,
+    /// Batches taken from the ring.
+    pub batches: u64,
+    /// Requests per batch.
+    pub requests_per_batch: f64,
+    /// Segments per batch.
+    pub segments_per_batch: f64,
+}
+
+/// Stage latencies for output.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct StageTotals {
+    /// Ring pop to scheduler.
+    pub validate: Percentiles,
+    /// Scheduler to IO submit.
+    pub queue: Percentiles,
+    /// IO submit to complete.
+    pub io: Percentiles,
+    /// IO complete to response.
+    pub respond: Percentiles,
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+fn brief<'a>(hs: impl IntoIterator<Item = &'a Histogram>) -> Percentiles {
+    let mut p = percentiles(hs);
+    p.buckets = Vec::new();
+    p
 }
 
 /// Sums `rings`.
@@ -254,6 +355,30 @@ pub fn totals<'a>(rings: impl IntoIterator<Item = &'a RingStats> + Clone) -> Tot
         t.submits += r.submits.get();
         t.notifies += r.notifies.get();
     }
+    let sum = |f: fn(&SchedCounters) -> &Counter| -> u64 {
+        rings.clone().into_iter().map(|r| f(&r.sched).get()).sum()
+    };
+    let (req, ios, segs) = (sum(|c| &c.requests), sum(|c| &c.ios), sum(|c| &c.segments));
+    let batches = sum(|c| &c.batches);
+    t.sched = SchedTotals {
+        requests: req,
+        backend_ios: ios,
+        merge_ratio: ratio(req, ios),
+        segments_per_io: ratio(segs, ios),
+        iovecs_per_io: ratio(sum(|c| &c.io_iovecs), ios),
+        merged_ios: sum(|c| &c.merged_ios),
+        merge_retries: sum(|c| &c.merge_retries),
+        flushes: sum(|c| &c.flushes),
+        batches,
+        requests_per_batch: ratio(sum(|c| &c.batch_requests), batches),
+        segments_per_batch: ratio(sum(|c| &c.batch_segments), batches),
+    };
+    t.stages = StageTotals {
+        validate: brief(rings.clone().into_iter().map(|r| &r.stages.validate)),
+        queue: brief(rings.clone().into_iter().map(|r| &r.stages.queue)),
+        io: brief(rings.clone().into_iter().map(|r| &r.stages.io)),
+        respond: brief(rings.clone().into_iter().map(|r| &r.stages.respond)),
+    };
     t.latency = percentiles(rings.into_iter().map(|r| &r.latency));
     t
 }

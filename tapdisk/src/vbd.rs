@@ -25,8 +25,10 @@ use slog::{info, o, warn, Logger};
 use crate::control::proto::{VbdOptions, VbdState, VbdSummary};
 use crate::image::{AioImage, BlockTarget, ImageSpec, OpenOptionsImg, SECTOR};
 use crate::nbd::{NbdListen, NbdServer};
-use crate::ringloop::{RingExit, RingLoop, RingTransport};
+use crate::ringloop::{RingConfig, RingEnv, RingExit, RingLoop, RingTransport};
+use crate::sched::SchedConfig;
 use crate::stats::{self, RingStats};
+use crate::trace::{self, RingTrace, TraceReader};
 
 /// Locks a mutex, recovering the data if a thread panicked while holding it (the state these
 /// mutexes guard stays consistent at every await point).
@@ -208,6 +210,7 @@ pub struct Vbd {
     shared: Arc<VbdShared>,
     rings: Arc<Mutex<Vec<RingHandle>>>,
     ring_stats: Arc<Mutex<Vec<Arc<RingStats>>>>,
+    traces: Arc<Mutex<Vec<TraceReader>>>,
     accept_stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
     device: PathBuf,
@@ -216,6 +219,8 @@ pub struct Vbd {
     nbd_counters: Arc<NbdCounters>,
     quiescing: bool,
     log: Logger,
+    /// Ring settings, for rings attached by [`Vbd::attach_ring`].
+    ring_cfg: RingConfig,
     /// Xen frontends this VBD serves (see [`crate::xen`]).
     pub xen: Vec<crate::xen::XenAttachment>,
 }
@@ -235,6 +240,28 @@ impl Vbd {
         }
         if opts.max_ring_order > 8 {
             bail!("max ring order {} is above 8", opts.max_ring_order);
+        }
+        if opts.max_indirect_segments > blkif::request::MAX_INDIRECT_SEGMENTS {
+            bail!(
+                "max indirect segments {} is above {}",
+                opts.max_indirect_segments,
+                blkif::request::MAX_INDIRECT_SEGMENTS
+            );
+        }
+        if !(4..=65536).contains(&opts.max_merge_kb) {
+            bail!(
+                "max merge size {} KiB is outside 4..=65536",
+                opts.max_merge_kb
+            );
+        }
+        if opts.batch_wait_us > 1_000_000 {
+            bail!("batch wait {} µs is above one second", opts.batch_wait_us);
+        }
+        if opts.trace > 16_000_000 {
+            bail!(
+                "trace of {} requests per ring is above 16000000",
+                opts.trace
+            );
         }
         let nbd_listen: Option<NbdListen> = match &opts.nbd {
             Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
@@ -258,6 +285,18 @@ impl Vbd {
             barrier: true,
             discard: !opts.read_only,
             max_segments: opts.max_segments,
+            max_indirect_segments: opts.max_indirect_segments,
+        };
+        let ring_cfg = RingConfig {
+            sched: SchedConfig {
+                merge: opts.merge,
+                max_merge_bytes: u64::from(opts.max_merge_kb) * 1024,
+                max_ios: opts.max_ios,
+            },
+            max_batch: opts.max_batch,
+            batch_wait: Duration::from_micros(u64::from(opts.batch_wait_us)),
+            poll: Duration::from_micros(u64::from(opts.poll_us.min(10_000))),
+            model: opts.model,
         };
         let log = log.new(o!("minor" => minor));
         let direct = image.direct_fd().is_some();
@@ -273,27 +312,27 @@ impl Vbd {
             .with_context(|| format!("cannot create the device socket {}", device.display()))?;
         let rings: Arc<Mutex<Vec<RingHandle>>> = Arc::default();
         let ring_stats: Arc<Mutex<Vec<Arc<RingStats>>>> = Arc::default();
+        let traces: Arc<Mutex<Vec<TraceReader>>> = Arc::default();
         let accept_stop = Arc::new(AtomicBool::new(false));
         let accept = {
-            let (shared, rings, ring_stats, stop, log) = (
-                shared.clone(),
-                rings.clone(),
-                ring_stats.clone(),
-                accept_stop.clone(),
-                log.clone(),
-            );
-            let limits = AttachLimits {
-                max_ring_order: opts.max_ring_order,
-                ..AttachLimits::default()
+            let ctx = AcceptCtx {
+                limits: AttachLimits {
+                    max_ring_order: opts.max_ring_order,
+                    ..AttachLimits::default()
+                },
+                cfg: ring_cfg,
+                trace: opts.trace as usize,
+                disk,
+                shared: shared.clone(),
+                rings: rings.clone(),
+                ring_stats: ring_stats.clone(),
+                traces: traces.clone(),
+                stop: accept_stop.clone(),
+                log: log.clone(),
             };
-            let poll = Duration::from_micros(u64::from(opts.poll_us.min(10_000)));
             std::thread::Builder::new()
                 .name(format!("vbd{minor}-accept"))
-                .spawn(move || {
-                    accept_loop(
-                        listener, limits, poll, disk, shared, rings, ring_stats, stop, log,
-                    )
-                })?
+                .spawn(move || accept_loop(listener, ctx))?
         };
         let gate = Arc::new(Gate::default());
         let nbd_counters = Arc::new(NbdCounters::default());
@@ -323,6 +362,7 @@ impl Vbd {
             shared,
             rings,
             ring_stats,
+            traces,
             accept_stop,
             accept: Some(accept),
             device,
@@ -331,6 +371,7 @@ impl Vbd {
             nbd_counters,
             quiescing: false,
             log,
+            ring_cfg,
             xen: Vec::new(),
         })
     }
@@ -387,6 +428,11 @@ impl Vbd {
                 "counters": &*self.nbd_counters,
             },
         })
+    }
+
+    /// What the rings' trace buffers hold (empty unless opened with a trace size).
+    pub fn trace(&self) -> Vec<RingTrace> {
+        lock(&self.traces).iter().map(|r| r.snapshot()).collect()
     }
 
     /// Quiesces: returns once no IO is in flight and none will start until [`Vbd::unpause`].
@@ -480,30 +526,55 @@ impl Vbd {
     /// Serves a ring that any transport attached (a Xen frontend's, say) on a thread of its
     /// own, like the rings local frontends attach through the device socket: it is paused,
     /// counted in the stats and stopped with the VBD.
-    pub fn attach_ring<T: RingTransport>(&self, t: T, name: &str) -> io::Result<RingLink> {
+    /// `disk` is what the ring enforces (the VBD's [`Vbd::disk`], possibly with tighter limits).
+    pub fn attach_ring<T: RingTransport>(
+        &self,
+        t: T,
+        name: &str,
+        disk: DiskInfo,
+    ) -> io::Result<RingLink> {
         let ctl = Arc::new(RingControl::new()?);
         let stats = Arc::new(RingStats::default());
         let exit: Arc<Mutex<Option<String>>> = Arc::default();
-        let (shared, ctl2, stats2, exit2, disk) = (
+        let (shared, ctl2, stats2, exit2, disk, cfg) = (
             self.shared.clone(),
             ctl.clone(),
             stats.clone(),
             exit.clone(),
-            self.disk,
+            disk,
+            self.ring_cfg,
         );
-        let poll = Duration::from_micros(u64::from(self.opts.poll_us.min(10_000)));
+        let (writer, reader) = if self.opts.trace > 0 {
+            let (w, r) = trace::buffer(
+                lock(&self.traces).len() as u32 + 1000,
+                self.opts.trace as usize,
+            );
+            (Some(w), Some(r))
+        } else {
+            (None, None)
+        };
         let rlog = self.log.new(o!("ring" => name.to_owned()));
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
-                let r = match RingLoop::new(t, disk, shared, ctl2, stats2, rlog.clone()) {
-                    Ok(l) => l.with_poll(poll).run(),
+                let env = RingEnv {
+                    vbd: shared,
+                    ctl: ctl2,
+                    stats: stats2,
+                    trace: writer,
+                    log: rlog.clone(),
+                };
+                let r = match RingLoop::new(t, disk, cfg, env) {
+                    Ok(l) => l.run(),
                     Err(e) => RingExit::Fatal(e),
                 };
                 info!(rlog, "ring detached"; "why" => ?r);
                 *lock(&exit2) = Some(r.to_string());
                 r
             })?;
+        if let Some(r) = reader {
+            lock(&self.traces).push(r);
+        }
         lock(&self.ring_stats).push(stats.clone());
         lock(&self.rings).push(RingHandle {
             ctl: ctl.clone(),
@@ -557,21 +628,24 @@ impl Drop for Vbd {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn accept_loop(
-    listener: UnixListener,
+/// What the accept thread needs to start ring loops.
+struct AcceptCtx {
     limits: AttachLimits,
-    poll: Duration,
+    cfg: RingConfig,
+    trace: usize,
     disk: DiskInfo,
     shared: Arc<VbdShared>,
     rings: Arc<Mutex<Vec<RingHandle>>>,
     ring_stats: Arc<Mutex<Vec<Arc<RingStats>>>>,
+    traces: Arc<Mutex<Vec<TraceReader>>>,
     stop: Arc<AtomicBool>,
     log: Logger,
-) {
+}
+
+fn accept_loop(listener: UnixListener, cx: AcceptCtx) {
     let mut ring_no = 0u32;
     for conn in listener.incoming() {
-        if stop.load(Ordering::Acquire) {
+        if cx.stop.load(Ordering::Acquire) {
             return;
         }
         let Ok(sock) = conn else { continue };
@@ -579,13 +653,20 @@ fn accept_loop(
         let ctl = match RingControl::new() {
             Ok(c) => Arc::new(c),
             Err(e) => {
-                warn!(log, "cannot create a ring's control eventfd"; "error" => %e);
+                warn!(cx.log, "cannot create a ring's control eventfd"; "error" => %e);
                 continue;
             }
         };
         let stats = Arc::new(RingStats::default());
-        let (shared2, ctl2, stats2) = (shared.clone(), ctl.clone(), stats.clone());
-        let rlog = log.new(o!("ring" => ring_no));
+        let (writer, reader) = if cx.trace > 0 {
+            let (w, r) = trace::buffer(ring_no, cx.trace);
+            (Some(w), Some(r))
+        } else {
+            (None, None)
+        };
+        let (shared2, ctl2, stats2) = (cx.shared.clone(), ctl.clone(), stats.clone());
+        let rlog = cx.log.new(o!("ring" => ring_no));
+        let (limits, disk, cfg) = (cx.limits, cx.disk, cx.cfg);
         let thread = std::thread::Builder::new()
             .name(format!("ring{ring_no}"))
             .spawn(move || {
@@ -598,8 +679,19 @@ fn accept_loop(
                 };
                 info!(rlog, "ring attached"; "abi" => be.abi.name(), "ring_order" => be.ring_order,
                   "slots" => be.ring.size(), "mem_pages" => be.grants.pages());
-                let exit = match RingLoop::new(be, disk, shared2, ctl2, stats2, rlog.clone()) {
-                    Ok(l) => l.with_poll(poll).run(),
+                let exit = match RingLoop::new(
+                    be,
+                    disk,
+                    cfg,
+                    RingEnv {
+                        vbd: shared2,
+                        ctl: ctl2,
+                        stats: stats2,
+                        trace: writer,
+                        log: rlog.clone(),
+                    },
+                ) {
+                    Ok(l) => l.run(),
                     Err(e) => RingExit::Fatal(e),
                 };
                 info!(rlog, "ring detached"; "why" => ?exit);
@@ -607,13 +699,16 @@ fn accept_loop(
             });
         match thread {
             Ok(t) => {
-                lock(&ring_stats).push(stats);
-                lock(&rings).push(RingHandle {
+                lock(&cx.ring_stats).push(stats);
+                if let Some(r) = reader {
+                    lock(&cx.traces).push(r);
+                }
+                lock(&cx.rings).push(RingHandle {
                     ctl,
                     thread: Some(t),
                 });
             }
-            Err(e) => warn!(log, "cannot start a ring thread"; "error" => %e),
+            Err(e) => warn!(cx.log, "cannot start a ring thread"; "error" => %e),
         }
     }
 }

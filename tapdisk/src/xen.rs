@@ -12,8 +12,9 @@ use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use blkif::request::DiskInfo;
 use blkif::ring::BackRing;
-use blkif::xen::backend::{XenGrants, XenRing};
+use blkif::xen::backend::{GrantMode, XenGrants, XenRing};
 use blkif::xen::evtchn::Evtchn;
 use blkif::Abi;
 
@@ -25,6 +26,9 @@ use crate::vbd::{lock, RingLink, Vbd};
 pub const MAX_QUEUES: u32 = 16;
 /// Largest ring order offered to Xen frontends (16 pages: 512 requests).
 pub const MAX_RING_ORDER: u8 = 4;
+/// Segments per indirect request in grant-copy mode, where each request slot owns that many
+/// bounce pages (512 slots x 32 pages x 4 KiB = 64 MiB per queue at most).
+pub const COPY_MAX_INDIRECT_SEGMENTS: u16 = 32;
 
 impl RingTransport for XenRing {
     type Grants = XenGrants;
@@ -82,7 +86,7 @@ impl XenAttachment {
 
 /// Maps and serves the rings of `spec` on `vbd`. A frontend already attached with the same
 /// domain and device id is disconnected first (a reconnecting frontend).
-pub fn connect(vbd: &mut Vbd, spec: XenConnectSpec) -> Result<XenAttachmentInfo> {
+pub fn connect(vbd: &mut Vbd, spec: XenConnectSpec) -> Result<(DiskInfo, XenAttachmentInfo)> {
     let r = &spec.rings;
     if r.queues.is_empty() || r.queues.len() > MAX_QUEUES as usize {
         bail!("{} queues (1..={MAX_QUEUES})", r.queues.len());
@@ -91,6 +95,11 @@ pub fn connect(vbd: &mut Vbd, spec: XenConnectSpec) -> Result<XenAttachmentInfo>
         bail!("ring order {} (at most {MAX_RING_ORDER})", r.ring_order);
     }
     disconnect_quiet(vbd, spec.domid, spec.devid);
+    let mut disk = vbd.disk();
+    if spec.grant_mode == GrantMode::Copy {
+        // Bounce pages are reserved per request slot and segment: keep that bounded.
+        disk.max_indirect_segments = disk.max_indirect_segments.min(COPY_MAX_INDIRECT_SEGMENTS);
+    }
     let mut links = Vec::new();
     for (q, keys) in r.queues.iter().enumerate() {
         let ring = XenRing::connect(
@@ -100,6 +109,7 @@ pub fn connect(vbd: &mut Vbd, spec: XenConnectSpec) -> Result<XenAttachmentInfo>
             keys.evtchn,
             r.abi,
             spec.grant_mode,
+            disk.segment_capacity(),
         )
         .with_context(|| format!("queue {q}"));
         let ring = match ring {
@@ -110,7 +120,7 @@ pub fn connect(vbd: &mut Vbd, spec: XenConnectSpec) -> Result<XenAttachmentInfo>
             }
         };
         let name = format!("xen{}.{}q{q}", spec.domid, spec.devid);
-        match vbd.attach_ring(ring, &name) {
+        match vbd.attach_ring(ring, &name, disk) {
             Ok(l) => links.push(l),
             Err(e) => {
                 XenAttachment { spec, links }.stop();
@@ -121,7 +131,7 @@ pub fn connect(vbd: &mut Vbd, spec: XenConnectSpec) -> Result<XenAttachmentInfo>
     let a = XenAttachment { spec, links };
     let info = a.info();
     vbd.xen.push(a);
-    Ok(info)
+    Ok((disk, info))
 }
 
 fn disconnect_quiet(vbd: &mut Vbd, domid: u16, devid: u32) -> bool {

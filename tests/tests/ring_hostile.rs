@@ -96,7 +96,11 @@ fn still_serving(f: &mut LocalFrontend) {
 
 #[test]
 fn unknown_and_unsupported_operations_get_eopnotsupp() {
-    let r = rig(VbdOptions::default());
+    // Indirect requests are offered by default; turn them off to see them refused.
+    let r = rig(VbdOptions {
+        max_indirect_segments: 0,
+        ..Default::default()
+    });
     for abi in [Abi::X86_64, Abi::X86_32] {
         let mut f = fe(&r, abi);
         raw(&mut f, 99, 1, 1, 0, &[seg(0, 0, 7)]);
@@ -215,6 +219,58 @@ fn grant_refs_outside_guest_memory_get_errors() {
     assert_eq!(status_of(&rs, 1), status::ERROR);
     assert_eq!(status_of(&rs, 2), status::ERROR);
     still_serving(&mut f);
+}
+
+fn indirect(f: &mut LocalFrontend, inner: u8, id: u64, sector: u64, ind: &[u32], segs: &[Segment]) {
+    assert!(f.queue(&FrontRequest::Indirect {
+        op: inner,
+        id,
+        sector,
+        indirect: ind,
+        segments: segs,
+    }));
+}
+
+#[test]
+fn bad_indirect_requests_get_errors() {
+    let r = rig(VbdOptions {
+        max_indirect_segments: 32,
+        ..Default::default()
+    });
+    let mut f = fe(&r, Abi::X86_64);
+    assert_eq!(f.info().max_indirect_segments, 32);
+    let pages = f.mem_pages();
+    let good: Vec<Segment> = (0..32).map(|i| seg(i, 0, 7)).collect();
+    // Each request's descriptors in a page of its own (40..64); data pages 0..32.
+    indirect(&mut f, op::FLUSH_DISKCACHE, 1, 0, &[63], &good[..1]);
+    indirect(&mut f, op::WRITE, 2, 0, &[62], &[]);
+    let many: Vec<Segment> = (0..33).map(|_| seg(0, 0, 7)).collect();
+    indirect(&mut f, op::WRITE, 3, 0, &[61], &many);
+    indirect(&mut f, op::READ, 4, 0, &[pages], &good);
+    let mut bad = good.clone();
+    bad[31] = seg(31, 3, 8);
+    indirect(&mut f, op::WRITE, 5, 0, &[60], &bad);
+    indirect(&mut f, op::READ, 6, 8190, &[59], &good);
+    let rs = collect(&mut f, 6);
+    for id in 1..=6 {
+        assert_eq!(status_of(&rs, id), status::ERROR, "id {id}");
+    }
+    assert!(rs.iter().all(|x| x.operation == op::INDIRECT));
+    // A good one: 32 pages written indirectly read back directly.
+    for i in 0..32u32 {
+        f.write_mem(i as usize * 4096, &[i as u8 + 1; 4096]);
+    }
+    indirect(&mut f, op::WRITE, 7, 64, &[63], &good);
+    assert_eq!(status_of(&collect(&mut f, 1), 7), status::OKAY);
+    f.write_mem(0, &[0u8; 4096]);
+    rw(&mut f, op::READ, 8, 64 + 8 * 31, &[seg(0, 0, 7)]);
+    assert_eq!(status_of(&collect(&mut f, 1), 8), status::OKAY);
+    let mut b = [0u8; 4096];
+    f.read_mem(0, &mut b);
+    assert_eq!(b, [32u8; 4096]);
+    still_serving(&mut f);
+    let s = r.td.stats(r.minor).unwrap();
+    assert_eq!(s["ring"]["bad_requests"], 6);
 }
 
 #[test]

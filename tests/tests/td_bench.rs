@@ -51,8 +51,13 @@ fn last_line(out: &Run) -> String {
 }
 
 fn verify_passes(extra: &[&str]) {
+    verify_n_passes(extra, 20000)
+}
+
+fn verify_n_passes(extra: &[&str], n: u32) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
+    let n_s = n.to_string();
     let mut args = vec![
         "verify",
         "--image",
@@ -60,11 +65,11 @@ fn verify_passes(extra: &[&str]) {
         "--size",
         "64M",
         "--requests",
-        "20000",
+        &n_s,
     ];
     args.extend_from_slice(extra);
     let out = td_bench(&args);
-    assert_eq!(last_line(&out), "20000 passed, 0 failed");
+    assert_eq!(last_line(&out), format!("{n} passed, 0 failed"));
     assert!(out.status.success(), "exit status {}", out.status);
     assert_eq!(
         std::fs::metadata(&img).unwrap().len(),
@@ -122,6 +127,34 @@ fn verify_ring_order_0() {
 #[test]
 fn verify_ring_order_4() {
     verify_passes(&["--ring-order", "4", "--seed", "2"]);
+}
+
+#[test]
+fn verify_indirect_requests_merged_and_not() {
+    // Half the reads and writes indirect, up to 128 segments (512 KiB), on a 4-page ring.
+    verify_n_passes(
+        &[
+            "--ring-order",
+            "2",
+            "--indirect-segments",
+            "128",
+            "--seed",
+            "4",
+        ],
+        4000,
+    );
+    verify_n_passes(
+        &[
+            "--indirect-segments",
+            "64",
+            "--no-merge",
+            "--abi",
+            "x86_32",
+            "--seed",
+            "5",
+        ],
+        3000,
+    );
 }
 
 #[test]

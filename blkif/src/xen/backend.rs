@@ -18,7 +18,7 @@ use super::evtchn::Evtchn;
 use super::gntdev::{CopySegment, Gntdev, GrantMap};
 use super::DomId;
 use crate::mmap::Mapping;
-use crate::protocol::{Abi, GrantRef, Segment, MAX_SEGMENTS_PER_REQUEST, PAGE_SIZE, SECTOR_SIZE};
+use crate::protocol::{Abi, GrantRef, Segment, PAGE_SIZE, SECTOR_SIZE};
 use crate::request::Problem;
 use crate::ring::{ring_size, BackRing};
 use crate::transport::{GrantMapper, MapHandle};
@@ -47,7 +47,8 @@ impl std::str::FromStr for GrantMode {
 
 struct Entry {
     map: Option<GrantMap>,
-    segs: [Segment; MAX_SEGMENTS_PER_REQUEST],
+    /// Copy mode: the request's segments (the sector ranges to copy).
+    segs: Box<[Segment]>,
     n: usize,
     to_guest: bool,
     busy: bool,
@@ -59,7 +60,13 @@ pub struct XenGrants {
     mode: GrantMode,
     entries: Box<[Entry]>,
     free: Vec<u32>,
-    /// Copy mode: `MAX_SEGMENTS_PER_REQUEST` bounce pages per entry (touched lazily).
+    /// Most segments one request may carry (direct or indirect).
+    max_segs: usize,
+    /// Scratch for one map call.
+    refs: Box<[GrantRef]>,
+    /// Scratch for one grant-copy call.
+    ops: Box<[CopySegment]>,
+    /// Copy mode: `max_segs` bounce pages per entry (touched lazily).
     bounce: Option<Mapping>,
     /// Last so that every mapping above is released before the device closes.
     gntdev: Gntdev,
@@ -90,12 +97,22 @@ fn anon_pages(pages: usize) -> io::Result<Mapping> {
 }
 
 impl XenGrants {
-    /// Grant access to `domid`'s pages for a ring of `slots` requests.
-    pub fn new(domid: DomId, mode: GrantMode, slots: u32, gntdev: Gntdev) -> io::Result<Self> {
+    /// Grant access to `domid`'s pages for a ring of `slots` requests of at most `max_segs`
+    /// segments each.
+    pub fn new(
+        domid: DomId,
+        mode: GrantMode,
+        slots: u32,
+        max_segs: usize,
+        gntdev: Gntdev,
+    ) -> io::Result<Self> {
         let n = slots as usize;
-        let bounce = match mode {
-            GrantMode::Map => None,
-            GrantMode::Copy => Some(anon_pages(n * MAX_SEGMENTS_PER_REQUEST)?),
+        let max_segs = max_segs.clamp(1, super::gntdev::MAX_BATCH);
+        let copy = mode == GrantMode::Copy;
+        let bounce = if copy {
+            Some(anon_pages(n * max_segs)?)
+        } else {
+            None
         };
         Ok(XenGrants {
             domid,
@@ -103,13 +120,18 @@ impl XenGrants {
             entries: (0..n)
                 .map(|_| Entry {
                     map: None,
-                    segs: [Segment::default(); MAX_SEGMENTS_PER_REQUEST],
+                    segs: vec![Segment::default(); if copy { max_segs } else { 0 }]
+                        .into_boxed_slice(),
                     n: 0,
                     to_guest: false,
                     busy: false,
                 })
                 .collect(),
             free: (0..n as u32).rev().collect(),
+            max_segs,
+            refs: vec![0; max_segs].into_boxed_slice(),
+            ops: vec![CopySegment::from_grant(0, 0, 0, std::ptr::null_mut(), 0); max_segs]
+                .into_boxed_slice(),
             bounce,
             gntdev,
         })
@@ -123,34 +145,33 @@ impl XenGrants {
     fn bounce_page(&self, entry: usize, i: usize) -> *mut u8 {
         let b = self.bounce.as_ref().map(|m| m.ptr().as_ptr());
         let base = b.unwrap_or(std::ptr::null_mut());
-        // SAFETY: entry < entries and i < MAX_SEGMENTS_PER_REQUEST, so the page is inside the
-        // bounce mapping of entries * MAX_SEGMENTS_PER_REQUEST pages (only used in copy mode).
-        unsafe { base.add((entry * MAX_SEGMENTS_PER_REQUEST + i) * PAGE_SIZE) }
+        // SAFETY: entry < entries and i < max_segs, so the page is inside the bounce mapping
+        // of entries * max_segs pages (only used in copy mode).
+        unsafe { base.add((entry * self.max_segs + i) * PAGE_SIZE) }
     }
 
     /// Copies each segment's sectors between the guest and the entry's bounce pages.
-    fn copy(&self, e: usize, to_guest: bool) -> Result<(), Problem> {
-        let ent = &self.entries[e];
-        let mut ops =
-            [CopySegment::from_grant(0, 0, 0, std::ptr::null_mut(), 0); MAX_SEGMENTS_PER_REQUEST];
-        for (i, (op, s)) in ops.iter_mut().zip(&ent.segs[..ent.n]).enumerate() {
+    fn copy(&mut self, e: usize, to_guest: bool) -> Result<(), Problem> {
+        let n = self.entries[e].n;
+        for i in 0..n {
+            let s = self.entries[e].segs[i];
             let off = u16::from(s.first_sect) * SECTOR_SIZE as u16;
             let len = u16::from(s.last_sect - s.first_sect + 1) * SECTOR_SIZE as u16;
             // SAFETY: off < 4096, so the pointer stays inside bounce page i.
             let local = unsafe { self.bounce_page(e, i).add(usize::from(off)) };
-            *op = if to_guest {
+            self.ops[i] = if to_guest {
                 CopySegment::to_grant(local, s.gref, off, self.domid, len)
             } else {
                 CopySegment::from_grant(s.gref, off, self.domid, local, len)
             };
         }
-        let ops = &mut ops[..ent.n];
+        let first = self.entries[e].segs.first().map_or(0, |s| s.gref);
         // SAFETY: every local address is inside this entry's bounce pages, which live as long
         // as `self` and which no IO touches while the copy runs (the request is not in flight:
         // its IO has not started, or has completed).
-        unsafe { self.gntdev.copy(ops) }.map_err(|_| Problem::BadGrant(ent.segs[0].gref))?;
-        if let Some((i, _)) = ops.iter().enumerate().find(|(_, o)| o.status() != 0) {
-            return Err(Problem::BadGrant(ent.segs[i].gref));
+        unsafe { self.gntdev.copy(&mut self.ops[..n]) }.map_err(|_| Problem::BadGrant(first))?;
+        if let Some(i) = self.ops[..n].iter().position(|o| o.status() != 0) {
+            return Err(Problem::BadGrant(self.entries[e].segs[i].gref));
         }
         Ok(())
     }
@@ -163,19 +184,24 @@ impl GrantMapper for XenGrants {
         writable: bool,
         addrs: &mut [*mut u8],
     ) -> Result<MapHandle, Problem> {
-        let n = segs.len().min(MAX_SEGMENTS_PER_REQUEST);
+        let n = segs.len();
+        if n == 0 || n > self.max_segs || addrs.len() < n {
+            return Err(Problem::TooManySegments {
+                got: n,
+                max: self.max_segs,
+            });
+        }
         let Some(e) = self.free.pop() else {
             // More requests in flight than the ring has slots: the ring loop never lets it.
-            return Err(Problem::BadGrant(segs.first().map_or(0, |s| s.gref)));
+            return Err(Problem::BadGrant(segs[0].gref));
         };
         let ei = e as usize;
         match self.mode {
             GrantMode::Map => {
-                let mut refs = [0 as GrantRef; MAX_SEGMENTS_PER_REQUEST];
-                for (r, s) in refs.iter_mut().zip(segs) {
+                for (r, s) in self.refs.iter_mut().zip(segs) {
                     *r = s.gref;
                 }
-                match self.gntdev.map(self.domid, &refs[..n], writable) {
+                match self.gntdev.map(self.domid, &self.refs[..n], writable) {
                     Ok(m) => {
                         for (i, a) in addrs.iter_mut().take(n).enumerate() {
                             *a = m.page(i);
@@ -187,14 +213,14 @@ impl GrantMapper for XenGrants {
                     }
                     Err(_) => {
                         self.free.push(e);
-                        return Err(Problem::BadGrant(refs[0]));
+                        return Err(Problem::BadGrant(segs[0].gref));
                     }
                 }
             }
             GrantMode::Copy => {
                 {
                     let ent = &mut self.entries[ei];
-                    ent.segs[..n].copy_from_slice(&segs[..n]);
+                    ent.segs[..n].copy_from_slice(segs);
                     ent.n = n;
                     ent.to_guest = writable;
                     ent.busy = true;
@@ -288,7 +314,8 @@ pub enum ConnectError {
 }
 
 impl XenRing {
-    /// Maps `ring_refs` (`2^ring_order` pages) of `domid`, binds `port`.
+    /// Maps `ring_refs` (`2^ring_order` pages) of `domid`, binds `port`; requests carry at
+    /// most `max_segs` segments.
     pub fn connect(
         domid: DomId,
         ring_refs: &[GrantRef],
@@ -296,6 +323,7 @@ impl XenRing {
         port: u32,
         abi: Abi,
         mode: GrantMode,
+        max_segs: usize,
     ) -> Result<XenRing, ConnectError> {
         let pages = 1usize << ring_order;
         if ring_refs.len() != pages || ring_size(abi, pages) == 0 {
@@ -326,7 +354,7 @@ impl XenRing {
             port,
             err,
         })?;
-        let grants = XenGrants::new(domid, mode, ring.size(), gntdev)?;
+        let grants = XenGrants::new(domid, mode, ring.size(), max_segs, gntdev)?;
         Ok(XenRing {
             ring,
             ring_map,
@@ -359,9 +387,9 @@ mod tests {
         if std::path::Path::new("/dev/xen/gntdev").exists() {
             return;
         }
-        let e = XenRing::connect(1, &[8], 0, 5, Abi::X86_64, GrantMode::Map).unwrap_err();
+        let e = XenRing::connect(1, &[8], 0, 5, Abi::X86_64, GrantMode::Map, 11).unwrap_err();
         assert!(e.to_string().contains("gntdev"), "{e}");
-        let e = XenRing::connect(1, &[8, 9], 0, 5, Abi::X86_64, GrantMode::Map).unwrap_err();
+        let e = XenRing::connect(1, &[8, 9], 0, 5, Abi::X86_64, GrantMode::Map, 11).unwrap_err();
         assert!(e.to_string().contains("ring-refs"), "{e}");
     }
 }

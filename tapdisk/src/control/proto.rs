@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::model::ModelParams;
 use crate::image::DirectIo;
 
 /// The protocol version this build speaks.
@@ -23,6 +24,22 @@ pub struct VbdOptions {
     pub max_ring_order: u8,
     /// Segments per direct request offered (1..=11).
     pub max_segments: u8,
+    /// Segments per indirect request offered (0: no BLKIF_OP_INDIRECT; at most 4096).
+    pub max_indirect_segments: u16,
+    /// Sort and merge requests (the thesis's fix for request fragmentation).
+    pub merge: bool,
+    /// Largest merged IO, KiB.
+    pub max_merge_kb: u32,
+    /// Requests taken from a ring per batch (0: the ring size).
+    pub max_batch: u32,
+    /// Backend IOs in flight per ring at most (0: no limit unless the engine asks for one).
+    pub max_ios: u32,
+    /// Wait up to this many µs for a batch to fill before dispatching it (0: never).
+    pub batch_wait_us: u32,
+    /// Record a trace of up to this many requests per ring (0: off).
+    pub trace: u32,
+    /// Serve through the thesis's disk model (see `tapdisk::engine::model`).
+    pub model: Option<ModelParams>,
     /// Also export the disk over NBD: `unix:PATH` or `tcp:ADDR:PORT`.
     pub nbd: Option<String>,
     /// Before a ring loop sleeps, it polls the ring for this many microseconds (0: never).
@@ -37,6 +54,14 @@ impl Default for VbdOptions {
             direct: DirectIo::Auto,
             max_ring_order: 8,
             max_segments: 11,
+            max_indirect_segments: 256,
+            merge: true,
+            max_merge_kb: 1024,
+            max_batch: 0,
+            max_ios: 0,
+            batch_wait_us: 0,
+            trace: 0,
+            model: None,
             nbd: None,
             poll_us: 0,
         }
@@ -83,6 +108,16 @@ pub enum Command {
         /// Which VBD.
         minor: u32,
     },
+    /// Write what the VBD's trace buffers hold to a file. Answered with [`Reply::Trace`].
+    Trace {
+        /// Which VBD.
+        minor: u32,
+        /// File to write (absolute path; created or truncated).
+        path: String,
+        /// Chrome trace-event JSON, or the raw records.
+        #[serde(default)]
+        format: TraceFormat,
+    },
     /// Close every VBD and exit.
     Shutdown,
     /// Serve a Xen frontend's rings on a VBD (tapback sends this). Answered with
@@ -102,6 +137,17 @@ pub enum Command {
         /// Its device id.
         devid: u32,
     },
+}
+
+/// How a trace is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TraceFormat {
+    /// Chrome trace-event JSON (opens in Perfetto).
+    #[default]
+    Chrome,
+    /// `tapdisk::trace::RingTrace` records as JSON, for tools that join them with their own.
+    Raw,
 }
 
 /// A request line.
@@ -232,6 +278,15 @@ pub enum Reply {
         disk: blkif::request::DiskInfo,
         /// The attachment.
         xen: XenAttachmentInfo,
+    },
+    /// A trace was written.
+    Trace {
+        /// Where.
+        path: String,
+        /// Requests in it.
+        requests: u64,
+        /// Requests the buffers had no room for.
+        dropped: u64,
     },
     /// Counters (see `tapdisk::stats` for the fields).
     Stats {

@@ -14,9 +14,9 @@ use tapdisk::control::RunDir;
 use super::Log;
 use crate::tblog;
 
-/// Segments per indirect request offered by default: none until the ring loop serves
-/// `BLKIF_OP_INDIRECT`.
-pub const INDIRECT_SEGMENTS: u32 = 0;
+/// Segments per indirect request advertised at InitWait by default (tapdisk's default); the
+/// VBD's own limit replaces it when the device connects.
+pub const INDIRECT_SEGMENTS: u32 = 256;
 
 /// `enum xenbus_state` (xen/include/public/io/xenbus.h).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -171,7 +171,11 @@ impl Device {
     }
 
     fn set_state(&self, xs: &mut Xenstore, log: &mut Log, s: XenbusState) -> Result<()> {
-        xs.write(Tx::NONE, &format!("{}/state", self.be), &s.code().to_string())?;
+        xs.write(
+            Tx::NONE,
+            &format!("{}/state", self.be),
+            &s.code().to_string(),
+        )?;
         tblog!(log, "{}: backend -> {s:?}", self.key);
         Ok(())
     }
@@ -207,7 +211,11 @@ impl Device {
                 bail!("frontend path {fe:?} is not under {want}");
             }
             xs.watch(&format!("{fe}/state"), &self.key.token())?;
-            tblog!(log, "{}: new device, frontend {fe}, backend state {cur:?}", self.key);
+            tblog!(
+                log,
+                "{}: new device, frontend {fe}, backend state {cur:?}",
+                self.key
+            );
             self.fe = Some(fe);
         }
         let fe = self.fe.clone().unwrap_or_default();
@@ -224,7 +232,11 @@ impl Device {
         }
         if self.broken.is_some() && self.served.is_some() {
             let why = self.broken.clone().unwrap_or_default();
-            tblog!(log, "{}: rings dropped by tapdisk ({why}); closing", self.key);
+            tblog!(
+                log,
+                "{}: rings dropped by tapdisk ({why}); closing",
+                self.key
+            );
             self.disconnect(rundir, log);
             let _ = xs.write(Tx::NONE, &format!("{}/error", self.be), &why);
             self.set_state(xs, log, XenbusState::Closing)?;
@@ -239,7 +251,11 @@ impl Device {
                 // A frontend that comes back (guest reboot, module reload): serve it again.
                 self.broken = None;
                 self.advertise(xs, feat)?;
-                tblog!(log, "{}: frontend reinitialising; backend -> InitWait", self.key);
+                tblog!(
+                    log,
+                    "{}: frontend reinitialising; backend -> InitWait",
+                    self.key
+                );
             }
             (XenbusState::InitWait, XenbusState::Initialised | XenbusState::Connected) => {
                 self.connect(xs, rundir, feat, log)?;
@@ -312,7 +328,11 @@ impl Device {
             read(xs, &format!("{be}/pid"))?,
             read(xs, &format!("{be}/minor"))?,
         ) else {
-            tblog!(log, "{}: frontend ready, waiting for the hotplug script", self.key);
+            tblog!(
+                log,
+                "{}: frontend ready, waiting for the hotplug script",
+                self.key
+            );
             return Ok(());
         };
         let served = Served {
@@ -366,7 +386,12 @@ impl Device {
             Ok(Reply::XenConnected { disk, .. }) => disk,
             Ok(other) => bail!("unexpected reply {other:?}"),
             Err(e) => {
-                tblog!(log, "{}: tapdisk {} refused the rings: {e:#}; closing", self.key, served.pid);
+                tblog!(
+                    log,
+                    "{}: tapdisk {} refused the rings: {e:#}; closing",
+                    self.key,
+                    served.pid
+                );
                 let _ = xs.write(Tx::NONE, &format!("{be}/error"), &format!("{e:#}"));
                 self.set_state(xs, log, XenbusState::Closing)?;
                 return Ok(());
@@ -379,13 +404,23 @@ impl Device {
             let mut w = |k: &str, v: String| xs.write(tx, &format!("{be}/{k}"), &v);
             w("sectors", disk.sectors.to_string())?;
             w("sector-size", disk.sector_size.to_string())?;
-            w("physical-sector-size", disk.sector_size.max(512).to_string())?;
+            w(
+                "physical-sector-size",
+                disk.sector_size.max(512).to_string(),
+            )?;
             w("info", info.to_string())?;
+            // What the rings really accept (blkfront reads it when the backend is Connected).
+            if disk.max_indirect_segments > 0 {
+                w(
+                    "feature-max-indirect-segments",
+                    disk.max_indirect_segments.to_string(),
+                )?;
+            }
             w("state", XenbusState::Connected.code().to_string())
         })?;
         tblog!(
             log,
-            "{}: backend -> Connected: tapdisk {} minor {}, {} sectors, {} queue(s) of 2^{} pages, {} ABI, grant {:?}",
+            "{}: backend -> Connected: tapdisk {} minor {}, {} sectors, {} queue(s) of 2^{} pages, {} ABI, grant {:?}, {} indirect segments",
             self.key,
             served.pid,
             served.minor,
@@ -393,7 +428,8 @@ impl Device {
             rings.queues.len(),
             rings.ring_order,
             rings.abi.name(),
-            feat.grant_mode
+            feat.grant_mode,
+            disk.max_indirect_segments
         );
         Ok(())
     }
@@ -408,8 +444,18 @@ impl Device {
                 })
             });
             match r {
-                Ok(_) => tblog!(log, "{}: rings disconnected from tapdisk {}", self.key, s.pid),
-                Err(e) => tblog!(log, "{}: disconnect from tapdisk {}: {e:#}", self.key, s.pid),
+                Ok(_) => tblog!(
+                    log,
+                    "{}: rings disconnected from tapdisk {}",
+                    self.key,
+                    s.pid
+                ),
+                Err(e) => tblog!(
+                    log,
+                    "{}: disconnect from tapdisk {}: {e:#}",
+                    self.key,
+                    s.pid
+                ),
             }
         }
     }
@@ -431,8 +477,7 @@ fn adopt(xs: &mut Xenstore, be: &str, rundir: &RunDir, key: &DeviceKey) -> Resul
     if let Ok(Reply::List { vbds }) = c.call(Command::List) {
         let served = vbds.iter().any(|v| {
             v.minor == minor
-                && v
-                    .xen
+                && v.xen
                     .iter()
                     .any(|x| x.domid == key.domid && x.devid == key.devid)
         });
@@ -488,16 +533,22 @@ mod tests {
     #[test]
     fn keys_and_tokens() {
         let b = "/local/domain/0/backend";
-        let k = DeviceKey::from_backend_path(b, "/local/domain/0/backend/vbd3/5/51712/state")
-            .unwrap();
+        let k =
+            DeviceKey::from_backend_path(b, "/local/domain/0/backend/vbd3/5/51712/state").unwrap();
         assert_eq!(k.to_string(), "vbd3/5/51712");
         assert_eq!(DeviceKey::from_token(&k.token()), Some(k.clone()));
         assert_eq!(
             DeviceKey::from_backend_path(b, "/local/domain/0/backend/vbd3/5/51712"),
             Some(k)
         );
-        assert_eq!(DeviceKey::from_backend_path(b, "/local/domain/0/backend/vbd3/5"), None);
-        assert_eq!(DeviceKey::from_backend_path(b, "/local/domain/0/backend/vbd3"), None);
+        assert_eq!(
+            DeviceKey::from_backend_path(b, "/local/domain/0/backend/vbd3/5"),
+            None
+        );
+        assert_eq!(
+            DeviceKey::from_backend_path(b, "/local/domain/0/backend/vbd3"),
+            None
+        );
         assert_eq!(DeviceKey::from_backend_path(b, "/elsewhere/vbd3/5/1"), None);
         assert_eq!(DeviceKey::from_token("fe:vbd3:x:1"), None);
     }

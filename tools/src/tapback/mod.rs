@@ -167,7 +167,11 @@ fn run(args: Args) -> Result<()> {
         grant_mode: args.grant_mode,
     };
     let rundir = RunDir(args.rundir.clone());
-    tblog!(log, "tapback: serving {} under {base}; features {features:?}", args.kinds.join(","));
+    tblog!(
+        log,
+        "tapback: serving {} under {base}; features {features:?}",
+        args.kinds.join(",")
+    );
     let mut devices: BTreeMap<DeviceKey, Device> = BTreeMap::new();
     let check = Duration::from_millis(args.check_ms.max(50));
     let mut next_check = Instant::now() + check;
@@ -234,10 +238,7 @@ fn scan(xs: &mut Xenstore, base: &str, kinds: &[String]) -> Result<Vec<DeviceKey
             let Ok(domid) = dom.parse::<u16>() else {
                 continue;
             };
-            for dev in xs.directory(
-                blkif::xen::xenstore::Tx::NONE,
-                &format!("{base}/{k}/{dom}"),
-            )? {
+            for dev in xs.directory(blkif::xen::xenstore::Tx::NONE, &format!("{base}/{k}/{dom}"))? {
                 if let Ok(devid) = dev.parse::<u32>() {
                     out.push(DeviceKey {
                         kind: k.clone(),

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, ValueEnum};
 use tapdisk::control::proto::VbdOptions;
+use tapdisk::engine::model::ModelParams;
 use tapdisk::image::{DirectIo, ImageSpec};
 use tapdisk::nbd::NbdListen;
 
@@ -86,6 +87,38 @@ pub struct DiskArgs {
     /// Trades CPU for latency under dense load; 0 (the default) never polls.
     #[arg(verbatim_doc_comment, long, value_name = "US", default_value_t = 0)]
     pub poll_us: u32,
+    /// Segments per indirect request offered to frontends (0..=4096; 0 turns
+    /// BLKIF_OP_INDIRECT off). 256 = 1 MiB per request, as Linux blkback; 4096 = 16 MiB.
+    #[arg(verbatim_doc_comment, long, value_name = "N", default_value_t = 256)]
+    pub max_indirect_segments: u32,
+    /// Do not sort and merge requests: each ring request becomes its own IO
+    #[arg(long)]
+    pub no_merge: bool,
+    /// Largest IO the scheduler builds by merging requests, KiB (4..=65536)
+    #[arg(long, value_name = "KIB", default_value_t = 1024)]
+    pub max_merge_kb: u32,
+    /// Requests taken from a ring at a time (0: the whole ring)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_batch: u32,
+    /// Backend IOs in flight per ring at most (0: unlimited); the rest wait in the scheduler,
+    /// where later requests can still be sorted and merged with them
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_ios: u32,
+    /// Wait up to US microseconds for a batch to fill before starting its IO (0..=1000000)
+    ///
+    /// More requests per batch means more to merge, at the cost of latency; 0 never waits.
+    #[arg(verbatim_doc_comment, long, value_name = "US", default_value_t = 0)]
+    pub batch_wait_us: u32,
+    /// Record a trace of up to N requests per ring (see 'tap-ctl trace'; 0: off)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub trace: u32,
+    /// Serve through the thesis's disk model: every IO costs X + Y*size, plus a seek when
+    /// it does not start where the last one ended, one at a time like one spindle.
+    ///
+    /// 'default' is X=335 µs, Y=4000 ns/KB, seek=4170 µs (thesis Table 3.1); or give
+    /// X_US,Y_NS_PER_KB,SEEK_US. For experiments only: the data is real, the timing is not.
+    #[arg(verbatim_doc_comment, long, value_name = "PARAMS", num_args = 0..=1, default_missing_value = "default")]
+    pub model_disk: Option<String>,
 }
 
 /// A validated [`DiskArgs`]: what goes into an `open` command.
@@ -119,6 +152,35 @@ impl DiskArgs {
                 self.poll_us
             );
         }
+        if self.max_indirect_segments > 4096 {
+            bail!(
+                "max indirect segments {} is out of range: --max-indirect-segments takes 0..=4096",
+                self.max_indirect_segments
+            );
+        }
+        if !(4..=65536).contains(&self.max_merge_kb) {
+            bail!(
+                "max merge size {} KiB is out of range: --max-merge-kb takes 4..=65536",
+                self.max_merge_kb
+            );
+        }
+        if self.batch_wait_us > 1_000_000 {
+            bail!(
+                "batch wait {} µs is out of range: --batch-wait-us takes 0..=1000000",
+                self.batch_wait_us
+            );
+        }
+        if self.trace > 16_000_000 {
+            bail!(
+                "trace size {} is out of range: --trace takes 0..=16000000",
+                self.trace
+            );
+        }
+        let model = self
+            .model_disk
+            .as_deref()
+            .map(|m| m.parse::<ModelParams>().map_err(|e| anyhow!("{e}")))
+            .transpose()?;
         let nbd = self.nbd.as_deref().map(validate_nbd).transpose()?;
         Ok(Disk {
             image,
@@ -128,6 +190,14 @@ impl DiskArgs {
                 // Both checked against ranges that fit a u8 just above.
                 max_ring_order: self.ring_order as u8,
                 max_segments: self.max_segments as u8,
+                max_indirect_segments: self.max_indirect_segments as u16,
+                merge: !self.no_merge,
+                max_merge_kb: self.max_merge_kb,
+                max_batch: self.max_batch,
+                max_ios: self.max_ios,
+                batch_wait_us: self.batch_wait_us,
+                trace: self.trace,
+                model,
                 nbd,
                 poll_us: self.poll_us,
             },
@@ -192,6 +262,14 @@ mod tests {
             direct: Direct::Auto,
             nbd: None,
             poll_us: 0,
+            max_indirect_segments: 256,
+            no_merge: false,
+            max_merge_kb: 1024,
+            max_batch: 0,
+            max_ios: 0,
+            batch_wait_us: 0,
+            trace: 0,
+            model_disk: None,
         }
     }
 
@@ -216,6 +294,7 @@ mod tests {
                 max_segments: 1,
                 nbd: Some("tcp:127.0.0.1:0".into()),
                 poll_us: 0,
+                ..VbdOptions::default()
             }
         );
         assert_eq!(

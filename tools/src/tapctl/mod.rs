@@ -16,6 +16,7 @@ pub mod open;
 pub mod pause;
 pub mod spawn;
 pub mod stats;
+pub mod trace;
 pub mod unpause;
 
 use std::ffi::OsString;
@@ -131,6 +132,12 @@ pub enum Verb {
     /// Print the counters of a VBD as JSON.
     #[command(after_help = stats::EXAMPLES)]
     Stats(stats::StatsArgs),
+    /// Write a VBD's request trace to a file (Chrome trace JSON for Perfetto, or raw records).
+    ///
+    /// Each request's stages are timestamped: ring pop, scheduler, IO submit, IO complete,
+    /// response push. The VBD records them only if it was opened with --trace N.
+    #[command(verbatim_doc_comment, after_help = trace::EXAMPLES)]
+    Trace(trace::TraceArgs),
     /// List tapdisks and their VBDs, one line per VBD.
     ///
     /// Lines look like 'pid=1234 minor=0 state=running args=aio:/var/lib/x.img', with
@@ -176,6 +183,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Verb::Unpause(a) => unpause::run(&ctx, a),
         Verb::Destroy(a) => destroy::run(&ctx, a),
         Verb::Stats(a) => stats::run(&ctx, a),
+        Verb::Trace(a) => trace::run(&ctx, a),
         Verb::List(a) => list::run(&ctx, a),
     }
 }

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use blkif::local::{FrontRequest, LocalFrontend};
-use blkif::protocol::{op, status, MAX_SEGMENTS_PER_REQUEST, PAGE_SIZE};
+use blkif::protocol::{op, status, PAGE_SIZE};
 use blkif::{Response, Segment};
 use clap::{Args, ValueEnum};
 
 use crate::tdbench::hist::Histogram;
-use crate::tdbench::target::{self, Target, TargetArgs, STALL};
+use crate::tdbench::target::{self, ReqShape, Target, TargetArgs, STALL};
 use crate::tdbench::util::{clock_seed, fmt_size, parse_duration, parse_seed, parse_size, Rng};
+use tapdisk::trace::now_ns;
 
 /// Access pattern (fio's names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -87,6 +88,19 @@ pub struct RunArgs {
     /// Print the result as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Trace every request (up to N; see --trace-size) and write a Chrome trace-event JSON
+    /// to FILE (open it in https://ui.perfetto.dev): the frontend's stamps and tapdisk's
+    /// stages, per request. Needs a private tapdisk (not --device).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<std::path::PathBuf>,
+    /// Requests the trace has room for (per ring).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1_000_000,
+        requires = "trace"
+    )]
+    pub trace_size: u32,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub workload: WorkloadArgs,
@@ -131,7 +145,7 @@ pub const MAX_IODEPTH: u32 = 4096;
 impl Workload {
     /// Fills in defaults and checks the workload against the disk.
     pub fn resolve(w: &WorkloadArgs, disk_bytes: u64) -> Result<Workload> {
-        if w.bs == 0 || w.bs % 512 != 0 {
+        if w.bs == 0 || !w.bs.is_multiple_of(512) {
             bail!("--bs {} is not a positive multiple of 512", w.bs);
         }
         if w.bs > MAX_BS {
@@ -174,10 +188,10 @@ impl Workload {
         })
     }
 
-    /// Pages of guest memory the workload needs: each IO in flight owns its own buffer.
-    pub fn mem_pages(&self) -> u32 {
-        let per_io = (self.bs as usize).div_ceil(PAGE_SIZE) as u32;
-        self.iodepth * per_io
+    /// Pages of guest memory the workload needs with requests shaped as `shape`: each IO in
+    /// flight owns its own buffer (and descriptor pages for indirect requests).
+    pub fn mem_pages(&self, shape: &ReqShape) -> u32 {
+        self.iodepth * shape.pages_per_io(self.bs) as u32
     }
 
     /// `randread bs=4k iodepth=32 10 s (2 s warmup)`.
@@ -265,27 +279,36 @@ pub struct BenchResult {
     pub lat_us: Latency,
 }
 
+/// Frontend timestamps of each ring request, when asked for (for joining with tapdisk's
+/// trace): `(id, published, response seen)`, ns on CLOCK_MONOTONIC.
+pub type Stamps = Vec<(u64, u64, u64)>;
+
 /// Runs `w` on an attached frontend. Leaves nothing in flight.
 ///
 /// Like a guest's block layer over blkfront, each application IO of `bs` bytes is split into
-/// ring requests of at most `max_segments` pages; the parts wait in a FIFO for free ring slots,
-/// and the IO completes when its last part does (failed if any part failed). Latency is from
-/// the moment the IO is queued to the response of its last part, as an application sees it.
+/// ring requests shaped as `shape` (direct requests of up to 11 segments, or indirect ones);
+/// the parts wait in a FIFO for free ring slots, and the IO completes when its last part does
+/// (failed if any part failed). Latency is from the moment the IO is queued to the response of
+/// its last part, as an application sees it. Request ids are unique for the run
+/// (`sequence << 32 | slot << 16 | part`), so a trace can be joined on them.
 pub fn measure(
     fe: &mut LocalFrontend,
     sectors: u64,
-    max_segments: u8,
+    shape: &ReqShape,
     w: &Workload,
+    mut stamps: Option<&mut Stamps>,
 ) -> Result<BenchResult> {
     let depth = w.iodepth as usize;
     let ppi = (w.bs as usize).div_ceil(PAGE_SIZE);
-    let seg_per_req = usize::from(max_segments.clamp(1, MAX_SEGMENTS_PER_REQUEST as u8));
+    let seg_per_req = shape.segs_per_req();
+    let ind_pages = shape.indirect_pages();
     let parts = ppi.div_ceil(seg_per_req);
-    if depth * ppi > fe.mem_pages() as usize {
+    let per_io = shape.pages_per_io(w.bs);
+    if depth * per_io > fe.mem_pages() as usize {
         bail!(
             "internal error: {depth} IOs of {} need {} pages of guest memory, {} attached",
             fmt_size(w.bs),
-            depth * ppi,
+            depth * per_io,
             fe.mem_pages()
         );
     }
@@ -295,17 +318,24 @@ pub fn measure(
             fmt_size(w.bs)
         );
     }
-    // IO slot s owns pages s*ppi .. (s+1)*ppi; its segments are built once, here.
+    // IO slot s owns pages s*per_io .. +ppi for data, then `parts * ind_pages` descriptor
+    // pages; segments and descriptor grant refs are built once, here.
     let segs: Vec<Segment> = (0..depth * ppi)
         .map(|i| {
-            let j = i % ppi;
+            let (s, j) = (i / ppi, i % ppi);
             let left = w.bs as usize - j * PAGE_SIZE;
             Segment {
-                gref: i as u32,
+                gref: (s * per_io + j) as u32,
                 first_sect: 0,
                 last_sect: ((left.min(PAGE_SIZE) / 512) - 1) as u8,
                 pad: 0,
             }
+        })
+        .collect();
+    let ind_grefs: Vec<u32> = (0..depth * parts * ind_pages)
+        .map(|i| {
+            let s = i / (parts * ind_pages);
+            (s * per_io + ppi + i % (parts * ind_pages)) as u32
         })
         .collect();
     let req_sectors = (seg_per_req * PAGE_SIZE / 512) as u64;
@@ -313,15 +343,19 @@ pub fn measure(
     let mut rng = Rng::new(w.seed);
     let blocks = sectors / bs_sectors;
     let mut next_seq = 0u64;
+    let mut io_seq = 0u32;
     let mut free: Vec<usize> = (0..depth).rev().collect();
     let mut sector_of = vec![0u64; depth];
+    let mut seq_of = vec![0u32; depth];
     let mut left = vec![0u16; depth];
     let mut failed = vec![false; depth];
     let mut part_out = vec![false; depth * parts];
+    let mut part_ts = vec![0u64; if stamps.is_some() { depth * parts } else { 0 }];
     let mut is_read = vec![false; depth];
     let mut issued_at = vec![Instant::now(); depth];
     // Ring requests waiting for a free slot: (IO slot << 16) | part.
-    let mut fifo: VecDeque<u64> = VecDeque::with_capacity(depth * parts);
+    let mut fifo: VecDeque<u32> = VecDeque::with_capacity(depth * parts);
+    let mut just_queued: Vec<usize> = Vec::with_capacity(fe.ring_size() as usize);
     let mut rsps: Vec<Response> = Vec::with_capacity(fe.ring_size() as usize);
     let (mut hr, mut hw) = (Histogram::new(), Histogram::new());
     let mut errors = 0u64;
@@ -363,8 +397,10 @@ pub fn measure(
                 left[s] = parts as u16;
                 failed[s] = false;
                 issued_at[s] = now;
+                seq_of[s] = io_seq;
+                io_seq = io_seq.wrapping_add(1);
                 for p in 0..parts {
-                    fifo.push_back(((s as u64) << 16) | p as u64);
+                    fifo.push_back(((s as u32) << 16) | p as u32);
                 }
                 if t0.is_some() {
                     measured_issued += 1;
@@ -374,28 +410,48 @@ pub fn measure(
                 }
             }
         }
-        let mut queued = false;
         while fe.free_slots() > 0 {
-            let Some(id) = fifo.pop_front() else { break };
-            let (s, p) = ((id >> 16) as usize, (id & 0xffff) as usize);
+            let Some(sp) = fifo.pop_front() else { break };
+            let (s, p) = ((sp >> 16) as usize, (sp & 0xffff) as usize);
             let first = s * ppi + p * seg_per_req;
             let last = (first + seg_per_req).min((s + 1) * ppi);
-            let req = FrontRequest::Rw {
-                op: if is_read[s] { op::READ } else { op::WRITE },
-                id,
-                sector: sector_of[s] + p as u64 * req_sectors,
-                segments: &segs[first..last],
+            let id = (u64::from(seq_of[s]) << 32) | u64::from(sp);
+            let opc = if is_read[s] { op::READ } else { op::WRITE };
+            let sector = sector_of[s] + p as u64 * req_sectors;
+            let req = if ind_pages > 0 {
+                let g = (s * parts + p) * ind_pages;
+                FrontRequest::Indirect {
+                    op: opc,
+                    id,
+                    sector,
+                    indirect: &ind_grefs[g..g + ind_pages],
+                    segments: &segs[first..last],
+                }
+            } else {
+                FrontRequest::Rw {
+                    op: opc,
+                    id,
+                    sector,
+                    segments: &segs[first..last],
+                }
             };
             if !fe.queue(&req) {
-                fifo.push_front(id);
+                fifo.push_front(sp);
                 break;
             }
             part_out[s * parts + p] = true;
-            queued = true;
+            just_queued.push(s * parts + p);
         }
-        if queued {
+        if !just_queued.is_empty() {
             fe.push()
                 .map_err(|e| target::wait_error(e, fe.outstanding()))?;
+            if stamps.is_some() {
+                let ts = now_ns();
+                for &k in &just_queued {
+                    part_ts[k] = ts;
+                }
+            }
+            just_queued.clear();
         }
         if fe.outstanding() == 0 {
             if stopping && fifo.is_empty() {
@@ -412,22 +468,30 @@ pub fn measure(
         }
         fe.poll(|r| rsps.push(r));
         let done = Instant::now();
+        let seen = if stamps.is_some() { now_ns() } else { 0 };
         for r in rsps.drain(..) {
-            let (s, p) = ((r.id >> 16) as usize, (r.id & 0xffff) as usize);
-            if s >= depth || p >= parts || !part_out[s * parts + p] {
+            let (s, p) = (((r.id >> 16) & 0xffff) as usize, (r.id & 0xffff) as usize);
+            if s >= depth
+                || p >= parts
+                || !part_out[s * parts + p]
+                || (r.id >> 32) as u32 != seq_of[s]
+            {
                 return Err(anyhow!(
                     "tapdisk answered an id that is not in flight: {:#x}",
                     r.id
                 ));
             }
             part_out[s * parts + p] = false;
+            if let Some(st) = stamps.as_deref_mut() {
+                st.push((r.id, part_ts[s * parts + p], seen));
+            }
             failed[s] |= r.status != status::OKAY;
             left[s] -= 1;
             if left[s] > 0 {
                 continue;
             }
             free.push(s);
-            let measured = t0.is_some_and(|t| issued_at[s] >= t) && end.map_or(true, |e| done <= e);
+            let measured = t0.is_some_and(|t| issued_at[s] >= t) && end.is_none_or(|e| done <= e);
             if measured {
                 let lat = done.duration_since(issued_at[s]).as_nanos() as u64;
                 if is_read[s] {
@@ -491,18 +555,57 @@ pub fn print_text(r: &BenchResult) {
     );
 }
 
+/// Joins tapdisk's trace of `t` with the frontend's `stamps` and writes Chrome JSON to `path`.
+pub fn write_trace(t: &Target, path: &std::path::Path, stamps: &Stamps) -> Result<()> {
+    let rings = t.trace()?;
+    let front: std::collections::HashMap<u64, tapdisk::trace::FrontStamps> = stamps
+        .iter()
+        .map(|&(id, submit, seen)| (id, tapdisk::trace::FrontStamps { submit, seen }))
+        .collect();
+    let minor = 0;
+    let f = std::fs::File::create(path)
+        .map_err(|e| anyhow!("cannot create {}: {e}", path.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    tapdisk::trace::write_chrome(&mut w, minor, &rings, &|_, q| front.get(&q.id).copied())?;
+    use std::io::Write;
+    w.flush()?;
+    let n: usize = rings.iter().map(|r| r.requests.len()).sum();
+    let dropped: u64 = rings.iter().map(|r| r.dropped).sum();
+    eprintln!(
+        "td-bench: wrote a trace of {n} requests to {}{}",
+        path.display(),
+        if dropped > 0 {
+            format!(" ({dropped} more did not fit: raise --trace-size)")
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
 /// Opens the target and resolves the workload against it.
 pub fn prepare(w: &WorkloadArgs, t: &TargetArgs) -> Result<(Target, Workload)> {
     // Check what does not depend on the disk before starting anything.
     let work = Workload::resolve(w, u64::MAX)?;
-    let target = target::open(t, work.mem_pages())?;
+    let target = target::open(t, work.mem_pages(&t.shape()))?;
     let work = Workload::resolve(w, target.info.sectors * 512)?;
     Ok((target, work))
 }
 
 /// Runs `td-bench run`. Returns whether every request succeeded.
 pub fn run(args: &RunArgs) -> Result<bool> {
-    let (mut t, w) = prepare(&args.workload, &args.target)?;
+    let (mut t, w) = if args.trace.is_some() {
+        let work = Workload::resolve(&args.workload, u64::MAX)?;
+        let t = target::open_traced(
+            &args.target,
+            work.mem_pages(&args.target.shape()),
+            args.trace_size,
+        )?;
+        let work = Workload::resolve(&args.workload, t.info.sectors * 512)?;
+        (t, work)
+    } else {
+        prepare(&args.workload, &args.target)?
+    };
     if !args.json {
         eprintln!(
             "td-bench run: {} on {}; ring {} slots {}",
@@ -512,7 +615,11 @@ pub fn run(args: &RunArgs) -> Result<bool> {
             t.fe.abi().name()
         );
     }
-    let r = measure(&mut t.fe, t.info.sectors, t.max_segments, &w)?;
+    let mut stamps = args.trace.as_ref().map(|_| Stamps::new());
+    let r = measure(&mut t.fe, t.info.sectors, &t.shape, &w, stamps.as_mut())?;
+    if let (Some(path), Some(stamps)) = (&args.trace, &stamps) {
+        write_trace(&t, path, stamps)?;
+    }
     drop(t);
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -554,7 +661,11 @@ mod tests {
                 Duration::from_secs(2)
             )
         );
-        assert_eq!(w.mem_pages(), 32);
+        let direct = ReqShape {
+            max_segments: 11,
+            indirect_segments: 0,
+        };
+        assert_eq!(w.mem_pages(&direct), 32);
         let big = WorkloadArgs {
             bs: 1 << 20,
             iodepth: 64,
@@ -566,13 +677,22 @@ mod tests {
             (w.bs, w.iodepth, w.stop, w.warmup),
             (1 << 20, 64, Stop::Count(5), Duration::ZERO)
         );
-        assert_eq!(w.mem_pages(), 64 * 256);
+        assert_eq!(w.mem_pages(&direct), 64 * 256);
+        let ind = ReqShape {
+            max_segments: 11,
+            indirect_segments: 600,
+        };
+        // 256 data pages in one request needing two descriptor pages.
+        assert_eq!(w.mem_pages(&ind), 64 * 258);
         let odd = WorkloadArgs {
             bs: 6 * 512,
             iodepth: 3,
             ..args()
         };
-        assert_eq!(Workload::resolve(&odd, 1 << 30).unwrap().mem_pages(), 3);
+        assert_eq!(
+            Workload::resolve(&odd, 1 << 30).unwrap().mem_pages(&direct),
+            3
+        );
         let bad = |a: WorkloadArgs, disk| Workload::resolve(&a, disk).unwrap_err().to_string();
         assert!(bad(WorkloadArgs { bs: 1000, ..args() }, 1 << 30).contains("multiple of 512"));
         assert!(bad(args(), 2048).contains("larger than the disk"));

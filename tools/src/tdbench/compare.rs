@@ -153,7 +153,8 @@ pub fn fio_args(w: &Workload, file: &Path, direct: bool) -> Vec<String> {
     a
 }
 
-fn run_fio(fio: &str, args: &[String]) -> Result<Figures> {
+/// Runs fio with `args` (JSON output) and returns its figures.
+pub fn run_fio_figures(fio: &str, args: &[String]) -> Result<Figures> {
     let child = Command::new(fio)
         .args(args)
         .stdin(Stdio::null())
@@ -240,15 +241,15 @@ pub fn run(args: &CompareArgs) -> Result<bool> {
             format!("{:?}", args.target.direct).to_lowercase(),
             t.fe.ring_size(),
             t.fe.abi().name(),
-            w.bs.div_ceil(u64::from(t.max_segments) * 4096),
-            crate::tdbench::util::fmt_size(u64::from(t.max_segments) * 4096)
+            w.bs.div_ceil(t.shape.max_bytes()),
+            crate::tdbench::util::fmt_size(t.shape.max_bytes())
         );
     }
     let (mut fio_runs, mut td_runs) = (Vec::new(), Vec::new());
     let mut errors = 0;
     for i in 1..=args.repeat {
-        let f = run_fio(&args.fio, &fio_args)?;
-        let r = bench::measure(&mut t.fe, t.info.sectors, t.max_segments, &w)?;
+        let f = run_fio_figures(&args.fio, &fio_args)?;
+        let r = bench::measure(&mut t.fe, t.info.sectors, &t.shape, &w, None)?;
         errors += r.errors;
         let tf = Figures::from(&r);
         if !args.json {

@@ -9,12 +9,17 @@
 //! - `run` ([`bench`]): a fio-like load generator reporting IOPS, bandwidth and latency
 //!   percentiles from a log-bucket histogram ([`hist`]).
 //! - `compare` ([`compare`]): fio on the image file, then the same workload through tapdisk.
+//! - `thesis` ([`thesis`]): the thesis's experiments (Tables 3.1-3.5, 4.1, 4.2, Figures 3.1,
+//!   4.1-4.3), with a model of the guest's block layer ([`guest`]) and PNG charts ([`plot`]).
 
 pub mod bench;
 pub mod compare;
+pub mod guest;
 pub mod hist;
+pub mod plot;
 pub mod shadow;
 pub mod target;
+pub mod thesis;
 pub mod util;
 pub mod verify;
 
@@ -60,7 +65,21 @@ pub enum Cmd {
         after_help = "Example:\n  td-bench compare --image /var/tmp/d.img --size 1G --rw randread --runtime 5s --repeat 3"
     )]
     Compare(compare::CompareArgs),
+    /// Rerun the thesis's experiments (Tables 3.1-3.5, 4.1, 4.2; Figures 3.1, 4.1-4.3) on a
+    /// real file and on the model disk, the thesis's figures beside ours.
+    #[command(after_help = THESIS_EXAMPLES)]
+    Thesis(thesis::ThesisArgs),
 }
+
+const THESIS_EXAMPLES: &str = "\
+Examples:
+  td-bench thesis                          # everything: tables on stdout, charts in ./thesis-out
+  td-bench thesis table-4.2 --disk model   # one table, on the model disk only
+  td-bench thesis table-3.2 --image /var/tmp/t.img --count 500
+
+The model disk is the thesis's spindle (Table 3.1: X = 335 µs per IO, Y = 4 µs per KB, plus
+4.17 ms when an IO does not start where the last one ended); the data is real, the timing
+modelled. Runs take a few minutes; the machine should otherwise be idle.";
 
 /// Runs td-bench with these arguments. Returns the process exit code; errors are printed as
 /// one line `td-bench: <message>`.
@@ -69,6 +88,7 @@ pub fn main_with(cli: Cli) -> i32 {
         Cmd::Verify(a) => verify::run(a),
         Cmd::Run(a) => bench::run(a),
         Cmd::Compare(a) => compare::run(a),
+        Cmd::Thesis(a) => thesis::run(a),
     });
     match res {
         Ok(true) => 0,

@@ -14,6 +14,7 @@ use clap::{Args, ValueEnum};
 use tapdisk::control::client::{self, Client};
 use tapdisk::control::proto::{Command, Reply, VbdOptions};
 use tapdisk::control::RunDir;
+use tapdisk::engine::model::ModelParams;
 use tapdisk::image::DirectIo;
 
 use crate::tdbench::util::{fmt_size, parse_size};
@@ -90,12 +91,96 @@ pub struct TargetArgs {
     /// The private tapdisk's ring loops poll for up to US µs before sleeping (0: never).
     #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10000))]
     pub poll_us: u32,
+    /// The frontend busy-polls for responses up to US µs before sleeping (0: never).
+    #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10000))]
+    pub spin_us: u32,
+    /// Use indirect requests of up to N segments (0: direct requests of --max-segments only;
+    /// the backend may offer fewer). 256 = 1 MiB per request, 4096 = 16 MiB.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=4096))]
+    pub indirect_segments: u16,
+    /// The private tapdisk does not sort and merge requests.
+    #[arg(long)]
+    pub no_merge: bool,
+    /// The private tapdisk's largest merged IO, KiB.
+    #[arg(long, value_name = "KIB", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(4..=65536))]
+    pub max_merge_kb: u32,
+    /// The private tapdisk serves through the thesis's disk model ('default', or
+    /// X_US,Y_NS_PER_KB,SEEK_US); the data is real, the timing modelled.
+    #[arg(long, value_name = "PARAMS", num_args = 0..=1, default_missing_value = "default",
+          value_parser = |s: &str| s.parse::<ModelParams>())]
+    pub model_disk: Option<ModelParams>,
 }
 
 impl TargetArgs {
     /// Slots of the ring these options ask for.
     pub fn ring_slots(&self) -> u32 {
         blkif::ring::ring_size(self.abi.into(), 1 << self.ring_order)
+    }
+
+    /// How requests will be shaped, before the backend says what it offers.
+    pub fn shape(&self) -> ReqShape {
+        ReqShape {
+            max_segments: self.max_segments,
+            indirect_segments: self.indirect_segments,
+        }
+    }
+}
+
+/// How a frontend builds ring requests: direct ones of up to `max_segments` segments, or,
+/// if `indirect_segments > 0`, indirect ones of up to that many.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReqShape {
+    /// Segments of a direct request (1..=11).
+    pub max_segments: u8,
+    /// Segments of an indirect request (0: none).
+    pub indirect_segments: u16,
+}
+
+impl ReqShape {
+    /// Segments one request carries.
+    pub fn segs_per_req(&self) -> usize {
+        if self.indirect_segments > 0 {
+            usize::from(self.indirect_segments)
+        } else {
+            usize::from(self.max_segments.max(1))
+        }
+    }
+
+    /// Descriptor pages an indirect request needs (0 for direct ones).
+    pub fn indirect_pages(&self) -> usize {
+        if self.indirect_segments > 0 {
+            usize::from(self.indirect_segments).div_ceil(512)
+        } else {
+            0
+        }
+    }
+
+    /// Bytes one request carries at most.
+    pub fn max_bytes(&self) -> u64 {
+        self.segs_per_req() as u64 * 4096
+    }
+
+    /// Pages of guest memory one IO of `bs` bytes needs: its data and its descriptor pages.
+    pub fn pages_per_io(&self, bs: u64) -> usize {
+        let data = (bs as usize).div_ceil(4096);
+        data + data.div_ceil(self.segs_per_req()) * self.indirect_pages()
+    }
+
+    /// "11 segments (44k)" or "indirect, 256 segments (1M)".
+    pub fn describe(&self) -> String {
+        if self.indirect_segments > 0 {
+            format!(
+                "indirect requests of {} segments ({})",
+                self.indirect_segments,
+                fmt_size(self.max_bytes())
+            )
+        } else {
+            format!(
+                "requests of {} segments ({})",
+                self.max_segments,
+                fmt_size(self.max_bytes())
+            )
+        }
     }
 }
 
@@ -279,14 +364,66 @@ pub struct Target {
     pub fresh: bool,
     /// Words for the header line.
     pub describe: String,
+    /// How requests are built: what `--max-segments` and `--indirect-segments` asked for,
+    /// cut to what the backend offers.
+    pub shape: ReqShape,
+    /// The private tapdisk, if td-bench started one.
+    pub private: Option<PrivateCtl>,
     _guard: Option<PrivateGuard>,
+}
+
+/// How to reach the private tapdisk of a target.
+#[derive(Debug)]
+pub struct PrivateCtl {
+    rundir: RunDir,
+    pid: u32,
+    minor: u32,
+}
+
+impl Target {
+    fn call(&self, cmd: Command) -> Result<Reply> {
+        let p = self
+            .private
+            .as_ref()
+            .ok_or_else(|| anyhow!("only a private tapdisk can be asked for this"))?;
+        Client::connect_pid(&p.rundir, p.pid)?.call(cmd)
+    }
+
+    /// The VBD's counters (`tap-ctl stats`).
+    pub fn stats(&self) -> Result<serde_json::Value> {
+        let minor = self.private.as_ref().map_or(0, |p| p.minor);
+        match self.call(Command::Stats { minor })? {
+            Reply::Stats { stats } => Ok(stats),
+            other => bail!("tapdisk answered stats with {other:?}"),
+        }
+    }
+
+    /// What the VBD's trace buffers hold, as records.
+    pub fn trace(&self) -> Result<Vec<tapdisk::trace::RingTrace>> {
+        let p = self
+            .private
+            .as_ref()
+            .ok_or_else(|| anyhow!("tracing needs a private tapdisk"))?;
+        let path = p.rundir.0.join(format!("trace-{}.json", p.minor));
+        match self.call(Command::Trace {
+            minor: p.minor,
+            path: path.display().to_string(),
+            format: tapdisk::control::proto::TraceFormat::Raw,
+        })? {
+            Reply::Trace { .. } => {}
+            other => bail!("tapdisk answered trace with {other:?}"),
+        }
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let _ = std::fs::remove_file(&path);
+        Ok(serde_json::from_slice(&bytes)?)
+    }
 }
 
 fn create_image(path: &Path, size: u64) -> Result<bool> {
     if path.exists() {
         return Ok(false);
     }
-    if size == 0 || size % 512 != 0 {
+    if size == 0 || !size.is_multiple_of(512) {
         bail!("image size {size} is not a positive multiple of 512 bytes");
     }
     let f = std::fs::OpenOptions::new()
@@ -301,6 +438,11 @@ fn create_image(path: &Path, size: u64) -> Result<bool> {
 
 /// Opens the target the options name with `mem_pages` pages of guest memory.
 pub fn open(args: &TargetArgs, mem_pages: u32) -> Result<Target> {
+    open_traced(args, mem_pages, 0)
+}
+
+/// As [`open`]; a private tapdisk records a trace of up to `trace_cap` requests.
+pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<Target> {
     let cfg = FrontendConfig {
         abi: args.abi.into(),
         ring_order: args.ring_order,
@@ -310,6 +452,9 @@ pub fn open(args: &TargetArgs, mem_pages: u32) -> Result<Target> {
         let fe = LocalFrontend::connect(dev, cfg)
             .with_context(|| format!("attaching to {}", dev.display()))?;
         let describe = format!("device {}", dev.display());
+        if trace_cap > 0 {
+            bail!("tracing needs a private tapdisk (--image or the default), not --device");
+        }
         return finish(fe, args, dev.clone(), None, false, describe, None);
     }
     let dir = make_temp_dir()?;
@@ -351,6 +496,11 @@ pub fn open(args: &TargetArgs, mem_pages: u32) -> Result<Target> {
         direct: args.direct.into(),
         max_ring_order: 8,
         max_segments: args.max_segments,
+        max_indirect_segments: 4096,
+        merge: !args.no_merge,
+        max_merge_kb: args.max_merge_kb,
+        model: args.model_disk,
+        trace: trace_cap,
         poll_us: args.poll_us,
         ..VbdOptions::default()
     };
@@ -373,8 +523,17 @@ pub fn open(args: &TargetArgs, mem_pages: u32) -> Result<Target> {
     } else {
         "image"
     };
-    let describe = format!("{what} {} via private tapdisk {pid}", path.display());
-    finish(fe, args, device, Some(path), fresh, describe, Some(guard))
+    let mut describe = format!("{what} {} via private tapdisk {pid}", path.display());
+    if let Some(m) = args.model_disk {
+        describe.push_str(&format!(" ({m})"));
+    }
+    let mut t = finish(fe, args, device, Some(path), fresh, describe, Some(guard))?;
+    t.private = Some(PrivateCtl {
+        rundir,
+        pid,
+        minor: vbd.minor,
+    });
+    Ok(t)
 }
 
 fn finish(
@@ -390,11 +549,19 @@ fn finish(
     if info.sectors == 0 {
         return Err(anyhow!("the disk is empty"));
     }
+    let mut fe = fe;
+    fe.set_spin(Duration::from_micros(u64::from(args.spin_us)));
     let max_segments = args.max_segments.min(info.max_segments).max(1);
+    let shape = ReqShape {
+        max_segments,
+        indirect_segments: args.indirect_segments.min(info.max_indirect_segments),
+    };
     Ok(Target {
         fe,
         info,
         max_segments,
+        shape,
+        private: None,
         device,
         image,
         fresh,

@@ -2,10 +2,12 @@
 //! byte against a shadow of the disk.
 //!
 //! Requests have 1..=max_segments segments, each a random `first_sect..=last_sect` inside its
-//! page (partial pages included), and start at random sectors anywhere on the disk. Each ring
-//! slot the verifier uses owns 11 pages of guest memory; read pages are filled with a canary
-//! first, so a backend writing outside a segment is caught too. Every response's id, operation
-//! echo and status are checked.
+//! page (partial pages included), and start at random sectors anywhere on the disk. With
+//! `--indirect-segments N`, half the reads and writes are indirect requests of up to
+//! min(N, 128) segments. Each ring slot the verifier uses owns its own pages of guest memory
+//! (and a descriptor page); read pages are filled with a canary first, so a backend writing
+//! outside a segment is caught too. Every response's id, operation echo and status are
+//! checked.
 
 use std::time::{Duration, Instant};
 
@@ -88,7 +90,7 @@ impl Kind {
 }
 
 /// A request before it is given a slot: what, where, and its segments' sector ranges.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
     /// What.
     pub kind: Kind,
@@ -97,7 +99,24 @@ pub struct Plan {
     /// Segments used (0 for flushes and discards).
     pub nsegs: usize,
     /// `(first_sect, last_sect)` of each segment.
-    pub segs: [(u8, u8); MAX_SEGMENTS_PER_REQUEST],
+    pub segs: [(u8, u8); MAX_VERIFY_SEGS],
+    /// Sent as an indirect request.
+    pub indirect: bool,
+}
+
+/// Most segments a verify request carries (indirect requests; direct ones carry at most 11).
+pub const MAX_VERIFY_SEGS: usize = 128;
+
+impl Default for Plan {
+    fn default() -> Self {
+        Plan {
+            kind: Kind::default(),
+            range: Range::default(),
+            nsegs: 0,
+            segs: [(0, 0); MAX_VERIFY_SEGS],
+            indirect: false,
+        }
+    }
 }
 
 /// Makes random requests for a disk.
@@ -105,8 +124,10 @@ pub struct Plan {
 pub struct Planner {
     /// Disk size in sectors.
     pub sectors: u64,
-    /// Segments per request at most.
+    /// Segments per direct request at most.
     pub max_segs: usize,
+    /// Segments per indirect request at most (0: no indirect requests).
+    pub indirect_segs: usize,
     /// Percent of discards (0 if unsupported).
     pub discard_pct: f64,
     /// Percent of flushes (0 if unsupported).
@@ -146,9 +167,15 @@ impl Planner {
                 Kind::Write
             };
         }
+        p.indirect = self.indirect_segs > 0 && p.kind != Kind::FlushData && rng.below(2) == 0;
+        let max = if p.indirect {
+            self.indirect_segs
+        } else {
+            self.max_segs
+        };
         let mut total = 0u64;
         for _ in 0..8 {
-            p.nsegs = rng.range(1, self.max_segs as u64) as usize;
+            p.nsegs = rng.range(1, max as u64) as usize;
             total = 0;
             for s in &mut p.segs[..p.nsegs] {
                 *s = if rng.below(2) == 0 {
@@ -206,13 +233,25 @@ pub fn allowed(shadow: &Shadow, p: &Plan) -> bool {
 /// Slot bits in a request id; the rest is a sequence number, all xored with a per-run mask.
 const SLOT_BITS: u32 = 16;
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct Flight {
     active: bool,
     seq: u64,
     plan: Plan,
-    segs: [Segment; MAX_SEGMENTS_PER_REQUEST],
+    segs: [Segment; MAX_VERIFY_SEGS],
     gen: u32,
+}
+
+impl Default for Flight {
+    fn default() -> Self {
+        Flight {
+            active: false,
+            seq: 0,
+            plan: Plan::default(),
+            segs: [Segment::default(); MAX_VERIFY_SEGS],
+            gen: 0,
+        }
+    }
 }
 
 /// Counts of a verify run.
@@ -269,7 +308,9 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
     }
     let depth = depth.min(ring);
     let seed = args.seed.unwrap_or_else(clock_seed);
-    let mut t = target::open(&args.target, depth * MAX_SEGMENTS_PER_REQUEST as u32)?;
+    let ind = usize::from(args.target.indirect_segments).min(MAX_VERIFY_SEGS);
+    let per_slot = if ind > 0 { ind.max(SEGS) + 1 } else { SEGS };
+    let mut t = target::open(&args.target, depth * per_slot as u32)?;
     let info = t.info;
     if info.read_only {
         bail!("verify writes, and the disk is read-only");
@@ -285,13 +326,14 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
     let planner = Planner {
         sectors: info.sectors,
         max_segs: usize::from(t.max_segments),
+        indirect_segs: usize::from(t.shape.indirect_segments).min(MAX_VERIFY_SEGS),
         discard_pct: if info.discard { args.discard_pct } else { 0.0 },
         flush_pct: if info.flush { args.flush_pct } else { 0.0 },
     };
     if !args.json {
         eprintln!(
             "td-bench verify: {} requests on {} ({} sectors, {}); ring {} slots {}, iodepth {}, \
-             up to {} segments, seed {:#x}{}",
+             up to {} segments{}, seed {:#x}{}",
             args.requests,
             t.describe,
             info.sectors,
@@ -300,6 +342,11 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
             t.fe.abi().name(),
             depth,
             planner.max_segs,
+            if planner.indirect_segs > 0 {
+                format!(" (indirect: up to {})", planner.indirect_segs)
+            } else {
+                String::new()
+            },
             seed,
             if t.fresh {
                 ""
@@ -319,6 +366,7 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
         totals: Totals::default(),
         failures: Failures { shown: 0 },
         discard_zeroes: !args.discard_unknown,
+        per_slot: per_slot as u32,
     };
     let mut rng = Rng::new(seed);
     let mut rsps: Vec<Response> = Vec::with_capacity(ring as usize);
@@ -436,6 +484,8 @@ struct Verifier {
     totals: Totals,
     failures: Failures,
     discard_zeroes: bool,
+    /// Pages of guest memory each slot owns (the last is the descriptor page, if indirect).
+    per_slot: u32,
 }
 
 const SEGS: usize = MAX_SEGMENTS_PER_REQUEST;
@@ -455,7 +505,7 @@ impl Verifier {
         };
         for (j, &(first, last)) in plan.segs[..plan.nsegs].iter().enumerate() {
             f.segs[j] = Segment {
-                gref: s * SEGS as u32 + j as u32,
+                gref: s * self.per_slot + j as u32,
                 first_sect: first,
                 last_sect: last,
                 pad: 0,
@@ -499,12 +549,20 @@ impl Verifier {
             Kind::Discard => self.shadow.begin_write(plan.range),
             Kind::Flush => {}
         }
+        let ind_page = [s * self.per_slot + self.per_slot - 1];
         let req = match plan.kind {
             Kind::Discard => FrontRequest::Discard {
                 id,
                 sector: plan.range.start,
                 nr_sectors: plan.range.len,
                 secure: false,
+            },
+            k if plan.indirect => FrontRequest::Indirect {
+                op: k.op(),
+                id,
+                sector: plan.range.start,
+                indirect: &ind_page,
+                segments: &f.segs[..plan.nsegs],
             },
             k => FrontRequest::Rw {
                 op: k.op(),
@@ -545,12 +603,16 @@ impl Verifier {
         )
         .to_string();
         let mut ok = true;
-        if r.operation != p.kind.op() {
+        let want_op = if p.indirect {
+            op::INDIRECT
+        } else {
+            p.kind.op()
+        };
+        if r.operation != want_op {
             ok = false;
             self.failures.report(format_args!(
                 "{what}: the response echoes operation {}, not {}",
-                r.operation,
-                p.kind.op()
+                r.operation, want_op
             ));
         }
         let good = r.status == status::OKAY;
@@ -665,6 +727,7 @@ mod tests {
         Planner {
             sectors,
             max_segs: 11,
+            indirect_segs: 100,
             discard_pct: 5.0,
             flush_pct: 5.0,
         }
@@ -688,7 +751,9 @@ mod tests {
                     Kind::Flush => assert_eq!((p.nsegs, p.range.len), (0, 0)),
                     Kind::Discard => assert!(p.range.len >= 1 && p.nsegs == 0),
                     _ => {
-                        assert!((1..=11).contains(&p.nsegs));
+                        let max = if p.indirect { 100 } else { 11 };
+                        assert!((1..=max).contains(&p.nsegs), "{p:?}");
+                        assert!(!(p.indirect && p.kind == Kind::FlushData));
                         let total: u64 = p.segs[..p.nsegs]
                             .iter()
                             .map(|&(f, l)| {

@@ -158,11 +158,15 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
     let data = GrantedPages::alloc(0, 2).context("granting data pages")?;
     // SAFETY: the granted page is ours, mapped for as long as `ring_pages` lives, which
     // outlives `ring` (declared after it, dropped before it).
-    let mut ring = unsafe { FrontRing::init(ring_pages.addr(), 1, abi) }
-        .context("ring too small")?;
+    let mut ring =
+        unsafe { FrontRing::init(ring_pages.addr(), 1, abi) }.context("ring too small")?;
     let ev = Evtchn::bind_unbound(0).context("allocating an event channel")?;
     xs.transaction(|xs, tx| {
-        xs.write(tx, &format!("{fe}/ring-ref"), &ring_pages.refs()[0].to_string())?;
+        xs.write(
+            tx,
+            &format!("{fe}/ring-ref"),
+            &ring_pages.refs()[0].to_string(),
+        )?;
         xs.write(tx, &format!("{fe}/event-channel"), &ev.port().to_string())?;
         xs.write(tx, &format!("{fe}/protocol"), abi.name())?;
         xs.write(tx, &format!("{fe}/state"), "3")
@@ -222,7 +226,10 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
         )
     };
     if w != status::OKAY || r != status::OKAY || back != pat {
-        bail!("write/read through dom0 grants: status {w}/{r}, data equal: {}", back == pat);
+        bail!(
+            "write/read through dom0 grants: status {w}/{r}, data equal: {}",
+            back == pat
+        );
     }
     println!("XENFRONT: PASS write+read of a page through granted dom0 pages");
 
@@ -274,7 +281,9 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
     ring.publish_raw_req_prod(ring.outstanding().wrapping_add(100_000));
     ev.notify_port()?;
     let st = wait_state(xs, &format!("{be}/state"), &["5", "6"], a.timeout)?;
-    let why = xs.read(Tx::NONE, &format!("{be}/error"))?.unwrap_or_default();
+    let why = xs
+        .read(Tx::NONE, &format!("{be}/error"))?
+        .unwrap_or_default();
     println!(
         "XENFRONT: PASS overflowing req_prod: backend state {st} after {:.1} s ({why})",
         t0.elapsed().as_secs_f64()

@@ -1,0 +1,233 @@
+//! The `aio:` engine: a raw file or block device through io_uring.
+//!
+//! Reads and writes are one `readv`/`writev` each, on a registered (fixed) file: the O_DIRECT
+//! descriptor when the offset, every iovec's address and every length meet the file's
+//! `STATX_DIOALIGN`, the buffered one otherwise. A short transfer resumes where it stopped;
+//! `EAGAIN`/`EINTR` are retried a few times. A flush is `fdatasync`. A discard punches a hole
+//! in a file (`fallocate`) or, on a block device, is a `BLKDISCARD` ioctl issued at once
+//! (io_uring has no portable discard for block devices before Linux 6.12; discards are rare).
+
+use std::io;
+use std::sync::Arc;
+
+use io_uring::{opcode, types};
+
+use super::{BackendIo, Done, Engine, IoOp, Uring};
+use crate::image::{discard_fd, AioImage};
+
+/// Fixed-file slot of the O_DIRECT descriptor (the buffered one if the image has none).
+const FILE_DIRECT: u32 = 0;
+/// Fixed-file slot of the buffered descriptor.
+const FILE_BUFFERED: u32 = 1;
+const MAX_RETRIES: u8 = 16;
+
+#[derive(Clone, Copy)]
+struct Tag {
+    io: BackendIo,
+    /// First iovec not yet fully transferred.
+    iov_start: u32,
+    done_bytes: u64,
+    retries: u8,
+}
+
+/// The engine of one ring over an [`AioImage`].
+pub struct AioEngine {
+    image: Arc<AioImage>,
+    tags: Box<[Tag]>,
+}
+
+impl AioEngine {
+    /// An engine for `tags` concurrent IOs, registering the image's descriptors on `ring`.
+    pub fn new(
+        ring: &mut Uring,
+        image: Arc<AioImage>,
+        tags: u32,
+        update: bool,
+    ) -> io::Result<Self> {
+        let b = image.buffered_fd();
+        let fds = [image.direct_fd().map(|(fd, _)| fd).unwrap_or(b), b];
+        ring.register_files(&fds, update)?;
+        let idle = Tag {
+            io: BackendIo {
+                tag: 0,
+                op: IoOp::Read,
+                offset: 0,
+                len: 0,
+                iov: std::ptr::null_mut(),
+                iovcnt: 0,
+            },
+            iov_start: 0,
+            done_bytes: 0,
+            retries: 0,
+        };
+        Ok(AioEngine {
+            image,
+            tags: vec![idle; tags as usize].into_boxed_slice(),
+        })
+    }
+
+    /// The image served.
+    pub fn image(&self) -> &Arc<AioImage> {
+        &self.image
+    }
+
+    fn iovs(&self, t: &Tag) -> &[libc::iovec] {
+        if t.io.iovcnt == 0 {
+            return &[];
+        }
+        // SAFETY: the scheduler guarantees the array stays valid (and is ours to read and
+        // rewrite) while the tag is in flight (`Engine::submit`'s contract).
+        unsafe { std::slice::from_raw_parts(t.io.iov, t.io.iovcnt as usize) }
+    }
+
+    fn choose_fd(&self, t: &Tag) -> types::Fixed {
+        if let Some((_, align)) = self.image.direct_fd() {
+            let a = u64::from(align);
+            let off = t.io.offset + t.done_bytes;
+            let aligned = off.is_multiple_of(a)
+                && self.iovs(t)[t.iov_start as usize..].iter().all(|v| {
+                    (v.iov_base as u64).is_multiple_of(a) && (v.iov_len as u64).is_multiple_of(a)
+                });
+            if aligned {
+                return types::Fixed(FILE_DIRECT);
+            }
+        }
+        types::Fixed(FILE_BUFFERED)
+    }
+
+    fn push_data(&mut self, ring: &mut Uring, tag: u32) -> io::Result<()> {
+        let t = self.tags[tag as usize];
+        let fd = self.choose_fd(&t);
+        // SAFETY: `iov_start < iovcnt` while bytes remain, so the pointer is inside the array.
+        let iov = unsafe { t.io.iov.add(t.iov_start as usize) };
+        let cnt = t.io.iovcnt - t.iov_start;
+        let off = t.io.offset + t.done_bytes;
+        let e = match t.io.op {
+            IoOp::Read => opcode::Readv::new(fd, iov, cnt).offset(off).build(),
+            _ => opcode::Writev::new(fd, iov, cnt).offset(off).build(),
+        };
+        // SAFETY: the iovecs and the pages they point to stay valid until the tag completes
+        // (the submit contract); the fixed files stay registered while `self.image` lives.
+        unsafe { ring.push(&e.user_data(u64::from(tag))) }
+    }
+
+    fn push_op(&mut self, ring: &mut Uring, tag: u32, done: &mut Done) -> io::Result<()> {
+        let t = self.tags[tag as usize];
+        match t.io.op {
+            IoOp::Read | IoOp::Write => self.push_data(ring, tag),
+            IoOp::Flush => {
+                let e = opcode::Fsync::new(types::Fixed(FILE_BUFFERED))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+                    .user_data(u64::from(tag));
+                // SAFETY: no buffers; the fixed file stays registered.
+                unsafe { ring.push(&e) }
+            }
+            IoOp::Discard { secure } => {
+                if self.image.is_block_device() {
+                    let r = discard_fd(
+                        self.image.buffered_fd(),
+                        true,
+                        t.io.offset,
+                        t.io.len,
+                        secure,
+                    );
+                    let res = match r {
+                        Ok(()) => 0,
+                        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                    };
+                    done.push(tag, res);
+                    return Ok(());
+                }
+                let e = opcode::Fallocate::new(types::Fixed(FILE_BUFFERED), t.io.len)
+                    .offset(t.io.offset)
+                    .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                    .build()
+                    .user_data(u64::from(tag));
+                // SAFETY: no buffers; the fixed file stays registered.
+                unsafe { ring.push(&e) }
+            }
+        }
+    }
+
+    /// Skips `n` transferred bytes of tag `tag`'s iovecs.
+    fn advance(&mut self, tag: u32, mut n: u64) {
+        let t = &mut self.tags[tag as usize];
+        t.done_bytes += n;
+        while n > 0 && t.iov_start < t.io.iovcnt {
+            // SAFETY: `iov_start < iovcnt`: inside the array we may rewrite (submit contract).
+            let v = unsafe { &mut *t.io.iov.add(t.iov_start as usize) };
+            let l = v.iov_len as u64;
+            if n >= l {
+                n -= l;
+                t.iov_start += 1;
+            } else {
+                // SAFETY: `n < iov_len`, so the new base stays inside the same buffer.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n as usize) }.cast();
+                v.iov_len -= n as usize;
+                n = 0;
+            }
+        }
+    }
+}
+
+impl Engine for AioEngine {
+    unsafe fn submit(
+        &mut self,
+        ring: &mut Uring,
+        io: BackendIo,
+        done: &mut Done,
+    ) -> io::Result<()> {
+        self.tags[io.tag as usize] = Tag {
+            io,
+            iov_start: 0,
+            done_bytes: 0,
+            retries: 0,
+        };
+        self.push_op(ring, io.tag, done)
+    }
+
+    fn complete(
+        &mut self,
+        ring: &mut Uring,
+        user_data: u64,
+        res: i32,
+        done: &mut Done,
+    ) -> io::Result<()> {
+        let tag = user_data as u32;
+        if tag as usize >= self.tags.len() {
+            return Ok(());
+        }
+        if res == -libc::EAGAIN || res == -libc::EINTR {
+            let t = &mut self.tags[tag as usize];
+            if t.retries < MAX_RETRIES {
+                t.retries += 1;
+                return self.push_op(ring, tag, done);
+            }
+        }
+        if res < 0 {
+            done.push(tag, res);
+            return Ok(());
+        }
+        let t = self.tags[tag as usize];
+        if matches!(t.io.op, IoOp::Read | IoOp::Write) {
+            let left = t.io.len - t.done_bytes;
+            let n = res as u64;
+            if n < left {
+                if n == 0 {
+                    // End of file inside a validated range: the image shrank under us.
+                    done.push(tag, -libc::EIO);
+                    return Ok(());
+                }
+                self.advance(tag, n);
+                return self.push_data(ring, tag);
+            }
+        }
+        done.push(tag, 0);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "aio".into()
+    }
+}

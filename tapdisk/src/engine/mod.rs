@@ -1,0 +1,184 @@
+//! IO engines: what does a backend IO once the scheduler has built it.
+//!
+//! Every ring loop owns one io_uring ([`Uring`]) and one engine ([`Engine`]). The scheduler
+//! hands the engine [`BackendIo`]s (a vectored read or write, a flush or a discard, tagged with
+//! a `u32`); the engine pushes whatever io_uring operations it needs, receives their
+//! completions back from the loop ([`Engine::complete`]), and reports each IO once, finished
+//! or failed, into a [`Done`] list. Short transfers and `EAGAIN` are the engine's business: a
+//! data IO is reported either complete or as an error.
+//!
+//! User data of the loop's io_uring is split by the top byte: [`ENGINE_SPACE`] for engines,
+//! the rest for the loop's own tokens (event channel, control, hang-up, timers).
+//!
+//! Engines here: [`aio::AioEngine`] (a raw file or block device) and [`model::ModelDisk`]
+//! (the thesis's disk model, wrapping another engine).
+
+pub mod aio;
+pub mod model;
+
+use std::io;
+
+use io_uring::{squeue, IoUring};
+
+/// User data values below this belong to the engine.
+pub const ENGINE_SPACE: u64 = 1 << 56;
+
+/// The loop's io_uring, with backpressure: a full submission queue is flushed to the kernel,
+/// never reported as an error.
+pub struct Uring {
+    ring: IoUring,
+}
+
+impl Uring {
+    /// A ring with room for `entries` submissions and twice as many completions.
+    pub fn new(entries: u32) -> io::Result<Uring> {
+        // Single issuer + deferred task running: completions are processed when we enter the
+        // kernel, never by interrupting us (kernel 6.1+); fall back to a plain ring.
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_cqsize(entries * 2)
+            .build(entries)
+            .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))?;
+        Ok(Uring { ring })
+    }
+
+    /// Queues one operation.
+    ///
+    /// # Safety
+    /// Every buffer, iovec array and descriptor `e` points to must stay valid until its
+    /// completion is reaped (a timespec only until the next submit).
+    pub unsafe fn push(&mut self, e: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: forwarded from the caller.
+            if unsafe { self.ring.submission().push(e) }.is_ok() {
+                return Ok(());
+            }
+            // A full submission queue: hand what is queued to the kernel and retry. (The
+            // completion queue is sized for every operation the loop can have in flight, so
+            // the kernel does not refuse with EBUSY; if it did, that is an error, not a spin.)
+            self.ring.submit()?;
+        }
+    }
+
+    /// Submits queued operations and waits for at least `want` completions.
+    pub fn submit_and_wait(&mut self, want: usize) -> io::Result<usize> {
+        self.ring.submit_and_wait(want)
+    }
+
+    /// The next completion: `(user_data, result, more)`.
+    pub fn next_completion(&mut self) -> Option<(u64, i32, bool)> {
+        self.ring
+            .completion()
+            .next()
+            .map(|c| (c.user_data(), c.result(), io_uring::cqueue::more(c.flags())))
+    }
+
+    /// Registers descriptors as fixed files (slots `0..fds.len()`), or replaces them.
+    pub fn register_files(&mut self, fds: &[i32], update: bool) -> io::Result<()> {
+        if update {
+            self.ring
+                .submitter()
+                .register_files_update(0, fds)
+                .map(|_| ())
+        } else {
+            self.ring.submitter().register_files(fds)
+        }
+    }
+
+    /// Drops every registered file.
+    pub fn unregister_files(&mut self) -> io::Result<()> {
+        self.ring.submitter().unregister_files()
+    }
+}
+
+/// What a backend IO does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoOp {
+    /// Read into the iovecs.
+    Read,
+    /// Write from the iovecs.
+    Write,
+    /// Make every completed write durable (`fdatasync`).
+    Flush,
+    /// Free the range (hole punch, BLKDISCARD; BLKSECDISCARD if secure).
+    Discard {
+        /// Secure discard.
+        secure: bool,
+    },
+}
+
+impl IoOp {
+    /// Whether the IO changes the disk (for ordering).
+    pub fn modifies(self) -> bool {
+        matches!(self, IoOp::Write | IoOp::Discard { .. })
+    }
+}
+
+/// One IO for an engine.
+#[derive(Clone, Copy, Debug)]
+pub struct BackendIo {
+    /// Echoed in the completion.
+    pub tag: u32,
+    /// What to do.
+    pub op: IoOp,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Bytes (for reads and writes, the sum of the iovec lengths).
+    pub len: u64,
+    /// The iovec array (reads and writes).
+    pub iov: *mut libc::iovec,
+    /// Its length.
+    pub iovcnt: u32,
+}
+
+/// Completions an engine reports: `(tag, result)`, where result is 0 or a negative errno.
+/// Preallocated by the loop for every tag, so pushing never allocates.
+#[derive(Debug, Default)]
+pub struct Done(pub Vec<(u32, i32)>);
+
+impl Done {
+    /// A list with room for `tags` completions.
+    pub fn with_capacity(tags: usize) -> Done {
+        Done(Vec::with_capacity(tags))
+    }
+
+    /// Reports one IO.
+    #[inline]
+    pub fn push(&mut self, tag: u32, res: i32) {
+        self.0.push((tag, res));
+    }
+}
+
+/// Does backend IOs for one ring loop.
+pub trait Engine {
+    /// Starts `io`.
+    ///
+    /// # Safety
+    /// The iovec array and the memory it points to must stay valid, and untouched by the
+    /// caller, until the engine reports `io.tag` in [`Done`]; the engine may rewrite the
+    /// iovecs (to resume a short transfer). Tags must be below the engine's tag count and not
+    /// in flight. An engine that finishes an IO at once (a synchronous ioctl) reports it in
+    /// `done` before returning.
+    unsafe fn submit(&mut self, ring: &mut Uring, io: BackendIo, done: &mut Done)
+        -> io::Result<()>;
+
+    /// A completion of the loop's ring whose user data is below [`ENGINE_SPACE`].
+    fn complete(
+        &mut self,
+        ring: &mut Uring,
+        user_data: u64,
+        res: i32,
+        done: &mut Done,
+    ) -> io::Result<()>;
+
+    /// A short name for logs and stats ("aio", "model disk over aio").
+    fn describe(&self) -> String;
+
+    /// How many IOs this engine wants in flight at most (None: as many as it gets). A
+    /// device that serves one IO at a time says so, and the scheduler keeps the rest, where
+    /// they can still be sorted and merged.
+    fn max_in_flight(&self) -> Option<u32> {
+        None
+    }
+}
