@@ -8,6 +8,12 @@
 //! xenstored itself is trusted, but much of what it returns was written by a guest (a
 //! frontend's keys), so payloads are capped at 4 KiB, must be UTF-8, and their meaning is
 //! checked by the caller ([`super::frontend_keys`]).
+//!
+//! Why not the `xenstore-rs` crate (0.8, checked on crates.io): its blocking client has no
+//! watches and no transactions (the transaction id is always written as 0), watches exist only
+//! in its tokio variant (tokio, futures, uuid, anyhow for one socket), and it allocates whatever
+//! length a reply header claims. A backend needs watches and transactions above all, so this
+//! module speaks the (small) protocol itself.
 
 use std::collections::VecDeque;
 use std::fs::OpenOptions;
