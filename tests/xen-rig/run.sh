@@ -13,6 +13,7 @@
 #
 # RIG_SUITE=trixie (default; Xen 4.20, backend/vbd3) or bookworm (Xen 4.17, backend/vbd).
 # Knobs: RIG_TIMEOUT (s, default 1200), RIG_BENCHSECS (s per benchmark job, default 5),
+# RIG_GRANT_COPY=1 (also benchmark tapdisk with grant copy; see README: it hangs the rig),
 # RIG_PROFILE (cargo profile, default release), FORCE=1 (rebuild the images).
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -87,7 +88,7 @@ TIMEOUT=${RIG_TIMEOUT:-1200}
 LOG=$RIG_LOGS/run-$RIG_SUITE-$(date +%Y%m%d-%H%M%S).log
 PIDF=$RIG_WORK/qemu.pid
 XEN_CMD="console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 loglvl=warning guest_loglvl=warning noreboot"
-DOM0_CMD="console=hvc0 earlyprintk=xen root=/dev/vda rw init=/usr/sbin/rig-init rig.suite=$RIG_SUITE rig.benchsecs=${RIG_BENCHSECS:-5}"
+DOM0_CMD="console=hvc0 earlyprintk=xen root=/dev/vda rw init=/usr/sbin/rig-init rig.suite=$RIG_SUITE rig.benchsecs=${RIG_BENCHSECS:-5} rig.grantcopy=${RIG_GRANT_COPY:-0}"
 # dom0's init goes into the cached root image with debugfs (no mount); the image is then
 # booted with snapshot=on, so the guests' disks and logs never change it.
 if ! debugfs -R "stat /usr/sbin/rig-init" "$RIG_IMG" 2>/dev/null | grep -q Inode || ! cmp -s "$HERE/dom0-init" "$RIG_WORK/dom0-init.installed"; then
@@ -109,7 +110,7 @@ timeout --foreground "$TIMEOUT" qemu-system-x86_64 -machine q35 -accel tcg,threa
     done > "$LOG"
 step "QEMU exited"
 
-grep -aE 'RIG: |  (main|again|ref)\| |XENFRONT|  tap(back|disk)\|' "$LOG" | grep -avE 'guest_loglvl' | sed 's/^ *[0-9.]* //' > "$RIG_LOGS/summary.txt"
+grep -aE 'RIG: |  (main|again|ref|copy)\| |XENFRONT|  tap(back|disk)\|' "$LOG" | grep -avE 'guest_loglvl' | sed 's/^ *[0-9.]* //' > "$RIG_LOGS/summary.txt"
 grep -aE 'RIG: (CHECK|RESULT|frontend|main.img)|DOMU: (CHECK|NEGOTIATED)|XENFRONT' "$LOG" | sed 's/^ *[0-9.]* //'
 echo
 echo "=== backend comparison (same guest workload, fio O_DIRECT libaio; TCG: only the ratios mean something)"
