@@ -110,7 +110,7 @@ timeout --foreground "$TIMEOUT" qemu-system-x86_64 -machine q35 -accel tcg,threa
     done > "$LOG"
 step "QEMU exited"
 
-grep -aE 'RIG: |  (main|again|ref|copy)\| |XENFRONT|  tap(back|disk)\|' "$LOG" | grep -avE 'guest_loglvl' | sed 's/^ *[0-9.]* //' > "$RIG_LOGS/summary.txt"
+grep -aE 'RIG: |  (main|again|ref|qd|copy)\| |XENFRONT|  tap(back|disk)\|' "$LOG" | grep -avE 'guest_loglvl' | sed 's/^ *[0-9.]* //' > "$RIG_LOGS/summary.txt"
 grep -aE 'RIG: (CHECK|RESULT|frontend|main.img)|DOMU: (CHECK|NEGOTIATED)|XENFRONT' "$LOG" | sed 's/^ *[0-9.]* //'
 echo
 echo "=== backend comparison (same guest workload, fio O_DIRECT libaio; TCG: only the ratios mean something)"
