@@ -750,10 +750,7 @@ mod tests {
                 ..DISK
             };
             let (r, got) = run_indirect(&s, abi, &disk, &pages).unwrap();
-            assert_eq!(
-                (r.id, r.raw_op, r.op),
-                (0x77, op::WRITE, Operation::Write)
-            );
+            assert_eq!((r.id, r.raw_op, r.op), (0x77, op::WRITE, Operation::Write));
             assert_eq!((r.sector, r.nr_sectors, r.nr_segments), (8, 4800, 600));
             assert_eq!(got, segs);
             let mut segs = vec![Segment::default(); 4096];

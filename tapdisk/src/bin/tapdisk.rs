@@ -70,7 +70,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&p) {
-                let _ = writeln!(f, "PANIC in thread {:?}: {info}", std::thread::current().name());
+                let _ = writeln!(
+                    f,
+                    "PANIC in thread {:?}: {info}",
+                    std::thread::current().name()
+                );
             }
             default(info);
         }));
