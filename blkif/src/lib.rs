@@ -7,6 +7,8 @@
 //! - [`request`]: copy-once parsing and validation; only a validated [`request::Request`]
 //!   reaches a backend's IO path.
 //! - [`transport`]: grant mapping and event channels as traits.
+//! - [`xen`]: the Xen transport: gntdev, evtchn, gntalloc, xenstore, and the ring a Xen
+//!   frontend shares, behind the [`transport`] traits.
 //! - [`local`]: the local transport (memfd + eventfd over a unix socket) and a frontend that
 //!   tests, benchmarks and fuzzers use to drive a backend, hostile requests included.
 
@@ -18,6 +20,7 @@ pub mod request;
 pub mod ring;
 pub mod transport;
 pub mod uffd;
+pub mod xen;
 
 pub use protocol::{Abi, Response, Segment};
 pub use request::{DiskInfo, Operation, Problem, Rejection, Request};

@@ -325,21 +325,24 @@ impl LocalGrants {
 impl GrantMapper for LocalGrants {
     fn map(
         &mut self,
-        refs: &[GrantRef],
+        segs: &[Segment],
         _writable: bool,
         addrs: &mut [*mut u8],
     ) -> Result<MapHandle, Problem> {
-        for (r, a) in refs.iter().zip(addrs.iter_mut()) {
-            if *r >= self.pages {
-                return Err(Problem::BadGrant(*r));
+        for (s, a) in segs.iter().zip(addrs.iter_mut()) {
+            let r = s.gref;
+            if r >= self.pages {
+                return Err(Problem::BadGrant(r));
             }
             // SAFETY: `r < pages`, so the page lies inside the mapping of `pages` pages.
-            *a = unsafe { self.mem.ptr().as_ptr().add(*r as usize * PAGE_SIZE) };
+            *a = unsafe { self.mem.ptr().as_ptr().add(r as usize * PAGE_SIZE) };
         }
         Ok(MapHandle(0))
     }
 
-    fn unmap(&mut self, _handle: MapHandle) {}
+    fn unmap(&mut self, _handle: MapHandle) -> Result<(), Problem> {
+        Ok(())
+    }
 }
 
 /// Event channel of the local transport: two eventfds.
@@ -1042,11 +1045,17 @@ mod tests {
         be.evtchn.ack().unwrap();
         assert_eq!(be.ring.pending(), Ok(1));
         let mut addrs = [std::ptr::null_mut(); 1];
-        be.grants.map(&[1], false, &mut addrs).unwrap();
+        let sg = |gref| Segment {
+            gref,
+            first_sect: 0,
+            last_sect: 7,
+            pad: 0,
+        };
+        be.grants.map(&[sg(1)], false, &mut addrs).unwrap();
         // SAFETY: the page is mapped by `be.grants`, which is alive.
         assert_eq!(unsafe { std::slice::from_raw_parts(addrs[0], 5) }, b"hello");
         assert_eq!(
-            be.grants.map(&[4], false, &mut addrs),
+            be.grants.map(&[sg(4)], false, &mut addrs),
             Err(Problem::BadGrant(4))
         );
         be.ring.put_response(&Response {

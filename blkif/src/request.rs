@@ -158,7 +158,9 @@ pub enum Problem {
 pub struct IndirectHeader {
     /// The frontend's id.
     pub id: u64,
-    /// `BLKIF_OP_INDIRECT`, echoed in the response.
+    /// The inner operation byte (`indirect_op`), echoed in the response: Linux blkback answers
+    /// an indirect request with its inner operation, and Linux blkfront marks the whole device
+    /// broken when a response carries `BLKIF_OP_INDIRECT` instead.
     pub raw_op: u8,
     /// Read or write.
     pub op: Operation,
@@ -301,6 +303,13 @@ pub fn parse(
             }));
         }
         op::INDIRECT if disk.max_indirect_segments > 0 => {
+            // Responses to indirect requests echo the inner operation (see IndirectHeader).
+            let raw_op = b[1];
+            let reject = |problem| Rejection {
+                id,
+                raw_op,
+                problem,
+            };
             let inner = match b[1] {
                 op::READ => Operation::Read,
                 op::WRITE => Operation::Write,
@@ -741,10 +750,7 @@ mod tests {
                 ..DISK
             };
             let (r, got) = run_indirect(&s, abi, &disk, &pages).unwrap();
-            assert_eq!(
-                (r.id, r.raw_op, r.op),
-                (0x77, op::INDIRECT, Operation::Write)
-            );
+            assert_eq!((r.id, r.raw_op, r.op), (0x77, op::WRITE, Operation::Write));
             assert_eq!((r.sector, r.nr_sectors, r.nr_segments), (8, 4800, 600));
             assert_eq!(got, segs);
             let mut segs = vec![Segment::default(); 4096];
@@ -817,7 +823,7 @@ mod tests {
             run_indirect(&ind(op::WRITE, 10, 0), a, &DISK, &[page_of(&bad)])
                 .unwrap_err()
                 .raw_op,
-            op::INDIRECT
+            op::WRITE
         );
     }
 

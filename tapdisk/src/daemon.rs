@@ -284,6 +284,22 @@ impl Daemon {
                 })
             }
             Command::Shutdown => Ok(Reply::Done),
+            Command::XenConnect { minor, spec } => {
+                let mut v = lock(&self.vbds);
+                let vbd = &mut v.get_mut(&minor).ok_or_else(|| no_such(minor))?.vbd;
+                let (disk, xen) = crate::xen::connect(vbd, spec)?;
+                Ok(Reply::XenConnected { disk, xen })
+            }
+            Command::XenDisconnect {
+                minor,
+                domid,
+                devid,
+            } => {
+                let mut v = lock(&self.vbds);
+                let vbd = &mut v.get_mut(&minor).ok_or_else(|| no_such(minor))?.vbd;
+                crate::xen::disconnect(vbd, domid, devid)?;
+                Ok(Reply::Done)
+            }
         }
     }
 

@@ -4,7 +4,7 @@
 //! ([`image`]), zero or more blkif rings attached to it, each served by its own event loop on
 //! io_uring ([`ringloop`]), and optionally an NBD export ([`nbd`]). The process is driven
 //! through a unix control socket ([`control`]) by `tap-ctl`; [`stats`] holds the counters
-//! `tap-ctl stats` prints.
+//! `tap-ctl stats` prints; [`xen`] serves Xen frontends' rings, which tapback hands over.
 //!
 //! On a ring, requests go through the [`sched`]uler (ordering, sorting, merging) to an IO
 //! [`engine`] (io_uring on a raw image, optionally behind the thesis's disk model); every
@@ -23,3 +23,4 @@ pub mod sched;
 pub mod stats;
 pub mod trace;
 pub mod vbd;
+pub mod xen;

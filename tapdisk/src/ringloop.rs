@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blkif::local::EarlyReadPort;
-use blkif::protocol::{status, GrantRef, Response, MAX_INDIRECT_PAGES_PER_REQUEST, PAGE_SIZE};
+use blkif::protocol::{status, Response, Segment, MAX_INDIRECT_PAGES_PER_REQUEST, PAGE_SIZE};
 use blkif::request::{
     copy_indirect_segments, finish_indirect, parse, slot_id, DiskInfo, Operation, Parsed, Problem,
     Rejection, Request,
@@ -110,6 +110,17 @@ pub enum RingExit {
     Fatal(io::Error),
 }
 
+impl std::fmt::Display for RingExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RingExit::FrontendGone => f.write_str("frontend gone"),
+            RingExit::Broken(why) => write!(f, "frontend broke the protocol: {why}"),
+            RingExit::Stopped => f.write_str("stopped"),
+            RingExit::Fatal(e) => write!(f, "IO engine failed: {e}"),
+        }
+    }
+}
+
 /// Per-ring settings, from the VBD's options.
 #[derive(Clone, Debug, Default)]
 pub struct RingConfig {
@@ -185,6 +196,8 @@ pub struct RingLoop<T: RingTransport> {
     log: Logger,
     guest_errors: RateLimit,
     copy: SlotCopy,
+    /// An event was consumed and its channel still waits for its EOI (see `EventChannel::eoi`).
+    eoi_due: bool,
     trace: Option<TraceWriter>,
     max_batch: u32,
     batch_deadline: Option<u64>,
@@ -202,7 +215,6 @@ pub struct RingLoop<T: RingTransport> {
     early_busy: u32,
     block_buf: Box<[u8]>,
     // Scratch, preallocated.
-    refs: Box<[GrantRef]>,
     addrs: Box<[*mut u8]>,
     done: Done,
     finished: Vec<u32>,
@@ -276,6 +288,7 @@ impl<T: RingTransport> RingLoop<T> {
             log,
             guest_errors: RateLimit::new(10, Duration::from_secs(5)),
             copy: SlotCopy::default(),
+            eoi_due: true,
             trace,
             max_batch,
             batch_deadline: None,
@@ -288,7 +301,6 @@ impl<T: RingTransport> RingLoop<T> {
             chunk_of: vec![(0, 0); n_chunks as usize].into_boxed_slice(),
             early_busy: 0,
             block_buf: vec![0u8; PAGE_SIZE].into_boxed_slice(),
-            refs: vec![0; seg_cap].into_boxed_slice(),
             addrs: vec![std::ptr::null_mut(); seg_cap].into_boxed_slice(),
             done: Done::with_capacity(tags as usize),
             finished: Vec::with_capacity((n + n_chunks) as usize),
@@ -368,6 +380,13 @@ impl<T: RingTransport> RingLoop<T> {
             }
             if self.stopping.is_some() && self.idle() {
                 continue;
+            }
+            if wait && self.eoi_due && self.can_pop() {
+                // Drained and req_event re-armed: only now let the frontend's next kick in.
+                // While we cannot take requests (paused, no free slot) the channel stays
+                // masked, so a frontend kicking in a loop cannot keep waking us.
+                self.eoi_due = false;
+                self.t.parts().2.eoi()?;
             }
             if wait && self.paused && self.idle() {
                 self.ctl.quiesced.store(true, Ordering::Release);
@@ -543,13 +562,10 @@ impl<T: RingTransport> RingLoop<T> {
         // Map the grants and point the iovecs at the pages.
         let n = req.nr_segments;
         if n > 0 {
-            let slot = self.sched.slot_mut(s);
-            for (r, sg) in self.refs.iter_mut().zip(&slot.segs[..n]) {
-                *r = sg.gref;
-            }
+            let slot = self.sched.slot(s);
             let writable = req.op == Operation::Read;
             let (_, grants, _) = self.t.parts();
-            match grants.map(&self.refs[..n], writable, &mut self.addrs[..n]) {
+            match grants.map(&slot.segs[..n], writable, &mut self.addrs[..n]) {
                 Ok(h) => {
                     let exact = self.early.as_ref().is_some_and(|e| e.eligible(&req));
                     let slot = self.sched.slot_mut(s);
@@ -611,9 +627,18 @@ impl<T: RingTransport> RingLoop<T> {
         };
         let pages = h.pages();
         let mut addrs = [std::ptr::null_mut::<u8>(); MAX_INDIRECT_PAGES_PER_REQUEST];
+        let mut pages_segs = [Segment::default(); MAX_INDIRECT_PAGES_PER_REQUEST];
+        for (sg, g) in pages_segs.iter_mut().zip(&h.grefs[..pages]) {
+            *sg = Segment {
+                gref: *g,
+                first_sect: 0,
+                last_sect: 7,
+                pad: 0,
+            };
+        }
         let (_, grants, _) = self.t.parts();
         let handle = grants
-            .map(&h.grefs[..pages], false, &mut addrs[..pages])
+            .map(&pages_segs[..pages], false, &mut addrs[..pages])
             .map_err(|problem| {
                 (
                     Rejection {
@@ -638,7 +663,8 @@ impl<T: RingTransport> RingLoop<T> {
                 &mut self.sched.slot_mut(s).segs,
             )
         };
-        self.t.parts().1.unmap(handle);
+        // A read-only mapping: nothing is copied back, so unmapping cannot fail the request.
+        let _ = self.t.parts().1.unmap(handle);
         finish_indirect(&h, &disk, &self.sched.slot(s).segs).map_err(|r| (r, "invalid indirect"))
     }
 
@@ -692,9 +718,18 @@ impl<T: RingTransport> RingLoop<T> {
                 // Early-read frontends unmapped these pages when they queued the read.
                 self.map_for_frontend(s, 0, req.nr_segments);
             }
+            // Unmap before answering: a copying transport copies read data back here, and a
+            // failed copy must not be answered as a successful read.
+            let st = match self.unmap_request(s) {
+                Ok(()) => st,
+                Err(p) => {
+                    self.guest_error("unmap", req.id, &p);
+                    status::ERROR
+                }
+            };
             self.respond_request(s, st, now);
             self.sched.release(s);
-            self.release_request(s);
+            self.free.push(s);
         }
         finished.clear();
         self.finished = finished;
@@ -746,14 +781,24 @@ impl<T: RingTransport> RingLoop<T> {
         self.stats.in_flight.sub(1);
     }
 
-    /// Releases request slot `s` (answered): its grants and the slot itself.
-    fn release_request(&mut self, s: u32) {
+    /// Releases request `s`'s grants (a copying transport copies read data back here).
+    fn unmap_request(&mut self, s: u32) -> Result<(), Problem> {
         let (nseg, map) = {
             let slot = self.sched.slot(s);
             (slot.req.nr_segments, slot.map)
         };
         if nseg > 0 {
-            self.t.parts().1.unmap(map);
+            self.t.parts().1.unmap(map)?;
+        }
+        Ok(())
+    }
+
+    /// Releases request slot `s`, answered already: its grants and the slot itself. (Only
+    /// early reads get here, on the local transport, whose unmap cannot fail.)
+    fn release_request(&mut self, s: u32) {
+        if let Err(p) = self.unmap_request(s) {
+            let id = self.sched.slot(s).req.id;
+            self.guest_error("unmap", id, &p);
         }
         self.free.push(s);
     }
@@ -1075,6 +1120,7 @@ impl<T: RingTransport> RingLoop<T> {
             match tok {
                 TOKEN_EVTCHN => {
                     self.t.parts().2.ack()?;
+                    self.eoi_due = true;
                     if !more {
                         let fd = self.t.parts().2.fd();
                         let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)

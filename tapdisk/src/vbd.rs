@@ -25,7 +25,7 @@ use slog::{info, o, warn, Logger};
 use crate::control::proto::{VbdOptions, VbdState, VbdSummary};
 use crate::image::{open_image, BlockTarget, Image, ImageSpec, OpenOptionsImg, SECTOR};
 use crate::nbd::{NbdListen, NbdServer};
-use crate::ringloop::{RingConfig, RingEnv, RingExit, RingLoop};
+use crate::ringloop::{RingConfig, RingEnv, RingExit, RingLoop, RingTransport};
 use crate::sched::SchedConfig;
 use crate::stats::{self, RingStats};
 use crate::trace::{self, RingTrace, TraceReader};
@@ -247,6 +247,10 @@ pub struct Vbd {
     nbd_counters: Arc<NbdCounters>,
     quiescing: bool,
     log: Logger,
+    /// Ring settings, for rings attached by [`Vbd::attach_ring`].
+    ring_cfg: RingConfig,
+    /// Xen frontends this VBD serves (see [`crate::xen`]).
+    pub xen: Vec<crate::xen::XenAttachment>,
 }
 
 impl Vbd {
@@ -350,7 +354,7 @@ impl Vbd {
                     max_ring_order: opts.max_ring_order,
                     ..AttachLimits::default()
                 },
-                cfg: ring_cfg,
+                cfg: ring_cfg.clone(),
                 trace: opts.trace as usize,
                 disk,
                 shared: shared.clone(),
@@ -401,6 +405,8 @@ impl Vbd {
             nbd_counters,
             quiescing: false,
             log,
+            ring_cfg,
+            xen: Vec::new(),
         })
     }
 
@@ -434,6 +440,7 @@ impl Vbd {
             rings: self.live_rings().len() as u32,
             size: self.disk.sectors * SECTOR,
             read_only: self.disk.read_only,
+            xen: self.xen.iter().map(|x| x.info()).collect(),
         }
     }
 
@@ -543,6 +550,73 @@ impl Vbd {
     /// The device socket.
     pub fn device(&self) -> &Path {
         &self.device
+    }
+
+    /// The disk as rings see it.
+    pub fn disk(&self) -> DiskInfo {
+        self.disk
+    }
+
+    /// Serves a ring that any transport attached (a Xen frontend's, say) on a thread of its
+    /// own, like the rings local frontends attach through the device socket: it is paused,
+    /// counted in the stats and stopped with the VBD.
+    /// `disk` is what the ring enforces (the VBD's [`Vbd::disk`], possibly with tighter limits).
+    pub fn attach_ring<T: RingTransport>(
+        &self,
+        t: T,
+        name: &str,
+        disk: DiskInfo,
+    ) -> io::Result<RingLink> {
+        let ctl = Arc::new(RingControl::new()?);
+        let stats = Arc::new(RingStats::default());
+        let exit: Arc<Mutex<Option<String>>> = Arc::default();
+        let (shared, ctl2, stats2, exit2, disk, cfg) = (
+            self.shared.clone(),
+            ctl.clone(),
+            stats.clone(),
+            exit.clone(),
+            disk,
+            self.ring_cfg.clone(),
+        );
+        let cache = self.shared.cache.clone();
+        let (writer, reader) = if self.opts.trace > 0 {
+            let (w, r) = trace::buffer(
+                lock(&self.traces).len() as u32 + 1000,
+                self.opts.trace as usize,
+            );
+            (Some(w), Some(r))
+        } else {
+            (None, None)
+        };
+        let rlog = self.log.new(o!("ring" => name.to_owned()));
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let env = RingEnv {
+                    vbd: shared,
+                    ctl: ctl2,
+                    stats: stats2,
+                    trace: writer,
+                    log: rlog.clone(),
+                    cache,
+                };
+                let r = match RingLoop::new(t, disk, cfg, env) {
+                    Ok(l) => l.run(),
+                    Err(e) => RingExit::Fatal(e),
+                };
+                info!(rlog, "ring detached"; "why" => ?r);
+                *lock(&exit2) = Some(r.to_string());
+                r
+            })?;
+        if let Some(r) = reader {
+            lock(&self.traces).push(r);
+        }
+        lock(&self.ring_stats).push(stats.clone());
+        lock(&self.rings).push(RingHandle {
+            ctl: ctl.clone(),
+            thread: Some(thread),
+        });
+        Ok(RingLink { ctl, exit, stats })
     }
 
     /// Disconnects everything and closes the image.
@@ -675,6 +749,17 @@ fn accept_loop(listener: UnixListener, cx: AcceptCtx) {
             Err(e) => warn!(cx.log, "cannot start a ring thread"; "error" => %e),
         }
     }
+}
+
+/// A ring started by [`Vbd::attach_ring`], as its owner sees it.
+#[derive(Debug, Clone)]
+pub struct RingLink {
+    /// Stop and wake the loop through this.
+    pub ctl: Arc<RingControl>,
+    /// Why the loop ended, once it has (and the transport, with its mappings, is gone).
+    pub exit: Arc<Mutex<Option<String>>>,
+    /// The ring's counters.
+    pub stats: Arc<RingStats>,
 }
 
 /// Map of open VBDs by minor.

@@ -3,5 +3,7 @@
 //! unit-tested.
 
 pub mod parallaximg;
+pub mod tapback;
 pub mod tapctl;
 pub mod tdbench;
+pub mod xenfront;

@@ -65,6 +65,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         (None, false) => None,
     };
     let log = tapdisk::logging::logger(log_path.as_deref(), level)?;
+    if let Some(p) = log_path.clone() {
+        // A daemon's stderr is /dev/null: put a panicking thread's message in the log.
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&p) {
+                let _ = writeln!(
+                    f,
+                    "PANIC in thread {:?}: {info}",
+                    std::thread::current().name()
+                );
+            }
+            default(info);
+        }));
+    }
     let (daemon, listener) = Daemon::bind(rundir, log)?;
     daemon.handle_signals()?;
     // Tell the spawner who we are, then let go of its pipe.

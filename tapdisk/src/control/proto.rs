@@ -127,6 +127,23 @@ pub enum Command {
     },
     /// Close every VBD and exit.
     Shutdown,
+    /// Serve a Xen frontend's rings on a VBD (tapback sends this). Answered with
+    /// [`Reply::XenConnected`].
+    XenConnect {
+        /// Which VBD.
+        minor: u32,
+        /// The frontend and its rings.
+        spec: XenConnectSpec,
+    },
+    /// Stop serving a Xen frontend: finish its in-flight IO, unmap its rings.
+    XenDisconnect {
+        /// Which VBD.
+        minor: u32,
+        /// The frontend's domain.
+        domid: u16,
+        /// Its device id.
+        devid: u32,
+    },
 }
 
 /// How a trace is written.
@@ -194,6 +211,47 @@ pub struct VbdSummary {
     pub size: u64,
     /// Read-only.
     pub read_only: bool,
+    /// Xen frontends served.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub xen: Vec<XenAttachmentInfo>,
+}
+
+/// A Xen frontend's rings, as tapback hands them to tapdisk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XenConnectSpec {
+    /// The frontend's domain.
+    pub domid: u16,
+    /// Its device id (the `<devid>` of `backend/vbd3/<domid>/<devid>`).
+    pub devid: u32,
+    /// Its virtual device name (`dev`, e.g. `xvda`), for listings.
+    #[serde(default)]
+    pub vdev: String,
+    /// Its rings, as read from xenstore and checked.
+    pub rings: blkif::xen::frontend_keys::FrontendRings,
+    /// How request pages are reached.
+    #[serde(default)]
+    pub grant_mode: blkif::xen::backend::GrantMode,
+}
+
+/// A Xen frontend a VBD serves, in listings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XenAttachmentInfo {
+    /// The frontend's domain.
+    pub domid: u16,
+    /// Its device id.
+    pub devid: u32,
+    /// Its virtual device name.
+    pub vdev: String,
+    /// Ring layout.
+    pub abi: blkif::Abi,
+    /// `2^ring_order` pages per ring.
+    pub ring_order: u8,
+    /// Rings (queues), each served by its own thread.
+    pub queues: u32,
+    /// How request pages are reached.
+    pub grant_mode: blkif::xen::backend::GrantMode,
+    /// `connected`, or why the rings are down (a broken frontend is disconnected).
+    pub state: String,
 }
 
 /// A successful result.
@@ -220,6 +278,13 @@ pub enum Reply {
     List {
         /// VBDs by minor.
         vbds: Vec<VbdSummary>,
+    },
+    /// A Xen frontend is served.
+    XenConnected {
+        /// The disk the frontend must be told about.
+        disk: blkif::request::DiskInfo,
+        /// The attachment.
+        xen: XenAttachmentInfo,
     },
     /// A trace was written.
     Trace {

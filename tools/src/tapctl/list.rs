@@ -14,6 +14,7 @@ Examples:
   tap-ctl list
       pid=4242 minor=0 state=running args=aio:/var/lib/disks/vm1.img
       pid=4242 minor=1 state=paused args=aio:/dev/vg0/vm2 nbd=unix:/run/vm2.nbd
+      pid=4250 minor=2 state=running args=aio:/srv/vm3.img xen=dom5/51712(xvda):order4x2q:connected
       pid=4300 minor=- state=- args=-
   tap-ctl list -m 1
   tap-ctl list -p 4242 --json     # also device, rings, size and read_only";
@@ -105,6 +106,18 @@ pub fn format_text(listings: &[TapdiskListing]) -> String {
             if let Some(nbd) = &v.nbd {
                 out.push_str(&format!(" nbd={nbd}"));
             }
+            for x in &v.xen {
+                // A Xen frontend: its domain and device, the rings it negotiated, and their state.
+                out.push_str(&format!(
+                    " xen=dom{}/{}({}):order{}x{}q:{}",
+                    x.domid,
+                    x.devid,
+                    if x.vdev.is_empty() { "-" } else { &x.vdev },
+                    x.ring_order,
+                    x.queues,
+                    x.state.split_whitespace().collect::<Vec<_>>().join("_")
+                ));
+            }
             out.push('\n');
         }
     }
@@ -131,6 +144,7 @@ mod tests {
             rings: 1,
             size: 1 << 30,
             read_only: false,
+            xen: vec![],
         }
     }
 
@@ -159,6 +173,22 @@ mod tests {
              pid=11 minor=- state=- args=-\n"
         );
         assert_eq!(format_text(&[]), "");
+        let mut l = sample();
+        l[0].vbds[0]
+            .xen
+            .push(tapdisk::control::proto::XenAttachmentInfo {
+                domid: 5,
+                devid: 51712,
+                vdev: "xvda".into(),
+                abi: blkif::Abi::X86_64,
+                ring_order: 4,
+                queues: 2,
+                grant_mode: blkif::xen::backend::GrantMode::Map,
+                state: "connected".into(),
+            });
+        assert!(format_text(&l).starts_with(
+            "pid=10 minor=0 state=running args=aio:/var/lib/d0.img xen=dom5/51712(xvda):order4x2q:connected\n"
+        ));
     }
 
     #[test]

@@ -648,11 +648,8 @@ impl Verifier {
         )
         .to_string();
         let mut ok = true;
-        let want_op = if p.indirect {
-            op::INDIRECT
-        } else {
-            p.kind.op()
-        };
+        // An indirect request is answered with its inner operation, as Linux blkback does.
+        let want_op = p.kind.op();
         if r.operation != want_op {
             ok = false;
             self.failures.report(format_args!(

@@ -1,0 +1,134 @@
+#!/bin/bash
+# run.sh - the Xen rig, one command from a fresh machine:
+#   1. host packages (host-deps.sh) and the dom0 image (build-images.sh), cached under
+#      /var/tmp/tapdisk-rs-xen-rig/<suite>;
+#   2. this project's binaries, built on the host (cargo build --release), with block-tap and
+#      the guests' initramfs, on a small second disk for dom0;
+#   3. Xen + a Linux PV dom0 under qemu-system-x86_64 (TCG); dom0 runs dom0-init: tapback,
+#      the main guest on our backend (dd, fio verify, flush-heavy fio, mkfs + fstrim + fsck,
+#      xl block-attach/detach, a hostile frontend from dom0), a second guest on the same disk
+#      (reconnect), then one benchmark guest for kernel blkback, QEMU qdisk and tapdisk;
+#   4. prints the checks, what the guests negotiated, and the backend comparison table.
+# Exit 0 iff dom0 printed "RIG: RESULT PASS".
+#
+# RIG_SUITE=trixie (default; Xen 4.20, backend/vbd3) or bookworm (Xen 4.17, backend/vbd).
+# Knobs: RIG_TIMEOUT (s, default 1200), RIG_BENCHSECS (s per benchmark job, default 5),
+# RIG_GRANT_COPY=1 (also benchmark tapdisk with grant copy; see README: it hangs the rig),
+# RIG_PROFILE (cargo profile, default release), FORCE=1 (rebuild the images).
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+. "$HERE/config.sh"
+T0=$(date +%s.%N)
+el() { printf '%.0f' "$(echo "$(date +%s.%N) - $T0" | bc)"; }
+step() { echo "xen-rig: [$(el)s] $*"; }
+
+"$HERE/host-deps.sh" > "$RIG_LOGS/host-deps.log" 2>&1 || { tail -20 "$RIG_LOGS/host-deps.log"; exit 1; }
+step "host packages ready"
+"$HERE/build-images.sh" > "$RIG_LOGS/build-images-$RIG_SUITE.log" 2>&1 || { tail -30 "$RIG_LOGS/build-images-$RIG_SUITE.log"; exit 1; }
+step "dom0 image ready ($(tail -1 "$RIG_LOGS/build-images-$RIG_SUITE.log" | sed 's/^xen-rig: //'))"
+
+PROFILE=${RIG_PROFILE:-release}
+(cd "$ROOT" && cargo build --locked --profile "$PROFILE" -p tapdisk -p tapdisk-tools) > "$RIG_LOGS/cargo.log" 2>&1 \
+    || { tail -30 "$RIG_LOGS/cargo.log"; exit 1; }
+TGT=$ROOT/target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
+step "binaries built ($PROFILE)"
+
+# The guests' initramfs: busybox, fio, e2fsprogs, util-linux (host binaries and their libraries),
+# xen-blkfront and ext4 from the dom0 kernel. Cached per kernel version.
+R=$RIG_ROOTFS
+KVER=$(cat "$RIG_BOOT/kver")
+INITRD=$RIG_WORK/domu-initrd-$KVER.cpio
+if [ ! -s "$INITRD" ] || [ "$HERE/domu-init" -nt "$INITRD" ]; then
+    D=$RIG_WORK/domu-initrd
+    rm -rf "$D"; mkdir -p "$D"/{bin,sbin,dev,proc,sys,tmp,mnt,lib/modules}
+    cp /bin/busybox "$D/bin/busybox"
+    install -m 0755 "$HERE/domu-init" "$D/init"
+    for b in fio mkfs.ext4 mke2fs e2fsck fstrim blkdiscard; do
+        p=$(command -v $b) || { echo "xen-rig: $b missing on the host"; exit 1; }
+        cp -L "$p" "$D/bin/"
+        ldd "$p" | awk '/=>/ {print $3} /^\t\/lib64/ {print $1}' | while read -r l; do
+            [ -e "$D$l" ] || cp -L --parents "$l" "$D"
+        done
+    done
+    : > "$D/lib/modules/order"
+    for mod in ext4 xen-blkfront; do
+        modprobe -d "$R" -S "$KVER" --show-depends "$mod" 2>/dev/null | awk '/^insmod/ {print $2}'
+    done | while read -r m; do
+        m=${m#"$R"}
+        n=$(basename "$m"); n=${n%.xz}; n=${n%.zst}
+        case "$m" in
+            *.xz)  xz -dc "$R$m" > "$D/lib/modules/$n";;
+            *.zst) zstd -dcq "$R$m" > "$D/lib/modules/$n";;
+            *)     cp "$R$m" "$D/lib/modules/$n";;
+        esac
+        grep -qx "$n" "$D/lib/modules/order" || echo "$n" >> "$D/lib/modules/order"
+    done
+    grep -q xen-blkfront "$D/lib/modules/order" || { echo "xen-rig: xen-blkfront module not found"; exit 1; }
+    # Uncompressed: under TCG, unpacking ~90 MB costs the guest more than reading it does.
+    (cd "$D" && find . | cpio -o -H newc --quiet) > "$INITRD.tmp" && mv "$INITRD.tmp" "$INITRD"
+    step "guest initramfs built ($(du -h "$INITRD" | cut -f1), modules: $(tr '\n' ' ' < "$D/lib/modules/order"))"
+fi
+
+# The payload disk: our binaries, block-tap, the guests' initramfs.
+P=$RIG_WORK/payload
+rm -rf "$P"; mkdir -p "$P/bin"
+for b in tapdisk tap-ctl tapback xen-frontend; do
+    install -m 0755 "$TGT/$b" "$P/bin/"
+    strip --strip-debug "$P/bin/$b" 2>/dev/null || true
+done
+install -m 0755 "$ROOT/xen-configs/block-tap" "$P/block-tap"
+cp "$INITRD" "$P/domu-initrd.cpio"
+rm -f "$RIG_WORK/payload.ext4"
+mkfs.ext4 -q -F -L rigpayload -d "$P" "$RIG_WORK/payload.ext4" 512M
+install -m 0755 "$HERE/dom0-init" "$RIG_WORK/dom0-init"
+step "payload disk ready"
+
+TIMEOUT=${RIG_TIMEOUT:-1200}
+LOG=$RIG_LOGS/run-$RIG_SUITE-$(date +%Y%m%d-%H%M%S).log
+PIDF=$RIG_WORK/qemu.pid
+XEN_CMD="console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 loglvl=warning guest_loglvl=warning noreboot"
+DOM0_CMD="console=hvc0 earlyprintk=xen root=/dev/vda rw init=/usr/sbin/rig-init rig.suite=$RIG_SUITE rig.benchsecs=${RIG_BENCHSECS:-5} rig.grantcopy=${RIG_GRANT_COPY:-0}"
+# dom0's init goes into the cached root image with debugfs (no mount); the image is then
+# booted with snapshot=on, so the guests' disks and logs never change it.
+if ! debugfs -R "stat /usr/sbin/rig-init" "$RIG_IMG" 2>/dev/null | grep -q Inode || ! cmp -s "$HERE/dom0-init" "$RIG_WORK/dom0-init.installed"; then
+    debugfs -w -R "rm /usr/sbin/rig-init" "$RIG_IMG" >/dev/null 2>&1
+    debugfs -w -R "write $HERE/dom0-init /usr/sbin/rig-init" "$RIG_IMG" >/dev/null 2>&1
+    debugfs -w -R "set_inode_field /usr/sbin/rig-init mode 0100755" "$RIG_IMG" >/dev/null 2>&1
+    cp "$HERE/dom0-init" "$RIG_WORK/dom0-init.installed"
+fi
+rm -f "$PIDF"
+step "booting Xen $RIG_XENVER ($RIG_SUITE) under QEMU TCG; log $LOG"
+timeout --foreground "$TIMEOUT" qemu-system-x86_64 -machine q35 -accel tcg,thread=multi,tb-size=512 \
+    -cpu qemu64 -smp 2 -m 4G -display none -monitor none -serial stdio -no-reboot \
+    -kernel "$RIG_BOOT/xen" -append "$XEN_CMD" \
+    -initrd "$RIG_BOOT/vmlinuz $DOM0_CMD,$RIG_BOOT/initrd.img" \
+    -drive "file=$RIG_IMG,if=none,id=d0,format=raw,cache=unsafe,snapshot=on" -device virtio-blk-pci,drive=d0 \
+    -drive "file=$RIG_WORK/payload.ext4,if=none,id=d1,format=raw,readonly=on" -device virtio-blk-pci,drive=d1 \
+    -pidfile "$PIDF" < /dev/null 2>&1 | while IFS= read -r line; do
+        printf '%6d %s\n' "$(( ${EPOCHSECONDS} - ${T0%.*} ))" "${line//$'\r'/}"
+    done > "$LOG"
+step "QEMU exited"
+
+grep -aE 'RIG: |  (main|again|ref|qd|copy)\| |XENFRONT|  tap(back|disk)\|' "$LOG" | grep -avE 'guest_loglvl' | sed 's/^ *[0-9.]* //' > "$RIG_LOGS/summary.txt"
+grep -aE 'RIG: (CHECK|RESULT|frontend|main.img)|DOMU: (CHECK|NEGOTIATED)|XENFRONT' "$LOG" | sed 's/^ *[0-9.]* //'
+echo
+echo "=== backend comparison (same guest workload, fio O_DIRECT libaio; TCG: only the ratios mean something)"
+grep -a 'DOMU: BENCH' "$LOG" | sed 's/.*DOMU: BENCH //' | awk '
+    { split($3, a, "="); split($4, b, "="); iops[$1","$2] = a[2]; labels[$1] = 1; w[$2] = 1; order[++n] = $1 }
+    END {
+        base = ("blkback" in labels) ? "blkback" : order[1]
+        printf "%-22s", "workload (IOPS)"; for (l in labels) printf " %14s", l; printf "   ratios vs %s\n", base
+        for (k in w) {
+            printf "%-22s", k
+            for (l in labels) printf " %14.0f", iops[l","k]
+            printf "  "
+            for (l in labels) if (l != base && iops[base","k] > 0) printf " %s=%.2f", l, iops[l","k] / iops[base","k]
+            printf "\n"
+        }
+    }'
+echo
+if grep -aq 'RIG: RESULT PASS' "$LOG"; then
+    step "PASS (suite $RIG_SUITE)"; exit 0
+fi
+step "FAIL (suite $RIG_SUITE): see $LOG"; exit 1

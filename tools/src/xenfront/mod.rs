@@ -1,0 +1,292 @@
+//! `xen-frontend`: a blkif frontend played from dom0, for the Xen rig.
+//!
+//! It does what a toolstack and a guest's blkfront do, with dom0 as the "guest": writes a
+//! `backend/vbd3/0/<devid>` device and its frontend directory, runs the hotplug script, grants
+//! a ring page and data pages through `/dev/xen/gntalloc`, allocates an event channel,
+//! publishes them and waits for the backend to connect. Then:
+//!
+//! 1. a write and a read of one page, checked (the backend maps dom0's grants like a guest's);
+//! 2. `--garbage N`: N slots of random bytes (unique ids), each must be answered with an error
+//!    while the device stays Connected;
+//! 3. a `req_prod` far beyond the ring: the backend must drop the rings and close the device
+//!    (state 5), without harming the other disks it serves.
+//!
+//! Prints `XENFRONT: PASS ...` or `XENFRONT: FAIL ...` lines and exits non-zero on a failure.
+
+use std::ffi::OsString;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use blkif::protocol::{op, status, Abi, Segment, MAX_SLOT, PAGE_SIZE};
+use blkif::request::encode;
+use blkif::ring::FrontRing;
+use blkif::xen::evtchn::Evtchn;
+use blkif::xen::gntalloc::GrantedPages;
+use blkif::xen::xenstore::{Tx, Xenstore};
+use clap::Parser;
+
+/// xen-frontend: play a (hostile) blkif frontend from dom0 against the backend serving vbd3.
+#[derive(Debug, Parser)]
+#[command(name = "xen-frontend", version)]
+pub struct Args {
+    /// Image for the device (given to the hotplug script as params).
+    #[arg(long)]
+    pub image: String,
+    /// Device id to use (frontend `virtual-device`).
+    #[arg(long, default_value_t = 51952)]
+    pub devid: u32,
+    /// Backend kind.
+    #[arg(long, default_value = "vbd3")]
+    pub kind: String,
+    /// The hotplug script to run once the backend is in InitWait.
+    #[arg(long, default_value = "/etc/xen/scripts/block-tap")]
+    pub hotplug: String,
+    /// Random slots to send before the overflowing producer index.
+    #[arg(long, default_value_t = 64)]
+    pub garbage: u32,
+    /// Seconds to wait for each backend state change.
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+}
+
+/// Entry point.
+pub fn main_with(argv: impl IntoIterator<Item = OsString>) -> i32 {
+    let args = match Args::try_parse_from(argv) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match run(&args) {
+        Ok(()) => 0,
+        Err(e) => {
+            println!("XENFRONT: FAIL {e:#}");
+            1
+        }
+    }
+}
+
+fn wait_state(xs: &mut Xenstore, path: &str, want: &[&str], secs: u64) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let v = xs.read(Tx::NONE, path)?.unwrap_or_default();
+        if want.contains(&v.as_str()) {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("{path} is {v:?} after {secs} s, expected one of {want:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct XorShift(u64);
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn run(a: &Args) -> Result<()> {
+    let mut xs = Xenstore::open()?;
+    let be = format!("/local/domain/0/backend/{}/0/{}", a.kind, a.devid);
+    let fe = format!("/local/domain/0/device/vbd/{}", a.devid);
+    xs.rm(Tx::NONE, &be)?;
+    xs.rm(Tx::NONE, &fe)?;
+    // What xl writes for a new disk (see xen-configs/NOTES.md), with dom0 as the frontend.
+    xs.transaction(|xs, tx| {
+        for (k, v) in [
+            ("backend", be.as_str()),
+            ("backend-id", "0"),
+            ("virtual-device", &a.devid.to_string()),
+            ("device-type", "disk"),
+            ("state", "1"),
+        ] {
+            xs.write(tx, &format!("{fe}/{k}"), v)?;
+        }
+        for (k, v) in [
+            ("frontend", fe.as_str()),
+            ("frontend-id", "0"),
+            ("online", "1"),
+            ("state", "1"),
+            ("params", &a.image),
+            ("mode", "w"),
+            ("dev", "xvdz"),
+            ("type", &a.kind),
+            ("device-type", "disk"),
+        ] {
+            xs.write(tx, &format!("{be}/{k}"), v)?;
+        }
+        Ok(())
+    })?;
+    wait_state(&mut xs, &format!("{be}/state"), &["2"], a.timeout)?;
+    println!("XENFRONT: backend in InitWait; running {} add", a.hotplug);
+    let st = std::process::Command::new(&a.hotplug)
+        .arg("add")
+        .env("XENBUS_PATH", be.trim_start_matches("/local/domain/0/"))
+        .env("XENBUS_TYPE", &a.kind)
+        .env("XENBUS_BASE_PATH", "backend")
+        .status()
+        .with_context(|| format!("cannot run {}", a.hotplug))?;
+    if !st.success() {
+        bail!("{} add failed ({st})", a.hotplug);
+    }
+    let result = frontend(&mut xs, a, &be, &fe);
+    // Tear down as the toolstack would, whatever happened.
+    let _ = xs.write(Tx::NONE, &format!("{fe}/state"), "6");
+    let _ = xs.write(Tx::NONE, &format!("{be}/online"), "0");
+    let _ = xs.write(Tx::NONE, &format!("{be}/state"), "5");
+    let _ = wait_state(&mut xs, &format!("{be}/state"), &["6"], a.timeout);
+    let _ = std::process::Command::new(&a.hotplug)
+        .arg("remove")
+        .env("XENBUS_PATH", be.trim_start_matches("/local/domain/0/"))
+        .env("XENBUS_TYPE", &a.kind)
+        .env("XENBUS_BASE_PATH", "backend")
+        .status();
+    let _ = xs.rm(Tx::NONE, &be);
+    let _ = xs.rm(Tx::NONE, &fe);
+    result
+}
+
+fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
+    let abi = Abi::X86_64;
+    let ring_pages = GrantedPages::alloc(0, 1).context("granting the ring page")?;
+    let data = GrantedPages::alloc(0, 2).context("granting data pages")?;
+    // SAFETY: the granted page is ours, mapped for as long as `ring_pages` lives, which
+    // outlives `ring` (declared after it, dropped before it).
+    let mut ring =
+        unsafe { FrontRing::init(ring_pages.addr(), 1, abi) }.context("ring too small")?;
+    let ev = Evtchn::bind_unbound(0).context("allocating an event channel")?;
+    xs.transaction(|xs, tx| {
+        xs.write(
+            tx,
+            &format!("{fe}/ring-ref"),
+            &ring_pages.refs()[0].to_string(),
+        )?;
+        xs.write(tx, &format!("{fe}/event-channel"), &ev.port().to_string())?;
+        xs.write(tx, &format!("{fe}/protocol"), abi.name())?;
+        xs.write(tx, &format!("{fe}/state"), "3")
+    })?;
+    wait_state(xs, &format!("{be}/state"), &["4"], a.timeout)?;
+    xs.write(Tx::NONE, &format!("{fe}/state"), "4")?;
+    let sectors: u64 = xs
+        .read(Tx::NONE, &format!("{be}/sectors"))?
+        .unwrap_or_default()
+        .parse()
+        .context("sectors")?;
+    println!("XENFRONT: backend Connected, {sectors} sectors");
+
+    // 1. A well-formed write then read of one page.
+    let pat: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 7 + 3) as u8).collect();
+    // SAFETY: page 0 of `data` is ours and mapped; nothing else writes it now.
+    unsafe { std::ptr::copy_nonoverlapping(pat.as_ptr(), data.addr().as_ptr(), PAGE_SIZE) };
+    let seg = |p: usize| Segment {
+        gref: data.refs()[p],
+        first_sect: 0,
+        last_sect: 7,
+        pad: 0,
+    };
+    let mut slot = [0u8; MAX_SLOT];
+    let lay = abi.layout().slot;
+    let mut roundtrip = |ring: &mut FrontRing, opc: u8, id: u64, s: Segment| -> Result<i16> {
+        encode(abi, opc, 1, id, 8, &[s], &mut slot);
+        ring.put_request(&slot[..lay]);
+        if ring.push_requests() {
+            ev.notify_port()?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(a.timeout);
+        loop {
+            let mut got = None;
+            ring.take_responses(|r| got = Some(r));
+            if let Some(r) = got {
+                if r.id != id {
+                    bail!("response id {} for request {id}", r.id);
+                }
+                return Ok(r.status);
+            }
+            if Instant::now() > deadline {
+                bail!("no response to request {id}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let w = roundtrip(&mut ring, op::WRITE, 1, seg(0))?;
+    let r = roundtrip(&mut ring, op::READ, 2, seg(1))?;
+    let mut back = vec![0u8; PAGE_SIZE];
+    // SAFETY: page 1 of `data` is ours; the backend finished writing it (response seen).
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            data.addr().as_ptr().add(PAGE_SIZE),
+            back.as_mut_ptr(),
+            PAGE_SIZE,
+        )
+    };
+    if w != status::OKAY || r != status::OKAY || back != pat {
+        bail!(
+            "write/read through dom0 grants: status {w}/{r}, data equal: {}",
+            back == pat
+        );
+    }
+    println!("XENFRONT: PASS write+read of a page through granted dom0 pages");
+
+    // 2. Garbage slots, each with a unique id.
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut answered = 0u32;
+    let mut errors = 0u32;
+    for i in 0..a.garbage {
+        let mut g = [0u8; MAX_SLOT];
+        for b in g.iter_mut() {
+            *b = rng.next() as u8;
+        }
+        let id = 1000 + u64::from(i);
+        g[abi.layout().id..abi.layout().id + 8].copy_from_slice(&id.to_le_bytes());
+        while ring.free() == 0 {
+            ring.take_responses(|_| {});
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        ring.put_request(&g[..lay]);
+        if ring.push_requests() {
+            ev.notify_port()?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(a.timeout);
+        loop {
+            let mut got = None;
+            ring.take_responses(|r| got = Some(r));
+            if let Some(r) = got {
+                answered += 1;
+                if r.status != status::OKAY {
+                    errors += 1;
+                }
+                break;
+            }
+            if xs.read(Tx::NONE, &format!("{be}/state"))?.as_deref() != Some("4") {
+                bail!("the backend closed the device after {i} garbage requests");
+            }
+            if Instant::now() > deadline {
+                bail!("garbage request {i} was never answered");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    println!(
+        "XENFRONT: PASS {answered} garbage requests answered ({errors} with an error), device still Connected"
+    );
+
+    // 3. A producer index far beyond the ring: the backend must drop the rings.
+    let t0 = Instant::now();
+    ring.publish_raw_req_prod(ring.outstanding().wrapping_add(100_000));
+    ev.notify_port()?;
+    let st = wait_state(xs, &format!("{be}/state"), &["5", "6"], a.timeout)?;
+    let why = xs
+        .read(Tx::NONE, &format!("{be}/error"))?
+        .unwrap_or_default();
+    println!(
+        "XENFRONT: PASS overflowing req_prod: backend state {st} after {:.1} s ({why})",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
