@@ -1,8 +1,11 @@
 //! Image drivers: what a VBD reads and writes.
 //!
-//! `aio:PATH` is a raw file or block device (blktap's name for it). The ring path drives it with
-//! io_uring straight into the frontend's pages (see [`crate::vbd`]); the synchronous methods of
-//! [`BlockTarget`] serve the NBD export and tools, where one thread per connection is plenty.
+//! A driver is an [`Image`]: the synchronous methods of [`BlockTarget`] serve the NBD export and
+//! tools (one thread per connection is plenty there), and [`Image::engine`] builds, for each
+//! ring, the [`Engine`] its event loop drives (io_uring straight into the frontend's pages).
+//! [`open_image`] opens a disk spec with the driver it names.
+//!
+//! `aio:PATH` is a raw file or block device (blktap's name for it).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -10,6 +13,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::engine::{Engine, Uring};
 
 /// Bytes in a blkif sector (always 512, whatever the image's own block size).
 pub const SECTOR: u64 = 512;
@@ -35,6 +41,35 @@ pub trait BlockTarget: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Writes `len` zero bytes at `offset`.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// A disk image a VBD serves, whatever the driver.
+pub trait Image: BlockTarget {
+    /// An engine for one ring over this image, with `tags` concurrent IOs; `update` when it
+    /// replaces another engine on the same ring (registered files are updated, not added).
+    fn engine(
+        self: Arc<Self>,
+        ring: &mut Uring,
+        tags: u32,
+        update: bool,
+    ) -> io::Result<Box<dyn Engine>>;
+    /// For logs and `tap-ctl list`: the spec it was opened from.
+    fn spec(&self) -> ImageSpec;
+    /// Whether IO bypasses the page cache (for the log line at open).
+    fn direct(&self) -> bool {
+        false
+    }
+    /// Driver-specific counters for `tap-ctl stats` (`null` if none).
+    fn stats(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+/// Opens `spec` with the driver it names.
+pub fn open_image(spec: &ImageSpec, opts: OpenOptionsImg) -> io::Result<Arc<dyn Image>> {
+    match spec.driver {
+        Driver::Aio => Ok(Arc::new(AioImage::open(&spec.path, opts)?)),
+    }
 }
 
 /// Which image driver a disk spec names.
@@ -292,6 +327,28 @@ pub fn discard_fd(
 fn to_off(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))
+}
+
+impl Image for AioImage {
+    fn engine(
+        self: Arc<Self>,
+        ring: &mut Uring,
+        tags: u32,
+        update: bool,
+    ) -> io::Result<Box<dyn Engine>> {
+        Ok(Box::new(crate::engine::aio::AioEngine::new(
+            ring, self, tags, update,
+        )?))
+    }
+    fn spec(&self) -> ImageSpec {
+        ImageSpec {
+            driver: Driver::Aio,
+            path: self.path.clone(),
+        }
+    }
+    fn direct(&self) -> bool {
+        self.direct.is_some()
+    }
 }
 
 impl BlockTarget for AioImage {

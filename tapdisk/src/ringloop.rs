@@ -35,11 +35,10 @@ use io_uring::{opcode, types};
 use slog::{debug, info, warn, Logger};
 
 use crate::early::{self, EarlyPolicy, EarlyReads, Outcome, ReadCache};
-use crate::engine::aio::AioEngine;
 use crate::engine::model::ModelParams;
 use crate::engine::{Done, Engine, Uring, ENGINE_SPACE};
 use crate::idset::IdSet;
-use crate::image::AioImage;
+use crate::image::Image;
 use crate::logging::RateLimit;
 use crate::sched::{Sched, SchedConfig};
 use crate::stats::RingStats;
@@ -51,6 +50,8 @@ const TOKEN_CTL: u64 = u64::MAX - 1;
 const TOKEN_HANGUP: u64 = u64::MAX - 2;
 const TOKEN_BATCH: u64 = u64::MAX - 3;
 const TOKEN_UFFD: u64 = u64::MAX - 4;
+const TOKEN_ENGINE: u64 = u64::MAX - 5;
+const TOKEN_CANCEL: u64 = u64::MAX - 6;
 
 /// A ring as a transport hands it over: the back ring, grant mapper and event channel.
 pub trait RingTransport: Send + 'static {
@@ -144,15 +145,15 @@ pub struct RingEnv {
     pub cache: Option<Arc<ReadCache>>,
 }
 
-/// Builds the engine for `image` on `ring`: aio, then injected faults, then a model.
+/// Builds the engine for `image` on `ring`: the driver's, then injected faults, then a model.
 pub fn make_engine(
     ring: &mut Uring,
-    image: Arc<AioImage>,
+    image: Arc<dyn Image>,
     cfg: &RingConfig,
     tags: u32,
     update: bool,
 ) -> io::Result<Box<dyn Engine>> {
-    let mut e: Box<dyn Engine> = Box::new(AioEngine::new(ring, image, tags, update)?);
+    let mut e: Box<dyn Engine> = image.engine(ring, tags, update)?;
     if let Some(f) = &cfg.faults {
         e = Box::new(crate::engine::fault::FaultEngine::new(e, f.clone(), tags));
     }
@@ -168,7 +169,7 @@ pub struct RingLoop<T: RingTransport> {
     abi: Abi,
     disk: DiskInfo,
     cfg: RingConfig,
-    image: Arc<AioImage>,
+    image: Arc<dyn Image>,
     uring: Uring,
     engine: Box<dyn Engine>,
     sched: Sched,
@@ -320,7 +321,7 @@ impl<T: RingTransport> RingLoop<T> {
         if let Some(fd) = self.t.early_read().map(|p| p.uffd.fd()) {
             self.push_sqe(&multi(fd, TOKEN_UFFD))?;
         }
-        Ok(())
+        self.arm_engine_poll()
     }
 
     /// Runs until the frontend goes away, breaks the protocol, or the VBD stops the ring.
@@ -425,13 +426,20 @@ impl<T: RingTransport> RingLoop<T> {
             if !paused {
                 // The image may have been replaced while we were paused (nothing in flight).
                 let image = self.vbd.image();
-                if !Arc::ptr_eq(&image, &self.image) {
+                if !std::ptr::addr_eq(Arc::as_ptr(&image), Arc::as_ptr(&self.image)) {
                     let tags = self.sched.tags();
                     match make_engine(&mut self.uring, image.clone(), &self.cfg, tags, true) {
                         Ok(e) => {
                             self.sched.set_engine_limit(e.max_in_flight());
+                            if self.engine.poll_fd().is_some() {
+                                let c = opcode::AsyncCancel::new(TOKEN_ENGINE)
+                                    .build()
+                                    .user_data(TOKEN_CANCEL);
+                                self.push_sqe(&c)?;
+                            }
                             self.engine = e;
                             self.image = image;
+                            self.arm_engine_poll()?;
                         }
                         Err(e) => {
                             warn!(self.log, "cannot switch to the new image"; "error" => %e);
@@ -1107,32 +1115,62 @@ impl<T: RingTransport> RingLoop<T> {
                         }
                     }
                 }
+                TOKEN_ENGINE => {
+                    if res == -libc::ECANCELED {
+                        continue;
+                    }
+                    self.engine.on_poll(&mut self.uring, &mut self.done)?;
+                    self.process_done(&mut now)?;
+                    if !more {
+                        self.arm_engine_poll()?;
+                    }
+                }
+                TOKEN_CANCEL => {}
                 ud if ud < ENGINE_SPACE => {
                     self.engine
                         .complete(&mut self.uring, ud, res, &mut self.done)?;
-                    if !self.done.0.is_empty() {
-                        if now == 0 {
-                            now = now_ns();
-                        }
-                        for i in 0..self.done.0.len() {
-                            let (tag, r) = self.done.0[i];
-                            if r < 0 {
-                                self.io_error(tag, r);
-                            }
-                            self.sched.io_done(
-                                tag,
-                                r,
-                                &mut self.uring,
-                                &mut *self.engine,
-                                &self.stats,
-                                now,
-                            )?;
-                        }
-                        self.done.0.clear();
-                    }
+                    self.process_done(&mut now)?;
                 }
                 other => debug!(self.log, "unexpected completion"; "token" => other),
             }
+        }
+        Ok(())
+    }
+
+    /// Hands what the engine reported done to the scheduler.
+    fn process_done(&mut self, now: &mut u64) -> io::Result<()> {
+        if self.done.0.is_empty() {
+            return Ok(());
+        }
+        if *now == 0 {
+            *now = now_ns();
+        }
+        for i in 0..self.done.0.len() {
+            let (tag, r) = self.done.0[i];
+            if r < 0 {
+                self.io_error(tag, r);
+            }
+            self.sched.io_done(
+                tag,
+                r,
+                &mut self.uring,
+                &mut *self.engine,
+                &self.stats,
+                *now,
+            )?;
+        }
+        self.done.0.clear();
+        Ok(())
+    }
+
+    /// Polls the engine's completion descriptor, if it has one.
+    fn arm_engine_poll(&mut self) -> io::Result<()> {
+        if let Some(fd) = self.engine.poll_fd() {
+            let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(TOKEN_ENGINE);
+            self.push_sqe(&e)?;
         }
         Ok(())
     }

@@ -23,7 +23,7 @@ use blkif::request::DiskInfo;
 use slog::{info, o, warn, Logger};
 
 use crate::control::proto::{VbdOptions, VbdState, VbdSummary};
-use crate::image::{AioImage, BlockTarget, ImageSpec, OpenOptionsImg, SECTOR};
+use crate::image::{open_image, BlockTarget, Image, ImageSpec, OpenOptionsImg, SECTOR};
 use crate::nbd::{NbdListen, NbdServer};
 use crate::ringloop::{RingConfig, RingEnv, RingExit, RingLoop};
 use crate::sched::SchedConfig;
@@ -37,18 +37,26 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// State shared by the VBD and its ring loops.
-#[derive(Debug)]
 pub struct VbdShared {
     /// Ring loops take no new requests while set.
     pub paused: AtomicBool,
-    image: Mutex<Arc<AioImage>>,
+    image: Mutex<Arc<dyn Image>>,
     /// The host-side read cache (early read return), if configured.
     pub cache: Option<Arc<crate::early::ReadCache>>,
 }
 
+impl std::fmt::Debug for VbdShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VbdShared")
+            .field("paused", &self.paused)
+            .field("image", &self.image().spec().to_string())
+            .finish_non_exhaustive()
+    }
+}
+
 impl VbdShared {
     /// The current image.
-    pub fn image(&self) -> Arc<AioImage> {
+    pub fn image(&self) -> Arc<dyn Image> {
         lock(&self.image).clone()
     }
 }
@@ -156,7 +164,7 @@ impl GatedTarget {
         }
     }
 
-    fn with<R>(&self, c: &AtomicU64, f: impl FnOnce(&AioImage) -> io::Result<R>) -> io::Result<R> {
+    fn with<R>(&self, c: &AtomicU64, f: impl FnOnce(&dyn Image) -> io::Result<R>) -> io::Result<R> {
         {
             let mut g = lock(&self.gate.state);
             while g.closed {
@@ -164,7 +172,7 @@ impl GatedTarget {
             }
             g.active += 1;
         }
-        let r = f(&self.shared.image());
+        let r = f(&*self.shared.image());
         {
             let mut g = lock(&self.gate.state);
             g.active -= 1;
@@ -283,8 +291,8 @@ impl Vbd {
             Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
             None => None,
         };
-        let image = AioImage::open(
-            &spec.path,
+        let image = open_image(
+            &spec,
             OpenOptionsImg {
                 read_only: opts.read_only,
                 direct: opts.direct,
@@ -299,7 +307,7 @@ impl Vbd {
             read_only: opts.read_only,
             flush: true,
             barrier: true,
-            discard: !opts.read_only,
+            discard: !opts.read_only && image.supports_discard(),
             max_segments: opts.max_segments,
             max_indirect_segments: opts.max_indirect_segments,
         };
@@ -317,11 +325,11 @@ impl Vbd {
             faults: opts.faults.clone(),
         };
         let log = log.new(o!("minor" => minor));
-        let direct = image.direct_fd().is_some();
+        let direct = image.direct();
         let size = image.size();
         let shared = Arc::new(VbdShared {
             paused: AtomicBool::new(false),
-            image: Mutex::new(Arc::new(image)),
+            image: Mutex::new(image),
             cache: opts
                 .early
                 .filter(|p| p.cache_mb > 0)
@@ -500,8 +508,8 @@ impl Vbd {
             anyhow::bail!("minor {} is not paused", self.minor);
         }
         if let Some(spec) = new_image {
-            let img = AioImage::open(
-                &spec.path,
+            let img = open_image(
+                &spec,
                 OpenOptionsImg {
                     read_only: self.opts.read_only,
                     direct: self.opts.direct,
@@ -515,7 +523,7 @@ impl Vbd {
                     self.disk.sectors
                 );
             }
-            *lock(&self.shared.image) = Arc::new(img);
+            *lock(&self.shared.image) = img;
             info!(self.log, "image replaced"; "image" => %spec);
             self.spec = spec;
         }

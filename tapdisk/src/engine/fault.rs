@@ -143,6 +143,11 @@ impl FaultEngine {
         done.push(tag, r);
     }
 
+    fn collect_polled(&mut self, _ring: &mut Uring, done: &mut Done) -> io::Result<()> {
+        self.collect(done);
+        Ok(())
+    }
+
     fn collect(&mut self, done: &mut Done) {
         for i in 0..self.inner_done.0.len() {
             let (tag, res) = self.inner_done.0[i];
@@ -245,6 +250,15 @@ impl Engine for FaultEngine {
             .complete(ring, user_data, res, &mut self.inner_done)?;
         self.collect(done);
         Ok(())
+    }
+
+    fn poll_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.poll_fd()
+    }
+
+    fn on_poll(&mut self, ring: &mut Uring, done: &mut Done) -> io::Result<()> {
+        self.inner.on_poll(ring, &mut self.inner_done)?;
+        self.collect_polled(ring, done)
     }
 
     fn describe(&self) -> String {

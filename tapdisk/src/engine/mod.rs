@@ -182,4 +182,16 @@ pub trait Engine {
     fn max_in_flight(&self) -> Option<u32> {
         None
     }
+
+    /// For engines whose IOs complete on other threads (network storage): a descriptor that
+    /// polls readable when completions are waiting. The ring loop polls it on its io_uring
+    /// and then calls [`Engine::on_poll`].
+    fn poll_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// [`Engine::poll_fd`] was readable: report what completed into `done`.
+    fn on_poll(&mut self, _ring: &mut Uring, _done: &mut Done) -> io::Result<()> {
+        Ok(())
+    }
 }

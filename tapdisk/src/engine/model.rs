@@ -224,6 +224,11 @@ impl ModelDisk {
         Ok(())
     }
 
+    fn collect_polled(&mut self, ring: &mut Uring, done: &mut Done) -> io::Result<()> {
+        self.collect();
+        self.finish(ring, done)
+    }
+
     fn collect(&mut self) {
         if let Some(b) = self.busy.as_mut() {
             for &(tag, res) in &self.inner_done.0 {
@@ -279,6 +284,15 @@ impl Engine for ModelDisk {
         self.finish(ring, done)
     }
 
+    fn poll_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.poll_fd()
+    }
+
+    fn on_poll(&mut self, ring: &mut Uring, done: &mut Done) -> io::Result<()> {
+        self.inner.on_poll(ring, &mut self.inner_done)?;
+        self.collect_polled(ring, done)
+    }
+
     fn describe(&self) -> String {
         format!("{} over {}", self.params, self.inner.describe())
     }
@@ -319,6 +333,11 @@ impl ModelLink {
             link_free: 0,
             inner_done: Done::with_capacity(tags as usize),
         }
+    }
+
+    fn collect_polled(&mut self, _ring: &mut Uring, done: &mut Done) -> io::Result<()> {
+        self.collect(done);
+        Ok(())
     }
 
     fn collect(&mut self, done: &mut Done) {
@@ -398,6 +417,15 @@ impl Engine for ModelLink {
             .complete(ring, user_data, res, &mut self.inner_done)?;
         self.collect(done);
         Ok(())
+    }
+
+    fn poll_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.poll_fd()
+    }
+
+    fn on_poll(&mut self, ring: &mut Uring, done: &mut Done) -> io::Result<()> {
+        self.inner.on_poll(ring, &mut self.inner_done)?;
+        self.collect_polled(ring, done)
     }
 
     fn describe(&self) -> String {
