@@ -19,6 +19,7 @@
 pub mod client;
 pub mod map;
 pub mod master;
+pub mod path;
 pub mod proto;
 pub mod rpc;
 pub mod xdr;
