@@ -202,9 +202,7 @@ impl Disk {
             let cap = iscsi::Client::connect(&cfg, *lun)
                 .and_then(|mut c| c.read_capacity16())
                 .map_err(|e| {
-                    Error::Master(format!(
-                        "server {portal} target {target} LUN {lun}: {e}"
-                    ))
+                    Error::Master(format!("server {portal} target {target} LUN {lun}: {e}"))
                 })?;
             if u64::from(cap.block_size) != BLOCK {
                 return Err(Error::Master(format!(
@@ -313,9 +311,7 @@ impl Disk {
     fn refresh(&self) -> StripeMap {
         let mut g = lock(&self.locked);
         match LockedMap::open(&self.map_path) {
-            Ok(n)
-                if n.map.disk_id == g.map.disk_id && n.map.geometry == g.map.geometry =>
-            {
+            Ok(n) if n.map.disk_id == g.map.disk_id && n.map.geometry == g.map.geometry => {
                 if n.map != g.map {
                     slog::info!(self.opts.logger, "mapping file changed; using the new extents";
                         "file" => %self.map_path.display());
@@ -988,10 +984,12 @@ impl Striper {
                     }
                 }
                 if c.kind == Kind::Read {
-                    self.servers[si]
-                        .stats
-                        .failovers
-                        .fetch_add(1, Ordering::Relaxed);
+                    if self.pick_replica(&c).is_some() {
+                        self.servers[si]
+                            .stats
+                            .failovers
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     // The next replica, if any (send fails the command when none is left).
                     self.send(ci);
                     return;
@@ -1186,7 +1184,10 @@ impl SyncStriper {
     /// UNMAPs a range.
     pub fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: a discard has no buffers.
-        unsafe { self.s.submit(0, Op::Discard, offset, len, std::ptr::null(), 0) };
+        unsafe {
+            self.s
+                .submit(0, Op::Discard, offset, len, std::ptr::null(), 0)
+        };
         self.wait()
     }
 }

@@ -2,6 +2,11 @@
 //! is done in [`tapdisk_tools::stripetools::img`].
 
 fn main() {
+    // Die quietly when the reader of our output goes away (`stripe-img info | head`).
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     std::process::exit(tapdisk_tools::stripetools::img::main_with(
         std::env::args_os(),
     ));

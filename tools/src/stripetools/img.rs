@@ -222,7 +222,12 @@ fn create(a: &CreateArgs) -> Result<()> {
 fn info(a: &InfoArgs) -> Result<()> {
     let m = StripeMap::read(&a.map)?;
     let g = m.geometry;
-    println!("{}: disk {} from master {}", a.map.display(), m.disk_id, m.master);
+    println!(
+        "{}: disk {} from master {}",
+        a.map.display(),
+        m.disk_id,
+        m.master
+    );
     println!(
         "size {} ({} bytes), {} stripes of {}, {} replica(s), extents of {}",
         fmt_bytes(g.size),

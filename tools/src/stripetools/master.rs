@@ -191,7 +191,9 @@ fn register(a: &RegisterCmd) -> Result<()> {
                     fmt_bytes(es)
                 );
             }
-            u32::try_from(n).unwrap_or(u32::MAX).min(stripe::proto::MAX_EXTENTS)
+            u32::try_from(n)
+                .unwrap_or(u32::MAX)
+                .min(stripe::proto::MAX_EXTENTS)
         }
     };
     let added = c.register(&RegisterArgs {

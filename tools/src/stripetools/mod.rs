@@ -22,13 +22,14 @@ where
             }
             _ => {
                 let text = e.render().to_string();
-                let first = text
+                let msg: Vec<&str> = text
                     .lines()
                     .map(str::trim)
-                    .find(|l| !l.is_empty())
-                    .unwrap_or("bad command line");
-                let first = first.strip_prefix("error: ").unwrap_or(first);
-                eprintln!("{tool}: {first}; see '{tool} --help'");
+                    .take_while(|l| !l.starts_with("Usage:"))
+                    .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+                    .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+                    .collect();
+                eprintln!("{tool}: {}; see '{tool} --help'", msg.join(" "));
                 2
             }
         }
