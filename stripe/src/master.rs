@@ -489,7 +489,7 @@ impl Store {
 
 /// A running master: the state behind a mutex (calls are rare and short) and its store.
 pub struct Master {
-    inner: Mutex<(Store, State)>,
+    inner: Mutex<(Option<Store>, State)>,
     log: slog::Logger,
 }
 
@@ -497,9 +497,17 @@ impl Master {
     /// A master over an opened store.
     pub fn new(store: Store, state: State, log: slog::Logger) -> Arc<Master> {
         Arc::new(Master {
-            inner: Mutex::new((store, state)),
+            inner: Mutex::new((Some(store), state)),
             log,
         })
+    }
+
+    /// A master that keeps its state in memory only (tests and fuzzing).
+    pub fn in_memory(state: State) -> Master {
+        Master {
+            inner: Mutex::new((None, state)),
+            log: slog::Logger::root(slog::Discard, slog::o!()),
+        }
     }
 
     /// Applies a change to a copy of the state, stores it, then makes it current.
@@ -507,9 +515,11 @@ impl Master {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = g.1.clone();
         let out = f(&mut next)?;
-        if let Err(e) = g.0.save(&next) {
-            slog::error!(self.log, "storing state failed"; "error" => %e);
-            return Err(Failure::new(Status::Storage, e.to_string()));
+        if let Some(store) = &g.0 {
+            if let Err(e) = store.save(&next) {
+                slog::error!(self.log, "storing state failed"; "error" => %e);
+                return Err(Failure::new(Status::Storage, e.to_string()));
+            }
         }
         g.1 = next;
         Ok(out)
