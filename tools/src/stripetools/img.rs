@@ -139,6 +139,50 @@ fn default_disk_id(out: &std::path::Path) -> String {
     format!("{stem}-{:08x}", r >> 32)
 }
 
+/// Allocates the extents of a disk of `geometry` (whose extent size is the master's) from the
+/// master `c` as `disk_id`, and builds its mapping.
+pub fn allocate_map(c: &mut MasterClient, geometry: Geometry, disk_id: &str) -> Result<StripeMap> {
+    geometry.check().map_err(anyhow::Error::msg)?;
+    let count = geometry.extent_count();
+    let placements = c.allocate(&AllocArgs {
+        disk: disk_id.to_owned(),
+        first: 0,
+        count,
+        replicas: geometry.replicas,
+    })?;
+    let mut extents: Vec<Vec<Option<MapExtent>>> =
+        vec![vec![None; geometry.replicas as usize]; count as usize];
+    for p in placements {
+        let slot = extents
+            .get_mut(p.index as usize)
+            .and_then(|r| r.get_mut(p.replica as usize))
+            .context("the master answered with an extent index out of range")?;
+        let lun = u16::try_from(p.extent.lun).context("the master gave a LUN above 65535")?;
+        if p.extent.len != geometry.extent_size {
+            bail!("the master gave an extent of {} bytes", p.extent.len);
+        }
+        *slot = Some(MapExtent {
+            portal: p.extent.portal,
+            target: p.extent.target,
+            lun,
+            addr: p.extent.addr,
+        });
+    }
+    let extents = extents
+        .into_iter()
+        .map(|r| r.into_iter().collect::<Option<Vec<_>>>())
+        .collect::<Option<Vec<_>>>()
+        .context("the master left extents out of its answer")?;
+    let map = StripeMap {
+        disk_id: disk_id.to_owned(),
+        master: c.addr().to_owned(),
+        geometry,
+        extents,
+    };
+    map.check().map_err(anyhow::Error::msg)?;
+    Ok(map)
+}
+
 fn create(a: &CreateArgs) -> Result<()> {
     if a.output.exists() {
         bail!("{} exists already", a.output.display());
@@ -160,42 +204,7 @@ fn create(a: &CreateArgs) -> Result<()> {
         .disk_id
         .clone()
         .unwrap_or_else(|| default_disk_id(&a.output));
-    let count = geometry.extent_count();
-    let placements = c.allocate(&AllocArgs {
-        disk: disk_id.clone(),
-        first: 0,
-        count,
-        replicas: a.replicas,
-    })?;
-    let mut extents: Vec<Vec<Option<MapExtent>>> =
-        vec![vec![None; a.replicas as usize]; count as usize];
-    for p in placements {
-        let slot = extents
-            .get_mut(p.index as usize)
-            .and_then(|r| r.get_mut(p.replica as usize))
-            .context("the master answered with an extent index out of range")?;
-        let lun = u16::try_from(p.extent.lun).context("the master gave a LUN above 65535")?;
-        if p.extent.len != extent_size {
-            bail!("the master gave an extent of {} bytes", p.extent.len);
-        }
-        *slot = Some(MapExtent {
-            portal: p.extent.portal,
-            target: p.extent.target,
-            lun,
-            addr: p.extent.addr,
-        });
-    }
-    let extents = extents
-        .into_iter()
-        .map(|r| r.into_iter().collect::<Option<Vec<_>>>())
-        .collect::<Option<Vec<_>>>()
-        .context("the master left extents out of its answer")?;
-    let map = StripeMap {
-        disk_id,
-        master: c.addr().to_owned(),
-        geometry,
-        extents,
-    };
+    let map = allocate_map(&mut c, geometry, &disk_id)?;
     map.write_new(&a.output)?;
     let servers: std::collections::BTreeSet<&str> = map
         .extents
@@ -212,7 +221,7 @@ fn create(a: &CreateArgs) -> Result<()> {
         a.stripes,
         fmt_size(a.stripe_size),
         a.replicas,
-        count as usize * a.replicas as usize,
+        map.extents.len() * a.replicas as usize,
         fmt_size(extent_size),
         servers.len()
     );
