@@ -69,6 +69,11 @@ pub trait Image: BlockTarget {
 pub fn open_image(spec: &ImageSpec, opts: OpenOptionsImg) -> io::Result<Arc<dyn Image>> {
     match spec.driver {
         Driver::Aio => Ok(Arc::new(AioImage::open(&spec.path, opts)?)),
+        Driver::Stripe => Ok(Arc::new(crate::engine::stripe::StripeImage::open(
+            &spec.path,
+            opts,
+            &slog::Logger::root(slog::Discard, slog::o!()),
+        )?)),
     }
 }
 
@@ -77,6 +82,8 @@ pub fn open_image(spec: &ImageSpec, opts: OpenOptionsImg) -> io::Result<Arc<dyn 
 pub enum Driver {
     /// A raw file or block device.
     Aio,
+    /// A disk striped over iSCSI servers, described by a mapping file.
+    Stripe,
 }
 
 /// A disk spec as tap-ctl and xenstore write it: `TYPE:PATH`, e.g. `aio:/var/lib/disk.img`.
@@ -96,7 +103,12 @@ impl FromStr for ImageSpec {
         })?;
         let driver = match ty {
             "aio" => Driver::Aio,
-            other => return Err(format!("unknown disk type '{other}' in '{s}' (known: aio)")),
+            "stripe" => Driver::Stripe,
+            other => {
+                return Err(format!(
+                    "unknown disk type '{other}' in '{s}' (known: aio, stripe)"
+                ))
+            }
         };
         if path.is_empty() {
             return Err(format!("disk spec '{s}' has an empty path"));
@@ -112,6 +124,7 @@ impl std::fmt::Display for ImageSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ty = match self.driver {
             Driver::Aio => "aio",
+            Driver::Stripe => "stripe",
         };
         write!(f, "{ty}:{}", self.path.display())
     }

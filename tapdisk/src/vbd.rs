@@ -456,6 +456,7 @@ impl Vbd {
             "rings": self.live_rings().len(),
             "rings_total": rs.len(),
             "ring": t,
+            "driver": self.shared.image().stats(),
             "nbd": {
                 "address": self.nbd.as_ref().map(|n| n.local_addr().to_string()),
                 "connections": self.nbd.as_ref().map(|n| n.connections()).unwrap_or(0),

@@ -2,6 +2,8 @@
 //! `td-bench` binaries (built on first use by [`bin_dir`]) in a private run directory and drive
 //! them with real peers (qemu-io, qemu-img, nbdinfo, fio) and the blkif local frontend.
 
+pub mod lan;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

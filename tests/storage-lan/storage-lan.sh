@@ -7,6 +7,8 @@
 #   storage-lan.sh status                                 list servers and their iSCSI URLs
 #   storage-lan.sh urls                                   the URLs only, one a line
 #   storage-lan.sh down                                   stop what `up` started and remove everything
+#   storage-lan.sh kill I                                 SIGKILL server I's tgtd (its LUN file stays)
+#   storage-lan.sh start I                                start server I's tgtd again on the same LUN file
 #   storage-lan.sh run N RATE -- CMD [ARGS...]            up, run CMD with $STORAGE_LAN_URLS set, down (always)
 #   storage-lan.sh iscsi-rw                               build the libiscsi benchmark beside the state; print its path
 #   storage-lan.sh selftest                               up 2 servers, write+verify each with iscsi-rw, down
@@ -17,11 +19,17 @@
 # binary) lives in $STORAGE_LAN_DIR (default /dev/shm/tapdisk-storage-lan) and is removed by
 # `down`. Namespaces are tdslan<i>; tgtd control ports are $STORAGE_LAN_CTL_BASE+i (default
 # 20060+i), and its subnets are not those of /work/shared/lab, so the two can run side by side.
+# Several LANs can run at once (tests do) when each has its own $STORAGE_LAN_DIR,
+# $STORAGE_LAN_PREFIX (namespace and link names, default tdslan, at most 12 characters),
+# $STORAGE_LAN_NET (server i gets 169.254.(NET+i).0/24, default 100) and $STORAGE_LAN_CTL_BASE.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 LAB_DIR=${STORAGE_LAN_DIR:-/dev/shm/tapdisk-storage-lan}
 CTL_BASE=${STORAGE_LAN_CTL_BASE:-20060}
-PREFIX=tdslan
+PREFIX=${STORAGE_LAN_PREFIX:-tdslan}
+NET=${STORAGE_LAN_NET:-100}
+[[ $PREFIX =~ ^[a-z][a-z0-9]{0,11}$ ]] || { echo "storage-lan: bad STORAGE_LAN_PREFIX" >&2; exit 2; }
+[[ $NET =~ ^[0-9]+$ ]] && ((NET >= 1 && NET <= 246)) || { echo "storage-lan: bad STORAGE_LAN_NET" >&2; exit 2; }
 cmd=${1:-status}
 
 die() { echo "storage-lan: $*" >&2; exit 2; }
@@ -59,7 +67,7 @@ up() {
   local burst=64kb
   case $rate in *gbit) burst=256kb ;; esac
   for i in $(seq 1 "$n"); do
-    local ns=$PREFIX$i net=169.254.$((100 + i)) ctl=$((CTL_BASE + i))
+    local ns=$PREFIX$i net=169.254.$((NET + i)) ctl=$((CTL_BASE + i))
     ip netns add "$ns"
     ip link add "${PREFIX}${i}a" type veth peer name "${PREFIX}${i}b"
     ip link set "${PREFIX}${i}b" netns "$ns"
@@ -73,31 +81,48 @@ up() {
       tc -n "$ns" qdisc add dev "${PREFIX}${i}b" root tbf rate "$rate" burst "$burst" latency 20ms
     fi
     fallocate -l "$size" "$LAB_DIR/lun-$i.img"
-    setsid ip netns exec "$ns" tgtd -f -C "$ctl" --iscsi "portal=$net.2:3260" \
-      >"$LAB_DIR/tgtd-$i.log" 2>&1 </dev/null &
-    echo $! >"$LAB_DIR/tgtd-$i.pid"
-    disown $!
-    local ok=
-    for _ in $(seq 500); do
-      if ip netns exec "$ns" tgtadm -C "$ctl" --lld iscsi --op show --mode sys >/dev/null 2>&1; then ok=1; break; fi
-      sleep 0.01
-    done
-    [ -n "$ok" ] || { cat "$LAB_DIR/tgtd-$i.log" >&2; die "tgtd $i did not start"; }
-    local t=(ip netns exec "$ns" tgtadm -C "$ctl" --lld iscsi)
-    "${t[@]}" --op new --mode target --tid 1 -T "iqn.2026-11.rs.tapdisk:srv$i"
-    "${t[@]}" --op new --mode logicalunit --tid 1 --lun 1 --bstype rdwr -b "$LAB_DIR/lun-$i.img"
-    "${t[@]}" --op update --mode logicalunit --tid 1 --lun 1 --params thin_provisioning=1
-    "${t[@]}" --op bind --mode target --tid 1 -I ALL
+    start_server "$i"
   done
   trap - ERR
   status
+}
+
+# Starts tgtd of server $1 in its namespace with its target and LUN (the namespace, link and
+# LUN file must exist).
+start_server() {
+  local i=$1 ns=$PREFIX$1 net=169.254.$((NET + $1)) ctl=$((CTL_BASE + $1))
+  [ -f "$LAB_DIR/lun-$i.img" ] || die "server $i has no LUN file (run up first)"
+  rm -f "/var/run/tgtd/socket.$ctl" "/var/run/tgtd/socket.$ctl.lock"
+  setsid ip netns exec "$ns" tgtd -f -C "$ctl" --iscsi "portal=$net.2:3260" \
+    >>"$LAB_DIR/tgtd-$i.log" 2>&1 </dev/null &
+  echo $! >"$LAB_DIR/tgtd-$i.pid"
+  disown $!
+  local ok=
+  for _ in $(seq 500); do
+    if ip netns exec "$ns" tgtadm -C "$ctl" --lld iscsi --op show --mode sys >/dev/null 2>&1; then ok=1; break; fi
+    sleep 0.01
+  done
+  [ -n "$ok" ] || { cat "$LAB_DIR/tgtd-$i.log" >&2; die "tgtd $i did not start"; }
+  local t=(ip netns exec "$ns" tgtadm -C "$ctl" --lld iscsi)
+  "${t[@]}" --op new --mode target --tid 1 -T "iqn.2026-11.rs.tapdisk:srv$i"
+  "${t[@]}" --op new --mode logicalunit --tid 1 --lun 1 --bstype rdwr -b "$LAB_DIR/lun-$i.img"
+  "${t[@]}" --op update --mode logicalunit --tid 1 --lun 1 --params thin_provisioning=1
+  "${t[@]}" --op bind --mode target --tid 1 -I ALL
+}
+
+kill_server() {
+  local i=$1 pidf=$LAB_DIR/tgtd-$1.pid
+  [ -f "$pidf" ] || die "no server $i"
+  local p; p=$(cat "$pidf")
+  kill -9 "$p" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.01; done
 }
 
 urls() {
   for pidf in "$LAB_DIR"/tgtd-*.pid; do
     [ -f "$pidf" ] || return 0
     i=${pidf##*/tgtd-}; i=${i%.pid}
-    echo "iscsi://169.254.$((100 + i)).2:3260/iqn.2026-11.rs.tapdisk:srv$i/1"
+    echo "iscsi://169.254.$((NET + i)).2:3260/iqn.2026-11.rs.tapdisk:srv$i/1"
   done
 }
 
@@ -108,7 +133,7 @@ status() {
     any=1
     i=${pidf##*/tgtd-}; i=${i%.pid}
     state=dead; kill -0 "$(cat "$pidf")" 2>/dev/null && state=up
-    echo "server $i $state iscsi://169.254.$((100 + i)).2:3260/iqn.2026-11.rs.tapdisk:srv$i/1"
+    echo "server $i $state iscsi://169.254.$((NET + i)).2:3260/iqn.2026-11.rs.tapdisk:srv$i/1"
   done
   [ -n "$any" ] || echo "no servers"
 }
@@ -123,6 +148,8 @@ build_iscsi_rw() {
 
 case $cmd in
   up) shift; up "$@" ;;
+  kill) [[ ${2:-} =~ ^[1-8]$ ]] || die "usage: $0 kill I"; kill_server "$2"; echo "server $2 killed" ;;
+  start) [[ ${2:-} =~ ^[1-8]$ ]] || die "usage: $0 start I"; start_server "$2"; echo "server $2 started" ;;
   down) down; echo "storage LAN down" ;;
   status) status ;;
   urls) urls ;;
@@ -143,5 +170,5 @@ case $cmd in
     for u in $(urls); do "$rw" -V 16 "$u"; done
     echo "storage-lan selftest: OK"
     ;;
-  *) echo "usage: $0 up [N] [RATE] [LUN_SIZE] | status | urls | down | run N RATE -- CMD | iscsi-rw | selftest" >&2; exit 2 ;;
+  *) echo "usage: $0 up [N] [RATE] [LUN_SIZE] | status | urls | down | kill I | start I | run N RATE -- CMD | iscsi-rw | selftest" >&2; exit 2 ;;
 esac

@@ -16,6 +16,7 @@
 pub mod bench;
 pub mod compare;
 pub mod err;
+pub mod fig61;
 pub mod guest;
 pub mod hist;
 pub mod plot;

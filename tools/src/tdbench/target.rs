@@ -72,7 +72,8 @@ pub struct TargetArgs {
     /// An existing VBD socket (e.g. from `tap-ctl create`).
     #[arg(long, value_name = "PATH", conflicts_with_all = ["image", "size"])]
     pub device: Option<PathBuf>,
-    /// An image file, served by a private tapdisk for this run (created sparse if missing).
+    /// An image file, served by a private tapdisk for this run (created sparse if missing);
+    /// `stripe:MAPFILE` serves a striped disk (see stripe-img).
     #[arg(long, value_name = "FILE")]
     pub image: Option<PathBuf>,
     /// Size of the image when td-bench creates it [default: 256M].
@@ -477,16 +478,30 @@ pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<
         pid: None,
     });
     let guard = PrivateGuard;
-    let (path, temporary) = match &args.image {
-        Some(p) => (
+    // `--image stripe:MAP` serves a striped disk (made with stripe-img) as it is.
+    let stripe_map = args
+        .image
+        .as_ref()
+        .and_then(|p| p.to_str()?.strip_prefix("stripe:").map(PathBuf::from));
+    let (path, temporary) = match (&stripe_map, &args.image) {
+        (Some(m), _) => (
+            std::path::absolute(m).with_context(|| format!("resolving {}", m.display()))?,
+            false,
+        ),
+        (None, Some(p)) => (
             std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))?,
             false,
         ),
-        None => (dir.join("disk.img"), true),
+        (None, None) => (dir.join("disk.img"), true),
     };
     let size = args.size.unwrap_or(DEFAULT_SIZE);
-    let fresh = create_image(&path, size)?;
+    let fresh = if stripe_map.is_some() {
+        false
+    } else {
+        create_image(&path, size)?
+    };
     if !fresh
+        && stripe_map.is_none()
         && args
             .size
             .is_some_and(|s| std::fs::metadata(&path).map(|m| m.len()).ok() != Some(s))
@@ -520,7 +535,10 @@ pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<
         poll_us: args.poll_us,
         ..VbdOptions::default()
     };
-    let spec = format!("aio:{}", path.display());
+    let spec = match stripe_map {
+        Some(_) => format!("stripe:{}", path.display()),
+        None => format!("aio:{}", path.display()),
+    };
     let reply = Client::connect_pid(&rundir, pid)?
         .call(Command::Open {
             minor: None,

@@ -50,6 +50,11 @@ pub enum Experiment {
     Figures,
     /// Everything above.
     All,
+    /// Figure 6.1: 512 KB direct and 4 KB buffered IO on a local file and on disks striped
+    /// over 1, 2 and 4 tgtd servers of the emulated storage LAN (needs root, tgt, iproute2;
+    /// not part of 'all').
+    #[value(name = "figure-6.1")]
+    Figure61,
 }
 
 /// Which storage.
@@ -93,6 +98,21 @@ pub struct ThesisArgs {
     /// fio binary, for the physical-disk line of Figure 3.1.
     #[arg(long, value_name = "PATH", default_value = "fio")]
     pub fio: String,
+    /// Figure 6.1: the rate of every server's link (tc syntax: 200mbit, 1gbit; 'none' for
+    /// unshaped links).
+    #[arg(long, value_name = "RATE", default_value = "200mbit")]
+    pub lan_rate: String,
+    /// Figure 6.1: server counts to measure.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',', default_value = "1,2,4",
+          value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub lan_servers: Vec<u32>,
+    /// Figure 6.1: measured seconds of each direct-IO run.
+    #[arg(long, value_name = "S", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub lan_seconds: u64,
+    /// Figure 6.1: the storage LAN script [default: tests/storage-lan/storage-lan.sh of the
+    /// source tree td-bench was built from].
+    #[arg(long, value_name = "PATH")]
+    pub lan_script: Option<PathBuf>,
 }
 
 /// The storage of one run.
@@ -755,8 +775,26 @@ impl Drop for Remove {
     }
 }
 
+fn fig61_args(args: &ThesisArgs, local: Option<PathBuf>) -> crate::tdbench::fig61::Fig61 {
+    crate::tdbench::fig61::Fig61 {
+        rate: args.lan_rate.clone(),
+        servers: args.lan_servers.clone(),
+        seconds: args.lan_seconds,
+        script: args
+            .lan_script
+            .clone()
+            .unwrap_or_else(crate::tdbench::fig61::default_script),
+        out: args.out.clone(),
+        local,
+    }
+}
+
 /// Runs `td-bench thesis`.
 pub fn run(args: &ThesisArgs) -> Result<bool> {
+    if args.what == [Experiment::Figure61] {
+        crate::tdbench::fig61::run(&fig61_args(args, args.image.clone()))?;
+        return Ok(true);
+    }
     let what = |e: Experiment| args.what.contains(&e) || args.what.contains(&Experiment::All);
     let size: u64 = 1 << 30;
     let mut temp = Remove(Vec::new());
@@ -828,6 +866,10 @@ pub fn run(args: &ThesisArgs) -> Result<bool> {
         for f in files {
             println!("wrote {}", f.display());
         }
+    }
+    if args.what.contains(&Experiment::Figure61) {
+        println!();
+        crate::tdbench::fig61::run(&fig61_args(args, None))?;
     }
     Ok(true)
 }

@@ -1,0 +1,128 @@
+//! The emulated storage LAN (`tests/storage-lan/storage-lan.sh`) for tests: tgtd servers in
+//! network namespaces, each test with its own namespaces, subnets, control ports and folder so
+//! tests can run side by side; torn down on drop. Plus an in-process extent master.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// The script.
+pub fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("storage-lan/storage-lan.sh")
+}
+
+/// Whether this machine can run the LAN (root, tgtd, ip, tc).
+pub fn available() -> bool {
+    // SAFETY: plain syscall.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && ["/usr/sbin/tgtd", "/usr/sbin/tgtadm"]
+        .iter()
+        .all(|p| Path::new(p).exists())
+        && Command::new("tc").arg("-V").output().is_ok()
+}
+
+/// A running LAN.
+pub struct Lan {
+    env: Vec<(String, String)>,
+    /// iSCSI URLs of the servers, in order.
+    pub urls: Vec<String>,
+}
+
+impl Lan {
+    /// Starts `n` servers behind links of `rate` (`none` = unshaped) with LUNs of `lun_size`;
+    /// `slot` (0..20) picks this LAN's names, subnets and ports.
+    pub fn up(slot: u32, n: u32, rate: &str, lun_size: &str) -> Result<Lan> {
+        let env = vec![
+            ("STORAGE_LAN_PREFIX".into(), format!("tdse{slot}")),
+            (
+                "STORAGE_LAN_NET".into(),
+                (150 + 8 * (slot % 12)).to_string(),
+            ),
+            (
+                "STORAGE_LAN_CTL_BASE".into(),
+                (21000 + 10 * slot).to_string(),
+            ),
+            (
+                "STORAGE_LAN_DIR".into(),
+                format!("/dev/shm/tapdisk-e2e-lan-{slot}"),
+            ),
+        ];
+        let mut lan = Lan { env, urls: vec![] };
+        lan.run(&["up", &n.to_string(), rate, lun_size])?;
+        let out = lan.run(&["urls"])?;
+        lan.urls = out.lines().map(str::to_owned).collect();
+        if lan.urls.len() != n as usize {
+            bail!("storage LAN has {} servers, not {n}", lan.urls.len());
+        }
+        Ok(lan)
+    }
+
+    /// The script with this LAN's settings and `args`, to run later (or elsewhere).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("bash");
+        c.arg(script())
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+
+    /// Runs the script with this LAN's settings.
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        let out = self
+            .command(args)
+            .output()
+            .context("running storage-lan.sh")?;
+        if !out.status.success() {
+            bail!(
+                "storage-lan.sh {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Kills server `i` (1-based) with SIGKILL.
+    pub fn kill(&self, i: u32) -> Result<()> {
+        self.run(&["kill", &i.to_string()]).map(|_| ())
+    }
+
+    /// Starts server `i` again on its LUN file.
+    pub fn start(&self, i: u32) -> Result<()> {
+        self.run(&["start", &i.to_string()]).map(|_| ())
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        let _ = self.run(&["down"]);
+    }
+}
+
+/// An extent master in this process (a thread serving until the process ends), with every
+/// server of `lan` registered; returns its address.
+pub fn master(state: &Path, extent_size: u64, urls: &[String]) -> Result<String> {
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let (store, st) = stripe::master::Store::open(state, Some(extent_size))?;
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?.to_string();
+    let m = stripe::master::Master::new(store, st, log);
+    std::thread::spawn(move || m.serve(l));
+    let mut c = stripe::MasterClient::new(&addr);
+    for u in urls {
+        let url: iscsi::Url = u.parse()?;
+        let mut cfg = iscsi::Config::new(url.portal.clone(), url.target.clone());
+        cfg.login_timeout = std::time::Duration::from_secs(5);
+        let cap = iscsi::Client::connect(&cfg, url.lun)?.read_capacity16()?;
+        c.register(&stripe::proto::RegisterArgs {
+            portal: url.portal,
+            target: url.target,
+            lun: u32::from(url.lun),
+            start: 0,
+            count: (cap.bytes() / extent_size) as u32,
+        })?;
+    }
+    Ok(addr)
+}

@@ -1,0 +1,186 @@
+//! The extent master under crashes: `parallax-master` is killed (SIGKILL) and restarted over
+//! and over while clients allocate disks, retrying as ONC RPC's at-least-once semantics have
+//! them do. No extent may end up with two disks, and every answer a client got must still be
+//! what the master holds afterwards.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stripe::proto::{AllocArgs, RegisterArgs};
+use stripe::MasterClient;
+use tapdisk_e2e::bin;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_master(state: &Path, port: u16) -> Child {
+    let c = Command::new(bin("parallax-master"))
+        .arg("serve")
+        .arg("--state")
+        .arg(state)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--extent-size")
+        .arg("1M")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting parallax-master");
+    c
+}
+
+#[test]
+fn restarting_the_master_during_allocation_never_gives_an_extent_to_two_disks() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let mut master = start_master(&state, port);
+    let addr = format!("127.0.0.1:{port}");
+    let mut c = MasterClient::new(&addr);
+    // Four servers of 200 extents each: room for everything the clients ask.
+    for s in 1..=4 {
+        c.register(&RegisterArgs {
+            portal: format!("10.9.0.{s}:3260"),
+            target: format!("iqn.2026-11.test:srv{s}"),
+            lun: 1,
+            start: 0,
+            count: 200,
+        })
+        .unwrap();
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|t| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut c = MasterClient::new(&addr);
+                c.retry_for = Duration::from_secs(20);
+                c.attempt_timeout = Duration::from_secs(2);
+                let mut got = Vec::new();
+                let mut retried = 0;
+                for k in 0..25u32 {
+                    let a = AllocArgs {
+                        disk: format!("c{t}-d{k}"),
+                        first: 0,
+                        count: 1 + k % 4,
+                        replicas: 1 + k % 2,
+                    };
+                    let p = c.allocate(&a).expect("allocation failed");
+                    assert_eq!(p.len() as u32, a.count * a.replicas);
+                    retried += u32::from(c.last_attempts > 1);
+                    // A second call (as a retry after a lost reply would be) answers the same.
+                    if k % 5 == 0 {
+                        assert_eq!(c.allocate(&a).unwrap(), p, "retried call differs");
+                    }
+                    got.push((a.disk, p));
+                }
+                (got, retried)
+            })
+        })
+        .collect();
+
+    // Kill and restart the master every 30-80 ms while they work.
+    let killer = {
+        let stop = stop.clone();
+        let state = state.clone();
+        std::thread::spawn(move || {
+            let mut kills = 0;
+            let mut n = 7u64;
+            while !stop.load(Ordering::Relaxed) {
+                n = n
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                std::thread::sleep(Duration::from_millis(30 + (n >> 33) % 50));
+                let _ = master.kill();
+                let _ = master.wait();
+                kills += 1;
+                // A killed master's lock goes with it; the new one takes the folder over.
+                master = start_master(&state, port);
+            }
+            (master, kills)
+        })
+    };
+
+    let t0 = Instant::now();
+    let mut answers: Vec<(String, Vec<stripe::proto::Placement>)> = Vec::new();
+    let mut retried = 0;
+    for h in clients {
+        let (g, r) = h.join().expect("client thread");
+        answers.extend(g);
+        retried += r;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut master, kills) = killer.join().unwrap();
+    eprintln!(
+        "{} disks allocated in {:.1} s across {kills} master kills; {retried} calls needed a retry",
+        answers.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(kills >= 3, "the master was killed only {kills} times");
+
+    // No extent went to two disks.
+    let mut owner_of: HashMap<u64, (String, u32, u32)> = HashMap::new();
+    for (disk, ps) in &answers {
+        for p in ps {
+            let o = (disk.clone(), p.index, p.replica);
+            if let Some(prev) = owner_of.insert(p.extent.id, o.clone()) {
+                panic!("extent {} handed to {prev:?} and to {o:?}", p.extent.id);
+            }
+        }
+    }
+    // What the clients were told is what the master holds, after one more restart.
+    let _ = master.kill();
+    let _ = master.wait();
+    let mut master = start_master(&state, port);
+    let mut c = MasterClient::new(&addr);
+    let l = c.list().unwrap();
+    let held: HashMap<u64, (String, u32, u32)> = l
+        .extents
+        .iter()
+        .filter_map(|x| x.owner.clone().map(|o| (x.extent.id, o)))
+        .collect();
+    assert_eq!(
+        held, owner_of,
+        "the master's state differs from its answers"
+    );
+    let _ = master.kill();
+    let _ = master.wait();
+}
+
+#[test]
+fn a_second_master_on_the_same_state_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let mut m = start_master(&state, port);
+    let mut c = MasterClient::new(&format!("127.0.0.1:{port}"));
+    c.ping().unwrap();
+    let out = Command::new(bin("parallax-master"))
+        .arg("serve")
+        .arg("--state")
+        .arg(&state)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.starts_with("parallax-master: ") && err.contains(&format!("in use by pid {}", m.id())),
+        "{err}"
+    );
+    let _ = m.kill();
+    let _ = m.wait();
+}

@@ -1,0 +1,53 @@
+//! `parallax-master` (the extent master and its operator commands) and `stripe-img` (create
+//! and inspect striped disks): thin front ends over the `stripe` crate.
+
+pub mod img;
+pub mod master;
+
+use std::ffi::OsString;
+
+/// Parses a command line with clap; on error prints one line `tool: ...` (help and version
+/// as clap prints them) and returns the exit status to use.
+fn parse<P: clap::Parser, I, T>(tool: &str, args: I) -> Result<P, i32>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    P::try_parse_from(args).map_err(|e| {
+        use clap::error::ErrorKind as K;
+        match e.kind() {
+            K::DisplayHelp | K::DisplayVersion | K::DisplayHelpOnMissingArgumentOrSubcommand => {
+                let _ = e.print();
+                e.exit_code()
+            }
+            _ => {
+                let text = e.render().to_string();
+                let msg: Vec<&str> = text
+                    .lines()
+                    .map(str::trim)
+                    .take_while(|l| !l.starts_with("Usage:"))
+                    .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+                    .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+                    .collect();
+                eprintln!("{tool}: {}; see '{tool} --help'", msg.join(" "));
+                2
+            }
+        }
+    })
+}
+
+/// Runs `f` and turns an error into `tool: message` and exit status 1.
+fn finish(tool: &str, r: anyhow::Result<()>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{tool}: {}", crate::tapctl::one_line(&e));
+            1
+        }
+    }
+}
+
+/// A byte size argument (`4k`, `64M`, `1G`).
+fn size_arg(s: &str) -> Result<u64, String> {
+    crate::tdbench::util::parse_size(s)
+}
