@@ -296,6 +296,7 @@ impl Vbd {
             OpenOptionsImg {
                 read_only: opts.read_only,
                 direct: opts.direct,
+                cache_slots: opts.cache_slots,
             },
         )?;
         if image.size() < SECTOR {
@@ -449,6 +450,7 @@ impl Vbd {
             "rings": self.live_rings().len(),
             "rings_total": rs.len(),
             "ring": t,
+            "driver": self.shared.image().stats(),
             "nbd": {
                 "address": self.nbd.as_ref().map(|n| n.local_addr().to_string()),
                 "connections": self.nbd.as_ref().map(|n| n.connections()).unwrap_or(0),
@@ -513,6 +515,7 @@ impl Vbd {
                 OpenOptionsImg {
                     read_only: self.opts.read_only,
                     direct: self.opts.direct,
+                    cache_slots: self.opts.cache_slots,
                 },
             )?;
             if img.size() / SECTOR != self.disk.sectors {

@@ -147,6 +147,7 @@ fn targs(disk: &Disk, c: Config) -> TargetArgs {
         model_disk: disk.model,
         early_read: None,
         inject_faults: None,
+        cache_slots: 0,
     }
 }
 
