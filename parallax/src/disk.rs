@@ -226,38 +226,10 @@ impl<B: Backing> Disk<B> {
         self.image.discard(self.vol, offset, len)
     }
 
-    /// Makes `len` bytes at `offset` read as zeroes: whole blocks are discarded, the parts of
-    /// blocks at either end written with zeroes.
+    /// Makes `len` bytes at `offset` read as zeroes: see [`Image::write_zeroes`].
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
-        let bs = self.block_size();
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= self.size())
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "range of {len} bytes at {offset} is beyond the disk"
-                ))
-            })?;
-        let first = offset.div_ceil(bs) * bs;
-        let last = end / bs * bs;
-        let zeroes = vec![0u8; bs as usize];
-        if first >= last {
-            return self.write_zero_bytes(offset, end, &zeroes);
-        }
-        self.write_zero_bytes(offset, first, &zeroes)?;
-        self.image.discard(self.vol, first, last - first)?;
-        self.write_zero_bytes(last, end, &zeroes)
-    }
-
-    fn write_zero_bytes(&mut self, from: u64, to: u64, zeroes: &[u8]) -> Result<()> {
-        let mut at = from;
-        while at < to {
-            let n = (to - at).min(zeroes.len() as u64);
-            self.image.write_at(self.vol, at, &zeroes[..n as usize])?;
-            at += n;
-        }
-        Ok(())
+        self.image.write_zeroes(self.vol, offset, len)
     }
 
     /// Commits: see [`Image::flush`].

@@ -42,6 +42,10 @@ use crate::format::{
 /// A volume (a disk or a snapshot) of an image.
 pub type Volume = VolumeRecord;
 
+/// Freed runs shorter than this many 4 KiB blocks stay allocated in the file at a commit
+/// (free for the allocator, not punched out of the file).
+pub const PUNCH_MIN_BLOCKS: u64 = 16;
+
 /// Identifies a volume of an open image (its id in the volume table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct VolumeId(pub u64);
@@ -710,22 +714,31 @@ impl<B: Backing> Image<B> {
         Ok(())
     }
 
+    /// Gives the runs freed in the epoch back to the store. Only runs of at least
+    /// [`PUNCH_MIN_BLOCKS`] are worth it: each is a system call that costs a file system
+    /// journal update, and small runs (mostly the metadata blocks every commit moves) are
+    /// reused by the allocator soon anyway.
     fn release_freed(&mut self) {
         self.freed_machine.sort_unstable();
         let mut run: Option<(u64, u64)> = None;
         let runs = std::mem::take(&mut self.freed_machine);
+        let punch = |b: &B, (rs, rl): (u64, u64)| {
+            if rl >= PUNCH_MIN_BLOCKS {
+                let _ = b.discard(rs << BLOCK_SHIFT, rl << BLOCK_SHIFT);
+            }
+        };
         for &(s, l) in &runs {
             run = match run {
                 Some((rs, rl)) if rs + rl == s => Some((rs, rl + l)),
-                Some((rs, rl)) => {
-                    let _ = self.backing.discard(rs << BLOCK_SHIFT, rl << BLOCK_SHIFT);
+                Some(r) => {
+                    punch(&self.backing, r);
                     Some((s, l))
                 }
                 None => Some((s, l)),
             };
         }
-        if let Some((rs, rl)) = run {
-            let _ = self.backing.discard(rs << BLOCK_SHIFT, rl << BLOCK_SHIFT);
+        if let Some(r) = run {
+            punch(&self.backing, r);
         }
         self.freed_machine = runs;
         self.freed_machine.clear();

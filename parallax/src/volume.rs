@@ -546,6 +546,42 @@ impl<B: Backing> Image<B> {
         self.guard(|img| img.discard_node(root, top, 0, start, end))
     }
 
+    /// Makes `len` bytes at `offset` of volume `vol` read as zeroes: the whole blocks are
+    /// discarded (freed), the parts of blocks at either end written with zeroes (through the
+    /// store, synchronously). A zero-length range does nothing.
+    pub fn write_zeroes(&mut self, vol: VolumeId, offset: u64, len: u64) -> Result<()> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.sb.virtual_size)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "range of {len} bytes at {offset} is beyond the disk size {}",
+                    self.sb.virtual_size
+                ))
+            })?;
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.sb.data_block();
+        let first = offset.div_ceil(bs) * bs;
+        let last = end / bs * bs;
+        if first >= last {
+            return self.write_zero_bytes(vol, offset, end);
+        }
+        self.write_zero_bytes(vol, offset, first)?;
+        self.discard(vol, first, last - first)?;
+        self.write_zero_bytes(vol, last, end)
+    }
+
+    fn write_zero_bytes(&mut self, vol: VolumeId, from: u64, to: u64) -> Result<()> {
+        if from >= to {
+            return Ok(());
+        }
+        // Less than one data block (the ends of a range). Not a hot path: discards are rare.
+        let zeroes = vec![0u8; (to - from) as usize];
+        self.write_at(vol, from, &zeroes)
+    }
+
     fn discard_node(
         &mut self,
         node: u64,

@@ -5,7 +5,8 @@
 //! ring, the [`Engine`] its event loop drives (io_uring straight into the frontend's pages).
 //! [`open_image`] opens a disk spec with the driver it names.
 //!
-//! `aio:PATH` is a raw file or block device (blktap's name for it).
+//! `aio:PATH` is a raw file or block device (blktap's name for it). `parallax:PATH` and
+//! `parallax:PATH@VOLUME` are volumes of a Parallax image ([`crate::parallax`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -74,6 +75,7 @@ pub fn open_image(spec: &ImageSpec, opts: OpenOptionsImg) -> io::Result<Arc<dyn 
             opts,
             &slog::Logger::root(slog::Discard, slog::o!()),
         )?)),
+        Driver::Parallax => Ok(Arc::new(crate::parallax::ParallaxImage::open(spec, opts)?)),
     }
 }
 
@@ -82,16 +84,30 @@ pub fn open_image(spec: &ImageSpec, opts: OpenOptionsImg) -> io::Result<Arc<dyn 
 pub enum Driver {
     /// A raw file or block device.
     Aio,
+    /// A volume of a Parallax image: the path is `PATH` (its first disk) or `PATH@VOLUME`.
+    Parallax,
     /// A disk striped over iSCSI servers, described by a mapping file.
     Stripe,
 }
 
-/// A disk spec as tap-ctl and xenstore write it: `TYPE:PATH`, e.g. `aio:/var/lib/disk.img`.
+impl Driver {
+    /// The name in a disk spec.
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::Aio => "aio",
+            Driver::Parallax => "parallax",
+            Driver::Stripe => "stripe",
+        }
+    }
+}
+
+/// A disk spec as tap-ctl and xenstore write it: `TYPE:PATH`, e.g. `aio:/var/lib/disk.img` or
+/// `parallax:/var/lib/vm1.plx@before-upgrade`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageSpec {
     /// The driver.
     pub driver: Driver,
-    /// The path the driver opens.
+    /// The path the driver opens (for `parallax:`, with its `@VOLUME` if one was given).
     pub path: PathBuf,
 }
 
@@ -103,15 +119,20 @@ impl FromStr for ImageSpec {
         })?;
         let driver = match ty {
             "aio" => Driver::Aio,
+            "parallax" => Driver::Parallax,
             "stripe" => Driver::Stripe,
             other => {
                 return Err(format!(
-                    "unknown disk type '{other}' in '{s}' (known: aio, stripe)"
+                    "unknown disk type '{other}' in '{s}' (known: aio, parallax, stripe)"
                 ))
             }
         };
         if path.is_empty() {
             return Err(format!("disk spec '{s}' has an empty path"));
+        }
+        if driver == Driver::Parallax {
+            path.parse::<parallax::DiskSpec>()
+                .map_err(|e| format!("disk spec '{s}': {e}"))?;
         }
         Ok(ImageSpec {
             driver,
@@ -122,11 +143,7 @@ impl FromStr for ImageSpec {
 
 impl std::fmt::Display for ImageSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ty = match self.driver {
-            Driver::Aio => "aio",
-            Driver::Stripe => "stripe",
-        };
-        write!(f, "{ty}:{}", self.path.display())
+        write!(f, "{}:{}", self.driver.name(), self.path.display())
     }
 }
 
@@ -162,6 +179,9 @@ pub struct OpenOptionsImg {
     pub read_only: bool,
     /// O_DIRECT policy.
     pub direct: DirectIo,
+    /// Metadata cache slots of a Parallax image (0: the driver's default, 128). An image
+    /// already open in this process for another volume keeps its cache.
+    pub cache_slots: u32,
 }
 
 /// A raw file or block device.

@@ -1,7 +1,8 @@
 //! tapdisk-rs: the userspace backend that serves a guest's virtual disk.
 //!
 //! A tapdisk process ([`daemon`]) owns one or more VBDs ([`vbd`]). Each VBD has an image
-//! ([`image`]), zero or more blkif rings attached to it, each served by its own event loop on
+//! ([`image`]: a raw file or block device, or a volume of a Parallax image, [`parallax`]),
+//! zero or more blkif rings attached to it, each served by its own event loop on
 //! io_uring ([`ringloop`]), and optionally an NBD export ([`nbd`]). The process is driven
 //! through a unix control socket ([`control`]) by `tap-ctl`; [`stats`] holds the counters
 //! `tap-ctl stats` prints; [`xen`] serves Xen frontends' rings, which tapback hands over.
@@ -18,6 +19,7 @@ pub mod idset;
 pub mod image;
 pub mod logging;
 pub mod nbd;
+pub mod parallax;
 pub mod ringloop;
 pub mod sched;
 pub mod stats;

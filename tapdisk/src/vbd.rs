@@ -300,6 +300,7 @@ impl Vbd {
             OpenOptionsImg {
                 read_only: opts.read_only,
                 direct: opts.direct,
+                cache_slots: opts.cache_slots,
             },
         )?;
         if image.size() < SECTOR {
@@ -521,6 +522,7 @@ impl Vbd {
                 OpenOptionsImg {
                     read_only: self.opts.read_only,
                     direct: self.opts.direct,
+                    cache_slots: self.opts.cache_slots,
                 },
             )?;
             if img.size() / SECTOR != self.disk.sectors {

@@ -4,8 +4,8 @@
 //! unit-tested.
 
 pub mod parallaximg;
-pub mod tapback;
 pub mod stripetools;
+pub mod tapback;
 pub mod tapctl;
 pub mod tdbench;
 pub mod xenfront;

@@ -50,6 +50,8 @@ pub struct VbdOptions {
     /// Before a ring loop sleeps, it polls the ring for this many microseconds (0: never).
     /// Trades CPU for latency under dense load, like QEMU's iothread `poll-max-ns`.
     pub poll_us: u32,
+    /// Metadata cache slots of a `parallax:` image (0: the driver's default, 128).
+    pub cache_slots: u32,
 }
 
 impl Default for VbdOptions {
@@ -71,6 +73,7 @@ impl Default for VbdOptions {
             faults: None,
             nbd: None,
             poll_us: 0,
+            cache_slots: 0,
         }
     }
 }

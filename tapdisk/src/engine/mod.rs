@@ -10,13 +10,15 @@
 //! User data of the loop's io_uring is split by the top byte: [`ENGINE_SPACE`] for engines,
 //! the rest for the loop's own tokens (event channel, control, hang-up, timers).
 //!
-//! Engines here: [`aio::AioEngine`] (a raw file or block device), [`stripe::StripeEngine`]
-//! (a disk striped over iSCSI servers); wrappers: [`model`] (slow
+//! Engines here: [`aio::AioEngine`] (a raw file or block device), [`parallax::ParallaxEngine`]
+//! (Parallax's translation in front of its store's engine), [`stripe::StripeEngine`] (a disk
+//! striped over iSCSI servers); wrappers: [`model`] (slow
 //! storage models: the thesis's spindle, a network link) and [`fault`] (fault injection).
 
 pub mod aio;
 pub mod fault;
 pub mod model;
+pub mod parallax;
 pub mod stripe;
 
 use std::io;

@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, ValueEnum};
+use parallax::DiskSpec;
 use tapdisk::control::proto::VbdOptions;
 use tapdisk::early::EarlyPolicy;
 use tapdisk::engine::fault::FaultPlan;
 use tapdisk::engine::model::ModelParams;
-use tapdisk::image::{DirectIo, ImageSpec};
+use tapdisk::image::{DirectIo, Driver, ImageSpec};
 use tapdisk::nbd::NbdListen;
 
 use super::io_msg;
@@ -19,6 +20,8 @@ use super::io_msg;
 pub const MAX_RING_ORDER: u32 = 8;
 /// Most segments per request a VBD may offer.
 pub const MAX_SEGMENTS: u32 = 11;
+/// Most metadata cache slots of a Parallax image (4 GiB of cache).
+pub const MAX_CACHE_SLOTS: u32 = 1 << 20;
 
 /// An existing VBD: `-m MINOR`, and optionally the tapdisk serving it.
 #[derive(Debug, Clone, Args)]
@@ -57,7 +60,9 @@ impl From<Direct> for DirectIo {
 pub struct DiskArgs {
     /// Image to serve, as TYPE:PATH
     ///
-    /// Types: aio (a raw image file or a block device).
+    /// Types: aio (a raw image file or a block device),
+    ///        parallax (a Parallax image: PATH serves its disk 'base', PATH@VOLUME another
+    ///        disk, or a snapshot, read-only; see parallax-img).
     /// A relative PATH is taken from the current directory.
     #[arg(
         verbatim_doc_comment,
@@ -142,6 +147,11 @@ pub struct DiskArgs {
     ///   bad=S+N;S+N     bad sector ranges: every IO touching one fails
     #[arg(verbatim_doc_comment, long, value_name = "PLAN")]
     pub inject_faults: Option<String>,
+    /// Metadata cache slots of a parallax: image (1..=1048576; default 128, the thesis's
+    /// first Parallax had 10). Volumes of one image served by one tapdisk share the cache
+    /// of the first one opened.
+    #[arg(verbatim_doc_comment, long, value_name = "N")]
+    pub cache_slots: Option<u32>,
 }
 
 /// A validated [`DiskArgs`]: what goes into an `open` command.
@@ -215,6 +225,14 @@ impl DiskArgs {
             .map(|m| m.parse::<ModelParams>().map_err(|e| anyhow!("{e}")))
             .transpose()?;
         let nbd = self.nbd.as_deref().map(validate_nbd).transpose()?;
+        if let Some(n) = self.cache_slots {
+            if !(1..=MAX_CACHE_SLOTS).contains(&n) {
+                bail!("cache slots {n} is out of range: --cache-slots takes 1..={MAX_CACHE_SLOTS}");
+            }
+            if !image.starts_with("parallax:") {
+                bail!("--cache-slots is for parallax: images only");
+            }
+        }
         Ok(Disk {
             image,
             options: VbdOptions {
@@ -235,6 +253,7 @@ impl DiskArgs {
                 faults,
                 nbd,
                 poll_us: self.poll_us,
+                cache_slots: self.cache_slots.unwrap_or(0),
             },
         })
     }
@@ -248,9 +267,23 @@ fn absolute(path: &Path) -> Result<PathBuf> {
 }
 
 /// Checks a disk spec and that its image exists and is a file or block device; returns the
-/// spec with an absolute path.
+/// spec with an absolute path. A `parallax:` image must be a Parallax image holding the volume
+/// named (unless a tapdisk holds it open, which then checks it itself).
 pub fn validate_image(spec: &str) -> Result<String> {
     let mut spec: ImageSpec = spec.parse().map_err(|e: String| anyhow!(e))?;
+    let volume = match spec.driver {
+        Driver::Aio | Driver::Stripe => None,
+        Driver::Parallax => {
+            let ds: DiskSpec = spec
+                .path
+                .to_str()
+                .ok_or_else(|| anyhow!("image path {} is not UTF-8", spec.path.display()))?
+                .parse()
+                .map_err(|e: String| anyhow!(e))?;
+            spec.path = ds.path;
+            ds.volume
+        }
+    };
     spec.path = absolute(&spec.path)?;
     let shown = spec.path.display();
     match std::fs::metadata(&spec.path) {
@@ -261,7 +294,39 @@ pub fn validate_image(spec: &str) -> Result<String> {
         }
         Err(e) => bail!("cannot access image {shown}: {}", io_msg(&e)),
     }
+    if spec.driver == Driver::Parallax {
+        check_parallax(&spec.path, volume.as_deref())?;
+        let ds = DiskSpec {
+            path: spec.path,
+            volume,
+        };
+        spec.path = PathBuf::from(ds.to_string());
+    }
     Ok(spec.to_string())
+}
+
+/// Checks that `path` is a Parallax image with volume `volume` (its first disk if `None`).
+fn check_parallax(path: &Path, volume: Option<&str>) -> Result<()> {
+    let shown = path.display();
+    let opts = parallax::OpenOptions {
+        cache_slots: 1,
+        read_only: true,
+    };
+    let img = match parallax::disk::open_image(path, &opts) {
+        Ok(img) => img,
+        // A tapdisk serves it (perhaps another volume of it): that tapdisk checks the spec.
+        Err(parallax::Error::Locked(_)) => return Ok(()),
+        Err(e) => bail!("image {shown}: {e}"),
+    };
+    let name = volume.unwrap_or(parallax::DEFAULT_VOLUME);
+    if img.volume(name).is_err() {
+        let names: Vec<&str> = img.volumes().iter().map(|v| v.name.as_str()).collect();
+        bail!(
+            "Parallax image {shown} has no volume named '{name}' (it has: {})",
+            names.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Checks an NBD address; a unix socket path is made absolute and its folder must exist.
@@ -307,6 +372,7 @@ mod tests {
             model_disk: None,
             early_read: None,
             inject_faults: None,
+            cache_slots: None,
         }
     }
 
@@ -370,6 +436,52 @@ mod tests {
         let mut a = disk(&good);
         a.max_segments = 12;
         assert!(err(a).contains("max segments 12"));
+    }
+
+    #[test]
+    fn parallax_specs_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vm.plx");
+        let mut d = parallax::Disk::create(&p, &parallax::CreateOptions::new(1 << 20)).unwrap();
+        let base = d.volume_id();
+        d.image_mut().snapshot(base, "snap").unwrap();
+        d.flush().unwrap();
+        drop(d);
+        let good = format!("parallax:{}@snap", p.display());
+        assert_eq!(validate_image(&good).unwrap(), good);
+        let err = |s: &str| validate_image(s).unwrap_err().to_string();
+        assert_eq!(
+            err(&format!("parallax:{}@other", p.display())),
+            format!(
+                "Parallax image {} has no volume named 'other' (it has: base, snap)",
+                p.display()
+            )
+        );
+        let raw = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(raw.path(), vec![0u8; 65536]).unwrap();
+        let e = err(&format!("parallax:{}", raw.path().display()));
+        assert!(e.contains("not a Parallax image"), "{e}");
+        assert!(err(&format!("parallax:{}@bad name", p.display())).contains("disk spec"));
+        assert_eq!(
+            err("parallax:/nonexistent/x.plx@snap"),
+            "image /nonexistent/x.plx does not exist"
+        );
+        let mut a = disk(&good);
+        a.cache_slots = Some(10);
+        assert_eq!(a.validate().unwrap().options.cache_slots, 10);
+        a.cache_slots = Some(0);
+        assert!(a
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("cache slots 0"));
+        let mut a = disk(&format!("aio:{}", raw.path().display()));
+        a.cache_slots = Some(10);
+        assert!(a
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("parallax: images only"));
     }
 
     #[test]

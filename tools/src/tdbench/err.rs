@@ -145,6 +145,7 @@ fn run_one(
         model_disk: model,
         early_read: Some(policy.unwrap_or_default()),
         inject_faults: None,
+        cache_slots: 0,
     };
     let shape = ta.shape();
     let mut t = target::open(&ta, shape.pages_per_io(args.bs) as u32)?;

@@ -112,6 +112,7 @@ fn targs(image: String) -> TargetArgs {
         model_disk: None,
         early_read: None,
         inject_faults: None,
+        cache_slots: 0,
     }
 }
 

@@ -73,8 +73,10 @@ pub struct TargetArgs {
     #[arg(long, value_name = "PATH", conflicts_with_all = ["image", "size"])]
     pub device: Option<PathBuf>,
     /// An image file, served by a private tapdisk for this run (created sparse if missing);
-    /// `stripe:MAPFILE` serves a striped disk (see stripe-img).
-    #[arg(long, value_name = "FILE")]
+    /// or a disk spec: aio:FILE (the same), parallax:FILE or parallax:FILE@VOLUME (a Parallax
+    /// image, created with one disk if missing), stripe:MAPFILE (a striped disk made with
+    /// stripe-img, served as it is).
+    #[arg(long, value_name = "FILE|SPEC")]
     pub image: Option<PathBuf>,
     /// Size of the image when td-bench creates it [default: 256M].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -123,6 +125,9 @@ pub struct TargetArgs {
     #[arg(long, value_name = "PARAMS", num_args = 0..=1, default_missing_value = "default",
           value_parser = |s: &str| s.parse::<ModelParams>())]
     pub model_disk: Option<ModelParams>,
+    /// Metadata cache slots of a parallax: image in the private tapdisk (0: its default, 128).
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
+    pub cache_slots: u32,
 }
 
 impl TargetArgs {
@@ -450,6 +455,42 @@ fn create_image(path: &Path, size: u64) -> Result<bool> {
     Ok(true)
 }
 
+/// The driver of an `--image` argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Aio,
+    Parallax,
+    Stripe,
+}
+
+/// `FILE`, `aio:FILE`, `parallax:FILE`, `parallax:FILE@VOLUME` or `stripe:MAPFILE`: the driver, the file and the
+/// volume.
+fn split_spec(arg: &Path) -> Result<(Kind, PathBuf, Option<String>)> {
+    let s = arg.to_string_lossy();
+    if let Some(rest) = s.strip_prefix("parallax:") {
+        let ds: parallax::DiskSpec = rest.parse().map_err(|e: String| anyhow!(e))?;
+        return Ok((Kind::Parallax, ds.path, ds.volume));
+    }
+    if let Some(rest) = s.strip_prefix("stripe:") {
+        return Ok((Kind::Stripe, PathBuf::from(rest), None));
+    }
+    let path = match s.strip_prefix("aio:") {
+        Some(rest) => PathBuf::from(rest),
+        None => arg.to_path_buf(),
+    };
+    Ok((Kind::Aio, path, None))
+}
+
+/// Creates a Parallax image of `size` bytes at `path` if there is none; true if it did.
+fn create_parallax(path: &Path, size: u64) -> Result<bool> {
+    if path.exists() {
+        return Ok(false);
+    }
+    parallax::Disk::create(path, &parallax::CreateOptions::new(size))
+        .map_err(|e| anyhow!("creating Parallax image {}: {e}", path.display()))?;
+    Ok(true)
+}
+
 /// Opens the target the options name with `mem_pages` pages of guest memory.
 pub fn open(args: &TargetArgs, mem_pages: u32) -> Result<Target> {
     open_traced(args, mem_pages, 0)
@@ -478,30 +519,23 @@ pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<
         pid: None,
     });
     let guard = PrivateGuard;
-    // `--image stripe:MAP` serves a striped disk (made with stripe-img) as it is.
-    let stripe_map = args
-        .image
-        .as_ref()
-        .and_then(|p| p.to_str()?.strip_prefix("stripe:").map(PathBuf::from));
-    let (path, temporary) = match (&stripe_map, &args.image) {
-        (Some(m), _) => (
-            std::path::absolute(m).with_context(|| format!("resolving {}", m.display()))?,
-            false,
-        ),
-        (None, Some(p)) => (
-            std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))?,
-            false,
-        ),
-        (None, None) => (dir.join("disk.img"), true),
+    let (kind, path, volume, temporary) = match &args.image {
+        Some(p) => {
+            let (kind, file, volume) = split_spec(p)?;
+            let file = std::path::absolute(&file)
+                .with_context(|| format!("resolving {}", file.display()))?;
+            (kind, file, volume, false)
+        }
+        None => (Kind::Aio, dir.join("disk.img"), None, true),
     };
     let size = args.size.unwrap_or(DEFAULT_SIZE);
-    let fresh = if stripe_map.is_some() {
-        false
-    } else {
-        create_image(&path, size)?
+    let fresh = match kind {
+        Kind::Aio => create_image(&path, size)?,
+        Kind::Parallax => create_parallax(&path, size)? && volume.is_none(),
+        Kind::Stripe => false,
     };
     if !fresh
-        && stripe_map.is_none()
+        && kind == Kind::Aio
         && args
             .size
             .is_some_and(|s| std::fs::metadata(&path).map(|m| m.len()).ok() != Some(s))
@@ -533,11 +567,19 @@ pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<
         faults: args.inject_faults.clone(),
         trace: trace_cap,
         poll_us: args.poll_us,
+        cache_slots: args.cache_slots,
         ..VbdOptions::default()
     };
-    let spec = match stripe_map {
-        Some(_) => format!("stripe:{}", path.display()),
-        None => format!("aio:{}", path.display()),
+    let spec = match kind {
+        Kind::Aio => format!("aio:{}", path.display()),
+        Kind::Stripe => format!("stripe:{}", path.display()),
+        Kind::Parallax => format!(
+            "parallax:{}",
+            parallax::DiskSpec {
+                path: path.clone(),
+                volume
+            }
+        ),
     };
     let reply = Client::connect_pid(&rundir, pid)?
         .call(Command::Open {
@@ -557,11 +599,13 @@ pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<
     } else {
         "image"
     };
-    let mut describe = format!("{what} {} via private tapdisk {pid}", path.display());
+    let mut describe = format!("{what} {spec} via private tapdisk {pid}");
     if let Some(m) = args.model_disk {
         describe.push_str(&format!(" ({m})"));
     }
-    let mut t = finish(fe, args, device, Some(path), fresh, describe, Some(guard))?;
+    // Only a raw image is something fio (compare) can be given.
+    let raw = (kind == Kind::Aio).then_some(path);
+    let mut t = finish(fe, args, device, raw, fresh, describe, Some(guard))?;
     t.private = Some(PrivateCtl {
         rundir,
         pid,

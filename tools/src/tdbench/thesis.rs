@@ -46,6 +46,14 @@ pub enum Experiment {
     /// Table 4.2: 100 interleaved buffered 112 KB writes, scheduler off vs on.
     #[value(name = "table-4.2")]
     Table42,
+    /// Table 3.6: sequential throughput by block size (4-32 KB), the raw aio: driver vs
+    /// parallax: on the same storage, through tapdisk (real file only).
+    #[value(name = "table-3.6")]
+    Table36,
+    /// Table 3.7: V2P and P2M metadata cache miss rates, 10 vs 128 slots, for 32768 buffered
+    /// 4 KB writes (the thesis's workload) and for random 4 KB reads (where the cache matters).
+    #[value(name = "table-3.7")]
+    Table37,
     /// Figures 3.1, 4.1, 4.2 and 4.3 as PNG charts in --out.
     Figures,
     /// Everything above.
@@ -113,6 +121,12 @@ pub struct ThesisArgs {
     /// source tree td-bench was built from].
     #[arg(long, value_name = "PATH")]
     pub lan_script: Option<PathBuf>,
+    /// Bytes written and read per pass in Table 3.6.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::tdbench::util::parse_size)]
+    pub plx_size: u64,
+    /// Runs per block size in Table 3.6 (raw and Parallax alternating); medians are shown.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub plx_repeat: u32,
 }
 
 /// The storage of one run.
@@ -167,6 +181,7 @@ fn targs(disk: &Disk, c: Config) -> TargetArgs {
         model_disk: disk.model,
         early_read: None,
         inject_faults: None,
+        cache_slots: 0,
     }
 }
 
@@ -581,6 +596,305 @@ fn table_4_2(disk: &Disk) -> Result<(BufferedRow, BufferedRow)> {
     Ok((off, on))
 }
 
+// ---- Parallax (section 3.5): Tables 3.6 and 3.7 ------------------------------------------
+
+/// Target arguments for a private tapdisk serving `spec` (`aio:FILE` or `parallax:FILE`) with
+/// `slots` metadata cache slots, a 1-page ring and 11 segments, as the thesis's tapdisk2.
+fn spec_targs(spec: &str, slots: u32) -> TargetArgs {
+    let disk = Disk {
+        path: PathBuf::from(spec),
+        model: None,
+    };
+    let mut t = targs(
+        &disk,
+        Config {
+            merge: true,
+            ..THESIS_SETUP
+        },
+    );
+    t.cache_slots = slots;
+    t
+}
+
+fn seq_workload(rw: Rw, bs: u64, count: u64) -> Workload {
+    Workload {
+        rw,
+        bs,
+        iodepth: 1,
+        stop: Stop::Count(count),
+        warmup: std::time::Duration::ZERO,
+        rwmixread: 0,
+        seed: 1,
+    }
+}
+
+/// One run of Table 3.6 on one driver: MB/s of writing a fresh image, rewriting it, reading it.
+fn seq_passes(spec: &str, bs: u64, size: u64) -> Result<[f64; 3]> {
+    let ta = spec_targs(spec, 0);
+    let mut t = target::open(&ta, (bs / 4096).max(1) as u32 + 1)?;
+    let n = size / bs;
+    let mut out = [0.0; 3];
+    for (i, rw) in [Rw::Write, Rw::Write, Rw::Read].into_iter().enumerate() {
+        let r = bench::measure(
+            &mut t.fe,
+            t.info.sectors,
+            &t.shape,
+            &seq_workload(rw, bs, n),
+            None,
+        )?;
+        if r.errors > 0 {
+            bail!("{} of {} IOs failed on {spec}", r.errors, r.ios);
+        }
+        out[i] = r.mb_s;
+    }
+    Ok(out)
+}
+
+/// The thesis's Table 3.6: `(KB, MB/s without Parallax, MB/s with)` ("virtual disk 2" is the
+/// plain one, "virtual disk 1" the Parallax one).
+const T36: &[(u64, f64, f64)] = &[
+    (4, 20.0, 18.0),
+    (8, 31.0, 29.0),
+    (16, 46.0, 40.0),
+    (32, 64.0, 59.0),
+];
+
+fn table_3_6(dir: &Path, size: u64, repeat: u32) -> Result<()> {
+    println!();
+    println!(
+        "Table 3.6: sequential IO by block size through tapdisk, the raw aio: driver vs \
+         parallax: on the same storage ({}), {} per pass, one IO at a time (dd), 1-page ring, \
+         median of {repeat}",
+        dir.display(),
+        fmt_size(size)
+    );
+    println!(
+        "  passes: write a fresh image (Parallax allocates every block), rewrite it (blocks in \
+         place), read it; no flush in the timed passes (dd oflag=direct sends none)"
+    );
+    let raw = dir.join(format!("td-bench-thesis-{}-36.raw", std::process::id()));
+    let plx = dir.join(format!("td-bench-thesis-{}-36.plx", std::process::id()));
+    let _remove = Remove(vec![raw.clone(), plx.clone()]);
+    println!(
+        "  {:>5} | {:>16} | {:>22} | {:>22} | {:>22}",
+        "bs", "thesis w/o, w/", "write new MB/s", "rewrite MB/s", "read MB/s"
+    );
+    println!(
+        "  {:>5} | {:>16} | {:>22} | {:>22} | {:>22}",
+        "", "(ratio)", "raw / plx (ratio)", "raw / plx (ratio)", "raw / plx (ratio)"
+    );
+    let mut worst: f64 = f64::MAX;
+    for &(kb, t_raw, t_plx) in T36 {
+        let bs = kb << 10;
+        let mut runs: [[Vec<f64>; 3]; 2] = Default::default();
+        for _ in 0..repeat {
+            for (k, path) in [&raw, &plx].into_iter().enumerate() {
+                let _ = std::fs::remove_file(path);
+                let spec = if k == 0 {
+                    std::fs::File::create(path)
+                        .and_then(|f| f.set_len(size))
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    format!("aio:{}", path.display())
+                } else {
+                    parallax::Disk::create(path, &parallax::CreateOptions::new(size))
+                        .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+                    format!("parallax:{}", path.display())
+                };
+                let r = seq_passes(&spec, bs, size)
+                    .with_context(|| format!("{} IOs on {spec}", fmt_size(bs)))?;
+                for p in 0..3 {
+                    runs[k][p].push(r[p]);
+                }
+                std::fs::remove_file(path)?;
+            }
+        }
+        let m = runs.map(|d| d.map(median));
+        let mut cell = |p: usize| {
+            let ratio = m[1][p] / m[0][p];
+            worst = worst.min(ratio);
+            format!("{:.1} / {:.1} ({:.2})", m[0][p], m[1][p], ratio)
+        };
+        let (c0, c1, c2) = (cell(0), cell(1), cell(2));
+        println!(
+            "  {:>5} | {:>16} | {c0:>22} | {c1:>22} | {c2:>22}",
+            fmt_size(bs),
+            format!("{t_raw:.0}, {t_plx:.0} ({:.2})", t_plx / t_raw),
+        );
+    }
+    println!(
+        "  Parallax / raw: at worst {worst:.2} here (thesis: 0.87 to 0.94; goal: at least 0.90)"
+    );
+    Ok(())
+}
+
+/// `(V2P lookups, V2P misses, P2M lookups, P2M misses)` from a VBD's stats.
+fn cache_counts(stats: &serde_json::Value) -> Result<[u64; 4]> {
+    let c = &stats["driver"]["cache"];
+    let get = |l: &str, k: &str| {
+        c[l][k]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no parallax cache counters in the VBD's stats"))
+    };
+    Ok([
+        get("v2p", "lookups")?,
+        get("v2p", "misses")?,
+        get("p2m", "lookups")?,
+        get("p2m", "misses")?,
+    ])
+}
+
+fn pct(misses: u64, lookups: u64) -> f64 {
+    if lookups == 0 {
+        0.0
+    } else {
+        misses as f64 * 100.0 / lookups as f64
+    }
+}
+
+/// Cache counters over `f`, run on a private tapdisk serving `spec` with `slots` slots.
+fn counted(
+    spec: &str,
+    slots: u32,
+    pages: u32,
+    f: impl FnOnce(&mut target::Target) -> Result<f64>,
+) -> Result<([u64; 4], f64)> {
+    let ta = spec_targs(spec, slots);
+    let mut t = target::open(&ta, pages)?;
+    let before = cache_counts(&t.stats()?)?;
+    let figure = f(&mut t)?;
+    let after = cache_counts(&t.stats()?)?;
+    let mut d = [0u64; 4];
+    for i in 0..4 {
+        d[i] = after[i] - before[i];
+    }
+    Ok((d, figure))
+}
+
+fn miss_row(what: &str, slots: u32, c: [u64; 4], thesis: &str, extra: &str) {
+    println!(
+        "  {what:<22} {slots:>5} {:>10} {:>8} {:>8.3} % {:>10} {:>8} {:>8.3} % {thesis:>12} {extra}",
+        c[0],
+        c[1],
+        pct(c[1], c[0]),
+        c[2],
+        c[3],
+        pct(c[3], c[2]),
+    );
+}
+
+fn table_3_7(dir: &Path) -> Result<()> {
+    println!();
+    println!(
+        "Table 3.7: Parallax metadata cache, V2P and P2M lookups and misses, through tapdisk, \
+         images in {}",
+        dir.display()
+    );
+    println!(
+        "  {:<22} {:>5} {:>10} {:>8} {:>10} {:>10} {:>8} {:>10} {:>12}",
+        "workload",
+        "slots",
+        "V2P look",
+        "misses",
+        "miss rate",
+        "P2M look",
+        "misses",
+        "miss rate",
+        "thesis V/P"
+    );
+    let path = dir.join(format!("td-bench-thesis-{}-37.plx", std::process::id()));
+    let _remove = Remove(vec![path.clone()]);
+    let spec = format!("parallax:{}", path.display());
+    let fresh = |size: u64| -> Result<()> {
+        let _ = std::fs::remove_file(&path);
+        parallax::Disk::create(&path, &parallax::CreateOptions::new(size))
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+        Ok(())
+    };
+    // The thesis's workload: dd of 32768 4 KB blocks through the page cache, written back
+    // in 44 KB requests, to a fresh disk.
+    let writes = guest::sequential(32768, 4096);
+    let shape = spec_targs(&spec, 0).shape();
+    let plan = guest::writeback_plan(&writes, &shape);
+    let pages = guest::plan_pages(&plan, &shape) as u32;
+    let mut seq_misses = 0;
+    for (slots, thesis) in [(10u32, "0 / 0.98 %"), (128, "0 / 0 %")] {
+        fresh(256 << 20)?;
+        let (c, _) = counted(&spec, slots, pages, |t| {
+            let r = guest::run_plan(&mut t.fe, &t.shape, &plan, None)?;
+            if r.errors > 0 {
+                bail!("{} of {} writes failed", r.errors, r.requests);
+            }
+            Ok(r.elapsed_s)
+        })?;
+        seq_misses += c[1] + c[3];
+        miss_row("32768 x 4 KB buffered", slots, c, thesis, "");
+    }
+    if seq_misses == 0 {
+        println!(
+            "  (no misses on the thesis's workload: the writes are sequential to a fresh disk, so \
+             every V2P and P2M leaf is created in the cache and used for 512 and 256 blocks in a \
+             row before the next; the upper nodes are touched on every block and never evicted, \
+             and an evicted leaf is never needed again. The thesis's 0.98 % came from its \
+             Parallax's own workload, which read some metadata back.)"
+        );
+    }
+    // Where the cache matters: random 4 KB reads over a written 64 MiB disk, whose V2P and
+    // P2M leaves (32 and 64) fit in 128 slots but not in 10.
+    let size = 64u64 << 20;
+    for slots in [10u32, 128] {
+        fresh(size)?;
+        // Written first (through a tapdisk of its own, not counted).
+        counted(&spec, slots, 4 * 256, |t| {
+            let fill = Workload {
+                rw: Rw::Write,
+                bs: 1 << 20,
+                iodepth: 4,
+                stop: Stop::Count(size >> 20),
+                warmup: std::time::Duration::ZERO,
+                rwmixread: 0,
+                seed: 1,
+            };
+            let sh = t.shape;
+            let r = bench::measure(&mut t.fe, t.info.sectors, &sh, &fill, None)?;
+            if r.errors > 0 {
+                bail!("filling the disk: {} IOs failed", r.errors);
+            }
+            Ok(0.0)
+        })?;
+        // Counted apart from the fill: a new tapdisk, cold cache, the same image.
+        let (c, iops) = counted(&spec, slots, 8, |t| {
+            let w = Workload {
+                rw: Rw::Randread,
+                bs: 4096,
+                iodepth: 8,
+                stop: Stop::Count(20000),
+                warmup: std::time::Duration::ZERO,
+                rwmixread: 0,
+                seed: 3,
+            };
+            let sh = t.shape;
+            let r = bench::measure(&mut t.fe, t.info.sectors, &sh, &w, None)?;
+            if r.errors > 0 {
+                bail!("{} of {} reads failed", r.errors, r.ios);
+            }
+            Ok(r.iops)
+        })?;
+        miss_row(
+            "20000 random 4 KB reads",
+            slots,
+            c,
+            "-",
+            &format!("{iops:.0} IOPS"),
+        );
+    }
+    println!(
+        "  (random reads over 64 MiB, cold cache: 32 V2P and 64 P2M leaves plus the nodes above \
+         them are the working set; 128 slots hold it after the first touch of each node, 10 \
+         slots miss most lookups)"
+    );
+    Ok(())
+}
+
 fn fio_direct_write(fio: &str, image: &Path, bs: u64, count: u64) -> Result<f64> {
     let w = Workload {
         rw: Rw::Write,
@@ -859,6 +1173,24 @@ pub fn run(args: &ThesisArgs) -> Result<bool> {
         if what(Experiment::Table42) {
             table_4_2(d)?;
         }
+    }
+    // Parallax's experiments need real storage under both drivers; the model disk would
+    // time the data IO and hide the metadata work, so they run on the real file's folder.
+    let plx_dir = match &real {
+        Some(d) => d.path.parent().map(Path::to_path_buf),
+        None => None,
+    }
+    .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    if what(Experiment::Table36) {
+        if real.is_some() {
+            table_3_6(&plx_dir, args.plx_size, args.plx_repeat)?;
+        } else {
+            println!();
+            println!("Table 3.6: skipped on the model disk (it would time the data IO only)");
+        }
+    }
+    if what(Experiment::Table37) {
+        table_3_7(&plx_dir)?;
     }
     if what(Experiment::Figures) {
         let files = figures(args, real.as_ref(), model.as_ref())?;
