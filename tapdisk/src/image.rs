@@ -66,14 +66,22 @@ pub trait Image: BlockTarget {
     }
 }
 
-/// Opens `spec` with the driver it names.
+/// Opens `spec` with the driver it names; drivers that log (`stripe:`: lost connections,
+/// failovers, stale replicas) log nowhere. A VBD uses [`open_image_logged`].
 pub fn open_image(spec: &ImageSpec, opts: OpenOptionsImg) -> io::Result<Arc<dyn Image>> {
+    open_image_logged(spec, opts, &slog::Logger::root(slog::Discard, slog::o!()))
+}
+
+/// As [`open_image`]; the driver logs to `log`.
+pub fn open_image_logged(
+    spec: &ImageSpec,
+    opts: OpenOptionsImg,
+    log: &slog::Logger,
+) -> io::Result<Arc<dyn Image>> {
     match spec.driver {
         Driver::Aio => Ok(Arc::new(AioImage::open(&spec.path, opts)?)),
         Driver::Stripe => Ok(Arc::new(crate::engine::stripe::StripeImage::open(
-            &spec.path,
-            opts,
-            &slog::Logger::root(slog::Discard, slog::o!()),
+            &spec.path, opts, log,
         )?)),
         Driver::Parallax => Ok(Arc::new(crate::parallax::ParallaxImage::open(spec, opts)?)),
     }

@@ -23,7 +23,7 @@ use blkif::request::DiskInfo;
 use slog::{info, o, warn, Logger};
 
 use crate::control::proto::{VbdOptions, VbdState, VbdSummary};
-use crate::image::{open_image, BlockTarget, Image, ImageSpec, OpenOptionsImg, SECTOR};
+use crate::image::{open_image_logged, BlockTarget, Image, ImageSpec, OpenOptionsImg, SECTOR};
 use crate::nbd::{NbdListen, NbdServer};
 use crate::ringloop::{RingConfig, RingEnv, RingExit, RingLoop, RingTransport};
 use crate::sched::SchedConfig;
@@ -295,13 +295,14 @@ impl Vbd {
             Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
             None => None,
         };
-        let image = open_image(
+        let image = open_image_logged(
             &spec,
             OpenOptionsImg {
                 read_only: opts.read_only,
                 direct: opts.direct,
                 cache_slots: opts.cache_slots,
             },
+            &log.new(o!("minor" => minor)),
         )?;
         if image.size() < SECTOR {
             bail!("image {} is smaller than one sector", spec.path.display());
@@ -517,13 +518,14 @@ impl Vbd {
             anyhow::bail!("minor {} is not paused", self.minor);
         }
         if let Some(spec) = new_image {
-            let img = open_image(
+            let img = open_image_logged(
                 &spec,
                 OpenOptionsImg {
                     read_only: self.opts.read_only,
                     direct: self.opts.direct,
                     cache_slots: self.opts.cache_slots,
                 },
+                &self.log,
             )?;
             if img.size() / SECTOR != self.disk.sectors {
                 anyhow::bail!(

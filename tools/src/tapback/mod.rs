@@ -43,7 +43,7 @@ Examples:
   tapback --grant-mode copy --max-queues 2 --log-file /var/log/tapback.log
 
 A disk for it in an xl config (Xen >= 4.19):
-  disk = [ 'vdev=xvda, backendtype=tap, target=aio:/srv/vm1.img' ]";
+  disk = [ 'vdev=xvda, backendtype=tap, target=/srv/vm1.img' ]   (libxl adds the aio:)";
 
 /// tapback: connect Xen guests' blkfront devices to tapdisk-rs.
 #[derive(Debug, Parser)]

@@ -62,7 +62,9 @@ pub struct DiskArgs {
     ///
     /// Types: aio (a raw image file or a block device),
     ///        parallax (a Parallax image: PATH serves its disk 'base', PATH@VOLUME another
-    ///        disk, or a snapshot, read-only; see parallax-img).
+    ///        disk, or a snapshot, read-only; see parallax-img),
+    ///        stripe (PATH is a mapping file made by stripe-img: a disk striped over
+    ///        iSCSI servers).
     /// A relative PATH is taken from the current directory.
     #[arg(
         verbatim_doc_comment,

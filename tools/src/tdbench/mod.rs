@@ -21,6 +21,7 @@ pub mod guest;
 pub mod hist;
 pub mod plot;
 pub mod shadow;
+pub mod soak;
 pub mod target;
 pub mod thesis;
 pub mod util;
@@ -76,6 +77,13 @@ pub enum Cmd {
     /// checked; perceived latency and total time per policy, against early return off.
     #[command(after_help = ERR_EXAMPLES)]
     Err(err::ErrArgs),
+    /// Soak: a full ring of checked mixed IO on one disk and fio with verification over the
+    /// NBD export of another, in one tapdisk, for a bounded time (10 minutes by default);
+    /// fails on any wrong byte or error, or if the tapdisk's memory grows more than 5 %.
+    #[command(
+        after_help = "Examples:\n  td-bench soak                          # 10 minutes\n  td-bench soak --duration 2m --warmup 20s --size 128M"
+    )]
+    Soak(soak::SoakArgs),
 }
 
 const ERR_EXAMPLES: &str = "\
@@ -107,6 +115,7 @@ pub fn main_with(cli: Cli) -> i32 {
         Cmd::Compare(a) => compare::run(a),
         Cmd::Thesis(a) => thesis::run(a),
         Cmd::Err(a) => err::run(a),
+        Cmd::Soak(a) => soak::run(a),
     });
     match res {
         Ok(true) => 0,

@@ -408,6 +408,32 @@ impl Target {
         Client::connect_pid(&p.rundir, p.pid)?.call(cmd)
     }
 
+    /// The pid of the private tapdisk serving the disk, if td-bench started one.
+    pub fn tapdisk_pid(&self) -> Option<u32> {
+        self.private.as_ref().map(|p| p.pid)
+    }
+
+    /// The private tapdisk's folder (its run directory and temporary images live there).
+    pub fn private_dir(&self) -> Option<&Path> {
+        self.private.as_ref().and_then(|p| p.rundir.0.parent())
+    }
+
+    /// Opens one more VBD in the private tapdisk (it is closed when the tapdisk stops).
+    pub fn open_more(
+        &self,
+        image: String,
+        options: VbdOptions,
+    ) -> Result<tapdisk::control::proto::VbdSummary> {
+        match self.call(Command::Open {
+            minor: None,
+            image: image.clone(),
+            options,
+        })? {
+            Reply::Opened { vbd } => Ok(vbd),
+            other => bail!("tapdisk answered the open of {image} with {other:?}"),
+        }
+    }
+
     /// The VBD's counters (`tap-ctl stats`).
     pub fn stats(&self) -> Result<serde_json::Value> {
         let minor = self.private.as_ref().map_or(0, |p| p.minor);

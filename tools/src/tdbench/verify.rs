@@ -18,7 +18,7 @@ use blkif::{Response, Segment};
 use clap::Args;
 
 use crate::tdbench::shadow::{self, describe, fill_canary, fill_sector, Range, Shadow, SECTOR};
-use crate::tdbench::target::{self, TargetArgs, STALL};
+use crate::tdbench::target::{self, Target, TargetArgs, STALL};
 use crate::tdbench::util::{clock_seed, fmt_bytes, fmt_size, mix64, parse_seed, Rng};
 
 /// Options of `td-bench verify`.
@@ -27,6 +27,10 @@ pub struct VerifyArgs {
     /// Requests to issue and check.
     #[arg(long, default_value_t = 100_000)]
     pub requests: u64,
+    /// Run for this long instead of a number of requests (e.g. 10m): new requests stop at the
+    /// deadline, those in flight are checked.
+    #[arg(long, value_name = "TIME", value_parser = crate::tdbench::util::parse_duration)]
+    pub duration: Option<Duration>,
     /// Seed of the workload and of the data patterns (decimal or 0x...) [default: random,
     /// printed].
     #[arg(long, value_parser = parse_seed)]
@@ -328,6 +332,17 @@ impl Failures {
 
 /// Runs `td-bench verify`. Returns whether every request passed.
 pub fn run(args: &VerifyArgs) -> Result<bool> {
+    run_with_hooks(args, |_| Ok(()), |_| Ok(()))
+}
+
+/// As [`run`]; `on_open` is called once the disk is attached, before the first request, and
+/// `before_close` after the last response, while the tapdisk still runs (the soak run starts
+/// its other load and its memory sampler in the first and collects them in the second).
+pub fn run_with_hooks(
+    args: &VerifyArgs,
+    on_open: impl FnOnce(&Target) -> Result<()>,
+    before_close: impl FnOnce(&Target) -> Result<()>,
+) -> Result<bool> {
     if !(0.0..=100.0).contains(&args.discard_pct)
         || !(0.0..=100.0).contains(&args.flush_pct)
         || args.discard_pct + args.flush_pct > 100.0
@@ -365,9 +380,12 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
     };
     if !args.json {
         eprintln!(
-            "td-bench verify: {} requests on {} ({} sectors, {}); ring {} slots {}, iodepth {}, \
+            "td-bench verify: {} on {} ({} sectors, {}); ring {} slots {}, iodepth {}, \
              up to {} segments{}, seed {:#x}{}",
-            args.requests,
+            match args.duration {
+                Some(d) => format!("requests for {:.0} s", d.as_secs_f64()),
+                None => format!("{} requests", args.requests),
+            },
             t.describe,
             info.sectors,
             fmt_size(info.sectors * 512),
@@ -403,16 +421,37 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
         allow_errors: args.allow_errors,
         expect_bad: args.expect_bad.clone().unwrap_or_default().0,
     };
+    on_open(&t)?;
     let mut rng = Rng::new(seed);
     let mut rsps: Vec<Response> = Vec::with_capacity(ring as usize);
     let (mut issued, mut completed) = (0u64, 0u64);
     let mut pending: Option<Plan> = None;
     let start = Instant::now();
+    let deadline = args.duration.map(|d| start + d);
+    // With --duration, --requests is no limit; issuing stops at the deadline.
+    let mut limit = if deadline.is_some() {
+        u64::MAX
+    } else {
+        args.requests
+    };
+    let total = |limit: u64| {
+        if limit == u64::MAX {
+            "?".to_owned()
+        } else {
+            limit.to_string()
+        }
+    };
     let mut last_progress = start;
     let fe = &mut t.fe;
-    while completed < args.requests {
+    while completed < limit {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            limit = issued;
+            if completed >= limit {
+                break;
+            }
+        }
         let mut queued = 0;
-        while issued < args.requests && !v.free.is_empty() && fe.free_slots() > 0 {
+        while issued < limit && !v.free.is_empty() && fe.free_slots() > 0 {
             // A plan that overlaps requests in flight is moved elsewhere, not replaced, so
             // busy disks keep the mix of kinds and sizes; if it fits nowhere, it waits.
             let mut plan = pending.take().unwrap_or_else(|| planner.plan(&mut rng));
@@ -464,13 +503,15 @@ pub fn run(args: &VerifyArgs) -> Result<bool> {
             last_progress = Instant::now();
             eprintln!(
                 "td-bench verify: {completed}/{} requests, {} failed",
-                args.requests, v.totals.failed
+                total(limit),
+                v.totals.failed
             );
         }
     }
     debug_assert!(v.shadow.idle());
     let elapsed = start.elapsed();
     print_totals(&v.totals, args.json, elapsed, seed);
+    before_close(&t)?;
     drop(t);
     if v.totals.failed > 0 {
         eprintln!(
