@@ -159,3 +159,25 @@ pub fn image(size: u64) -> Result<(tempfile::TempDir, PathBuf)> {
     std::fs::File::create(&p)?.set_len(size)?;
     Ok((dir, p))
 }
+
+/// A `tap-ctl` command for the run directory `rundir`.
+pub fn tap_ctl(rundir: &Path) -> Command {
+    let mut c = Command::new(bin("tap-ctl"));
+    c.arg("--rundir").arg(rundir);
+    c
+}
+
+/// Runs `cmd` with no input and returns its output; panics (failing the test) with its output
+/// if it cannot start or exits unsuccessfully.
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| {
+        panic!("cannot run {cmd:?}: {e} (CI installs qemu-utils and libnbd-bin)")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}

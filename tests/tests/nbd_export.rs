@@ -3,28 +3,9 @@
 //! written directly.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use tapdisk_e2e::*;
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| {
-        panic!("cannot run {cmd:?}: {e} (CI installs qemu-utils and libnbd-bin)")
-    });
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn tap_ctl(rundir: &Path) -> Command {
-    let mut c = Command::new(bin("tap-ctl"));
-    c.arg("--rundir").arg(rundir);
-    c
-}
 
 /// Destroys every tapdisk of the run directory at the end, even when the test fails.
 struct Cleanup<'a>(&'a Path, u32);
@@ -57,18 +38,20 @@ fn qemu_io_and_qemu_img_compare_through_the_nbd_export() {
         std::fs::File::create(p).unwrap().set_len(64 << 20).unwrap();
     }
     let sock = dir.path().join("nbd.sock");
-    let out = run(tap_ctl(&rundir)
-        .args(["create", "-a"])
-        .arg(format!("aio:{}", img.display()))
-        .arg("--nbd")
-        .arg(format!("unix:{}", sock.display())));
+    let out = run_ok(
+        tap_ctl(&rundir)
+            .args(["create", "-a"])
+            .arg(format!("aio:{}", img.display()))
+            .arg("--nbd")
+            .arg(format!("unix:{}", sock.display())),
+    );
     let device = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(device.ends_with("tapdev0"), "create printed {device:?}");
     let _cleanup = Cleanup(&rundir, 0);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
 
     // The acceptance command.
-    let out = run(Command::new("qemu-io").args([
+    let out = run_ok(Command::new("qemu-io").args([
         "-f",
         "raw",
         &uri,
@@ -93,17 +76,21 @@ fn qemu_io_and_qemu_img_compare_through_the_nbd_export() {
         through.args(["-c", w]);
         local.args(["-c", w]);
     }
-    run(&mut through);
-    run(&mut local);
-    let out = run(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw", &uri])
-        .arg(&direct));
+    run_ok(&mut through);
+    run_ok(&mut local);
+    let out = run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw", &uri])
+            .arg(&direct),
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Images are identical"));
     // A difference is found (the comparison can fail).
-    run(Command::new("qemu-io")
-        .args(["-f", "raw"])
-        .arg(&direct)
-        .args(["-c", "write -P 0x99 2M 512"]));
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .arg(&direct)
+            .args(["-c", "write -P 0x99 2M 512"]),
+    );
     let out = Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw", &uri])
         .arg(&direct)
@@ -117,12 +104,12 @@ fn qemu_io_and_qemu_img_compare_through_the_nbd_export() {
     );
 
     // nbdinfo sees the size; pattern reads of every write come back.
-    let out = run(Command::new("nbdinfo").args(["--size", &uri]));
+    let out = run_ok(Command::new("nbdinfo").args(["--size", &uri]));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         (64u64 << 20).to_string()
     );
-    let out = run(Command::new("qemu-io").args([
+    let out = run_ok(Command::new("qemu-io").args([
         "-f",
         "raw",
         &uri,
@@ -141,8 +128,8 @@ fn qemu_io_and_qemu_img_compare_through_the_nbd_export() {
     );
 
     // After destroy, the file on disk equals what went through.
-    run(tap_ctl(&rundir).args(["destroy", "-m", "0"]));
-    let out = run(Command::new("qemu-io").args(["-f", "raw"]).arg(&img).args([
+    run_ok(tap_ctl(&rundir).args(["destroy", "-m", "0"]));
+    let out = run_ok(Command::new("qemu-io").args(["-f", "raw"]).arg(&img).args([
         "-c",
         "read -P 0x44 7M 1M",
         "-c",
@@ -171,16 +158,18 @@ fn nbdcopy_over_tcp_on_loopback() {
         .local_addr()
         .unwrap()
         .port();
-    run(tap_ctl(&rundir)
-        .args(["create", "-m", "3", "-a"])
-        .arg(format!("aio:{}", img.display()))
-        .arg("--nbd")
-        .arg(format!("tcp:127.0.0.1:{port}")));
+    run_ok(
+        tap_ctl(&rundir)
+            .args(["create", "-m", "3", "-a"])
+            .arg(format!("aio:{}", img.display()))
+            .arg("--nbd")
+            .arg(format!("tcp:127.0.0.1:{port}")),
+    );
     let _cleanup = Cleanup(&rundir, 3);
     let uri = format!("nbd://127.0.0.1:{port}");
-    run(Command::new("nbdcopy").arg(&src).arg(&uri));
+    run_ok(Command::new("nbdcopy").arg(&src).arg(&uri));
     let back = dir.path().join("back.bin");
-    run(Command::new("nbdcopy").arg(&uri).arg(&back));
+    run_ok(Command::new("nbdcopy").arg(&uri).arg(&back));
     let back = std::fs::read(&back).unwrap();
     assert_eq!(back.len(), 16 << 20);
     assert!(back[..data.len()] == data[..], "data read back differs");

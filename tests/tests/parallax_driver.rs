@@ -20,37 +20,17 @@ use tapdisk::control::proto::{Command as Ctl, Reply, VbdOptions};
 use tapdisk::control::RunDir;
 use tapdisk_e2e::*;
 
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (CI installs qemu-utils)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn plx(args: &[&str]) -> String {
-    stdout(&run(Command::new(bin("parallax-img")).args(args)))
+    stdout(&run_ok(Command::new(bin("parallax-img")).args(args)))
 }
 
 fn check_clean(img: &Path) {
     let out = plx(&["check", img.to_str().unwrap()]);
     assert!(out.contains("no problems found"), "{out}");
-}
-
-fn tap_ctl(rundir: &Path) -> Command {
-    let mut c = Command::new(bin("tap-ctl"));
-    c.arg("--rundir").arg(rundir);
-    c
 }
 
 /// Destroys the VBDs of a run directory at the end, even when the test fails.
@@ -71,7 +51,7 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     for x in cmds {
         c.args(["-c", x]);
     }
-    let text = stdout(&run(&mut c));
+    let text = stdout(&run_ok(&mut c));
     assert!(!text.contains("Pattern verification failed"), "{text}");
     assert!(!text.contains("error"), "{text}");
     text
@@ -152,11 +132,13 @@ fn nbd_export_of_a_parallax_disk_matches_a_raw_file_and_counts_cache_hits() {
         .set_len(64 << 20)
         .unwrap();
     let sock = d.join("vm.nbd");
-    let out = run(tap_ctl(&rundir)
-        .args(["create", "--cache-slots", "10", "-a"])
-        .arg(format!("parallax:{}", img.display()))
-        .arg("--nbd")
-        .arg(format!("unix:{}", sock.display())));
+    let out = run_ok(
+        tap_ctl(&rundir)
+            .args(["create", "--cache-slots", "10", "-a"])
+            .arg(format!("parallax:{}", img.display()))
+            .arg("--nbd")
+            .arg(format!("unix:{}", sock.display())),
+    );
     assert!(stdout(&out).trim().ends_with("tapdev0"));
     let _destroy = Destroy(&rundir, vec![0]);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
@@ -177,10 +159,12 @@ fn nbd_export_of_a_parallax_disk_matches_a_raw_file_and_counts_cache_hits() {
     for w in writes {
         local.args(["-c", w]);
     }
-    run(&mut local);
-    let out = run(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw", &uri])
-        .arg(&raw));
+    run_ok(&mut local);
+    let out = run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw", &uri])
+            .arg(&raw),
+    );
     assert!(stdout(&out).contains("Images are identical"));
     let text = qemu_io(
         &uri,
@@ -194,8 +178,10 @@ fn nbd_export_of_a_parallax_disk_matches_a_raw_file_and_counts_cache_hits() {
     );
     assert!(text.contains("read 1048576/1048576 bytes at offset 33554432"));
     // The metadata cache's counters, per layer, with the slots asked for.
-    let stats: serde_json::Value =
-        serde_json::from_str(&stdout(&run(tap_ctl(&rundir).args(["stats", "-m", "0"])))).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&run_ok(
+        tap_ctl(&rundir).args(["stats", "-m", "0"]),
+    )))
+    .unwrap();
     let drv = &stats["driver"];
     assert_eq!(drv["type"], "parallax", "{stats}");
     assert_eq!(drv["volume"], "base");
@@ -206,7 +192,7 @@ fn nbd_export_of_a_parallax_disk_matches_a_raw_file_and_counts_cache_hits() {
             "{layer}: {drv}"
         );
     }
-    run(tap_ctl(&rundir).args(["destroy", "-m", "0"]));
+    run_ok(tap_ctl(&rundir).args(["destroy", "-m", "0"]));
     check_clean(&img);
     // A clear error for a volume that is not there, before any tapdisk starts.
     let out = tap_ctl(&rundir)
@@ -224,7 +210,7 @@ fn nbd_export_of_a_parallax_disk_matches_a_raw_file_and_counts_cache_hits() {
 
 /// The pid of the tapdisk serving minor 0 of `rundir`.
 fn pid_of(rundir: &Path) -> u32 {
-    let out = stdout(&run(tap_ctl(rundir).arg("list")));
+    let out = stdout(&run_ok(tap_ctl(rundir).arg("list")));
     out.split_whitespace()
         .find_map(|w| w.strip_prefix("pid="))
         .and_then(|p| p.parse().ok())
@@ -251,7 +237,7 @@ fn snapshots_stay_unchanged_and_clones_diverge() {
             .arg(spec)
             .arg("--nbd")
             .arg(format!("unix:{}", nbd(name).display()));
-        stdout(&run(&mut c)).trim().to_string()
+        stdout(&run_ok(&mut c)).trim().to_string()
     };
     let before = [
         "write -P 0x5a 0 1M",
@@ -284,7 +270,7 @@ fn snapshots_stay_unchanged_and_clones_diverge() {
     destroy.1.push(1);
     serve(format!("parallax:{i}@cl"), "cl", Some(pid));
     destroy.1.push(2);
-    let list = stdout(&run(tap_ctl(&rundir).arg("list")));
+    let list = stdout(&run_ok(tap_ctl(&rundir).arg("list")));
     assert_eq!(list.lines().count(), 3, "{list}");
 
     // Overwrite the live disk: patterns, then td-bench verify's random IO all over it.
@@ -337,15 +323,19 @@ fn snapshots_stay_unchanged_and_clones_diverge() {
     for w in before {
         local.args(["-c", w]);
     }
-    run(&mut local);
-    let out = run(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw", &uri("snap")])
-        .arg(&raw));
+    run_ok(&mut local);
+    let out = run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw", &uri("snap")])
+            .arg(&raw),
+    );
     assert!(stdout(&out).contains("Images are identical"));
 
     // Each VBD shows the cache counters of the one image they share.
-    let stats: serde_json::Value =
-        serde_json::from_str(&stdout(&run(tap_ctl(&rundir).args(["stats", "-m", "1"])))).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&run_ok(
+        tap_ctl(&rundir).args(["stats", "-m", "1"]),
+    )))
+    .unwrap();
     assert_eq!(stats["driver"]["volume"], "snap");
     assert_eq!(stats["driver"]["read_only"], true);
 

@@ -10,12 +10,6 @@ use std::time::{Duration, Instant};
 use tapdisk_e2e::lan::{self, Lan};
 use tapdisk_e2e::*;
 
-fn tap_ctl(rundir: &Path) -> Command {
-    let mut c = Command::new(bin("tap-ctl"));
-    c.arg("--rundir").arg(rundir);
-    c
-}
-
 /// Runs `cmd`, killing it after `limit` (a hang is a failure, not a stuck test).
 fn run_limited(cmd: &mut Command, limit: Duration) -> Output {
     let mut child = cmd

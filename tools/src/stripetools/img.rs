@@ -106,11 +106,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli: Cli = match super::parse("stripe-img", args) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    super::finish("stripe-img", run(&cli))
+    super::main_for::<Cli, I, T>("stripe-img", args, run)
 }
 
 fn run(cli: &Cli) -> Result<()> {

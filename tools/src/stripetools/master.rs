@@ -127,11 +127,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli: Cli = match super::parse("parallax-master", args) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    super::finish("parallax-master", run(&cli))
+    super::main_for::<Cli, I, T>("parallax-master", args, run)
 }
 
 fn run(cli: &Cli) -> Result<()> {

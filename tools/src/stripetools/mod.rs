@@ -36,6 +36,23 @@ where
     })
 }
 
+/// Parses `args` (the first is the program name) as `P`, runs `run` on it and returns the exit
+/// status: the one of [`parse`] on a bad command line, else the one of [`finish`].
+fn main_for<P: clap::Parser, I, T>(
+    tool: &str,
+    args: I,
+    run: impl FnOnce(&P) -> anyhow::Result<()>,
+) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    match parse::<P, I, T>(tool, args) {
+        Ok(cli) => finish(tool, run(&cli)),
+        Err(code) => code,
+    }
+}
+
 /// Runs `f` and turns an error into `tool: message` and exit status 1.
 fn finish(tool: &str, r: anyhow::Result<()>) -> i32 {
     match r {
