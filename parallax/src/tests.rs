@@ -328,6 +328,32 @@ fn first_io_error_stops_the_image_and_the_last_commit_survives() {
 }
 
 #[test]
+fn warm_loads_the_root_so_the_first_io_misses_nothing_above_it() {
+    let mut img = create(64 * MIB, 4096, 128);
+    let base = img.volume("base").unwrap();
+    for i in 0..64u64 {
+        img.write_at(base, i * 4096, &[7u8; 4096]).unwrap();
+    }
+    img.flush().unwrap();
+    let mut img = reopen(&img, 128);
+    let base = img.volume("base").unwrap();
+    let before = img.stats();
+    img.warm(base).unwrap();
+    let s = img.stats().since(&before);
+    assert!(s.v2p.misses == 1 && s.p2m.misses >= 1, "{s:?}");
+    // Warm again: the root is cached, nothing is read.
+    let before = img.stats();
+    img.warm(base).unwrap();
+    let s = img.stats().since(&before);
+    assert_eq!((s.v2p.misses, s.p2m.misses), (0, 0), "{s:?}");
+    assert_eq!(read(&mut img, "base", 0, 4096), vec![7u8; 4096]);
+    assert!(matches!(
+        img.warm(crate::VolumeId(999)),
+        Err(Error::NoSuchVolume(_))
+    ));
+}
+
+#[test]
 fn cache_counts_per_layer() {
     let mut img = create(64 * MIB, 4096, 128);
     let base = img.volume("base").unwrap();

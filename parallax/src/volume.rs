@@ -64,6 +64,17 @@ fn child_kind(level: u8) -> BlockKind {
 }
 
 impl<B: Backing> Image<B> {
+    /// Loads the volume's V2P root node, and the P2M path to it, into the metadata cache.
+    ///
+    /// Every IO of the volume starts at its root, so a server calls this when it opens the
+    /// volume: the first guest IO then does not wait for those reads. The loads count as misses
+    /// (once); a root already cached counts one hit.
+    pub fn warm(&mut self, vol: VolumeId) -> Result<()> {
+        let (root, _) = self.root_of(vol)?;
+        let top = self.sb.v2p_levels - 1;
+        self.guard(|img| img.v2p_get(root, top).map(|_| ()))
+    }
+
     fn root_of(&self, vol: VolumeId) -> Result<(u64, VolumeKind)> {
         self.volumes
             .iter()

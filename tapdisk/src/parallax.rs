@@ -216,8 +216,10 @@ impl ParallaxImage {
         let volume = ds.volume_name().to_string();
         let shared = Shared::get(&ds.path, &volume, opts.read_only, opts.cache_slots)?;
         let (vol, kind, size, stats) = {
-            let img = lock(&shared.image);
+            let mut img = lock(&shared.image);
             let vol = img.volume(&volume).map_err(|e| open_error(&ds.path, e))?;
+            // The root is on every IO's path: read it now, not on the guest's first IO.
+            img.warm(vol).map_err(|e| open_error(&ds.path, e))?;
             let kind = img
                 .volume_info(vol)
                 .map_err(|e| open_error(&ds.path, e))?
