@@ -168,8 +168,9 @@ fn send_line(sock: &UnixStream, line: &[u8], fds: &[RawFd]) -> io::Result<()> {
     (&*sock).write_all(&line[n..])
 }
 
-/// Reads one newline-terminated line (at most 4 KiB) and the descriptors sent with it.
-fn recv_line(sock: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), AttachError> {
+/// Reads one newline-terminated line (at most 4 KiB) and the descriptors sent with it;
+/// `timeout` is the socket's read timeout, for the error when it passes.
+fn recv_line(sock: &UnixStream, timeout: Duration) -> Result<(Vec<u8>, Vec<OwnedFd>), AttachError> {
     let mut buf = vec![0u8; MAX_LINE];
     let mut fds = Vec::new();
     let mut cmsg_space = nix::cmsg_space!([RawFd; 8]);
@@ -181,7 +182,13 @@ fn recv_line(sock: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), AttachError> 
             Some(&mut cmsg_space),
             MsgFlags::MSG_CMSG_CLOEXEC,
         )
-        .map_err(io::Error::from)?;
+        .map_err(|e| match e {
+            nix::errno::Errno::EAGAIN => proto(format!(
+                "no handshake message from the peer within {} s",
+                timeout.as_secs()
+            )),
+            e => AttachError::Io(io::Error::from(e)),
+        })?;
         for c in msg.cmsgs().map_err(io::Error::from)? {
             if let ControlMessageOwned::ScmRights(v) = c {
                 // SAFETY: the kernel just installed these descriptors in our table for us;
@@ -410,6 +417,9 @@ impl LocalBackend {
     }
 }
 
+/// How long a peer has to send its attach message (and to read the answer).
+pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Runs the backend half of the handshake on a freshly accepted socket: validates everything
 /// the frontend sent, maps it, answers with `info` (or with the reason for refusing).
 pub fn accept(
@@ -417,8 +427,8 @@ pub fn accept(
     limits: &AttachLimits,
     info: &DiskInfo,
 ) -> Result<LocalBackend, AttachError> {
-    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
-    sock.set_write_timeout(Some(Duration::from_secs(5)))?;
+    sock.set_read_timeout(Some(ATTACH_TIMEOUT))?;
+    sock.set_write_timeout(Some(ATTACH_TIMEOUT))?;
     match accept_inner(&sock, limits, info) {
         Ok(parts) => {
             let reply = AttachReply {
@@ -465,7 +475,7 @@ fn accept_inner(
     limits: &AttachLimits,
     info: &DiskInfo,
 ) -> Result<Parts, AttachError> {
-    let (line, fds) = recv_line(sock)?;
+    let (line, fds) = recv_line(sock, ATTACH_TIMEOUT)?;
     let req: AttachRequest = serde_json::from_slice(&line)
         .map_err(|e| proto(format!("attach request is not valid JSON: {e}")))?;
     if req.version != VERSION {
@@ -705,8 +715,9 @@ impl LocalFrontend {
             fds.push(uffd.fd());
         }
         send_line(&sock, &line, &fds)?;
-        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let (line, _) = recv_line(&sock)?;
+        let wait = Duration::from_secs(10);
+        sock.set_read_timeout(Some(wait))?;
+        let (line, _) = recv_line(&sock, wait)?;
         sock.set_read_timeout(None)?;
         let reply: AttachReply = serde_json::from_slice(&line)
             .map_err(|e| proto(format!("attach reply is not valid JSON: {e}")))?;

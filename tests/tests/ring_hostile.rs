@@ -485,3 +485,36 @@ fn discard_reads_back_zeroes() {
     f.read_mem(4096, &mut b);
     assert_eq!(b, [0u8; 4096]);
 }
+
+#[test]
+fn silent_peers_on_the_device_socket_block_nobody_and_are_dropped() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let r = rig(VbdOptions::default());
+    // Peers that connect and never send their attach message.
+    let mut silent: Vec<UnixStream> = (0..8)
+        .map(|_| UnixStream::connect(&r.device).unwrap())
+        .collect();
+    let t0 = std::time::Instant::now();
+    // A real frontend attaches and is served meanwhile.
+    let mut f = fe(&r, Abi::X86_64);
+    still_serving(&mut f);
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "attach waited {:?} behind silent peers",
+        t0.elapsed()
+    );
+    // Each silent peer is disconnected by tapdisk's attach timeout (5 s), not left open.
+    for s in &mut silent {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut b = Vec::new();
+        let _ = s.read_to_end(&mut b);
+    }
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(15),
+        "silent peers dropped after {waited:?}"
+    );
+    still_serving(&mut f);
+    assert!(r.td.stats(r.minor).is_ok());
+}

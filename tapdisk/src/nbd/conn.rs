@@ -109,11 +109,25 @@ pub fn serve<R: Read, W: Write>(
     target: &dyn BlockTarget,
     log: &Logger,
 ) -> io::Result<End> {
+    serve_with(r, w, export, target, log, |_| Ok(()))
+}
+
+/// As [`serve`]; `on_transmission` runs once the handshake is over, before the first
+/// request is read (the server lifts its handshake timeout there).
+pub fn serve_with<R: Read, W: Write>(
+    r: &mut BufReader<R>,
+    w: &mut BufWriter<W>,
+    export: &ExportInfo,
+    target: &dyn BlockTarget,
+    log: &Logger,
+    on_transmission: impl FnOnce(&mut BufReader<R>) -> io::Result<()>,
+) -> io::Result<End> {
     let mut opt_buf = Vec::new();
     if let Some(end) = handshake(r, w, export, &mut opt_buf, log)? {
         return Ok(end);
     }
     drop(opt_buf);
+    on_transmission(r)?;
     debug!(log, "transmission");
     transmission(r, w, export, target, log)
 }

@@ -59,6 +59,14 @@ use conn::{End, ExportInfo};
 /// Most clients served at once; further connections are accepted and closed at once.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// A client must finish the handshake (reach transmission) within this long, or it is
+/// disconnected: clients that connect and say nothing cannot hold the connection slots.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = if cfg!(test) {
+    std::time::Duration::from_secs(2)
+} else {
+    std::time::Duration::from_secs(30)
+};
+
 /// Longest unix socket path the kernel takes (`sun_path` holds 108 bytes with the NUL).
 const MAX_UNIX_PATH: usize = 107;
 
@@ -160,6 +168,13 @@ impl Stream {
                 .peer_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "?".into()),
+        }
+    }
+
+    fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
         }
     }
 
@@ -530,15 +545,31 @@ fn run_conn(
     log: &Logger,
 ) {
     debug!(log, "NBD client connected");
+    if let Err(e) = reader.set_read_timeout(Some(HANDSHAKE_TIMEOUT)) {
+        warn!(log, "cannot set the NBD handshake timeout"; "error" => %e);
+        writer.shutdown();
+        return;
+    }
     let mut r = BufReader::with_capacity(64 << 10, reader);
     let mut w = BufWriter::with_capacity(64 << 10, writer);
-    let result = conn::serve(&mut r, &mut w, export, target, log);
+    let result = conn::serve_with(&mut r, &mut w, export, target, log, |r| {
+        r.get_ref().set_read_timeout(None)
+    });
     let _ = w.flush();
     match result {
         Ok(End::Disconnected) | Ok(End::Aborted) => debug!(log, "NBD client disconnected"),
         Ok(End::Closed) => debug!(log, "NBD client closed the connection"),
         Err(e) if e.kind() == io::ErrorKind::InvalidData => {
             info!(log, "NBD protocol error; connection closed"; "error" => %e)
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            info!(log, "NBD client did not finish the handshake in time; connection closed";
+                  "timeout_s" => HANDSHAKE_TIMEOUT.as_secs())
         }
         Err(e) => debug!(log, "NBD connection ended"; "error" => %e),
     }

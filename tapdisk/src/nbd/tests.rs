@@ -700,6 +700,55 @@ fn tcp_port_zero_and_connection_count() {
     );
 }
 
+#[test]
+fn the_connection_limit_and_the_handshake_timeout_keep_idle_clients_from_locking_others_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let sock = dir.path().join("nbd.sock");
+    std::fs::File::create(&img).unwrap().set_len(MIB).unwrap();
+    let server = start_unix(&img, &sock, false);
+    // MAX_CONNECTIONS clients connect and say nothing.
+    let idle: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    wait_for("all idle clients counted", || {
+        server.connections() == MAX_CONNECTIONS
+    });
+    // One more is closed at once: it reads EOF, not the greeting.
+    let mut extra = UnixStream::connect(&sock).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 8];
+    assert_eq!(
+        extra.read(&mut b).unwrap(),
+        0,
+        "a client past the limit was served"
+    );
+    // The idle ones are dropped when the handshake timeout passes; then clients are served.
+    let t = Instant::now();
+    wait_for("idle clients dropped", || server.connections() == 0);
+    assert!(
+        t.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_millis(500),
+        "dropped after {:?}, before the timeout",
+        t.elapsed()
+    );
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // The greeting was sent, then the connection closed.
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        assert_eq!(all.len(), 18, "greeting then EOF");
+    }
+    assert_alive(&sock);
+    // A client that takes its time in transmission (after the handshake) is not dropped.
+    let (mut c, _, _) = Raw::ready(&sock);
+    std::thread::sleep(HANDSHAKE_TIMEOUT + Duration::from_millis(500));
+    assert_eq!(c.read(5, 0, 512), vec![0u8; 512]);
+    c.disconnect();
+    server.shutdown();
+}
+
 // ---- Real clients -------------------------------------------------------------------------
 
 /// The path of `name`, or a failure saying what to install.

@@ -206,10 +206,7 @@ impl Device {
             }
             let fe = read(xs, &format!("{}/frontend", self.be))?
                 .ok_or_else(|| anyhow!("no frontend key"))?;
-            let want = format!("/local/domain/{}/device/", self.key.domid);
-            if !fe.starts_with(&want) || fe.contains("..") {
-                bail!("frontend path {fe:?} is not under {want}");
-            }
+            check_frontend_path(&fe, self.key.domid)?;
             xs.watch(&format!("{fe}/state"), &self.key.token())?;
             tblog!(
                 log,
@@ -526,9 +523,42 @@ pub fn check_rings(rundir: &RunDir, devices: &mut BTreeMap<DeviceKey, Device>, l
     }
 }
 
+/// A frontend path (the backend's `frontend` key, which the toolstack wrote but which tapback
+/// then watches and reads from) must lie in the frontend domain's own `device/` folder.
+fn check_frontend_path(fe: &str, domid: u16) -> Result<()> {
+    let want = format!("/local/domain/{domid}/device/");
+    let rest = fe.strip_prefix(&want).unwrap_or("");
+    if rest.is_empty()
+        || fe.split('/').any(|c| c == ".." || c == ".")
+        || fe.contains("//")
+        || fe.chars().any(|c| c.is_control())
+    {
+        bail!("frontend path {fe:?} is not under {want}");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frontend_paths_outside_the_domains_device_folder_are_refused() {
+        assert!(check_frontend_path("/local/domain/5/device/vbd/51712", 5).is_ok());
+        for bad in [
+            "/local/domain/6/device/vbd/51712",
+            "/local/domain/5/device/",
+            "/local/domain/5/device/../../0/backend",
+            "/local/domain/5/device/vbd/./51712",
+            "/local/domain/5/device//vbd",
+            "/local/domain/5/devicex/vbd/1",
+            "/local/domain/5/device/vbd/1\n",
+            "local/domain/5/device/vbd/1",
+            "",
+        ] {
+            assert!(check_frontend_path(bad, 5).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn keys_and_tokens() {
