@@ -47,6 +47,14 @@ pub enum RingError {
         /// Slots in the ring.
         size: u32,
     },
+    /// `req_prod` moved back behind requests already consumed.
+    #[error("frontend's req_prod {req_prod} moved back behind the requests already consumed ({req_cons})")]
+    ProducerBackwards {
+        /// The index the frontend published.
+        req_prod: u32,
+        /// Our consumer index.
+        req_cons: u32,
+    },
 }
 
 /// A copy of one slot, taken out of shared memory once.
@@ -206,7 +214,16 @@ impl BackRing {
                 size: self.sh.size,
             });
         }
-        Ok(req_prod.wrapping_sub(self.req_cons))
+        // req_cons lies between rsp_prod_pvt and req_prod; a req_prod published between
+        // rsp_prod_pvt and req_cons (moved back) would make the difference wrap to ~2^32.
+        let n = req_prod.wrapping_sub(self.req_cons);
+        if n > req_prod.wrapping_sub(self.rsp_prod_pvt) {
+            return Err(RingError::ProducerBackwards {
+                req_prod,
+                req_cons: self.req_cons,
+            });
+        }
+        Ok(n)
     }
 
     /// Copies the next request out of the ring. Call only while [`BackRing::pending`] is
@@ -423,6 +440,39 @@ mod tests {
         ));
         f.publish_raw_req_prod(u32::MAX);
         assert!(b.pending().is_err());
+    }
+
+    #[test]
+    fn producer_moving_back_behind_consumed_requests_is_detected() {
+        // Found by the blkif_ring fuzz target: pending() answered ~2^32.
+        let mut mem = Pages::new(1);
+        let (mut f, mut b) = pair(&mut mem, 1, Abi::X86_64);
+        f.publish_raw_req_prod(10);
+        assert_eq!(b.pending(), Ok(10));
+        let mut s = SlotCopy::default();
+        for _ in 0..10 {
+            b.pop(&mut s);
+        }
+        assert_eq!(b.pending(), Ok(0));
+        f.publish_raw_req_prod(4);
+        assert!(matches!(
+            b.pending(),
+            Err(RingError::ProducerBackwards {
+                req_prod: 4,
+                req_cons: 10
+            })
+        ));
+        // Answering the consumed requests does not make the backwards index acceptable.
+        for id in 0..10 {
+            b.put_response(&Response {
+                id,
+                operation: 0,
+                status: 0,
+            });
+        }
+        assert!(b.pending().is_err());
+        f.publish_raw_req_prod(12);
+        assert_eq!(b.pending(), Ok(2));
     }
 
     #[test]
