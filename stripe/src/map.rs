@@ -488,22 +488,44 @@ impl LockedMap {
 }
 
 /// The pid holding a `flock` on `path`, from `/proc/locks` (None if not found).
+///
+/// The kernel prints `MAJOR:MINOR:INODE` with the device of the inode that holds the lock. On
+/// overlay and some container filesystems that is not the device `stat` reports, so an exact
+/// match is tried first and then a match on the inode number alone, taken only when it is
+/// unambiguous. The answer is a hint for an error message, never used to decide anything.
 pub fn flock_holder(path: &Path) -> Option<u32> {
     let meta = std::fs::metadata(path).ok()?;
-    let dev = meta.dev();
-    // The kernel prints MAJOR:MINOR:INODE with the major and minor in hex.
-    let (maj, min) = (libc::major(dev), libc::minor(dev));
-    let key = format!("{maj:02x}:{min:02x}:{}", meta.ino());
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    locks.lines().find_map(|l| {
+    holder_in(&locks, meta.dev(), meta.ino())
+}
+
+fn holder_in(locks: &str, dev: u64, ino: u64) -> Option<u32> {
+    let key = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    let ino_s = ino.to_string();
+    let mut by_ino = None;
+    let mut ambiguous = false;
+    for l in locks.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
         // "1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF" (blocked waiters have "->").
-        if f.len() >= 6 && f[1] == "FLOCK" && f[5] == key {
-            f[4].parse().ok()
-        } else {
-            None
+        if f.len() < 6 || f[1] != "FLOCK" {
+            continue;
         }
-    })
+        let Ok(pid) = f[4].parse::<u32>() else {
+            continue;
+        };
+        if f[5] == key {
+            return Some(pid);
+        }
+        if f[5].rsplit(':').next() == Some(ino_s.as_str()) {
+            ambiguous |= by_ino.is_some_and(|p| p != pid);
+            by_ino = Some(pid);
+        }
+    }
+    if ambiguous {
+        None
+    } else {
+        by_ino
+    }
 }
 
 #[cfg(test)]
@@ -613,6 +635,24 @@ mod tests {
     }
 
     #[test]
+    fn holder_is_found_by_device_and_inode_or_by_inode_alone() {
+        let dev = libc::makedev(0, 0x2d);
+        let exact = "1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF\n";
+        assert_eq!(holder_in(exact, dev, 5678), Some(1234));
+        // overlayfs: the lock is on the upper inode's device.
+        let other_dev = "1: FLOCK  ADVISORY  WRITE 77 00:31:5678 0 EOF\n";
+        assert_eq!(holder_in(other_dev, dev, 5678), Some(77));
+        let two = "1: FLOCK  ADVISORY  WRITE 77 00:31:5678 0 EOF\n\
+                   2: FLOCK  ADVISORY  WRITE 78 00:32:5678 0 EOF\n";
+        assert_eq!(holder_in(two, dev, 5678), None);
+        assert_eq!(
+            holder_in("1: POSIX ADVISORY WRITE 9 00:2d:5678 0 EOF", dev, 5678),
+            None
+        );
+        assert_eq!(holder_in("garbage\n1: FLOCK", dev, 5678), None);
+    }
+
+    #[test]
     fn lock_names_the_holder() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("disk.map");
@@ -621,7 +661,19 @@ mod tests {
         // flock locks belong to the open file description: a second open in this process
         // conflicts just like another process would.
         match LockedMap::open(&p) {
-            Err(Error::InUse { holder, .. }) => assert_eq!(holder, Some(std::process::id())),
+            Err(Error::InUse { holder, .. }) => {
+                // /proc/locks shows pids of our own pid namespace; in a sandbox that hides it
+                // the holder is unknown, never someone else.
+                let ino = std::fs::metadata(&p).unwrap().ino();
+                let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+                let me = format!(" {} ", std::process::id());
+                let ours = format!(":{ino} ");
+                if locks.lines().any(|l| l.contains(&me) && l.contains(&ours)) {
+                    assert_eq!(holder, Some(std::process::id()));
+                } else {
+                    assert_eq!(holder, None);
+                }
+            }
             other => panic!("expected InUse, got {other:?}"),
         }
         drop(held);

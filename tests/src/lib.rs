@@ -181,3 +181,19 @@ pub fn run_ok(cmd: &mut Command) -> std::process::Output {
     );
     out
 }
+
+/// The pid the kernel's `/proc/locks` lists as holding a `flock` on the inode of `path`, if it
+/// lists one. Where it does, tools must name that holder; in sandboxes whose `/proc/locks` hides
+/// it (another pid namespace, a filesystem that locks a different inode), they may only say
+/// "another process".
+pub fn flock_listed(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).ok()?.ino().to_string();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() >= 6 && f[1] == "FLOCK" && f[5].rsplit(':').next() == Some(ino.as_str()))
+            .then(|| f[4].parse().ok())
+            .flatten()
+    })
+}

@@ -180,7 +180,11 @@ fn verify_and_qemu_io_on_replicas_1_and_2() {
         );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
-        assert!(err.contains("is in use by pid"), "{err}");
+        let holder = match flock_listed(&d.map) {
+            Some(pid) => format!("is in use by pid {pid}"),
+            None => "is in use by another process".to_owned(),
+        };
+        assert!(err.contains(&holder), "{err}");
     }
 }
 
