@@ -217,6 +217,18 @@ pub struct EarlyCounters {
     pub late_failures: Counter,
 }
 
+crate::stats::absorb_fields!(EarlyCounters {
+    reads,
+    answered_early,
+    pages_unmapped,
+    faults,
+    stalls,
+    stall_ns,
+    cache_hits,
+    cache_misses,
+    late_failures,
+});
+
 /// Early-read figures for output.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct EarlyTotals {

@@ -409,6 +409,83 @@ pub fn totals<'a>(rings: impl IntoIterator<Item = &'a RingStats> + Clone) -> Tot
     t
 }
 
+/// Adds the counters of a ring that has finished into an accumulator, so a VBD keeps its
+/// totals without keeping every ring it ever served. Gauges (values "now") are not added: a
+/// finished ring has nothing in flight. The caller must be the accumulator's only writer.
+pub trait Absorb {
+    /// Adds `other` into `self`.
+    fn absorb(&self, other: &Self);
+}
+
+impl Absorb for Counter {
+    fn absorb(&self, other: &Self) {
+        self.add(other.get());
+    }
+}
+
+impl Absorb for Histogram {
+    fn absorb(&self, other: &Self) {
+        for (a, b) in self.buckets.iter().zip(other.buckets.iter()) {
+            a.absorb(b);
+        }
+        if other.max.get() > self.max.get() {
+            self.max.set(other.max.get());
+        }
+    }
+}
+
+/// Implements [`Absorb`] field by field for a struct of counters and histograms.
+macro_rules! absorb_fields {
+    ($t:ty { $($f:ident),* $(,)? }) => {
+        impl $crate::stats::Absorb for $t {
+            fn absorb(&self, other: &Self) {
+                $($crate::stats::Absorb::absorb(&self.$f, &other.$f);)*
+            }
+        }
+    };
+}
+pub(crate) use absorb_fields;
+
+absorb_fields!(OpCounters {
+    requests,
+    sectors,
+    errors
+});
+absorb_fields!(SchedCounters {
+    requests,
+    segments,
+    ios,
+    io_iovecs,
+    merged_ios,
+    merge_retries,
+    flushes,
+    batches,
+    batch_requests,
+    batch_segments,
+});
+absorb_fields!(StageHists {
+    validate,
+    queue,
+    io,
+    respond
+});
+// in_flight, waiting, ios_in_flight and early_busy are gauges.
+absorb_fields!(RingStats {
+    sched,
+    early,
+    stages,
+    read,
+    write,
+    flush,
+    discard,
+    bad_requests,
+    unsupported,
+    io_errors,
+    submits,
+    notifies,
+    latency,
+});
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -111,6 +111,62 @@ impl RingControl {
 struct RingHandle {
     ctl: Arc<RingControl>,
     thread: Option<JoinHandle<RingExit>>,
+    stats: Arc<RingStats>,
+    trace: Option<TraceReader>,
+}
+
+/// Rings attached to a VBD at once, counting those still in their handshake. A peer of the
+/// device socket that connects beyond this is closed at once.
+pub const MAX_RINGS: usize = 64;
+/// Trace buffers of finished rings kept for `tap-ctl trace`, newest last.
+const KEPT_TRACES: usize = 8;
+
+/// The rings of a VBD: the live ones, and what is kept of those that finished (their counters
+/// summed into one [`RingStats`], and the last few trace buffers), so that a peer attaching
+/// and detaching in a loop costs a bounded amount of memory.
+#[derive(Default)]
+struct Rings {
+    live: Vec<RingHandle>,
+    retired: RingStats,
+    retired_count: u64,
+    retired_traces: std::collections::VecDeque<TraceReader>,
+    /// Numbers rings for logs and traces.
+    next_no: u32,
+}
+
+impl Rings {
+    /// Moves finished rings' counters into `retired` and drops their threads.
+    fn prune(&mut self) {
+        use crate::stats::Absorb;
+        let mut i = 0;
+        while i < self.live.len() {
+            if self.live[i]
+                .thread
+                .as_ref()
+                .is_some_and(|t| !t.is_finished())
+            {
+                i += 1;
+                continue;
+            }
+            let mut h = self.live.swap_remove(i);
+            if let Some(t) = h.thread.take() {
+                let _ = t.join();
+            }
+            self.retired.absorb(&h.stats);
+            self.retired_count += 1;
+            if let Some(t) = h.trace {
+                if self.retired_traces.len() == KEPT_TRACES {
+                    self.retired_traces.pop_front();
+                }
+                self.retired_traces.push_back(t);
+            }
+        }
+    }
+
+    fn next_no(&mut self) -> u32 {
+        self.next_no += 1;
+        self.next_no
+    }
 }
 
 /// NBD-side gate and counters.
@@ -236,9 +292,7 @@ pub struct Vbd {
     opts: VbdOptions,
     disk: DiskInfo,
     shared: Arc<VbdShared>,
-    rings: Arc<Mutex<Vec<RingHandle>>>,
-    ring_stats: Arc<Mutex<Vec<Arc<RingStats>>>>,
-    traces: Arc<Mutex<Vec<TraceReader>>>,
+    rings: Arc<Mutex<Rings>>,
     accept_stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
     device: PathBuf,
@@ -346,9 +400,7 @@ impl Vbd {
         }
         let listener = UnixListener::bind(&device)
             .with_context(|| format!("cannot create the device socket {}", device.display()))?;
-        let rings: Arc<Mutex<Vec<RingHandle>>> = Arc::default();
-        let ring_stats: Arc<Mutex<Vec<Arc<RingStats>>>> = Arc::default();
-        let traces: Arc<Mutex<Vec<TraceReader>>> = Arc::default();
+        let rings: Arc<Mutex<Rings>> = Arc::default();
         let accept_stop = Arc::new(AtomicBool::new(false));
         let accept = {
             let ctx = AcceptCtx {
@@ -361,8 +413,6 @@ impl Vbd {
                 disk,
                 shared: shared.clone(),
                 rings: rings.clone(),
-                ring_stats: ring_stats.clone(),
-                traces: traces.clone(),
                 stop: accept_stop.clone(),
                 log: log.clone(),
             };
@@ -397,8 +447,6 @@ impl Vbd {
             disk,
             shared,
             rings,
-            ring_stats,
-            traces,
             accept_stop,
             accept: Some(accept),
             device,
@@ -414,8 +462,8 @@ impl Vbd {
 
     fn live_rings(&self) -> Vec<Arc<RingControl>> {
         let mut rings = lock(&self.rings);
-        rings.retain(|r| r.thread.as_ref().is_some_and(|t| !t.is_finished()));
-        rings.iter().map(|r| r.ctl.clone()).collect()
+        rings.prune();
+        rings.live.iter().map(|r| r.ctl.clone()).collect()
     }
 
     /// The VBD's state.
@@ -448,20 +496,30 @@ impl Vbd {
 
     /// Counters for `tap-ctl stats`.
     pub fn stats(&self) -> serde_json::Value {
-        let rs = lock(&self.ring_stats).clone();
-        let t = stats::totals(rs.iter().map(|a| &**a));
+        let mut rings = lock(&self.rings);
+        rings.prune();
+        let rs = &*rings;
+        let t = stats::totals(
+            rs.live
+                .iter()
+                .map(|h| &*h.stats)
+                .chain(std::iter::once(&rs.retired)),
+        );
+        let (live, total) = (rs.live.len(), rs.live.len() as u64 + rs.retired_count);
+        drop(rings);
         serde_json::json!({
             "minor": self.minor,
             "image": self.spec.to_string(),
             "state": self.state(),
             "sectors": self.disk.sectors,
-            "rings": self.live_rings().len(),
-            "rings_total": rs.len(),
+            "rings": live,
+            "rings_total": total,
             "ring": t,
             "driver": self.shared.image().stats(),
             "nbd": {
                 "address": self.nbd.as_ref().map(|n| n.local_addr().to_string()),
                 "connections": self.nbd.as_ref().map(|n| n.connections()).unwrap_or(0),
+                "buffer_bytes": self.nbd.as_ref().map(|n| n.buffered()).unwrap_or(0),
                 "counters": &*self.nbd_counters,
             },
         })
@@ -469,7 +527,13 @@ impl Vbd {
 
     /// What the rings' trace buffers hold (empty unless opened with a trace size).
     pub fn trace(&self) -> Vec<RingTrace> {
-        lock(&self.traces).iter().map(|r| r.snapshot()).collect()
+        let rings = lock(&self.rings);
+        rings
+            .retired_traces
+            .iter()
+            .chain(rings.live.iter().filter_map(|h| h.trace.as_ref()))
+            .map(|r| r.snapshot())
+            .collect()
     }
 
     /// Quiesces: returns once no IO is in flight and none will start until [`Vbd::unpause`].
@@ -585,10 +649,7 @@ impl Vbd {
         );
         let cache = self.shared.cache.clone();
         let (writer, reader) = if self.opts.trace > 0 {
-            let (w, r) = trace::buffer(
-                lock(&self.traces).len() as u32 + 1000,
-                self.opts.trace as usize,
-            );
+            let (w, r) = trace::buffer(lock(&self.rings).next_no(), self.opts.trace as usize);
             (Some(w), Some(r))
         } else {
             (None, None)
@@ -613,13 +674,13 @@ impl Vbd {
                 *lock(&exit2) = Some(r.to_string());
                 r
             })?;
-        if let Some(r) = reader {
-            lock(&self.traces).push(r);
-        }
-        lock(&self.ring_stats).push(stats.clone());
-        lock(&self.rings).push(RingHandle {
+        let mut rings = lock(&self.rings);
+        rings.prune();
+        rings.live.push(RingHandle {
             ctl: ctl.clone(),
             thread: Some(thread),
+            stats: stats.clone(),
+            trace: reader,
         });
         Ok(RingLink { ctl, exit, stats })
     }
@@ -646,7 +707,7 @@ impl Vbd {
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
-        let handles: Vec<RingHandle> = std::mem::take(&mut *lock(&self.rings));
+        let handles: Vec<RingHandle> = std::mem::take(&mut lock(&self.rings).live);
         for h in &handles {
             h.ctl.stop.store(true, Ordering::Release);
             h.ctl.wake();
@@ -676,21 +737,32 @@ struct AcceptCtx {
     trace: usize,
     disk: DiskInfo,
     shared: Arc<VbdShared>,
-    rings: Arc<Mutex<Vec<RingHandle>>>,
-    ring_stats: Arc<Mutex<Vec<Arc<RingStats>>>>,
-    traces: Arc<Mutex<Vec<TraceReader>>>,
+    rings: Arc<Mutex<Rings>>,
     stop: Arc<AtomicBool>,
     log: Logger,
 }
 
 fn accept_loop(listener: UnixListener, cx: AcceptCtx) {
-    let mut ring_no = 0u32;
+    let mut refused = crate::logging::RateLimit::new(10, Duration::from_secs(5));
     for conn in listener.incoming() {
         if cx.stop.load(Ordering::Acquire) {
             return;
         }
         let Ok(sock) = conn else { continue };
-        ring_no += 1;
+        let ring_no = {
+            let mut rings = lock(&cx.rings);
+            rings.prune();
+            if rings.live.len() >= MAX_RINGS {
+                drop(rings);
+                if let Some(suppressed) = refused.check() {
+                    warn!(cx.log, "refused a ring: the VBD already has the most rings it serves";
+                          "max_rings" => MAX_RINGS, "suppressed" => suppressed);
+                }
+                // Dropping the socket closes it: the peer reads end-of-file.
+                continue;
+            }
+            rings.next_no()
+        };
         let ctl = match RingControl::new() {
             Ok(c) => Arc::new(c),
             Err(e) => {
@@ -741,16 +813,12 @@ fn accept_loop(listener: UnixListener, cx: AcceptCtx) {
                 exit
             });
         match thread {
-            Ok(t) => {
-                lock(&cx.ring_stats).push(stats);
-                if let Some(r) = reader {
-                    lock(&cx.traces).push(r);
-                }
-                lock(&cx.rings).push(RingHandle {
-                    ctl,
-                    thread: Some(t),
-                });
-            }
+            Ok(t) => lock(&cx.rings).live.push(RingHandle {
+                ctl,
+                thread: Some(t),
+                stats,
+                trace: reader,
+            }),
             Err(e) => warn!(cx.log, "cannot start a ring thread"; "error" => %e),
         }
     }

@@ -518,3 +518,133 @@ fn silent_peers_on_the_device_socket_block_nobody_and_are_dropped() {
     still_serving(&mut f);
     assert!(r.td.stats(r.minor).is_ok());
 }
+
+#[test]
+fn peers_beyond_the_ring_limit_are_closed_at_once() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let r = rig(VbdOptions::default());
+    let max = tapdisk::vbd::MAX_RINGS;
+    // `max` peers in their handshake hold every ring the VBD serves.
+    let t0 = std::time::Instant::now();
+    let silent: Vec<UnixStream> = (0..max)
+        .map(|_| UnixStream::connect(&r.device).unwrap())
+        .collect();
+    // The next one is closed at once, not after the 5 s attach timeout.
+    let mut extra = UnixStream::connect(&r.device).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = Vec::new();
+    let n = extra.read_to_end(&mut b);
+    assert!(matches!(n, Ok(0)), "{n:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "refused after {:?}",
+        t0.elapsed()
+    );
+    // A frontend trying now is refused with an error, not left hanging.
+    let refused = LocalFrontend::connect(
+        &r.device,
+        FrontendConfig {
+            ring_order: 0,
+            mem_pages: 8,
+            ..Default::default()
+        },
+    );
+    assert!(refused.is_err());
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "the refusal took {:?}",
+        t0.elapsed()
+    );
+    // Once the silent peers are dropped by the attach timeout, frontends attach again.
+    drop(silent);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut f = loop {
+        match LocalFrontend::connect(
+            &r.device,
+            FrontendConfig {
+                ring_order: 0,
+                mem_pages: 64,
+                ..Default::default()
+            },
+        ) {
+            Ok(f) => break f,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("no ring attaches after the silent peers left: {e}"),
+        }
+    };
+    still_serving(&mut f);
+}
+
+/// A memory figure of `pid` from /proc/PID/status ("VmRSS", "VmData"), in KiB.
+fn vm_kib(pid: u32, what: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(what)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn rings_attaching_in_a_loop_keep_their_counts_in_bounded_memory() {
+    use tapdisk::control::proto::{Command as Ctl, Reply, TraceFormat};
+    // Traces on, so each ring also has a trace buffer of 4096 records.
+    let r = rig(VbdOptions {
+        trace: 4096,
+        ..Default::default()
+    });
+    let cycle = |n: usize| {
+        for _ in 0..n {
+            let mut f = fe(&r, Abi::X86_64);
+            still_serving(&mut f);
+        }
+    };
+    let settle = || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = r.td.stats(r.minor).unwrap();
+            if s["rings"] == 0 || std::time::Instant::now() > deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    cycle(100);
+    settle();
+    let before = (vm_kib(r.td.pid, "VmRSS"), vm_kib(r.td.pid, "VmData"));
+    cycle(300);
+    let s = settle();
+    let after = (vm_kib(r.td.pid, "VmRSS"), vm_kib(r.td.pid, "VmData"));
+    eprintln!("RSS, data: {before:?} KiB -> {after:?} KiB");
+    // Every ring is counted, and its requests are in the totals after it is gone.
+    assert_eq!(s["rings"], 0, "{s}");
+    assert_eq!(s["rings_total"], 400, "{s}");
+    assert_eq!(s["ring"]["read"]["requests"], 400, "{s}");
+    assert_eq!(s["ring"]["latency"]["count"], 400, "{s}");
+    // Only the last few finished rings' traces are kept.
+    let path = r._dir.path().join("trace.json");
+    let reply =
+        r.td.client()
+            .unwrap()
+            .call(Ctl::Trace {
+                minor: r.minor,
+                path: path.display().to_string(),
+                format: TraceFormat::Raw,
+            })
+            .unwrap();
+    match reply {
+        Reply::Trace { requests, .. } => assert!(requests <= 8, "{requests} traced requests"),
+        other => panic!("{other:?}"),
+    }
+    // Kept whole (counters and trace buffers), 300 rings grew tapdisk by about 110 MiB here;
+    // retired, by under 1 MiB.
+    assert!(
+        after.0 < before.0 + 4 * 1024 && after.1 < before.1 + 48 * 1024,
+        "(RSS, data) grew from {before:?} KiB to {after:?} KiB over 300 rings"
+    );
+}

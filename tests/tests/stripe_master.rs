@@ -191,3 +191,38 @@ fn a_second_master_on_the_same_state_is_refused() {
     let _ = m.kill();
     let _ = m.wait();
 }
+
+#[test]
+fn connections_beyond_the_limit_are_closed_and_slots_come_back() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut m = start_master(&dir.path().join("state"), port);
+    let addr = format!("127.0.0.1:{port}");
+    MasterClient::new(&addr).ping().unwrap();
+    // 64 idle peers (the master's limit) hold every slot.
+    let mut idle: Vec<TcpStream> = (0..64)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    // The master counts a connection once its accept loop has seen it: give it a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let mut extra = TcpStream::connect(&addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = Vec::new();
+    assert!(matches!(extra.read_to_end(&mut b), Ok(0)));
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    // One peer leaves: its slot comes back.
+    drop(idle.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while MasterClient::new(&addr).ping().is_err() {
+        assert!(Instant::now() < deadline, "no slot came back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(idle);
+    let _ = m.kill();
+    let _ = m.wait();
+}

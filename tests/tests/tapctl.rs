@@ -444,3 +444,52 @@ fn help_is_there() {
     }
     assert!(r.ok(&["--version"]).starts_with("tap-ctl "));
 }
+
+#[test]
+fn control_socket_refuses_long_lines_and_other_versions() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::UnixStream;
+    let td = tapdisk_e2e::Tapdisk::start().unwrap();
+    let path = td.rundir.ctl_socket(td.pid);
+    let reply = |r: &mut BufReader<UnixStream>| {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("{l}: {e}"));
+        v
+    };
+    // Another protocol version: an error naming both, and the connection stays usable.
+    let s = UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    (&s).write_all(b"{\"v\":99,\"cmd\":\"hello\"}\n").unwrap();
+    let v = reply(&mut r);
+    let err = v["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        err.contains("version 99") && err.contains("this tapdisk speaks 1"),
+        "{v}"
+    );
+    (&s).write_all(b"{\"v\":1,\"cmd\":\"hello\"}\n").unwrap();
+    let v = reply(&mut r);
+    assert!(v.get("ok").is_some(), "{v}");
+    // A line over 64 KiB: an error, then the connection is closed; memory is not spent on it.
+    let s = UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        // 1 MiB with no newline; tapdisk stops reading after 64 KiB, so this write may fail.
+        let _ = (&w).write_all(&vec![b'x'; 1 << 20]);
+    });
+    let v = reply(&mut r);
+    let err = v["error"].as_str().unwrap_or_default().to_owned();
+    assert!(err.contains("longer than 65536 bytes"), "{v}");
+    let mut rest = Vec::new();
+    assert_eq!(r.read_to_end(&mut rest).unwrap_or(0), 0);
+    writer.join().unwrap();
+    // tapdisk is still there and answers.
+    let s = UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    (&s).write_all(b"{\"v\":1,\"cmd\":\"hello\"}\n").unwrap();
+    assert!(reply(&mut r).get("ok").is_some());
+}

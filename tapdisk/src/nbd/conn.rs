@@ -9,7 +9,8 @@
 //! Protocol violations end the connection with an `Err` of kind `InvalidData` (the caller logs
 //! it); errors the client can recover from get an error reply and the connection goes on.
 
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use slog::{debug, warn, Logger};
@@ -67,8 +68,17 @@ pub(crate) fn protocol_error(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 /// Reads exactly `buf.len()` bytes; `Ok(false)` if the stream ended before the first byte.
-fn read_exact_or_eof<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
+/// `patient`: a read timeout is not an error, the read goes on (in transmission the timeout
+/// only paces [`PayloadBuf`]'s release; during the handshake it ends the connection).
+fn read_exact_or_eof<R: Read>(r: &mut R, buf: &mut [u8], patient: bool) -> io::Result<bool> {
     let mut done = 0;
     while done < buf.len() {
         match r.read(&mut buf[done..]) {
@@ -81,27 +91,70 @@ fn read_exact_or_eof<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
             }
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if patient && is_timeout(&e) => {}
             Err(e) => return Err(e),
         }
     }
     Ok(true)
 }
 
-/// `read_exact` whose end-of-file error says what was cut short.
-fn read_full<R: Read>(r: &mut R, buf: &mut [u8], what: &str) -> io::Result<()> {
-    r.read_exact(buf).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            io::Error::new(
-                e.kind(),
-                format!("truncated {what} ({} bytes expected)", buf.len()),
-            )
-        } else {
-            e
-        }
-    })
+/// Reads exactly `buf.len()` bytes; the end-of-file error says what was cut short.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8], what: &str, patient: bool) -> io::Result<()> {
+    let len = buf.len();
+    let truncated = || {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("truncated {what} ({len} bytes expected)"),
+        )
+    };
+    match read_exact_or_eof(r, buf, patient) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(truncated()),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(truncated()),
+        Err(e) => Err(e),
+    }
 }
 
-/// Drives one connection to its end. `buf` is the connection's payload buffer.
+/// Payload buffer capacity a connection keeps while its client is idle.
+pub const KEEP_IDLE: usize = 1 << 20;
+
+/// A connection's one payload buffer. It grows to the largest request (up to
+/// [`MAX_PAYLOAD`]) and is given back when the client goes idle, so idle clients hold at most
+/// [`KEEP_IDLE`] each. Its capacity is counted in `held`, shared by a server's connections.
+struct PayloadBuf<'a> {
+    v: Vec<u8>,
+    held: &'a AtomicU64,
+}
+
+impl PayloadBuf<'_> {
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        if self.v.len() < len {
+            let before = self.v.capacity();
+            self.v.resize(len, 0);
+            self.held
+                .fetch_add((self.v.capacity() - before) as u64, Ordering::Relaxed);
+        }
+        &mut self.v[..len]
+    }
+
+    /// Gives a large buffer back (the client is idle).
+    fn release(&mut self) {
+        if self.v.capacity() > KEEP_IDLE {
+            self.held
+                .fetch_sub(self.v.capacity() as u64, Ordering::Relaxed);
+            self.v = Vec::new();
+        }
+    }
+}
+
+impl Drop for PayloadBuf<'_> {
+    fn drop(&mut self) {
+        self.held
+            .fetch_sub(self.v.capacity() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Drives one connection to its end.
 pub fn serve<R: Read, W: Write>(
     r: &mut BufReader<R>,
     w: &mut BufWriter<W>,
@@ -109,17 +162,20 @@ pub fn serve<R: Read, W: Write>(
     target: &dyn BlockTarget,
     log: &Logger,
 ) -> io::Result<End> {
-    serve_with(r, w, export, target, log, |_| Ok(()))
+    serve_with(r, w, export, target, log, &AtomicU64::new(0), |_| Ok(()))
 }
 
 /// As [`serve`]; `on_transmission` runs once the handshake is over, before the first
-/// request is read (the server lifts its handshake timeout there).
+/// request is read (the server sets its idle timeout there: each time a read times out with
+/// no request under way, the connection gives back a payload buffer larger than
+/// [`KEEP_IDLE`]). `held` counts the bytes of payload buffer the connection holds.
 pub fn serve_with<R: Read, W: Write>(
     r: &mut BufReader<R>,
     w: &mut BufWriter<W>,
     export: &ExportInfo,
     target: &dyn BlockTarget,
     log: &Logger,
+    held: &AtomicU64,
     on_transmission: impl FnOnce(&mut BufReader<R>) -> io::Result<()>,
 ) -> io::Result<End> {
     let mut opt_buf = Vec::new();
@@ -129,7 +185,7 @@ pub fn serve_with<R: Read, W: Write>(
     drop(opt_buf);
     on_transmission(r)?;
     debug!(log, "transmission");
-    transmission(r, w, export, target, log)
+    transmission(r, w, export, target, log, held)
 }
 
 /// Runs option haggling. `Ok(None)` means "enter transmission".
@@ -145,7 +201,7 @@ fn handshake<R: Read, W: Write>(
     w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
     w.flush()?;
     let mut b4 = [0u8; 4];
-    if !read_exact_or_eof(r, &mut b4)? {
+    if !read_exact_or_eof(r, &mut b4, false)? {
         return Ok(Some(End::Closed));
     }
     let client_flags = u32::from_be_bytes(b4);
@@ -163,7 +219,7 @@ fn handshake<R: Read, W: Write>(
 
     loop {
         let mut hdr = [0u8; 16];
-        if !read_exact_or_eof(r, &mut hdr)? {
+        if !read_exact_or_eof(r, &mut hdr, false)? {
             return Ok(Some(End::Closed));
         }
         let (magic, opt, len) = (be64(&hdr[0..8]), be32(&hdr[8..12]), be32(&hdr[12..16]));
@@ -183,7 +239,7 @@ fn handshake<R: Read, W: Write>(
         }
         // Bounded by MAX_OPTION_LEN above.
         data.resize(len as usize, 0);
-        read_full(r, data, "option data")?;
+        read_full(r, data, "option data", false)?;
         debug!(log, "option"; "opt" => opt, "len" => len);
         match opt {
             OPT_EXPORT_NAME => {
@@ -290,9 +346,12 @@ fn transmission<R: Read, W: Write>(
     export: &ExportInfo,
     target: &dyn BlockTarget,
     log: &Logger,
+    held: &AtomicU64,
 ) -> io::Result<End> {
-    // The one payload buffer of this connection; grows up to MAX_PAYLOAD.
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = PayloadBuf {
+        v: Vec::new(),
+        held,
+    };
     let mut io_errors = RateLimit::new(5, Duration::from_secs(10));
     let read_only = export.flags & TF_READ_ONLY != 0;
     let can_trim = export.flags & TF_SEND_TRIM != 0;
@@ -300,8 +359,17 @@ fn transmission<R: Read, W: Write>(
         if r.buffer().len() < REQUEST_LEN {
             w.flush()?;
         }
+        // Wait for the next request; each read timeout on the way is idle time.
+        loop {
+            match r.fill_buf() {
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => buf.release(),
+                Err(e) => return Err(e),
+            }
+        }
         let mut hdr = [0u8; REQUEST_LEN];
-        if !read_exact_or_eof(r, &mut hdr)? {
+        if !read_exact_or_eof(r, &mut hdr, true)? {
             return Ok(End::Closed);
         }
         let req = Request::parse(&hdr)
@@ -320,10 +388,7 @@ fn transmission<R: Read, W: Write>(
                     req.len
                 )));
             }
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            read_full(r, &mut buf[..len], "write payload")?;
+            read_full(r, buf.get(len), "write payload", true)?;
         }
 
         let result: Result<(), u32> = match req.cmd {
@@ -335,17 +400,14 @@ fn transmission<R: Read, W: Write>(
                 if req.len > MAX_PAYLOAD {
                     return Err(EINVAL);
                 }
-                if buf.len() < len {
-                    buf.resize(len, 0);
-                }
                 target
-                    .read_at(&mut buf[..len], req.offset)
+                    .read_at(buf.get(len), req.offset)
                     .map_err(|e| io_err(&e, log, &mut io_errors))
             }),
             CMD_WRITE => check(&req, CMD_FLAG_FUA, export, read_only, ENOSPC).and_then(|()| {
                 let fua = req.flags & CMD_FLAG_FUA != 0;
                 target
-                    .write_at(&buf[..len], req.offset, fua)
+                    .write_at(buf.get(len), req.offset, fua)
                     .map_err(|e| io_err(&e, log, &mut io_errors))
             }),
             CMD_FLUSH => {
@@ -384,7 +446,7 @@ fn transmission<R: Read, W: Write>(
             Ok(()) => {
                 w.write_all(&simple_reply(0, req.handle))?;
                 if req.cmd == CMD_READ {
-                    w.write_all(&buf[..len])?;
+                    w.write_all(buf.get(len))?;
                 }
             }
             Err(errno) => {

@@ -67,6 +67,14 @@ pub const HANDSHAKE_TIMEOUT: std::time::Duration = if cfg!(test) {
     std::time::Duration::from_secs(30)
 };
 
+/// A client in transmission that sends nothing for this long gives back its payload buffer
+/// beyond [`conn::KEEP_IDLE`] (it stays connected: idle NBD clients are normal).
+pub const IDLE_RELEASE: std::time::Duration = if cfg!(test) {
+    std::time::Duration::from_millis(200)
+} else {
+    std::time::Duration::from_secs(2)
+};
+
 /// Longest unix socket path the kernel takes (`sun_path` holds 108 bytes with the NUL).
 const MAX_UNIX_PATH: usize = 107;
 
@@ -214,6 +222,8 @@ impl Write for Stream {
 struct Shared {
     stop: AtomicBool,
     conns: Mutex<Conns>,
+    /// Bytes of payload buffers the connections hold.
+    held: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -301,6 +311,7 @@ impl NbdServer {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             conns: Mutex::default(),
+            held: Default::default(),
         });
         let accept = {
             let (shared, log) = (shared.clone(), log.clone());
@@ -328,6 +339,15 @@ impl NbdServer {
             Some(r) => r.addr.clone(),
             None => NbdListen::Unix(PathBuf::new()),
         }
+    }
+
+    /// Bytes of payload buffers the connections hold now (at most [`conn::KEEP_IDLE`] per
+    /// client idle for [`IDLE_RELEASE`]).
+    pub fn buffered(&self) -> u64 {
+        self.running
+            .as_ref()
+            .map(|r| r.shared.held.load(std::sync::atomic::Ordering::Relaxed))
+            .unwrap_or(0)
     }
 
     /// How many clients are connected.
@@ -524,11 +544,12 @@ fn spawn_conn(
         id,
     };
     let (export, target, tlog) = (export.clone(), target.clone(), log.clone());
+    let shared2 = shared.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("nbd-conn{id}"))
         .spawn(move || {
             let _guard = guard;
-            run_conn(reader, stream, &export, &*target, &tlog);
+            run_conn(reader, stream, &export, &*target, &tlog, &shared2.held);
         });
     match spawned {
         // Only this thread adds handles, and shutdown joins it before taking them.
@@ -543,6 +564,7 @@ fn run_conn(
     export: &ExportInfo,
     target: &dyn BlockTarget,
     log: &Logger,
+    held: &std::sync::atomic::AtomicU64,
 ) {
     debug!(log, "NBD client connected");
     if let Err(e) = reader.set_read_timeout(Some(HANDSHAKE_TIMEOUT)) {
@@ -552,8 +574,8 @@ fn run_conn(
     }
     let mut r = BufReader::with_capacity(64 << 10, reader);
     let mut w = BufWriter::with_capacity(64 << 10, writer);
-    let result = conn::serve_with(&mut r, &mut w, export, target, log, |r| {
-        r.get_ref().set_read_timeout(None)
+    let result = conn::serve_with(&mut r, &mut w, export, target, log, held, |r| {
+        r.get_ref().set_read_timeout(Some(IDLE_RELEASE))
     });
     let _ = w.flush();
     match result {

@@ -749,6 +749,45 @@ fn the_connection_limit_and_the_handshake_timeout_keep_idle_clients_from_locking
     server.shutdown();
 }
 
+#[test]
+fn idle_clients_give_their_large_buffers_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let sock = dir.path().join("nbd.sock");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let server = start_unix(&img, &sock, false);
+    let (mut a, _, _) = Raw::ready(&sock);
+    let (mut b, _, _) = Raw::ready(&sock);
+    let data: Vec<u8> = (0..8 * MIB as usize).map(|i| (i / 4099) as u8).collect();
+    a.write(1, 0, &data, 0);
+    assert_eq!(a.reply(1), 0);
+    assert_eq!(b.read(2, 0, 4 << 20), data[..4 << 20]);
+    // Both now hold a buffer of their largest request, until they have been idle a while.
+    assert!(server.buffered() >= 12 * MIB, "{}", server.buffered());
+    wait_for("idle buffers released", || server.buffered() == 0);
+    // Small requests keep a small buffer even when idle; large ones come back as needed.
+    assert_eq!(a.read(3, 4096, 4096), data[4096..8192]);
+    std::thread::sleep(IDLE_RELEASE * 3);
+    assert_eq!(server.buffered(), 4096);
+    assert_eq!(
+        b.read(4, MIB, 2 << 20),
+        data[MIB as usize..3 * MIB as usize]
+    );
+    // A client that stalls inside a request (half a payload) is waited for, not dropped.
+    a.req(CMD_WRITE, 0, 5, 0, 8192);
+    a.s.write_all(&data[..4096]).unwrap();
+    std::thread::sleep(IDLE_RELEASE * 3);
+    a.s.write_all(&data[4096..8192]).unwrap();
+    assert_eq!(a.reply(5), 0);
+    a.disconnect();
+    b.disconnect();
+    wait_for("buffers freed at disconnect", || server.buffered() == 0);
+    server.shutdown();
+}
+
 // ---- Real clients -------------------------------------------------------------------------
 
 /// The path of `name`, or a failure saying what to install.
