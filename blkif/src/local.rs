@@ -914,6 +914,19 @@ impl LocalFrontend {
         Ok(())
     }
 
+    /// The address range of the shared ring pages in this process (tests let another process
+    /// scribble over them through `/proc/PID/map_files`).
+    pub fn ring_range(&self) -> std::ops::Range<usize> {
+        let start = self._ring_map.ptr().as_ptr() as usize;
+        start..start + self._ring_map.len()
+    }
+
+    /// A duplicate of the kick eventfd, for kicks outside the ring protocol (tests of kick
+    /// storms: a hostile frontend can signal it as often as it likes).
+    pub fn kick_handle(&self) -> io::Result<OwnedFd> {
+        self.kick.try_clone()
+    }
+
     /// Publishes an arbitrary `req_prod` and kicks (hostile index games).
     pub fn publish_raw_req_prod(&mut self, v: u32) -> io::Result<()> {
         self.ring.publish_raw_req_prod(v);

@@ -529,7 +529,7 @@ fn holder_in(locks: &str, dev: u64, ino: u64) -> Option<u32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample(stripes: u32, replicas: u32) -> StripeMap {

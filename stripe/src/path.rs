@@ -152,6 +152,40 @@ fn stale_path(map: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Reads the stale marks file (`INDEX REPLICA` per line) for `extents` x `replicas`. The file
+/// is ours but may be damaged (a crash mid-write, an editor): lines that are not two numbers
+/// in range are skipped, so damage can only forget marks, never invent them or fail the open.
+/// A missing file means no marks; a file that cannot be read is an error.
+fn read_stale_marks(
+    path: &Path,
+    extents: usize,
+    replicas: usize,
+) -> Result<Box<[AtomicBool]>, Error> {
+    let stale: Box<[AtomicBool]> = (0..extents * replicas)
+        .map(|_| AtomicBool::new(false))
+        .collect();
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(stale),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    for l in bytes.split(|&b| b == b'\n') {
+        let Ok(l) = std::str::from_utf8(l) else {
+            continue;
+        };
+        let mut f = l.split(' ');
+        let (Some(i), Some(rep), None) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if let (Ok(i), Ok(rep)) = (i.parse::<usize>(), rep.parse::<usize>()) {
+            if i < extents && rep < replicas {
+                stale[i * replicas + rep].store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    Ok(stale)
+}
+
 impl Disk {
     /// Opens and locks the mapping file, reads the stale marks beside it, and checks every
     /// server: it must answer, with 512-byte blocks and room for its extents.
@@ -160,27 +194,8 @@ impl Disk {
         let m = &locked.map;
         let g = m.geometry;
         let r = g.replicas as usize;
-        let stale: Box<[AtomicBool]> = (0..m.extents.len() * r)
-            .map(|_| AtomicBool::new(false))
-            .collect();
         let stale_file = stale_path(map_path);
-        match std::fs::read_to_string(&stale_file) {
-            Ok(t) => {
-                for l in t.lines() {
-                    let mut f = l.split(' ');
-                    let (Some(i), Some(rep), None) = (f.next(), f.next(), f.next()) else {
-                        continue;
-                    };
-                    if let (Ok(i), Ok(rep)) = (i.parse::<usize>(), rep.parse::<usize>()) {
-                        if i < m.extents.len() && rep < r {
-                            stale[i * r + rep].store(true, Ordering::Relaxed);
-                        }
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(&stale_file, e)),
-        }
+        let stale = read_stale_marks(&stale_file, m.extents.len(), r)?;
         // Check every LUN once: reachable, 512-byte blocks, big enough.
         let mut discard = true;
         let mut need: Vec<(String, String, u16, u64)> = Vec::new();
@@ -1195,6 +1210,96 @@ impl SyncStriper {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A disk on `map` without servers: enough for the mapping file and the stale marks.
+    fn offline_disk(map: &Path) -> Disk {
+        let locked = LockedMap::open(map).unwrap();
+        let (g, n) = (locked.map.geometry, locked.map.extents.len());
+        let stale_file = stale_path(map);
+        Disk {
+            geometry: g,
+            map_path: map.to_path_buf(),
+            stale: read_stale_marks(&stale_file, n, g.replicas as usize).unwrap(),
+            locked: Mutex::new(locked),
+            stale_file,
+            stale_lock: Mutex::new(()),
+            servers: Mutex::new(Vec::new()),
+            discard: false,
+            opts: Options::default(),
+            refreshes: AtomicU64::new(0),
+        }
+    }
+
+    /// Replaces `path` the way an operator or a tool should: a new file renamed over it.
+    fn replace(path: &Path, text: &[u8]) {
+        let tmp = path.with_extension("new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    #[test]
+    fn a_replaced_mapping_file_is_taken_only_if_it_describes_the_same_disk() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("disk.map");
+        let first = crate::map::tests::sample(2, 2);
+        first.write_new(&p).unwrap();
+        let disk = offline_disk(&p);
+        // The same disk with one extent moved (the master re-placed it): taken.
+        let mut moved = first.clone();
+        moved.extents[3][1].addr += 64 << 20;
+        replace(&p, moved.to_text().as_bytes());
+        assert_eq!(disk.refresh(), moved);
+        // Another disk, another shape, damage, or nothing at all: the current mapping stays.
+        let mut other = moved.clone();
+        other.disk_id = "vm2".into();
+        let mut reshaped = crate::map::tests::sample(4, 1);
+        reshaped.disk_id = moved.disk_id.clone();
+        let mut damaged = moved.to_text().into_bytes();
+        let at = damaged.len() / 2;
+        damaged[at] ^= 0x55;
+        for text in [
+            other.to_text().into_bytes(),
+            reshaped.to_text().into_bytes(),
+            damaged,
+            b"\xff\xfe not a map".to_vec(),
+        ] {
+            replace(&p, &text);
+            assert_eq!(disk.refresh(), moved);
+        }
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(disk.refresh(), moved);
+        assert_eq!(disk.refreshes.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn damaged_stale_marks_only_forget_marks() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("disk.map.stale");
+        let marks = |text: &[u8]| {
+            std::fs::write(&p, text).unwrap();
+            let s = read_stale_marks(&p, 4, 2).unwrap();
+            s.iter()
+                .enumerate()
+                .filter(|(_, b)| b.load(Ordering::Relaxed))
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(marks(b"0 1\n3 0\n"), [1, 6]);
+        // Out of range, negative, extra fields, not numbers, binary, a torn last line.
+        assert_eq!(
+            marks(b"4 0\n0 2\n-1 0\n1 1 1\nx y\n\xff\xfe\n2 1\n18446744073709551616 0\n3"),
+            [5]
+        );
+        assert!(marks(b"").is_empty());
+        std::fs::remove_file(&p).unwrap();
+        assert!(read_stale_marks(&p, 4, 2)
+            .unwrap()
+            .iter()
+            .all(|b| !b.load(Ordering::Relaxed)));
+        // A folder where the file belongs cannot be read: an error, not "no marks".
+        std::fs::create_dir(&p).unwrap();
+        assert!(read_stale_marks(&p, 4, 2).is_err());
+    }
 
     #[test]
     fn gather_cuts_iovecs() {

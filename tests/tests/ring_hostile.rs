@@ -648,3 +648,169 @@ fn rings_attaching_in_a_loop_keep_their_counts_in_bounded_memory() {
         "(RSS, data) grew from {before:?} KiB to {after:?} KiB over 300 rings"
     );
 }
+
+#[test]
+fn kick_storms_cost_their_own_ring_wakeups_only() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let r = rig(VbdOptions::default());
+    let mut stormy = fe(&r, Abi::X86_64);
+    let mut calm = fe(&r, Abi::X86_64);
+    // A thread kicks the stormy ring's eventfd as fast as it can, for the whole test.
+    let kick = stormy.kick_handle().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let kicks = Arc::new(AtomicU64::new(0));
+    let storm = {
+        let (stop, kicks) = (stop.clone(), kicks.clone());
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let one = 1u64.to_ne_bytes();
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: writes 8 bytes from a live buffer to an eventfd this thread owns.
+                if unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), 8) } == 8 {
+                    kicks.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    // Both rings keep serving while it goes on: the other ring, and the kicked one itself.
+    let t0 = std::time::Instant::now();
+    for i in 0..300u64 {
+        rw(&mut calm, op::READ, i, i * 8, &[seg(0, 0, 7)]);
+        assert_eq!(status_of(&collect(&mut calm, 1), i), status::OKAY);
+        if i % 10 == 0 {
+            still_serving(&mut stormy);
+        }
+    }
+    let served = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    storm.join().unwrap();
+    let kicks = kicks.load(Ordering::Relaxed);
+    assert!(kicks > 10_000, "only {kicks} kicks");
+    assert!(
+        served < Duration::from_secs(20),
+        "330 requests took {served:?} during a storm of {kicks} kicks"
+    );
+    let s = r.td.stats(r.minor).unwrap();
+    assert_eq!(s["rings"], 2, "{s}");
+    assert_eq!(s["ring"]["bad_requests"], 0, "{s}");
+    eprintln!("{kicks} kicks; 330 requests served in {served:?}");
+}
+
+/// Not a test on its own: the scribbler process of
+/// `slots_rewritten_while_tapdisk_copies_them_reach_nothing_unchecked`, run by it as a child of
+/// this test binary. Maps the ring named by `SCRIBBLE_MAP` (a `/proc/PID/map_files` entry) and
+/// rewrites its request slots with random words until killed.
+#[test]
+#[ignore = "helper process of another test"]
+fn scribble_helper() {
+    let Some(path) = std::env::var_os("SCRIBBLE_MAP") else {
+        return;
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let len = f.metadata().unwrap().len().min(4096) as usize;
+    use std::os::fd::AsRawFd;
+    // SAFETY: maps `len` bytes of a shared memfd we opened; the result is checked below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    let words = p.cast::<u64>();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    loop {
+        // xorshift64: cheap random words and slots.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Words 8.. are the slots (the first 64 bytes are the indexes, left alone).
+        let i = 8 + (x as usize >> 32) % (len / 8 - 8);
+        // Mostly small changes of a live request (id, sector, segment fields), sometimes noise.
+        let v = if x & 3 == 0 { x } else { x & 0xffff };
+        // SAFETY: `i < len / 8`, inside the mapping; volatile so each store happens.
+        unsafe { words.add(i).write_volatile(v) };
+    }
+}
+
+#[test]
+fn slots_rewritten_while_tapdisk_copies_them_reach_nothing_unchecked() {
+    let r = rig(VbdOptions::default());
+    let img_len = |r: &Rig| {
+        let spec = r.td.stats(r.minor).unwrap()["image"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        std::fs::metadata(spec.trim_start_matches("aio:"))
+            .unwrap()
+            .len()
+    };
+    let size = img_len(&r);
+    let mut calm = fe(&r, Abi::X86_64);
+    let mut popped = 0u64;
+    for round in 0..3u64 {
+        let mut f = fe(&r, Abi::X86_64);
+        let range = f.ring_range();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "scribble_helper", "--ignored", "--nocapture"])
+            .env(
+                "SCRIBBLE_MAP",
+                format!(
+                    "/proc/{}/map_files/{:x}-{:x}",
+                    std::process::id(),
+                    range.start,
+                    range.end
+                ),
+            )
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Valid writes and reads inside the disk, as fast as the ring takes them, while the
+        // other process rewrites the slots under tapdisk's copy.
+        let t0 = std::time::Instant::now();
+        let mut id = round << 32;
+        while t0.elapsed() < Duration::from_secs(1) && !f.disconnected() {
+            for _ in 0..8 {
+                id += 1;
+                let opc = if id % 2 == 0 { op::WRITE } else { op::READ };
+                if !f.queue(&FrontRequest::Rw {
+                    op: opc,
+                    id,
+                    sector: (id * 8) % 8000,
+                    segments: &[seg((id % 64) as u32, 0, 7)],
+                }) {
+                    break;
+                }
+            }
+            if f.push().is_err() {
+                break;
+            }
+            let _ = f.wait(Some(Duration::from_millis(20)));
+            f.poll(|_| popped += 1);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        // tapdisk is alive, the other ring is served, and nothing reached past the disk.
+        still_serving(&mut calm);
+        assert_eq!(img_len(&r), size, "an IO went past the end of the disk");
+    }
+    let s = r.td.stats(r.minor).unwrap();
+    eprintln!(
+        "{popped} responses seen; tapdisk: {} reads, {} writes, {} bad, {} unsupported",
+        s["ring"]["read"]["requests"],
+        s["ring"]["write"]["requests"],
+        s["ring"]["bad_requests"],
+        s["ring"]["unsupported"]
+    );
+    assert!(popped > 100, "the race hardly ran: {popped} responses");
+}
