@@ -8,8 +8,16 @@
 //! 1. a write and a read of one page, checked (the backend maps dom0's grants like a guest's);
 //! 2. `--garbage N`: N slots of random bytes (unique ids), each must be answered with an error
 //!    while the device stays Connected;
-//! 3. a `req_prod` far beyond the ring: the backend must drop the rings and close the device
+//! 3. `--storm-secs S`: the event channel notified in a tight loop for S seconds while a
+//!    write and read go through every 100 ms: all must succeed and the device stay Connected
+//!    (the late-EOI masking keeps the backend from spinning);
+//! 4. a `req_prod` far beyond the ring: the backend must drop the rings and close the device
 //!    (state 5), without harming the other disks it serves.
+//!
+//! With `--bad ring-ref` or `--bad event-channel` it publishes a grant reference that was
+//! never granted (or a port never allocated) instead, and passes if the backend refuses the
+//! connection with an error in its `error` key and closes the device (real gntdev map and
+//! evtchn bind failures).
 //!
 //! Prints `XENFRONT: PASS ...` or `XENFRONT: FAIL ...` lines and exits non-zero on a failure.
 
@@ -44,9 +52,24 @@ pub struct Args {
     /// Random slots to send before the overflowing producer index.
     #[arg(long, default_value_t = 64)]
     pub garbage: u32,
+    /// Seconds of event-channel storm (0: none).
+    #[arg(long, default_value_t = 2)]
+    pub storm_secs: u64,
+    /// Publish a bad key instead of a working ring and expect the backend to refuse it.
+    #[arg(long, value_enum)]
+    pub bad: Option<Bad>,
     /// Seconds to wait for each backend state change.
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
+}
+
+/// Which key `--bad` breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Bad {
+    /// A grant reference nobody granted.
+    RingRef,
+    /// An event channel port nobody allocated.
+    EventChannel,
 }
 
 /// Entry point.
@@ -161,16 +184,29 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
     let mut ring =
         unsafe { FrontRing::init(ring_pages.addr(), 1, abi) }.context("ring too small")?;
     let ev = Evtchn::bind_unbound(0).context("allocating an event channel")?;
+    let (ring_ref, port) = match a.bad {
+        // Far above anything gntalloc hands out here, and never granted.
+        Some(Bad::RingRef) => (ring_pages.refs()[0].wrapping_add(40_000), ev.port()),
+        Some(Bad::EventChannel) => (ring_pages.refs()[0], ev.port().wrapping_add(900)),
+        None => (ring_pages.refs()[0], ev.port()),
+    };
     xs.transaction(|xs, tx| {
-        xs.write(
-            tx,
-            &format!("{fe}/ring-ref"),
-            &ring_pages.refs()[0].to_string(),
-        )?;
-        xs.write(tx, &format!("{fe}/event-channel"), &ev.port().to_string())?;
+        xs.write(tx, &format!("{fe}/ring-ref"), &ring_ref.to_string())?;
+        xs.write(tx, &format!("{fe}/event-channel"), &port.to_string())?;
         xs.write(tx, &format!("{fe}/protocol"), abi.name())?;
         xs.write(tx, &format!("{fe}/state"), "3")
     })?;
+    if let Some(bad) = a.bad {
+        let st = wait_state(xs, &format!("{be}/state"), &["4", "5", "6"], a.timeout)?;
+        let why = xs
+            .read(Tx::NONE, &format!("{be}/error"))?
+            .unwrap_or_default();
+        if st == "4" || why.is_empty() {
+            bail!("the backend took a bad {bad:?} (state {st}, error {why:?})");
+        }
+        println!("XENFRONT: PASS bad {bad:?} refused: backend state {st} ({why})");
+        return Ok(());
+    }
     wait_state(xs, &format!("{be}/state"), &["4"], a.timeout)?;
     xs.write(Tx::NONE, &format!("{fe}/state"), "4")?;
     let sectors: u64 = xs
@@ -232,6 +268,32 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
         );
     }
     println!("XENFRONT: PASS write+read of a page through granted dom0 pages");
+
+    // 3 (before the garbage, which may leave answers behind). An event-channel storm.
+    if a.storm_secs > 0 {
+        let t0 = Instant::now();
+        let (mut kicks, mut rounds, mut next) = (0u64, 0u64, Instant::now());
+        while t0.elapsed() < Duration::from_secs(a.storm_secs) {
+            ev.notify_port()?;
+            kicks += 1;
+            if Instant::now() >= next {
+                rounds += 1;
+                let w = roundtrip(&mut ring, op::WRITE, 10 + 2 * rounds, seg(0))?;
+                let r = roundtrip(&mut ring, op::READ, 11 + 2 * rounds, seg(1))?;
+                if w != status::OKAY || r != status::OKAY {
+                    bail!("during the event storm: status {w}/{r}");
+                }
+                next = Instant::now() + Duration::from_millis(100);
+            }
+        }
+        if xs.read(Tx::NONE, &format!("{be}/state"))?.as_deref() != Some("4") {
+            bail!("the backend left Connected during the event storm");
+        }
+        println!(
+            "XENFRONT: PASS event storm: {kicks} notifications in {} s, {rounds} write+read pairs served, device still Connected",
+            a.storm_secs
+        );
+    }
 
     // 2. Garbage slots, each with a unique id.
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
