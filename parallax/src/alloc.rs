@@ -229,8 +229,11 @@ impl<B: Backing> Image<B> {
             }
             match self.extend(t, want, align) {
                 Ok(r) => break r,
-                // Try a smaller run before giving up (extend changed nothing).
-                Err(_) if want > floor => want = ((want / 2) / align * align).max(floor),
+                // Out of space: try a smaller run before giving up (extend changed nothing).
+                // Any other error (EIO, say) is reported at once.
+                Err(Error::NoSpace(_)) if want > floor => {
+                    want = ((want / 2) / align * align).max(floor)
+                }
                 Err(e) => return Err(e),
             }
         };

@@ -51,7 +51,11 @@ pub enum Error {
 impl Error {
     /// An IO error while doing `what`.
     pub fn io(what: impl Into<String>, source: io::Error) -> Error {
-        if source.raw_os_error() == Some(libc::ENOSPC) {
+        // No space, a file size limit, a quota: the store cannot take more.
+        if matches!(
+            source.raw_os_error(),
+            Some(libc::ENOSPC | libc::EFBIG | libc::EDQUOT)
+        ) {
             return Error::NoSpace(format!("{}: {source}", what.into()));
         }
         Error::Io {

@@ -466,3 +466,100 @@ fn tiny_caches_commit_cleanly() {
         );
     }
 }
+
+/// A store that grows normally up to `limit` bytes and then fails every growth with `errno`,
+/// counting the attempts.
+#[derive(Clone)]
+struct GrowFails {
+    inner: MemBacking,
+    limit: u64,
+    errno: i32,
+    failed_grows: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Backing for GrowFails {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+    fn grow(&self, size: u64) -> std::io::Result<()> {
+        if size > self.limit {
+            self.failed_grows
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(std::io::Error::from_raw_os_error(self.errno));
+        }
+        self.inner.grow(size)
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+}
+
+#[test]
+fn a_store_that_cannot_grow_gets_smaller_reservations_but_io_errors_are_not_retried() {
+    // Create, then write until the store has to grow beyond what was created.
+    let fill = |errno: i32| {
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut o = CreateOptions::new(64 * MIB);
+        o.cache_slots = 128;
+        let b = GrowFails {
+            inner: MemBacking::new(),
+            limit: u64::MAX,
+            errno,
+            failed_grows: failed.clone(),
+        };
+        let mut img = Image::create(b, &o).unwrap();
+        let v = img.volume("base").unwrap();
+        img.write_at(v, 0, &pattern(1, 4096)).unwrap();
+        img.flush().unwrap();
+        // From now on the store cannot grow past 2 MiB more than it has.
+        let limit = img.backing().size().unwrap() + 2 * MIB;
+        let b = GrowFails {
+            limit,
+            ..img.backing().clone()
+        };
+        drop(img);
+        let mut img = Image::open(
+            b,
+            &OpenOptions {
+                cache_slots: 128,
+                read_only: false,
+            },
+        )
+        .unwrap();
+        let v = img.volume("base").unwrap();
+        let mut written = 0u64;
+        let err = loop {
+            match img.write_at(v, MIB + written, &pattern(2, 65536)) {
+                Ok(()) => written += 65536,
+                Err(e) => break e,
+            }
+            assert!(written < 64 * MIB, "the store never filled");
+        };
+        (
+            written,
+            err,
+            failed.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    };
+    // Out of space: the first full-size reservation fails, smaller ones fill the rest.
+    let (written, err, grows) = fill(libc::ENOSPC);
+    assert!(matches!(err, Error::NoSpace(_)), "{err}");
+    assert!(
+        written >= MIB,
+        "only {written} bytes written before NoSpace"
+    );
+    assert!(grows > 1, "{grows} failed growths");
+    // A real IO error while growing is not retried with smaller sizes: it is reported.
+    let (_, err, grows) = fill(libc::EIO);
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert_eq!(grows, 1);
+}

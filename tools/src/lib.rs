@@ -3,6 +3,7 @@
 //! `src/bin` are thin wrappers around the modules here, so their parsing and formatting can be
 //! unit-tested.
 
+pub mod cli;
 pub mod parallaximg;
 pub mod stripetools;
 pub mod tapback;

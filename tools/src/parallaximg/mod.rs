@@ -122,21 +122,7 @@ where
 {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
-        Err(e) => {
-            use clap::error::ErrorKind as K;
-            return match e.kind() {
-                K::DisplayHelp
-                | K::DisplayVersion
-                | K::DisplayHelpOnMissingArgumentOrSubcommand => {
-                    let _ = e.print();
-                    e.exit_code()
-                }
-                _ => {
-                    eprintln!("parallax-img: {}", clap_one_line(&e));
-                    2
-                }
-            };
-        }
+        Err(e) => return crate::cli::clap_exit("parallax-img", &e, None),
     };
     let progress = Progress::new(cli.quiet);
     match run(&cli, &progress) {
@@ -183,34 +169,6 @@ fn strip_os_error(s: &str) -> String {
     }
     out.push_str(rest);
     out
-}
-
-/// A clap error on one line, ending with where to find help.
-fn clap_one_line(e: &clap::Error) -> String {
-    let text = e.render().to_string();
-    let mut msg = String::new();
-    let mut command = String::from("parallax-img");
-    for line in text.lines().map(str::trim) {
-        if let Some(usage) = line.strip_prefix("Usage:") {
-            let words: Vec<&str> = usage
-                .split_whitespace()
-                .take_while(|w| !w.starts_with(['[', '<', '-']))
-                .collect();
-            if !words.is_empty() {
-                command = words.join(" ");
-            }
-            break;
-        }
-        if line.is_empty() || line.starts_with("For more information") {
-            continue;
-        }
-        let line = line.strip_prefix("error: ").unwrap_or(line);
-        if !msg.is_empty() {
-            msg.push(' ');
-        }
-        msg.push_str(line);
-    }
-    format!("{msg}; see '{command} --help'")
 }
 
 /// Progress on stderr for long operations: a line rewritten in place on a terminal, a line

@@ -13,27 +13,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    P::try_parse_from(args).map_err(|e| {
-        use clap::error::ErrorKind as K;
-        match e.kind() {
-            K::DisplayHelp | K::DisplayVersion | K::DisplayHelpOnMissingArgumentOrSubcommand => {
-                let _ = e.print();
-                e.exit_code()
-            }
-            _ => {
-                let text = e.render().to_string();
-                let msg: Vec<&str> = text
-                    .lines()
-                    .map(str::trim)
-                    .take_while(|l| !l.starts_with("Usage:"))
-                    .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
-                    .map(|l| l.strip_prefix("error: ").unwrap_or(l))
-                    .collect();
-                eprintln!("{tool}: {}; see '{tool} --help'", msg.join(" "));
-                2
-            }
-        }
-    })
+    P::try_parse_from(args).map_err(|e| crate::cli::clap_exit(tool, &e, None))
 }
 
 /// Parses `args` (the first is the program name) as `P`, runs `run` on it and returns the exit

@@ -207,54 +207,12 @@ fn verb_of(args: &[OsString]) -> Option<String> {
 
 /// Reports a clap outcome: help and version as clap prints them, errors as one line.
 fn clap_exit(e: clap::Error, verb: Option<String>) -> i32 {
-    use clap::error::ErrorKind as K;
-    match e.kind() {
-        K::DisplayHelp | K::DisplayVersion | K::DisplayHelpOnMissingArgumentOrSubcommand => {
-            let _ = e.print();
-            e.exit_code()
-        }
-        _ => {
-            eprintln!("tap-ctl: {}", clap_one_line(&e, verb.as_deref()));
-            2
-        }
-    }
+    crate::cli::clap_exit("tap-ctl", &e, verb.as_deref())
 }
 
-/// A clap error on one line, ending with where to find help, e.g. `unexpected argument '--x'
-/// found; see 'tap-ctl create --help'`. `verb` is the verb given, if known.
+/// A clap error of tap-ctl on one line (see [`crate::cli::clap_one_line`]).
 pub fn clap_one_line(e: &clap::Error, verb: Option<&str>) -> String {
-    let text = e.render().to_string();
-    let mut msg = String::new();
-    let mut command = match verb {
-        Some(v) => format!("tap-ctl {v}"),
-        None => String::from("tap-ctl"),
-    };
-    for line in text.lines().map(str::trim) {
-        if let Some(usage) = line.strip_prefix("Usage:") {
-            let words: Vec<&str> = usage
-                .split_whitespace()
-                .take_while(|w| !w.starts_with(['[', '<', '-']))
-                .collect();
-            if !words.is_empty() {
-                command = words.join(" ");
-            }
-            break;
-        }
-        if line.is_empty() || line.starts_with("For more information") {
-            continue;
-        }
-        let line = line.strip_prefix("error: ").unwrap_or(line);
-        if msg.is_empty() {
-            msg.push_str(line);
-        } else if line.starts_with("tip:") {
-            msg.push_str("; ");
-            msg.push_str(line);
-        } else {
-            msg.push(' ');
-            msg.push_str(line);
-        }
-    }
-    format!("{msg}; see '{command} --help'")
+    crate::cli::clap_one_line("tap-ctl", e, verb)
 }
 
 /// An error chain as one line.

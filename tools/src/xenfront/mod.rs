@@ -11,7 +11,11 @@
 //! 3. `--storm-secs S`: the event channel notified in a tight loop for S seconds while a
 //!    write and read go through every 100 ms: all must succeed and the device stay Connected
 //!    (the late-EOI masking keeps the backend from spinning);
-//! 4. a `req_prod` far beyond the ring: the backend must drop the rings and close the device
+//! 4. `--reconnects N`: N times the frontend closes the device (Closing, Closed) and comes back
+//!    (Initialising, a fresh ring and event channel, Initialised, Connected), as a guest that
+//!    reloads blkfront or resumes does; each time the backend must follow (Closed, InitWait,
+//!    Connected) and serve a write and read;
+//! 5. a `req_prod` far beyond the ring: the backend must drop the rings and close the device
 //!    (state 5), without harming the other disks it serves.
 //!
 //! With `--bad ring-ref` or `--bad event-channel` it publishes a grant reference that was
@@ -52,6 +56,9 @@ pub struct Args {
     /// Random slots to send before the overflowing producer index.
     #[arg(long, default_value_t = 64)]
     pub garbage: u32,
+    /// Close-and-reinitialise cycles of the frontend (0: none).
+    #[arg(long, default_value_t = 3)]
+    pub reconnects: u32,
     /// Seconds of event-channel storm (0: none).
     #[arg(long, default_value_t = 2)]
     pub storm_secs: u64,
@@ -294,6 +301,71 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
             a.storm_secs
         );
     }
+
+    // 4. The frontend goes away and comes back on the same device, with new rings.
+    let mut ev_now = ev;
+    for cycle in 1..=a.reconnects {
+        let t0 = Instant::now();
+        xs.write(Tx::NONE, &format!("{fe}/state"), "5")?;
+        wait_state(xs, &format!("{be}/state"), &["5", "6"], a.timeout)?;
+        xs.write(Tx::NONE, &format!("{fe}/state"), "6")?;
+        wait_state(xs, &format!("{be}/state"), &["6"], a.timeout)?;
+        xs.write(Tx::NONE, &format!("{fe}/state"), "1")?;
+        wait_state(xs, &format!("{be}/state"), &["2"], a.timeout)?;
+        // SAFETY: as for the first ring: the backend unmapped the page when it closed, and
+        // `ring_pages` outlives this ring.
+        let mut ring2 =
+            unsafe { FrontRing::init(ring_pages.addr(), 1, abi) }.context("ring too small")?;
+        let ev2 = Evtchn::bind_unbound(0).context("allocating an event channel")?;
+        xs.transaction(|xs, tx| {
+            xs.write(
+                tx,
+                &format!("{fe}/ring-ref"),
+                &ring_pages.refs()[0].to_string(),
+            )?;
+            xs.write(tx, &format!("{fe}/event-channel"), &ev2.port().to_string())?;
+            xs.write(tx, &format!("{fe}/state"), "3")
+        })?;
+        wait_state(xs, &format!("{be}/state"), &["4"], a.timeout)?;
+        xs.write(Tx::NONE, &format!("{fe}/state"), "4")?;
+        let mut once = |opc: u8, id: u64, s: Segment| -> Result<i16> {
+            let mut slot = [0u8; MAX_SLOT];
+            encode(abi, opc, 1, id, 8, &[s], &mut slot);
+            ring2.put_request(&slot[..lay]);
+            if ring2.push_requests() {
+                ev2.notify_port()?;
+            }
+            let deadline = Instant::now() + Duration::from_secs(a.timeout);
+            loop {
+                let mut got = None;
+                ring2.take_responses(|r| got = Some(r));
+                if let Some(r) = got {
+                    return Ok(if r.id == id { r.status } else { -99 });
+                }
+                if Instant::now() > deadline {
+                    bail!("no response to request {id} after reconnect {cycle}");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let (w, r) = (once(op::WRITE, 1, seg(0))?, once(op::READ, 2, seg(1))?);
+        if w != status::OKAY || r != status::OKAY {
+            bail!("after reconnect {cycle}: status {w}/{r}");
+        }
+        println!(
+            "XENFRONT: reconnect {cycle}: backend Closed, InitWait, Connected again, write+read served ({:.1} s)",
+            t0.elapsed().as_secs_f64()
+        );
+        ring = ring2;
+        ev_now = ev2;
+    }
+    if a.reconnects > 0 {
+        println!(
+            "XENFRONT: PASS {} reconnects of the frontend followed by the backend",
+            a.reconnects
+        );
+    }
+    let ev = &ev_now;
 
     // 2. Garbage slots, each with a unique id.
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
