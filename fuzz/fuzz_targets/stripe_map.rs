@@ -1,7 +1,8 @@
 //! Damaged mapping files: arbitrary text (usually with its checksum line recomputed so the
 //! damage reaches the parser behind it) through `StripeMap::parse`. Never a panic or an
 //! unbounded allocation; whatever parses, validates and round-trips through `to_text`, and
-//! its layout arithmetic stays inside the extents for every offset tried.
+//! its layout arithmetic stays inside the extents for every offset tried. The same bytes go
+//! through the stale-marks parser too (`stripe::path::parse_stale_marks`).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use stripe::map::StripeMap;
@@ -10,6 +11,10 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, body)) = data.split_first() else {
         return;
     };
+    // Marks for a disk of up to 256 extents and 4 replicas: only in-range marks come out.
+    let (extents, replicas) = (usize::from(mode), usize::from(mode >> 6) + 1);
+    let marks = stripe::path::parse_stale_marks(body, extents, replicas);
+    assert_eq!(marks.len(), extents * replicas);
     let mut bytes = body.to_vec();
     if mode & 1 == 0 {
         // Most inputs: a correct checksum line after the body.

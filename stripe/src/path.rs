@@ -152,23 +152,31 @@ fn stale_path(map: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Reads the stale marks file (`INDEX REPLICA` per line) for `extents` x `replicas`. The file
-/// is ours but may be damaged (a crash mid-write, an editor): lines that are not two numbers
-/// in range are skipped, so damage can only forget marks, never invent them or fail the open.
-/// A missing file means no marks; a file that cannot be read is an error.
+/// Reads the stale marks file (`INDEX REPLICA` per line) for `extents` x `replicas` (see
+/// [`parse_stale_marks`]). A missing file means no marks; a file that cannot be read is an
+/// error.
 fn read_stale_marks(
     path: &Path,
     extents: usize,
     replicas: usize,
 ) -> Result<Box<[AtomicBool]>, Error> {
-    let stale: Box<[AtomicBool]> = (0..extents * replicas)
-        .map(|_| AtomicBool::new(false))
-        .collect();
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(stale),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(Error::io(path, e)),
     };
+    Ok(parse_stale_marks(&bytes, extents, replicas)
+        .into_iter()
+        .map(AtomicBool::new)
+        .collect())
+}
+
+/// The stale marks in the text of a marks file, `index * replicas + replica` for `extents` x
+/// `replicas`. The file is ours but may be damaged (a crash mid-write, an editor): lines that
+/// are not two numbers in range are skipped, so damage can only forget marks, never invent
+/// them or fail the open.
+pub fn parse_stale_marks(bytes: &[u8], extents: usize, replicas: usize) -> Vec<bool> {
+    let mut stale = vec![false; extents.saturating_mul(replicas)];
     for l in bytes.split(|&b| b == b'\n') {
         let Ok(l) = std::str::from_utf8(l) else {
             continue;
@@ -179,11 +187,11 @@ fn read_stale_marks(
         };
         if let (Ok(i), Ok(rep)) = (i.parse::<usize>(), rep.parse::<usize>()) {
             if i < extents && rep < replicas {
-                stale[i * replicas + rep].store(true, Ordering::Relaxed);
+                stale[i * replicas + rep] = true;
             }
         }
     }
-    Ok(stale)
+    stale
 }
 
 impl Disk {
