@@ -1280,6 +1280,25 @@ mod tests {
     }
 
     #[test]
+    fn a_mapping_file_edited_in_place_is_not_taken() {
+        // Editing the locked file itself (not replacing it) leaves the disk on its mapping: the
+        // refresh finds the file locked by the disk and keeps what it has. Replacing is the
+        // supported way (the test above).
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("disk.map");
+        let first = crate::map::tests::sample(2, 1);
+        first.write_new(&p).unwrap();
+        let disk = offline_disk(&p);
+        let mut moved = first.clone();
+        moved.extents[0][0].addr += 64 << 20;
+        std::fs::write(&p, moved.to_text()).unwrap();
+        assert_eq!(disk.refresh(), first);
+        // Once replaced, the same content is taken.
+        replace(&p, moved.to_text().as_bytes());
+        assert_eq!(disk.refresh(), moved);
+    }
+
+    #[test]
     fn damaged_stale_marks_only_forget_marks() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("disk.map.stale");
