@@ -66,6 +66,16 @@ fn response(fe: &mut LocalFrontend) -> blkif::Response {
     got.unwrap()
 }
 
+/// An 8 MiB image whose first 64 KiB hold a pattern (byte `i` is `i / step`); the pattern.
+fn patterned_image(step: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+    let (d, img) = image(8 << 20).unwrap();
+    let pattern: Vec<u8> = (0..64 * 1024).map(|i| (i / step) as u8).collect();
+    let mut v = pattern.clone();
+    v.resize(8 << 20, 0);
+    std::fs::write(&img, v).unwrap();
+    (d, img, pattern)
+}
+
 fn opts(policy: &str, model: &str) -> VbdOptions {
     VbdOptions {
         early: Some(policy.parse().unwrap()),
@@ -189,14 +199,7 @@ fn a_chunk_failing_after_the_answer_is_reported() {
 
 #[test]
 fn the_cache_serves_repeated_reads() {
-    let (_d, img) = image(8 << 20).unwrap();
-    let pattern: Vec<u8> = (0..64 * 1024).map(|i| (i / 7) as u8).collect();
-    std::fs::write(&img, {
-        let mut v = pattern.clone();
-        v.resize(8 << 20, 0);
-        v
-    })
-    .unwrap();
+    let (_d, img, pattern) = patterned_image(7);
     let td = Tapdisk::start().unwrap();
     let vbd = td
         .open(
@@ -275,14 +278,7 @@ fn a_ring_without_the_contract_never_gets_early_answers() {
     // The VBD asks for answers before any data, but this frontend did not set up the early-read
     // contract (no userfaultfd: like every Xen frontend), so its reads are answered only when
     // every page is in.
-    let (_d, img) = image(8 << 20).unwrap();
-    let pattern: Vec<u8> = (0..64 * 1024).map(|i| (i / 11) as u8).collect();
-    std::fs::write(&img, {
-        let mut v = pattern.clone();
-        v.resize(8 << 20, 0);
-        v
-    })
-    .unwrap();
+    let (_d, img, pattern) = patterned_image(11);
     let td = Tapdisk::start().unwrap();
     let vbd = td
         .open(

@@ -121,6 +121,39 @@ impl XorShift {
     }
 }
 
+/// Sends one request of one segment and waits for its answer; its status.
+fn one_request(
+    ring: &mut FrontRing,
+    ev: &Evtchn,
+    abi: Abi,
+    timeout: Duration,
+    opc: u8,
+    id: u64,
+    s: Segment,
+) -> Result<i16> {
+    let mut slot = [0u8; MAX_SLOT];
+    encode(abi, opc, 1, id, 8, &[s], &mut slot);
+    ring.put_request(&slot[..abi.layout().slot]);
+    if ring.push_requests() {
+        ev.notify_port()?;
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut got = None;
+        ring.take_responses(|r| got = Some(r));
+        if let Some(r) = got {
+            if r.id != id {
+                bail!("response id {} for request {id}", r.id);
+            }
+            return Ok(r.status);
+        }
+        if Instant::now() > deadline {
+            bail!("no response to request {id}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn run(a: &Args) -> Result<()> {
     let mut xs = Xenstore::open()?;
     let be = format!("/local/domain/0/backend/{}/0/{}", a.kind, a.devid);
@@ -233,32 +266,13 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
         last_sect: 7,
         pad: 0,
     };
-    let mut slot = [0u8; MAX_SLOT];
     let lay = abi.layout().slot;
-    let mut roundtrip = |ring: &mut FrontRing, opc: u8, id: u64, s: Segment| -> Result<i16> {
-        encode(abi, opc, 1, id, 8, &[s], &mut slot);
-        ring.put_request(&slot[..lay]);
-        if ring.push_requests() {
-            ev.notify_port()?;
-        }
-        let deadline = Instant::now() + Duration::from_secs(a.timeout);
-        loop {
-            let mut got = None;
-            ring.take_responses(|r| got = Some(r));
-            if let Some(r) = got {
-                if r.id != id {
-                    bail!("response id {} for request {id}", r.id);
-                }
-                return Ok(r.status);
-            }
-            if Instant::now() > deadline {
-                bail!("no response to request {id}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+    let timeout = Duration::from_secs(a.timeout);
+    let roundtrip = |ring: &mut FrontRing, ev: &Evtchn, opc: u8, id: u64, s: Segment| {
+        one_request(ring, ev, abi, timeout, opc, id, s)
     };
-    let w = roundtrip(&mut ring, op::WRITE, 1, seg(0))?;
-    let r = roundtrip(&mut ring, op::READ, 2, seg(1))?;
+    let w = roundtrip(&mut ring, &ev, op::WRITE, 1, seg(0))?;
+    let r = roundtrip(&mut ring, &ev, op::READ, 2, seg(1))?;
     let mut back = vec![0u8; PAGE_SIZE];
     // SAFETY: page 1 of `data` is ours; the backend finished writing it (response seen).
     unsafe {
@@ -285,8 +299,8 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
             kicks += 1;
             if Instant::now() >= next {
                 rounds += 1;
-                let w = roundtrip(&mut ring, op::WRITE, 10 + 2 * rounds, seg(0))?;
-                let r = roundtrip(&mut ring, op::READ, 11 + 2 * rounds, seg(1))?;
+                let w = roundtrip(&mut ring, &ev, op::WRITE, 10 + 2 * rounds, seg(0))?;
+                let r = roundtrip(&mut ring, &ev, op::READ, 11 + 2 * rounds, seg(1))?;
                 if w != status::OKAY || r != status::OKAY {
                     bail!("during the event storm: status {w}/{r}");
                 }
@@ -328,27 +342,8 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
         })?;
         wait_state(xs, &format!("{be}/state"), &["4"], a.timeout)?;
         xs.write(Tx::NONE, &format!("{fe}/state"), "4")?;
-        let mut once = |opc: u8, id: u64, s: Segment| -> Result<i16> {
-            let mut slot = [0u8; MAX_SLOT];
-            encode(abi, opc, 1, id, 8, &[s], &mut slot);
-            ring2.put_request(&slot[..lay]);
-            if ring2.push_requests() {
-                ev2.notify_port()?;
-            }
-            let deadline = Instant::now() + Duration::from_secs(a.timeout);
-            loop {
-                let mut got = None;
-                ring2.take_responses(|r| got = Some(r));
-                if let Some(r) = got {
-                    return Ok(if r.id == id { r.status } else { -99 });
-                }
-                if Instant::now() > deadline {
-                    bail!("no response to request {id} after reconnect {cycle}");
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        };
-        let (w, r) = (once(op::WRITE, 1, seg(0))?, once(op::READ, 2, seg(1))?);
+        let w = roundtrip(&mut ring2, &ev2, op::WRITE, 1, seg(0))?;
+        let r = roundtrip(&mut ring2, &ev2, op::READ, 2, seg(1))?;
         if w != status::OKAY || r != status::OKAY {
             bail!("after reconnect {cycle}: status {w}/{r}");
         }
