@@ -25,8 +25,8 @@ const RESERVE_NODE_PHYS: u64 = 256;
 /// Metadata blocks reserved at a time.
 const RESERVE_META: u64 = 64;
 /// Data blocks reserved at a time: a sixteenth of the store, at least this many (8 MiB of
-/// 4 KiB blocks: growing the store file in small steps made first writes of fresh blocks run
-/// at 0.63-0.78 of a raw file in Table 3.6, 1.01-1.12 with this)...
+/// 4 KiB blocks: growing the store in small steps slowed first writes of fresh blocks; see
+/// docs/thesis.md, Table 3.6)...
 const RESERVE_DATA_MIN: u64 = 2048;
 /// ...but where the store cannot grow that much (a block device, a full file system), as
 /// little as this.

@@ -487,44 +487,81 @@ impl LockedMap {
     }
 }
 
-/// The pid holding a `flock` on `path`, from `/proc/locks` (None if not found).
+/// The pid holding a `flock` on `path` (None if it cannot be told).
 ///
-/// The kernel prints `MAJOR:MINOR:INODE` with the device of the inode that holds the lock. On
-/// overlay and some container filesystems that is not the device `stat` reports, so an exact
-/// match is tried first and then a match on the inode number alone, taken only when it is
-/// unambiguous. The answer is a hint for an error message, never used to decide anything.
+/// `/proc/locks` lists every flock with its holder's pid and `MAJOR:MINOR:INODE`, but on overlay
+/// and container filesystems those numbers need not be the ones `stat` reports, and another
+/// container's lock can carry the same inode number. So the device and inode printed there are
+/// not trusted: each pid listed as holding a flock is confirmed by finding one of its open files
+/// that is this file (same device and inode through `/proc/PID/fd`) and carries the lock in its
+/// `/proc/PID/fdinfo`. Only when no holder can be confirmed (their descriptors are not readable
+/// to us) is an exact `MAJOR:MINOR:INODE` match taken, and when `/proc/locks` names nobody,
+/// every process is searched the same way (this runs only on the error path). The answer is a hint for an error message,
+/// never used to decide anything.
 pub fn flock_holder(path: &Path) -> Option<u32> {
     let meta = std::fs::metadata(path).ok()?;
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    holder_in(&locks, meta.dev(), meta.ino())
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    holder_in(&locks, dev, ino, |pid| holds_flock(pid, dev, ino)).or_else(|| {
+        // Not listed (some sandboxes show no /proc/locks): every process's open files.
+        let mut found = std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| holds_flock(pid, dev, ino));
+        match (found.next(), found.next()) {
+            (Some(p), None) => Some(p),
+            _ => None,
+        }
+    })
 }
 
-fn holder_in(locks: &str, dev: u64, ino: u64) -> Option<u32> {
+/// Whether process `pid` has the file `(dev, ino)` open with a flock on that open file.
+fn holds_flock(pid: u32, dev: u64, ino: u64) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        let same = std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino);
+        same && std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .is_ok_and(|info| {
+            info.lines()
+                .any(|l| l.starts_with("lock:") && l.contains(" FLOCK "))
+        })
+    })
+}
+
+/// The holder among the flocks listed in `locks`: the one pid `confirm` accepts, else the pid
+/// of an exact `MAJOR:MINOR:INODE` match.
+fn holder_in(locks: &str, dev: u64, ino: u64, confirm: impl Fn(u32) -> bool) -> Option<u32> {
     let key = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
-    let ino_s = ino.to_string();
-    let mut by_ino = None;
-    let mut ambiguous = false;
+    let mut exact = None;
+    let mut pids: Vec<u32> = Vec::new();
     for l in locks.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
-        // "1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF" (blocked waiters have "->").
+        // "1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF" (blocked waiters have "->"; pid 0
+        // is a holder outside our pid namespace).
         if f.len() < 6 || f[1] != "FLOCK" {
             continue;
         }
-        let Ok(pid) = f[4].parse::<u32>() else {
+        let Some(pid) = f[4].parse::<u32>().ok().filter(|&p| p != 0) else {
             continue;
         };
-        if f[5] == key {
-            return Some(pid);
+        if f[5] == key && exact.is_none() {
+            exact = Some(pid);
         }
-        if f[5].rsplit(':').next() == Some(ino_s.as_str()) {
-            ambiguous |= by_ino.is_some_and(|p| p != pid);
-            by_ino = Some(pid);
+        if !pids.contains(&pid) {
+            pids.push(pid);
         }
     }
-    if ambiguous {
-        None
-    } else {
-        by_ino
+    let mut confirmed = pids.into_iter().filter(|&p| confirm(p));
+    match (confirmed.next(), confirmed.next()) {
+        (Some(p), None) => Some(p),
+        (Some(_), Some(_)) => None,
+        (None, _) => exact,
     }
 }
 
@@ -635,21 +672,25 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn holder_is_found_by_device_and_inode_or_by_inode_alone() {
+    fn holder_is_the_confirmed_pid_or_an_exact_match() {
         let dev = libc::makedev(0, 0x2d);
-        let exact = "1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF\n";
-        assert_eq!(holder_in(exact, dev, 5678), Some(1234));
-        // overlayfs: the lock is on the upper inode's device.
-        let other_dev = "1: FLOCK  ADVISORY  WRITE 77 00:31:5678 0 EOF\n";
-        assert_eq!(holder_in(other_dev, dev, 5678), Some(77));
-        let two = "1: FLOCK  ADVISORY  WRITE 77 00:31:5678 0 EOF\n\
-                   2: FLOCK  ADVISORY  WRITE 78 00:32:5678 0 EOF\n";
-        assert_eq!(holder_in(two, dev, 5678), None);
+        let locks = "1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 77 00:31:5678 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 0 00:2d:9 0 EOF\n\
+                     4: POSIX  ADVISORY  WRITE 9 00:2d:5678 0 EOF\n";
+        // Nothing confirmed (descriptors unreadable): the exact device and inode decide.
+        assert_eq!(holder_in(locks, dev, 5678, |_| false), Some(1234));
+        assert_eq!(holder_in(locks, dev, 42, |_| false), None);
+        // overlay: the lock shows another device, and only pid 77 really has the file.
+        assert_eq!(holder_in(locks, dev, 5678, |p| p == 77), Some(77));
+        // Two confirmed holders cannot both be right: no answer.
+        assert_eq!(holder_in(locks, dev, 5678, |p| p == 77 || p == 1234), None);
+        // POSIX locks and pids outside our namespace are never candidates.
         assert_eq!(
-            holder_in("1: POSIX ADVISORY WRITE 9 00:2d:5678 0 EOF", dev, 5678),
-            None
+            holder_in(locks, dev, 5678, |p| p == 9 || p == 0),
+            Some(1234)
         );
-        assert_eq!(holder_in("garbage\n1: FLOCK", dev, 5678), None);
+        assert_eq!(holder_in("garbage\n1: FLOCK", dev, 5678, |_| true), None);
     }
 
     #[test]
@@ -662,16 +703,18 @@ pub(crate) mod tests {
         // conflicts just like another process would.
         match LockedMap::open(&p) {
             Err(Error::InUse { holder, .. }) => {
-                // /proc/locks shows pids of our own pid namespace; in a sandbox that hides it
-                // the holder is unknown, never someone else.
-                let ino = std::fs::metadata(&p).unwrap().ino();
-                let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
-                let me = format!(" {} ", std::process::id());
-                let ours = format!(":{ino} ");
-                if locks.lines().any(|l| l.contains(&me) && l.contains(&ours)) {
-                    assert_eq!(holder, Some(std::process::id()));
+                // The holder is named by its pid as /proc shows it (in a pid namespace with an
+                // outer /proc that is not getpid()); where /proc shows our lock it must be
+                // named, elsewhere it may be unknown, never someone else.
+                let me: u32 = std::fs::read_link("/proc/self")
+                    .ok()
+                    .and_then(|l| l.to_str()?.parse().ok())
+                    .unwrap_or_else(std::process::id);
+                let meta = std::fs::metadata(&p).unwrap();
+                if holds_flock(me, meta.dev(), meta.ino()) {
+                    assert_eq!(holder, Some(me));
                 } else {
-                    assert_eq!(holder, None);
+                    assert!(holder.is_none_or(|h| h == me), "{holder:?}");
                 }
             }
             other => panic!("expected InUse, got {other:?}"),

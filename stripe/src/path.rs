@@ -160,11 +160,18 @@ fn read_stale_marks(
     extents: usize,
     replicas: usize,
 ) -> Result<Box<[AtomicBool]>, Error> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+    // At most as much as a mapping file may hold: the file sits beside one, from elsewhere.
+    let mut bytes = Vec::new();
+    match std::fs::File::open(path) {
+        Ok(f) => {
+            use std::io::Read;
+            f.take(crate::map::MAX_FILE)
+                .read_to_end(&mut bytes)
+                .map_err(|e| Error::io(path, e))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io(path, e)),
-    };
+    }
     Ok(parse_stale_marks(&bytes, extents, replicas)
         .into_iter()
         .map(AtomicBool::new)

@@ -180,11 +180,10 @@ fn verify_and_qemu_io_on_replicas_1_and_2() {
         );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
-        let holder = match flock_listed(&d.map) {
-            Some(pid) => format!("is in use by pid {pid}"),
-            None => "is in use by another process".to_owned(),
-        };
-        assert!(err.contains(&holder), "{err}");
+        let list = ok(tap_ctl(&d.rundir).args(["list", "--json"]));
+        let list: serde_json::Value = serde_json::from_str(&list).expect("list JSON");
+        let pid = list[0]["pid"].as_u64().expect("tapdisk pid") as u32;
+        assert_holder_named(&err, &d.map, pid);
     }
 }
 

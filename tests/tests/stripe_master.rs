@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use stripe::proto::{AllocArgs, RegisterArgs};
 use stripe::MasterClient;
-use tapdisk_e2e::{bin, flock_listed};
+use tapdisk_e2e::{assert_holder_named, bin};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -177,17 +177,8 @@ fn a_second_master_on_the_same_state_is_refused() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
-    let holder = match flock_listed(&state.join("lock")) {
-        Some(pid) => {
-            assert_eq!(pid, m.id());
-            format!("in use by pid {pid}")
-        }
-        None => "in use by another process".to_owned(),
-    };
-    assert!(
-        err.starts_with("parallax-master: ") && err.contains(&holder),
-        "{err}"
-    );
+    assert!(err.starts_with("parallax-master: "), "{err}");
+    assert_holder_named(&err, &state.join("lock"), m.id());
     let _ = m.kill();
     let _ = m.wait();
 }

@@ -121,6 +121,17 @@ impl XorShift {
     }
 }
 
+/// Publishes a ring (one page) and its event channel, and says Initialised, as blkfront does.
+fn publish_ring(xs: &mut Xenstore, fe: &str, ring_ref: u32, port: u32, abi: Abi) -> Result<()> {
+    xs.transaction(|xs, tx| {
+        xs.write(tx, &format!("{fe}/ring-ref"), &ring_ref.to_string())?;
+        xs.write(tx, &format!("{fe}/event-channel"), &port.to_string())?;
+        xs.write(tx, &format!("{fe}/protocol"), abi.name())?;
+        xs.write(tx, &format!("{fe}/state"), "3")
+    })?;
+    Ok(())
+}
+
 /// Sends one request of one segment and waits for its answer; its status.
 fn one_request(
     ring: &mut FrontRing,
@@ -230,12 +241,7 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
         Some(Bad::EventChannel) => (ring_pages.refs()[0], ev.port().wrapping_add(900)),
         None => (ring_pages.refs()[0], ev.port()),
     };
-    xs.transaction(|xs, tx| {
-        xs.write(tx, &format!("{fe}/ring-ref"), &ring_ref.to_string())?;
-        xs.write(tx, &format!("{fe}/event-channel"), &port.to_string())?;
-        xs.write(tx, &format!("{fe}/protocol"), abi.name())?;
-        xs.write(tx, &format!("{fe}/state"), "3")
-    })?;
+    publish_ring(xs, fe, ring_ref, port, abi)?;
     if let Some(bad) = a.bad {
         let st = wait_state(xs, &format!("{be}/state"), &["4", "5", "6"], a.timeout)?;
         let why = xs
@@ -331,15 +337,7 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
         let mut ring2 =
             unsafe { FrontRing::init(ring_pages.addr(), 1, abi) }.context("ring too small")?;
         let ev2 = Evtchn::bind_unbound(0).context("allocating an event channel")?;
-        xs.transaction(|xs, tx| {
-            xs.write(
-                tx,
-                &format!("{fe}/ring-ref"),
-                &ring_pages.refs()[0].to_string(),
-            )?;
-            xs.write(tx, &format!("{fe}/event-channel"), &ev2.port().to_string())?;
-            xs.write(tx, &format!("{fe}/state"), "3")
-        })?;
+        publish_ring(xs, fe, ring_pages.refs()[0], ev2.port(), abi)?;
         wait_state(xs, &format!("{be}/state"), &["4"], a.timeout)?;
         xs.write(Tx::NONE, &format!("{fe}/state"), "4")?;
         let w = roundtrip(&mut ring2, &ev2, op::WRITE, 1, seg(0))?;
