@@ -642,6 +642,7 @@ pub struct LocalFrontend {
     sock: UnixStream,
     spin: Duration,
     early: Option<crate::early::EarlyFront>,
+    ring_fd: OwnedFd,
     _ring_map: Mapping,
 }
 
@@ -737,6 +738,7 @@ impl LocalFrontend {
             sock,
             spin: Duration::ZERO,
             early,
+            ring_fd,
             _ring_map: ring_map,
         })
     }
@@ -914,11 +916,10 @@ impl LocalFrontend {
         Ok(())
     }
 
-    /// The address range of the shared ring pages in this process (tests let another process
-    /// scribble over them through `/proc/PID/map_files`).
-    pub fn ring_range(&self) -> std::ops::Range<usize> {
-        let start = self._ring_map.ptr().as_ptr() as usize;
-        start..start + self._ring_map.len()
+    /// A duplicate of the ring's memfd (tests hand it to another process that scribbles over
+    /// the request slots while tapdisk copies them).
+    pub fn ring_handle(&self) -> io::Result<OwnedFd> {
+        self.ring_fd.try_clone()
     }
 
     /// A duplicate of the kick eventfd, for kicks outside the ring protocol (tests of kick

@@ -700,19 +700,22 @@ fn kick_storms_cost_their_own_ring_wakeups_only() {
 
 /// Not a test on its own: the scribbler process of
 /// `slots_rewritten_while_tapdisk_copies_them_reach_nothing_unchecked`, run by it as a child of
-/// this test binary. Maps the ring named by `SCRIBBLE_MAP` (a `/proc/PID/map_files` entry) and
-/// rewrites its request slots with random words until killed.
+/// this test binary. Maps the ring memfd it inherited as descriptor `SCRIBBLE_FD` and rewrites
+/// its request slots with random words until killed.
 #[test]
 #[ignore = "helper process of another test"]
 fn scribble_helper() {
-    let Some(path) = std::env::var_os("SCRIBBLE_MAP") else {
+    let Some(fd) = std::env::var("SCRIBBLE_FD")
+        .ok()
+        .and_then(|v| v.parse::<std::os::fd::RawFd>().ok())
+    else {
         return;
     };
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
+    // SAFETY: the parent left this descriptor open across exec for us alone, and nothing else
+    // in this process owns or closes it.
+    let f = std::fs::File::from(unsafe {
+        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    });
     let len = f.metadata().unwrap().len().min(4096) as usize;
     use std::os::fd::AsRawFd;
     // SAFETY: maps `len` bytes of a shared memfd we opened; the result is checked below.
@@ -760,17 +763,18 @@ fn slots_rewritten_while_tapdisk_copies_them_reach_nothing_unchecked() {
     let mut popped = 0u64;
     for round in 0..3u64 {
         let mut f = fe(&r, Abi::X86_64);
-        let range = f.ring_range();
+        // The ring's memfd, left open across exec (the clone is close-on-exec) for the child.
+        let ring = f.ring_handle().unwrap();
+        nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&ring),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "scribble_helper", "--ignored", "--nocapture"])
             .env(
-                "SCRIBBLE_MAP",
-                format!(
-                    "/proc/{}/map_files/{:x}-{:x}",
-                    std::process::id(),
-                    range.start,
-                    range.end
-                ),
+                "SCRIBBLE_FD",
+                std::os::fd::AsRawFd::as_raw_fd(&ring).to_string(),
             )
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -813,4 +817,7 @@ fn slots_rewritten_while_tapdisk_copies_them_reach_nothing_unchecked() {
         s["ring"]["unsupported"]
     );
     assert!(popped > 100, "the race hardly ran: {popped} responses");
+    let refused =
+        s["ring"]["bad_requests"].as_u64().unwrap() + s["ring"]["unsupported"].as_u64().unwrap();
+    assert!(refused > 0, "the scribbler never reached the slots: {s}");
 }
