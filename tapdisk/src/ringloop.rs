@@ -75,6 +75,11 @@ pub trait RingTransport: Send + 'static {
     fn report_early_read_done(&self, _id: u64, _ok: bool) -> io::Result<()> {
         Ok(())
     }
+    /// Whether request memory is unmapped right after each IO (see
+    /// [`Engine::unpinned_memory_only`]).
+    fn unmaps_after_io(&self) -> bool {
+        false
+    }
 }
 
 impl RingTransport for blkif::local::LocalBackend {
@@ -157,14 +162,20 @@ pub struct RingEnv {
 }
 
 /// Builds the engine for `image` on `ring`: the driver's, then injected faults, then a model.
+/// `unmapped` says request memory is unmapped right after each IO
+/// ([`RingTransport::unmaps_after_io`]).
 pub fn make_engine(
     ring: &mut Uring,
     image: Arc<dyn Image>,
     cfg: &RingConfig,
     tags: u32,
     update: bool,
+    unmapped: bool,
 ) -> io::Result<Box<dyn Engine>> {
     let mut e: Box<dyn Engine> = image.engine(ring, tags, update)?;
+    if unmapped {
+        e.unpinned_memory_only();
+    }
     if let Some(f) = &cfg.faults {
         e = Box::new(crate::engine::fault::FaultEngine::new(e, f.clone(), tags));
     }
@@ -261,7 +272,8 @@ impl<T: RingTransport> RingLoop<T> {
         let entries = (tags * 2 + 8).next_power_of_two().min(32768);
         let mut uring = Uring::new(entries)?;
         let image = vbd.image();
-        let engine = make_engine(&mut uring, image.clone(), &cfg, tags, false)?;
+        let unmapped = t.unmaps_after_io();
+        let engine = make_engine(&mut uring, image.clone(), &cfg, tags, false, unmapped)?;
         sched.set_engine_limit(engine.max_in_flight());
         let max_batch = if cfg.max_batch == 0 {
             n
@@ -447,7 +459,15 @@ impl<T: RingTransport> RingLoop<T> {
                 let image = self.vbd.image();
                 if !std::ptr::addr_eq(Arc::as_ptr(&image), Arc::as_ptr(&self.image)) {
                     let tags = self.sched.tags();
-                    match make_engine(&mut self.uring, image.clone(), &self.cfg, tags, true) {
+                    let unmapped = self.t.unmaps_after_io();
+                    match make_engine(
+                        &mut self.uring,
+                        image.clone(),
+                        &self.cfg,
+                        tags,
+                        true,
+                        unmapped,
+                    ) {
                         Ok(e) => {
                             self.sched.set_engine_limit(e.max_in_flight());
                             if self.engine.poll_fd().is_some() {

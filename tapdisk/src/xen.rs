@@ -42,6 +42,9 @@ impl RingTransport for XenRing {
     fn hangup_fd(&self) -> Option<RawFd> {
         None
     }
+    fn unmaps_after_io(&self) -> bool {
+        self.grants.mode() == GrantMode::Map
+    }
 }
 
 /// One Xen frontend served by a VBD.

@@ -4,7 +4,9 @@
 //!
 //! - [`GrantMode::Map`]: one `IOCTL_GNTDEV_MAP_GRANT_REF` + `mmap` per request for all of its
 //!   segments (read-only for writes), `munmap` + unmap ioctl when the IO is done. The IO goes
-//!   straight into the guest's pages (O_DIRECT where aligned).
+//!   straight into the guest's pages, through the page cache: never O_DIRECT, whose page pins
+//!   can outlive the completion and keep a grant mapped past its unmap (tapdisk's
+//!   `Engine::unpinned_memory_only`).
 //! - [`GrantMode::Copy`]: no mapping; each request slot owns bounce pages, and one
 //!   `IOCTL_GNTDEV_GRANT_COPY` per request copies a write's sectors in before the IO, or a read's
 //!   sectors out after it. It trades a copy for the map/unmap (and its TLB shootdown).
@@ -97,6 +99,11 @@ fn anon_pages(pages: usize) -> io::Result<Mapping> {
 }
 
 impl XenGrants {
+    /// How request pages are reached.
+    pub fn mode(&self) -> GrantMode {
+        self.mode
+    }
+
     /// Grant access to `domid`'s pages for a ring of `slots` requests of at most `max_segs`
     /// segments each.
     pub fn new(

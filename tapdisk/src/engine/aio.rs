@@ -34,6 +34,8 @@ struct Tag {
 pub struct AioEngine {
     image: Arc<AioImage>,
     tags: Box<[Tag]>,
+    /// Never the O_DIRECT descriptor ([`Engine::unpinned_memory_only`]).
+    buffered_only: bool,
 }
 
 impl AioEngine {
@@ -63,6 +65,7 @@ impl AioEngine {
         Ok(AioEngine {
             image,
             tags: vec![idle; tags as usize].into_boxed_slice(),
+            buffered_only: false,
         })
     }
 
@@ -81,7 +84,7 @@ impl AioEngine {
     }
 
     fn choose_fd(&self, t: &Tag) -> types::Fixed {
-        if let Some((_, align)) = self.image.direct_fd() {
+        if let Some((_, align)) = self.image.direct_fd().filter(|_| !self.buffered_only) {
             let a = u64::from(align);
             let off = t.io.offset + t.done_bytes;
             let aligned = off.is_multiple_of(a)
@@ -172,6 +175,10 @@ impl AioEngine {
 }
 
 impl Engine for AioEngine {
+    fn unpinned_memory_only(&mut self) {
+        self.buffered_only = true;
+    }
+
     unsafe fn submit(
         &mut self,
         ring: &mut Uring,
@@ -229,5 +236,53 @@ impl Engine for AioEngine {
 
     fn describe(&self) -> String {
         "aio".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{DirectIo, OpenOptionsImg};
+
+    #[test]
+    fn unmapped_memory_never_gets_direct_io() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let opts = OpenOptionsImg {
+            direct: DirectIo::Auto,
+            ..Default::default()
+        };
+        let image = Arc::new(AioImage::open(&path, opts).unwrap());
+        let Some((_, align)) = image.direct_fd() else {
+            eprintln!("no O_DIRECT on /var/tmp here: nothing to check");
+            return;
+        };
+        let mut ring = Uring::new(8).unwrap();
+        let mut e = AioEngine::new(&mut ring, image, 1, false).unwrap();
+        let layout = std::alloc::Layout::from_size_align(4096, 4096.max(align as usize)).unwrap();
+        // SAFETY: a non-zero size; freed below with the same layout.
+        let buf = unsafe { std::alloc::alloc(layout) };
+        assert!(!buf.is_null());
+        let mut iov = [libc::iovec {
+            iov_base: buf.cast(),
+            iov_len: 4096,
+        }];
+        let mut t = e.tags[0];
+        t.io.iov = iov.as_mut_ptr();
+        t.io.iovcnt = 1;
+        t.io.len = 4096;
+        assert_eq!(e.choose_fd(&t).0, FILE_DIRECT, "aligned IO goes direct");
+        e.unpinned_memory_only();
+        assert_eq!(
+            e.choose_fd(&t).0,
+            FILE_BUFFERED,
+            "unless memory is unmapped after it"
+        );
+        // SAFETY: allocated above with `layout`, no longer referenced.
+        unsafe { std::alloc::dealloc(buf, layout) };
     }
 }

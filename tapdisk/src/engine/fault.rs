@@ -161,6 +161,10 @@ impl FaultEngine {
 }
 
 impl Engine for FaultEngine {
+    fn unpinned_memory_only(&mut self) {
+        self.inner.unpinned_memory_only();
+    }
+
     unsafe fn submit(
         &mut self,
         ring: &mut Uring,

@@ -194,6 +194,16 @@ pub trait Engine {
         None
     }
 
+    /// The memory of every IO is unmapped as soon as the IO completes (a Xen ring's grant
+    /// mappings): never do direct IO into it. Linux posts a direct IO's completion before it
+    /// releases its pins on the pages (iomap completes the iocb, then releases the last bio's
+    /// pages, for reads possibly later from a workqueue), and a grant unmapped while a pin is
+    /// held is not unmapped: gntdev defers it, the pages' PTEs are torn down under it (kernel
+    /// warnings in `free_zone_device_folio` and `__unmap_grant_pages_done`), and the guest,
+    /// finding its grant still in use after the response, fails the request. Buffered IO
+    /// copies in the kernel and holds no pin past the syscall. Wrappers pass this on.
+    fn unpinned_memory_only(&mut self) {}
+
     /// [`Engine::poll_fd`] was readable: report what completed into `done`.
     fn on_poll(&mut self, _ring: &mut Uring, _done: &mut Done) -> io::Result<()> {
         Ok(())

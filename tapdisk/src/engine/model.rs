@@ -255,6 +255,10 @@ impl ModelDisk {
 }
 
 impl Engine for ModelDisk {
+    fn unpinned_memory_only(&mut self) {
+        self.inner.unpinned_memory_only();
+    }
+
     unsafe fn submit(
         &mut self,
         ring: &mut Uring,
@@ -356,6 +360,10 @@ impl ModelLink {
 }
 
 impl Engine for ModelLink {
+    fn unpinned_memory_only(&mut self) {
+        self.inner.unpinned_memory_only();
+    }
+
     unsafe fn submit(
         &mut self,
         ring: &mut Uring,

@@ -345,6 +345,10 @@ impl ParallaxEngine {
 }
 
 impl Engine for ParallaxEngine {
+    fn unpinned_memory_only(&mut self) {
+        self.inner.unpinned_memory_only();
+    }
+
     unsafe fn submit(
         &mut self,
         ring: &mut Uring,
