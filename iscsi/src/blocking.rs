@@ -32,6 +32,12 @@ impl Client {
         &self.session
     }
 
+    /// The session underneath, to drive it ([`Session::wait`]) between commands in
+    /// [`crate::Drive::Inline`] mode.
+    pub fn session_mut(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
     /// The LUN commands go to.
     pub fn lun(&self) -> u16 {
         self.lun
@@ -52,21 +58,18 @@ impl Client {
             match unsafe { self.session.submit(cmd) } {
                 Ok(()) => break,
                 Err(SubmitError::Full) => {
-                    self.session
-                        .wait_completion_fd(Some(Duration::from_millis(10)));
+                    self.session.wait(Some(Duration::from_millis(10)));
                 }
                 Err(SubmitError::Invalid(e)) => return Err(e),
             }
         }
         loop {
-            self.session.clear_completion_fd();
             while let Some(c) = self.session.pop_completion() {
                 if c.tag == tag {
                     return c.result.map_err(Error::Command);
                 }
             }
-            self.session
-                .wait_completion_fd(Some(Duration::from_secs(1)));
+            self.session.wait(Some(Duration::from_secs(1)));
         }
     }
 

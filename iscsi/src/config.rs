@@ -55,6 +55,21 @@ pub struct Config {
     pub reconnect_interval: Duration,
     /// Logger for connection events (never per command).
     pub logger: slog::Logger,
+    /// Which thread drives the connection.
+    pub drive: Drive,
+}
+
+/// Which thread drives a session's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Drive {
+    /// Its own IO thread (the default): socket work runs beside the caller, on another core
+    /// where there is one, at the price of a wake-up each way per batch of commands.
+    #[default]
+    Thread,
+    /// The caller's thread, in [`crate::Session::drive`]: no hand-off between threads, so less
+    /// CPU per command; logins after a lost connection run on a helper thread so the caller
+    /// never blocks on them.
+    Inline,
 }
 
 impl Config {
@@ -74,6 +89,7 @@ impl Config {
             reconnect_timeout: Duration::from_secs(30),
             reconnect_interval: Duration::from_millis(100),
             logger: slog::Logger::root(slog::Discard, slog::o!()),
+            drive: Drive::Thread,
         }
     }
 }

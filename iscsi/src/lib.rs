@@ -124,7 +124,7 @@ pub mod session;
 pub mod text;
 
 pub use blocking::Client;
-pub use config::{Chap, Config, Url};
+pub use config::{Chap, Config, Drive, Url};
 pub use conn::{Command, Completion};
 pub use error::{Error, IoError, Result};
 pub use login::{discover, DiscoveredTarget};

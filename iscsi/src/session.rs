@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use slog::{debug, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Drive};
 use crate::conn::{Command, Completion, Conn, Stats, Wire};
 use crate::error::{Error, IoError, Result};
 use crate::login::{self, LoggedIn, SessionType};
@@ -41,6 +41,8 @@ struct Shared {
     cq: ArrayQueue<Completion>,
     sq_efd: OwnedFd,
     cq_efd: OwnedFd,
+    /// Inline mode: signalled by the login helper thread when it is done.
+    login_efd: OwnedFd,
     /// The IO thread is (about to be) asleep in poll and needs a kick.
     sleeping: AtomicBool,
     /// The caller is (about to be) asleep on the completion eventfd ([`Session::arm`]).
@@ -101,6 +103,8 @@ pub fn new_isid() -> [u8; 6] {
 pub struct Session {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// [`Drive::Inline`]: the connection, driven by [`Session::drive`].
+    inline: Option<Box<Inline>>,
     params: Params,
     depth: usize,
 }
@@ -117,6 +121,7 @@ impl Session {
             cq: ArrayQueue::new(depth),
             sq_efd: eventfd()?,
             cq_efd: eventfd()?,
+            login_efd: eventfd()?,
             sleeping: AtomicBool::new(false),
             armed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -150,15 +155,91 @@ impl Session {
             last_attempt: None,
             signalled: false,
         };
+        if cfg.drive == Drive::Inline {
+            let inline = Inline::new(io)?;
+            return Ok(Session {
+                shared,
+                thread: None,
+                inline: Some(Box::new(inline)),
+                params,
+                depth,
+            });
+        }
         let thread = std::thread::Builder::new()
             .name(format!("iscsi-{}", short_name(&cfg.target)))
             .spawn(move || io.run())?;
         Ok(Session {
             shared,
             thread: Some(thread),
+            inline: None,
             params,
             depth,
         })
+    }
+
+    /// [`Drive::Inline`]: does all the connection's work that is ready, without blocking:
+    /// sends submitted commands, reads what arrived, queues completions, answers pings, runs
+    /// timeouts and takes over a new connection when a background login succeeds. Call it
+    /// after submitting and whenever [`Session::poll_fd`] polls readable. With
+    /// [`Drive::Thread`] it only wakes the IO thread ([`Session::kick`]).
+    pub fn drive(&mut self) {
+        match self.inline.as_mut() {
+            Some(i) => i.drive(),
+            None => self.kick(),
+        }
+    }
+
+    /// Waits up to `timeout` (None: for ever) until completions are queued, driving the
+    /// connection meanwhile in [`Drive::Inline`] mode; returns at once if some are queued.
+    /// For callers without an event loop of their own (tools, tests).
+    pub fn wait(&mut self, timeout: Option<Duration>) {
+        if self.inline.is_none() {
+            self.wait_completion_fd(timeout);
+            self.clear_completion_fd();
+            return;
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            self.drive();
+            if !self.shared.cq.is_empty() {
+                return;
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) {
+                return;
+            }
+            let mut p = libc::pollfd {
+                fd: self.poll_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.map_or(-1, |d| d.as_millis().clamp(1, 60_000) as i32);
+            // SAFETY: one valid pollfd on the stack.
+            unsafe {
+                libc::poll(&mut p, 1, ms);
+            }
+        }
+    }
+
+    /// [`Drive::Inline`]: sends the commands submitted since the last call, and nothing else
+    /// (no read, no timers): the cheap call after a batch of submissions, when the caller
+    /// will poll [`Session::poll_fd`] next anyway. With [`Drive::Thread`] it wakes the IO
+    /// thread ([`Session::kick`]).
+    pub fn send(&mut self) {
+        match self.inline.as_mut() {
+            Some(i) => i.send(),
+            None => self.kick(),
+        }
+    }
+
+    /// The descriptor to poll (readable) before [`Session::drive`]: with [`Drive::Inline`] an
+    /// epoll set of the socket, a timer for keepalive and timeouts, and the login helper's
+    /// signal; with [`Drive::Thread`], [`Session::completion_fd`].
+    pub fn poll_fd(&self) -> RawFd {
+        match &self.inline {
+            Some(i) => i.epoll.as_raw_fd(),
+            None => self.completion_fd(),
+        }
     }
 
     /// Submits a command. A full queue is backpressure: reap completions and submit again.
@@ -267,12 +348,7 @@ impl Session {
 
     /// Where the connection stands.
     pub fn state(&self) -> State {
-        match self.shared.state.load(Ordering::Relaxed) {
-            0 => State::Up,
-            1 => State::Reconnecting,
-            2 => State::Down,
-            _ => State::Closed,
-        }
+        state_of(self.shared.state.load(Ordering::Relaxed))
     }
 
     /// Times the connection was re-established.
@@ -304,6 +380,10 @@ impl Session {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        if let Some(mut i) = self.inline.take() {
+            // A login helper still running sees `stop` and ends by itself.
+            i.io.shutdown();
+        }
     }
 }
 
@@ -320,6 +400,15 @@ pub enum SubmitError {
     Full,
     /// The command is malformed.
     Invalid(Error),
+}
+
+fn state_of(v: u8) -> State {
+    match v {
+        0 => State::Up,
+        1 => State::Reconnecting,
+        2 => State::Down,
+        _ => State::Closed,
+    }
 }
 
 fn short_name(target: &str) -> String {
@@ -380,6 +469,10 @@ struct IoThread {
 impl IoThread {
     fn set_state(&self, s: State) {
         self.shared.state.store(s as u8, Ordering::Relaxed);
+    }
+
+    fn state(&self) -> State {
+        state_of(self.shared.state.load(Ordering::Relaxed))
     }
 
     fn push_completion(shared: &Shared, signalled: &mut bool, c: Completion) {
@@ -649,5 +742,330 @@ impl IoThread {
         self.signalled |= sig;
         self.set_state(State::Closed);
         self.publish();
+    }
+}
+
+/// Epoll data of the socket, the timer and the login signal in an inline session's set.
+const EV_SOCK: u64 = 1;
+const EV_TIMER: u64 = 2;
+const EV_LOGIN: u64 = 3;
+
+type LoginResult = Result<(TcpStream, LoggedIn)>;
+
+/// A session driven from the caller's thread ([`Drive::Inline`]): the same [`IoThread`]
+/// state, stepped by [`Session::drive`] instead of a loop, with readiness from an epoll set
+/// the caller polls. Logins (after a lost connection) run on a helper thread.
+struct Inline {
+    io: IoThread,
+    epoll: OwnedFd,
+    timer: OwnedFd,
+    /// When the timer fires (None: disarmed).
+    timer_at: Option<Instant>,
+    /// The socket's registered events (0: not registered).
+    sock_events: u32,
+    /// The login helper, if one runs.
+    login: Option<JoinHandle<LoginResult>>,
+}
+
+fn epoll_ctl(ep: &OwnedFd, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: data };
+    // SAFETY: a live epoll descriptor we own and an event struct on the stack.
+    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Inline {
+    fn new(io: IoThread) -> io::Result<Inline> {
+        // SAFETY: plain syscalls without pointers; each result is checked and owned at once.
+        let (ep, tfd) = unsafe {
+            (
+                libc::epoll_create1(libc::EPOLL_CLOEXEC),
+                libc::timerfd_create(
+                    libc::CLOCK_MONOTONIC,
+                    libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+                ),
+            )
+        };
+        if ep < 0 || tfd < 0 {
+            let e = io::Error::last_os_error();
+            for fd in [ep, tfd] {
+                if fd >= 0 {
+                    // SAFETY: a descriptor we just created and nobody else owns.
+                    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+            return Err(e);
+        }
+        // SAFETY: fresh descriptors nobody else owns.
+        let (epoll, timer) = unsafe { (OwnedFd::from_raw_fd(ep), OwnedFd::from_raw_fd(tfd)) };
+        epoll_ctl(
+            &epoll,
+            libc::EPOLL_CTL_ADD,
+            timer.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            EV_TIMER,
+        )?;
+        epoll_ctl(
+            &epoll,
+            libc::EPOLL_CTL_ADD,
+            io.shared.login_efd.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            EV_LOGIN,
+        )?;
+        let mut i = Inline {
+            io,
+            epoll,
+            timer,
+            timer_at: None,
+            sock_events: 0,
+            login: None,
+        };
+        i.watch_socket()?;
+        Ok(i)
+    }
+
+    /// Registers (or updates) the socket's events: readable, and writable while output waits.
+    fn watch_socket(&mut self) -> io::Result<()> {
+        let Some(sock) = &self.io.sock else {
+            self.sock_events = 0;
+            return Ok(());
+        };
+        let mut want = libc::EPOLLIN as u32;
+        if self.io.conn.wants_write() {
+            want |= libc::EPOLLOUT as u32;
+        }
+        if want == self.sock_events {
+            return Ok(());
+        }
+        let op = if self.sock_events == 0 {
+            libc::EPOLL_CTL_ADD
+        } else {
+            libc::EPOLL_CTL_MOD
+        };
+        epoll_ctl(&self.epoll, op, sock.as_raw_fd(), want, EV_SOCK)?;
+        self.sock_events = want;
+        Ok(())
+    }
+
+    /// Arms the timer for `at` unless it already fires no later.
+    fn arm_timer(&mut self, at: Instant) {
+        let now = Instant::now();
+        if self.timer_at.is_some_and(|t| t > now && t <= at) {
+            return;
+        }
+        let d = at
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(d.subsec_nanos() as i32),
+            },
+        };
+        // SAFETY: a timerfd we own and a valid itimerspec on the stack.
+        unsafe {
+            libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut());
+        }
+        self.timer_at = Some(at);
+    }
+
+    /// Starts a login helper that tries until `deadline` (one attempt if it has passed).
+    fn start_login(&mut self, deadline: Instant) {
+        let cfg = self.io.cfg.clone();
+        let isid = self.io.isid;
+        let shared = self.io.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("iscsi-login-{}", short_name(&cfg.target)))
+            .spawn(move || {
+                let r = loop {
+                    match open(&cfg, isid) {
+                        Ok(x) => break Ok(x),
+                        Err(e)
+                            if Instant::now() >= deadline || shared.stop.load(Ordering::SeqCst) =>
+                        {
+                            break Err(e)
+                        }
+                        Err(_) => std::thread::sleep(
+                            cfg.reconnect_interval
+                                .min(deadline.saturating_duration_since(Instant::now())),
+                        ),
+                    }
+                };
+                efd_signal(&shared.login_efd);
+                r
+            });
+        match spawned {
+            Ok(h) => self.login = Some(h),
+            Err(e) => {
+                warn!(self.io.cfg.logger, "cannot start an iSCSI login thread"; "error" => %e);
+            }
+        }
+    }
+
+    /// The connection failed: as [`IoThread::lost`], but the logins run on a helper.
+    fn lost(&mut self, e: Error) {
+        warn!(self.io.cfg.logger, "iSCSI connection lost"; "target" => &self.io.cfg.target,
+              "error" => %e, "in_flight" => self.io.conn.busy());
+        if let Some(s) = self.io.sock.take() {
+            let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, s.as_raw_fd(), 0, 0);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        self.sock_events = 0;
+        self.io.set_state(State::Reconnecting);
+        let shared = self.io.shared.clone();
+        let mut sig = false;
+        self.io
+            .conn
+            .requeue(&mut |c| IoThread::push_completion(&shared, &mut sig, c));
+        self.io.signalled |= sig;
+        self.io.publish();
+        if self.login.is_none() {
+            self.start_login(Instant::now() + self.io.cfg.reconnect_timeout);
+        }
+    }
+
+    /// Takes the login helper's result, if it has one.
+    fn reap_login(&mut self) {
+        if !self.login.as_ref().is_some_and(|h| h.is_finished()) {
+            return;
+        }
+        efd_drain(self.io.shared.login_efd.as_raw_fd());
+        let r = match self.login.take().map(|h| h.join()) {
+            Some(Ok(r)) => r,
+            _ => Err(Error::Io(io::Error::other("login thread panicked"))),
+        };
+        let shared = self.io.shared.clone();
+        let mut sig = false;
+        match r {
+            Ok((s, l)) => {
+                self.io.conn.bind(&l);
+                self.io.sock = Some(s);
+                if let Err(e) = self.watch_socket() {
+                    self.lost(Error::Io(e));
+                    return;
+                }
+                self.io.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                self.io.set_state(State::Up);
+                info!(self.io.cfg.logger, "iSCSI session re-established";
+                      "target" => &self.io.cfg.target, "resending" => self.io.conn.busy());
+            }
+            Err(e) if self.io.state() == State::Reconnecting => {
+                warn!(self.io.cfg.logger, "iSCSI target unreachable; failing commands in flight";
+                      "target" => &self.io.cfg.target, "failed" => self.io.conn.busy(),
+                      "error" => %e);
+                self.io.set_state(State::Down);
+                self.io.last_attempt = Some(Instant::now());
+                self.io.conn.fail_all(IoError::Disconnected, &mut |c| {
+                    IoThread::push_completion(&shared, &mut sig, c)
+                });
+            }
+            Err(e) => {
+                debug!(self.io.cfg.logger, "iSCSI login attempt failed";
+                       "target" => &self.io.cfg.target, "error" => %e);
+                self.io.conn.fail_ready(IoError::Disconnected, &mut |c| {
+                    IoThread::push_completion(&shared, &mut sig, c)
+                });
+            }
+        }
+        self.io.signalled |= sig;
+        self.io.publish();
+    }
+
+    /// Sends what was submitted; nothing else (see [`Session::send`]).
+    fn send(&mut self) {
+        if self.io.sock.is_none() || self.login.is_some() {
+            return self.drive();
+        }
+        let accepted = self.io.accept();
+        if accepted == 0 && !self.io.conn.wants_write() {
+            return;
+        }
+        let Some(sock) = self.io.sock.take() else {
+            return;
+        };
+        let shared = &*self.io.shared;
+        let mut sig = false;
+        let r = self.io.conn.flush(&mut SockWire(&sock), &mut |c| {
+            IoThread::push_completion(shared, &mut sig, c)
+        });
+        self.io.signalled |= sig;
+        self.io.sock = Some(sock);
+        self.io.publish();
+        match r.and_then(|_| self.watch_socket().map_err(Error::Io)) {
+            Ok(()) => {}
+            Err(e) => self.lost(e),
+        }
+    }
+
+    fn drive(&mut self) {
+        // No epoll_wait to learn what is ready: the socket is simply read (a read that finds
+        // nothing costs what the epoll_wait would), the timer is due by the clock, and the
+        // login helper says it finished.
+        self.io.conn.wake_rx();
+        if self.timer_at.is_some_and(|t| Instant::now() >= t) {
+            efd_drain(self.timer.as_raw_fd());
+            self.timer_at = None;
+        }
+        self.reap_login();
+        // Bounded: a target that keeps the socket full cannot keep the caller here.
+        for _ in 0..8 {
+            let accepted = self.io.accept();
+            let Some(sock) = self.io.sock.take() else {
+                if self.login.is_none() && self.io.conn.busy() > 0 {
+                    let due = self
+                        .io
+                        .last_attempt
+                        .is_none_or(|t| t.elapsed() >= self.io.cfg.reconnect_interval);
+                    if due {
+                        // Down: one attempt, in the background; commands wait for it.
+                        self.io.last_attempt = Some(Instant::now());
+                        self.start_login(Instant::now());
+                    } else {
+                        let shared = self.io.shared.clone();
+                        let mut sig = false;
+                        self.io.conn.fail_ready(IoError::Disconnected, &mut |c| {
+                            IoThread::push_completion(&shared, &mut sig, c)
+                        });
+                        self.io.signalled |= sig;
+                    }
+                }
+                self.io.publish();
+                return;
+            };
+            let mut wire = SockWire(&sock);
+            let shared = &*self.io.shared;
+            let mut sig = false;
+            let mut out = |c| IoThread::push_completion(shared, &mut sig, c);
+            let conn = &mut self.io.conn;
+            let r = (|| -> Result<((usize, usize), Instant)> {
+                let w = conn.flush(&mut wire, &mut out)?;
+                let r = conn.receive(&mut wire, &mut out)?;
+                Ok(((w, r), conn.tick(Instant::now())?))
+            })();
+            self.io.signalled |= sig;
+            self.io.sock = Some(sock);
+            let ((w, r), next_tick) = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    self.io.publish();
+                    self.lost(e);
+                    return;
+                }
+            };
+            self.io.publish();
+            self.arm_timer(next_tick);
+            if accepted == 0 && w == 0 && r == 0 && !self.io.can_accept() {
+                break;
+            }
+        }
+        if let Err(e) = self.watch_socket() {
+            self.lost(Error::Io(e));
+        }
     }
 }

@@ -5,7 +5,9 @@
 use std::time::{Duration, Instant};
 
 use iscsi::lab::{Tgtd, TgtdOptions, TARGET};
-use iscsi::{scsi, Chap, Client, Command, Completion, Config, Error, IoError, Session, State};
+use iscsi::{
+    scsi, Chap, Client, Command, Completion, Config, Drive, Error, IoError, Session, State,
+};
 
 const BS: u32 = 512;
 
@@ -159,7 +161,7 @@ fn wrong_target_name_is_a_clear_error() {
 /// Writes and reads many sizes through scattered iovecs and checks the content, with the
 /// given negotiation.
 fn sizes_roundtrip(cfg: &Config, t: &Tgtd) {
-    let s = Session::connect(cfg).unwrap();
+    let mut s = Session::connect(cfg).unwrap();
     let sizes = [
         512usize,
         4096,
@@ -215,7 +217,7 @@ fn sizes_roundtrip(cfg: &Config, t: &Tgtd) {
         );
         // SAFETY: buffers live until the completion is popped below.
         unsafe { s.submit(cmd) }.unwrap();
-        let c = wait(&s, 1);
+        let c = wait(&mut s, 1);
         assert_eq!(c.result, Ok(size as u32), "write of {size}");
         assert_eq!(
             file_bytes(t, lba * 512, size),
@@ -244,7 +246,7 @@ fn sizes_roundtrip(cfg: &Config, t: &Tgtd) {
         );
         // SAFETY: buffers live until the completion is popped below.
         unsafe { s.submit(cmd) }.unwrap();
-        let c = wait(&s, 2);
+        let c = wait(&mut s, 2);
         assert_eq!(c.result, Ok(size as u32), "read of {size}");
         let back: Vec<u8> = rpieces.concat();
         assert!(back == data, "read-back content of {size} differs");
@@ -253,16 +255,15 @@ fn sizes_roundtrip(cfg: &Config, t: &Tgtd) {
     s.close();
 }
 
-fn wait(s: &Session, tag: u32) -> Completion {
+fn wait(s: &mut Session, tag: u32) -> Completion {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        s.clear_completion_fd();
         if let Some(c) = s.pop_completion() {
             assert_eq!(c.tag, tag);
             return c;
         }
         assert!(Instant::now() < deadline, "no completion for tag {tag}");
-        s.wait_completion_fd(Some(Duration::from_millis(100)));
+        s.wait(Some(Duration::from_millis(100)));
     }
 }
 
@@ -287,6 +288,14 @@ fn sizes_with_unsolicited_data_out() {
     assert!(!p.initial_r2t && p.immediate_data, "{p:?}");
     assert_eq!(p.first_burst, 131072, "{p:?}");
     drop(s);
+    sizes_roundtrip(&cfg, &t);
+}
+
+#[test]
+fn sizes_inline() {
+    let t = tgtd(TgtdOptions::default());
+    let mut cfg = t.config();
+    cfg.drive = Drive::Inline;
     sizes_roundtrip(&cfg, &t);
 }
 
@@ -320,7 +329,7 @@ fn sizes_with_digests() {
 }
 
 /// Keeps `depth` random writes then reads in flight; checks every block.
-fn many_in_flight(s: &Session, blocks_total: u64, ios: usize, depth: usize, seed: u64) {
+fn many_in_flight(s: &mut Session, blocks_total: u64, ios: usize, depth: usize, seed: u64) {
     let io_blocks = 8u64; // 4 KiB
     let slots = (blocks_total / io_blocks) as usize;
     let mut shadow: Vec<u8> = vec![0; slots]; // generation written to each 4 KiB slot
@@ -388,8 +397,7 @@ fn many_in_flight(s: &Session, blocks_total: u64, ios: usize, depth: usize, seed
             issued += 1;
             in_flight += 1;
         }
-        s.wait_completion_fd(Some(Duration::from_millis(100)));
-        s.clear_completion_fd();
+        s.wait(Some(Duration::from_millis(100)));
         while let Some(c) = s.pop_completion() {
             let tag = c.tag as usize;
             let (slot, write, gen) = busy[tag].take().expect("completion for an idle tag");
@@ -411,22 +419,48 @@ fn many_in_flight(s: &Session, blocks_total: u64, ios: usize, depth: usize, seed
 
 #[test]
 fn many_commands_in_flight() {
+    many_commands_in_flight_with(Drive::Thread);
+}
+
+#[test]
+fn many_commands_in_flight_inline() {
+    many_commands_in_flight_with(Drive::Inline);
+}
+
+fn many_commands_in_flight_with(drive: Drive) {
     let t = tgtd(TgtdOptions::default());
     let mut cfg = t.config();
+    cfg.drive = drive;
     cfg.queue_depth = 64;
-    let s = Session::connect(&cfg).unwrap();
-    many_in_flight(&s, t.size / 512, 20_000, 64, 7);
+    let mut s = Session::connect(&cfg).unwrap();
+    many_in_flight(&mut s, t.size / 512, 20_000, 64, 7);
     assert_eq!(s.state(), State::Up);
 }
 
 #[test]
 fn keepalive_pings() {
+    keepalive_pings_with(Drive::Thread);
+}
+
+#[test]
+fn keepalive_pings_inline() {
+    keepalive_pings_with(Drive::Inline);
+}
+
+fn keepalive_pings_with(drive: Drive) {
     let t = tgtd(TgtdOptions::default());
     let mut cfg = t.config();
+    cfg.drive = drive;
     cfg.nop_interval = Duration::from_millis(100);
     cfg.nop_timeout = Duration::from_millis(1000);
     let mut c = Client::connect(&cfg, 1).unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    // Idle, as a caller's event loop would be: asleep until the session needs it.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(800) {
+        c.session_mut().wait(Some(
+            Duration::from_millis(800).saturating_sub(t0.elapsed()),
+        ));
+    }
     assert!(c.session().stats().pings >= 3, "{:?}", c.session().stats());
     assert_eq!(c.session().state(), State::Up);
     assert_eq!(c.session().reconnects(), 0);
@@ -435,11 +469,21 @@ fn keepalive_pings() {
 
 #[test]
 fn target_killed_mid_io_fails_in_flight_commands() {
+    target_killed_mid_io_fails_in_flight_commands_with(Drive::Thread);
+}
+
+#[test]
+fn target_killed_mid_io_fails_in_flight_commands_inline() {
+    target_killed_mid_io_fails_in_flight_commands_with(Drive::Inline);
+}
+
+fn target_killed_mid_io_fails_in_flight_commands_with(drive: Drive) {
     let mut t = tgtd(TgtdOptions::default());
     let mut cfg = t.config();
+    cfg.drive = drive;
     cfg.reconnect_timeout = Duration::from_millis(1500);
     cfg.login_timeout = Duration::from_millis(500);
-    let s = Session::connect(&cfg).unwrap();
+    let mut s = Session::connect(&cfg).unwrap();
     let buf = vec![0x5au8; 1 << 20];
     let iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut _,
@@ -466,8 +510,7 @@ fn target_killed_mid_io_fails_in_flight_commands() {
             start.elapsed() < Duration::from_secs(10),
             "hung after the target died"
         );
-        s.wait_completion_fd(Some(Duration::from_millis(100)));
-        s.clear_completion_fd();
+        s.wait(Some(Duration::from_millis(100)));
         while let Some(c) = s.pop_completion() {
             got += 1;
             if c.result == Err(IoError::Disconnected) {
@@ -487,7 +530,7 @@ fn target_killed_mid_io_fails_in_flight_commands() {
     // SAFETY: c2 lives until the completion is popped.
     unsafe { s.submit(Command::read(99, 1, scsi::read16(0, 1), 512, &iov2, 1)) }.unwrap();
     let t0 = Instant::now();
-    let c = wait(&s, 99);
+    let c = wait(&mut s, 99);
     assert_eq!(c.result, Err(IoError::Disconnected));
     assert!(t0.elapsed() < Duration::from_secs(2));
     // The server comes back: IO resumes.
@@ -495,7 +538,7 @@ fn target_killed_mid_io_fails_in_flight_commands() {
     std::thread::sleep(cfg.reconnect_interval);
     // SAFETY: as above.
     unsafe { s.submit(Command::read(100, 1, scsi::read16(0, 1), 512, &iov2, 1)) }.unwrap();
-    let c = wait(&s, 100);
+    let c = wait(&mut s, 100);
     assert_eq!(c.result, Ok(512));
     assert_eq!(s.state(), State::Up);
     let _ = &mut c2;
@@ -503,11 +546,21 @@ fn target_killed_mid_io_fails_in_flight_commands() {
 
 #[test]
 fn target_restarted_mid_io_retries_in_flight_commands() {
+    target_restarted_mid_io_retries_in_flight_commands_with(Drive::Thread);
+}
+
+#[test]
+fn target_restarted_mid_io_retries_in_flight_commands_inline() {
+    target_restarted_mid_io_retries_in_flight_commands_with(Drive::Inline);
+}
+
+fn target_restarted_mid_io_retries_in_flight_commands_with(drive: Drive) {
     let mut t = tgtd(TgtdOptions::default());
     let mut cfg = t.config();
+    cfg.drive = drive;
     cfg.reconnect_timeout = Duration::from_secs(10);
     cfg.queue_depth = 32;
-    let s = Session::connect(&cfg).unwrap();
+    let mut s = Session::connect(&cfg).unwrap();
     let n = 32u32;
     let size = 256 * 1024;
     let bufs: Vec<Vec<u8>> = (0..n).map(|i| pattern(u64::from(i) + 100, size)).collect();
@@ -541,8 +594,7 @@ fn target_restarted_mid_io_retries_in_flight_commands() {
             start.elapsed() < Duration::from_secs(20),
             "hung after the restart"
         );
-        s.wait_completion_fd(Some(Duration::from_millis(100)));
-        s.clear_completion_fd();
+        s.wait(Some(Duration::from_millis(100)));
         while let Some(c) = s.pop_completion() {
             assert_eq!(c.result, Ok(size as u32), "tag {}", c.tag);
             got += 1;
@@ -560,13 +612,23 @@ fn target_restarted_mid_io_retries_in_flight_commands() {
 
 #[test]
 fn hung_target_fails_commands_and_recovers() {
+    hung_target_fails_commands_and_recovers_with(Drive::Thread);
+}
+
+#[test]
+fn hung_target_fails_commands_and_recovers_inline() {
+    hung_target_fails_commands_and_recovers_with(Drive::Inline);
+}
+
+fn hung_target_fails_commands_and_recovers_with(drive: Drive) {
     let t = tgtd(TgtdOptions::default());
     let mut cfg = t.config();
+    cfg.drive = drive;
     cfg.command_timeout = Duration::from_millis(600);
     cfg.nop_interval = Duration::from_secs(60); // the command timeout must catch it
     cfg.login_timeout = Duration::from_millis(300);
     cfg.reconnect_timeout = Duration::from_millis(800);
-    let s = Session::connect(&cfg).unwrap();
+    let mut s = Session::connect(&cfg).unwrap();
     let mut buf = vec![0u8; 4096];
     let iov = libc::iovec {
         iov_base: buf.as_mut_ptr() as *mut _,
@@ -576,7 +638,7 @@ fn hung_target_fails_commands_and_recovers() {
     let t0 = Instant::now();
     // SAFETY: `buf` lives until the completion is popped.
     unsafe { s.submit(Command::read(1, 1, scsi::read16(0, 8), 4096, &iov, 1)) }.unwrap();
-    let c = wait(&s, 1);
+    let c = wait(&mut s, 1);
     t.signal(libc::SIGCONT);
     assert_eq!(c.result, Err(IoError::Disconnected));
     assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
@@ -586,7 +648,7 @@ fn hung_target_fails_commands_and_recovers() {
     loop {
         // SAFETY: as above.
         unsafe { s.submit(Command::read(2, 1, scsi::read16(0, 8), 4096, &iov, 1)) }.unwrap();
-        if wait(&s, 2).result == Ok(4096) {
+        if wait(&mut s, 2).result == Ok(4096) {
             break;
         }
         assert!(Instant::now() < deadline, "IO did not resume after SIGCONT");

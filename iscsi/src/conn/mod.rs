@@ -333,9 +333,17 @@ pub struct Conn {
     /// The last read came back short: the socket is probably empty, so skip reading until the
     /// owner's poll says it is readable ([`Conn::wake_rx`]). Saves an EAGAIN read per loop.
     rx_idle: bool,
+    /// How much to read into the staging buffer when a header comes next: all it holds after
+    /// a small PDU (several small PDUs per read), only a header (and its digest) after a
+    /// large one, so the next large payload is read straight into its buffer, not through
+    /// the staging buffer and a copy.
+    rx_ahead: usize,
     /// Counters.
     pub stats: Stats,
 }
+
+/// A Data-In payload at least this long predicts another: read only a header after it.
+const BIG_PDU: usize = 16 * 1024;
 
 // SAFETY: the raw pointers inside (iovec batches and scratch lists) point into buffers the
 // Conn owns or into submitted commands' buffers, which the submitter handed over to whichever
@@ -406,6 +414,7 @@ impl Conn {
             next_epoch: Instant::now(),
             epoch_len: Duration::from_secs(15),
             rx_idle: false,
+            rx_ahead: STAGE,
             stats: Stats::default(),
         }
     }

@@ -39,7 +39,7 @@ impl Conn {
         }
         let v = [libc::iovec {
             iov_base: self.stage[self.end..].as_mut_ptr() as *mut libc::c_void,
-            iov_len: STAGE - self.end,
+            iov_len: (STAGE - self.end).min(self.rx_ahead),
         }];
         // SAFETY: the entry covers the free tail of the staging buffer, owned by self.
         match unsafe { wire.readv(&v) } {
@@ -147,6 +147,11 @@ impl Conn {
         };
         let len = hdr.data_len;
         let tail_len = pdu::data_wire_len(len, self.limits.data_digest) - len as usize;
+        self.rx_ahead = if len as usize >= BIG_PDU {
+            pdu::BHS_LEN + if self.limits.header_digest { 4 } else { 0 }
+        } else {
+            STAGE
+        };
         // First what the staging buffer already holds.
         let avail = self.end - self.start;
         if avail > 0 && got < len {
@@ -200,7 +205,7 @@ impl Conn {
             }
             sc.push(libc::iovec {
                 iov_base: self.stage.as_mut_ptr() as *mut libc::c_void,
-                iov_len: STAGE,
+                iov_len: self.rx_ahead,
             });
             // SAFETY: the entries cover the active command's buffers at offsets validated
             // against its length (valid for writes until its completion, by the submission
