@@ -293,6 +293,11 @@ impl Session {
         self.shared.cq.pop()
     }
 
+    /// Whether completions are queued.
+    pub fn has_completions(&self) -> bool {
+        !self.shared.cq.is_empty()
+    }
+
     /// An eventfd that becomes readable when completions are queued while the caller is
     /// [armed](Session::arm). The protocol of a caller's event loop: pop completions until none
     /// is left; call `arm()`; if it returns false, completions arrived meanwhile: pop again;
@@ -765,6 +770,8 @@ struct Inline {
     sock_events: u32,
     /// The login helper, if one runs.
     login: Option<JoinHandle<LoginResult>>,
+    /// The login eventfd was signalled to bring the caller back (a bounded drive).
+    woken: bool,
 }
 
 fn epoll_ctl(ep: &OwnedFd, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
@@ -821,6 +828,7 @@ impl Inline {
             timer_at: None,
             sock_events: 0,
             login: None,
+            woken: false,
         };
         i.watch_socket()?;
         Ok(i)
@@ -1013,8 +1021,19 @@ impl Inline {
             self.timer_at = None;
         }
         self.reap_login();
-        // Bounded: a target that keeps the socket full cannot keep the caller here.
-        for _ in 0..8 {
+        if std::mem::take(&mut self.woken) {
+            efd_drain(self.io.shared.login_efd.as_raw_fd());
+        }
+        // Bounded: a target that keeps the socket full cannot keep the caller here; when the
+        // bound is reached the set is made readable again so the caller comes back.
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            if rounds > 64 {
+                efd_signal(&self.io.shared.login_efd);
+                self.woken = true;
+                break;
+            }
             let accepted = self.io.accept();
             let Some(sock) = self.io.sock.take() else {
                 if self.login.is_none() && self.io.conn.busy() > 0 {

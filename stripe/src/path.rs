@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use iscsi::Drive;
 use iscsi::{scsi, Command, Config, IoError, Session, State, SubmitError};
 
 use crate::map::{Geometry, LockedMap, StripeMap};
@@ -70,6 +71,10 @@ pub struct Options {
     pub command_timeout: Duration,
     /// Logger (connection events, stale marks; never per IO).
     pub logger: slog::Logger,
+    /// Which thread drives each server's connection: an IO thread per server (the default:
+    /// servers' socket work in parallel on other cores) or the event loop's own thread
+    /// ([`Drive::Inline`]: no hand-off between threads, less CPU per command).
+    pub drive: Drive,
 }
 
 impl Default for Options {
@@ -79,6 +84,7 @@ impl Default for Options {
             reconnect_timeout: Duration::from_secs(5),
             command_timeout: Duration::from_secs(30),
             logger: slog::Logger::root(slog::Discard, slog::o!()),
+            drive: Drive::Thread,
         }
     }
 }
@@ -482,8 +488,24 @@ pub struct Striper {
     cmds: Vec<Cmd>,
     free: Vec<u32>,
     epoll: OwnedFd,
+    /// In the epoll set: signalled when inline sessions queued completions outside
+    /// [`Striper::poll`] (nothing else would make the set readable for them).
+    pending: OwnedFd,
     done: Vec<(u32, i32)>,
     stale_marks: Vec<(u32, u32)>,
+}
+
+/// Epoll data of [`Striper::pending`] (servers are numbered from 0).
+const PENDING: u64 = u64::MAX;
+
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall without pointers.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 // SAFETY: the raw iovec pointers in the scratch vectors point into memory the caller of
@@ -525,10 +547,13 @@ impl Striper {
             cmds: Vec::new(),
             free: Vec::new(),
             epoll: epoll_new().map_err(|e| Error::io(Path::new("epoll"), e))?,
+            pending: eventfd().map_err(|e| Error::io(Path::new("eventfd"), e))?,
             done: Vec::with_capacity(tags as usize),
             stale_marks: Vec::new(),
             disk,
         };
+        epoll_add(s.epoll.as_raw_fd(), s.pending.as_raw_fd(), PENDING)
+            .map_err(|e| Error::io(Path::new("epoll"), e))?;
         let map = s.disk.map();
         s.resolve(&map)?;
         // Preallocate command slots for the common case (pieces of every stripe, replicas).
@@ -574,12 +599,15 @@ impl Striper {
         cfg.command_timeout = o.command_timeout;
         cfg.login_timeout = Duration::from_secs(5);
         cfg.logger = o.logger.clone();
+        cfg.drive = o.drive;
         let session = Session::connect(&cfg)
             .map_err(|e| Error::Master(format!("server {portal} target {target}: {e}")))?;
         let i = self.servers.len();
-        epoll_add(self.epoll.as_raw_fd(), session.completion_fd(), i as u64)
+        epoll_add(self.epoll.as_raw_fd(), session.poll_fd(), i as u64)
             .map_err(|e| Error::io(Path::new("epoll"), e))?;
-        session.arm();
+        if o.drive == Drive::Thread {
+            session.arm();
+        }
         let stats = self.disk.server_stats(portal, target);
         stats.state.store(State::Up as u8, Ordering::Relaxed);
         self.servers.push(Server {
@@ -675,8 +703,21 @@ impl Striper {
             let c = self.reqs[tag as usize].cmds[k];
             self.send(c);
         }
-        for s in &self.servers {
-            s.session.kick();
+        self.send_all();
+    }
+
+    /// Sends what was submitted to every server (wakes their IO threads, or writes inline).
+    fn send_all(&mut self) {
+        let mut queued = false;
+        for s in &mut self.servers {
+            s.session.send();
+            queued |= self.disk.opts.drive == Drive::Inline && s.session.has_completions();
+        }
+        if queued {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to our eventfd; failure (overflow) means
+            // it is signalled already.
+            unsafe { libc::write(self.pending.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
     }
 
@@ -938,7 +979,6 @@ impl Striper {
                 }
             }
         }
-        self.servers[si].session.kick();
     }
 
     /// Collects completions from every server (call when [`Striper::poll_fd`] is readable,
@@ -953,13 +993,23 @@ impl Striper {
                 break;
             }
         }
+        let inline = self.disk.opts.drive == Drive::Inline;
+        if inline {
+            let mut v: u64 = 0;
+            // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
+            unsafe { libc::read(self.pending.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        }
         for si in 0..self.servers.len() {
-            self.servers[si].session.clear_completion_fd();
+            if inline {
+                self.servers[si].session.drive();
+            } else {
+                self.servers[si].session.clear_completion_fd();
+            }
             loop {
                 while let Some(c) = self.servers[si].session.pop_completion() {
                     self.on_completion(si, c.tag, c.result);
                 }
-                if self.servers[si].session.arm() {
+                if inline || self.servers[si].session.arm() {
                     break;
                 }
             }
@@ -978,6 +1028,8 @@ impl Striper {
                 self.drain_backlog(si);
             }
         }
+        // Retries and backlog submitted while handling completions.
+        self.send_all();
     }
 
     fn on_completion(&mut self, si: usize, ci: u32, result: Result<u32, IoError>) {

@@ -190,6 +190,8 @@ pub struct OpenOptionsImg {
     /// Metadata cache slots of a Parallax image (0: the driver's default, 128). An image
     /// already open in this process for another volume keeps its cache.
     pub cache_slots: u32,
+    /// A `stripe:` image's iSCSI connections are driven inline by the event loops.
+    pub iscsi_inline: bool,
 }
 
 /// A raw file or block device.

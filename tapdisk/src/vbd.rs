@@ -355,6 +355,7 @@ impl Vbd {
                 read_only: opts.read_only,
                 direct: opts.direct,
                 cache_slots: opts.cache_slots,
+                iscsi_inline: opts.iscsi_inline,
             },
             &log.new(o!("minor" => minor)),
         )?;
@@ -588,6 +589,7 @@ impl Vbd {
                     read_only: self.opts.read_only,
                     direct: self.opts.direct,
                     cache_slots: self.opts.cache_slots,
+                    iscsi_inline: self.opts.iscsi_inline,
                 },
                 &self.log,
             )?;

@@ -58,6 +58,18 @@ struct Disk {
 
 impl Disk {
     fn create(dir: &Path, master: &str, name: &str, stripes: u32, replicas: u32) -> Disk {
+        Disk::create_with(dir, master, name, stripes, replicas, &[])
+    }
+
+    /// As `create`, with more `tap-ctl create` arguments.
+    fn create_with(
+        dir: &Path,
+        master: &str,
+        name: &str,
+        stripes: u32,
+        replicas: u32,
+        extra: &[&str],
+    ) -> Disk {
         let map = dir.join(format!("{name}.map"));
         let out = ok(Command::new(bin("stripe-img"))
             .args([
@@ -79,7 +91,8 @@ impl Disk {
             .args(["create", "-a"])
             .arg(format!("stripe:{}", map.display()))
             .arg("--nbd")
-            .arg(format!("unix:{}", nbd.display())));
+            .arg(format!("unix:{}", nbd.display()))
+            .args(extra));
         Disk {
             device: PathBuf::from(out.trim()),
             rundir,
@@ -94,6 +107,18 @@ impl Disk {
                 .args(["verify", "--device"])
                 .arg(&self.device)
                 .args(["--requests", &requests.to_string()])
+                .args(extra),
+            limit,
+        )
+    }
+
+    /// A verify run of `time` (so it outlasts a server's restart).
+    fn verify_for(&self, time: &str, extra: &[&str], limit: Duration) -> Output {
+        run_limited(
+            Command::new(bin("td-bench"))
+                .args(["verify", "--device"])
+                .arg(&self.device)
+                .args(["--duration", time])
                 .args(extra),
             limit,
         )
@@ -205,8 +230,9 @@ fn killing_a_server_with_replicas_2_fails_no_request() {
     };
     let d = Disk::create(dir.path(), &master, "r2", 2, 2);
     // Down for longer than the reconnect timeout (5 s): writes go on with one replica.
+    // Down from 1 s to 8 s: the run goes on until 11 s, so its ring sees the server return.
     let t = kill_during(&lan, Duration::from_secs(7));
-    let out = d.verify(20000, &["--iodepth", "16"], Duration::from_secs(60));
+    let out = d.verify_for("11s", &["--iodepth", "16"], Duration::from_secs(60));
     t.join().unwrap();
     let text = passed(&out);
     eprintln!("{text}");
@@ -264,5 +290,54 @@ fn killing_a_server_with_replicas_1_gives_errors_then_resumes() {
             String::from_utf8_lossy(&out.stdout)
         );
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn inline_driven_sessions_verify_and_ride_out_a_server_restart() {
+    let Some((dir, lan, master)) = setup(4, 2) else {
+        return;
+    };
+    let d = Disk::create_with(dir.path(), &master, "inl", 2, 2, &["--iscsi-inline"]);
+    // tapdisk has no iSCSI IO threads: the ring loop drives both servers' sockets.
+    let list = ok(tap_ctl(&d.rundir).args(["list", "--json"]));
+    let list: serde_json::Value = serde_json::from_str(&list).expect("list JSON");
+    let pid = list[0]["pid"].as_u64().expect("tapdisk pid");
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|c| c.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !names.is_empty() {
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.starts_with("iscsi-") && !n.starts_with("iscsi-login")),
+            "IO threads in inline mode: {names:?}"
+        );
+    }
+    passed(&d.verify(3000, &[], Duration::from_secs(60)));
+    // Down from 1 s to 8 s: the run goes on until 11 s, so its ring sees the server return.
+    let t = kill_during(&lan, Duration::from_secs(7));
+    let out = d.verify_for("11s", &["--iodepth", "16"], Duration::from_secs(60));
+    t.join().unwrap();
+    eprintln!("{}", passed(&out));
+    let s = d.stats();
+    assert_eq!(s["ring"]["read"]["errors"], 0, "{s}");
+    assert_eq!(s["ring"]["write"]["errors"], 0, "{s}");
+    let before = s["driver"]["servers"][1]["ios"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        passed(&d.verify(2000, &[], Duration::from_secs(30)));
+        let s = d.stats();
+        let sv = &s["driver"]["servers"][1];
+        if sv["state"] == "up" && sv["ios"].as_u64().unwrap() > before {
+            assert!(sv["reconnects"].as_u64().unwrap() >= 1, "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "server 2 did not come back: {s}");
     }
 }

@@ -52,6 +52,9 @@ pub struct VbdOptions {
     pub poll_us: u32,
     /// Metadata cache slots of a `parallax:` image (0: the driver's default, 128).
     pub cache_slots: u32,
+    /// A `stripe:` image's iSCSI connections are driven by each ring loop's own thread
+    /// instead of one IO thread per server (see `iscsi::Drive`).
+    pub iscsi_inline: bool,
 }
 
 impl Default for VbdOptions {
@@ -74,6 +77,7 @@ impl Default for VbdOptions {
             nbd: None,
             poll_us: 0,
             cache_slots: 0,
+            iscsi_inline: false,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use stripe::path::{Disk, Op, Options, Striper, SyncStriper};
+use stripe::path::{Disk, Drive, Op, Options, Striper, SyncStriper};
 
 use super::{BackendIo, Done, Engine, IoOp, Uring};
 use crate::image::{BlockTarget, Driver, Image, ImageSpec, OpenOptionsImg};
@@ -40,6 +40,11 @@ impl StripeImage {
     pub fn open(path: &Path, opts: OpenOptionsImg, log: &slog::Logger) -> io::Result<StripeImage> {
         let o = Options {
             logger: log.new(slog::o!("map" => path.display().to_string())),
+            drive: if opts.iscsi_inline {
+                Drive::Inline
+            } else {
+                Drive::Thread
+            },
             ..Options::default()
         };
         let disk = Disk::open(path, o).map_err(to_io)?;

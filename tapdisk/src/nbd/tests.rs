@@ -65,7 +65,7 @@ fn start_unix(img: &Path, sock: &Path, read_only: bool) -> NbdServer {
     let opts = OpenOptionsImg {
         read_only,
         direct: crate::image::DirectIo::Off,
-        cache_slots: 0,
+        ..Default::default()
     };
     let target = Arc::new(AioImage::open(img, opts).expect("open image"));
     NbdServer::start(
