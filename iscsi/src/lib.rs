@@ -99,6 +99,19 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! ## Inline: no IO thread
+//!
+//! With [`Config::drive`] set to [`Drive::Inline`] there is no IO thread: the same queues and
+//! the same connection state are stepped on the caller's thread. The caller polls
+//! [`Session::poll_fd`] (an epoll set of the socket, a timerfd for keepalive and command
+//! timeouts, and an eventfd of the login helper) and calls [`Session::drive`] when it is
+//! readable, and [`Session::send`] after a batch of submissions; completions are popped as
+//! above. A lost connection is logged into again on a short-lived helper thread, so the
+//! caller never blocks on a login; the reconnect and retry rules are the same. A 4 KiB QD32
+//! random read stream costs three syscalls per command here (poll, readv, writev) and no
+//! wake-up of another thread; the `stripe:` driver offers it as `--iscsi-inline`.
+//! [`Session::wait`] is the loop for callers without an event loop of their own.
+//!
 //! [`Client`] is a blocking wrapper (one command at a time, plain slices) for tools and tests.
 //!
 //! # Safety of input
