@@ -5,6 +5,12 @@
 //! `tests/storage-lan/iscsi-rw.c` (embedded in this binary) against libiscsi with gcc, and for
 //! each workload runs iscsi-rw and then our initiator for the same time, `--repeat` times
 //! (alternating which goes first), printing medians and the ratio ours/libiscsi.
+//!
+//! Both initiators move data through one buffer per request slot (queue depth buffers), as a
+//! disk backend does with guest memory: iscsi-rw runs with `-i`, handing libiscsi each read's
+//! buffer with `scsi_task_set_iov_in` as QEMU's block/iscsi.c does. `--libiscsi-own-buffers`
+//! lets libiscsi allocate (and free) each read's data instead, so its copies land in memory
+//! still warm in the cache, and its writes share one buffer.
 
 use std::path::{Path, PathBuf};
 use std::process::Command as Proc;
@@ -55,6 +61,10 @@ struct Args {
     /// single-threaded event loop like iscsi-rw) or `thread` (the session's IO thread).
     #[arg(long, default_value = "inline", value_parser = parse_drive)]
     drive: Drive,
+    /// Run iscsi-rw without `-i`: libiscsi allocates each read's data itself (freed at once,
+    /// so the next read reuses cache-warm memory) and all writes send one shared buffer.
+    #[arg(long)]
+    libiscsi_own_buffers: bool,
 }
 
 fn parse_drive(s: &str) -> std::result::Result<Drive, String> {
@@ -146,11 +156,16 @@ fn bench(a: &Args, workdir: &Path) -> Result<()> {
         (cap.blocks, cap.block_size)
     };
     println!(
-        "iscsi-bench: {url_s}: {} MiB, {bsz}-byte blocks; {} s per run, {} runs each (median); ours driven {}",
+        "iscsi-bench: {url_s}: {} MiB, {bsz}-byte blocks; {} s per run, {} runs each (median); ours driven {}; libiscsi {}",
         (blocks * u64::from(bsz)) >> 20,
         a.runtime,
         a.repeat,
-        if a.drive == Drive::Inline { "inline" } else { "by its IO thread" }
+        if a.drive == Drive::Inline { "inline" } else { "by its IO thread" },
+        if a.libiscsi_own_buffers {
+            "allocating its own read buffers"
+        } else {
+            "into a buffer per request slot"
+        }
     );
     let all = [
         Workload {
@@ -201,11 +216,23 @@ fn bench(a: &Args, workdir: &Path) -> Result<()> {
                     cpu_us: f64::NAN,
                 });
             } else if k % 2 == 0 {
-                theirs.push(run_libiscsi(&rw, &url_s, w, a.runtime)?);
+                theirs.push(run_libiscsi(
+                    &rw,
+                    &url_s,
+                    w,
+                    a.runtime,
+                    !a.libiscsi_own_buffers,
+                )?);
                 ours.push(run_ours(&cfg, url.lun, w, a.runtime, blocks, bsz)?);
             } else {
                 ours.push(run_ours(&cfg, url.lun, w, a.runtime, blocks, bsz)?);
-                theirs.push(run_libiscsi(&rw, &url_s, w, a.runtime)?);
+                theirs.push(run_libiscsi(
+                    &rw,
+                    &url_s,
+                    w,
+                    a.runtime,
+                    !a.libiscsi_own_buffers,
+                )?);
             }
         }
         let t = median(&theirs);
@@ -268,8 +295,11 @@ fn compile_iscsi_rw(dir: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn run_libiscsi(rw: &Path, url: &str, w: &Workload, secs: u64) -> Result<Sample> {
+fn run_libiscsi(rw: &Path, url: &str, w: &Workload, secs: u64, slots: bool) -> Result<Sample> {
     let mut cmd = Proc::new(rw);
+    if slots {
+        cmd.arg("-i");
+    }
     if w.write {
         cmd.arg("-w");
     }
@@ -334,9 +364,13 @@ fn run_ours(
     let inline = cfg.drive == Drive::Inline;
     let qd = w.qd as usize;
     let nb = w.bs / bsz;
-    let mut bufs: Vec<Vec<u8>> = (0..qd).map(|_| vec![0x5au8; w.bs as usize]).collect();
-    let iovs: Vec<libc::iovec> = bufs
-        .iter_mut()
+    // One page-aligned buffer per request slot, as a backend's guest pages are (and as
+    // iscsi-rw's aligned_alloc buffers are).
+    let bs = w.bs as usize;
+    let mut arena = vec![0x5au8; qd * bs + 4096];
+    let start = arena.as_ptr().align_offset(4096);
+    let iovs: Vec<libc::iovec> = arena[start..start + qd * bs]
+        .chunks_exact_mut(bs)
         .map(|b| libc::iovec {
             iov_base: b.as_mut_ptr().cast(),
             iov_len: b.len(),
@@ -374,7 +408,7 @@ fn run_ours(
         }
     };
     let submit = |s: &Session, c: Command| -> Result<()> {
-        // SAFETY: `bufs`/`iovs` outlive the session (dropped at the end of this function,
+        // SAFETY: `arena`/`iovs` outlive the session (dropped at the end of this function,
         // after every completion has been popped or the session is closed).
         match unsafe { s.submit_quiet(c) } {
             Ok(()) => Ok(()),
@@ -429,7 +463,7 @@ fn run_ours(
     let el = start.elapsed().as_secs_f64();
     let cpu = cpu_seconds(libc::RUSAGE_SELF) - cpu0;
     s.close();
-    drop(bufs);
+    drop(arena);
     Ok(Sample {
         mbps: done as f64 * f64::from(w.bs) / el / 1e6,
         iops: done as f64 / el,
