@@ -215,24 +215,16 @@ fn bench(a: &Args, workdir: &Path) -> Result<()> {
                     iops: f64::NAN,
                     cpu_us: f64::NAN,
                 });
-            } else if k % 2 == 0 {
-                theirs.push(run_libiscsi(
-                    &rw,
-                    &url_s,
-                    w,
-                    a.runtime,
-                    !a.libiscsi_own_buffers,
-                )?);
-                ours.push(run_ours(&cfg, url.lun, w, a.runtime, blocks, bsz)?);
             } else {
-                ours.push(run_ours(&cfg, url.lun, w, a.runtime, blocks, bsz)?);
-                theirs.push(run_libiscsi(
-                    &rw,
-                    &url_s,
-                    w,
-                    a.runtime,
-                    !a.libiscsi_own_buffers,
-                )?);
+                let slots = !a.libiscsi_own_buffers;
+                // Alternating which goes first.
+                if k % 2 == 1 {
+                    ours.push(run_ours(&cfg, url.lun, w, a.runtime, blocks, bsz)?);
+                }
+                theirs.push(run_libiscsi(&rw, &url_s, w, a.runtime, slots)?);
+                if k % 2 == 0 {
+                    ours.push(run_ours(&cfg, url.lun, w, a.runtime, blocks, bsz)?);
+                }
             }
         }
         let t = median(&theirs);
