@@ -223,7 +223,8 @@ impl Session {
 
     /// [`Drive::Inline`]: sends the commands submitted since the last call, and nothing else
     /// (no read, no timers): the cheap call after a batch of submissions, when the caller
-    /// will poll [`Session::poll_fd`] next anyway. With [`Drive::Thread`] it wakes the IO
+    /// will poll [`Session::poll_fd`] next anyway. Commands it fails at once (connection
+    /// down) make [`Session::poll_fd`] readable. With [`Drive::Thread`] it wakes the IO
     /// thread ([`Session::kick`]).
     pub fn send(&mut self) {
         match self.inline.as_mut() {
@@ -291,11 +292,6 @@ impl Session {
     /// The next completion, if any.
     pub fn pop_completion(&self) -> Option<Completion> {
         self.shared.cq.pop()
-    }
-
-    /// Whether completions are queued.
-    pub fn has_completions(&self) -> bool {
-        !self.shared.cq.is_empty()
     }
 
     /// An eventfd that becomes readable when completions are queued while the caller is
@@ -488,6 +484,89 @@ impl IoThread {
         *signalled = true;
     }
 
+    /// Runs `f` on the connection with an output that queues its completions (the caller is
+    /// signalled at the next [`IoThread::publish`]).
+    fn emit<R>(&mut self, f: impl FnOnce(&mut Conn, &mut dyn FnMut(Completion)) -> R) -> R {
+        let shared = &*self.shared;
+        let mut sig = false;
+        let r = f(&mut self.conn, &mut |c| {
+            Self::push_completion(shared, &mut sig, c)
+        });
+        self.signalled |= sig;
+        r
+    }
+
+    /// One round on a live connection: send what is queued, read what arrived, run the
+    /// timers. Returns what was written and read and when the timers are next due.
+    fn exchange(&mut self, sock: &TcpStream) -> Result<((usize, usize), Instant)> {
+        let mut wire = SockWire(sock);
+        self.emit(|conn, mut out| -> Result<((usize, usize), Instant)> {
+            let w = conn.flush(&mut wire, &mut out)?;
+            let r = conn.receive(&mut wire, &mut out)?;
+            Ok(((w, r), conn.tick(Instant::now())?))
+        })
+    }
+
+    /// Down with commands waiting: whether a login attempt is due (at most one per reconnect
+    /// interval); if so, the attempt is stamped now.
+    fn login_due(&mut self) -> bool {
+        let due = self
+            .last_attempt
+            .is_none_or(|t| t.elapsed() >= self.cfg.reconnect_interval);
+        if due {
+            self.last_attempt = Some(Instant::now());
+        }
+        due
+    }
+
+    /// Fails the commands waiting to be sent (Down, between login attempts).
+    fn fail_ready(&mut self) {
+        self.emit(|c, mut out| c.fail_ready(IoError::Disconnected, &mut out));
+    }
+
+    /// Takes a login's outcome: binds the new connection (in-flight commands are resent), or
+    /// logs the failure and returns it.
+    fn adopt(&mut self, r: LoginResult) -> Result<()> {
+        match r {
+            Ok((s, l)) => {
+                self.conn.bind(&l);
+                self.sock = Some(s);
+                self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                self.set_state(State::Up);
+                info!(self.cfg.logger, "iSCSI session re-established"; "target" => &self.cfg.target,
+                      "resending" => self.conn.busy());
+                Ok(())
+            }
+            Err(e) => {
+                debug!(self.cfg.logger, "iSCSI login attempt failed"; "target" => &self.cfg.target, "error" => %e);
+                Err(e)
+            }
+        }
+    }
+
+    /// The connection failed: drop it (Reconnecting) and requeue what was in flight.
+    fn drop_connection(&mut self, e: &Error) {
+        warn!(self.cfg.logger, "iSCSI connection lost"; "target" => &self.cfg.target, "error" => %e,
+              "in_flight" => self.conn.busy());
+        if let Some(s) = self.sock.take() {
+            // Closing it also takes it out of an inline session's epoll set.
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        self.set_state(State::Reconnecting);
+        self.emit(|c, mut out| c.requeue(&mut out));
+        self.publish();
+    }
+
+    /// No login succeeded before the reconnect timeout: fail everything and go Down.
+    fn give_up(&mut self, e: &Error) {
+        warn!(self.cfg.logger, "iSCSI target unreachable; failing commands in flight";
+              "target" => &self.cfg.target, "failed" => self.conn.busy(), "error" => %e);
+        self.set_state(State::Down);
+        self.last_attempt = Some(Instant::now());
+        self.emit(|c, mut out| c.fail_all(IoError::Disconnected, &mut out));
+        self.publish();
+    }
+
     fn publish(&mut self) {
         let st = &self.conn.stats;
         self.shared.completed.store(st.completed, Ordering::Relaxed);
@@ -541,53 +620,28 @@ impl IoThread {
             let Some(sock) = self.sock.take() else {
                 // Down: try one login when there is work, at most once per interval.
                 if self.conn.busy() > 0 {
-                    let due = self
-                        .last_attempt
-                        .is_none_or(|t| t.elapsed() >= self.cfg.reconnect_interval);
-                    if due {
-                        self.last_attempt = Some(Instant::now());
-                        if self.try_login() {
-                            continue;
-                        }
+                    if self.login_due() && self.try_login().is_ok() {
+                        continue;
                     }
-                    let shared = self.shared.clone();
-                    let mut sig = false;
-                    self.conn.fail_ready(IoError::Disconnected, &mut |c| {
-                        Self::push_completion(&shared, &mut sig, c)
-                    });
-                    self.signalled |= sig;
+                    self.fail_ready();
                 }
                 self.publish();
                 self.sleep(None, Some(Duration::from_millis(100)));
                 continue;
             };
-            let mut wire = SockWire(&sock);
-            let shared = &*self.shared;
-            let mut sig = false;
-            let mut out = |c| Self::push_completion(shared, &mut sig, c);
-            let r = (|| -> Result<(usize, usize)> {
-                let w = self.conn.flush(&mut wire, &mut out)?;
-                let r = self.conn.receive(&mut wire, &mut out)?;
-                Ok((w, r))
-            })();
-            self.signalled |= sig;
+            let r = self.exchange(&sock);
             self.sock = Some(sock);
             let (w, r) = match r {
-                Ok(x) => x,
+                Ok((wr, t)) => {
+                    next_tick = t;
+                    wr
+                }
                 Err(e) => {
                     self.publish();
                     self.lost(e);
                     continue;
                 }
             };
-            match self.conn.tick(Instant::now()) {
-                Ok(t) => next_tick = t,
-                Err(e) => {
-                    self.publish();
-                    self.lost(e);
-                    continue;
-                }
-            }
             self.publish();
             if accepted == 0 && w == 0 && r == 0 && !self.can_accept() {
                 let wait = next_tick.saturating_duration_since(Instant::now());
@@ -639,67 +693,34 @@ impl IoThread {
         }
     }
 
-    /// One login attempt; on success the connection is bound and in-flight commands resent.
-    fn try_login(&mut self) -> bool {
-        match open(&self.cfg, self.isid) {
-            Ok((s, l)) => {
-                self.conn.bind(&l);
-                self.sock = Some(s);
-                self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
-                self.set_state(State::Up);
-                info!(self.cfg.logger, "iSCSI session re-established"; "target" => &self.cfg.target,
-                      "resending" => self.conn.busy());
-                true
-            }
-            Err(e) => {
-                debug!(self.cfg.logger, "iSCSI login attempt failed"; "target" => &self.cfg.target, "error" => %e);
-                false
-            }
-        }
+    /// One login attempt, in this thread; on success the connection is bound and in-flight
+    /// commands resent.
+    fn try_login(&mut self) -> Result<()> {
+        let r = open(&self.cfg, self.isid);
+        self.adopt(r)
     }
 
     /// The connection failed: drop it, requeue what was in flight, and log in again until the
     /// reconnect timeout; then fail everything and go Down.
     fn lost(&mut self, e: Error) {
-        warn!(self.cfg.logger, "iSCSI connection lost"; "target" => &self.cfg.target, "error" => %e,
-              "in_flight" => self.conn.busy());
-        if let Some(s) = self.sock.take() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-        self.set_state(State::Reconnecting);
-        let shared = self.shared.clone();
-        let mut sig = false;
-        self.conn
-            .requeue(&mut |c| Self::push_completion(&shared, &mut sig, c));
-        self.signalled |= sig;
-        self.publish();
+        self.drop_connection(&e);
         let deadline = Instant::now() + self.cfg.reconnect_timeout;
-        loop {
+        let last = loop {
             if self.shared.stop.load(Ordering::SeqCst) {
                 return;
             }
-            if self.try_login() {
-                return;
-            }
-            if Instant::now() >= deadline {
-                break;
+            match self.try_login() {
+                Ok(()) => return,
+                Err(e) if Instant::now() >= deadline => break e,
+                Err(_) => {}
             }
             let pause = self
                 .cfg
                 .reconnect_interval
                 .min(deadline.saturating_duration_since(Instant::now()));
             std::thread::sleep(pause);
-        }
-        warn!(self.cfg.logger, "iSCSI target unreachable; failing commands in flight";
-              "target" => &self.cfg.target, "failed" => self.conn.busy());
-        self.set_state(State::Down);
-        self.last_attempt = Some(Instant::now());
-        let mut sig = false;
-        self.conn.fail_all(IoError::Disconnected, &mut |c| {
-            Self::push_completion(&shared, &mut sig, c)
-        });
-        self.signalled |= sig;
-        self.publish();
+        };
+        self.give_up(&last);
     }
 
     /// Logs out (waiting up to a second for commands in flight and for the answer), then
@@ -918,21 +939,8 @@ impl Inline {
 
     /// The connection failed: as [`IoThread::lost`], but the logins run on a helper.
     fn lost(&mut self, e: Error) {
-        warn!(self.io.cfg.logger, "iSCSI connection lost"; "target" => &self.io.cfg.target,
-              "error" => %e, "in_flight" => self.io.conn.busy());
-        if let Some(s) = self.io.sock.take() {
-            let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, s.as_raw_fd(), 0, 0);
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
+        self.io.drop_connection(&e);
         self.sock_events = 0;
-        self.io.set_state(State::Reconnecting);
-        let shared = self.io.shared.clone();
-        let mut sig = false;
-        self.io
-            .conn
-            .requeue(&mut |c| IoThread::push_completion(&shared, &mut sig, c));
-        self.io.signalled |= sig;
-        self.io.publish();
         if self.login.is_none() {
             self.start_login(Instant::now() + self.io.cfg.reconnect_timeout);
         }
@@ -948,45 +956,31 @@ impl Inline {
             Some(Ok(r)) => r,
             _ => Err(Error::Io(io::Error::other("login thread panicked"))),
         };
-        let shared = self.io.shared.clone();
-        let mut sig = false;
-        match r {
-            Ok((s, l)) => {
-                self.io.conn.bind(&l);
-                self.io.sock = Some(s);
+        let reconnecting = self.io.state() == State::Reconnecting;
+        match self.io.adopt(r) {
+            Ok(()) => {
                 if let Err(e) = self.watch_socket() {
-                    self.lost(Error::Io(e));
-                    return;
+                    return self.lost(Error::Io(e));
                 }
-                self.io.shared.reconnects.fetch_add(1, Ordering::Relaxed);
-                self.io.set_state(State::Up);
-                info!(self.io.cfg.logger, "iSCSI session re-established";
-                      "target" => &self.io.cfg.target, "resending" => self.io.conn.busy());
             }
-            Err(e) if self.io.state() == State::Reconnecting => {
-                warn!(self.io.cfg.logger, "iSCSI target unreachable; failing commands in flight";
-                      "target" => &self.io.cfg.target, "failed" => self.io.conn.busy(),
-                      "error" => %e);
-                self.io.set_state(State::Down);
-                self.io.last_attempt = Some(Instant::now());
-                self.io.conn.fail_all(IoError::Disconnected, &mut |c| {
-                    IoThread::push_completion(&shared, &mut sig, c)
-                });
-            }
-            Err(e) => {
-                debug!(self.io.cfg.logger, "iSCSI login attempt failed";
-                       "target" => &self.io.cfg.target, "error" => %e);
-                self.io.conn.fail_ready(IoError::Disconnected, &mut |c| {
-                    IoThread::push_completion(&shared, &mut sig, c)
-                });
-            }
+            Err(e) if reconnecting => return self.io.give_up(&e),
+            Err(_) => self.io.fail_ready(),
         }
-        self.io.signalled |= sig;
         self.io.publish();
     }
 
-    /// Sends what was submitted; nothing else (see [`Session::send`]).
+    /// Sends what was submitted; nothing else (see [`Session::send`]). Completions it queues
+    /// (commands failed at once) make the set readable, so the caller's poll comes back for them.
     fn send(&mut self) {
+        let queued = self.io.shared.cq.len();
+        self.send_only();
+        if self.io.shared.cq.len() > queued {
+            efd_signal(&self.io.shared.login_efd);
+            self.woken = true;
+        }
+    }
+
+    fn send_only(&mut self) {
         if self.io.sock.is_none() || self.login.is_some() {
             return self.drive();
         }
@@ -997,12 +991,8 @@ impl Inline {
         let Some(sock) = self.io.sock.take() else {
             return;
         };
-        let shared = &*self.io.shared;
-        let mut sig = false;
-        let r = self.io.conn.flush(&mut SockWire(&sock), &mut |c| {
-            IoThread::push_completion(shared, &mut sig, c)
-        });
-        self.io.signalled |= sig;
+        let mut wire = SockWire(&sock);
+        let r = self.io.emit(|c, mut out| c.flush(&mut wire, &mut out));
         self.io.sock = Some(sock);
         self.io.publish();
         match r.and_then(|_| self.watch_socket().map_err(Error::Io)) {
@@ -1037,37 +1027,17 @@ impl Inline {
             let accepted = self.io.accept();
             let Some(sock) = self.io.sock.take() else {
                 if self.login.is_none() && self.io.conn.busy() > 0 {
-                    let due = self
-                        .io
-                        .last_attempt
-                        .is_none_or(|t| t.elapsed() >= self.io.cfg.reconnect_interval);
-                    if due {
+                    if self.io.login_due() {
                         // Down: one attempt, in the background; commands wait for it.
-                        self.io.last_attempt = Some(Instant::now());
                         self.start_login(Instant::now());
                     } else {
-                        let shared = self.io.shared.clone();
-                        let mut sig = false;
-                        self.io.conn.fail_ready(IoError::Disconnected, &mut |c| {
-                            IoThread::push_completion(&shared, &mut sig, c)
-                        });
-                        self.io.signalled |= sig;
+                        self.io.fail_ready();
                     }
                 }
                 self.io.publish();
                 return;
             };
-            let mut wire = SockWire(&sock);
-            let shared = &*self.io.shared;
-            let mut sig = false;
-            let mut out = |c| IoThread::push_completion(shared, &mut sig, c);
-            let conn = &mut self.io.conn;
-            let r = (|| -> Result<((usize, usize), Instant)> {
-                let w = conn.flush(&mut wire, &mut out)?;
-                let r = conn.receive(&mut wire, &mut out)?;
-                Ok(((w, r), conn.tick(Instant::now())?))
-            })();
-            self.io.signalled |= sig;
+            let r = self.io.exchange(&sock);
             self.io.sock = Some(sock);
             let ((w, r), next_tick) = match r {
                 Ok(x) => x,

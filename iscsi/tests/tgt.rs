@@ -533,6 +533,22 @@ fn target_killed_mid_io_fails_in_flight_commands_with(drive: Drive) {
     let c = wait(&mut s, 99);
     assert_eq!(c.result, Err(IoError::Disconnected));
     assert!(t0.elapsed() < Duration::from_secs(2));
+    if drive == Drive::Inline {
+        // No login is due yet: `send` fails it at once, and the poll fd shows the completion
+        // (an event loop that polls next must come back for it).
+        // SAFETY: as above.
+        unsafe { s.submit(Command::read(98, 1, scsi::read16(0, 1), 512, &iov2, 1)) }.unwrap();
+        s.send();
+        let mut p = libc::pollfd {
+            fd: s.poll_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on the stack.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        assert_eq!(n, 1, "a completion queued by send left the poll fd quiet");
+        assert_eq!(wait(&mut s, 98).result, Err(IoError::Disconnected));
+    }
     // The server comes back: IO resumes.
     t.spawn().unwrap();
     std::thread::sleep(cfg.reconnect_interval);

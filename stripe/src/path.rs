@@ -488,24 +488,8 @@ pub struct Striper {
     cmds: Vec<Cmd>,
     free: Vec<u32>,
     epoll: OwnedFd,
-    /// In the epoll set: signalled when inline sessions queued completions outside
-    /// [`Striper::poll`] (nothing else would make the set readable for them).
-    pending: OwnedFd,
     done: Vec<(u32, i32)>,
     stale_marks: Vec<(u32, u32)>,
-}
-
-/// Epoll data of [`Striper::pending`] (servers are numbered from 0).
-const PENDING: u64 = u64::MAX;
-
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall without pointers.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 // SAFETY: the raw iovec pointers in the scratch vectors point into memory the caller of
@@ -547,13 +531,10 @@ impl Striper {
             cmds: Vec::new(),
             free: Vec::new(),
             epoll: epoll_new().map_err(|e| Error::io(Path::new("epoll"), e))?,
-            pending: eventfd().map_err(|e| Error::io(Path::new("eventfd"), e))?,
             done: Vec::with_capacity(tags as usize),
             stale_marks: Vec::new(),
             disk,
         };
-        epoll_add(s.epoll.as_raw_fd(), s.pending.as_raw_fd(), PENDING)
-            .map_err(|e| Error::io(Path::new("epoll"), e))?;
         let map = s.disk.map();
         s.resolve(&map)?;
         // Preallocate command slots for the common case (pieces of every stripe, replicas).
@@ -706,18 +687,11 @@ impl Striper {
         self.send_all();
     }
 
-    /// Sends what was submitted to every server (wakes their IO threads, or writes inline).
+    /// Sends what was submitted to every server (wakes their IO threads, or writes inline;
+    /// an inline session that fails commands at once makes its poll fd readable for them).
     fn send_all(&mut self) {
-        let mut queued = false;
         for s in &mut self.servers {
             s.session.send();
-            queued |= self.disk.opts.drive == Drive::Inline && s.session.has_completions();
-        }
-        if queued {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to our eventfd; failure (overflow) means
-            // it is signalled already.
-            unsafe { libc::write(self.pending.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
     }
 
@@ -994,11 +968,6 @@ impl Striper {
             }
         }
         let inline = self.disk.opts.drive == Drive::Inline;
-        if inline {
-            let mut v: u64 = 0;
-            // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
-            unsafe { libc::read(self.pending.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-        }
         for si in 0..self.servers.len() {
             if inline {
                 self.servers[si].session.drive();
