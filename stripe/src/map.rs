@@ -516,6 +516,12 @@ pub fn flock_holder(path: &Path) -> Option<u32> {
     })
 }
 
+/// Whether process `pid` holds a `flock` on `path` as /proc shows it: one of its open files is
+/// `path` and that open file's fdinfo lists the lock (false where /proc cannot tell).
+pub fn flock_held_by(path: &Path, pid: u32) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| holds_flock(pid, m.dev(), m.ino()))
+}
+
 /// Whether process `pid` has the file `(dev, ino)` open with a flock on that open file.
 fn holds_flock(pid: u32, dev: u64, ino: u64) -> bool {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -710,8 +716,7 @@ pub(crate) mod tests {
                     .ok()
                     .and_then(|l| l.to_str()?.parse().ok())
                     .unwrap_or_else(std::process::id);
-                let meta = std::fs::metadata(&p).unwrap();
-                if holds_flock(me, meta.dev(), meta.ino()) {
+                if flock_held_by(&p, me) {
                     assert_eq!(holder, Some(me));
                 } else {
                     assert!(holder.is_none_or(|h| h == me), "{holder:?}");

@@ -349,16 +349,7 @@ impl Vbd {
             Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
             None => None,
         };
-        let image = open_image_logged(
-            &spec,
-            OpenOptionsImg {
-                read_only: opts.read_only,
-                direct: opts.direct,
-                cache_slots: opts.cache_slots,
-                iscsi_inline: opts.iscsi_inline,
-            },
-            &log.new(o!("minor" => minor)),
-        )?;
+        let image = open_image_logged(&spec, image_options(&opts), &log.new(o!("minor" => minor)))?;
         if image.size() < SECTOR {
             bail!("image {} is smaller than one sector", spec.path.display());
         }
@@ -583,16 +574,7 @@ impl Vbd {
             anyhow::bail!("minor {} is not paused", self.minor);
         }
         if let Some(spec) = new_image {
-            let img = open_image_logged(
-                &spec,
-                OpenOptionsImg {
-                    read_only: self.opts.read_only,
-                    direct: self.opts.direct,
-                    cache_slots: self.opts.cache_slots,
-                    iscsi_inline: self.opts.iscsi_inline,
-                },
-                &self.log,
-            )?;
+            let img = open_image_logged(&spec, image_options(&self.opts), &self.log)?;
             if img.size() / SECTOR != self.disk.sectors {
                 anyhow::bail!(
                     "new image {} has {} sectors, the disk has {}",
@@ -742,6 +724,16 @@ struct AcceptCtx {
     rings: Arc<Mutex<Rings>>,
     stop: Arc<AtomicBool>,
     log: Logger,
+}
+
+/// How a VBD opens its image (at open and when switching images on unpause).
+fn image_options(o: &VbdOptions) -> OpenOptionsImg {
+    OpenOptionsImg {
+        read_only: o.read_only,
+        direct: o.direct,
+        cache_slots: o.cache_slots,
+        iscsi_inline: o.iscsi_inline,
+    }
 }
 
 fn accept_loop(listener: UnixListener, cx: AcceptCtx) {

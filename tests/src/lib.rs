@@ -185,7 +185,8 @@ pub fn run_ok(cmd: &mut Command) -> std::process::Output {
 /// Asserts that the error text `err` names the holder of the `flock` on `path` correctly:
 /// `holder` (our pid for it) must be named where `/proc` shows it holding the lock; a pid named
 /// must be one `/proc` shows holding it (in a pid namespace with an outer `/proc` that differs
-/// from `holder`); "another process" is allowed only where `/proc` shows neither.
+/// from `holder`); "another process" is allowed only where `/proc` shows neither (sandboxes
+/// that hide it: another pid namespace, no fdinfo locks).
 pub fn assert_holder_named(err: &str, path: &Path, holder: u32) {
     let named = err.split("in use by pid ").nth(1).and_then(|t| {
         t.split(|c: char| !c.is_ascii_digit())
@@ -194,32 +195,13 @@ pub fn assert_holder_named(err: &str, path: &Path, holder: u32) {
             .ok()
     });
     match named {
-        Some(pid) => assert!(pid == holder || flock_shown(path, pid), "{err}"),
+        Some(pid) => assert!(
+            pid == holder || stripe::map::flock_held_by(path, pid),
+            "{err}"
+        ),
         None => assert!(
-            err.contains("in use by another process") && !flock_shown(path, holder),
+            err.contains("in use by another process") && !stripe::map::flock_held_by(path, holder),
             "{err}"
         ),
     }
-}
-
-/// Whether `/proc/PID` shows process `pid` holding a `flock` on `path` (one of its open files is
-/// `path` and its fdinfo lists the lock). Where it does, tools must name that holder; in sandboxes
-/// that hide it (another pid namespace, no fdinfo locks) they may only say "another process".
-pub fn flock_shown(path: &Path, pid: u32) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(want) = std::fs::metadata(path) else {
-        return false;
-    };
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.flatten().any(|fd| {
-        let same = std::fs::metadata(fd.path())
-            .is_ok_and(|m| (m.dev(), m.ino()) == (want.dev(), want.ino()));
-        let info = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
-        same && std::fs::read_to_string(info).is_ok_and(|i| {
-            i.lines()
-                .any(|l| l.starts_with("lock:") && l.contains("FLOCK"))
-        })
-    })
 }

@@ -124,6 +124,13 @@ impl Disk {
         )
     }
 
+    /// The pid of the tapdisk serving the disk.
+    fn tapdisk_pid(&self) -> u32 {
+        let list = ok(tap_ctl(&self.rundir).args(["list", "--json"]));
+        let list: serde_json::Value = serde_json::from_str(&list).expect("list JSON");
+        list[0]["pid"].as_u64().expect("tapdisk pid") as u32
+    }
+
     fn stats(&self) -> serde_json::Value {
         let out = ok(tap_ctl(&self.rundir).args(["stats", "-m", "0"]));
         serde_json::from_str(&out).expect("stats JSON")
@@ -205,10 +212,7 @@ fn verify_and_qemu_io_on_replicas_1_and_2() {
         );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
-        let list = ok(tap_ctl(&d.rundir).args(["list", "--json"]));
-        let list: serde_json::Value = serde_json::from_str(&list).expect("list JSON");
-        let pid = list[0]["pid"].as_u64().expect("tapdisk pid") as u32;
-        assert_holder_named(&err, &d.map, pid);
+        assert_holder_named(&err, &d.map, d.tapdisk_pid());
     }
 }
 
@@ -304,25 +308,19 @@ fn inline_driven_sessions_verify_and_ride_out_a_server_restart() {
     };
     let d = Disk::create_with(dir.path(), &master, "inl", 2, 2, &["--iscsi-inline"]);
     // tapdisk has no iSCSI IO threads: the ring loop drives both servers' sockets.
-    let list = ok(tap_ctl(&d.rundir).args(["list", "--json"]));
-    let list: serde_json::Value = serde_json::from_str(&list).expect("list JSON");
-    let pid = list[0]["pid"].as_u64().expect("tapdisk pid");
-    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-                .map(|c| c.trim().to_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    if !names.is_empty() {
-        assert!(
-            !names
-                .iter()
-                .any(|n| n.starts_with("iscsi-") && !n.starts_with("iscsi-login")),
-            "IO threads in inline mode: {names:?}"
-        );
-    }
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", d.tapdisk_pid()))
+        .expect("tapdisk's threads")
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .collect();
+    assert!(!names.is_empty(), "no thread names read");
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("iscsi-") && !n.starts_with("iscsi-login")),
+        "IO threads in inline mode: {names:?}"
+    );
     passed(&d.verify(3000, &[], Duration::from_secs(60)));
     ride_out_a_restart(&lan, &d);
 }
