@@ -828,6 +828,35 @@ impl LocalFrontend {
         self.mem.ptr()
     }
 
+    /// Gives guest memory pages `off..off + len` (bytes, rounded out to pages) back to the
+    /// system; they read as zeroes afterwards. Only for pages no request in flight names.
+    pub fn release_mem(&self, off: usize, len: usize) -> io::Result<()> {
+        self.mem.remove(off, len)
+    }
+
+    /// The descriptor that polls readable when the backend notified (published responses):
+    /// for callers that wait for the ring and something else at once. Before sleeping on it,
+    /// call [`LocalFrontend::prepare_wait`]; after it polled readable, [`LocalFrontend::ack_notify`].
+    pub fn notify_fd(&self) -> RawFd {
+        self.notify.as_raw_fd()
+    }
+
+    /// Asks to be notified of the next response; true if responses are already waiting (do
+    /// not sleep then).
+    pub fn prepare_wait(&mut self) -> bool {
+        self.ring.final_check()
+    }
+
+    /// Consumes the notifications [`LocalFrontend::notify_fd`] signalled.
+    pub fn ack_notify(&self) -> io::Result<()> {
+        eventfd_drain(self.notify.as_raw_fd()).map(|_| ())
+    }
+
+    /// The socket end the backend hangs up when it drops the ring.
+    pub fn hangup_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
     /// Slots free for new requests.
     pub fn free_slots(&self) -> u32 {
         self.ring.free()

@@ -61,6 +61,36 @@ impl Mapping {
         self.len
     }
 
+    /// Gives the pages of `off..off + len` back to the file's owner (`MADV_REMOVE`: a shmem
+    /// file frees them; reading them again gives zeroes). `off` and `len` are rounded out to
+    /// whole pages inside the mapping.
+    pub fn remove(&self, off: usize, len: usize) -> io::Result<()> {
+        let page = crate::protocol::PAGE_SIZE;
+        let start = off / page * page;
+        let end = off
+            .saturating_add(len)
+            .div_ceil(page)
+            .saturating_mul(page)
+            .min(self.len);
+        if start >= end {
+            return Ok(());
+        }
+        // SAFETY: `start..end` lies inside this mapping (clamped above), which we own; the
+        // kernel only drops page contents, no Rust object lives in shared memory.
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(start).cast(),
+                end - start,
+                libc::MADV_REMOVE,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// Never true (mappings are not empty); for clippy's sake.
     pub fn is_empty(&self) -> bool {
         self.len == 0

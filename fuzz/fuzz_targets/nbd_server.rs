@@ -1,59 +1,106 @@
 //! A hostile NBD client: a handshake (usually valid, so transmission is reached) followed by
 //! requests with mostly valid headers and arbitrary fields and payloads, served against a
-//! 1 MiB in-memory disk. Never a panic; every outcome is a reply or a closed connection.
+//! 1 MiB in-memory disk behind the connection's `Disk` interface. Never a panic; every outcome
+//! is a reply or a closed connection.
 #![no_main]
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use std::io::{self, BufReader, BufWriter, Cursor};
-use std::sync::Mutex;
-use tapdisk::image::BlockTarget;
-use tapdisk::nbd::conn::{serve, ExportInfo};
+use std::os::fd::RawFd;
+use std::sync::atomic::AtomicU64;
 use tapdisk::nbd::proto::*;
+use tapdisk::nbd::{serve, Buf, Cmd, Completion, ConnCx, Counters, Disk, ExportInfo, Op};
 
 const SIZE: u64 = 1 << 20;
 
-struct Mem(Mutex<Vec<u8>>, bool);
+/// A disk in memory that finishes every request inside `submit`.
+struct MemDisk {
+    data: Vec<u8>,
+    bufs: Vec<Option<Vec<u8>>>,
+    done: Vec<Completion>,
+}
 
-impl Mem {
-    fn range(&self, off: u64, len: u64) -> io::Result<std::ops::Range<usize>> {
+impl MemDisk {
+    fn range(off: u64, len: u64) -> Result<std::ops::Range<usize>, u32> {
         match off.checked_add(len) {
             Some(end) if end <= SIZE => Ok(off as usize..end as usize),
-            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "out of range")),
+            _ => Err(EINVAL),
         }
     }
 }
 
-impl BlockTarget for Mem {
-    fn size(&self) -> u64 {
-        SIZE
+impl Disk for MemDisk {
+    fn alloc(&mut self, len: usize) -> Option<Buf> {
+        let i = match self.bufs.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.bufs.push(None);
+                self.bufs.len() - 1
+            }
+        };
+        self.bufs[i] = Some(vec![0; len]);
+        Some(Buf::new(i as u32, len))
     }
-    fn read_only(&self) -> bool {
-        self.1
+    fn data(&mut self, b: &Buf) -> &mut [u8] {
+        self.bufs[b.id() as usize].as_mut().expect("live buffer")
     }
-    fn supports_discard(&self) -> bool {
-        true
+    fn free(&mut self, b: Buf) {
+        self.bufs[b.id() as usize] = None;
     }
-    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        let r = self.range(off, buf.len() as u64)?;
-        buf.copy_from_slice(&self.0.lock().unwrap()[r]);
+    fn submit(&mut self, mut op: Op) -> io::Result<()> {
+        let r = Self::range(op.offset, op.len);
+        let result = match (op.cmd, r) {
+            (Cmd::Flush, _) => Ok(()),
+            (_, Err(e)) => Err(e),
+            (Cmd::Read, Ok(r)) => {
+                let b = op.buf.as_ref().expect("a read has a buffer");
+                let d = self.data[r].to_vec();
+                self.data(b).copy_from_slice(&d);
+                Ok(())
+            }
+            (Cmd::Write, Ok(r)) => {
+                let b = op.buf.take().expect("a write has a buffer");
+                let d = self.data(&b).to_vec();
+                self.data[r].copy_from_slice(&d);
+                self.free(b);
+                Ok(())
+            }
+            (Cmd::Trim | Cmd::WriteZeroes, Ok(r)) => {
+                self.data[r].fill(0);
+                Ok(())
+            }
+        };
+        self.done.push(Completion {
+            cookie: op.cookie,
+            cmd: op.cmd,
+            result,
+            buf: op.buf,
+        });
         Ok(())
     }
-    fn write_at(&self, buf: &[u8], off: u64, _fua: bool) -> io::Result<()> {
-        let r = self.range(off, buf.len() as u64)?;
-        self.0.lock().unwrap()[r].copy_from_slice(buf);
+    fn push(&mut self) -> io::Result<()> {
         Ok(())
     }
-    fn flush(&self) -> io::Result<()> {
+    fn reap(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
+        out.append(&mut self.done);
         Ok(())
     }
-    fn discard(&self, off: u64, len: u64) -> io::Result<()> {
-        let r = self.range(off, len)?;
-        self.0.lock().unwrap()[r].fill(0);
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+    fn wait(&mut self) -> io::Result<()> {
         Ok(())
     }
-    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
-        self.discard(off, len)
+    fn wait_fd(&self) -> Option<RawFd> {
+        None
     }
+    fn arm(&mut self) -> bool {
+        self.done.is_empty()
+    }
+    fn held(&self) -> u64 {
+        self.bufs.iter().flatten().map(|b| b.len() as u64).sum()
+    }
+    fn release_idle(&mut self) {}
 }
 
 #[derive(Arbitrary, Debug)]
@@ -117,10 +164,24 @@ fuzz_target!(|inp: Input| {
         }
     }
     s.extend_from_slice(&inp.tail);
-    let target = Mem(Mutex::new(vec![0; SIZE as usize]), inp.read_only);
-    let export = ExportInfo::new("tapdev0", &target);
+    let export = ExportInfo::new("tapdev0", SIZE, inp.read_only, true);
     let log = slog::Logger::root(slog::Discard, slog::o!());
+    let counters = Counters::default();
+    let held = AtomicU64::new(0);
+    let cx = ConnCx {
+        export: &export,
+        counters: &counters,
+        held: &held,
+        log: &log,
+    };
     let mut r = BufReader::new(Cursor::new(s));
     let mut w = BufWriter::new(io::sink());
-    let _ = serve(&mut r, &mut w, &export, &target, &log);
+    let disk = || -> io::Result<Box<dyn Disk>> {
+        Ok(Box::new(MemDisk {
+            data: vec![0; SIZE as usize],
+            bufs: Vec::new(),
+            done: Vec::new(),
+        }))
+    };
+    let _ = serve(&mut r, &mut w, &cx, disk, |_| Ok(()));
 });

@@ -14,8 +14,9 @@ use crate::control::proto::{
     Command, Reply, RequestMsg, ResponseMsg, ResultMsg, TraceFormat, MAX_LINE, VERSION,
 };
 use crate::control::RunDir;
-use crate::image::ImageSpec;
-use crate::vbd::{lock, Vbd, VbdMap};
+use crate::driver::ImageSpec;
+use crate::ring::lock;
+use crate::vbd::{Vbd, VbdMap};
 
 fn write_trace(
     path: &str,
@@ -287,7 +288,7 @@ impl Daemon {
             Command::XenConnect { minor, spec } => {
                 let mut v = lock(&self.vbds);
                 let vbd = &mut v.get_mut(&minor).ok_or_else(|| no_such(minor))?.vbd;
-                let (disk, xen) = crate::xen::connect(vbd, spec)?;
+                let (disk, xen) = crate::vbd::xen::connect(vbd, spec)?;
                 Ok(Reply::XenConnected { disk, xen })
             }
             Command::XenDisconnect {
@@ -297,7 +298,7 @@ impl Daemon {
             } => {
                 let mut v = lock(&self.vbds);
                 let vbd = &mut v.get_mut(&minor).ok_or_else(|| no_such(minor))?.vbd;
-                crate::xen::disconnect(vbd, domid, devid)?;
+                crate::vbd::xen::disconnect(vbd, domid, devid)?;
                 Ok(Reply::Done)
             }
         }

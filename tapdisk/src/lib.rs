@@ -1,28 +1,30 @@
 //! tapdisk-rs: the userspace backend that serves a guest's virtual disk.
 //!
-//! A tapdisk process ([`daemon`]) owns one or more VBDs ([`vbd`]). Each VBD has an image
-//! ([`image`]: a raw file or block device, or a volume of a Parallax image, [`parallax`]),
-//! zero or more blkif rings attached to it, each served by its own event loop on
-//! io_uring ([`ringloop`]), and optionally an NBD export ([`nbd`]). The process is driven
-//! through a unix control socket ([`control`]) by `tap-ctl`; [`stats`] holds the counters
-//! `tap-ctl stats` prints; [`xen`] serves Xen frontends' rings, which tapback hands over.
+//! A tapdisk process ([`daemon`]) owns one or more VBDs ([`vbd`]). Each VBD has an image,
+//! opened by one of the [`driver`]s (a raw file or block device, a volume of a Parallax
+//! image, a disk striped over iSCSI servers), rings attached to it by frontends (local or Xen)
+//! and by its NBD export ([`nbd`]), each served by its own event loop on io_uring ([`ring`]).
+//! The process is driven through a unix control socket ([`control`]) by `tap-ctl`; [`stats`]
+//! holds the counters `tap-ctl stats` prints.
 //!
-//! On a ring, requests go through the [`sched`]uler (ordering, sorting, merging) to an IO
-//! [`engine`] (io_uring on a raw image, optionally behind the thesis's disk model); every
-//! stage is timestamped ([`trace`]).
+//! On a ring, requests are validated into the ring's request table ([`requests`]), go through
+//! the [`sched`]uler (ordering, sorting, merging) to the driver's engine (io_uring straight
+//! into the frontend's pages, possibly under layers: fault injection, a slow-storage model),
+//! and are answered; reads may be answered early ([`early`]). Every stage is timestamped
+//! ([`trace`]). System interfaces with `unsafe` are wrapped once in [`sys`].
+//!
+//! docs/architecture.md draws the whole path.
 
 pub mod control;
 pub mod daemon;
+pub mod driver;
 pub mod early;
-pub mod engine;
-pub mod idset;
-pub mod image;
 pub mod logging;
 pub mod nbd;
-pub mod parallax;
-pub mod ringloop;
+pub mod requests;
+pub mod ring;
 pub mod sched;
 pub mod stats;
+pub mod sys;
 pub mod trace;
 pub mod vbd;
-pub mod xen;

@@ -524,7 +524,7 @@ fn peers_beyond_the_ring_limit_are_closed_at_once() {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
     let r = rig(VbdOptions::default());
-    let max = tapdisk::vbd::MAX_RINGS;
+    let max = tapdisk::vbd::rings::MAX_RINGS;
     // `max` peers in their handshake hold every ring the VBD serves.
     let t0 = std::time::Instant::now();
     let silent: Vec<UnixStream> = (0..max)

@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::model::ModelParams;
-use crate::image::DirectIo;
+use crate::driver::model::ModelParams;
+use crate::driver::DirectIo;
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
@@ -44,7 +44,7 @@ pub struct VbdOptions {
     /// `tapdisk::early`), and the host-side read cache.
     pub early: Option<crate::early::EarlyPolicy>,
     /// Faults to inject below the scheduler (testing; see `tapdisk::engine::fault`).
-    pub faults: Option<crate::engine::fault::FaultPlan>,
+    pub faults: Option<crate::driver::fault::FaultPlan>,
     /// Also export the disk over NBD: `unix:PATH` or `tcp:ADDR:PORT`.
     pub nbd: Option<String>,
     /// Before a ring loop sleeps, it polls the ring for this many microseconds (0: never).

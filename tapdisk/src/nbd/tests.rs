@@ -10,9 +10,14 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::io;
+use std::net::Shutdown;
+
+use slog::{o, Logger};
+
 use super::proto::*;
 use super::*;
-use crate::image::{AioImage, OpenOptionsImg};
+use crate::driver::{aio::AioImage, DirectIo, OpenOptionsImg};
 
 const EXPORT: &str = "tapdev7";
 const MIB: u64 = 1 << 20;
@@ -61,25 +66,47 @@ impl Fixture {
     }
 }
 
-fn start_unix(img: &Path, sock: &Path, read_only: bool) -> NbdServer {
+/// The export of a VBD over the raw image `img`, as a VBD with an NBD export makes it.
+fn export(img: &Path, read_only: bool) -> Arc<dyn Export> {
     let opts = OpenOptionsImg {
         read_only,
-        direct: crate::image::DirectIo::Off,
+        direct: DirectIo::Off,
         ..Default::default()
     };
-    let target = Arc::new(AioImage::open(img, opts).expect("open image"));
+    let image = Arc::new(AioImage::open(img, opts).expect("open image"));
+    crate::vbd::export::VbdExport::for_image(image, EXPORT, test_log())
+}
+
+fn start_unix(img: &Path, sock: &Path, read_only: bool) -> NbdServer {
     NbdServer::start(
         &NbdListen::Unix(sock.to_owned()),
-        EXPORT,
-        target,
+        export(img, read_only),
         test_log(),
     )
     .expect("start server")
 }
 
-/// A hand-driven NBD client.
+/// A hand-driven NBD client. Replies may come in any order (the server pipelines): a reply
+/// read while waiting for another is kept until asked for.
 struct Raw<S: Read + Write> {
     s: S,
+    /// Bytes of data each read request in flight will be answered with.
+    reads: std::collections::HashMap<u64, usize>,
+    /// Replies read ahead: handle -> (error, data).
+    early: std::collections::HashMap<u64, (u32, Vec<u8>)>,
+    /// The data of the last reply returned.
+    last: Vec<u8>,
+}
+
+impl<S: Read + Write> Raw<S> {
+    fn new(s: S) -> Raw<S> {
+        Raw {
+            s,
+            reads: Default::default(),
+            early: Default::default(),
+            last: Vec::new(),
+        }
+    }
 }
 
 impl Raw<UnixStream> {
@@ -87,7 +114,7 @@ impl Raw<UnixStream> {
         let s = UnixStream::connect(path).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(20)))
             .expect("timeout");
-        Raw { s }
+        Raw::new(s)
     }
 
     /// Connected, negotiated with `OPT_GO` on the default export; returns (client, size, flags).
@@ -178,6 +205,9 @@ impl<S: Read + Write> Raw<S> {
     }
 
     fn req(&mut self, cmd: u16, flags: u16, handle: u64, offset: u64, len: u32) {
+        if cmd == CMD_READ {
+            self.reads.insert(handle, len as usize);
+        }
         let r = Request {
             flags,
             cmd,
@@ -193,18 +223,39 @@ impl<S: Read + Write> Raw<S> {
         self.s.write_all(data).expect("send payload");
     }
 
-    /// Reads a simple reply; returns its error after checking the handle.
+    /// The reply to `handle` (reading, and keeping, the replies to others on the way);
+    /// returns its error. A successful read's data is then [`Raw::data`].
     fn reply(&mut self, handle: u64) -> u32 {
-        let mut b = [0u8; 16];
-        self.s.read_exact(&mut b).expect("reply");
-        assert_eq!(be32(&b[0..4]), SIMPLE_REPLY_MAGIC);
-        assert_eq!(be64(&b[8..16]), handle, "reply handle");
-        be32(&b[4..8])
+        loop {
+            if let Some((err, data)) = self.early.remove(&handle) {
+                self.last = data;
+                return err;
+            }
+            let mut b = [0u8; 16];
+            self.s.read_exact(&mut b).expect("reply");
+            assert_eq!(be32(&b[0..4]), SIMPLE_REPLY_MAGIC);
+            let (err, h) = (be32(&b[4..8]), be64(&b[8..16]));
+            let n = self.reads.remove(&h).unwrap_or(0);
+            let mut data = vec![0u8; if err == 0 { n } else { 0 }];
+            self.s.read_exact(&mut data).expect("read data");
+            assert!(
+                self.early.insert(h, (err, data)).is_none(),
+                "two replies to handle {h}"
+            );
+        }
     }
 
-    fn data(&mut self, n: usize) -> Vec<u8> {
+    /// The next `n` bytes the server sends.
+    fn raw(&mut self, n: usize) -> Vec<u8> {
         let mut d = vec![0u8; n];
-        self.s.read_exact(&mut d).expect("read data");
+        self.s.read_exact(&mut d).expect("read bytes");
+        d
+    }
+
+    /// The data of the last successful read reply ([`Raw::reply`]), `n` bytes long.
+    fn data(&mut self, n: usize) -> Vec<u8> {
+        let d = std::mem::take(&mut self.last);
+        assert_eq!(d.len(), n, "read data length");
         d
     }
 
@@ -355,7 +406,7 @@ fn export_name_option() {
     c.greeting();
     c.send_flags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
     c.send_opt(OPT_EXPORT_NAME, EXPORT.as_bytes());
-    let d = c.data(10);
+    let d = c.raw(10);
     assert_eq!(be64(&d), 2 * MIB);
     assert_ne!(be16(&d[8..]) & TF_HAS_FLAGS, 0);
     assert_eq!(c.read(1, 0, 4096), vec![0; 4096]);
@@ -365,7 +416,7 @@ fn export_name_option() {
     c.greeting();
     c.send_flags(FLAG_C_FIXED_NEWSTYLE);
     c.send_opt(OPT_EXPORT_NAME, b"");
-    let d = c.data(10 + 124);
+    let d = c.raw(10 + 124);
     assert_eq!(be64(&d), 2 * MIB);
     assert!(d[10..].iter().all(|&b| b == 0));
     c.read(1, 0, 512);
@@ -623,34 +674,23 @@ fn unix_socket_path_handling() {
     assert_eq!(server.local_addr(), NbdListen::Unix(sock.clone()));
     assert_alive(&sock);
     // A live socket is not stolen.
-    let target = Arc::new(AioImage::open(&img, OpenOptionsImg::default()).unwrap());
-    let e = NbdServer::start(
-        &NbdListen::Unix(sock.clone()),
-        EXPORT,
-        target.clone(),
-        test_log(),
-    )
-    .unwrap_err();
+    let target = export(&img, false);
+    let e =
+        NbdServer::start(&NbdListen::Unix(sock.clone()), target.clone(), test_log()).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
     assert_alive(&sock);
     server.shutdown();
     // A regular file is an error and stays as it was.
     let file = dir.path().join("file");
     std::fs::write(&file, b"keep me").unwrap();
-    let e = NbdServer::start(
-        &NbdListen::Unix(file.clone()),
-        EXPORT,
-        target.clone(),
-        test_log(),
-    )
-    .unwrap_err();
+    let e =
+        NbdServer::start(&NbdListen::Unix(file.clone()), target.clone(), test_log()).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
     assert!(e.to_string().contains("not a socket"));
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     // A missing directory is an error naming the path.
     let e = NbdServer::start(
         &NbdListen::Unix(dir.path().join("no/such/dir.sock")),
-        EXPORT,
         target,
         test_log(),
     )
@@ -663,9 +703,8 @@ fn tcp_port_zero_and_connection_count() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     std::fs::File::create(&img).unwrap().set_len(MIB).unwrap();
-    let target = Arc::new(AioImage::open(&img, OpenOptionsImg::default()).unwrap());
     let listen: NbdListen = "tcp:127.0.0.1:0".parse().unwrap();
-    let server = NbdServer::start(&listen, EXPORT, target, test_log()).unwrap();
+    let server = NbdServer::start(&listen, export(&img, false), test_log()).unwrap();
     let NbdListen::Tcp(addr) = server.local_addr() else {
         panic!("not tcp")
     };
@@ -679,7 +718,7 @@ fn tcp_port_zero_and_connection_count() {
     for i in 0..3u8 {
         let s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut c = Raw { s };
+        let mut c = Raw::new(s);
         c.greeting();
         c.send_flags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
         assert_eq!(c.go(EXPORT.as_bytes()).unwrap().0, MIB);
@@ -927,11 +966,9 @@ fn real_clients_over_tcp_loopback() {
         .unwrap()
         .set_len(2 * MIB)
         .unwrap();
-    let target = Arc::new(AioImage::open(&img, OpenOptionsImg::default()).unwrap());
     let server = NbdServer::start(
         &"tcp:127.0.0.1:0".parse().unwrap(),
-        EXPORT,
-        target,
+        export(&img, false),
         test_log(),
     )
     .unwrap();

@@ -136,16 +136,16 @@ macro_rules! tblog {
 
 fn run(args: Args) -> Result<()> {
     anyhow::ensure!(
-        (1..=tapdisk::xen::MAX_QUEUES).contains(&args.max_queues),
+        (1..=tapdisk::vbd::xen::MAX_QUEUES).contains(&args.max_queues),
         "--max-queues {} is outside 1..={}",
         args.max_queues,
-        tapdisk::xen::MAX_QUEUES
+        tapdisk::vbd::xen::MAX_QUEUES
     );
     anyhow::ensure!(
-        args.max_ring_order <= tapdisk::xen::MAX_RING_ORDER,
+        args.max_ring_order <= tapdisk::vbd::xen::MAX_RING_ORDER,
         "--max-ring-order {} is above {}",
         args.max_ring_order,
-        tapdisk::xen::MAX_RING_ORDER
+        tapdisk::vbd::xen::MAX_RING_ORDER
     );
     for k in &args.kinds {
         anyhow::ensure!(

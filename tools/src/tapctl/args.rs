@@ -8,10 +8,10 @@ use anyhow::{anyhow, bail, Result};
 use clap::{Args, ValueEnum};
 use parallax::DiskSpec;
 use tapdisk::control::proto::VbdOptions;
+use tapdisk::driver::fault::FaultPlan;
+use tapdisk::driver::model::ModelParams;
+use tapdisk::driver::{DirectIo, Driver, ImageSpec};
 use tapdisk::early::EarlyPolicy;
-use tapdisk::engine::fault::FaultPlan;
-use tapdisk::engine::model::ModelParams;
-use tapdisk::image::{DirectIo, Driver, ImageSpec};
 use tapdisk::nbd::NbdListen;
 
 use super::io_msg;

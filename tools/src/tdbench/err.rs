@@ -15,8 +15,8 @@ use blkif::local::{FrontRequest, LocalFrontend};
 use blkif::protocol::{op, status, PAGE_SIZE};
 use blkif::Segment;
 use clap::{Args, ValueEnum};
+use tapdisk::driver::model::ModelParams;
 use tapdisk::early::EarlyPolicy;
-use tapdisk::engine::model::ModelParams;
 
 use crate::tdbench::target::{self, AbiArg, DirectArg, TargetArgs, STALL};
 use crate::tdbench::util::{fmt_size, parse_size, Rng};

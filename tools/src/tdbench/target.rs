@@ -14,10 +14,10 @@ use clap::{Args, ValueEnum};
 use tapdisk::control::client::{self, Client};
 use tapdisk::control::proto::{Command, Reply, VbdOptions};
 use tapdisk::control::RunDir;
+use tapdisk::driver::fault::FaultPlan;
+use tapdisk::driver::model::ModelParams;
+use tapdisk::driver::DirectIo;
 use tapdisk::early::EarlyPolicy;
-use tapdisk::engine::fault::FaultPlan;
-use tapdisk::engine::model::ModelParams;
-use tapdisk::image::DirectIo;
 
 use crate::tdbench::util::{fmt_size, parse_size};
 

@@ -3,7 +3,7 @@
 //! printed with the thesis's figures beside ours.
 //!
 //! Every experiment runs twice: on a real file (ext4 under /var/tmp by default, O_DIRECT) and
-//! on the *model disk* ([`tapdisk::engine::model`]: the thesis's spindle, `X + Y × size` per
+//! on the *model disk* ([`tapdisk::driver::model`]: the thesis's spindle, `X + Y × size` per
 //! IO plus a seek when an IO does not start where the last ended, one IO at a time), which lets
 //! the thesis's effects show on any machine. Outputs that use the model say so.
 //!
@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use tapdisk::engine::model::ModelParams;
+use tapdisk::driver::model::ModelParams;
 use tapdisk::trace::{ReqRecord, RingTrace};
 
 use crate::tdbench::bench::{self, Rw, Stamps, Stop, Workload};

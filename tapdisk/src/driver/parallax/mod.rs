@@ -4,7 +4,7 @@
 //! (a clone) or a snapshot; snapshots are served read-only, and so is anything opened with
 //! `-R`. The image's metadata (V2P and P2M trees, allocators, volume table) is handled by the
 //! `parallax` crate; this driver translates each IO with its mapping calls and does the data IO
-//! itself, with io_uring, on the store file ([`crate::engine::parallax`]).
+//! itself, with io_uring, on the store file ([`engine`]).
 //!
 //! # One image, several volumes, one lock
 //!
@@ -34,8 +34,11 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use parallax::{DiskSpec, FileBacking, StatsHandle, VolumeId, VolumeKind};
 
-use crate::engine::{Engine, Uring};
-use crate::image::{AioImage, BlockTarget, Image, ImageSpec, OpenOptionsImg};
+pub mod engine;
+
+use super::aio::AioImage;
+use super::engine::{Engine, Uring};
+use super::{Image, ImageSpec, OpenOptionsImg};
 
 /// The errno a Parallax error is reported with.
 pub fn errno(e: &parallax::Error) -> i32 {
@@ -254,37 +257,22 @@ impl ParallaxImage {
     pub fn store(&self) -> &Arc<AioImage> {
         &self.store
     }
-
-    fn check(&self, offset: u64, len: u64, write: bool) -> io::Result<()> {
-        if write && self.read_only {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!("{} is read-only", self.spec),
-            ));
-        }
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "range {offset}+{len} is outside the disk ({} bytes)",
-                    self.size
-                ),
-            )),
-        }
-    }
 }
 
 impl Image for ParallaxImage {
-    fn engine(
-        self: Arc<Self>,
-        ring: &mut Uring,
-        tags: u32,
-        update: bool,
-    ) -> io::Result<Box<dyn Engine>> {
-        let inner_tags = tags.saturating_mul(crate::engine::parallax::INNER_PER_TAG);
-        let inner = self.store.clone().engine(ring, inner_tags, update)?;
-        Ok(Box::new(crate::engine::parallax::ParallaxEngine::new(
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn supports_discard(&self) -> bool {
+        !self.read_only
+    }
+    fn engine(self: Arc<Self>, ring: &mut Uring, tags: u32) -> io::Result<Box<dyn Engine>> {
+        let inner_tags = tags.saturating_mul(engine::INNER_PER_TAG);
+        let inner = self.store.clone().engine(ring, inner_tags)?;
+        Ok(Box::new(engine::ParallaxEngine::new(
             self, inner, tags, inner_tags,
         )))
     }
@@ -315,57 +303,11 @@ impl Image for ParallaxImage {
     }
 }
 
-impl BlockTarget for ParallaxImage {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-    fn supports_discard(&self) -> bool {
-        !self.read_only
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.check(offset, buf.len() as u64, false)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        self.lock().read_at(self.vol, offset, buf).map_err(to_io)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        self.check(offset, buf.len() as u64, true)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let mut img = self.lock();
-        img.write_at(self.vol, offset, buf).map_err(to_io)?;
-        if fua {
-            img.flush().map_err(to_io)?;
-        }
-        Ok(())
-    }
-    fn flush(&self) -> io::Result<()> {
-        if self.read_only {
-            return Ok(());
-        }
-        self.lock().flush().map_err(to_io)
-    }
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        // Whole blocks are freed; reads of the range return zeroes afterwards, as on `aio:`.
-        self.write_zeroes(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check(offset, len, true)?;
-        self.lock()
-            .write_zeroes(self.vol, offset, len)
-            .map_err(to_io)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::{open_image, Driver};
+    use crate::driver::engine::testing::{run, Step};
+    use crate::driver::{open_image, Driver};
 
     fn make(dir: &Path, size: u64) -> PathBuf {
         let p = dir.join("vm.plx");
@@ -406,23 +348,31 @@ mod tests {
         )
         .unwrap();
         assert!(snap.read_only());
-        live.write_at(&[0x22u8; 4096], 0, false).unwrap();
+        let mut ring = Uring::new(16).unwrap();
+        let mut le = live.clone().engine(&mut ring, 4).unwrap();
+        let mut se = snap.clone().engine(&mut ring, 4).unwrap();
+        assert_eq!(run(&mut *le, &mut ring, Step::write(0, &[0x22u8; 4096])), 0);
         let mut b = [0u8; 4096];
-        snap.read_at(&mut b, 0).unwrap();
+        assert_eq!(run(&mut *se, &mut ring, Step::read(0, &mut b)), 0);
         assert_eq!(b, [0x11u8; 4096]);
-        live.read_at(&mut b, 0).unwrap();
+        assert_eq!(run(&mut *le, &mut ring, Step::read(0, &mut b)), 0);
         assert_eq!(b, [0x22u8; 4096]);
-        assert_eq!(
-            snap.write_at(&b, 0, false).unwrap_err().kind(),
-            io::ErrorKind::PermissionDenied
-        );
-        // Discard reads back as zeroes, partial blocks included.
-        live.discard(100, 8000).unwrap();
+        // Discard reads back as zeroes, whole sectors included.
+        let discard = crate::driver::IoOp::Discard { secure: false };
+        assert_eq!(run(&mut *le, &mut ring, Step::op(discard, 512, 7680)), 0);
         let mut b = [1u8; 8192];
-        live.read_at(&mut b, 0).unwrap();
-        assert!(b[..100].iter().all(|&x| x == 0x22));
-        assert!(b[100..8100].iter().all(|&x| x == 0));
-        assert!(b[8100..].iter().all(|&x| x == 0x11));
+        assert_eq!(run(&mut *le, &mut ring, Step::read(0, &mut b)), 0);
+        assert!(b[..512].iter().all(|&x| x == 0x22));
+        assert!(b[512..8192].iter().all(|&x| x == 0));
+        assert_eq!(
+            run(
+                &mut *le,
+                &mut ring,
+                Step::op(crate::driver::IoOp::Flush, 0, 0)
+            ),
+            0
+        );
+        drop((le, se));
         let st = live.stats();
         assert_eq!(st["type"], "parallax");
         assert!(st["cache"]["v2p"]["lookups"].as_u64().unwrap() > 0);

@@ -5,7 +5,7 @@
 //! virtual range that are contiguous in the store, or (reads only) never written. The iovecs
 //! of the IO are cut at part boundaries into a per-tag array (pointers into the frontend's
 //! pages, no data copied); each part with a store offset becomes one IO of the inner engine,
-//! the store driver's own ([`super::aio::AioEngine`] on the image file now, with its O_DIRECT
+//! the store driver's own ([`crate::driver::aio::engine::AioEngine`] on the image file now, with its O_DIRECT
 //! choice and short-IO resume; a striped store's later), and parts never written are filled
 //! with zeroes here. The IO completes when all its parts have; the first error is reported.
 //!
@@ -35,9 +35,9 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 
-use super::{BackendIo, Done, Engine, IoOp, Uring};
-use crate::image::BlockTarget;
-use crate::parallax::{errno, ParallaxImage};
+use super::{errno, ParallaxImage};
+use crate::driver::engine::{BackendIo, Cqe, Done, Engine, IoOp, Uring};
+use crate::driver::Image;
 
 /// Inner-engine tags per outer tag.
 pub const INNER_PER_TAG: u32 = 2;
@@ -406,15 +406,8 @@ impl Engine for ParallaxEngine {
         self.pump(ring, done)
     }
 
-    fn complete(
-        &mut self,
-        ring: &mut Uring,
-        user_data: u64,
-        res: i32,
-        done: &mut Done,
-    ) -> io::Result<()> {
-        self.inner
-            .complete(ring, user_data, res, &mut self.inner_done)?;
+    fn complete(&mut self, ring: &mut Uring, cqe: Cqe, done: &mut Done) -> io::Result<()> {
+        self.inner.complete(ring, cqe, &mut self.inner_done)?;
         self.pump(ring, done)
     }
 

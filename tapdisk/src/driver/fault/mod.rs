@@ -1,4 +1,4 @@
-//! Fault injection: an engine wrapper that fails, delays or tears IOs on a seeded schedule,
+//! Fault injection: an engine layer that fails, delays or tears IOs on a seeded schedule,
 //! for testing everything above an engine (the scheduler, early reads, the drivers).
 //!
 //! A [`FaultPlan`] names bad sector ranges (every IO touching one fails with EIO, every time:
@@ -12,10 +12,8 @@ use std::io;
 use io_uring::{opcode, types};
 use serde::{Deserialize, Serialize};
 
-use super::{BackendIo, Done, Engine, IoOp, Uring, ENGINE_SPACE};
-
-/// Timer user data: `FAULT_TIMERS + tag` (the inner engine uses tag numbers).
-const FAULT_TIMERS: u64 = ENGINE_SPACE / 4;
+use super::engine::{BackendIo, Engine, IoOp, Uring};
+use super::layer::{Cx, Layer, Layered};
 
 /// What to inject.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,29 +96,31 @@ struct Tag {
     timer_done: bool,
 }
 
-/// The fault-injecting wrapper.
-pub struct FaultEngine {
-    inner: Box<dyn Engine>,
+/// The fault-injecting layer (see [`Layer`]); its own operations are one delay timer per tag.
+pub struct FaultLayer {
     plan: FaultPlan,
     rng: u64,
     tags: Box<[Tag]>,
     ts: Box<[types::Timespec]>,
-    inner_done: Done,
 }
 
-impl FaultEngine {
-    /// Wraps `inner`, which serves `tags` tags.
-    pub fn new(inner: Box<dyn Engine>, plan: FaultPlan, tags: u32) -> FaultEngine {
-        FaultEngine {
-            inner,
-            rng: plan.seed ^ 0x9E37_79B9_7F4A_7C15,
-            plan,
-            tags: vec![Tag::default(); tags as usize].into_boxed_slice(),
-            ts: (0..tags).map(|_| types::Timespec::new()).collect(),
-            inner_done: Done::with_capacity(tags as usize),
-        }
-    }
+/// `inner`, with the faults of `plan` injected into its IOs (tagged `0..tags`).
+pub fn wrap(
+    inner: Box<dyn Engine>,
+    plan: FaultPlan,
+    ring: &mut Uring,
+    tags: u32,
+) -> Box<dyn Engine> {
+    let layer = FaultLayer {
+        rng: plan.seed ^ 0x9E37_79B9_7F4A_7C15,
+        plan,
+        tags: vec![Tag::default(); tags as usize].into_boxed_slice(),
+        ts: (0..tags).map(|_| types::Timespec::new()).collect(),
+    };
+    Box::new(Layered::new(layer, inner, ring, tags))
+}
 
+impl FaultLayer {
     fn roll(&mut self, ppm: u32) -> bool {
         if ppm == 0 {
             return false;
@@ -133,44 +133,30 @@ impl FaultEngine {
         (v >> 32) % 1_000_000 < u64::from(ppm)
     }
 
-    fn report(&mut self, tag: u32, done: &mut Done) {
-        let t = &mut self.tags[tag as usize];
+    /// Reports `tag` once its result is in and its delay (if any) is over.
+    fn report(&mut self, cx: &mut Cx<'_>, tag: u32) {
+        let Some(t) = self.tags.get_mut(tag as usize) else {
+            return;
+        };
         if !t.busy || t.result.is_none() || (t.delayed && !t.timer_done) {
             return;
         }
         t.busy = false;
         let r = t.force.unwrap_or(t.result.unwrap_or(-libc::EIO));
-        done.push(tag, r);
-    }
-
-    fn collect_polled(&mut self, _ring: &mut Uring, done: &mut Done) -> io::Result<()> {
-        self.collect(done);
-        Ok(())
-    }
-
-    fn collect(&mut self, done: &mut Done) {
-        for i in 0..self.inner_done.0.len() {
-            let (tag, res) = self.inner_done.0[i];
-            if let Some(t) = self.tags.get_mut(tag as usize) {
-                t.result = Some(res);
-            }
-            self.report(tag, done);
-        }
-        self.inner_done.0.clear();
+        cx.report(tag, r);
     }
 }
 
-impl Engine for FaultEngine {
-    fn unpinned_memory_only(&mut self) {
-        self.inner.unpinned_memory_only();
+impl Layer for FaultLayer {
+    fn name(&self) -> String {
+        "faults injected".into()
     }
 
-    unsafe fn submit(
-        &mut self,
-        ring: &mut Uring,
-        io: BackendIo,
-        done: &mut Done,
-    ) -> io::Result<()> {
+    fn own_ops(&self) -> u64 {
+        self.tags.len() as u64
+    }
+
+    unsafe fn submit(&mut self, cx: &mut Cx<'_>, io: BackendIo) -> io::Result<()> {
         let data = matches!(io.op, IoOp::Read | IoOp::Write | IoOp::Discard { .. });
         let fail = (data && self.plan.hits_bad(io.offset, io.len)) || {
             let p = self.plan.fail_ppm;
@@ -192,11 +178,10 @@ impl Engine for FaultEngine {
                 .nsec((at % 1_000_000_000) as u32);
             let e = opcode::Timeout::new(&self.ts[t])
                 .flags(types::TimeoutFlags::ABS)
-                .build()
-                .user_data(FAULT_TIMERS + u64::from(io.tag));
+                .build();
             // SAFETY: the timespec lives in `self.ts[tag]`, never resized nor rewritten while
             // the tag is busy.
-            unsafe { ring.push(&e)? };
+            unsafe { cx.push_own(u64::from(io.tag), e)? };
             self.tags[t].delayed = true;
         }
         if fail {
@@ -223,54 +208,31 @@ impl Engine for FaultEngine {
                     ..io
                 };
                 // SAFETY: forwarded from our submit contract.
-                unsafe { self.inner.submit(ring, torn, &mut self.inner_done)? };
-                self.collect(done);
-                return Ok(());
+                return unsafe { cx.submit_inner(torn) };
             }
             self.tags[t].result = Some(-libc::EIO);
-            self.report(io.tag, done);
+            self.report(cx, io.tag);
             return Ok(());
         }
         // SAFETY: forwarded from our submit contract.
-        unsafe { self.inner.submit(ring, io, &mut self.inner_done)? };
-        self.collect(done);
-        Ok(())
+        unsafe { cx.submit_inner(io) }
     }
 
-    fn complete(
-        &mut self,
-        ring: &mut Uring,
-        user_data: u64,
-        res: i32,
-        done: &mut Done,
-    ) -> io::Result<()> {
-        if (FAULT_TIMERS..FAULT_TIMERS + self.tags.len() as u64).contains(&user_data) {
-            let tag = (user_data - FAULT_TIMERS) as u32;
-            self.tags[tag as usize].timer_done = true;
-            self.report(tag, done);
-            return Ok(());
+    fn inner_done(&mut self, cx: &mut Cx<'_>, tag: u32, res: i32) -> io::Result<()> {
+        if let Some(t) = self.tags.get_mut(tag as usize) {
+            t.result = Some(res);
         }
-        self.inner
-            .complete(ring, user_data, res, &mut self.inner_done)?;
-        self.collect(done);
+        self.report(cx, tag);
         Ok(())
     }
 
-    fn poll_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.inner.poll_fd()
-    }
-
-    fn on_poll(&mut self, ring: &mut Uring, done: &mut Done) -> io::Result<()> {
-        self.inner.on_poll(ring, &mut self.inner_done)?;
-        self.collect_polled(ring, done)
-    }
-
-    fn describe(&self) -> String {
-        format!("faults injected over {}", self.inner.describe())
-    }
-
-    fn max_in_flight(&self) -> Option<u32> {
-        self.inner.max_in_flight()
+    fn own_done(&mut self, cx: &mut Cx<'_>, op: u64, _res: i32) -> io::Result<()> {
+        let tag = op as u32;
+        if let Some(t) = self.tags.get_mut(tag as usize) {
+            t.timer_done = true;
+        }
+        self.report(cx, tag);
+        Ok(())
     }
 }
 

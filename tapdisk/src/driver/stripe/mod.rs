@@ -3,26 +3,24 @@
 //!
 //! The work is done by [`stripe::path`]: each ring's engine owns a [`Striper`] (one iSCSI
 //! session per server, completions gathered on one epoll descriptor that the ring loop polls on
-//! its io_uring, [`Engine::poll_fd`]); the synchronous [`BlockTarget`] methods (NBD export,
-//! tools) share one more striper behind a mutex. Opening the image locks the mapping file
+//! its io_uring, [`Engine::poll_fd`]). Opening the image locks the mapping file
 //! (a second opener is told which pid holds it) and checks every server.
 
 use std::io;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use stripe::path::{Disk, Drive, Op, Options, Striper, SyncStriper};
+use stripe::path::{Disk, Drive, Op, Options, Striper};
 
-use super::{BackendIo, Done, Engine, IoOp, Uring};
-use crate::image::{BlockTarget, Driver, Image, ImageSpec, OpenOptionsImg};
+use super::engine::{BackendIo, Cqe, Done, Engine, IoOp, Uring};
+use super::{Driver, Image, ImageSpec, OpenOptionsImg};
 
 /// A striped disk.
 pub struct StripeImage {
     disk: Arc<Disk>,
     path: PathBuf,
     read_only: bool,
-    sync: Mutex<Option<SyncStriper>>,
 }
 
 fn to_io(e: stripe::Error) -> io::Error {
@@ -52,39 +50,11 @@ impl StripeImage {
             disk,
             path: path.to_path_buf(),
             read_only: opts.read_only,
-            sync: Mutex::new(None),
         })
-    }
-
-    fn with_sync<R>(&self, f: impl FnOnce(&mut SyncStriper) -> io::Result<R>) -> io::Result<R> {
-        let mut g = self.sync.lock().unwrap_or_else(|p| p.into_inner());
-        if g.is_none() {
-            *g = Some(SyncStriper::new(self.disk.clone()).map_err(to_io)?);
-        }
-        match g.as_mut() {
-            Some(s) => f(s),
-            None => Err(io::Error::other("no striper")),
-        }
-    }
-
-    fn check(&self, offset: u64, len: u64, write: bool) -> io::Result<()> {
-        if write && self.read_only {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "the disk is read-only",
-            ));
-        }
-        match offset.checked_add(len) {
-            Some(e) if e <= self.size() => Ok(()),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "range beyond the end of the disk",
-            )),
-        }
     }
 }
 
-impl BlockTarget for StripeImage {
+impl Image for StripeImage {
     fn size(&self) -> u64 {
         self.disk.geometry.size
     }
@@ -94,64 +64,7 @@ impl BlockTarget for StripeImage {
     fn supports_discard(&self) -> bool {
         self.disk.discard
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.check(offset, buf.len() as u64, false)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        self.with_sync(|s| s.read(buf, offset))
-    }
-    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        self.check(offset, buf.len() as u64, true)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        self.with_sync(|s| {
-            s.write(buf, offset)?;
-            if fua {
-                s.flush()?;
-            }
-            Ok(())
-        })
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.with_sync(|s| s.flush())
-    }
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check(offset, len, true)?;
-        if !self.disk.discard {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "the servers' LUNs are not thin-provisioned (no UNMAP)",
-            ));
-        }
-        if len == 0 {
-            return Ok(());
-        }
-        self.with_sync(|s| s.discard(offset, len))
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check(offset, len, true)?;
-        let zero = vec![0u8; (1 << 20).min(len as usize)];
-        self.with_sync(|s| {
-            let mut off = offset;
-            while off < offset + len {
-                let n = (offset + len - off).min(zero.len() as u64) as usize;
-                s.write(&zero[..n], off)?;
-                off += n as u64;
-            }
-            Ok(())
-        })
-    }
-}
-
-impl Image for StripeImage {
-    fn engine(
-        self: Arc<Self>,
-        _ring: &mut Uring,
-        tags: u32,
-        _update: bool,
-    ) -> io::Result<Box<dyn Engine>> {
+    fn engine(self: Arc<Self>, _ring: &mut Uring, tags: u32) -> io::Result<Box<dyn Engine>> {
         let s = Striper::new(self.disk.clone(), tags).map_err(to_io)?;
         Ok(Box::new(StripeEngine { s }))
     }
@@ -199,13 +112,7 @@ impl Engine for StripeEngine {
         Ok(())
     }
 
-    fn complete(
-        &mut self,
-        _ring: &mut Uring,
-        _user_data: u64,
-        _res: i32,
-        _done: &mut Done,
-    ) -> io::Result<()> {
+    fn complete(&mut self, _ring: &mut Uring, _cqe: Cqe, _done: &mut Done) -> io::Result<()> {
         // Nothing of ours goes through the loop's io_uring but the poll.
         Ok(())
     }

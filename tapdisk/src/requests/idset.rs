@@ -109,11 +109,6 @@ impl IdSet {
     pub fn len(&self) -> usize {
         self.len
     }
-
-    /// Whether the set is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 #[cfg(test)]

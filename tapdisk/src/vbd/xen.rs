@@ -8,19 +8,16 @@
 //! in `tap-ctl list` and closes the device in xenstore. `xen_disconnect` stops the loops, waits
 //! for the IO in flight and unmaps.
 
-use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use blkif::request::DiskInfo;
-use blkif::ring::BackRing;
-use blkif::xen::backend::{GrantMode, XenGrants, XenRing};
-use blkif::xen::evtchn::Evtchn;
-use blkif::Abi;
+use blkif::xen::backend::{GrantMode, XenRing};
 
+use super::rings::RingLink;
+use super::Vbd;
 use crate::control::proto::{XenAttachmentInfo, XenConnectSpec};
-use crate::ringloop::RingTransport;
-use crate::vbd::{lock, RingLink, Vbd};
+use crate::ring::lock;
 
 /// Most queues a frontend may use.
 pub const MAX_QUEUES: u32 = 16;
@@ -29,23 +26,6 @@ pub const MAX_RING_ORDER: u8 = 4;
 /// Segments per indirect request in grant-copy mode, where each request slot owns that many
 /// bounce pages (512 slots x 32 pages x 4 KiB = 64 MiB per queue at most).
 pub const COPY_MAX_INDIRECT_SEGMENTS: u16 = 32;
-
-impl RingTransport for XenRing {
-    type Grants = XenGrants;
-    type Evtchn = Evtchn;
-    fn parts(&mut self) -> (&mut BackRing, &mut Self::Grants, &Self::Evtchn) {
-        (&mut self.ring, &mut self.grants, &self.evtchn)
-    }
-    fn abi(&self) -> Abi {
-        self.abi
-    }
-    fn hangup_fd(&self) -> Option<RawFd> {
-        None
-    }
-    fn unmaps_after_io(&self) -> bool {
-        self.grants.mode() == GrantMode::Map
-    }
-}
 
 /// One Xen frontend served by a VBD.
 #[derive(Debug)]

@@ -12,12 +12,14 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types};
 
-use super::{BackendIo, Done, Engine, IoOp, Uring};
-use crate::image::{discard_fd, AioImage};
+use super::AioImage;
+use crate::driver::engine::{BackendIo, Cqe, Done, Engine, IoOp, UdRange, Uring};
+use crate::sys::file::discard_fd;
 
-/// Fixed-file slot of the O_DIRECT descriptor (the buffered one if the image has none).
+/// Of the engine's two fixed-file slots: the O_DIRECT descriptor (the buffered one if the
+/// image has none).
 const FILE_DIRECT: u32 = 0;
-/// Fixed-file slot of the buffered descriptor.
+/// Of the engine's two fixed-file slots: the buffered descriptor.
 const FILE_BUFFERED: u32 = 1;
 const MAX_RETRIES: u8 = 16;
 
@@ -34,21 +36,21 @@ struct Tag {
 pub struct AioEngine {
     image: Arc<AioImage>,
     tags: Box<[Tag]>,
+    /// User data of tag `t`'s operation: `ud.ud(t)`.
+    ud: UdRange,
+    /// The first of the engine's two fixed-file slots.
+    files: u32,
     /// Never the O_DIRECT descriptor ([`Engine::unpinned_memory_only`]).
     buffered_only: bool,
 }
 
 impl AioEngine {
     /// An engine for `tags` concurrent IOs, registering the image's descriptors on `ring`.
-    pub fn new(
-        ring: &mut Uring,
-        image: Arc<AioImage>,
-        tags: u32,
-        update: bool,
-    ) -> io::Result<Self> {
+    pub fn new(ring: &mut Uring, image: Arc<AioImage>, tags: u32) -> io::Result<Self> {
         let b = image.buffered_fd();
         let fds = [image.direct_fd().map(|(fd, _)| fd).unwrap_or(b), b];
-        ring.register_files(&fds, update)?;
+        let files = ring.add_files(&fds)?;
+        let ud = ring.reserve(u64::from(tags));
         let idle = Tag {
             io: BackendIo {
                 tag: 0,
@@ -65,6 +67,8 @@ impl AioEngine {
         Ok(AioEngine {
             image,
             tags: vec![idle; tags as usize].into_boxed_slice(),
+            ud,
+            files,
             buffered_only: false,
         })
     }
@@ -92,10 +96,10 @@ impl AioEngine {
                     (v.iov_base as u64).is_multiple_of(a) && (v.iov_len as u64).is_multiple_of(a)
                 });
             if aligned {
-                return types::Fixed(FILE_DIRECT);
+                return types::Fixed(self.files + FILE_DIRECT);
             }
         }
-        types::Fixed(FILE_BUFFERED)
+        types::Fixed(self.files + FILE_BUFFERED)
     }
 
     fn push_data(&mut self, ring: &mut Uring, tag: u32) -> io::Result<()> {
@@ -111,7 +115,7 @@ impl AioEngine {
         };
         // SAFETY: the iovecs and the pages they point to stay valid until the tag completes
         // (the submit contract); the fixed files stay registered while `self.image` lives.
-        unsafe { ring.push(&e.user_data(u64::from(tag))) }
+        unsafe { ring.push(&e.user_data(self.ud.ud(u64::from(tag)))) }
     }
 
     fn push_op(&mut self, ring: &mut Uring, tag: u32, done: &mut Done) -> io::Result<()> {
@@ -119,10 +123,10 @@ impl AioEngine {
         match t.io.op {
             IoOp::Read | IoOp::Write => self.push_data(ring, tag),
             IoOp::Flush => {
-                let e = opcode::Fsync::new(types::Fixed(FILE_BUFFERED))
+                let e = opcode::Fsync::new(types::Fixed(self.files + FILE_BUFFERED))
                     .flags(types::FsyncFlags::DATASYNC)
                     .build()
-                    .user_data(u64::from(tag));
+                    .user_data(self.ud.ud(u64::from(tag)));
                 // SAFETY: no buffers; the fixed file stays registered.
                 unsafe { ring.push(&e) }
             }
@@ -142,11 +146,11 @@ impl AioEngine {
                     done.push(tag, res);
                     return Ok(());
                 }
-                let e = opcode::Fallocate::new(types::Fixed(FILE_BUFFERED), t.io.len)
+                let e = opcode::Fallocate::new(types::Fixed(self.files + FILE_BUFFERED), t.io.len)
                     .offset(t.io.offset)
                     .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                     .build()
-                    .user_data(u64::from(tag));
+                    .user_data(self.ud.ud(u64::from(tag)));
                 // SAFETY: no buffers; the fixed file stays registered.
                 unsafe { ring.push(&e) }
             }
@@ -194,17 +198,12 @@ impl Engine for AioEngine {
         self.push_op(ring, io.tag, done)
     }
 
-    fn complete(
-        &mut self,
-        ring: &mut Uring,
-        user_data: u64,
-        res: i32,
-        done: &mut Done,
-    ) -> io::Result<()> {
-        let tag = user_data as u32;
-        if tag as usize >= self.tags.len() {
+    fn complete(&mut self, ring: &mut Uring, cqe: Cqe, done: &mut Done) -> io::Result<()> {
+        let Some(tag) = self.ud.index(cqe.ud) else {
             return Ok(());
-        }
+        };
+        let tag = tag as u32;
+        let res = cqe.res;
         if res == -libc::EAGAIN || res == -libc::EINTR {
             let t = &mut self.tags[tag as usize];
             if t.retries < MAX_RETRIES {
@@ -242,7 +241,7 @@ impl Engine for AioEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::{DirectIo, OpenOptionsImg};
+    use crate::driver::{DirectIo, OpenOptionsImg};
 
     #[test]
     fn unmapped_memory_never_gets_direct_io() {
@@ -262,7 +261,7 @@ mod tests {
             return;
         };
         let mut ring = Uring::new(8).unwrap();
-        let mut e = AioEngine::new(&mut ring, image, 1, false).unwrap();
+        let mut e = AioEngine::new(&mut ring, image, 1).unwrap();
         let layout = std::alloc::Layout::from_size_align(4096, 4096.max(align as usize)).unwrap();
         // SAFETY: a non-zero size; freed below with the same layout.
         let buf = unsafe { std::alloc::alloc(layout) };
@@ -275,11 +274,15 @@ mod tests {
         t.io.iov = iov.as_mut_ptr();
         t.io.iovcnt = 1;
         t.io.len = 4096;
-        assert_eq!(e.choose_fd(&t).0, FILE_DIRECT, "aligned IO goes direct");
+        assert_eq!(
+            e.choose_fd(&t).0,
+            e.files + FILE_DIRECT,
+            "aligned IO goes direct"
+        );
         e.unpinned_memory_only();
         assert_eq!(
             e.choose_fd(&t).0,
-            FILE_BUFFERED,
+            e.files + FILE_BUFFERED,
             "unless memory is unmapped after it"
         );
         // SAFETY: allocated above with `layout`, no longer referenced.

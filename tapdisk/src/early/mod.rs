@@ -1,0 +1,344 @@
+//! Early read return: answer a read before all of it has come from the disk.
+//!
+//! After US patent 9,298,375 (returning reads in the presence of partial data
+//! unavailability): a read is first filled from a host-side cache ([`ReadCache`]); the rest
+//! is fetched in chunks, in order; as soon as a policy ([`EarlyPolicy`]) is met the read is
+//! answered, while the remaining chunks continue. The frontend (early-read mode of the local
+//! transport, [`blkif::early`]) has unmapped the read's pages; each page is mapped for it
+//! (`UFFDIO_CONTINUE`) the moment its data is in, and a frontend thread that touches a page
+//! still missing stalls on a userfaultfd fault until it is. The request's slot and grant
+//! mapping are released when its last page is filled. If a chunk fails after the read was
+//! answered, its pages are filled with [`blkif::early::POISON`], mapped (no reader hangs), and
+//! the frontend is told on the transport socket (no reader goes on unknowing).
+//!
+//! Policies, each optional, combined with "any": a percentage of the read filled; the first
+//! X % filled and Y % of the rest; at most N of its IOs outstanding; the estimated time to
+//! fill the rest (recent chunk service times) under a bound; and sequential read-ahead (after
+//! a run of sequential reads, a stream's reads are answered once their first X % are in).
+//!
+//! On Xen there is no safe way to do this for an unmodified PV guest (blkfront ends its grant
+//! access when it sees the response); tapdisk only does early reads on rings whose frontend
+//! set up the userfaultfd contract. See docs/early-read.md for the Xen design left for later.
+
+mod cache;
+mod reads;
+
+use serde::{Deserialize, Serialize};
+
+pub use cache::{segment_block, ReadCache};
+pub use reads::{continue_pages, EarlyReads, Outcome};
+
+use crate::stats::Counter;
+
+/// When to answer a read early. Every `Some` is a rule; the read is answered when any rule
+/// holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EarlyPolicy {
+    /// Answer once this percent of the read's pages are filled.
+    pub percent: Option<u8>,
+    /// Answer once the first `.0` percent of the pages are filled and `.1` percent of the
+    /// rest.
+    pub first_then: Option<(u8, u8)>,
+    /// Answer once at most this many of the read's chunk IOs are outstanding.
+    pub outstanding: Option<u32>,
+    /// Answer once the estimated time to fill the rest is at most this many µs.
+    pub eta_us: Option<u32>,
+    /// After `.0` reads in a row that each start where the previous ended, the stream is
+    /// read-ahead: its reads are answered once their first `.1` percent are filled.
+    pub sequential: Option<(u32, u8)>,
+    /// Reads are fetched in chunk IOs of at most this many KiB, in order (default 64).
+    pub chunk_kb: u32,
+    /// Host-side read cache, MiB (0: none).
+    pub cache_mb: u32,
+}
+
+impl Default for EarlyPolicy {
+    fn default() -> Self {
+        EarlyPolicy {
+            percent: None,
+            first_then: None,
+            outstanding: None,
+            eta_us: None,
+            sequential: None,
+            chunk_kb: 64,
+            cache_mb: 0,
+        }
+    }
+}
+
+impl EarlyPolicy {
+    /// Whether any rule is set.
+    pub fn answers_early(&self) -> bool {
+        self.percent.is_some()
+            || self.first_then.is_some()
+            || self.outstanding.is_some()
+            || self.eta_us.is_some()
+            || self.sequential.is_some()
+    }
+}
+
+fn pct(s: &str, what: &str) -> Result<u8, String> {
+    let v: u8 = s
+        .parse()
+        .map_err(|_| format!("{what} '{s}' is not a percentage"))?;
+    if v > 100 {
+        return Err(format!("{what} {v} is above 100"));
+    }
+    Ok(v)
+}
+
+impl std::str::FromStr for EarlyPolicy {
+    type Err = String;
+    /// `percent=25,first=10+20,outstanding=2,eta=500,seq=4:10,chunk=64,cache=64` (any
+    /// subset; `off` for none).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut p = EarlyPolicy::default();
+        if s == "off" || s.is_empty() {
+            return Ok(p);
+        }
+        for part in s.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                format!("early-read rule '{part}' is not NAME=VALUE (e.g. percent=25)")
+            })?;
+            let num = |v: &str, what: &str| -> Result<u32, String> {
+                v.parse::<u32>()
+                    .map_err(|_| format!("{what} '{v}' is not a whole number"))
+            };
+            match k {
+                "percent" => p.percent = Some(pct(v, "percent")?),
+                "first" => {
+                    let (a, b) = v
+                        .split_once('+')
+                        .ok_or_else(|| format!("first='{v}' is not X+Y (e.g. first=10+20)"))?;
+                    p.first_then = Some((pct(a, "first")?, pct(b, "rest")?));
+                }
+                "outstanding" => p.outstanding = Some(num(v, "outstanding")?),
+                "eta" => p.eta_us = Some(num(v, "eta")?),
+                "seq" => {
+                    let (a, b) = v
+                        .split_once(':')
+                        .ok_or_else(|| format!("seq='{v}' is not RUN:PERCENT (e.g. seq=4:10)"))?;
+                    p.sequential = Some((num(a, "seq run")?.max(1), pct(b, "seq percent")?));
+                }
+                "chunk" => {
+                    let c = num(v, "chunk")?;
+                    if !(4..=16384).contains(&c) {
+                        return Err(format!("chunk {c} KiB is outside 4..=16384"));
+                    }
+                    p.chunk_kb = c;
+                }
+                "cache" => p.cache_mb = num(v, "cache")?,
+                other => {
+                    return Err(format!(
+                        "unknown early-read rule '{other}' (known: percent, first, outstanding, \
+                         eta, seq, chunk, cache)"
+                    ))
+                }
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// The state of one read, as the policy sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadState {
+    /// Pages (segments) in the read.
+    pub pages: u32,
+    /// Pages filled.
+    pub filled: u32,
+    /// Pages filled from the start without a gap.
+    pub prefix: u32,
+    /// Chunk IOs still outstanding.
+    pub outstanding: u32,
+    /// Part of a sequential stream.
+    pub sequential: bool,
+}
+
+fn at_least(pages: u32, percent: u8) -> u32 {
+    (u64::from(pages) * u64::from(percent)).div_ceil(100) as u32
+}
+
+/// Whether `p` lets the read be answered now; `eta_ns` is the estimated time to fill the rest.
+pub fn should_answer(p: &EarlyPolicy, r: &ReadState, eta_ns: Option<u64>) -> bool {
+    if r.filled >= r.pages {
+        return true;
+    }
+    if let Some(x) = p.percent {
+        if r.filled >= at_least(r.pages, x) {
+            return true;
+        }
+    }
+    if let Some((x, y)) = p.first_then {
+        let first = at_least(r.pages, x);
+        if r.prefix >= first && r.filled - first >= at_least(r.pages - first, y) {
+            return true;
+        }
+    }
+    if let Some(n) = p.outstanding {
+        if r.outstanding <= n {
+            return true;
+        }
+    }
+    if let (Some(b), Some(eta)) = (p.eta_us, eta_ns) {
+        if eta <= u64::from(b) * 1000 {
+            return true;
+        }
+    }
+    if let Some((_, x)) = p.sequential {
+        if r.sequential && r.prefix >= at_least(r.pages, x) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Counters of early reads, per ring.
+#[derive(Debug, Default)]
+pub struct EarlyCounters {
+    /// Reads handled by the early-read layer.
+    pub reads: Counter,
+    /// Of those, answered before all their pages were filled.
+    pub answered_early: Counter,
+    /// Pages still unmapped (not filled) when their read was answered.
+    pub pages_unmapped: Counter,
+    /// Faults the frontend took on its guest memory.
+    pub faults: Counter,
+    /// Of those, on pages not yet filled: a reader stalled.
+    pub stalls: Counter,
+    /// Time readers spent stalled, ns.
+    pub stall_ns: Counter,
+    /// Pages served from the cache.
+    pub cache_hits: Counter,
+    /// Pages that had to come from the disk.
+    pub cache_misses: Counter,
+    /// Reads that failed after they had been answered early.
+    pub late_failures: Counter,
+}
+
+crate::stats::absorb_fields!(EarlyCounters {
+    reads,
+    answered_early,
+    pages_unmapped,
+    faults,
+    stalls,
+    stall_ns,
+    cache_hits,
+    cache_misses,
+    late_failures,
+});
+
+/// Early-read figures for output.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct EarlyTotals {
+    /// Reads handled by the early-read layer.
+    pub reads: u64,
+    /// Answered before all their pages were filled.
+    pub answered_early: u64,
+    /// Pages unmapped when their read was answered.
+    pub pages_unmapped: u64,
+    /// Faults taken by the frontend.
+    pub faults: u64,
+    /// Faults on unfilled pages (a reader stalled).
+    pub stalls: u64,
+    /// Total stall time, µs.
+    pub stall_us: f64,
+    /// Pages served from the cache.
+    pub cache_hits: u64,
+    /// Pages read from the disk.
+    pub cache_misses: u64,
+    /// Reads that failed after being answered.
+    pub late_failures: u64,
+}
+
+/// Sums the counters of several rings.
+pub fn totals<'a>(cs: impl IntoIterator<Item = &'a EarlyCounters>) -> EarlyTotals {
+    let mut t = EarlyTotals::default();
+    for c in cs {
+        t.reads += c.reads.get();
+        t.answered_early += c.answered_early.get();
+        t.pages_unmapped += c.pages_unmapped.get();
+        t.faults += c.faults.get();
+        t.stalls += c.stalls.get();
+        t.stall_us += c.stall_ns.get() as f64 / 1000.0;
+        t.cache_hits += c.cache_hits.get();
+        t.cache_misses += c.cache_misses.get();
+        t.late_failures += c.late_failures.get();
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(pages: u32, filled: u32, prefix: u32, outstanding: u32) -> ReadState {
+        ReadState {
+            pages,
+            filled,
+            prefix,
+            outstanding,
+            sequential: false,
+        }
+    }
+
+    #[test]
+    fn policies() {
+        let p: EarlyPolicy = "percent=25".parse().unwrap();
+        assert!(!should_answer(&p, &st(16, 3, 3, 13), None));
+        assert!(should_answer(&p, &st(16, 4, 0, 12), None));
+        let p: EarlyPolicy = "first=25+50".parse().unwrap();
+        // first 4 pages, then half of the other 12.
+        assert!(!should_answer(&p, &st(16, 10, 3, 6), None));
+        assert!(!should_answer(&p, &st(16, 9, 4, 7), None));
+        assert!(should_answer(&p, &st(16, 10, 4, 6), None));
+        let p: EarlyPolicy = "outstanding=2".parse().unwrap();
+        assert!(!should_answer(&p, &st(16, 0, 0, 3), None));
+        assert!(should_answer(&p, &st(16, 0, 0, 2), None));
+        let p: EarlyPolicy = "eta=500".parse().unwrap();
+        assert!(!should_answer(&p, &st(16, 0, 0, 3), Some(600_000)));
+        assert!(should_answer(&p, &st(16, 0, 0, 3), Some(500_000)));
+        assert!(!should_answer(&p, &st(16, 0, 0, 3), None));
+        let p: EarlyPolicy = "seq=2:10".parse().unwrap();
+        let mut s = st(16, 2, 2, 14);
+        assert!(!should_answer(&p, &s, None));
+        s.sequential = true;
+        assert!(should_answer(&p, &s, None));
+        // Everything filled always answers; nothing set never answers early.
+        assert!(should_answer(
+            &EarlyPolicy::default(),
+            &st(4, 4, 4, 0),
+            None
+        ));
+        assert!(!should_answer(
+            &EarlyPolicy::default(),
+            &st(4, 3, 3, 1),
+            None
+        ));
+    }
+
+    #[test]
+    fn policy_strings() {
+        let p: EarlyPolicy =
+            "percent=25,first=10+20,outstanding=2,eta=500,seq=4:10,chunk=128,cache=64"
+                .parse()
+                .unwrap();
+        assert_eq!(p.percent, Some(25));
+        assert_eq!(p.first_then, Some((10, 20)));
+        assert_eq!(p.sequential, Some((4, 10)));
+        assert_eq!((p.chunk_kb, p.cache_mb), (128, 64));
+        assert!(p.answers_early());
+        assert!(!"off".parse::<EarlyPolicy>().unwrap().answers_early());
+        for bad in [
+            "percent=101",
+            "first=10",
+            "seq=4",
+            "chunk=1",
+            "bogus=1",
+            "percent",
+        ] {
+            assert!(bad.parse::<EarlyPolicy>().is_err(), "{bad}");
+        }
+    }
+}

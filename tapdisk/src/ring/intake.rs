@@ -1,0 +1,285 @@
+//! Intake: pop a batch of requests, copy each slot once, validate it, map its grants, point
+//! its iovecs at the pages, and hand it to the scheduler (or to the early-read layer); then
+//! dispatch, after the batch timer if one is set.
+
+use std::time::Duration;
+
+use blkif::protocol::{status, Segment, MAX_INDIRECT_PAGES_PER_REQUEST};
+use blkif::request::{
+    copy_indirect_segments, finish_indirect, parse, slot_id, DiskInfo, Operation, Parsed,
+    Rejection, Request,
+};
+use blkif::ring::SlotCopy;
+use blkif::transport::GrantMapper;
+use blkif::Abi;
+use io_uring::types;
+use slog::info;
+
+use super::{RingConfig, RingLoop, RingTransport};
+use crate::sched::IoCx;
+use crate::trace::{now_ns, BatchRecord};
+
+/// The intake's state: what requests must fit, the batch rules, and scratch.
+pub(super) struct Intake {
+    abi: Abi,
+    disk: DiskInfo,
+    /// One slot copied out of the ring.
+    copy: SlotCopy,
+    /// Requests taken per batch.
+    max_batch: u32,
+    batch_wait: Duration,
+    /// Dispatch the batch being collected no later than this (ns).
+    batch_deadline: Option<u64>,
+    /// The batch timer is armed.
+    batch_timer: bool,
+    /// The batch timer's timespec (read by the kernel at submission).
+    batch_ts: Box<types::Timespec>,
+    /// Poll the ring this long before sleeping.
+    pub(super) poll: Duration,
+    /// The mapped address of each segment of the request being taken.
+    addrs: Box<[*mut u8]>,
+}
+
+impl Intake {
+    pub(super) fn new(abi: Abi, disk: DiskInfo, cfg: &RingConfig, ring_size: u32) -> Intake {
+        Intake {
+            abi,
+            disk,
+            copy: SlotCopy::default(),
+            max_batch: if cfg.max_batch == 0 {
+                ring_size
+            } else {
+                cfg.max_batch.min(ring_size)
+            },
+            batch_wait: cfg.batch_wait,
+            batch_deadline: None,
+            batch_timer: false,
+            batch_ts: Box::new(types::Timespec::new()),
+            poll: cfg.poll,
+            addrs: vec![std::ptr::null_mut(); disk.segment_capacity()].into_boxed_slice(),
+        }
+    }
+
+    /// The batch timer fired.
+    pub(super) fn timer_fired(&mut self) {
+        self.batch_timer = false;
+    }
+}
+
+impl<T: RingTransport> RingLoop<T> {
+    /// Pops and validates up to a batch of requests. Returns true if more are waiting.
+    pub(super) fn take_requests(&mut self) -> bool {
+        let pending = match self.t.parts().0.pending() {
+            Ok(n) => n,
+            Err(e) => {
+                self.broken(e.to_string());
+                return false;
+            }
+        };
+        let mut left = pending.min(self.intake.max_batch);
+        let (mut reqs, mut segs) = (0u32, 0u32);
+        let queued_before = self.sched.pending();
+        while left > 0 && self.can_pop() {
+            let mut copy = std::mem::take(&mut self.intake.copy);
+            self.t.parts().0.pop(&mut copy);
+            left -= 1;
+            if let Some(n) = self.start(&copy) {
+                reqs += 1;
+                segs += n as u32;
+            }
+            self.intake.copy = copy;
+        }
+        if reqs > 0 {
+            let now = now_ns();
+            let st = &self.env.stats.sched;
+            st.batches.add(1);
+            st.batch_requests.add(u64::from(reqs));
+            st.batch_segments.add(u64::from(segs));
+            if let Some(tr) = &self.env.trace {
+                tr.batch(BatchRecord {
+                    t: now,
+                    requests: reqs,
+                    segments: segs,
+                });
+            }
+            if queued_before == 0 && !self.intake.batch_wait.is_zero() {
+                self.intake.batch_deadline = Some(now + self.intake.batch_wait.as_nanos() as u64);
+            }
+        }
+        self.can_pop() && matches!(self.t.parts().0.pending(), Ok(n) if n > 0)
+    }
+
+    pub(super) fn guest_error(&mut self, what: &str, id: u64, problem: &dyn std::fmt::Display) {
+        if let Some(suppressed) = self.guest_errors.check() {
+            info!(self.env.log, "refused a request"; "why" => %problem, "kind" => what,
+                  "id" => id, "suppressed" => suppressed);
+        }
+    }
+
+    fn reject(&mut self, s: u32, rej: Rejection, kind: &str) {
+        self.table.give_back(s);
+        if rej.problem.status() == status::EOPNOTSUPP {
+            self.env.stats.unsupported.add(1);
+        } else {
+            self.env.stats.bad_requests.add(1);
+        }
+        self.respond(rej.id, rej.raw_op, rej.problem.status());
+        self.guest_error(kind, rej.id, &rej.problem);
+    }
+
+    /// Validates, maps and enqueues one request. Returns its segment count if accepted.
+    fn start(&mut self, copy: &SlotCopy) -> Option<usize> {
+        let pop = now_ns();
+        let (id, raw_op) = slot_id(copy, self.intake.abi);
+        if self.table.id_in_flight(id) {
+            self.broken(format!("frontend reused id {id:#x} while it was in flight"));
+            return None;
+        }
+        let Some(s) = self.table.take() else {
+            // Cannot happen: pending() bounds outstanding requests by the ring size.
+            self.broken("more requests outstanding than the ring holds".into());
+            return None;
+        };
+        let req = match self.validate(s, copy) {
+            Ok(r) => r,
+            Err((rej, kind)) => {
+                self.reject(s, rej, kind);
+                return None;
+            }
+        };
+        // Map the grants and point the iovecs at the pages.
+        let n = req.nr_segments;
+        let exact = self.early.as_ref().is_some_and(|e| e.eligible(&req));
+        if n > 0 {
+            let writable = req.op == Operation::Read;
+            let segs = &self.table.slot(s).segs[..n];
+            let (_, grants, _) = self.t.parts();
+            match grants.map(segs, writable, &mut self.intake.addrs[..n]) {
+                Ok(h) => {
+                    let slot = self.table.slot_mut(s);
+                    slot.req = req;
+                    slot.map = h;
+                    if exact {
+                        slot.build_iov_exact(&self.intake.addrs[..n]);
+                    } else {
+                        slot.build_iov(&self.intake.addrs[..n]);
+                    }
+                }
+                Err(problem) => {
+                    let rej = Rejection {
+                        id,
+                        raw_op,
+                        problem,
+                    };
+                    self.reject(s, rej, "grant");
+                    return None;
+                }
+            }
+        }
+        let now = now_ns();
+        let slot = self.table.slot_mut(s);
+        slot.req = req;
+        if n == 0 {
+            slot.n_iov = 0;
+        }
+        slot.t = crate::requests::Stamps {
+            pop,
+            sched: now,
+            submit: 0,
+            complete: 0,
+        };
+        self.table.admit(s);
+        self.env.stats.in_flight.add(1);
+        if let Some(c) = &self.env.cache {
+            if req.op.writes() || matches!(req.op, Operation::Discard { .. }) {
+                c.invalidate(req.sector, req.nr_sectors);
+            }
+        }
+        if exact && self.start_early(s, now) {
+            return Some(n);
+        }
+        self.sched.enqueue(s);
+        Some(n)
+    }
+
+    /// Parses the slot (reading an indirect request's descriptor pages once).
+    fn validate(&mut self, s: u32, copy: &SlotCopy) -> Result<Request, (Rejection, &'static str)> {
+        let abi = self.intake.abi;
+        let disk = self.intake.disk;
+        let parsed = parse(copy, abi, &disk, &mut self.table.slot_mut(s).segs)
+            .map_err(|r| (r, "invalid"))?;
+        let h = match parsed {
+            Parsed::Ready(r) => return Ok(r),
+            Parsed::Indirect(h) => h,
+        };
+        let pages = h.pages();
+        let mut addrs = [std::ptr::null_mut::<u8>(); MAX_INDIRECT_PAGES_PER_REQUEST];
+        let mut pages_segs = [Segment::default(); MAX_INDIRECT_PAGES_PER_REQUEST];
+        for (sg, g) in pages_segs.iter_mut().zip(&h.grefs[..pages]) {
+            *sg = Segment {
+                gref: *g,
+                first_sect: 0,
+                last_sect: 7,
+                pad: 0,
+            };
+        }
+        let (_, grants, _) = self.t.parts();
+        let handle = grants
+            .map(&pages_segs[..pages], false, &mut addrs[..pages])
+            .map_err(|problem| {
+                (
+                    Rejection {
+                        id: h.id,
+                        raw_op: h.raw_op,
+                        problem,
+                    },
+                    "indirect grant",
+                )
+            })?;
+        let mut ptrs = [std::ptr::null::<u8>(); MAX_INDIRECT_PAGES_PER_REQUEST];
+        for (p, a) in ptrs.iter_mut().zip(addrs) {
+            *p = a.cast_const();
+        }
+        // SAFETY: the transport just mapped `pages` pages, each 4096 bytes and page aligned,
+        // readable until the unmap below; `segs` holds the disk's segment capacity, which
+        // `parse` checked `nr_segments` against.
+        unsafe {
+            copy_indirect_segments(
+                &ptrs[..pages],
+                h.nr_segments,
+                &mut self.table.slot_mut(s).segs,
+            )
+        };
+        // A read-only mapping: nothing is copied back, so unmapping cannot fail the request.
+        let _ = self.t.parts().1.unmap(handle);
+        finish_indirect(&h, &disk, &self.table.slot(s).segs).map_err(|r| (r, "invalid indirect"))
+    }
+
+    /// Starts what the scheduler may start, unless the batch timer says to wait for more.
+    pub(super) fn dispatch(&mut self) -> std::io::Result<()> {
+        if self.sched.pending() == 0 {
+            return Ok(());
+        }
+        let now = now_ns();
+        if let Some(deadline) = self.intake.batch_deadline {
+            if now < deadline && (self.sched.pending() as u32) < self.intake.max_batch {
+                if !self.intake.batch_timer {
+                    let ns = deadline - now;
+                    *self.intake.batch_ts = types::Timespec::new().nsec(ns.min(999_999_999) as u32);
+                    let e = self.tokens.batch_timer(&self.intake.batch_ts);
+                    self.push_sqe(&e)?;
+                    self.intake.batch_timer = true;
+                }
+                return Ok(());
+            }
+            self.intake.batch_deadline = None;
+        }
+        let mut cx = IoCx {
+            table: &mut self.table,
+            ring: &mut self.uring,
+            engine: self.backend.engine_mut(),
+            stats: &self.env.stats,
+        };
+        self.sched.dispatch(&mut cx, now)
+    }
+}

@@ -1,0 +1,6 @@
+//! System calls and kernel interfaces the daemon uses, wrapped once: the ring loop's io_uring
+//! with its user data ranges ([`uring`]) and the file and block-device calls of the drivers
+//! ([`file`]). `unsafe` for these lives here; the rest of the daemon calls safe functions.
+
+pub mod file;
+pub mod uring;

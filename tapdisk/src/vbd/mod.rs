@@ -1,0 +1,363 @@
+//! A VBD: one image, the rings attached to it, and its NBD export.
+//!
+//! The VBD listens on its "device node", a unix socket in `<rundir>/vbd/tapdevN`, where local
+//! frontends attach rings ([`blkif::local`]); tapback attaches Xen frontends' rings
+//! ([`xen`]); the NBD export attaches one ring per connection ([`export`]). Every ring gets
+//! its own thread running a [`crate::ring::RingLoop`] ([`rings`]).
+//!
+//! Pausing sets a flag every ring loop checks before taking requests, wakes the loops, and
+//! waits until each reports that nothing is in flight (NBD requests wait in their rings).
+//! Unpausing may swap the image first (same size), as `tap-ctl unpause -a` does for a live
+//! image move.
+
+pub mod export;
+pub mod rings;
+pub mod xen;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use blkif::local::AttachLimits;
+use blkif::request::DiskInfo;
+use slog::{info, o, Logger};
+
+use crate::control::proto::{VbdOptions, VbdState, VbdSummary};
+use crate::driver::{open_image_logged, ImageSpec, Layers, OpenOptionsImg, SECTOR};
+use crate::nbd::{NbdListen, NbdServer};
+use crate::ring::{RingConfig, RingTransport, VbdShared};
+use crate::sched::SchedConfig;
+use crate::trace::RingTrace;
+
+use self::rings::{RingKind, RingLink, Rings};
+
+/// One virtual block device.
+pub struct Vbd {
+    /// Minor number.
+    pub minor: u32,
+    spec: ImageSpec,
+    opts: VbdOptions,
+    rings: Arc<Rings>,
+    accept_stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+    device: PathBuf,
+    nbd: Option<NbdServer>,
+    quiescing: bool,
+    log: Logger,
+    /// Xen frontends this VBD serves (see [`xen`]).
+    pub xen: Vec<xen::XenAttachment>,
+}
+
+impl Vbd {
+    /// Opens `spec` as VBD `minor`, with its device socket at `device`.
+    pub fn open(
+        minor: u32,
+        spec: ImageSpec,
+        opts: VbdOptions,
+        device: PathBuf,
+        log: &Logger,
+    ) -> anyhow::Result<Vbd> {
+        use anyhow::{bail, Context};
+        if !(1..=11).contains(&opts.max_segments) {
+            bail!("max segments {} is outside 1..=11", opts.max_segments);
+        }
+        if opts.max_ring_order > 8 {
+            bail!("max ring order {} is above 8", opts.max_ring_order);
+        }
+        if opts.max_indirect_segments > blkif::request::MAX_INDIRECT_SEGMENTS {
+            bail!(
+                "max indirect segments {} is above {}",
+                opts.max_indirect_segments,
+                blkif::request::MAX_INDIRECT_SEGMENTS
+            );
+        }
+        if !(4..=65536).contains(&opts.max_merge_kb) {
+            bail!(
+                "max merge size {} KiB is outside 4..=65536",
+                opts.max_merge_kb
+            );
+        }
+        if opts.batch_wait_us > 1_000_000 {
+            bail!("batch wait {} µs is above one second", opts.batch_wait_us);
+        }
+        if opts.trace > 16_000_000 {
+            bail!(
+                "trace of {} requests per ring is above 16000000",
+                opts.trace
+            );
+        }
+        let nbd_listen: Option<NbdListen> = match &opts.nbd {
+            Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
+            None => None,
+        };
+        let log = log.new(o!("minor" => minor));
+        let image = open_image_logged(&spec, image_options(&opts), &log)?;
+        if image.size() < SECTOR {
+            bail!("image {} is smaller than one sector", spec.path.display());
+        }
+        let disk = DiskInfo {
+            sectors: image.size() / SECTOR,
+            sector_size: SECTOR as u32,
+            read_only: opts.read_only,
+            flush: true,
+            barrier: true,
+            discard: !opts.read_only && image.supports_discard(),
+            max_segments: opts.max_segments,
+            max_indirect_segments: opts.max_indirect_segments,
+        };
+        let ring_cfg = RingConfig {
+            sched: SchedConfig {
+                merge: opts.merge,
+                max_merge_bytes: u64::from(opts.max_merge_kb) * 1024,
+                max_ios: opts.max_ios,
+            },
+            max_batch: opts.max_batch,
+            batch_wait: Duration::from_micros(u64::from(opts.batch_wait_us)),
+            poll: Duration::from_micros(u64::from(opts.poll_us.min(10_000))),
+            layers: Layers {
+                faults: opts.faults.clone(),
+                model: opts.model,
+            },
+            early: opts.early,
+        };
+        let direct = image.direct();
+        let cache = opts
+            .early
+            .filter(|p| p.cache_mb > 0)
+            .map(|p| Arc::new(crate::early::ReadCache::new(p.cache_mb)));
+        let shared = Arc::new(VbdShared::new(image, cache));
+        if device.exists() {
+            std::fs::remove_file(&device).ok();
+        }
+        let listener = UnixListener::bind(&device)
+            .with_context(|| format!("cannot create the device socket {}", device.display()))?;
+        let limits = AttachLimits {
+            max_ring_order: opts.max_ring_order,
+            ..AttachLimits::default()
+        };
+        let rings = Arc::new(Rings::new(
+            ring_cfg,
+            disk,
+            limits,
+            opts.trace as usize,
+            shared,
+            log.clone(),
+        ));
+        let accept_stop = Arc::new(AtomicBool::new(false));
+        let accept = {
+            let (rings, stop) = (rings.clone(), accept_stop.clone());
+            std::thread::Builder::new()
+                .name(format!("vbd{minor}-accept"))
+                .spawn(move || rings::accept_loop(listener, rings, stop))?
+        };
+        let nbd = match nbd_listen {
+            Some(l) => {
+                let export = export::VbdExport::new(rings.clone(), &format!("tapdev{minor}"));
+                Some(
+                    NbdServer::start(&l, Arc::new(export), log.clone())
+                        .with_context(|| format!("cannot start the NBD export on {l}"))?,
+                )
+            }
+            None => None,
+        };
+        info!(log, "opened"; "image" => %spec, "sectors" => disk.sectors, "direct" => direct,
+              "read_only" => opts.read_only, "nbd" => opts.nbd.as_deref().unwrap_or("-"));
+        Ok(Vbd {
+            minor,
+            spec,
+            opts,
+            rings,
+            accept_stop,
+            accept: Some(accept),
+            device,
+            nbd,
+            quiescing: false,
+            log,
+            xen: Vec::new(),
+        })
+    }
+
+    fn shared(&self) -> &Arc<VbdShared> {
+        self.rings.shared()
+    }
+
+    /// The VBD's state.
+    pub fn state(&self) -> VbdState {
+        if self.shared().paused.load(Ordering::Acquire) {
+            if self.quiescing {
+                VbdState::Quiescing
+            } else {
+                VbdState::Paused
+            }
+        } else {
+            VbdState::Running
+        }
+    }
+
+    /// A line for `tap-ctl list`.
+    pub fn summary(&self) -> VbdSummary {
+        let disk = self.rings.disk();
+        VbdSummary {
+            minor: self.minor,
+            state: self.state(),
+            image: self.spec.to_string(),
+            device: self.device.display().to_string(),
+            nbd: self.nbd.as_ref().map(|n| n.local_addr().to_string()),
+            rings: self.rings.frontend_rings() as u32,
+            size: disk.sectors * SECTOR,
+            read_only: disk.read_only,
+            xen: self.xen.iter().map(|x| x.info()).collect(),
+        }
+    }
+
+    /// Counters for `tap-ctl stats`.
+    pub fn stats(&self) -> serde_json::Value {
+        let t = self.rings.totals();
+        serde_json::json!({
+            "minor": self.minor,
+            "image": self.spec.to_string(),
+            "state": self.state(),
+            "sectors": self.rings.disk().sectors,
+            "rings": t.live,
+            "rings_total": t.total,
+            "ring": t.stats,
+            "driver": self.shared().image().stats(),
+            "nbd": {
+                "address": self.nbd.as_ref().map(|n| n.local_addr().to_string()),
+                "connections": self.nbd.as_ref().map(|n| n.connections()).unwrap_or(0),
+                "buffer_bytes": self.nbd.as_ref().map(|n| n.buffered()).unwrap_or(0),
+                "counters": self.nbd.as_ref().map(|n| n.counters()),
+            },
+        })
+    }
+
+    /// What the rings' trace buffers hold (empty unless opened with a trace size).
+    pub fn trace(&self) -> Vec<RingTrace> {
+        self.rings.traces()
+    }
+
+    /// Quiesces: returns once no IO is in flight and none will start until [`Vbd::unpause`].
+    pub fn pause(&mut self) -> anyhow::Result<()> {
+        self.shared().paused.store(true, Ordering::Release);
+        self.quiescing = true;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let rings = self.rings.live();
+            for r in &rings {
+                r.wake();
+            }
+            if rings.iter().all(|r| r.quiesced.load(Ordering::Acquire)) {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("rings still have IO in flight after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.quiescing = false;
+        info!(self.log, "paused");
+        Ok(())
+    }
+
+    /// Resumes, first switching to `new_image` if given (it must have the same size).
+    pub fn unpause(&mut self, new_image: Option<ImageSpec>) -> anyhow::Result<()> {
+        if !self.shared().paused.load(Ordering::Acquire) {
+            anyhow::bail!("minor {} is not paused", self.minor);
+        }
+        if let Some(spec) = new_image {
+            let img = open_image_logged(&spec, image_options(&self.opts), &self.log)?;
+            let sectors = self.rings.disk().sectors;
+            if img.size() / SECTOR != sectors {
+                anyhow::bail!(
+                    "new image {} has {} sectors, the disk has {}",
+                    spec.path.display(),
+                    img.size() / SECTOR,
+                    sectors
+                );
+            }
+            self.shared().set_image(img);
+            info!(self.log, "image replaced"; "image" => %spec);
+            self.spec = spec;
+        }
+        self.shared().paused.store(false, Ordering::Release);
+        for r in self.rings.live() {
+            r.wake();
+        }
+        info!(self.log, "unpaused");
+        Ok(())
+    }
+
+    /// The device socket.
+    pub fn device(&self) -> &Path {
+        &self.device
+    }
+
+    /// The disk as rings see it.
+    pub fn disk(&self) -> DiskInfo {
+        self.rings.disk()
+    }
+
+    /// Serves a ring that another transport attached (a Xen frontend's, say) on a thread of
+    /// its own, like the rings local frontends attach through the device socket: it is
+    /// paused, counted in the stats and stopped with the VBD. `disk` is what the ring
+    /// enforces (the VBD's [`Vbd::disk`], possibly with other limits).
+    pub fn attach_ring<T: RingTransport>(
+        &self,
+        t: T,
+        name: &str,
+        disk: DiskInfo,
+    ) -> io::Result<RingLink> {
+        self.rings.spawn(RingKind::Xen, name, disk, move |_| Ok(t))
+    }
+
+    /// Disconnects everything and closes the image.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        // Let paused rings run to their exit first: the NBD server joins its connection
+        // threads, which wait for their rings.
+        self.shared().paused.store(false, Ordering::Release);
+        for r in self.rings.live() {
+            r.wake();
+        }
+        if let Some(n) = self.nbd.take() {
+            n.shutdown();
+        }
+        self.accept_stop.store(true, Ordering::Release);
+        let _ = UnixStream::connect(&self.device);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        self.rings.stop_all();
+        let _ = std::fs::remove_file(&self.device);
+        info!(self.log, "closed");
+    }
+}
+
+impl Drop for Vbd {
+    fn drop(&mut self) {
+        if self.accept.is_some() {
+            self.shutdown();
+        }
+    }
+}
+
+/// How a VBD opens its image (at open and when switching images on unpause).
+fn image_options(o: &VbdOptions) -> OpenOptionsImg {
+    OpenOptionsImg {
+        read_only: o.read_only,
+        direct: o.direct,
+        cache_slots: o.cache_slots,
+        iscsi_inline: o.iscsi_inline,
+    }
+}
+
+/// Map of open VBDs by minor.
+pub type VbdMap = BTreeMap<u32, Vbd>;
