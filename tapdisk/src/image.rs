@@ -13,8 +13,9 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
+
+use tapdisk_control::{DirectIo, Driver, ImageSpec};
 
 use crate::engine::{Engine, Uring};
 
@@ -84,99 +85,6 @@ pub fn open_image_logged(
             &spec.path, opts, log,
         )?)),
         Driver::Parallax => Ok(Arc::new(crate::parallax::ParallaxImage::open(spec, opts)?)),
-    }
-}
-
-/// Which image driver a disk spec names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Driver {
-    /// A raw file or block device.
-    Aio,
-    /// A volume of a Parallax image: the path is `PATH` (its first disk) or `PATH@VOLUME`.
-    Parallax,
-    /// A disk striped over iSCSI servers, described by a mapping file.
-    Stripe,
-}
-
-impl Driver {
-    /// The name in a disk spec.
-    pub fn name(self) -> &'static str {
-        match self {
-            Driver::Aio => "aio",
-            Driver::Parallax => "parallax",
-            Driver::Stripe => "stripe",
-        }
-    }
-}
-
-/// A disk spec as tap-ctl and xenstore write it: `TYPE:PATH`, e.g. `aio:/var/lib/disk.img` or
-/// `parallax:/var/lib/vm1.plx@before-upgrade`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ImageSpec {
-    /// The driver.
-    pub driver: Driver,
-    /// The path the driver opens (for `parallax:`, with its `@VOLUME` if one was given).
-    pub path: PathBuf,
-}
-
-impl FromStr for ImageSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (ty, path) = s.split_once(':').ok_or_else(|| {
-            format!("disk spec '{s}' has no type: write it as TYPE:PATH, e.g. aio:{s}")
-        })?;
-        let driver = match ty {
-            "aio" => Driver::Aio,
-            "parallax" => Driver::Parallax,
-            "stripe" => Driver::Stripe,
-            other => {
-                return Err(format!(
-                    "unknown disk type '{other}' in '{s}' (known: aio, parallax, stripe)"
-                ))
-            }
-        };
-        if path.is_empty() {
-            return Err(format!("disk spec '{s}' has an empty path"));
-        }
-        if driver == Driver::Parallax {
-            path.parse::<parallax::DiskSpec>()
-                .map_err(|e| format!("disk spec '{s}': {e}"))?;
-        }
-        Ok(ImageSpec {
-            driver,
-            path: PathBuf::from(path),
-        })
-    }
-}
-
-impl std::fmt::Display for ImageSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.driver.name(), self.path.display())
-    }
-}
-
-/// Whether to open the image with O_DIRECT.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DirectIo {
-    /// O_DIRECT where the file system takes it, buffered otherwise.
-    #[default]
-    Auto,
-    /// O_DIRECT or fail to open.
-    On,
-    /// Page cache.
-    Off,
-}
-
-impl FromStr for DirectIo {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(DirectIo::Auto),
-            "on" => Ok(DirectIo::On),
-            "off" => Ok(DirectIo::Off),
-            _ => Err(format!("direct IO mode '{s}' is not one of auto, on, off")),
-        }
     }
 }
 
@@ -384,10 +292,7 @@ impl Image for AioImage {
         )?))
     }
     fn spec(&self) -> ImageSpec {
-        ImageSpec {
-            driver: Driver::Aio,
-            path: self.path.clone(),
-        }
+        ImageSpec::new(Driver::Aio, self.path.clone())
     }
     fn direct(&self) -> bool {
         self.direct.is_some()
@@ -460,25 +365,6 @@ impl BlockTarget for AioImage {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spec_parses_and_rejects() {
-        let s: ImageSpec = "aio:/tmp/x.img".parse().unwrap();
-        assert_eq!(s.driver, Driver::Aio);
-        assert_eq!(s.to_string(), "aio:/tmp/x.img");
-        assert!("/tmp/x.img"
-            .parse::<ImageSpec>()
-            .unwrap_err()
-            .contains("no type"));
-        assert!("vhd:/x"
-            .parse::<ImageSpec>()
-            .unwrap_err()
-            .contains("unknown disk type"));
-        assert!("aio:"
-            .parse::<ImageSpec>()
-            .unwrap_err()
-            .contains("empty path"));
-    }
 
     #[test]
     fn aio_roundtrip_and_bounds() {

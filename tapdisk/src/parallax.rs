@@ -33,9 +33,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use parallax::{DiskSpec, FileBacking, StatsHandle, VolumeId, VolumeKind};
+use tapdisk_control::ImageSpec;
 
 use crate::engine::{Engine, Uring};
-use crate::image::{AioImage, BlockTarget, Image, ImageSpec, OpenOptionsImg};
+use crate::image::{AioImage, BlockTarget, Image, OpenOptionsImg};
 
 /// The errno a Parallax error is reported with.
 pub fn errno(e: &parallax::Error) -> i32 {
@@ -204,20 +205,34 @@ impl std::fmt::Debug for ParallaxImage {
 impl ParallaxImage {
     /// Opens the volume `spec` names (`parallax:PATH` or `parallax:PATH@VOLUME`).
     pub fn open(spec: &ImageSpec, opts: OpenOptionsImg) -> io::Result<ParallaxImage> {
-        let text = spec.path.to_str().ok_or_else(|| {
+        let ds = DiskSpec {
+            path: spec.path.clone(),
+            volume: spec.volume.clone(),
+        };
+        let volume = ds.volume_name().to_string();
+        parallax::format::check_name(&volume).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("image path {} is not UTF-8", spec.path.display()),
+                format!("disk spec '{spec}': {e}"),
             )
         })?;
-        let ds: DiskSpec = text
-            .parse()
-            .map_err(|e: String| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let volume = ds.volume_name().to_string();
         let shared = Shared::get(&ds.path, &volume, opts.read_only, opts.cache_slots)?;
         let (vol, kind, size, stats) = {
             let mut img = lock(&shared.image);
-            let vol = img.volume(&volume).map_err(|e| open_error(&ds.path, e))?;
+            let vol = img.volume(&volume).map_err(|e| match e {
+                parallax::Error::NoSuchVolume(_) => {
+                    let names: Vec<&str> = img.volumes().iter().map(|v| v.name.as_str()).collect();
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!(
+                            "Parallax image {} has no volume named '{volume}' (it has: {})",
+                            ds.path.display(),
+                            names.join(", ")
+                        ),
+                    )
+                }
+                e => open_error(&ds.path, e),
+            })?;
             // The root is on every IO's path: read it now, not on the guest's first IO.
             img.warm(vol).map_err(|e| open_error(&ds.path, e))?;
             let kind = img
@@ -365,7 +380,8 @@ impl BlockTarget for ParallaxImage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::{open_image, Driver};
+    use crate::image::open_image;
+    use tapdisk_control::Driver;
 
     fn make(dir: &Path, size: u64) -> PathBuf {
         let p = dir.join("vm.plx");

@@ -33,9 +33,9 @@ use blkif::transport::{EventChannel, GrantMapper};
 use blkif::Abi;
 use io_uring::{opcode, types};
 use slog::{debug, info, warn, Logger};
+use tapdisk_control::{EarlyPolicy, FaultPlan, ModelParams};
 
-use crate::early::{self, EarlyPolicy, EarlyReads, Outcome, ReadCache};
-use crate::engine::model::ModelParams;
+use crate::early::{self, EarlyReads, Outcome, ReadCache};
 use crate::engine::{Done, Engine, Uring, ENGINE_SPACE};
 use crate::idset::IdSet;
 use crate::image::Image;
@@ -142,7 +142,7 @@ pub struct RingConfig {
     /// Early read return (for frontends that set up the early-read contract).
     pub early: Option<EarlyPolicy>,
     /// Faults to inject (testing).
-    pub faults: Option<crate::engine::fault::FaultPlan>,
+    pub faults: Option<FaultPlan>,
 }
 
 /// What a ring loop shares with its VBD.

@@ -21,10 +21,11 @@ use std::time::{Duration, Instant};
 use blkif::local::AttachLimits;
 use blkif::request::DiskInfo;
 use slog::{info, o, warn, Logger};
+use tapdisk_control::proto::{VbdState, VbdSummary};
+use tapdisk_control::{ImageSpec, VbdSettings};
 
-use crate::control::proto::{VbdOptions, VbdState, VbdSummary};
-use crate::image::{open_image_logged, BlockTarget, Image, ImageSpec, OpenOptionsImg, SECTOR};
-use crate::nbd::{NbdListen, NbdServer};
+use crate::image::{open_image_logged, BlockTarget, Image, OpenOptionsImg, SECTOR};
+use crate::nbd::NbdServer;
 use crate::ringloop::{RingConfig, RingEnv, RingExit, RingLoop, RingTransport};
 use crate::sched::SchedConfig;
 use crate::stats::{self, RingStats};
@@ -289,7 +290,7 @@ pub struct Vbd {
     /// Minor number.
     pub minor: u32,
     spec: ImageSpec,
-    opts: VbdOptions,
+    opts: VbdSettings,
     disk: DiskInfo,
     shared: Arc<VbdShared>,
     rings: Arc<Mutex<Rings>>,
@@ -308,47 +309,17 @@ pub struct Vbd {
 }
 
 impl Vbd {
-    /// Opens `spec` as VBD `minor`, with its device socket at `device`.
+    /// Opens `spec` as VBD `minor` with settings `opts`, its device socket at `device`. The
+    /// caller has checked both ([`VbdSettings::validate_for`]; the daemon does for every
+    /// command it reads).
     pub fn open(
         minor: u32,
         spec: ImageSpec,
-        opts: VbdOptions,
+        opts: VbdSettings,
         device: PathBuf,
         log: &Logger,
     ) -> anyhow::Result<Vbd> {
         use anyhow::{bail, Context};
-        if !(1..=11).contains(&opts.max_segments) {
-            bail!("max segments {} is outside 1..=11", opts.max_segments);
-        }
-        if opts.max_ring_order > 8 {
-            bail!("max ring order {} is above 8", opts.max_ring_order);
-        }
-        if opts.max_indirect_segments > blkif::request::MAX_INDIRECT_SEGMENTS {
-            bail!(
-                "max indirect segments {} is above {}",
-                opts.max_indirect_segments,
-                blkif::request::MAX_INDIRECT_SEGMENTS
-            );
-        }
-        if !(4..=65536).contains(&opts.max_merge_kb) {
-            bail!(
-                "max merge size {} KiB is outside 4..=65536",
-                opts.max_merge_kb
-            );
-        }
-        if opts.batch_wait_us > 1_000_000 {
-            bail!("batch wait {} µs is above one second", opts.batch_wait_us);
-        }
-        if opts.trace > 16_000_000 {
-            bail!(
-                "trace of {} requests per ring is above 16000000",
-                opts.trace
-            );
-        }
-        let nbd_listen: Option<NbdListen> = match &opts.nbd {
-            Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
-            None => None,
-        };
         let image = open_image_logged(&spec, image_options(&opts), &log.new(o!("minor" => minor)))?;
         if image.size() < SECTOR {
             bail!("image {} is smaller than one sector", spec.path.display());
@@ -371,7 +342,7 @@ impl Vbd {
             },
             max_batch: opts.max_batch,
             batch_wait: Duration::from_micros(u64::from(opts.batch_wait_us)),
-            poll: Duration::from_micros(u64::from(opts.poll_us.min(10_000))),
+            poll: Duration::from_micros(u64::from(opts.poll_us)),
             model: opts.model,
             early: opts.early,
             faults: opts.faults.clone(),
@@ -414,7 +385,7 @@ impl Vbd {
         };
         let gate = Arc::new(Gate::default());
         let nbd_counters = Arc::new(NbdCounters::default());
-        let nbd = match nbd_listen {
+        let nbd = match &opts.nbd {
             Some(l) => {
                 let target = Arc::new(GatedTarget {
                     shared: shared.clone(),
@@ -424,14 +395,15 @@ impl Vbd {
                     counters: nbd_counters.clone(),
                 });
                 Some(
-                    NbdServer::start(&l, &format!("tapdev{minor}"), target, log.clone())
+                    NbdServer::start(l, &format!("tapdev{minor}"), target, log.clone())
                         .with_context(|| format!("cannot start the NBD export on {l}"))?,
                 )
             }
             None => None,
         };
         info!(log, "opened"; "image" => %spec, "sectors" => disk.sectors, "direct" => direct,
-              "read_only" => opts.read_only, "nbd" => opts.nbd.as_deref().unwrap_or("-"));
+              "read_only" => opts.read_only,
+              "nbd" => opts.nbd.as_ref().map_or_else(|| "-".into(), |n| n.to_string()));
         Ok(Vbd {
             minor,
             spec,
@@ -476,9 +448,9 @@ impl Vbd {
         VbdSummary {
             minor: self.minor,
             state: self.state(),
-            image: self.spec.to_string(),
+            image: self.spec.clone(),
             device: self.device.display().to_string(),
-            nbd: self.nbd.as_ref().map(|n| n.local_addr().to_string()),
+            nbd: self.nbd.as_ref().map(|n| n.local_addr()),
             rings: self.live_rings().len() as u32,
             size: self.disk.sectors * SECTOR,
             read_only: self.disk.read_only,
@@ -727,7 +699,7 @@ struct AcceptCtx {
 }
 
 /// How a VBD opens its image (at open and when switching images on unpause).
-fn image_options(o: &VbdOptions) -> OpenOptionsImg {
+fn image_options(o: &VbdSettings) -> OpenOptionsImg {
     OpenOptionsImg {
         read_only: o.read_only,
         direct: o.direct,

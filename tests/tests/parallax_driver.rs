@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use blkif::local::{FrontRequest, FrontendConfig, LocalFrontend};
 use blkif::protocol::{op, status};
 use blkif::Segment;
-use tapdisk::control::client::Client;
-use tapdisk::control::proto::{Command as Ctl, Reply, VbdOptions};
-use tapdisk::control::RunDir;
+use tapdisk_control::client::Client;
+use tapdisk_control::proto::{Command as Ctl, Reply};
+use tapdisk_control::{Driver, ImageSpec, RunDir, VbdSettings};
 use tapdisk_e2e::*;
 
 fn stdout(o: &Output) -> String {
@@ -456,8 +456,8 @@ fn crash_round(
         .unwrap()
         .call(Ctl::Open {
             minor: None,
-            image: format!("parallax:{}", img.display()),
-            options: VbdOptions::default(),
+            image: ImageSpec::new(Driver::Parallax, img),
+            settings: VbdSettings::default(),
         })
         .unwrap()
     {

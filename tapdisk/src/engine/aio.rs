@@ -242,7 +242,8 @@ impl Engine for AioEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::{DirectIo, OpenOptionsImg};
+    use crate::image::OpenOptionsImg;
+    use tapdisk_control::DirectIo;
 
     #[test]
     fn unmapped_memory_never_gets_direct_io() {

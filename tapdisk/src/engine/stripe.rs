@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use stripe::path::{Disk, Drive, Op, Options, Striper, SyncStriper};
+use tapdisk_control::{Driver, ImageSpec};
 
 use super::{BackendIo, Done, Engine, IoOp, Uring};
-use crate::image::{BlockTarget, Driver, Image, ImageSpec, OpenOptionsImg};
+use crate::image::{BlockTarget, Image, OpenOptionsImg};
 
 /// A striped disk.
 pub struct StripeImage {
@@ -156,10 +157,7 @@ impl Image for StripeImage {
         Ok(Box::new(StripeEngine { s }))
     }
     fn spec(&self) -> ImageSpec {
-        ImageSpec {
-            driver: Driver::Stripe,
-            path: self.path.clone(),
-        }
+        ImageSpec::new(Driver::Stripe, self.path.clone())
     }
     fn direct(&self) -> bool {
         // Nothing of the disk passes through this host's page cache.

@@ -39,12 +39,11 @@ mod tests;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -52,6 +51,7 @@ use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use slog::{debug, info, o, warn, Logger};
+use tapdisk_control::NbdListen;
 
 use crate::image::BlockTarget;
 use conn::{End, ExportInfo};
@@ -74,58 +74,6 @@ pub const IDLE_RELEASE: std::time::Duration = if cfg!(test) {
 } else {
     std::time::Duration::from_secs(2)
 };
-
-/// Longest unix socket path the kernel takes (`sun_path` holds 108 bytes with the NUL).
-const MAX_UNIX_PATH: usize = 107;
-
-/// Where an NBD server listens: `unix:/path/to/socket` or `tcp:ADDR:PORT`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NbdListen {
-    /// A unix stream socket at this path.
-    Unix(PathBuf),
-    /// A TCP socket (port 0 picks a free port; see [`NbdServer::local_addr`]).
-    Tcp(SocketAddr),
-}
-
-impl FromStr for NbdListen {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err(format!("NBD address '{s}' has an empty socket path"));
-            }
-            if path.len() > MAX_UNIX_PATH {
-                return Err(format!(
-                    "NBD socket path in '{s}' is {} bytes; unix sockets allow at most {}",
-                    path.len(),
-                    MAX_UNIX_PATH
-                ));
-            }
-            Ok(NbdListen::Unix(PathBuf::from(path)))
-        } else if let Some(addr) = s.strip_prefix("tcp:") {
-            addr.parse().map(NbdListen::Tcp).map_err(|_| {
-                format!(
-                    "NBD address '{s}': '{addr}' is not an IP address and port \
-                     (write tcp:127.0.0.1:10809 or tcp:[::1]:10809)"
-                )
-            })
-        } else {
-            Err(format!(
-                "NBD address '{s}' must be unix:/path/to/socket or tcp:ADDR:PORT \
-                 (e.g. tcp:127.0.0.1:10809)"
-            ))
-        }
-    }
-}
-
-impl fmt::Display for NbdListen {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NbdListen::Unix(p) => write!(f, "unix:{}", p.display()),
-            NbdListen::Tcp(a) => write!(f, "tcp:{a}"),
-        }
-    }
-}
 
 enum Listener {
     Unix(UnixListener),
