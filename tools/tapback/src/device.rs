@@ -10,13 +10,14 @@ use blkif::xen::xenstore::{Tx, Xenstore};
 use tapdisk_control::client::Client;
 use tapdisk_control::proto::{Command, Reply, XenConnectSpec};
 use tapdisk_control::RunDir;
+use tapdisk_control::VbdSettings;
 
 use super::Log;
 use crate::tblog;
 
 /// Segments per indirect request advertised at InitWait by default (tapdisk's default); the
 /// VBD's own limit replaces it when the device connects.
-pub const INDIRECT_SEGMENTS: u32 = 256;
+pub const INDIRECT_SEGMENTS: u32 = VbdSettings::DEFAULT.max_indirect_segments as u32;
 
 /// `enum xenbus_state` (xen/include/public/io/xenbus.h).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -31,6 +31,7 @@ use anyhow::{Context, Result};
 use blkif::xen::backend::GrantMode;
 use blkif::xen::xenstore::{Xenstore, XsError};
 use clap::Parser;
+use tapdisk_control::limits::{self, Limit};
 use tapdisk_control::{RunDir, RUNDIR_ENV};
 
 use device::{Device, DeviceKey, Features};
@@ -61,14 +62,36 @@ pub struct Args {
     /// How tapdisk reaches request pages: map (gntdev mappings) or copy (grant copy).
     #[arg(long, default_value = "map")]
     pub grant_mode: GrantMode,
-    /// Queues offered to frontends (multi-queue-max-queues, 1..=16).
-    #[arg(long, default_value_t = 4)]
+    /// Queues offered to frontends (multi-queue-max-queues).
+    #[arg(
+        long,
+        default_value_t = 4,
+        help = format!(
+            "Queues offered to frontends (multi-queue-max-queues, {})",
+            limits::XEN_MAX_QUEUES.range()
+        ),
+    )]
     pub max_queues: u32,
-    /// Largest ring offered: 2^N pages (max-ring-page-order, 0..=4).
-    #[arg(long, default_value_t = 4)]
-    pub max_ring_order: u8,
+    /// Largest ring offered: 2^N pages (max-ring-page-order).
+    #[arg(
+        long,
+        default_value_t = blkif::xen::MAX_RING_ORDER.into(),
+        help = format!(
+            "Largest ring offered: 2^N pages (max-ring-page-order, {})",
+            limits::XEN_MAX_RING_ORDER.range()
+        ),
+    )]
+    pub max_ring_order: u32,
     /// Segments per indirect request offered (feature-max-indirect-segments; 0: not offered).
-    #[arg(long, default_value_t = device::INDIRECT_SEGMENTS)]
+    #[arg(
+        long,
+        default_value_t = device::INDIRECT_SEGMENTS,
+        help = format!(
+            "Segments per indirect request offered (feature-max-indirect-segments, {}; 0: not \
+             offered)",
+            limits::MAX_INDIRECT_SEGMENTS.range()
+        ),
+    )]
     pub max_indirect_segments: u32,
     /// Log file (default: stderr).
     #[arg(long)]
@@ -134,19 +157,28 @@ macro_rules! tblog {
     ($log:expr, $($t:tt)*) => { $log.line(format_args!($($t)*)) };
 }
 
+/// `Ok` if `value` of `flag` is within `limit`.
+fn check(flag: &str, value: u32, limit: &Limit) -> Result<()> {
+    anyhow::ensure!(
+        limit.contains(value.into()),
+        "{flag} {value} is outside {}",
+        limit.range()
+    );
+    Ok(())
+}
+
 fn run(args: Args) -> Result<()> {
-    anyhow::ensure!(
-        (1..=blkif::xen::MAX_QUEUES).contains(&args.max_queues),
-        "--max-queues {} is outside 1..={}",
-        args.max_queues,
-        blkif::xen::MAX_QUEUES
-    );
-    anyhow::ensure!(
-        args.max_ring_order <= blkif::xen::MAX_RING_ORDER,
-        "--max-ring-order {} is above {}",
+    check("--max-queues", args.max_queues, &limits::XEN_MAX_QUEUES)?;
+    check(
+        "--max-ring-order",
         args.max_ring_order,
-        blkif::xen::MAX_RING_ORDER
-    );
+        &limits::XEN_MAX_RING_ORDER,
+    )?;
+    check(
+        "--max-indirect-segments",
+        args.max_indirect_segments,
+        &limits::MAX_INDIRECT_SEGMENTS,
+    )?;
     for k in &args.kinds {
         anyhow::ensure!(
             k == "vbd3" || k == "vbd",
@@ -161,7 +193,8 @@ fn run(args: Args) -> Result<()> {
             .with_context(|| format!("cannot watch {base}/{k}"))?;
     }
     let features = Features {
-        max_ring_order: args.max_ring_order,
+        // Checked against a range within u8 above.
+        max_ring_order: args.max_ring_order as u8,
         max_queues: args.max_queues,
         max_indirect_segments: args.max_indirect_segments,
         grant_mode: args.grant_mode,
