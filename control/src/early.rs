@@ -73,13 +73,7 @@ impl EarlyPolicy {
 
 /// `v` as a whole number within `limit`.
 fn num<T: TryFrom<u64>>(v: &str, limit: &Limit) -> Result<T> {
-    let n: u64 = v.parse().map_err(|_| {
-        Error::invalid(
-            limit.field,
-            format!("{} '{v}' is not a whole number", limit.what),
-        )
-    })?;
-    limit.fit(n)
+    limit.parse(v)
 }
 
 impl std::str::FromStr for EarlyPolicy {

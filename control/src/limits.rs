@@ -71,6 +71,18 @@ impl Limit {
         })
     }
 
+    /// `s` as a whole number within the range, narrowed to the setting's type (a command
+    /// line's value parser).
+    pub fn parse<T: TryFrom<u64>>(&self, s: &str) -> Result<T> {
+        let n: u64 = s.trim().parse().map_err(|_| {
+            Error::invalid(
+                self.field,
+                format!("{} '{s}' is not a whole number", self.what),
+            )
+        })?;
+        self.fit(n)
+    }
+
     /// The range as `MIN..=MAX`, for help texts.
     pub fn range(&self) -> String {
         format!("{}..={}", self.min, self.max)
@@ -220,6 +232,13 @@ mod tests {
         assert_eq!(MAX_RING_ORDER.fit::<u8>(8).unwrap(), 8);
         assert!(MAX_RING_ORDER.fit::<u8>(300).is_err());
         assert_eq!(MAX_INDIRECT_SEGMENTS.range(), "0..=4096");
+        assert_eq!(MAX_SEGMENTS.parse::<u8>("11").unwrap(), 11);
+        assert!(MAX_SEGMENTS.parse::<u8>("12").is_err());
+        assert!(MAX_SEGMENTS
+            .parse::<u8>("x")
+            .unwrap_err()
+            .to_string()
+            .contains("max segments 'x' is not a whole number"));
         assert_eq!(XEN_MAX_RING_ORDER.range(), "0..=4");
     }
 }

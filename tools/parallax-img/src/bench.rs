@@ -7,10 +7,10 @@ use anyhow::{bail, Result};
 use clap::Args;
 use parallax::bench::{self, THESIS_MISS_RATES, THESIS_THROUGHPUT};
 use parallax::LayerStats;
-
-use super::Progress;
 use td_cli::emit;
 use td_cli::{fmt_bytes, fmt_size, parse_size};
+
+use super::Progress;
 
 /// Examples shown by `parallax-img bench-cache --help`.
 pub const CACHE_EXAMPLES: &str = "\

@@ -12,10 +12,10 @@ use parallax::{
     Backing, CreateOptions, DiskSpec, FileBacking, Image, OpenOptions as ImgOpen, VolumeKind,
 };
 use serde::Serialize;
-
-use super::{fmt_time, Progress};
 use td_cli::emit;
 use td_cli::{fmt_bytes, parse_size};
+
+use super::{fmt_time, Progress};
 
 /// Examples shown by `parallax-img create --help`.
 pub const CREATE_EXAMPLES: &str = "\

@@ -9,8 +9,7 @@ use blkif::xen::frontend_keys::{self, KeyLimits};
 use blkif::xen::xenstore::{Tx, Xenstore};
 use tapdisk_control::client::Client;
 use tapdisk_control::proto::{Command, Reply, XenConnectSpec};
-use tapdisk_control::RunDir;
-use tapdisk_control::VbdSettings;
+use tapdisk_control::{RunDir, VbdSettings};
 
 use super::Log;
 use crate::tblog;

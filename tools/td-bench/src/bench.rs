@@ -12,12 +12,12 @@ use blkif::local::{FrontRequest, LocalFrontend};
 use blkif::protocol::{op, status, PAGE_SIZE};
 use blkif::{Response, Segment};
 use clap::{Args, ValueEnum};
+use td_cli::{fmt_size, parse_size};
 
 use crate::hist::Histogram;
 use crate::target::{self, ReqShape, Target, TargetArgs, STALL};
 use crate::util::{clock_seed, parse_duration, parse_seed, Rng};
 use tapdisk::trace::now_ns;
-use td_cli::{fmt_size, parse_size};
 
 /// Access pattern (fio's names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]

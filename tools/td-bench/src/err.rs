@@ -13,14 +13,14 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use blkif::local::{FrontRequest, LocalFrontend};
 use blkif::protocol::{op, status, PAGE_SIZE};
+use blkif::request::MAX_INDIRECT_SEGMENTS;
 use blkif::Segment;
 use clap::{Args, ValueEnum};
-use tapdisk_control::EarlyPolicy;
-use tapdisk_control::ModelParams;
+use tapdisk_control::{EarlyPolicy, ModelParams, VbdSettings};
+use td_cli::{fmt_size, parse_size};
 
 use crate::target::{self, AbiArg, DirectArg, TargetArgs, STALL};
 use crate::util::Rng;
-use td_cli::{fmt_size, parse_size};
 
 /// How the reader consumes a read's pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -136,11 +136,11 @@ fn run_one(
         size: None,
         ring_order: 0,
         abi: AbiArg::X86_64,
-        max_segments: 11,
+        max_segments: VbdSettings::DEFAULT.max_segments,
         direct: DirectArg::Auto,
         poll_us: 0,
         spin_us: 0,
-        indirect_segments: pages.min(4096) as u16,
+        indirect_segments: pages.min(MAX_INDIRECT_SEGMENTS.into()) as u16,
         no_merge: false,
         max_merge_kb: 1024,
         model_disk: model,
@@ -150,7 +150,7 @@ fn run_one(
     };
     let shape = ta.shape();
     let mut t = target::open(&ta, shape.pages_per_io(args.bs) as u32)?;
-    if t.shape.indirect_segments < pages.min(4096) as u16 {
+    if t.shape.indirect_segments < pages.min(MAX_INDIRECT_SEGMENTS.into()) as u16 {
         bail!("the backend does not offer indirect requests of {pages} segments");
     }
     let fe: &mut LocalFrontend = &mut t.fe;

@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser};
-use tapdisk_control::{Driver, ImageSpec, NbdListen, VbdSettings};
+use tapdisk_control::{limits, Driver, ImageSpec, NbdListen, VbdSettings};
+use td_cli::{fmt_bytes, fmt_size, parse_size};
 
 use crate::target::Target;
 use crate::util::{parse_duration, parse_seed};
 use crate::verify::{self, VerifyArgs};
-use td_cli::{fmt_bytes, fmt_size, parse_size};
 
 /// Options of `td-bench soak`.
 #[derive(Args, Debug)]
@@ -38,7 +38,7 @@ pub struct SoakArgs {
     pub size: u64,
     /// Ring order of the local ring: 2^order pages; 4 gives 512 requests in flight.
     #[arg(long, value_name = "ORDER", default_value_t = 4,
-          value_parser = clap::value_parser!(u8).range(0..=8))]
+          value_parser = |s: &str| limits::MAX_RING_ORDER.parse::<u8>(s))]
     pub ring_order: u8,
     /// Segments per indirect request on the ring (0: direct requests only).
     #[arg(long, value_name = "N", default_value_t = 64)]

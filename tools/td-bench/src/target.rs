@@ -14,9 +14,8 @@ use clap::{Args, ValueEnum};
 use tapdisk_control::client::{self, Client};
 use tapdisk_control::proto::{Command, Reply};
 use tapdisk_control::{
-    DirectIo, Driver, EarlyPolicy, FaultPlan, ImageSpec, ModelParams, RunDir, VbdSettings,
+    limits, DirectIo, Driver, EarlyPolicy, FaultPlan, ImageSpec, ModelParams, RunDir, VbdSettings,
 };
-
 use td_cli::{fmt_size, parse_size};
 
 /// Default size of an image td-bench creates.
@@ -80,32 +79,37 @@ pub struct TargetArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub size: Option<u64>,
     /// The ring has 2^N pages.
-    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=8))]
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = |s: &str| limits::MAX_RING_ORDER.parse::<u8>(s))]
     pub ring_order: u8,
     /// Ring layout.
     #[arg(long, value_enum, default_value_t = AbiArg::X86_64)]
     pub abi: AbiArg,
-    /// Segments per request (1..=11; the backend may offer fewer).
-    #[arg(long, value_name = "N", default_value_t = 11, value_parser = clap::value_parser!(u8).range(1..=11))]
+    /// Segments per request (at most blkif's 11; the backend may offer fewer).
+    #[arg(long, value_name = "N", default_value_t = VbdSettings::DEFAULT.max_segments,
+          value_parser = |s: &str| limits::MAX_SEGMENTS.parse::<u8>(s))]
     pub max_segments: u8,
     /// O_DIRECT policy of the private tapdisk.
     #[arg(long, value_enum, default_value_t = DirectArg::Auto)]
     pub direct: DirectArg,
     /// The private tapdisk's ring loops poll for up to US µs before sleeping (0: never).
-    #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10000))]
+    #[arg(long, value_name = "US", default_value_t = 0,
+          value_parser = |s: &str| limits::POLL_US.parse::<u32>(s))]
     pub poll_us: u32,
     /// The frontend busy-polls for responses up to US µs before sleeping (0: never).
     #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10000))]
     pub spin_us: u32,
     /// Use indirect requests of up to N segments (0: direct requests of --max-segments only;
     /// the backend may offer fewer). 256 = 1 MiB per request, 4096 = 16 MiB.
-    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=4096))]
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = |s: &str| limits::MAX_INDIRECT_SEGMENTS.parse::<u16>(s))]
     pub indirect_segments: u16,
     /// The private tapdisk does not sort and merge requests.
     #[arg(long)]
     pub no_merge: bool,
     /// The private tapdisk's largest merged IO, KiB.
-    #[arg(long, value_name = "KIB", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(4..=65536))]
+    #[arg(long, value_name = "KIB", default_value_t = VbdSettings::DEFAULT.max_merge_kb,
+          value_parser = |s: &str| limits::MAX_MERGE_KB.parse::<u32>(s))]
     pub max_merge_kb: u32,
     /// Early-read mode: the frontend unmaps each read's pages until tapdisk has filled them,
     /// and the private tapdisk answers reads early under POLICY, e.g. percent=25 or
@@ -124,7 +128,8 @@ pub struct TargetArgs {
           value_parser = |s: &str| s.parse::<ModelParams>())]
     pub model_disk: Option<ModelParams>,
     /// Metadata cache slots of a parallax: image in the private tapdisk (0: its default, 128).
-    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = |s: &str| limits::CACHE_SLOTS.parse::<u32>(s))]
     pub cache_slots: u32,
 }
 

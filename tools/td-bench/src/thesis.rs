@@ -19,13 +19,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use tapdisk::trace::{ReqRecord, RingTrace};
 use tapdisk_control::ModelParams;
+use td_cli::fmt_size;
 
 use crate::bench::{self, Rw, Stamps, Stop, Workload};
 use crate::compare;
 use crate::guest::{self, PlannedReq};
 use crate::plot;
 use crate::target::{self, AbiArg, DirectArg, ReqShape, TargetArgs};
-use td_cli::fmt_size;
 
 /// Which experiment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

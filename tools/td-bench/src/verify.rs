@@ -16,11 +16,11 @@ use blkif::local::FrontRequest;
 use blkif::protocol::{op, status, MAX_SEGMENTS_PER_REQUEST, PAGE_SIZE};
 use blkif::{Response, Segment};
 use clap::Args;
+use td_cli::{fmt_bytes, fmt_size};
 
 use crate::shadow::{self, describe, fill_canary, fill_sector, Range, Shadow, SECTOR};
 use crate::target::{self, Target, TargetArgs, STALL};
 use crate::util::{clock_seed, mix64, parse_seed, Rng};
-use td_cli::{fmt_bytes, fmt_size};
 
 /// Options of `td-bench verify`.
 #[derive(Args, Clone, Debug)]
