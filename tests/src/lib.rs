@@ -11,8 +11,7 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{bail, Context, Result};
 use tapdisk_control::client::Client;
 use tapdisk_control::proto::{Command as Ctl, Reply, VbdSummary};
-use tapdisk_control::RunDir;
-use tapdisk_control::VbdSettings;
+use tapdisk_control::{RunDir, VbdSettings};
 
 /// The folder holding the workspace's binaries (`target/<profile>`, or
 /// `target/<triple>/<profile>`), found from the running test executable (which runs from its
@@ -45,7 +44,7 @@ pub fn bin_dir() -> PathBuf {
             "-p",
             "stripe-img",
             "-p",
-            "parallax-master",
+            "stripe-master",
             "-p",
             "xen-frontend",
             "--bins",

@@ -194,7 +194,8 @@ fn nbd_export_of_a_parallax_disk_matches_a_raw_file_and_counts_cache_hits() {
     }
     run_ok(tap_ctl(&rundir).args(["destroy", "-m", "0"]));
     check_clean(&img);
-    // A clear error for a volume that is not there, before any tapdisk starts.
+    // A clear error for a volume that is not there: the tapdisk started for it refuses it and
+    // is stopped again.
     let out = tap_ctl(&rundir)
         .args(["create", "-a"])
         .arg(format!("parallax:{}@nope", img.display()))

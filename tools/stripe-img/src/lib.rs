@@ -13,7 +13,7 @@ use td_cli::{fmt_bytes, fmt_size, parse_size as size_arg};
 const LONG_ABOUT: &str = "\
 Create, inspect and delete striped virtual disks.
 
-A striped disk lives on extents of several iSCSI storage servers, handed out by parallax-master.
+A striped disk lives on extents of several iSCSI storage servers, handed out by stripe-master.
 Its mapping file holds the geometry (size, stripes, stripe size, replicas) and where each
 extent lives; tapdisk serves it as stripe:MAPFILE, holding the file locked. Consecutive stripe
 units go to different servers, so large IOs use them all at once; with replicas, every write
@@ -61,7 +61,7 @@ pub enum Verb {
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// The master's address (HOST or HOST:PORT).
-    #[arg(long, short, value_name = "HOST[:PORT]", env = "PARALLAX_MASTER")]
+    #[arg(long, short, value_name = "HOST[:PORT]", env = "STRIPE_MASTER")]
     pub master: String,
     /// Disk size (a multiple of 512 bytes; e.g. 20G).
     #[arg(long, value_name = "SIZE", value_parser = size_arg)]

@@ -1,4 +1,4 @@
-//! `parallax-master`: the extent master of striped disks (thesis section 5.1) and the
+//! `stripe-master`: the extent master of striped disks (thesis section 5.1) and the
 //! operator's commands to talk to it.
 
 use std::ffi::OsString;
@@ -26,19 +26,19 @@ idempotent, so clients simply retry. It trusts its network: run it on the storag
 
 const EXAMPLES: &str = "\
 Examples:
-  parallax-master serve --state /var/lib/parallax-master --extent-size 1G
-  parallax-master register --master 10.0.0.1 iscsi://10.0.0.11/iqn.2026-11.lab:srv1/1
-  parallax-master register --master 10.0.0.1 iscsi://10.0.0.12/iqn.2026-11.lab:srv2/1 --count 100
-  parallax-master list --master 10.0.0.1
-  parallax-master release --master 10.0.0.1 vm1-5f3a
+  stripe-master serve --state /var/lib/stripe-master --extent-size 1G
+  stripe-master register --master 10.0.0.1 iscsi://10.0.0.11/iqn.2026-11.lab:srv1/1
+  stripe-master register --master 10.0.0.1 iscsi://10.0.0.12/iqn.2026-11.lab:srv2/1 --count 100
+  stripe-master list --master 10.0.0.1
+  stripe-master release --master 10.0.0.1 vm1-5f3a
 
-Errors are one line on stderr, 'parallax-master: ...'. Exit status: 0 success, 1 failure,
+Errors are one line on stderr, 'stripe-master: ...'. Exit status: 0 success, 1 failure,
 2 bad command line.";
 
 /// The command line.
 #[derive(Debug, Parser)]
 #[command(
-    name = "parallax-master",
+    name = "stripe-master",
     version,
     about = "The extent master of striped virtual disks, and its operator commands",
     long_about = LONG_ABOUT,
@@ -83,7 +83,7 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct MasterAddr {
     /// The master's address (HOST or HOST:PORT).
-    #[arg(long, short, value_name = "HOST[:PORT]", env = "PARALLAX_MASTER")]
+    #[arg(long, short, value_name = "HOST[:PORT]", env = "STRIPE_MASTER")]
     pub master: String,
 }
 
@@ -125,7 +125,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    td_cli::main_for::<Cli, I, T, anyhow::Error>("parallax-master", args, run)
+    td_cli::main_for::<Cli, I, T, anyhow::Error>("stripe-master", args, run)
 }
 
 fn run(cli: &Cli) -> Result<()> {
@@ -150,7 +150,7 @@ fn serve(a: &ServeArgs) -> Result<()> {
     let (store, state) = Store::open(&a.state, a.extent_size)?;
     let l = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
     let list = state.list();
-    slog::info!(log, "parallax-master listening";
+    slog::info!(log, "stripe-master listening";
         "address" => %l.local_addr()?, "state" => %a.state.display(),
         "extent_size" => fmt_size(state.extent_size()),
         "extents" => list.extents.len(),

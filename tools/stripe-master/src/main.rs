@@ -1,4 +1,4 @@
-//! `parallax-master`: the extent master of striped disks. See `parallax-master --help`; the
+//! `stripe-master`: the extent master of striped disks. See `stripe-master --help`; the
 //! work is done in the library, [`stripe_master`].
 
 fn main() {
