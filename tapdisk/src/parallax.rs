@@ -106,6 +106,28 @@ fn open_error(path: &Path, e: parallax::Error) -> io::Error {
     }
 }
 
+/// Volume `name` of the image at `path`; if there is none, an error listing those there are.
+fn find_volume<B: parallax::Backing>(
+    img: &parallax::Image<B>,
+    path: &Path,
+    name: &str,
+) -> io::Result<VolumeId> {
+    img.volume(name).map_err(|e| match e {
+        parallax::Error::NoSuchVolume(_) => {
+            let names: Vec<&str> = img.volumes().iter().map(|v| v.name.as_str()).collect();
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "Parallax image {} has no volume named '{name}' (it has: {})",
+                    path.display(),
+                    names.join(", ")
+                ),
+            )
+        }
+        e => open_error(path, e),
+    })
+}
+
 fn to_io_kind(e: &parallax::Error) -> io::ErrorKind {
     match e {
         parallax::Error::Io { err, .. } => err.kind(),
@@ -131,7 +153,7 @@ impl Shared {
         if let Some(s) = open.iter().filter_map(Weak::upgrade).find(|s| s.key == key) {
             let kind = {
                 let img = lock(&s.image);
-                let v = img.volume(volume).map_err(|e| open_error(path, e))?;
+                let v = find_volume(&img, path, volume)?;
                 img.volume_info(v).map_err(|e| open_error(path, e))?.kind
             };
             if kind == VolumeKind::Disk && !read_only && !s.writable {
@@ -157,7 +179,7 @@ impl Shared {
             read_only: true,
         };
         let mut img = parallax::disk::open_image(path, &ro).map_err(|e| open_error(path, e))?;
-        let v = img.volume(volume).map_err(|e| open_error(path, e))?;
+        let v = find_volume(&img, path, volume)?;
         let kind = img.volume_info(v).map_err(|e| open_error(path, e))?.kind;
         let writable = !read_only && kind == VolumeKind::Disk;
         if writable {
@@ -219,20 +241,7 @@ impl ParallaxImage {
         let shared = Shared::get(&ds.path, &volume, opts.read_only, opts.cache_slots)?;
         let (vol, kind, size, stats) = {
             let mut img = lock(&shared.image);
-            let vol = img.volume(&volume).map_err(|e| match e {
-                parallax::Error::NoSuchVolume(_) => {
-                    let names: Vec<&str> = img.volumes().iter().map(|v| v.name.as_str()).collect();
-                    io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!(
-                            "Parallax image {} has no volume named '{volume}' (it has: {})",
-                            ds.path.display(),
-                            names.join(", ")
-                        ),
-                    )
-                }
-                e => open_error(&ds.path, e),
-            })?;
+            let vol = find_volume(&img, &ds.path, &volume)?;
             // The root is on every IO's path: read it now, not on the guest's first IO.
             img.warm(vol).map_err(|e| open_error(&ds.path, e))?;
             let kind = img
@@ -489,7 +498,16 @@ mod tests {
             &format!("parallax:{}@nope", p.display()),
             OpenOptionsImg::default(),
         );
-        assert!(e.to_string().contains("no volume named 'nope'"), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with("has no volume named 'nope' (it has: base, snap)"),
+            "{e}"
+        );
+        let e = open_err(
+            &format!("parallax:{}@bad name", p.display()),
+            OpenOptionsImg::default(),
+        );
+        assert!(e.to_string().contains("volume name 'bad name'"), "{e}");
         let junk = dir.path().join("junk");
         std::fs::write(&junk, vec![7u8; 16384]).unwrap();
         let e = open_err(
