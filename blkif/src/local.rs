@@ -48,6 +48,9 @@ pub(crate) fn poll_raw(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<
 
 /// Version of the attach handshake.
 pub const VERSION: u32 = 1;
+/// Largest ring order the local transport offers: rings of up to 2^8 pages (256 pages,
+/// 8192 requests of the x86_64 layout).
+pub const MAX_RING_ORDER: u8 = 8;
 const MAX_LINE: usize = 4096;
 
 /// What the frontend asks for.
@@ -136,7 +139,7 @@ pub struct AttachLimits {
 impl Default for AttachLimits {
     fn default() -> Self {
         AttachLimits {
-            max_ring_order: 8,
+            max_ring_order: MAX_RING_ORDER,
             max_mem_pages: 1 << 22,
         }
     }

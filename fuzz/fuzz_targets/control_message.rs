@@ -2,7 +2,7 @@
 //! the same command (the daemon answers malformed lines with an error reply).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tapdisk::control::proto::RequestMsg;
+use tapdisk_control::proto::RequestMsg;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(m) = serde_json::from_slice::<RequestMsg>(data) {

@@ -13,7 +13,7 @@
 //! - [`map`]: the mapping file: a disk's geometry and extents, versioned and checksummed,
 //!   held under an exclusive lock by the tapdisk that serves it; and the layout arithmetic.
 //!
-//! `parallax-master` (the daemon and operator commands) and `stripe-img` (create and inspect
+//! `stripe-master` (the daemon and operator commands) and `stripe-img` (create and inspect
 //! striped disks) in `tools/` are the front ends.
 
 pub mod client;

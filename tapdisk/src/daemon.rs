@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use slog::{info, warn, Logger};
-
-use crate::control::proto::{
+use tapdisk_control::proto::{
     Command, Reply, RequestMsg, ResponseMsg, ResultMsg, TraceFormat, MAX_LINE, VERSION,
 };
-use crate::control::RunDir;
-use crate::driver::ImageSpec;
+use tapdisk_control::RunDir;
+
 use crate::ring::lock;
 use crate::vbd::{Vbd, VbdMap};
 
@@ -164,33 +163,7 @@ impl Daemon {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
-            let (reply, exit) = if line.len() > MAX_LINE {
-                (
-                    ResultMsg::Error(format!("control message longer than {MAX_LINE} bytes")),
-                    true,
-                )
-            } else {
-                match serde_json::from_slice::<RequestMsg>(&line) {
-                    Err(e) => (
-                        ResultMsg::Error(format!("malformed control message: {e}")),
-                        false,
-                    ),
-                    Ok(m) if m.v != VERSION => (
-                        ResultMsg::Error(format!(
-                            "control protocol version {} (this tapdisk speaks {VERSION})",
-                            m.v
-                        )),
-                        false,
-                    ),
-                    Ok(m) => {
-                        let shutdown = m.command == Command::Shutdown;
-                        match self.dispatch(m.command) {
-                            Ok(r) => (ResultMsg::Ok(r), shutdown),
-                            Err(e) => (ResultMsg::Error(format!("{e:#}")), false),
-                        }
-                    }
-                }
-            };
+            let (reply, exit) = self.answer(&line);
             let is_shutdown = exit && matches!(reply, ResultMsg::Ok(_));
             let mut out = serde_json::to_vec(&ResponseMsg {
                 v: VERSION,
@@ -208,7 +181,41 @@ impl Daemon {
         }
     }
 
+    /// The answer to one request line, and whether the connection ends after it (a shutdown,
+    /// or a line too long to resynchronise after).
+    fn answer(&self, line: &[u8]) -> (ResultMsg, bool) {
+        if line.len() > MAX_LINE {
+            return (
+                ResultMsg::Error(format!("control message longer than {MAX_LINE} bytes")),
+                true,
+            );
+        }
+        match serde_json::from_slice::<RequestMsg>(line) {
+            Err(e) => (
+                ResultMsg::Error(format!("malformed control message: {e}")),
+                false,
+            ),
+            Ok(m) if m.v != VERSION => (
+                ResultMsg::Error(format!(
+                    "control protocol version {} (this tapdisk speaks {VERSION})",
+                    m.v
+                )),
+                false,
+            ),
+            Ok(m) => {
+                let shutdown = m.command == Command::Shutdown;
+                match self.dispatch(m.command) {
+                    Ok(r) => (ResultMsg::Ok(r), shutdown),
+                    Err(e) => (ResultMsg::Error(format!("{e:#}")), false),
+                }
+            }
+        }
+    }
+
+    /// Carries out a command. What it carries is checked first ([`Command::validate`]: the
+    /// same checks as tap-ctl's), so nothing is claimed or opened for a refused command.
     fn dispatch(&self, cmd: Command) -> Result<Reply> {
+        cmd.validate()?;
         match cmd {
             Command::Hello => Ok(Reply::Hello {
                 pid: std::process::id(),
@@ -218,12 +225,11 @@ impl Daemon {
             Command::Open {
                 minor,
                 image,
-                options,
+                settings,
             } => {
-                let spec: ImageSpec = image.parse().map_err(|e: String| anyhow!(e))?;
                 let claim = claim_minor(&self.rundir, minor)?;
                 let m = claim.minor;
-                let vbd = Vbd::open(m, spec, options, self.rundir.vbd_socket(m), &self.log)?;
+                let vbd = Vbd::open(m, image, settings, self.rundir.vbd_socket(m), &self.log)?;
                 let summary = vbd.summary();
                 lock(&self.vbds).insert(m, Entry { vbd, _claim: claim });
                 Ok(Reply::Opened { vbd: summary })
@@ -244,15 +250,11 @@ impl Daemon {
                 Ok(Reply::Done)
             }
             Command::Unpause { minor, image } => {
-                let spec = match image {
-                    Some(s) => Some(s.parse::<ImageSpec>().map_err(|e| anyhow!(e))?),
-                    None => None,
-                };
                 let mut v = lock(&self.vbds);
                 v.get_mut(&minor)
                     .ok_or_else(|| no_such(minor))?
                     .vbd
-                    .unpause(spec)?;
+                    .unpause(image)?;
                 Ok(Reply::Done)
             }
             Command::List => {
@@ -375,5 +377,73 @@ mod tests {
         // A claim by a dead process is taken over.
         std::fs::write(rd.minor_dir().join("7"), "999999999\n").unwrap();
         assert_eq!(claim_minor(&rd, Some(7)).unwrap().minor, 7);
+    }
+
+    /// What tap-ctl refuses is refused when written to the socket directly, with the error
+    /// line naming the setting and its range, and nothing claimed or opened.
+    #[test]
+    fn settings_out_of_range_are_refused_on_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let rundir = RunDir(dir.path().join("run"));
+        let log = Logger::root(slog::Discard, slog::o!());
+        let (d, _listener) = Daemon::bind(rundir.clone(), log).unwrap();
+        let open = |settings: &str| {
+            format!(
+                r#"{{"v":1,"cmd":"open","minor":null,"image":{{"driver":"aio","path":"{}"}},"settings":{settings}}}"#,
+                img.display()
+            )
+        };
+        let error = |line: &str| match d.answer(line.as_bytes()) {
+            (ResultMsg::Error(e), false) => e,
+            other => panic!("{line}: {other:?}"),
+        };
+        for (settings, says) in [
+            (
+                r#"{"early":{"percent":250}}"#,
+                "early-read percent 250% is out of range: early.percent takes 0..=100",
+            ),
+            (
+                r#"{"early":{"chunk_kb":0}}"#,
+                "early-read chunk 0 KiB is out of range: early.chunk_kb takes 4..=16384",
+            ),
+            (
+                r#"{"faults":{"fail_ppm":1000001}}"#,
+                "faults.fail_ppm takes 0..=1000000",
+            ),
+            (
+                r#"{"faults":{"delay_ppm":4294967295}}"#,
+                "faults.delay_ppm takes 0..=1000000",
+            ),
+            (
+                r#"{"poll_us":4294967295}"#,
+                "poll time 4294967295 µs is out of range: poll_us takes 0..=10000",
+            ),
+            (r#"{"max_segments":12}"#, "max_segments takes 1..=11"),
+            (r#"{"cache_slots":8}"#, "parallax: images only"),
+        ] {
+            let e = error(&open(settings));
+            assert_eq!(e.lines().count(), 1, "{e}");
+            assert!(e.contains(says), "{settings}: {e}");
+        }
+        assert!(lock(&d.vbds).is_empty());
+        assert_eq!(std::fs::read_dir(rundir.minor_dir()).unwrap().count(), 0);
+        // The same open with settings in range succeeds.
+        match d.answer(open(r#"{"poll_us":10000}"#).as_bytes()) {
+            (ResultMsg::Ok(Reply::Opened { vbd }), false) => assert_eq!(vbd.minor, 0),
+            other => panic!("{other:?}"),
+        }
+        let e = error(
+            r#"{"v":1,"cmd":"unpause","minor":0,"image":{"driver":"aio","path":"/x","volume":"v"}}"#,
+        );
+        assert!(e.contains("aio images have no volumes"), "{e}");
+        assert!(matches!(
+            d.answer(br#"{"v":1,"cmd":"close","minor":0}"#),
+            (ResultMsg::Ok(Reply::Done), false)
+        ));
     }
 }

@@ -4,7 +4,8 @@
 //! opened by one of the [`driver`]s (a raw file or block device, a volume of a Parallax
 //! image, a disk striped over iSCSI servers), rings attached to it by frontends (local or Xen)
 //! and by its NBD export ([`nbd`]), each served by its own event loop on io_uring ([`ring`]).
-//! The process is driven through a unix control socket ([`control`]) by `tap-ctl`; [`stats`]
+//! The process is driven through a unix control socket by `tap-ctl` ([`daemon`] serves it; the
+//! protocol, the settings of a VBD and their checks are the `tapdisk_control` crate); [`stats`]
 //! holds the counters `tap-ctl stats` prints.
 //!
 //! On a ring, requests are validated into the ring's request table ([`requests`]), go through
@@ -15,7 +16,6 @@
 //!
 //! docs/architecture.md draws the whole path.
 
-pub mod control;
 pub mod daemon;
 pub mod driver;
 pub mod early;

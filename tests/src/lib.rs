@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
-use tapdisk::control::client::Client;
-use tapdisk::control::proto::{Command as Ctl, Reply, VbdOptions, VbdSummary};
-use tapdisk::control::RunDir;
+use tapdisk_control::client::Client;
+use tapdisk_control::proto::{Command as Ctl, Reply, VbdSummary};
+use tapdisk_control::{RunDir, VbdSettings};
 
 /// The folder holding the workspace's binaries (`target/<profile>`, or
 /// `target/<triple>/<profile>`), found from the running test executable (which runs from its
@@ -32,9 +32,21 @@ pub fn bin_dir() -> PathBuf {
             "build",
             "-q",
             "-p",
-            "tapdisk-tools",
-            "-p",
             "tapdisk",
+            "-p",
+            "tap-ctl",
+            "-p",
+            "tapback",
+            "-p",
+            "td-bench",
+            "-p",
+            "parallax-img",
+            "-p",
+            "stripe-img",
+            "-p",
+            "stripe-master",
+            "-p",
+            "xen-frontend",
             "--bins",
         ]);
         let parent = prof.parent().expect("target dir");
@@ -116,15 +128,15 @@ impl Tapdisk {
 
     /// A control connection.
     pub fn client(&self) -> Result<Client> {
-        Client::connect_pid(&self.rundir, self.pid)
+        Ok(Client::connect_pid(&self.rundir, self.pid)?)
     }
 
-    /// Opens `image` (a TYPE:PATH spec) with `options`.
-    pub fn open(&self, image: &str, options: VbdOptions) -> Result<VbdSummary> {
+    /// Opens `image` (a TYPE:PATH spec) with `settings`.
+    pub fn open(&self, image: &str, settings: VbdSettings) -> Result<VbdSummary> {
         match self.client()?.call(Ctl::Open {
             minor: None,
-            image: image.into(),
-            options,
+            image: image.parse()?,
+            settings,
         })? {
             Reply::Opened { vbd } => Ok(vbd),
             other => bail!("unexpected reply {other:?}"),

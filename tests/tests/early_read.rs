@@ -18,7 +18,7 @@ use blkif::early::{EarlyReadError, POISON};
 use blkif::local::{FrontRequest, FrontendConfig, LocalFrontend};
 use blkif::protocol::{op, status};
 use blkif::Segment;
-use tapdisk::control::proto::VbdOptions;
+use tapdisk_control::VbdSettings;
 use tapdisk_e2e::*;
 
 const T: Option<Duration> = Some(Duration::from_secs(20));
@@ -76,8 +76,8 @@ fn patterned_image(step: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u
     (d, img, pattern)
 }
 
-fn opts(policy: &str, model: &str) -> VbdOptions {
-    VbdOptions {
+fn opts(policy: &str, model: &str) -> VbdSettings {
+    VbdSettings {
         early: Some(policy.parse().unwrap()),
         model: Some(model.parse().unwrap()),
         ..Default::default()
@@ -204,7 +204,7 @@ fn the_cache_serves_repeated_reads() {
     let vbd = td
         .open(
             &format!("aio:{}", img.display()),
-            VbdOptions {
+            VbdSettings {
                 early: Some("cache=4".parse().unwrap()),
                 ..Default::default()
             },

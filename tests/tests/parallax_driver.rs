@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use blkif::local::{FrontRequest, FrontendConfig, LocalFrontend};
 use blkif::protocol::{op, status};
 use blkif::Segment;
-use tapdisk::control::client::Client;
-use tapdisk::control::proto::{Command as Ctl, Reply, VbdOptions};
-use tapdisk::control::RunDir;
+use tapdisk_control::client::Client;
+use tapdisk_control::proto::{Command as Ctl, Reply};
+use tapdisk_control::{Driver, ImageSpec, RunDir, VbdSettings};
 use tapdisk_e2e::*;
 
 fn stdout(o: &Output) -> String {
@@ -194,7 +194,8 @@ fn nbd_export_of_a_parallax_disk_matches_a_raw_file_and_counts_cache_hits() {
     }
     run_ok(tap_ctl(&rundir).args(["destroy", "-m", "0"]));
     check_clean(&img);
-    // A clear error for a volume that is not there, before any tapdisk starts.
+    // A clear error for a volume that is not there: the tapdisk started for it refuses it and
+    // is stopped again.
     let out = tap_ctl(&rundir)
         .args(["create", "-a"])
         .arg(format!("parallax:{}@nope", img.display()))
@@ -456,8 +457,8 @@ fn crash_round(
         .unwrap()
         .call(Ctl::Open {
             minor: None,
-            image: format!("parallax:{}", img.display()),
-            options: VbdOptions::default(),
+            image: ImageSpec::new(Driver::Parallax, img),
+            settings: VbdSettings::default(),
         })
         .unwrap()
     {

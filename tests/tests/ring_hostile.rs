@@ -9,7 +9,7 @@ use blkif::protocol::{op, status, Abi, MAX_SLOT};
 use blkif::request::encode;
 use blkif::ring::SlotCopy;
 use blkif::{Response, Segment};
-use tapdisk::control::proto::VbdOptions;
+use tapdisk_control::VbdSettings;
 use tapdisk_e2e::*;
 
 const T: Option<Duration> = Some(Duration::from_secs(10));
@@ -21,7 +21,7 @@ struct Rig {
     minor: u32,
 }
 
-fn rig(opts: VbdOptions) -> Rig {
+fn rig(opts: VbdSettings) -> Rig {
     let td = Tapdisk::start().unwrap();
     let (dir, img) = image(4 << 20).unwrap();
     let vbd = td.open(&format!("aio:{}", img.display()), opts).unwrap();
@@ -98,7 +98,7 @@ fn still_serving(f: &mut LocalFrontend) {
 #[test]
 fn unknown_and_unsupported_operations_get_eopnotsupp() {
     // Indirect requests are offered by default; turn them off to see them refused.
-    let r = rig(VbdOptions {
+    let r = rig(VbdSettings {
         max_indirect_segments: 0,
         ..Default::default()
     });
@@ -121,7 +121,7 @@ fn unknown_and_unsupported_operations_get_eopnotsupp() {
 
 #[test]
 fn bad_segment_counts_get_errors() {
-    let r = rig(VbdOptions::default());
+    let r = rig(VbdSettings::default());
     let mut f = fe(&r, Abi::X86_64);
     raw(&mut f, op::READ, 0, 1, 0, &[]);
     raw(&mut f, op::WRITE, 12, 2, 0, &[seg(0, 0, 7); 11]);
@@ -138,7 +138,7 @@ fn bad_segment_counts_get_errors() {
 
 #[test]
 fn max_segments_setting_is_enforced() {
-    let r = rig(VbdOptions {
+    let r = rig(VbdSettings {
         max_segments: 4,
         ..Default::default()
     });
@@ -159,7 +159,7 @@ fn max_segments_setting_is_enforced() {
 
 #[test]
 fn sectors_outside_a_page_get_errors() {
-    let r = rig(VbdOptions::default());
+    let r = rig(VbdSettings::default());
     let mut f = fe(&r, Abi::X86_64);
     rw(&mut f, op::READ, 1, 0, &[seg(0, 5, 4)]);
     rw(&mut f, op::READ, 2, 0, &[seg(0, 0, 8)]);
@@ -173,7 +173,7 @@ fn sectors_outside_a_page_get_errors() {
 
 #[test]
 fn sector_ranges_outside_the_disk_get_errors() {
-    let r = rig(VbdOptions::default());
+    let r = rig(VbdSettings::default());
     let mut f = fe(&r, Abi::X86_32);
     let sectors = f.info().sectors;
     rw(&mut f, op::READ, 1, sectors - 4, &[seg(0, 0, 7)]);
@@ -205,7 +205,7 @@ fn sector_ranges_outside_the_disk_get_errors() {
 
 #[test]
 fn grant_refs_outside_guest_memory_get_errors() {
-    let r = rig(VbdOptions::default());
+    let r = rig(VbdSettings::default());
     let mut f = fe(&r, Abi::X86_64);
     let pages = f.mem_pages();
     rw(&mut f, op::READ, 1, 0, &[seg(pages, 0, 7)]);
@@ -234,7 +234,7 @@ fn indirect(f: &mut LocalFrontend, inner: u8, id: u64, sector: u64, ind: &[u32],
 
 #[test]
 fn bad_indirect_requests_get_errors() {
-    let r = rig(VbdOptions {
+    let r = rig(VbdSettings {
         max_indirect_segments: 32,
         ..Default::default()
     });
@@ -287,7 +287,7 @@ fn bad_indirect_requests_get_errors() {
 
 #[test]
 fn read_only_disks_refuse_writes_and_discards() {
-    let r = rig(VbdOptions {
+    let r = rig(VbdSettings {
         read_only: true,
         ..Default::default()
     });
@@ -310,7 +310,7 @@ fn read_only_disks_refuse_writes_and_discards() {
 
 #[test]
 fn producer_running_ahead_loses_its_ring_only() {
-    let r = rig(VbdOptions::default());
+    let r = rig(VbdSettings::default());
     let mut good = fe(&r, Abi::X86_64);
     let mut bad = fe(&r, Abi::X86_64);
     let size = bad.ring_size();
@@ -327,7 +327,7 @@ fn producer_running_ahead_loses_its_ring_only() {
 
 #[test]
 fn reused_in_flight_id_loses_its_ring_only() {
-    let r = rig(VbdOptions::default());
+    let r = rig(VbdSettings::default());
     let mut good = fe(&r, Abi::X86_64);
     let mut bad = fe(&r, Abi::X86_64);
     // Both requests are popped in one batch, so the first is still in flight.
@@ -351,7 +351,7 @@ fn reused_in_flight_id_loses_its_ring_only() {
 
 #[test]
 fn attach_with_bad_parameters_is_refused_cleanly() {
-    let r = rig(VbdOptions {
+    let r = rig(VbdSettings {
         max_ring_order: 2,
         ..Default::default()
     });
@@ -382,7 +382,7 @@ fn attach_with_bad_parameters_is_refused_cleanly() {
 
 #[test]
 fn frontend_vanishing_with_io_in_flight_is_harmless() {
-    let r = rig(VbdOptions::default());
+    let r = rig(VbdSettings::default());
     for round in 0..5 {
         let mut f = fe(&r, Abi::X86_64);
         for i in 0..32u64 {
@@ -398,7 +398,7 @@ fn frontend_vanishing_with_io_in_flight_is_harmless() {
 
 #[test]
 fn responses_leave_padding_untouched() {
-    let r = rig(VbdOptions::default());
+    let r = rig(VbdSettings::default());
     let mut f = fe(&r, Abi::X86_64);
     // Fill the slot's padding area with a marker the backend must not overwrite or replace.
     let mut b = [0u8; MAX_SLOT];
@@ -428,7 +428,7 @@ fn responses_leave_padding_untouched() {
 
 #[test]
 fn barrier_and_flush_wait_for_earlier_requests() {
-    let r = rig(VbdOptions::default());
+    let r = rig(VbdSettings::default());
     let mut f = fe(&r, Abi::X86_64);
     for i in 0..8u64 {
         f.write_mem(i as usize * 4096, &[i as u8 + 1; 4096]);
@@ -467,7 +467,7 @@ fn barrier_and_flush_wait_for_earlier_requests() {
 
 #[test]
 fn discard_reads_back_zeroes() {
-    let r = rig(VbdOptions::default());
+    let r = rig(VbdSettings::default());
     let mut f = fe(&r, Abi::X86_64);
     f.write_mem(0, &[0x77; 4096]);
     rw(&mut f, op::WRITE, 1, 16, &[seg(0, 0, 7)]);
@@ -490,7 +490,7 @@ fn discard_reads_back_zeroes() {
 fn silent_peers_on_the_device_socket_block_nobody_and_are_dropped() {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
-    let r = rig(VbdOptions::default());
+    let r = rig(VbdSettings::default());
     // Peers that connect and never send their attach message.
     let mut silent: Vec<UnixStream> = (0..8)
         .map(|_| UnixStream::connect(&r.device).unwrap())
@@ -523,7 +523,7 @@ fn silent_peers_on_the_device_socket_block_nobody_and_are_dropped() {
 fn peers_beyond_the_ring_limit_are_closed_at_once() {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
-    let r = rig(VbdOptions::default());
+    let r = rig(VbdSettings::default());
     let max = tapdisk::vbd::rings::MAX_RINGS;
     // `max` peers in their handshake hold every ring the VBD serves.
     let t0 = std::time::Instant::now();
@@ -592,9 +592,9 @@ fn vm_kib(pid: u32, what: &str) -> u64 {
 
 #[test]
 fn rings_attaching_in_a_loop_keep_their_counts_in_bounded_memory() {
-    use tapdisk::control::proto::{Command as Ctl, Reply, TraceFormat};
+    use tapdisk_control::proto::{Command as Ctl, Reply, TraceFormat};
     // Traces on, so each ring also has a trace buffer of 4096 records.
-    let r = rig(VbdOptions {
+    let r = rig(VbdSettings {
         trace: 4096,
         ..Default::default()
     });
@@ -653,7 +653,7 @@ fn rings_attaching_in_a_loop_keep_their_counts_in_bounded_memory() {
 fn kick_storms_cost_their_own_ring_wakeups_only() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
-    let r = rig(VbdOptions::default());
+    let r = rig(VbdSettings::default());
     let mut stormy = fe(&r, Abi::X86_64);
     let mut calm = fe(&r, Abi::X86_64);
     // A thread kicks the stormy ring's eventfd as fast as it can, for the whole test.
@@ -748,7 +748,7 @@ fn scribble_helper() {
 
 #[test]
 fn slots_rewritten_while_tapdisk_copies_them_reach_nothing_unchecked() {
-    let r = rig(VbdOptions::default());
+    let r = rig(VbdSettings::default());
     let img_len = |r: &Rig| {
         let spec = r.td.stats(r.minor).unwrap()["image"]
             .as_str()

@@ -1,4 +1,4 @@
-//! The extent master under crashes: `parallax-master` is killed (SIGKILL) and restarted over
+//! The extent master under crashes: `stripe-master` is killed (SIGKILL) and restarted over
 //! and over while clients allocate disks, retrying as ONC RPC's at-least-once semantics have
 //! them do. No extent may end up with two disks, and every answer a client got must still be
 //! what the master holds afterwards.
@@ -24,7 +24,7 @@ fn free_port() -> u16 {
 }
 
 fn start_master(state: &Path, port: u16) -> Child {
-    let c = Command::new(bin("parallax-master"))
+    let c = Command::new(bin("stripe-master"))
         .arg("serve")
         .arg("--state")
         .arg(state)
@@ -36,7 +36,7 @@ fn start_master(state: &Path, port: u16) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("starting parallax-master");
+        .expect("starting stripe-master");
     c
 }
 
@@ -167,7 +167,7 @@ fn a_second_master_on_the_same_state_is_refused() {
     let mut m = start_master(&state, port);
     let mut c = MasterClient::new(&format!("127.0.0.1:{port}"));
     c.ping().unwrap();
-    let out = Command::new(bin("parallax-master"))
+    let out = Command::new(bin("stripe-master"))
         .arg("serve")
         .arg("--state")
         .arg(&state)
@@ -177,7 +177,7 @@ fn a_second_master_on_the_same_state_is_refused() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
-    assert!(err.starts_with("parallax-master: "), "{err}");
+    assert!(err.starts_with("stripe-master: "), "{err}");
     assert_holder_named(&err, &state.join("lock"), m.id());
     let _ = m.kill();
     let _ = m.wait();

@@ -471,6 +471,36 @@ fn control_socket_refuses_long_lines_and_other_versions() {
     (&s).write_all(b"{\"v\":1,\"cmd\":\"hello\"}\n").unwrap();
     let v = reply(&mut r);
     assert!(v.get("ok").is_some(), "{v}");
+    // Settings tap-ctl refuses are refused when written here directly, naming field and range.
+    let img = tempfile::NamedTempFile::new().unwrap();
+    img.as_file().set_len(1 << 20).unwrap();
+    for (settings, says) in [
+        (r#"{"poll_us":4294967295}"#, "poll_us takes 0..=10000"),
+        (
+            r#"{"early":{"percent":250}}"#,
+            "early.percent takes 0..=100",
+        ),
+        (
+            r#"{"early":{"chunk_kb":0}}"#,
+            "early.chunk_kb takes 4..=16384",
+        ),
+        (
+            r#"{"faults":{"fail_ppm":2000000}}"#,
+            "faults.fail_ppm takes 0..=1000000",
+        ),
+    ] {
+        let line = format!(
+            "{{\"v\":1,\"cmd\":\"open\",\"image\":{{\"driver\":\"aio\",\"path\":{:?}}},\"settings\":{settings}}}\n",
+            img.path().display().to_string()
+        );
+        (&s).write_all(line.as_bytes()).unwrap();
+        let v = reply(&mut r);
+        let err = v["error"].as_str().unwrap_or_default().to_owned();
+        assert!(err.contains(says), "{settings}: {v}");
+    }
+    (&s).write_all(b"{\"v\":1,\"cmd\":\"list\"}\n").unwrap();
+    let v = reply(&mut r);
+    assert_eq!(v["ok"]["vbds"], serde_json::json!([]), "{v}");
     // A line over 64 KiB: an error, then the connection is closed; memory is not spent on it.
     let s = UnixStream::connect(&path).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use tapdisk::control::proto::VbdOptions;
+use tapdisk_control::VbdSettings;
 use tapdisk_e2e::*;
 
 /// What a td-bench run left: its output, and its pid (which names its temporary folder).
@@ -243,7 +243,7 @@ fn verify_via_device_of_another_tapdisk() {
     let td = Tapdisk::start().unwrap();
     let (_dir, img) = image(16 << 20).unwrap();
     let vbd = td
-        .open(&format!("aio:{}", img.display()), VbdOptions::default())
+        .open(&format!("aio:{}", img.display()), VbdSettings::default())
         .unwrap();
     let out = td_bench(&[
         "verify",
@@ -258,7 +258,7 @@ fn verify_via_device_of_another_tapdisk() {
     assert!(out.status.success());
     // td-bench must not have shut down a tapdisk it did not start.
     let mut c = td.client().unwrap();
-    assert!(c.call(tapdisk::control::proto::Command::List).is_ok());
+    assert!(c.call(tapdisk_control::proto::Command::List).is_ok());
 }
 
 #[test]

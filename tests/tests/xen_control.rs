@@ -8,7 +8,8 @@ use std::process::Command;
 use blkif::xen::backend::GrantMode;
 use blkif::xen::frontend_keys::{FrontendRings, QueueKeys};
 use blkif::Abi;
-use tapdisk::control::proto::{Command as Ctl, Reply, VbdOptions, XenConnectSpec};
+use tapdisk_control::proto::{Command as Ctl, Reply, XenConnectSpec};
+use tapdisk_control::VbdSettings;
 use tapdisk_e2e::{bin, image, Tapdisk};
 
 fn spec(queues: usize, order: u8) -> XenConnectSpec {
@@ -39,7 +40,7 @@ fn xen_connect_is_refused_cleanly_without_xen() {
     let (_d, img) = image(8 << 20).unwrap();
     let td = Tapdisk::start().unwrap();
     let vbd = td
-        .open(&format!("aio:{}", img.display()), VbdOptions::default())
+        .open(&format!("aio:{}", img.display()), VbdSettings::default())
         .unwrap();
     let mut c = td.client().unwrap();
     let e = c

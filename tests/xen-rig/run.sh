@@ -29,7 +29,7 @@ step "host packages ready"
 step "dom0 image ready ($(tail -1 "$RIG_LOGS/build-images-$RIG_SUITE.log" | sed 's/^xen-rig: //'))"
 
 PROFILE=${RIG_PROFILE:-release}
-(cd "$ROOT" && cargo build --locked --profile "$PROFILE" -p tapdisk -p tapdisk-tools) > "$RIG_LOGS/cargo.log" 2>&1 \
+(cd "$ROOT" && cargo build --locked --profile "$PROFILE" -p tapdisk -p tap-ctl -p tapback -p xen-frontend) > "$RIG_LOGS/cargo.log" 2>&1 \
     || { tail -30 "$RIG_LOGS/cargo.log"; exit 1; }
 TGT=$ROOT/target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
 step "binaries built ($PROFILE)"

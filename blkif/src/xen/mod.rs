@@ -27,6 +27,12 @@ pub mod xenstore;
 /// A Xen domain id.
 pub type DomId = u16;
 
+/// Largest ring order offered to Xen frontends (`max-ring-page-order`): 2^4 = 16 pages, 512
+/// requests, the most Linux's xenbus maps for one ring (`XENBUS_MAX_RING_GRANT_ORDER`).
+pub const MAX_RING_ORDER: u8 = 4;
+/// Most queues (rings) a Xen frontend may use (`multi-queue-max-queues`).
+pub const MAX_QUEUES: u32 = 16;
+
 /// `_IOC(_IOC_NONE, ty, nr, size)` of Linux's asm-generic ioctl.h (x86 uses the generic layout).
 pub(crate) const fn ioc_none(ty: u8, nr: u8, size: usize) -> libc::c_ulong {
     // dir NONE = 0 in bits 30..32; size in bits 16..30; type in 8..16; nr in 0..8.

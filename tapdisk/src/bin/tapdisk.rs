@@ -4,8 +4,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Parser;
-use tapdisk::control::RunDir;
 use tapdisk::daemon::Daemon;
+use tapdisk_control::RunDir;
 
 /// tapdisk-rs: serve virtual disks to blkif frontends (Xen guests or local frontends) and NBD
 /// clients. One process owns one or more VBDs and is driven through its control socket,

@@ -20,11 +20,10 @@ pub mod parallax;
 pub mod stripe;
 
 use std::io;
-use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 
 pub use engine::{BackendIo, Done, Engine, IoOp, Uring};
+pub use tapdisk_control::{DirectIo, Driver, ImageSpec};
 
 /// Bytes in a blkif sector (always 512, whatever the image's own block size).
 pub const SECTOR: u64 = 512;
@@ -85,9 +84,9 @@ pub enum Memory {
 #[derive(Clone, Debug, Default)]
 pub struct Layers {
     /// Faults to inject (testing).
-    pub faults: Option<fault::FaultPlan>,
+    pub faults: Option<tapdisk_control::FaultPlan>,
     /// Serve through a slow-storage model (experiments).
-    pub model: Option<model::ModelParams>,
+    pub model: Option<tapdisk_control::ModelParams>,
 }
 
 /// Builds the engine of one ring over `image` (IOs tagged `0..tags`): the driver's, then
@@ -114,99 +113,6 @@ pub fn make_engine(
     Ok(e)
 }
 
-/// Which image driver a disk spec names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Driver {
-    /// A raw file or block device.
-    Aio,
-    /// A volume of a Parallax image: the path is `PATH` (its first disk) or `PATH@VOLUME`.
-    Parallax,
-    /// A disk striped over iSCSI servers, described by a mapping file.
-    Stripe,
-}
-
-impl Driver {
-    /// The name in a disk spec.
-    pub fn name(self) -> &'static str {
-        match self {
-            Driver::Aio => "aio",
-            Driver::Parallax => "parallax",
-            Driver::Stripe => "stripe",
-        }
-    }
-}
-
-/// A disk spec as tap-ctl and xenstore write it: `TYPE:PATH`, e.g. `aio:/var/lib/disk.img` or
-/// `parallax:/var/lib/vm1.plx@before-upgrade`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ImageSpec {
-    /// The driver.
-    pub driver: Driver,
-    /// The path the driver opens (for `parallax:`, with its `@VOLUME` if one was given).
-    pub path: PathBuf,
-}
-
-impl FromStr for ImageSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (ty, path) = s.split_once(':').ok_or_else(|| {
-            format!("disk spec '{s}' has no type: write it as TYPE:PATH, e.g. aio:{s}")
-        })?;
-        let driver = match ty {
-            "aio" => Driver::Aio,
-            "parallax" => Driver::Parallax,
-            "stripe" => Driver::Stripe,
-            other => {
-                return Err(format!(
-                    "unknown disk type '{other}' in '{s}' (known: aio, parallax, stripe)"
-                ))
-            }
-        };
-        if path.is_empty() {
-            return Err(format!("disk spec '{s}' has an empty path"));
-        }
-        if driver == Driver::Parallax {
-            path.parse::<::parallax::DiskSpec>()
-                .map_err(|e| format!("disk spec '{s}': {e}"))?;
-        }
-        Ok(ImageSpec {
-            driver,
-            path: PathBuf::from(path),
-        })
-    }
-}
-
-impl std::fmt::Display for ImageSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.driver.name(), self.path.display())
-    }
-}
-
-/// Whether to open the image with O_DIRECT.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DirectIo {
-    /// O_DIRECT where the file system takes it, buffered otherwise.
-    #[default]
-    Auto,
-    /// O_DIRECT or fail to open.
-    On,
-    /// Page cache.
-    Off,
-}
-
-impl FromStr for DirectIo {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(DirectIo::Auto),
-            "on" => Ok(DirectIo::On),
-            "off" => Ok(DirectIo::Off),
-            _ => Err(format!("direct IO mode '{s}' is not one of auto, on, off")),
-        }
-    }
-}
-
 /// Options for opening an image.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OpenOptionsImg {
@@ -219,28 +125,4 @@ pub struct OpenOptionsImg {
     pub cache_slots: u32,
     /// A `stripe:` image's iSCSI connections are driven inline by the event loops.
     pub iscsi_inline: bool,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spec_parses_and_rejects() {
-        let s: ImageSpec = "aio:/tmp/x.img".parse().unwrap();
-        assert_eq!(s.driver, Driver::Aio);
-        assert_eq!(s.to_string(), "aio:/tmp/x.img");
-        assert!("/tmp/x.img"
-            .parse::<ImageSpec>()
-            .unwrap_err()
-            .contains("no type"));
-        assert!("vhd:/x"
-            .parse::<ImageSpec>()
-            .unwrap_err()
-            .contains("unknown disk type"));
-        assert!("aio:"
-            .parse::<ImageSpec>()
-            .unwrap_err()
-            .contains("empty path"));
-    }
 }

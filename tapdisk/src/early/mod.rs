@@ -23,123 +23,13 @@
 mod cache;
 mod reads;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+pub use tapdisk_control::EarlyPolicy;
 
 pub use cache::{segment_block, ReadCache};
 pub use reads::{continue_pages, EarlyReads, Outcome};
 
 use crate::stats::Counter;
-
-/// When to answer a read early. Every `Some` is a rule; the read is answered when any rule
-/// holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct EarlyPolicy {
-    /// Answer once this percent of the read's pages are filled.
-    pub percent: Option<u8>,
-    /// Answer once the first `.0` percent of the pages are filled and `.1` percent of the
-    /// rest.
-    pub first_then: Option<(u8, u8)>,
-    /// Answer once at most this many of the read's chunk IOs are outstanding.
-    pub outstanding: Option<u32>,
-    /// Answer once the estimated time to fill the rest is at most this many µs.
-    pub eta_us: Option<u32>,
-    /// After `.0` reads in a row that each start where the previous ended, the stream is
-    /// read-ahead: its reads are answered once their first `.1` percent are filled.
-    pub sequential: Option<(u32, u8)>,
-    /// Reads are fetched in chunk IOs of at most this many KiB, in order (default 64).
-    pub chunk_kb: u32,
-    /// Host-side read cache, MiB (0: none).
-    pub cache_mb: u32,
-}
-
-impl Default for EarlyPolicy {
-    fn default() -> Self {
-        EarlyPolicy {
-            percent: None,
-            first_then: None,
-            outstanding: None,
-            eta_us: None,
-            sequential: None,
-            chunk_kb: 64,
-            cache_mb: 0,
-        }
-    }
-}
-
-impl EarlyPolicy {
-    /// Whether any rule is set.
-    pub fn answers_early(&self) -> bool {
-        self.percent.is_some()
-            || self.first_then.is_some()
-            || self.outstanding.is_some()
-            || self.eta_us.is_some()
-            || self.sequential.is_some()
-    }
-}
-
-fn pct(s: &str, what: &str) -> Result<u8, String> {
-    let v: u8 = s
-        .parse()
-        .map_err(|_| format!("{what} '{s}' is not a percentage"))?;
-    if v > 100 {
-        return Err(format!("{what} {v} is above 100"));
-    }
-    Ok(v)
-}
-
-impl std::str::FromStr for EarlyPolicy {
-    type Err = String;
-    /// `percent=25,first=10+20,outstanding=2,eta=500,seq=4:10,chunk=64,cache=64` (any
-    /// subset; `off` for none).
-    fn from_str(s: &str) -> Result<Self, String> {
-        let mut p = EarlyPolicy::default();
-        if s == "off" || s.is_empty() {
-            return Ok(p);
-        }
-        for part in s.split(',') {
-            let (k, v) = part.split_once('=').ok_or_else(|| {
-                format!("early-read rule '{part}' is not NAME=VALUE (e.g. percent=25)")
-            })?;
-            let num = |v: &str, what: &str| -> Result<u32, String> {
-                v.parse::<u32>()
-                    .map_err(|_| format!("{what} '{v}' is not a whole number"))
-            };
-            match k {
-                "percent" => p.percent = Some(pct(v, "percent")?),
-                "first" => {
-                    let (a, b) = v
-                        .split_once('+')
-                        .ok_or_else(|| format!("first='{v}' is not X+Y (e.g. first=10+20)"))?;
-                    p.first_then = Some((pct(a, "first")?, pct(b, "rest")?));
-                }
-                "outstanding" => p.outstanding = Some(num(v, "outstanding")?),
-                "eta" => p.eta_us = Some(num(v, "eta")?),
-                "seq" => {
-                    let (a, b) = v
-                        .split_once(':')
-                        .ok_or_else(|| format!("seq='{v}' is not RUN:PERCENT (e.g. seq=4:10)"))?;
-                    p.sequential = Some((num(a, "seq run")?.max(1), pct(b, "seq percent")?));
-                }
-                "chunk" => {
-                    let c = num(v, "chunk")?;
-                    if !(4..=16384).contains(&c) {
-                        return Err(format!("chunk {c} KiB is outside 4..=16384"));
-                    }
-                    p.chunk_kb = c;
-                }
-                "cache" => p.cache_mb = num(v, "cache")?,
-                other => {
-                    return Err(format!(
-                        "unknown early-read rule '{other}' (known: percent, first, outstanding, \
-                         eta, seq, chunk, cache)"
-                    ))
-                }
-            }
-        }
-        Ok(p)
-    }
-}
 
 /// The state of one read, as the policy sees it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -316,29 +206,5 @@ mod tests {
             &st(4, 3, 3, 1),
             None
         ));
-    }
-
-    #[test]
-    fn policy_strings() {
-        let p: EarlyPolicy =
-            "percent=25,first=10+20,outstanding=2,eta=500,seq=4:10,chunk=128,cache=64"
-                .parse()
-                .unwrap();
-        assert_eq!(p.percent, Some(25));
-        assert_eq!(p.first_then, Some((10, 20)));
-        assert_eq!(p.sequential, Some((4, 10)));
-        assert_eq!((p.chunk_kb, p.cache_mb), (128, 64));
-        assert!(p.answers_early());
-        assert!(!"off".parse::<EarlyPolicy>().unwrap().answers_early());
-        for bad in [
-            "percent=101",
-            "first=10",
-            "seq=4",
-            "chunk=1",
-            "bogus=1",
-            "percent",
-        ] {
-            assert!(bad.parse::<EarlyPolicy>().is_err(), "{bad}");
-        }
     }
 }

@@ -48,15 +48,11 @@ mod server;
 mod tests;
 pub mod transmission;
 
-use std::fmt;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::str::FromStr;
-
 pub use conn::{serve, ConnCx, End, Source};
 pub use disk::{Buf, Cmd, Completion, Disk, Op};
 pub use handshake::ExportInfo;
 pub use server::{Export, NbdServer};
+pub use tapdisk_control::NbdListen;
 pub use transmission::Counters;
 
 /// Most clients served at once; further connections are accepted and closed at once.
@@ -77,55 +73,3 @@ pub const IDLE_RELEASE: std::time::Duration = if cfg!(test) {
 } else {
     std::time::Duration::from_secs(2)
 };
-
-/// Longest unix socket path the kernel takes (`sun_path` holds 108 bytes with the NUL).
-const MAX_UNIX_PATH: usize = 107;
-
-/// Where an NBD server listens: `unix:/path/to/socket` or `tcp:ADDR:PORT`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NbdListen {
-    /// A unix stream socket at this path.
-    Unix(PathBuf),
-    /// A TCP socket (port 0 picks a free port; see [`NbdServer::local_addr`]).
-    Tcp(SocketAddr),
-}
-
-impl FromStr for NbdListen {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err(format!("NBD address '{s}' has an empty socket path"));
-            }
-            if path.len() > MAX_UNIX_PATH {
-                return Err(format!(
-                    "NBD socket path in '{s}' is {} bytes; unix sockets allow at most {}",
-                    path.len(),
-                    MAX_UNIX_PATH
-                ));
-            }
-            Ok(NbdListen::Unix(PathBuf::from(path)))
-        } else if let Some(addr) = s.strip_prefix("tcp:") {
-            addr.parse().map(NbdListen::Tcp).map_err(|_| {
-                format!(
-                    "NBD address '{s}': '{addr}' is not an IP address and port \
-                     (write tcp:127.0.0.1:10809 or tcp:[::1]:10809)"
-                )
-            })
-        } else {
-            Err(format!(
-                "NBD address '{s}' must be unix:/path/to/socket or tcp:ADDR:PORT \
-                 (e.g. tcp:127.0.0.1:10809)"
-            ))
-        }
-    }
-}
-
-impl fmt::Display for NbdListen {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NbdListen::Unix(p) => write!(f, "unix:{}", p.display()),
-            NbdListen::Tcp(a) => write!(f, "tcp:{a}"),
-        }
-    }
-}

@@ -52,6 +52,13 @@ const DESC: u32 = BOUNCE + BOUNCE_PAGES;
 const DESC_PER_SLOT: u32 = blkif::protocol::MAX_INDIRECT_PAGES_PER_REQUEST as u32;
 /// Buffer pages an idle connection keeps.
 const KEEP_IDLE_PAGES: u32 = (super::conn::KEEP_IDLE / PAGE_SIZE) as u32;
+// The layout holds the largest requests the protocol allows: two in flight at once, and an
+// unaligned one with a sector on each side in the bounce pages.
+const _: () = {
+    assert!(DATA_PAGES >= 2 * (MAX_PAYLOAD / PAGE_SIZE as u32));
+    assert!(BOUNCE_PAGES as u64 * PAGE >= MAX_PAYLOAD as u64 + 2 * SECTOR);
+};
+
 /// A ring of 4 pages: 128 slots (at most 32 per page for every ABI).
 pub const RING_ORDER: u8 = 2;
 
@@ -713,13 +720,5 @@ mod tests {
         assert_eq!(r.high, 10);
         assert_eq!(r.alloc(0), None);
         assert_eq!(r.alloc(11), None);
-    }
-
-    #[test]
-    fn the_memory_layout_fits_the_largest_requests() {
-        assert!(DATA_PAGES >= 2 * (MAX_PAYLOAD / PAGE_SIZE as u32));
-        // An unaligned request of the largest size and a sector on each side.
-        assert!(u64::from(BOUNCE_PAGES) * PAGE >= u64::from(MAX_PAYLOAD) + 2 * SECTOR);
-        assert!(DESC > BOUNCE + BOUNCE_PAGES - 1);
     }
 }

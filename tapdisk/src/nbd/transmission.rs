@@ -240,13 +240,8 @@ fn step<R: Source, W: Write>(
             debug!(cx.log, "soft disconnect");
             return Ok(Some(End::Disconnected));
         }
-        CMD_READ => check(&req, CMD_FLAG_FUA, export, false, EINVAL).and_then(|()| {
-            if req.len > MAX_PAYLOAD {
-                Err(EINVAL)
-            } else {
-                Ok(Cmd::Read)
-            }
-        }),
+        CMD_READ if req.len > MAX_PAYLOAD => Err(EINVAL),
+        CMD_READ => check(&req, CMD_FLAG_FUA, export, false, EINVAL).map(|()| Cmd::Read),
         CMD_WRITE => {
             check(&req, CMD_FLAG_FUA, export, export.read_only(), ENOSPC).map(|()| Cmd::Write)
         }

@@ -43,7 +43,9 @@ use blkif::transport::EventChannel;
 use slog::{info, warn, Logger};
 
 use crate::driver::{Done, Layers};
-use crate::early::{EarlyPolicy, ReadCache};
+use tapdisk_control::EarlyPolicy;
+
+use crate::early::ReadCache;
 use crate::logging::RateLimit;
 use crate::requests::RequestTable;
 use crate::sched::{Sched, SchedConfig};

@@ -27,9 +27,11 @@ use blkif::local::AttachLimits;
 use blkif::request::DiskInfo;
 use slog::{info, o, Logger};
 
-use crate::control::proto::{VbdOptions, VbdState, VbdSummary};
-use crate::driver::{open_image_logged, ImageSpec, Layers, OpenOptionsImg, SECTOR};
-use crate::nbd::{NbdListen, NbdServer};
+use tapdisk_control::proto::{VbdState, VbdSummary};
+use tapdisk_control::{ImageSpec, VbdSettings};
+
+use crate::driver::{open_image_logged, Layers, OpenOptionsImg, SECTOR};
+use crate::nbd::NbdServer;
 use crate::ring::{RingConfig, RingTransport, VbdShared};
 use crate::sched::SchedConfig;
 use crate::trace::RingTrace;
@@ -41,7 +43,7 @@ pub struct Vbd {
     /// Minor number.
     pub minor: u32,
     spec: ImageSpec,
-    opts: VbdOptions,
+    opts: VbdSettings,
     rings: Arc<Rings>,
     accept_stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
@@ -54,47 +56,17 @@ pub struct Vbd {
 }
 
 impl Vbd {
-    /// Opens `spec` as VBD `minor`, with its device socket at `device`.
+    /// Opens `spec` as VBD `minor` with settings `opts`, its device socket at `device`. The
+    /// caller has checked both ([`VbdSettings::validate_for`]; the daemon does for every
+    /// command it reads).
     pub fn open(
         minor: u32,
         spec: ImageSpec,
-        opts: VbdOptions,
+        opts: VbdSettings,
         device: PathBuf,
         log: &Logger,
     ) -> anyhow::Result<Vbd> {
         use anyhow::{bail, Context};
-        if !(1..=11).contains(&opts.max_segments) {
-            bail!("max segments {} is outside 1..=11", opts.max_segments);
-        }
-        if opts.max_ring_order > 8 {
-            bail!("max ring order {} is above 8", opts.max_ring_order);
-        }
-        if opts.max_indirect_segments > blkif::request::MAX_INDIRECT_SEGMENTS {
-            bail!(
-                "max indirect segments {} is above {}",
-                opts.max_indirect_segments,
-                blkif::request::MAX_INDIRECT_SEGMENTS
-            );
-        }
-        if !(4..=65536).contains(&opts.max_merge_kb) {
-            bail!(
-                "max merge size {} KiB is outside 4..=65536",
-                opts.max_merge_kb
-            );
-        }
-        if opts.batch_wait_us > 1_000_000 {
-            bail!("batch wait {} µs is above one second", opts.batch_wait_us);
-        }
-        if opts.trace > 16_000_000 {
-            bail!(
-                "trace of {} requests per ring is above 16000000",
-                opts.trace
-            );
-        }
-        let nbd_listen: Option<NbdListen> = match &opts.nbd {
-            Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("{e}"))?),
-            None => None,
-        };
         let log = log.new(o!("minor" => minor));
         let image = open_image_logged(&spec, image_options(&opts), &log)?;
         if image.size() < SECTOR {
@@ -118,7 +90,7 @@ impl Vbd {
             },
             max_batch: opts.max_batch,
             batch_wait: Duration::from_micros(u64::from(opts.batch_wait_us)),
-            poll: Duration::from_micros(u64::from(opts.poll_us.min(10_000))),
+            poll: Duration::from_micros(u64::from(opts.poll_us)),
             layers: Layers {
                 faults: opts.faults.clone(),
                 model: opts.model,
@@ -155,18 +127,19 @@ impl Vbd {
                 .name(format!("vbd{minor}-accept"))
                 .spawn(move || rings::accept_loop(listener, rings, stop))?
         };
-        let nbd = match nbd_listen {
+        let nbd = match &opts.nbd {
             Some(l) => {
                 let export = export::VbdExport::new(rings.clone(), &format!("tapdev{minor}"));
                 Some(
-                    NbdServer::start(&l, Arc::new(export), log.clone())
+                    NbdServer::start(l, Arc::new(export), log.clone())
                         .with_context(|| format!("cannot start the NBD export on {l}"))?,
                 )
             }
             None => None,
         };
         info!(log, "opened"; "image" => %spec, "sectors" => disk.sectors, "direct" => direct,
-              "read_only" => opts.read_only, "nbd" => opts.nbd.as_deref().unwrap_or("-"));
+              "read_only" => opts.read_only,
+              "nbd" => opts.nbd.as_ref().map_or_else(|| "-".into(), |n| n.to_string()));
         Ok(Vbd {
             minor,
             spec,
@@ -205,9 +178,9 @@ impl Vbd {
         VbdSummary {
             minor: self.minor,
             state: self.state(),
-            image: self.spec.to_string(),
+            image: self.spec.clone(),
             device: self.device.display().to_string(),
-            nbd: self.nbd.as_ref().map(|n| n.local_addr().to_string()),
+            nbd: self.nbd.as_ref().map(|n| n.local_addr()),
             rings: self.rings.frontend_rings() as u32,
             size: disk.sectors * SECTOR,
             read_only: disk.read_only,
@@ -350,7 +323,7 @@ impl Drop for Vbd {
 }
 
 /// How a VBD opens its image (at open and when switching images on unpause).
-fn image_options(o: &VbdOptions) -> OpenOptionsImg {
+fn image_options(o: &VbdSettings) -> OpenOptionsImg {
     OpenOptionsImg {
         read_only: o.read_only,
         direct: o.direct,

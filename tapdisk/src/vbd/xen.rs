@@ -1,6 +1,6 @@
 //! Serving a Xen frontend's rings.
 //!
-//! tapback (the xenbus side, `tools/src/tapback`) reads the frontend's keys from xenstore,
+//! tapback (the xenbus side, `tools/tapback`) reads the frontend's keys from xenstore,
 //! checks them, and sends them to the tapdisk holding the VBD in a `xen_connect` command. Here
 //! each queue's ring is mapped through gntdev, its event channel bound, and handed to
 //! [`Vbd::attach_ring`]: one ring loop thread per queue, as Linux blkback does. A frontend that
@@ -13,16 +13,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use blkif::request::DiskInfo;
 use blkif::xen::backend::{GrantMode, XenRing};
+use blkif::xen::{MAX_QUEUES, MAX_RING_ORDER};
+use tapdisk_control::proto::{XenAttachmentInfo, XenConnectSpec};
 
 use super::rings::RingLink;
 use super::Vbd;
-use crate::control::proto::{XenAttachmentInfo, XenConnectSpec};
 use crate::ring::lock;
 
-/// Most queues a frontend may use.
-pub const MAX_QUEUES: u32 = 16;
-/// Largest ring order offered to Xen frontends (16 pages: 512 requests).
-pub const MAX_RING_ORDER: u8 = 4;
 /// Segments per indirect request in grant-copy mode, where each request slot owns that many
 /// bounce pages (512 slots x 32 pages x 4 KiB = 64 MiB per queue at most).
 pub const COPY_MAX_INDIRECT_SEGMENTS: u16 = 32;

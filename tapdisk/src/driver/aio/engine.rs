@@ -241,7 +241,8 @@ impl Engine for AioEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::driver::{DirectIo, OpenOptionsImg};
+    use crate::driver::OpenOptionsImg;
+    use tapdisk_control::DirectIo;
 
     #[test]
     fn unmapped_memory_never_gets_direct_io() {

@@ -107,10 +107,7 @@ impl Image for AioImage {
         Ok(Box::new(engine::AioEngine::new(ring, self, tags)?))
     }
     fn spec(&self) -> ImageSpec {
-        ImageSpec {
-            driver: Driver::Aio,
-            path: self.path.clone(),
-        }
+        ImageSpec::new(Driver::Aio, self.path.clone())
     }
     fn direct(&self) -> bool {
         self.direct.is_some()

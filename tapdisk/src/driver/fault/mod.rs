@@ -10,80 +10,10 @@
 use std::io;
 
 use io_uring::{opcode, types};
-use serde::{Deserialize, Serialize};
+use tapdisk_control::FaultPlan;
 
 use super::engine::{BackendIo, Engine, IoOp, Uring};
 use super::layer::{Cx, Layer, Layered};
-
-/// What to inject.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct FaultPlan {
-    /// Seed of the random faults.
-    pub seed: u64,
-    /// IOs failing at random, per million.
-    pub fail_ppm: u32,
-    /// IOs delayed at random, per million.
-    pub delay_ppm: u32,
-    /// How long a delayed IO is held back, µs.
-    pub delay_us: u32,
-    /// A failing write first writes the first half of its data (a torn write).
-    pub tear: bool,
-    /// Bad sector ranges `(first sector, sectors)`: every IO touching one fails.
-    pub bad: Vec<(u64, u64)>,
-}
-
-impl std::str::FromStr for FaultPlan {
-    type Err = String;
-    /// `seed=N,fail=PPM,delay=PPM:US,tear,bad=SECTOR+COUNT;SECTOR+COUNT`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let mut p = FaultPlan::default();
-        for part in s.split(',').filter(|x| !x.is_empty()) {
-            let (k, v) = part.split_once('=').unwrap_or((part, ""));
-            let num = |v: &str, what: &str| -> Result<u64, String> {
-                v.parse::<u64>()
-                    .map_err(|_| format!("fault plan: {what} '{v}' is not a whole number"))
-            };
-            match k {
-                "seed" => p.seed = num(v, "seed")?,
-                "fail" => p.fail_ppm = num(v, "fail")?.min(1_000_000) as u32,
-                "delay" => {
-                    let (a, b) = v
-                        .split_once(':')
-                        .ok_or_else(|| format!("fault plan: delay='{v}' is not PPM:US"))?;
-                    p.delay_ppm = num(a, "delay")?.min(1_000_000) as u32;
-                    p.delay_us = num(b, "delay time")?.min(10_000_000) as u32;
-                }
-                "tear" => p.tear = true,
-                "bad" => {
-                    for r in v.split(';') {
-                        let (a, b) = r.split_once('+').ok_or_else(|| {
-                            format!("fault plan: bad range '{r}' is not SECTOR+COUNT")
-                        })?;
-                        p.bad
-                            .push((num(a, "bad sector")?, num(b, "bad count")?.max(1)));
-                    }
-                }
-                other => {
-                    return Err(format!(
-                        "unknown fault plan item '{other}' (known: seed, fail, delay, tear, bad)"
-                    ))
-                }
-            }
-        }
-        Ok(p)
-    }
-}
-
-impl FaultPlan {
-    /// Whether an IO of `len` bytes at byte `offset` touches a bad range.
-    pub fn hits_bad(&self, offset: u64, len: u64) -> bool {
-        let (a, b) = (offset / 512, (offset + len).div_ceil(512));
-        self.bad
-            .iter()
-            .any(|&(s, n)| a < s.saturating_add(n) && s < b.max(a + 1))
-    }
-}
 
 #[derive(Clone, Copy, Default)]
 struct Tag {
@@ -233,30 +163,5 @@ impl Layer for FaultLayer {
         }
         self.report(cx, tag);
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plans_parse() {
-        let p: FaultPlan = "seed=7,fail=1000,delay=500:2000,tear,bad=100+8;5000+1"
-            .parse()
-            .unwrap();
-        assert_eq!(p.seed, 7);
-        assert_eq!(
-            (p.fail_ppm, p.delay_ppm, p.delay_us, p.tear),
-            (1000, 500, 2000, true)
-        );
-        assert_eq!(p.bad, vec![(100, 8), (5000, 1)]);
-        assert!(p.hits_bad(100 * 512, 512));
-        assert!(p.hits_bad(96 * 512, 4096));
-        assert!(!p.hits_bad(108 * 512, 4096));
-        assert!(!p.hits_bad(0, 100 * 512));
-        assert!("bad=5".parse::<FaultPlan>().is_err());
-        assert!("nope=1".parse::<FaultPlan>().is_err());
-        assert_eq!("".parse::<FaultPlan>(), Ok(FaultPlan::default()));
     }
 }

@@ -36,9 +36,11 @@ use parallax::{DiskSpec, FileBacking, StatsHandle, VolumeId, VolumeKind};
 
 pub mod engine;
 
+use tapdisk_control::ImageSpec;
+
 use super::aio::AioImage;
 use super::engine::{Engine, Uring};
-use super::{Image, ImageSpec, OpenOptionsImg};
+use super::{Image, OpenOptionsImg};
 
 /// The errno a Parallax error is reported with.
 pub fn errno(e: &parallax::Error) -> i32 {
@@ -108,6 +110,28 @@ fn open_error(path: &Path, e: parallax::Error) -> io::Error {
     }
 }
 
+/// Volume `name` of the image at `path`; if there is none, an error listing those there are.
+fn find_volume<B: parallax::Backing>(
+    img: &parallax::Image<B>,
+    path: &Path,
+    name: &str,
+) -> io::Result<VolumeId> {
+    img.volume(name).map_err(|e| match e {
+        parallax::Error::NoSuchVolume(_) => {
+            let names: Vec<&str> = img.volumes().iter().map(|v| v.name.as_str()).collect();
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "Parallax image {} has no volume named '{name}' (it has: {})",
+                    path.display(),
+                    names.join(", ")
+                ),
+            )
+        }
+        e => open_error(path, e),
+    })
+}
+
 fn to_io_kind(e: &parallax::Error) -> io::ErrorKind {
     match e {
         parallax::Error::Io { err, .. } => err.kind(),
@@ -133,7 +157,7 @@ impl Shared {
         if let Some(s) = open.iter().filter_map(Weak::upgrade).find(|s| s.key == key) {
             let kind = {
                 let img = lock(&s.image);
-                let v = img.volume(volume).map_err(|e| open_error(path, e))?;
+                let v = find_volume(&img, path, volume)?;
                 img.volume_info(v).map_err(|e| open_error(path, e))?.kind
             };
             if kind == VolumeKind::Disk && !read_only && !s.writable {
@@ -159,7 +183,7 @@ impl Shared {
             read_only: true,
         };
         let mut img = parallax::disk::open_image(path, &ro).map_err(|e| open_error(path, e))?;
-        let v = img.volume(volume).map_err(|e| open_error(path, e))?;
+        let v = find_volume(&img, path, volume)?;
         let kind = img.volume_info(v).map_err(|e| open_error(path, e))?.kind;
         let writable = !read_only && kind == VolumeKind::Disk;
         if writable {
@@ -207,20 +231,21 @@ impl std::fmt::Debug for ParallaxImage {
 impl ParallaxImage {
     /// Opens the volume `spec` names (`parallax:PATH` or `parallax:PATH@VOLUME`).
     pub fn open(spec: &ImageSpec, opts: OpenOptionsImg) -> io::Result<ParallaxImage> {
-        let text = spec.path.to_str().ok_or_else(|| {
+        let ds = DiskSpec {
+            path: spec.path.clone(),
+            volume: spec.volume.clone(),
+        };
+        let volume = ds.volume_name().to_string();
+        parallax::format::check_name(&volume).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("image path {} is not UTF-8", spec.path.display()),
+                format!("disk spec '{spec}': {e}"),
             )
         })?;
-        let ds: DiskSpec = text
-            .parse()
-            .map_err(|e: String| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let volume = ds.volume_name().to_string();
         let shared = Shared::get(&ds.path, &volume, opts.read_only, opts.cache_slots)?;
         let (vol, kind, size, stats) = {
             let mut img = lock(&shared.image);
-            let vol = img.volume(&volume).map_err(|e| open_error(&ds.path, e))?;
+            let vol = find_volume(&img, &ds.path, &volume)?;
             // The root is on every IO's path: read it now, not on the guest's first IO.
             img.warm(vol).map_err(|e| open_error(&ds.path, e))?;
             let kind = img
@@ -307,7 +332,8 @@ impl Image for ParallaxImage {
 mod tests {
     use super::*;
     use crate::driver::engine::testing::{run, Step};
-    use crate::driver::{open_image, Driver};
+    use crate::driver::open_image;
+    use tapdisk_control::Driver;
 
     fn make(dir: &Path, size: u64) -> PathBuf {
         let p = dir.join("vm.plx");
@@ -423,7 +449,16 @@ mod tests {
             &format!("parallax:{}@nope", p.display()),
             OpenOptionsImg::default(),
         );
-        assert!(e.to_string().contains("no volume named 'nope'"), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with("has no volume named 'nope' (it has: base, snap)"),
+            "{e}"
+        );
+        let e = open_err(
+            &format!("parallax:{}@bad name", p.display()),
+            OpenOptionsImg::default(),
+        );
+        assert!(e.to_string().contains("volume name 'bad name'"), "{e}");
         let junk = dir.path().join("junk");
         std::fs::write(&junk, vec![7u8; 16384]).unwrap();
         let e = open_err(

@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use stripe::path::{Disk, Drive, Op, Options, Striper};
+use tapdisk_control::{Driver, ImageSpec};
 
 use super::engine::{BackendIo, Cqe, Done, Engine, IoOp, Uring};
-use super::{Driver, Image, ImageSpec, OpenOptionsImg};
+use super::{Image, OpenOptionsImg};
 
 /// A striped disk.
 pub struct StripeImage {
@@ -69,10 +70,7 @@ impl Image for StripeImage {
         Ok(Box::new(StripeEngine { s }))
     }
     fn spec(&self) -> ImageSpec {
-        ImageSpec {
-            driver: Driver::Stripe,
-            path: self.path.clone(),
-        }
+        ImageSpec::new(Driver::Stripe, self.path.clone())
     }
     fn direct(&self) -> bool {
         // Nothing of the disk passes through this host's page cache.

@@ -1,0 +1,35 @@
+//! The control surface of tapdisk-rs: everything a client of a tapdisk needs, and nothing of
+//! the daemon (no io_uring, no image drivers).
+//!
+//! Each tapdisk listens on `<rundir>/ctl/tapdisk-<pid>.sock` ([`RunDir`]). The protocol
+//! ([`proto`]) is one JSON object per line in each direction, request then response, versioned
+//! by a `v` field; [`client`] is the calling side, shared by tap-ctl, tapback, td-bench and
+//! the tests. The serving side is the daemon's (`tapdisk::daemon`).
+//!
+//! A VBD is opened from an [`ImageSpec`] (a driver and its image, travelling as its parts) and
+//! [`VbdSettings`], whose values are the option types here: [`DirectIo`], [`EarlyPolicy`],
+//! [`FaultPlan`], [`ModelParams`] and [`NbdListen`]. Every numeric setting has its range
+//! written once, in [`limits`] (blkif's from blkif's own constants); tap-ctl and the daemon
+//! check with the same [`VbdSettings::validate`], so what one refuses the other refuses too.
+//! Failures are one [`Error`] type.
+
+pub mod client;
+pub mod early;
+mod error;
+pub mod faults;
+pub mod image;
+pub mod limits;
+pub mod model;
+pub mod nbd;
+pub mod proto;
+mod rundir;
+pub mod settings;
+
+pub use early::EarlyPolicy;
+pub use error::{Error, Result};
+pub use faults::FaultPlan;
+pub use image::{DirectIo, Driver, ImageSpec};
+pub use model::ModelParams;
+pub use nbd::NbdListen;
+pub use rundir::{RunDir, RUNDIR_ENV};
+pub use settings::VbdSettings;

@@ -1,0 +1,291 @@
+//! `stripe-img`: create, inspect and delete striped virtual disks (thesis section 5.2).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use stripe::map::{flock_holder, Geometry, MapExtent, StripeMap};
+use stripe::proto::AllocArgs;
+use stripe::MasterClient;
+use td_cli::{fmt_bytes, fmt_size, parse_size as size_arg};
+
+const LONG_ABOUT: &str = "\
+Create, inspect and delete striped virtual disks.
+
+A striped disk lives on extents of several iSCSI storage servers, handed out by stripe-master.
+Its mapping file holds the geometry (size, stripes, stripe size, replicas) and where each
+extent lives; tapdisk serves it as stripe:MAPFILE, holding the file locked. Consecutive stripe
+units go to different servers, so large IOs use them all at once; with replicas, every write
+goes to each copy and reads fall back to another copy when a server fails.";
+
+const EXAMPLES: &str = "\
+Examples:
+  stripe-img create --master 10.0.0.1 --size 20G --stripes 4 --stripe-size 64k -o vm1.map
+  stripe-img create --master 10.0.0.1 --size 20G --stripes 2 --replicas 2 -o vm2.map
+  stripe-img info vm1.map
+  tap-ctl create -a stripe:vm1.map
+  stripe-img delete vm1.map          # give the extents back to the master, remove the file
+
+Errors are one line on stderr, 'stripe-img: ...'. Exit status: 0 success, 1 failure, 2 bad
+command line.";
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "stripe-img",
+    version,
+    about = "Create, inspect and delete striped virtual disks",
+    long_about = LONG_ABOUT,
+    after_help = EXAMPLES,
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub verb: Verb,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Verb {
+    /// Create a disk: allocate its extents from the master and write the mapping file.
+    Create(CreateArgs),
+    /// Show a mapping file: geometry, extents, lock holder, stale replicas.
+    Info(InfoArgs),
+    /// Give a disk's extents back to the master and remove its mapping file.
+    Delete(DeleteArgs),
+}
+
+/// `create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The master's address (HOST or HOST:PORT).
+    #[arg(long, short, value_name = "HOST[:PORT]", env = "STRIPE_MASTER")]
+    pub master: String,
+    /// Disk size (a multiple of 512 bytes; e.g. 20G).
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub size: u64,
+    /// Stripes: consecutive stripe units go to this many extents in turn.
+    #[arg(long, default_value_t = 2)]
+    pub stripes: u32,
+    /// Bytes per stripe unit (a multiple of 4k dividing the master's extent size).
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, default_value = "64k")]
+    pub stripe_size: u64,
+    /// Copies of every extent, on distinct servers.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    /// The disk's id at the master (default: the file name and a random suffix). Creating
+    /// again with the same id returns the same extents.
+    #[arg(long)]
+    pub disk_id: Option<String>,
+    /// The mapping file to write (must not exist).
+    #[arg(short, long, value_name = "MAPFILE")]
+    pub output: PathBuf,
+}
+
+/// `info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The mapping file.
+    pub map: PathBuf,
+}
+
+/// `delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The mapping file.
+    pub map: PathBuf,
+}
+
+/// Parses `args` (the first is the program name), runs the command and returns the exit status.
+pub fn main_with<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    td_cli::main_for::<Cli, I, T, anyhow::Error>("stripe-img", args, run)
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    match &cli.verb {
+        Verb::Create(a) => create(a),
+        Verb::Info(a) => info(a),
+        Verb::Delete(a) => delete(a),
+    }
+}
+
+fn default_disk_id(out: &std::path::Path) -> String {
+    let stem: String = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(64)
+        .collect();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let r = (t ^ (u64::from(std::process::id()) << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let stem = if stem.is_empty() { "disk".into() } else { stem };
+    format!("{stem}-{:08x}", r >> 32)
+}
+
+/// Allocates the extents of a disk of `geometry` (whose extent size is the master's) from the
+/// master `c` as `disk_id`, and builds its mapping.
+pub fn allocate_map(c: &mut MasterClient, geometry: Geometry, disk_id: &str) -> Result<StripeMap> {
+    geometry.check().map_err(anyhow::Error::msg)?;
+    let count = geometry.extent_count();
+    let placements = c.allocate(&AllocArgs {
+        disk: disk_id.to_owned(),
+        first: 0,
+        count,
+        replicas: geometry.replicas,
+    })?;
+    let mut extents: Vec<Vec<Option<MapExtent>>> =
+        vec![vec![None; geometry.replicas as usize]; count as usize];
+    for p in placements {
+        let slot = extents
+            .get_mut(p.index as usize)
+            .and_then(|r| r.get_mut(p.replica as usize))
+            .context("the master answered with an extent index out of range")?;
+        let lun = u16::try_from(p.extent.lun).context("the master gave a LUN above 65535")?;
+        if p.extent.len != geometry.extent_size {
+            bail!("the master gave an extent of {} bytes", p.extent.len);
+        }
+        *slot = Some(MapExtent {
+            portal: p.extent.portal,
+            target: p.extent.target,
+            lun,
+            addr: p.extent.addr,
+        });
+    }
+    let extents = extents
+        .into_iter()
+        .map(|r| r.into_iter().collect::<Option<Vec<_>>>())
+        .collect::<Option<Vec<_>>>()
+        .context("the master left extents out of its answer")?;
+    let map = StripeMap {
+        disk_id: disk_id.to_owned(),
+        master: c.addr().to_owned(),
+        geometry,
+        extents,
+    };
+    map.check().map_err(anyhow::Error::msg)?;
+    Ok(map)
+}
+
+fn create(a: &CreateArgs) -> Result<()> {
+    if a.output.exists() {
+        bail!("{} exists already", a.output.display());
+    }
+    let mut c = MasterClient::new(&a.master);
+    let extent_size = c.list()?.extent_size;
+    if extent_size == 0 {
+        bail!("the master has no extents registered");
+    }
+    let geometry = Geometry {
+        size: a.size,
+        stripes: a.stripes,
+        stripe_size: a.stripe_size,
+        replicas: a.replicas,
+        extent_size,
+    };
+    geometry.check().map_err(anyhow::Error::msg)?;
+    let disk_id = a
+        .disk_id
+        .clone()
+        .unwrap_or_else(|| default_disk_id(&a.output));
+    let map = allocate_map(&mut c, geometry, &disk_id)?;
+    map.write_new(&a.output)?;
+    let servers: std::collections::BTreeSet<&str> = map
+        .extents
+        .iter()
+        .flatten()
+        .map(|x| x.portal.as_str())
+        .collect();
+    println!(
+        "created {}: disk {} of {} ({}), {} stripes of {}, {} replica(s), {} extents of {} on {} servers",
+        a.output.display(),
+        map.disk_id,
+        fmt_bytes(a.size),
+        a.size,
+        a.stripes,
+        fmt_size(a.stripe_size),
+        a.replicas,
+        map.extents.len() * a.replicas as usize,
+        fmt_size(extent_size),
+        servers.len()
+    );
+    Ok(())
+}
+
+fn info(a: &InfoArgs) -> Result<()> {
+    let m = StripeMap::read(&a.map)?;
+    let g = m.geometry;
+    println!(
+        "{}: disk {} from master {}",
+        a.map.display(),
+        m.disk_id,
+        m.master
+    );
+    println!(
+        "size {} ({} bytes), {} stripes of {}, {} replica(s), extents of {}",
+        fmt_bytes(g.size),
+        g.size,
+        g.stripes,
+        fmt_size(g.stripe_size),
+        g.replicas,
+        fmt_size(g.extent_size)
+    );
+    match flock_holder(&a.map) {
+        Some(pid) => println!("in use by pid {pid}"),
+        None => println!("not in use"),
+    }
+    let mut stale_path = a.map.as_os_str().to_owned();
+    stale_path.push(".stale");
+    let stale = std::fs::read_to_string(&stale_path).unwrap_or_default();
+    let stale: Vec<&str> = stale.lines().collect();
+    println!(
+        "{:>5} {:>3}  {:<22} {:<36} {:>4} {:>14}",
+        "INDEX", "REP", "PORTAL", "TARGET", "LUN", "ADDRESS"
+    );
+    for (i, reps) in m.extents.iter().enumerate() {
+        for (r, x) in reps.iter().enumerate() {
+            let mark = if stale.contains(&format!("{i} {r}").as_str()) {
+                "  stale"
+            } else {
+                ""
+            };
+            println!(
+                "{i:>5} {r:>3}  {:<22} {:<36} {:>4} {:>14}{mark}",
+                x.portal, x.target, x.lun, x.addr
+            );
+        }
+    }
+    Ok(())
+}
+
+fn delete(a: &DeleteArgs) -> Result<()> {
+    // Hold the lock while deleting, so a running tapdisk is never left without its file.
+    let held = stripe::LockedMap::open(&a.map)?;
+    let m = &held.map;
+    if m.master == "-" {
+        bail!("{} names no master; remove it by hand", a.map.display());
+    }
+    let mut c = MasterClient::new(&m.master);
+    let n = c.release(&m.disk_id)?;
+    std::fs::remove_file(&a.map).with_context(|| format!("removing {}", a.map.display()))?;
+    let mut stale_path = a.map.as_os_str().to_owned();
+    stale_path.push(".stale");
+    let _ = std::fs::remove_file(stale_path);
+    println!(
+        "deleted {}: {n} extents of disk {} given back to {}",
+        a.map.display(),
+        m.disk_id,
+        m.master
+    );
+    Ok(())
+}
