@@ -5,8 +5,8 @@ use std::io::{self, Read, Write};
 
 use slog::{debug, Logger};
 
-use super::conn::{protocol_error, read_exact_or_eof, read_full, End};
 use super::proto::*;
+use super::stream::{protocol_error, read_exact_or_eof, read_full, End};
 
 /// What is being exported, as the handshake describes it.
 #[derive(Debug, Clone)]

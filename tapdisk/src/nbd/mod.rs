@@ -44,11 +44,14 @@ pub mod handshake;
 pub mod proto;
 pub mod ring_disk;
 mod server;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 pub mod transmission;
 
-pub use conn::{serve, ConnCx, End, Source};
+pub use conn::serve;
+pub use stream::{End, Source};
+pub use transmission::ConnCx;
 pub use disk::{Buf, Cmd, Completion, Disk, Op};
 pub use handshake::ExportInfo;
 pub use server::{Export, NbdServer};
@@ -67,7 +70,7 @@ pub const HANDSHAKE_TIMEOUT: std::time::Duration = if cfg!(test) {
 };
 
 /// A client in transmission that sends nothing for this long gives back its payload buffer
-/// beyond [`conn::KEEP_IDLE`] (it stays connected: idle NBD clients are normal).
+/// beyond [`stream::KEEP_IDLE`] (it stays connected: idle NBD clients are normal).
 pub const IDLE_RELEASE: std::time::Duration = if cfg!(test) {
     std::time::Duration::from_millis(200)
 } else {

@@ -51,7 +51,7 @@ const DESC: u32 = BOUNCE + BOUNCE_PAGES;
 /// Descriptor pages per ring slot (enough for 4096 segments).
 const DESC_PER_SLOT: u32 = blkif::protocol::MAX_INDIRECT_PAGES_PER_REQUEST as u32;
 /// Buffer pages an idle connection keeps.
-const KEEP_IDLE_PAGES: u32 = (super::conn::KEEP_IDLE / PAGE_SIZE) as u32;
+const KEEP_IDLE_PAGES: u32 = (super::stream::KEEP_IDLE / PAGE_SIZE) as u32;
 // The layout holds the largest requests the protocol allows: two in flight at once, and an
 // unaligned one with a sector on each side in the bounce pages.
 const _: () = {

@@ -16,7 +16,9 @@ use std::time::Duration;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use slog::{debug, info, o, warn, Logger};
 
-use super::conn::{serve, ConnCx, End, Source};
+use super::conn::serve;
+use super::stream::{End, Source};
+use super::transmission::ConnCx;
 use super::disk::Disk;
 use super::handshake::ExportInfo;
 use super::transmission::Counters;
@@ -256,7 +258,7 @@ impl NbdServer {
         }
     }
 
-    /// Bytes of buffer memory the connections hold now (at most [`super::conn::KEEP_IDLE`] per client
+    /// Bytes of buffer memory the connections hold now (at most [`super::stream::KEEP_IDLE`] per client
     /// idle for [`IDLE_RELEASE`]).
     pub fn buffered(&self) -> u64 {
         self.running

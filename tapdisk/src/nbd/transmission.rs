@@ -12,9 +12,9 @@ use std::io::{self, BufReader, BufWriter, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use slog::{debug, warn};
+use slog::{debug, warn, Logger};
 
-use super::conn::{is_timeout, protocol_error, read_exact_or_eof, read_full, ConnCx, End, Source};
+use super::stream::{is_timeout, protocol_error, read_exact_or_eof, read_full, End, Source};
 use super::disk::{Cmd, Completion, Disk, Op};
 use super::handshake::ExportInfo;
 use super::proto::*;
@@ -37,6 +37,18 @@ pub struct Counters {
     pub write_bytes: AtomicU64,
     /// Errors returned.
     pub errors: AtomicU64,
+}
+
+/// What a connection needs besides its streams.
+pub struct ConnCx<'a> {
+    /// The export.
+    pub export: &'a ExportInfo,
+    /// The server's counters.
+    pub counters: &'a Counters,
+    /// Bytes of buffer memory this server's connections hold (this one adds its share).
+    pub held: &'a AtomicU64,
+    /// Where the connection logs.
+    pub log: &'a Logger,
 }
 
 /// How long the connection sleeps at most before it looks again (and, idle, gives memory

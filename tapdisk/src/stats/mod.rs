@@ -5,6 +5,8 @@
 //! any time and sums the rings of a VBD. Values read mid-update may be one request stale, which
 //! is fine for statistics.
 
+pub mod early;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -217,7 +219,7 @@ pub struct RingStats {
     /// Scheduler counters.
     pub sched: SchedCounters,
     /// Early read return.
-    pub early: crate::early::EarlyCounters,
+    pub early: early::EarlyCounters,
     /// Per-stage latencies.
     pub stages: StageHists,
     /// Reads.
@@ -305,7 +307,7 @@ pub struct Totals {
     /// Latency per stage.
     pub stages: StageTotals,
     /// Early read return.
-    pub early: crate::early::EarlyTotals,
+    pub early: early::EarlyTotals,
 }
 
 /// Scheduler figures for output.
@@ -404,7 +406,7 @@ pub fn totals<'a>(rings: impl IntoIterator<Item = &'a RingStats> + Clone) -> Tot
         io: brief(rings.clone().into_iter().map(|r| &r.stages.io)),
         respond: brief(rings.clone().into_iter().map(|r| &r.stages.respond)),
     };
-    t.early = crate::early::totals(rings.clone().into_iter().map(|r| &r.early));
+    t.early = early::totals(rings.clone().into_iter().map(|r| &r.early));
     t.latency = percentiles(rings.into_iter().map(|r| &r.latency));
     t
 }
