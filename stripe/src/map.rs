@@ -283,7 +283,7 @@ impl StripeMap {
                 );
             }
         }
-        let crc = iscsi::crc32c::crc32c(s.as_bytes());
+        let crc = crc32c::crc32c(s.as_bytes());
         let _ = writeln!(s, "crc32c {crc:08x}");
         s
     }
@@ -307,7 +307,7 @@ impl StripeMap {
             .filter(|h| h.len() == 8 && h.bytes().all(|c| c.is_ascii_hexdigit()))
             .ok_or("the last line is not `crc32c XXXXXXXX`")?;
         let want = u32::from_str_radix(crc_hex, 16).map_err(|e| e.to_string())?;
-        let got = iscsi::crc32c::crc32c(body.as_bytes());
+        let got = crc32c::crc32c(body.as_bytes());
         if got != want {
             return Err(format!(
                 "checksum mismatch: the file says {want:08x}, its contents give {got:08x} (damaged or edited)"
@@ -657,10 +657,7 @@ pub(crate) mod tests {
         assert!(StripeMap::parse(&[0xff, b'\n', b'\n']).is_err());
         let v2 = t.replacen("tapdisk-stripe-map 1", "tapdisk-stripe-map 2", 1);
         let body = &v2[..v2.rfind("crc32c").unwrap()];
-        let v2 = format!(
-            "{body}crc32c {:08x}\n",
-            iscsi::crc32c::crc32c(body.as_bytes())
-        );
+        let v2 = format!("{body}crc32c {:08x}\n", crc32c::crc32c(body.as_bytes()));
         assert!(StripeMap::parse(v2.as_bytes())
             .unwrap_err()
             .contains("version"));
