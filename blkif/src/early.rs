@@ -82,16 +82,6 @@ impl std::fmt::Debug for EarlyFront {
     }
 }
 
-fn new_eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the result is checked before it is wrapped.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor nothing else owns.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
-}
-
 impl EarlyFront {
     /// Starts the watchdog. `mem` is the frontend's registered mapping of the memfd, `alias`
     /// a second, unregistered mapping of it (for poisoning), `uffd` the frontend's own handle.
@@ -106,7 +96,7 @@ impl EarlyFront {
             cv: Condvar::new(),
             dead: AtomicBool::new(false),
         });
-        let stop = new_eventfd()?;
+        let stop = crate::local::new_eventfd()?;
         let w = Watchdog {
             sock: sock.try_clone()?,
             stop: stop.try_clone()?,
@@ -188,9 +178,8 @@ impl EarlyFront {
 
 impl Drop for EarlyFront {
     fn drop(&mut self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to our own eventfd.
-        unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), 8) };
+        // A failed write (a saturated counter) still leaves the eventfd readable.
+        let _ = nix::unistd::write(&self.stop, &1u64.to_ne_bytes());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -253,45 +253,32 @@ fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-fn eventfd_signal(fd: RawFd) -> io::Result<()> {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live local buffer to a descriptor we own.
-    let n = unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
-    if n == 8 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    // A saturated counter already means "notified".
-    if e.kind() == io::ErrorKind::WouldBlock {
-        Ok(())
-    } else {
-        Err(e)
+/// Signals an eventfd; a saturated counter already means "notified".
+fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
+    match nix::unistd::write(fd, &1u64.to_ne_bytes()) {
+        Ok(_) | Err(nix::errno::Errno::EAGAIN) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
-fn eventfd_drain(fd: RawFd) -> io::Result<u64> {
+/// Reads and resets an eventfd's counter (0 if it was not signalled).
+fn eventfd_drain(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut v = [0u8; 8];
-    // SAFETY: reads at most 8 bytes into a live local buffer from a descriptor we own.
-    let n = unsafe { libc::read(fd, v.as_mut_ptr().cast(), 8) };
-    if n == 8 {
-        return Ok(u64::from_ne_bytes(v));
-    }
-    let e = io::Error::last_os_error();
-    if e.kind() == io::ErrorKind::WouldBlock {
-        Ok(0)
-    } else {
-        Err(e)
+    match nix::unistd::read(fd.as_raw_fd(), &mut v) {
+        Ok(8) => Ok(u64::from_ne_bytes(v)),
+        Ok(n) => Err(io::Error::other(format!(
+            "short read of {n} bytes from an eventfd"
+        ))),
+        Err(nix::errno::Errno::EAGAIN) => Ok(0),
+        Err(e) => Err(e.into()),
     }
 }
 
-fn new_eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the result is checked before it is wrapped.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// A new non-blocking, close-on-exec eventfd.
+pub(crate) fn new_eventfd() -> io::Result<OwnedFd> {
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+    Ok(efd.into())
 }
 
 fn new_sealed_memfd(name: &std::ffi::CStr, len: u64) -> io::Result<OwnedFd> {
@@ -364,10 +351,10 @@ impl EventChannel for LocalEvtchn {
         self.kick.as_raw_fd()
     }
     fn ack(&self) -> io::Result<()> {
-        eventfd_drain(self.kick.as_raw_fd()).map(|_| ())
+        eventfd_drain(self.kick.as_fd()).map(|_| ())
     }
     fn notify(&self) -> io::Result<()> {
-        eventfd_signal(self.notify.as_raw_fd())
+        eventfd_signal(self.notify.as_fd())
     }
 }
 
@@ -911,7 +898,7 @@ impl LocalFrontend {
     /// Publishes queued requests and kicks the backend if it asked for it.
     pub fn push(&mut self) -> io::Result<()> {
         if self.ring.push_requests() {
-            eventfd_signal(self.kick.as_raw_fd())?;
+            eventfd_signal(self.kick.as_fd())?;
         }
         Ok(())
     }
@@ -931,7 +918,7 @@ impl LocalFrontend {
     /// Publishes an arbitrary `req_prod` and kicks (hostile index games).
     pub fn publish_raw_req_prod(&mut self, v: u32) -> io::Result<()> {
         self.ring.publish_raw_req_prod(v);
-        eventfd_signal(self.kick.as_raw_fd())
+        eventfd_signal(self.kick.as_fd())
     }
 
     /// Takes every response published so far.
@@ -1000,7 +987,7 @@ impl LocalFrontend {
                 ));
             }
             if fds[0].revents & libc::POLLIN != 0 {
-                eventfd_drain(self.notify.as_raw_fd())?;
+                eventfd_drain(self.notify.as_fd())?;
             }
         }
     }

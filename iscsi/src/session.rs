@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use slog::{debug, info, warn};
 
 use crate::config::{Config, Drive};
@@ -39,10 +40,10 @@ pub enum State {
 struct Shared {
     sq: ArrayQueue<Command>,
     cq: ArrayQueue<Completion>,
-    sq_efd: OwnedFd,
-    cq_efd: OwnedFd,
+    sq_efd: EventFd,
+    cq_efd: EventFd,
     /// Inline mode: signalled by the login helper thread when it is done.
-    login_efd: OwnedFd,
+    login_efd: EventFd,
     /// The IO thread is (about to be) asleep in poll and needs a kick.
     sleeping: AtomicBool,
     /// The caller is (about to be) asleep on the completion eventfd ([`Session::arm`]).
@@ -58,31 +59,21 @@ struct Shared {
     r2ts: AtomicU64,
 }
 
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall without pointers.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+fn eventfd() -> io::Result<EventFd> {
+    Ok(EventFd::from_flags(
+        EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
+    )?)
 }
 
-fn efd_signal(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to an eventfd we own; failure (counter overflow)
-    // only means it is already signalled.
-    unsafe {
-        libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8);
-    }
+/// Signals `fd`; a failure (a saturated counter) only means it is already signalled.
+fn efd_signal(fd: &EventFd) {
+    let _ = fd.arm();
 }
 
+/// Resets an eventfd or a timerfd (non-blocking: nothing to read is fine).
 fn efd_drain(fd: RawFd) {
-    let mut v: u64 = 0;
-    // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
-    unsafe {
-        libc::read(fd, (&mut v as *mut u64).cast(), 8);
-    }
+    let mut v = [0u8; 8];
+    let _ = nix::unistd::read(fd, &mut v);
 }
 
 /// A fresh random-type ISID (RFC 7143 section 11.12.5): `0x80` then 40 bits from the clock,
