@@ -413,6 +413,14 @@ pub fn accept(
     sock: UnixStream,
     limits: &AttachLimits,
     info: &DiskInfo,
+) -> crate::Result<LocalBackend> {
+    Ok(accept_and_answer(sock, limits, info)?)
+}
+
+fn accept_and_answer(
+    sock: UnixStream,
+    limits: &AttachLimits,
+    info: &DiskInfo,
 ) -> Result<LocalBackend, AttachError> {
     sock.set_read_timeout(Some(ATTACH_TIMEOUT))?;
     sock.set_write_timeout(Some(ATTACH_TIMEOUT))?;
@@ -641,18 +649,22 @@ impl LocalFrontend {
     }
 
     /// Connects to a VBD's local-transport socket and attaches a new ring.
-    pub fn connect(path: &Path, cfg: FrontendConfig) -> Result<LocalFrontend, AttachError> {
+    pub fn connect(path: &Path, cfg: FrontendConfig) -> crate::Result<LocalFrontend> {
         let sock = UnixStream::connect(path).map_err(|e| {
-            io::Error::new(
+            AttachError::Io(io::Error::new(
                 e.kind(),
                 format!("cannot connect to {}: {e}", path.display()),
-            )
+            ))
         })?;
         Self::attach(sock, cfg)
     }
 
     /// Attaches over an already connected socket.
-    pub fn attach(sock: UnixStream, cfg: FrontendConfig) -> Result<LocalFrontend, AttachError> {
+    pub fn attach(sock: UnixStream, cfg: FrontendConfig) -> crate::Result<LocalFrontend> {
+        Ok(Self::attach_socket(sock, cfg)?)
+    }
+
+    fn attach_socket(sock: UnixStream, cfg: FrontendConfig) -> Result<LocalFrontend, AttachError> {
         let ring_pages = 1usize << cfg.ring_order;
         let mem_fd = new_sealed_memfd(c"blkif-guest-mem", cfg.mem_pages as u64 * PAGE_SIZE as u64)?;
         let ring_fd = new_sealed_memfd(c"blkif-ring", (ring_pages * PAGE_SIZE) as u64)?;
@@ -740,9 +752,9 @@ impl LocalFrontend {
     /// read stalls the same way; this is how a reader learns that the data is complete, or
     /// that it never will be (tapdisk failed the rest, or went away: the unfilled pages then
     /// hold [`crate::early::POISON`]). Outside early-read mode, always `Ok`.
-    pub fn finish_read(&self, id: u64) -> Result<(), crate::early::EarlyReadError> {
+    pub fn finish_read(&self, id: u64) -> crate::Result<()> {
         match &self.early {
-            Some(e) => e.finish(id),
+            Some(e) => Ok(e.finish(id)?),
             None => Ok(()),
         }
     }
@@ -1055,7 +1067,7 @@ mod tests {
         }));
         fe.push().unwrap();
         be.evtchn.ack().unwrap();
-        assert_eq!(be.ring.pending(), Ok(1));
+        assert_eq!(be.ring.pending().unwrap(), 1);
         let mut addrs = [std::ptr::null_mut(); 1];
         let sg = |gref| Segment {
             gref,
@@ -1109,7 +1121,9 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert!(matches!(r, Err(AttachError::Refused(m)) if m.contains("ring order 3")));
+        assert!(
+            matches!(r, Err(crate::Error::Attach(AttachError::Refused(m))) if m.contains("ring order 3"))
+        );
         assert!(t.join().unwrap().is_err());
     }
 

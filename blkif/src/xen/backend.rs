@@ -37,12 +37,12 @@ pub enum GrantMode {
 }
 
 impl std::str::FromStr for GrantMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
         match s {
             "map" => Ok(GrantMode::Map),
             "copy" => Ok(GrantMode::Copy),
-            _ => Err(format!("grant mode '{s}' is not map or copy")),
+            _ => Err(crate::Error::GrantMode(s.chars().take(64).collect())),
         }
     }
 }
@@ -331,6 +331,19 @@ impl XenRing {
         abi: Abi,
         mode: GrantMode,
         max_segs: usize,
+    ) -> crate::Result<XenRing> {
+        let ring = Self::map_and_bind(domid, ring_refs, ring_order, port, abi, mode, max_segs)?;
+        Ok(ring)
+    }
+
+    fn map_and_bind(
+        domid: DomId,
+        ring_refs: &[GrantRef],
+        ring_order: u8,
+        port: u32,
+        abi: Abi,
+        mode: GrantMode,
+        max_segs: usize,
     ) -> Result<XenRing, ConnectError> {
         let pages = 1usize << ring_order;
         if ring_refs.len() != pages || ring_size(abi, pages) == 0 {
@@ -384,8 +397,8 @@ mod tests {
 
     #[test]
     fn grant_mode_parses() {
-        assert_eq!("map".parse::<GrantMode>(), Ok(GrantMode::Map));
-        assert_eq!("copy".parse::<GrantMode>(), Ok(GrantMode::Copy));
+        assert_eq!("map".parse::<GrantMode>().unwrap(), GrantMode::Map);
+        assert_eq!("copy".parse::<GrantMode>().unwrap(), GrantMode::Copy);
         assert!("mmap".parse::<GrantMode>().is_err());
     }
 

@@ -78,6 +78,13 @@ fn number(key: &str, value: &str) -> Result<u32, KeyError> {
 /// Reads the frontend's keys through `get` (a key relative to the frontend's directory, e.g.
 /// `queue-1/ring-ref0`) and checks them against `limits`.
 pub fn parse(
+    get: impl FnMut(&str) -> Option<String>,
+    limits: KeyLimits,
+) -> crate::Result<FrontendRings> {
+    Ok(parse_keys(get, limits)?)
+}
+
+fn parse_keys(
     mut get: impl FnMut(&str) -> Option<String>,
     limits: KeyLimits,
 ) -> Result<FrontendRings, KeyError> {
@@ -156,7 +163,10 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        parse(|k| m.get(k).cloned(), LIM)
+        parse(|k| m.get(k).cloned(), LIM).map_err(|e| match e {
+            crate::Error::FrontendKeys(k) => k,
+            other => panic!("not a key error: {other}"),
+        })
     }
 
     #[test]
