@@ -232,24 +232,6 @@ fn is_fatal(e: &anyhow::Error) -> bool {
     )
 }
 
-#[cfg(test)]
-mod fatal_tests {
-    use super::*;
-
-    #[test]
-    fn a_broken_xenstore_connection_is_fatal_a_refusal_is_not() {
-        let broken = blkif::Error::from(XsError::Protocol("reply of type 9".into()));
-        assert!(is_fatal(&anyhow::Error::from(broken)));
-        let refused = blkif::Error::from(XsError::Refused {
-            op: "READ",
-            path: "/local/domain/0/backend".into(),
-            errno: "EACCES".into(),
-        });
-        assert!(!is_fatal(&anyhow::Error::from(refused).context("scanning")));
-        assert!(!is_fatal(&anyhow::anyhow!("something else")));
-    }
-}
-
 /// Every device under the served backend directories.
 fn scan(xs: &mut Xenstore, base: &str, kinds: &[String]) -> Result<Vec<DeviceKey>> {
     let mut out = Vec::new();
@@ -270,4 +252,22 @@ fn scan(xs: &mut Xenstore, base: &str, kinds: &[String]) -> Result<Vec<DeviceKey
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod fatal_tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_xenstore_connection_is_fatal_a_refusal_is_not() {
+        let broken = blkif::Error::from(XsError::Protocol("reply of type 9".into()));
+        assert!(is_fatal(&anyhow::Error::from(broken)));
+        let refused = blkif::Error::from(XsError::Refused {
+            op: "READ",
+            path: "/local/domain/0/backend".into(),
+            errno: "EACCES".into(),
+        });
+        assert!(!is_fatal(&anyhow::Error::from(refused).context("scanning")));
+        assert!(!is_fatal(&anyhow::anyhow!("something else")));
+    }
 }
