@@ -291,7 +291,7 @@ impl<B: Backing> Image<B> {
                 "block size {bs} is not a power of two from 4096 to 65536"
             )));
         }
-        check_name(&opts.name).map_err(Error::Invalid)?;
+        check_name(&opts.name)?;
         let shift = bs.trailing_zeros() as u8;
         let t = now();
         let sb = Superblock {
@@ -401,7 +401,7 @@ impl<B: Backing> Image<B> {
                     ptr.machine
                 )));
             }
-            let blk = decode_volume_block(&b, index).map_err(Error::Corrupt)?;
+            let blk = decode_volume_block(&b, index)?;
             self.volume_blocks.push(ptr.machine);
             self.volumes.extend(blk.records);
             ptr = blk.next;
@@ -605,7 +605,7 @@ impl<B: Backing> Image<B> {
     }
 
     pub(crate) fn check_new_name(&self, name: &str) -> Result<()> {
-        check_name(name).map_err(Error::Invalid)?;
+        check_name(name)?;
         if self.volumes.iter().any(|v| v.name == name) {
             return Err(Error::VolumeExists(name.to_string()));
         }
@@ -693,7 +693,7 @@ impl<B: Backing> Image<B> {
         sb.generation += 1;
         sb.committed = now();
         sb.validate()
-            .map_err(|e| Error::Corrupt(format!("refusing to commit a bad superblock: {e}")))?;
+            .map_err(|e| e.within(format_args!("refusing to commit a bad superblock")))?;
         self.backing
             .write_at(&sb.encode()[..], copy << BLOCK_SHIFT)
             .map_err(|e| Error::io("writing the superblock", e))?;

@@ -210,9 +210,9 @@ impl ParallaxImage {
                 format!("image path {} is not UTF-8", spec.path.display()),
             )
         })?;
-        let ds: DiskSpec = text
-            .parse()
-            .map_err(|e: String| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let ds: DiskSpec = text.parse().map_err(|e: parallax::Error| {
+            io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+        })?;
         let volume = ds.volume_name().to_string();
         let shared = Shared::get(&ds.path, &volume, opts.read_only, opts.cache_slots)?;
         let (vol, kind, size, stats) = {

@@ -290,7 +290,7 @@ pub fn validate_image(spec: &str) -> Result<String> {
                 .to_str()
                 .ok_or_else(|| anyhow!("image path {} is not UTF-8", spec.path.display()))?
                 .parse()
-                .map_err(|e: String| anyhow!(e))?;
+                .map_err(|e: parallax::Error| anyhow!(e))?;
             spec.path = ds.path;
             ds.volume
         }

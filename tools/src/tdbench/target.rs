@@ -494,7 +494,7 @@ enum Kind {
 fn split_spec(arg: &Path) -> Result<(Kind, PathBuf, Option<String>)> {
     let s = arg.to_string_lossy();
     if let Some(rest) = s.strip_prefix("parallax:") {
-        let ds: parallax::DiskSpec = rest.parse().map_err(|e: String| anyhow!(e))?;
+        let ds: parallax::DiskSpec = rest.parse().map_err(|e: parallax::Error| anyhow!(e))?;
         return Ok((Kind::Parallax, ds.path, ds.volume));
     }
     if let Some(rest) = s.strip_prefix("stripe:") {
