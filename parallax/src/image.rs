@@ -185,15 +185,12 @@ pub(crate) fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn random_uuid() -> [u8; 16] {
+/// A new image's id: 16 bytes from the kernel's random generator (two images made in one
+/// second by one process still differ).
+fn random_uuid() -> Result<[u8; 16]> {
     let mut u = [0u8; 16];
-    let mut seed = now() ^ (std::process::id() as u64) << 32;
-    let addr = &u as *const _ as u64;
-    seed ^= addr.rotate_left(17);
-    let mut rng = crate::fault::Rng::new(seed);
-    u[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
-    u[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
-    u
+    getrandom::fill(&mut u).map_err(|e| Error::io("drawing a random image id", e.into()))?;
+    Ok(u)
 }
 
 /// What each superblock copy held.
@@ -298,7 +295,7 @@ impl<B: Backing> Image<B> {
             incompat: 0,
             ro_compat: 0,
             compat: 0,
-            uuid: random_uuid(),
+            uuid: random_uuid()?,
             generation: 0,
             created: t,
             committed: t,
