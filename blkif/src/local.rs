@@ -19,6 +19,8 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::time::Duration;
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 use crate::mmap::Mapping;
@@ -224,9 +226,8 @@ fn fd_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
 }
 
 fn check_sealed(fd: BorrowedFd<'_>, what: &str) -> Result<(), AttachError> {
-    // SAFETY: plain fcntl query on a descriptor we own.
-    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-    if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+    let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS).unwrap_or(0);
+    if seals & libc::F_SEAL_SHRINK == 0 {
         return Err(proto(format!(
             "{what} must be a memfd sealed with F_SEAL_SHRINK"
         )));
@@ -244,12 +245,8 @@ fn check_eventfd(fd: BorrowedFd<'_>, what: &str) -> Result<(), AttachError> {
 }
 
 fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: fcntl on a descriptor we own, with integer arguments.
-    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    // SAFETY: as above.
-    if fl < 0 || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fl = OFlag::from_bits_retain(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK))?;
     Ok(())
 }
 
@@ -282,20 +279,12 @@ pub(crate) fn new_eventfd() -> io::Result<OwnedFd> {
 }
 
 fn new_sealed_memfd(name: &std::ffi::CStr, len: u64) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall with a valid C string; the result is checked before it is wrapped.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    nix::unistd::ftruncate(&fd, len as i64).map_err(io::Error::from)?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl on a descriptor we own, with integer arguments.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let flags = MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING;
+    let fd = memfd_create(name, flags)?;
+    let len = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    nix::unistd::ftruncate(&fd, len)?;
+    let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+    fcntl(fd.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals))?;
     Ok(fd)
 }
 
