@@ -30,16 +30,7 @@ use crate::uffd::Uffd;
 /// The byte pattern of a page that tapdisk never filled (it died first).
 pub const POISON: u8 = 0xDB;
 
-/// Why the data of an early-answered read cannot be trusted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum EarlyReadError {
-    /// tapdisk answered the read early and reported later that reading the rest failed.
-    #[error("read {0:#x} failed after it was answered early")]
-    Failed(u64),
-    /// tapdisk went away before the read's pages were filled; they hold a poison pattern.
-    #[error("tapdisk went away before read {0:#x} was filled; its pages hold poison")]
-    BackendGone(u64),
-}
+pub use crate::error::EarlyReadError;
 
 /// Runs of pages: `(first page, count)`.
 type Runs = Vec<(u32, u32)>;

@@ -144,19 +144,7 @@ impl Default for AttachLimits {
     }
 }
 
-/// Why an attach failed.
-#[derive(Debug, thiserror::Error)]
-pub enum AttachError {
-    /// Socket IO failed.
-    #[error("local transport: {0}")]
-    Io(#[from] io::Error),
-    /// The peer broke the handshake.
-    #[error("local transport: {0}")]
-    Protocol(String),
-    /// The backend refused.
-    #[error("backend refused the attach: {0}")]
-    Refused(String),
-}
+pub use crate::error::AttachError;
 
 fn proto(msg: impl Into<String>) -> AttachError {
     AttachError::Protocol(msg.into())

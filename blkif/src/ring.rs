@@ -34,28 +34,7 @@ pub const fn ring_size(abi: Abi, pages: usize) -> u32 {
     }
 }
 
-/// A frontend broke the ring protocol: its ring must be disconnected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum RingError {
-    /// `req_prod` claims more outstanding requests than the ring holds.
-    #[error("frontend's req_prod {req_prod} runs more than a ring ({size}) ahead of the responses ({rsp_prod})")]
-    ProducerOverflow {
-        /// The index the frontend published.
-        req_prod: u32,
-        /// Our private response producer.
-        rsp_prod: u32,
-        /// Slots in the ring.
-        size: u32,
-    },
-    /// `req_prod` moved back behind requests already consumed.
-    #[error("frontend's req_prod {req_prod} moved back behind the requests already consumed ({req_cons})")]
-    ProducerBackwards {
-        /// The index the frontend published.
-        req_prod: u32,
-        /// Our consumer index.
-        req_cons: u32,
-    },
-}
+pub use crate::error::RingError;
 
 /// A copy of one slot, taken out of shared memory once.
 #[derive(Clone, Copy)]

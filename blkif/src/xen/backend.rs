@@ -292,33 +292,7 @@ impl std::fmt::Debug for XenRing {
     }
 }
 
-/// Why a frontend's ring could not be connected.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// The ring pages could not be mapped (bad or revoked `ring-ref`).
-    #[error("cannot map the ring pages {refs:?} of domain {domid}: {err}")]
-    MapRing {
-        /// The frontend.
-        domid: DomId,
-        /// Its ring-refs.
-        refs: Vec<GrantRef>,
-        /// What gntdev said.
-        err: io::Error,
-    },
-    /// The event channel could not be bound.
-    #[error("cannot bind event channel {port} of domain {domid}: {err}")]
-    Bind {
-        /// The frontend.
-        domid: DomId,
-        /// Its port.
-        port: u32,
-        /// What evtchn said.
-        err: io::Error,
-    },
-    /// Something else.
-    #[error("{0}")]
-    Other(#[from] io::Error),
-}
+pub use crate::error::ConnectError;
 
 impl XenRing {
     /// Maps `ring_refs` (`2^ring_order` pages) of `domid`, binds `port`; requests carry at

@@ -39,23 +39,7 @@ pub struct FrontendRings {
     pub persistent: bool,
 }
 
-/// Why the frontend's keys cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KeyError {
-    /// A required key is missing.
-    #[error("frontend key {0} is missing")]
-    Missing(String),
-    /// A key holds something else than what it must.
-    #[error("frontend key {key} = {value:?}: {why}")]
-    Bad {
-        /// The key.
-        key: String,
-        /// Its value (cut to 64 bytes).
-        value: String,
-        /// What is wrong.
-        why: &'static str,
-    },
-}
+pub use crate::error::KeyError;
 
 fn bad(key: &str, value: &str, why: &'static str) -> KeyError {
     KeyError::Bad {

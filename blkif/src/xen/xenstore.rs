@@ -43,33 +43,7 @@ pub mod msg {
     pub const ERROR: u32 = 16;
 }
 
-/// What went wrong talking to xenstore.
-#[derive(Debug, thiserror::Error)]
-pub enum XsError {
-    /// The connection failed.
-    #[error("xenstore: {0}")]
-    Io(#[from] io::Error),
-    /// xenstored answered with an error (`ENOENT`, `EACCES`, `EAGAIN`, ...).
-    #[error("xenstore: {op} {path}: {errno}")]
-    Refused {
-        /// The request.
-        op: &'static str,
-        /// Its path.
-        path: String,
-        /// xenstored's error name.
-        errno: String,
-    },
-    /// The peer broke the protocol.
-    #[error("xenstore: {0}")]
-    Protocol(String),
-}
-
-impl XsError {
-    /// Whether xenstored said `errno`.
-    pub fn is(&self, errno: &str) -> bool {
-        matches!(self, XsError::Refused { errno: e, .. } if e == errno)
-    }
-}
+pub use crate::error::XsError;
 
 /// A transaction id; [`Tx::NONE`] is outside any transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
