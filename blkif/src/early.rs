@@ -30,16 +30,7 @@ use crate::uffd::Uffd;
 /// The byte pattern of a page that tapdisk never filled (it died first).
 pub const POISON: u8 = 0xDB;
 
-/// Why the data of an early-answered read cannot be trusted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum EarlyReadError {
-    /// tapdisk answered the read early and reported later that reading the rest failed.
-    #[error("read {0:#x} failed after it was answered early")]
-    Failed(u64),
-    /// tapdisk went away before the read's pages were filled; they hold a poison pattern.
-    #[error("tapdisk went away before read {0:#x} was filled; its pages hold poison")]
-    BackendGone(u64),
-}
+pub use crate::error::EarlyReadError;
 
 /// Runs of pages: `(first page, count)`.
 type Runs = Vec<(u32, u32)>;
@@ -82,16 +73,6 @@ impl std::fmt::Debug for EarlyFront {
     }
 }
 
-fn new_eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the result is checked before it is wrapped.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor nothing else owns.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
-}
-
 impl EarlyFront {
     /// Starts the watchdog. `mem` is the frontend's registered mapping of the memfd, `alias`
     /// a second, unregistered mapping of it (for poisoning), `uffd` the frontend's own handle.
@@ -106,7 +87,7 @@ impl EarlyFront {
             cv: Condvar::new(),
             dead: AtomicBool::new(false),
         });
-        let stop = new_eventfd()?;
+        let stop = crate::local::new_eventfd()?;
         let w = Watchdog {
             sock: sock.try_clone()?,
             stop: stop.try_clone()?,
@@ -188,9 +169,8 @@ impl EarlyFront {
 
 impl Drop for EarlyFront {
     fn drop(&mut self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to our own eventfd.
-        unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), 8) };
+        // A failed write (a saturated counter) still leaves the eventfd readable.
+        let _ = nix::unistd::write(&self.stop, &1u64.to_ne_bytes());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

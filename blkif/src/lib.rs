@@ -11,8 +11,11 @@
 //!   frontend shares, behind the [`transport`] traits.
 //! - [`local`]: the local transport (memfd + eventfd over a unix socket) and a frontend that
 //!   tests, benchmarks and fuzzers use to drive a backend, hostile requests included.
+//! - [`error`]: [`Error`], the one error type of the crate, with a variant per module that can
+//!   fail (refused guest requests are data, not errors: [`Problem`], [`Rejection`]).
 
 pub mod early;
+pub mod error;
 pub mod local;
 pub mod mmap;
 pub mod protocol;
@@ -22,5 +25,6 @@ pub mod transport;
 pub mod uffd;
 pub mod xen;
 
+pub use error::{Error, Result};
 pub use protocol::{Abi, Response, Segment};
 pub use request::{DiskInfo, Operation, Problem, Rejection, Request};

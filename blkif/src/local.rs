@@ -19,6 +19,8 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::time::Duration;
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 use crate::mmap::Mapping;
@@ -145,19 +147,7 @@ impl Default for AttachLimits {
     }
 }
 
-/// Why an attach failed.
-#[derive(Debug, thiserror::Error)]
-pub enum AttachError {
-    /// Socket IO failed.
-    #[error("local transport: {0}")]
-    Io(#[from] io::Error),
-    /// The peer broke the handshake.
-    #[error("local transport: {0}")]
-    Protocol(String),
-    /// The backend refused.
-    #[error("backend refused the attach: {0}")]
-    Refused(String),
-}
+pub use crate::error::AttachError;
 
 fn proto(msg: impl Into<String>) -> AttachError {
     AttachError::Protocol(msg.into())
@@ -227,9 +217,8 @@ fn fd_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
 }
 
 fn check_sealed(fd: BorrowedFd<'_>, what: &str) -> Result<(), AttachError> {
-    // SAFETY: plain fcntl query on a descriptor we own.
-    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-    if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+    let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS).unwrap_or(0);
+    if seals & libc::F_SEAL_SHRINK == 0 {
         return Err(proto(format!(
             "{what} must be a memfd sealed with F_SEAL_SHRINK"
         )));
@@ -247,71 +236,46 @@ fn check_eventfd(fd: BorrowedFd<'_>, what: &str) -> Result<(), AttachError> {
 }
 
 fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: fcntl on a descriptor we own, with integer arguments.
-    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    // SAFETY: as above.
-    if fl < 0 || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fl = OFlag::from_bits_retain(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK))?;
     Ok(())
 }
 
-fn eventfd_signal(fd: RawFd) -> io::Result<()> {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live local buffer to a descriptor we own.
-    let n = unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
-    if n == 8 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    // A saturated counter already means "notified".
-    if e.kind() == io::ErrorKind::WouldBlock {
-        Ok(())
-    } else {
-        Err(e)
+/// Signals an eventfd; a saturated counter already means "notified".
+fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
+    match nix::unistd::write(fd, &1u64.to_ne_bytes()) {
+        Ok(_) | Err(nix::errno::Errno::EAGAIN) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
-fn eventfd_drain(fd: RawFd) -> io::Result<u64> {
+/// Reads and resets an eventfd's counter (0 if it was not signalled).
+fn eventfd_drain(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut v = [0u8; 8];
-    // SAFETY: reads at most 8 bytes into a live local buffer from a descriptor we own.
-    let n = unsafe { libc::read(fd, v.as_mut_ptr().cast(), 8) };
-    if n == 8 {
-        return Ok(u64::from_ne_bytes(v));
-    }
-    let e = io::Error::last_os_error();
-    if e.kind() == io::ErrorKind::WouldBlock {
-        Ok(0)
-    } else {
-        Err(e)
+    match nix::unistd::read(fd.as_raw_fd(), &mut v) {
+        Ok(8) => Ok(u64::from_ne_bytes(v)),
+        Ok(n) => Err(io::Error::other(format!(
+            "short read of {n} bytes from an eventfd"
+        ))),
+        Err(nix::errno::Errno::EAGAIN) => Ok(0),
+        Err(e) => Err(e.into()),
     }
 }
 
-fn new_eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the result is checked before it is wrapped.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// A new non-blocking, close-on-exec eventfd.
+pub(crate) fn new_eventfd() -> io::Result<OwnedFd> {
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+    Ok(efd.into())
 }
 
 fn new_sealed_memfd(name: &std::ffi::CStr, len: u64) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall with a valid C string; the result is checked before it is wrapped.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    nix::unistd::ftruncate(&fd, len as i64).map_err(io::Error::from)?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl on a descriptor we own, with integer arguments.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let flags = MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING;
+    let fd = memfd_create(name, flags)?;
+    let len = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    nix::unistd::ftruncate(&fd, len)?;
+    let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+    fcntl(fd.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals))?;
     Ok(fd)
 }
 
@@ -367,10 +331,10 @@ impl EventChannel for LocalEvtchn {
         self.kick.as_raw_fd()
     }
     fn ack(&self) -> io::Result<()> {
-        eventfd_drain(self.kick.as_raw_fd()).map(|_| ())
+        eventfd_drain(self.kick.as_fd()).map(|_| ())
     }
     fn notify(&self) -> io::Result<()> {
-        eventfd_signal(self.notify.as_raw_fd())
+        eventfd_signal(self.notify.as_fd())
     }
 }
 
@@ -426,6 +390,14 @@ pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Runs the backend half of the handshake on a freshly accepted socket: validates everything
 /// the frontend sent, maps it, answers with `info` (or with the reason for refusing).
 pub fn accept(
+    sock: UnixStream,
+    limits: &AttachLimits,
+    info: &DiskInfo,
+) -> crate::Result<LocalBackend> {
+    Ok(accept_and_answer(sock, limits, info)?)
+}
+
+fn accept_and_answer(
     sock: UnixStream,
     limits: &AttachLimits,
     info: &DiskInfo,
@@ -657,18 +629,22 @@ impl LocalFrontend {
     }
 
     /// Connects to a VBD's local-transport socket and attaches a new ring.
-    pub fn connect(path: &Path, cfg: FrontendConfig) -> Result<LocalFrontend, AttachError> {
+    pub fn connect(path: &Path, cfg: FrontendConfig) -> crate::Result<LocalFrontend> {
         let sock = UnixStream::connect(path).map_err(|e| {
-            io::Error::new(
+            AttachError::Io(io::Error::new(
                 e.kind(),
                 format!("cannot connect to {}: {e}", path.display()),
-            )
+            ))
         })?;
         Self::attach(sock, cfg)
     }
 
     /// Attaches over an already connected socket.
-    pub fn attach(sock: UnixStream, cfg: FrontendConfig) -> Result<LocalFrontend, AttachError> {
+    pub fn attach(sock: UnixStream, cfg: FrontendConfig) -> crate::Result<LocalFrontend> {
+        Ok(Self::attach_socket(sock, cfg)?)
+    }
+
+    fn attach_socket(sock: UnixStream, cfg: FrontendConfig) -> Result<LocalFrontend, AttachError> {
         let ring_pages = 1usize << cfg.ring_order;
         let mem_fd = new_sealed_memfd(c"blkif-guest-mem", cfg.mem_pages as u64 * PAGE_SIZE as u64)?;
         let ring_fd = new_sealed_memfd(c"blkif-ring", (ring_pages * PAGE_SIZE) as u64)?;
@@ -756,9 +732,9 @@ impl LocalFrontend {
     /// read stalls the same way; this is how a reader learns that the data is complete, or
     /// that it never will be (tapdisk failed the rest, or went away: the unfilled pages then
     /// hold [`crate::early::POISON`]). Outside early-read mode, always `Ok`.
-    pub fn finish_read(&self, id: u64) -> Result<(), crate::early::EarlyReadError> {
+    pub fn finish_read(&self, id: u64) -> crate::Result<()> {
         match &self.early {
-            Some(e) => e.finish(id),
+            Some(e) => Ok(e.finish(id)?),
             None => Ok(()),
         }
     }
@@ -852,7 +828,7 @@ impl LocalFrontend {
 
     /// Consumes the notifications [`LocalFrontend::notify_fd`] signalled.
     pub fn ack_notify(&self) -> io::Result<()> {
-        eventfd_drain(self.notify.as_raw_fd()).map(|_| ())
+        eventfd_drain(self.notify.as_fd()).map(|_| ())
     }
 
     /// The socket end the backend hangs up when it drops the ring.
@@ -943,7 +919,7 @@ impl LocalFrontend {
     /// Publishes queued requests and kicks the backend if it asked for it.
     pub fn push(&mut self) -> io::Result<()> {
         if self.ring.push_requests() {
-            eventfd_signal(self.kick.as_raw_fd())?;
+            eventfd_signal(self.kick.as_fd())?;
         }
         Ok(())
     }
@@ -963,7 +939,7 @@ impl LocalFrontend {
     /// Publishes an arbitrary `req_prod` and kicks (hostile index games).
     pub fn publish_raw_req_prod(&mut self, v: u32) -> io::Result<()> {
         self.ring.publish_raw_req_prod(v);
-        eventfd_signal(self.kick.as_raw_fd())
+        eventfd_signal(self.kick.as_fd())
     }
 
     /// Takes every response published so far.
@@ -1032,7 +1008,7 @@ impl LocalFrontend {
                 ));
             }
             if fds[0].revents & libc::POLLIN != 0 {
-                eventfd_drain(self.notify.as_raw_fd())?;
+                eventfd_drain(self.notify.as_fd())?;
             }
         }
     }
@@ -1100,7 +1076,7 @@ mod tests {
         }));
         fe.push().unwrap();
         be.evtchn.ack().unwrap();
-        assert_eq!(be.ring.pending(), Ok(1));
+        assert_eq!(be.ring.pending().unwrap(), 1);
         let mut addrs = [std::ptr::null_mut(); 1];
         let sg = |gref| Segment {
             gref,
@@ -1154,7 +1130,9 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert!(matches!(r, Err(AttachError::Refused(m)) if m.contains("ring order 3")));
+        assert!(
+            matches!(r, Err(crate::Error::Attach(AttachError::Refused(m))) if m.contains("ring order 3"))
+        );
         assert!(t.join().unwrap().is_err());
     }
 

@@ -34,28 +34,7 @@ pub const fn ring_size(abi: Abi, pages: usize) -> u32 {
     }
 }
 
-/// A frontend broke the ring protocol: its ring must be disconnected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum RingError {
-    /// `req_prod` claims more outstanding requests than the ring holds.
-    #[error("frontend's req_prod {req_prod} runs more than a ring ({size}) ahead of the responses ({rsp_prod})")]
-    ProducerOverflow {
-        /// The index the frontend published.
-        req_prod: u32,
-        /// Our private response producer.
-        rsp_prod: u32,
-        /// Slots in the ring.
-        size: u32,
-    },
-    /// `req_prod` moved back behind requests already consumed.
-    #[error("frontend's req_prod {req_prod} moved back behind the requests already consumed ({req_cons})")]
-    ProducerBackwards {
-        /// The index the frontend published.
-        req_prod: u32,
-        /// Our consumer index.
-        req_cons: u32,
-    },
-}
+pub use crate::error::RingError;
 
 /// A copy of one slot, taken out of shared memory once.
 #[derive(Clone, Copy)]
@@ -203,7 +182,7 @@ impl BackRing {
     ///
     /// Fails if the frontend's `req_prod` runs more than a ring ahead of our responses (Xen's
     /// `RING_REQUEST_PROD_OVERFLOW`): such a frontend is broken or hostile.
-    pub fn pending(&self) -> Result<u32, RingError> {
+    pub fn pending(&self) -> crate::Result<u32> {
         // Acquire pairs with the frontend's write barrier before it published req_prod: the
         // slots up to req_prod are visible once we see the index.
         let req_prod = self.sh.index(REQ_PROD).load(Ordering::Acquire);
@@ -212,7 +191,8 @@ impl BackRing {
                 req_prod,
                 rsp_prod: self.rsp_prod_pvt,
                 size: self.sh.size,
-            });
+            }
+            .into());
         }
         // req_cons lies between rsp_prod_pvt and req_prod; a req_prod published between
         // rsp_prod_pvt and req_cons (moved back) would make the difference wrap to ~2^32.
@@ -221,7 +201,8 @@ impl BackRing {
             return Err(RingError::ProducerBackwards {
                 req_prod,
                 req_cons: self.req_cons,
-            });
+            }
+            .into());
         }
         Ok(n)
     }
@@ -264,7 +245,7 @@ impl BackRing {
 
     /// Before sleeping: asks for a notification at the next request and checks once more
     /// (`RING_FINAL_CHECK_FOR_REQUESTS`). Returns the number of requests pending.
-    pub fn final_check(&mut self) -> Result<u32, RingError> {
+    pub fn final_check(&mut self) -> crate::Result<u32> {
         let n = self.pending()?;
         if n > 0 {
             return Ok(n);
@@ -432,11 +413,11 @@ mod tests {
         let mut mem = Pages::new(1);
         let (mut f, b) = pair(&mut mem, 1, Abi::X86_64);
         f.publish_raw_req_prod(32);
-        assert_eq!(b.pending(), Ok(32));
+        assert_eq!(b.pending().unwrap(), 32);
         f.publish_raw_req_prod(33);
         assert!(matches!(
             b.pending(),
-            Err(RingError::ProducerOverflow { .. })
+            Err(crate::Error::Ring(RingError::ProducerOverflow { .. }))
         ));
         f.publish_raw_req_prod(u32::MAX);
         assert!(b.pending().is_err());
@@ -448,19 +429,19 @@ mod tests {
         let mut mem = Pages::new(1);
         let (mut f, mut b) = pair(&mut mem, 1, Abi::X86_64);
         f.publish_raw_req_prod(10);
-        assert_eq!(b.pending(), Ok(10));
+        assert_eq!(b.pending().unwrap(), 10);
         let mut s = SlotCopy::default();
         for _ in 0..10 {
             b.pop(&mut s);
         }
-        assert_eq!(b.pending(), Ok(0));
+        assert_eq!(b.pending().unwrap(), 0);
         f.publish_raw_req_prod(4);
         assert!(matches!(
             b.pending(),
-            Err(RingError::ProducerBackwards {
+            Err(crate::Error::Ring(RingError::ProducerBackwards {
                 req_prod: 4,
                 req_cons: 10
-            })
+            }))
         ));
         // Answering the consumed requests does not make the backwards index acceptable.
         for id in 0..10 {
@@ -472,7 +453,7 @@ mod tests {
         }
         assert!(b.pending().is_err());
         f.publish_raw_req_prod(12);
-        assert_eq!(b.pending(), Ok(2));
+        assert_eq!(b.pending().unwrap(), 2);
     }
 
     #[test]
@@ -482,14 +463,14 @@ mod tests {
         f.put_request(&[0u8; 112]);
         // req_event starts at 1: the first request notifies.
         assert!(f.push_requests());
-        assert_eq!(b.final_check(), Ok(1));
+        assert_eq!(b.final_check().unwrap(), 1);
         let mut s = SlotCopy::default();
         b.pop(&mut s);
         f.put_request(&[0u8; 112]);
         // The backend did not re-arm req_event: no notification needed while it is awake.
         assert!(!f.push_requests());
         b.pop(&mut s);
-        assert_eq!(b.final_check(), Ok(0));
+        assert_eq!(b.final_check().unwrap(), 0);
         f.put_request(&[0u8; 112]);
         assert!(
             f.push_requests(),

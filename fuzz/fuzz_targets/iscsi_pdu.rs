@@ -12,7 +12,7 @@ use std::io;
 use std::time::Duration;
 
 use iscsi::conn::{Command, Completion, Conn, Wire};
-use iscsi::crc32c::Crc32c;
+use iscsi::digest::Crc32c;
 use iscsi::login::LoggedIn;
 use iscsi::pdu::{self, op, Limits};
 use iscsi::text::{self, Offer, Params};

@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
         if !bytes.ends_with(b"\n") {
             bytes.push(b'\n');
         }
-        let crc = iscsi::crc32c::crc32c(&bytes);
+        let crc = crc32c::crc32c(&bytes);
         bytes.extend_from_slice(format!("crc32c {crc:08x}\n").as_bytes());
     }
     if let Ok(m) = StripeMap::parse(&bytes) {

@@ -126,11 +126,10 @@
 pub mod blocking;
 pub mod config;
 pub mod conn;
-pub mod crc32c;
+pub mod digest;
 pub mod error;
 pub mod lab;
 pub mod login;
-pub mod md5;
 pub mod pdu;
 pub mod scsi;
 pub mod session;

@@ -8,7 +8,7 @@
 //! [`parse_pdu`] does the same for a whole PDU in one buffer (header digest, AHS, data segment,
 //! padding, data digest); it is what the fuzz target drives.
 
-use crate::crc32c::Crc32c;
+use crate::digest::Crc32c;
 
 /// Length of the Basic Header Segment.
 pub const BHS_LEN: usize = 48;

@@ -6,13 +6,17 @@
 
 use std::io;
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use slog::{debug, info, warn};
 
 use crate::config::{Config, Drive};
@@ -39,10 +43,10 @@ pub enum State {
 struct Shared {
     sq: ArrayQueue<Command>,
     cq: ArrayQueue<Completion>,
-    sq_efd: OwnedFd,
-    cq_efd: OwnedFd,
+    sq_efd: EventFd,
+    cq_efd: EventFd,
     /// Inline mode: signalled by the login helper thread when it is done.
-    login_efd: OwnedFd,
+    login_efd: EventFd,
     /// The IO thread is (about to be) asleep in poll and needs a kick.
     sleeping: AtomicBool,
     /// The caller is (about to be) asleep on the completion eventfd ([`Session::arm`]).
@@ -58,31 +62,21 @@ struct Shared {
     r2ts: AtomicU64,
 }
 
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall without pointers.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+fn eventfd() -> io::Result<EventFd> {
+    Ok(EventFd::from_flags(
+        EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
+    )?)
 }
 
-fn efd_signal(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to an eventfd we own; failure (counter overflow)
-    // only means it is already signalled.
-    unsafe {
-        libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8);
-    }
+/// Signals `fd`; a failure (a saturated counter) only means it is already signalled.
+fn efd_signal(fd: &EventFd) {
+    let _ = fd.arm();
 }
 
+/// Resets an eventfd or a timerfd (non-blocking: nothing to read is fine).
 fn efd_drain(fd: RawFd) {
-    let mut v: u64 = 0;
-    // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
-    unsafe {
-        libc::read(fd, (&mut v as *mut u64).cast(), 8);
-    }
+    let mut v = [0u8; 8];
+    let _ = nix::unistd::read(fd, &mut v);
 }
 
 /// A fresh random-type ISID (RFC 7143 section 11.12.5): `0x80` then 40 bits from the clock,
@@ -238,7 +232,7 @@ impl Session {
     /// signal; with [`Drive::Thread`], [`Session::completion_fd`].
     pub fn poll_fd(&self) -> RawFd {
         match &self.inline {
-            Some(i) => i.epoll.as_raw_fd(),
+            Some(i) => i.epoll.0.as_raw_fd(),
             None => self.completion_fd(),
         }
     }
@@ -783,71 +777,36 @@ type LoginResult = Result<(TcpStream, LoggedIn)>;
 /// the caller polls. Logins (after a lost connection) run on a helper thread.
 struct Inline {
     io: IoThread,
-    epoll: OwnedFd,
-    timer: OwnedFd,
+    epoll: Epoll,
+    timer: TimerFd,
     /// When the timer fires (None: disarmed).
     timer_at: Option<Instant>,
     /// The socket's registered events (0: not registered).
-    sock_events: u32,
+    sock_events: EpollFlags,
     /// The login helper, if one runs.
     login: Option<JoinHandle<LoginResult>>,
     /// The login eventfd was signalled to bring the caller back (a bounded drive).
     woken: bool,
 }
 
-fn epoll_ctl(ep: &OwnedFd, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
-    let mut ev = libc::epoll_event { events, u64: data };
-    // SAFETY: a live epoll descriptor we own and an event struct on the stack.
-    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 impl Inline {
     fn new(io: IoThread) -> io::Result<Inline> {
-        // SAFETY: plain syscalls without pointers; each result is checked and owned at once.
-        let (ep, tfd) = unsafe {
-            (
-                libc::epoll_create1(libc::EPOLL_CLOEXEC),
-                libc::timerfd_create(
-                    libc::CLOCK_MONOTONIC,
-                    libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-                ),
-            )
-        };
-        if ep < 0 || tfd < 0 {
-            let e = io::Error::last_os_error();
-            for fd in [ep, tfd] {
-                if fd >= 0 {
-                    // SAFETY: a descriptor we just created and nobody else owns.
-                    drop(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-            return Err(e);
-        }
-        // SAFETY: fresh descriptors nobody else owns.
-        let (epoll, timer) = unsafe { (OwnedFd::from_raw_fd(ep), OwnedFd::from_raw_fd(tfd)) };
-        epoll_ctl(
-            &epoll,
-            libc::EPOLL_CTL_ADD,
-            timer.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            EV_TIMER,
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
         )?;
-        epoll_ctl(
-            &epoll,
-            libc::EPOLL_CTL_ADD,
-            io.shared.login_efd.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            EV_LOGIN,
+        epoll.add(&timer, EpollEvent::new(EpollFlags::EPOLLIN, EV_TIMER))?;
+        epoll.add(
+            &io.shared.login_efd,
+            EpollEvent::new(EpollFlags::EPOLLIN, EV_LOGIN),
         )?;
         let mut i = Inline {
             io,
             epoll,
             timer,
             timer_at: None,
-            sock_events: 0,
+            sock_events: EpollFlags::empty(),
             login: None,
             woken: false,
         };
@@ -858,22 +817,22 @@ impl Inline {
     /// Registers (or updates) the socket's events: readable, and writable while output waits.
     fn watch_socket(&mut self) -> io::Result<()> {
         let Some(sock) = &self.io.sock else {
-            self.sock_events = 0;
+            self.sock_events = EpollFlags::empty();
             return Ok(());
         };
-        let mut want = libc::EPOLLIN as u32;
+        let mut want = EpollFlags::EPOLLIN;
         if self.io.conn.wants_write() {
-            want |= libc::EPOLLOUT as u32;
+            want |= EpollFlags::EPOLLOUT;
         }
         if want == self.sock_events {
             return Ok(());
         }
-        let op = if self.sock_events == 0 {
-            libc::EPOLL_CTL_ADD
+        let mut ev = EpollEvent::new(want, EV_SOCK);
+        if self.sock_events.is_empty() {
+            self.epoll.add(sock, ev)?;
         } else {
-            libc::EPOLL_CTL_MOD
-        };
-        epoll_ctl(&self.epoll, op, sock.as_raw_fd(), want, EV_SOCK)?;
+            self.epoll.modify(sock, &mut ev)?;
+        }
         self.sock_events = want;
         Ok(())
     }
@@ -887,20 +846,11 @@ impl Inline {
         let d = at
             .saturating_duration_since(now)
             .max(Duration::from_millis(1));
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: d.as_secs() as libc::time_t,
-                tv_nsec: libc::c_long::from(d.subsec_nanos() as i32),
-            },
-        };
-        // SAFETY: a timerfd we own and a valid itimerspec on the stack.
-        unsafe {
-            libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut());
-        }
+        // A failure leaves the timer as it was; the caller's next drive checks the clock anyway.
+        let _ = self.timer.set(
+            Expiration::OneShot(TimeSpec::from_duration(d)),
+            TimerSetTimeFlags::empty(),
+        );
         self.timer_at = Some(at);
     }
 
@@ -940,7 +890,7 @@ impl Inline {
     /// The connection failed: as [`IoThread::lost`], but the logins run on a helper.
     fn lost(&mut self, e: Error) {
         self.io.drop_connection(&e);
-        self.sock_events = 0;
+        self.sock_events = EpollFlags::empty();
         if self.login.is_none() {
             self.start_login(Instant::now() + self.io.cfg.reconnect_timeout);
         }
@@ -1007,7 +957,7 @@ impl Inline {
         // login helper says it finished.
         self.io.conn.wake_rx();
         if self.timer_at.is_some_and(|t| Instant::now() >= t) {
-            efd_drain(self.timer.as_raw_fd());
+            efd_drain(self.timer.as_fd().as_raw_fd());
             self.timer_at = None;
         }
         self.reap_login();

@@ -296,65 +296,38 @@ fn yes_no(b: bool) -> &'static str {
     }
 }
 
-/// Decodes a CHAP binary value (`0x` hex or `0b` base64, RFC 7143 section 6.1).
+/// Decodes a CHAP binary value (`0x` hex or `0b` base64, RFC 7143 section 5.1); `None` for
+/// anything else, for a digit outside the alphabet or for more than 1 KiB of data. An odd number
+/// of hex digits has an implied leading zero; base64 padding may be present or not.
 pub fn decode_binary(v: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
     if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
         if h.is_empty() || h.len() > 2048 {
             return None;
         }
-        let h = if h.len() % 2 == 1 {
-            format!("0{h}")
+        if h.len() % 2 == 1 {
+            hex::decode(format!("0{h}")).ok()
         } else {
-            h.to_owned()
-        };
-        let mut out = Vec::with_capacity(h.len() / 2);
-        for pair in h.as_bytes().chunks(2) {
-            let s = std::str::from_utf8(pair).ok()?;
-            out.push(u8::from_str_radix(s, 16).ok()?);
+            hex::decode(h).ok()
         }
-        Some(out)
     } else if let Some(b) = v.strip_prefix("0b").or_else(|| v.strip_prefix("0B")) {
-        base64(b)
+        if b.is_empty() || b.len() > 4096 {
+            return None;
+        }
+        BASE64.decode(b).ok()
     } else {
         None
     }
 }
 
-fn base64(s: &str) -> Option<Vec<u8>> {
-    if s.len() > 4096 {
-        return None;
-    }
-    let mut out = Vec::new();
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' => break,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
-}
-
 /// Encodes bytes as a `0x` hex value.
 pub fn encode_hex(b: &[u8]) -> String {
-    let mut s = String::with_capacity(2 + 2 * b.len());
-    s.push_str("0x");
-    for x in b {
-        let _ = write!(s, "{x:02x}");
-    }
-    s
+    format!("0x{}", hex::encode(b))
 }
 
 #[cfg(test)]
@@ -408,6 +381,11 @@ mod tests {
         assert_eq!(decode_binary("0bAQID"), Some(vec![1, 2, 3]));
         assert_eq!(decode_binary("12"), None);
         assert_eq!(decode_binary("0xzz"), None);
+        assert_eq!(decode_binary("0x+a+b"), None);
+        assert_eq!(decode_binary("0bAQIDBA=="), Some(vec![1, 2, 3, 4]));
+        assert_eq!(decode_binary("0bAQIDBA"), Some(vec![1, 2, 3, 4]));
+        assert_eq!(decode_binary("0bAQ==garbage"), None);
+        assert_eq!(decode_binary("0b"), None);
         assert_eq!(encode_hex(&[1, 0xab]), "0x01ab");
     }
 }

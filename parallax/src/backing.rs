@@ -12,6 +12,8 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::error::{Error, Result};
+
 /// Synchronous positional access to the bytes of a store.
 ///
 /// Reads and writes transfer the whole buffer or fail. Nothing written is durable before
@@ -70,47 +72,42 @@ pub struct FileBacking {
     read_only: bool,
 }
 
-/// Why a file could not be opened as a store.
-#[derive(Debug)]
-pub enum OpenFileError {
-    /// Another process holds a conflicting lock.
-    Locked,
-    /// Any other failure.
-    Io(io::Error),
-}
-
 impl FileBacking {
-    /// Opens an existing file or block device.
-    pub fn open(path: &Path, read_only: bool) -> Result<FileBacking, OpenFileError> {
+    /// Opens an existing file or block device; [`Error::Locked`] if another process holds a
+    /// conflicting lock. Errors do not repeat the path: callers say which image they opened.
+    pub fn open(path: &Path, read_only: bool) -> Result<FileBacking> {
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
-            .map_err(OpenFileError::Io)?;
-        Self::from_file(file, path, read_only)
+            .map_err(|e| Error::io("cannot open", e))?;
+        Self::from_file(file, path, read_only, "cannot open")
     }
 
     /// Creates a new file (failing if it exists).
-    pub fn create(path: &Path) -> Result<FileBacking, OpenFileError> {
+    pub fn create(path: &Path) -> Result<FileBacking> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
-            .map_err(OpenFileError::Io)?;
-        Self::from_file(file, path, false)
+            .map_err(|e| Error::io("cannot create", e))?;
+        Self::from_file(file, path, false, "cannot create")
     }
 
-    fn from_file(file: File, path: &Path, read_only: bool) -> Result<FileBacking, OpenFileError> {
-        let meta = file.metadata().map_err(OpenFileError::Io)?;
+    fn from_file(file: File, path: &Path, read_only: bool, what: &str) -> Result<FileBacking> {
+        let meta = file.metadata().map_err(|e| Error::io(what, e))?;
         let block_device = meta.file_type().is_block_device();
         if !block_device && !meta.is_file() {
-            return Err(OpenFileError::Io(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "neither a regular file nor a block device",
-            )));
+            return Err(Error::io(
+                what,
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "neither a regular file nor a block device",
+                ),
+            ));
         }
         let op = if read_only {
             libc::LOCK_SH
@@ -121,9 +118,9 @@ impl FileBacking {
         if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
             let e = io::Error::last_os_error();
             return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                OpenFileError::Locked
+                Error::Locked(path.display().to_string())
             } else {
-                OpenFileError::Io(e)
+                Error::io(what, e)
             });
         }
         Ok(FileBacking {
@@ -367,13 +364,10 @@ mod tests {
         let p = dir.path().join("s");
         let f = FileBacking::create(&p).unwrap();
         f.write_at(&[7u8; 8192], 0).unwrap();
-        assert!(matches!(
-            FileBacking::open(&p, true),
-            Err(OpenFileError::Locked)
-        ));
+        assert!(matches!(FileBacking::open(&p, true), Err(Error::Locked(_))));
         assert!(matches!(
             FileBacking::open(&p, false),
-            Err(OpenFileError::Locked)
+            Err(Error::Locked(_))
         ));
         f.discard(0, 4096).unwrap();
         let mut b = [1u8; 4096];
@@ -386,7 +380,7 @@ mod tests {
         let _r2 = FileBacking::open(&p, true).unwrap();
         assert!(matches!(
             FileBacking::open(&p, false),
-            Err(OpenFileError::Locked)
+            Err(Error::Locked(_))
         ));
         drop(r1);
     }

@@ -281,7 +281,9 @@ impl<B: Backing> Checker<'_, B> {
             let off = i as usize * 16;
             match TreePtr::decode(&node[off..off + 16], kind) {
                 Ok(p) => self.walk_tree(name, kind, p, level - 1, (index << TREE_BITS) | i, leaf),
-                Err(e) => self.r.problem(format!("{}, pointer {i}: {e}", what())),
+                Err(e) => self
+                    .r
+                    .problem(format!("{}, pointer {i}: {}", what(), e.detail())),
             }
         }
     }
@@ -324,7 +326,7 @@ impl<B: Backing> Checker<'_, B> {
                 Ok(e) => e,
                 Err(e) => {
                     self.r
-                        .problem(format!("P2M entry of physical block {p}: {e}"));
+                        .problem(format!("P2M entry of physical block {p}: {}", e.detail()));
                     continue;
                 }
             };
@@ -383,7 +385,8 @@ impl<B: Backing> Checker<'_, B> {
             let e = match V2pEntry::decode(V2pEntry::raw_at(&node, i)) {
                 Ok(e) => e,
                 Err(e) => {
-                    self.r.problem(format!("{}, entry {i}: {e}", what()));
+                    self.r
+                        .problem(format!("{}, entry {i}: {}", what(), e.detail()));
                     continue;
                 }
             };
@@ -535,7 +538,7 @@ pub fn check<'a, B: Backing>(
                 ptr = b.next;
             }
             Err(e) => {
-                c.r.problem(e);
+                c.r.problem(e.detail());
                 break;
             }
         }

@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use crate::backing::{Backing, FileBacking, OpenFileError};
+use crate::backing::{Backing, FileBacking};
 use crate::cache::{CacheStats, StatsHandle, DEFAULT_SLOTS};
 use crate::error::{Error, Result};
 use crate::format::VolumeKind;
@@ -32,16 +32,18 @@ impl DiskSpec {
 }
 
 impl FromStr for DiskSpec {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         if s.is_empty() {
-            return Err("empty image path".into());
+            return Err(Error::Invalid("empty image path".into()));
         }
         // The volume is after the last '@', unless that part looks like a path.
         if let Some((path, vol)) = s.rsplit_once('@') {
             if !vol.contains('/') {
                 if path.is_empty() {
-                    return Err(format!("'{s}' has no image path before '@'"));
+                    return Err(Error::Invalid(format!(
+                        "'{s}' has no image path before '@'"
+                    )));
                 }
                 crate::format::check_name(vol)?;
                 return Ok(DiskSpec {
@@ -88,10 +90,7 @@ impl Default for DiskOptions {
 ///
 /// Errors do not repeat the path: callers say which image they were opening.
 pub fn open_backing(path: &Path, read_only: bool) -> Result<FileBacking> {
-    FileBacking::open(path, read_only).map_err(|e| match e {
-        OpenFileError::Locked => Error::Locked(path.display().to_string()),
-        OpenFileError::Io(e) => Error::io("cannot open", e),
-    })
+    FileBacking::open(path, read_only)
 }
 
 /// Opens the image in file `path`.
@@ -136,10 +135,7 @@ impl Disk<FileBacking> {
     /// Creates a new image file at `path` (which must not exist) and opens its disk. If the
     /// image cannot be made, the file is removed again.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Disk> {
-        let b = FileBacking::create(path).map_err(|e| match e {
-            OpenFileError::Locked => Error::Locked(path.display().to_string()),
-            OpenFileError::Io(e) => Error::io("cannot create", e),
-        })?;
+        let b = FileBacking::create(path)?;
         let mut img = match Image::create(b, opts) {
             Ok(img) => img,
             Err(e) => {

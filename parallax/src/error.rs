@@ -64,6 +64,31 @@ impl Error {
         }
     }
 
+    /// The same error with `context` (where the bytes were, what was being done) in front of
+    /// its message, for the kinds whose message is a description (corrupt, invalid,
+    /// unsupported); other kinds are returned as they are.
+    pub fn within(self, context: impl std::fmt::Display) -> Error {
+        match self {
+            Error::Corrupt(m) => Error::Corrupt(format!("{context}: {m}")),
+            Error::Invalid(m) => Error::Invalid(format!("{context}: {m}")),
+            Error::Unsupported(m) => Error::Unsupported(format!("{context}: {m}")),
+            other => other,
+        }
+    }
+
+    /// The message without the words for its kind ("corrupt image: ..."), for reports that
+    /// put it in their own.
+    pub fn detail(&self) -> String {
+        match self {
+            Error::NotParallax(m)
+            | Error::Corrupt(m)
+            | Error::Unsupported(m)
+            | Error::Invalid(m)
+            | Error::NoSpace(m) => m.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// Whether this error leaves the in-memory state untrustworthy, so the image stops.
     pub(crate) fn is_fatal(&self) -> bool {
         matches!(

@@ -9,6 +9,18 @@
 
 use std::fmt;
 
+use crate::error::{Error, Result};
+
+/// Bytes that break the format (the caller adds where they were).
+fn corrupt(msg: impl Into<String>) -> Error {
+    Error::Corrupt(msg.into())
+}
+
+/// A name or argument that breaks the format's rules.
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::Invalid(msg.into())
+}
+
 /// Bytes in a metadata block and in the unit the store is allocated in (a *machine block*).
 pub const BLOCK: usize = 4096;
 /// log2 of [`BLOCK`].
@@ -175,7 +187,7 @@ impl TreePtr {
     }
 
     /// Decodes 16 bytes that should hold a pointer of `kind`.
-    pub fn decode(b: &[u8], kind: PtrKind) -> Result<TreePtr, String> {
+    pub fn decode(b: &[u8], kind: PtrKind) -> Result<TreePtr> {
         let machine = get_u48(b, 0);
         let store = b[6];
         let k = b[7];
@@ -183,26 +195,28 @@ impl TreePtr {
         let crc = get_u32(b, 12);
         if machine == 0 {
             if b[..16].iter().any(|&x| x != 0) {
-                return Err("null pointer with non-zero fields".into());
+                return Err(corrupt("null pointer with non-zero fields"));
             }
             return Ok(TreePtr::NULL);
         }
         if store != 0 {
-            return Err(format!(
+            return Err(corrupt(format!(
                 "pointer names store {store}, but remote stores are not supported"
-            ));
+            )));
         }
         if k != kind.code() {
-            return Err(format!(
+            return Err(corrupt(format!(
                 "pointer has kind {k:#04x}, expected {:#04x}",
                 kind.code()
-            ));
+            )));
         }
         if reserved != 0 {
-            return Err("pointer has non-zero reserved bytes".into());
+            return Err(corrupt("pointer has non-zero reserved bytes"));
         }
         if machine < 2 {
-            return Err(format!("pointer to machine block {machine} (a superblock)"));
+            return Err(corrupt(format!(
+                "pointer to machine block {machine} (a superblock)"
+            )));
         }
         Ok(TreePtr { machine, crc })
     }
@@ -262,7 +276,7 @@ impl P2mEntry {
     };
 
     /// Decodes 16 bytes.
-    pub fn decode(b: &[u8]) -> Result<P2mEntry, String> {
+    pub fn decode(b: &[u8]) -> Result<P2mEntry> {
         let machine = get_u48(b, 0);
         let store = b[6];
         let k = b[7];
@@ -271,29 +285,29 @@ impl P2mEntry {
         let kind = match k {
             0 => {
                 if b[..16].iter().any(|&x| x != 0) {
-                    return Err("free P2M entry with non-zero fields".into());
+                    return Err(corrupt("free P2M entry with non-zero fields"));
                 }
                 return Ok(P2mEntry::FREE);
             }
             1 => BlockKind::Data,
             0x10..=0x14 => BlockKind::Node(k - 0x10),
-            _ => return Err(format!("P2M entry has unknown kind {k:#04x}")),
+            _ => return Err(corrupt(format!("P2M entry has unknown kind {k:#04x}"))),
         };
         if store != 0 {
-            return Err(format!(
+            return Err(corrupt(format!(
                 "P2M entry names store {store}, but remote stores are not supported"
-            ));
+            )));
         }
         if machine < 2 {
-            return Err(format!(
+            return Err(corrupt(format!(
                 "P2M entry points at machine block {machine} (a superblock)"
-            ));
+            )));
         }
         if refs == 0 {
-            return Err("allocated P2M entry with zero references".into());
+            return Err(corrupt("allocated P2M entry with zero references"));
         }
         if kind == BlockKind::Data && crc != 0 {
-            return Err("P2M entry of a data block has a checksum".into());
+            return Err(corrupt("P2M entry of a data block has a checksum"));
         }
         Ok(P2mEntry {
             machine,
@@ -345,13 +359,15 @@ impl V2pEntry {
 
     /// Decodes a raw entry.
     #[inline]
-    pub fn decode(raw: u64) -> Result<V2pEntry, String> {
+    pub fn decode(raw: u64) -> Result<V2pEntry> {
         let phys = raw & MAX_BLOCK_NUMBER;
         if raw & !(MAX_BLOCK_NUMBER | V2P_WRITABLE) != 0 {
-            return Err(format!("V2P entry {raw:#018x} has reserved bits set"));
+            return Err(corrupt(format!(
+                "V2P entry {raw:#018x} has reserved bits set"
+            )));
         }
         if phys == 0 && raw != 0 {
-            return Err("unmapped V2P entry with the writable bit".into());
+            return Err(corrupt("unmapped V2P entry with the writable bit"));
         }
         Ok(V2pEntry {
             phys,
@@ -555,7 +571,7 @@ impl Superblock {
 
     /// Decodes and validates a superblock copy (its fields among themselves; the caller
     /// checks them against the store's real size).
-    pub fn decode(b: &[u8]) -> Result<Superblock, SuperblockError> {
+    pub fn decode(b: &[u8]) -> std::result::Result<Superblock, SuperblockError> {
         use SuperblockError::*;
         if b.len() < BLOCK || b[0..8] != MAGIC {
             return Err(BadMagic);
@@ -586,7 +602,8 @@ impl Superblock {
             return Err(Invalid("reserved superblock bytes are not zero".into()));
         }
         let ptr = |off: usize, kind: PtrKind, what: &str| {
-            TreePtr::decode(&b[off..off + 16], kind).map_err(|e| Invalid(format!("{what}: {e}")))
+            TreePtr::decode(&b[off..off + 16], kind)
+                .map_err(|e| Invalid(format!("{what}: {}", e.detail())))
         };
         let sb = Superblock {
             incompat,
@@ -618,39 +635,42 @@ impl Superblock {
             phys_reserve: Range::decode(b, 240),
             node_phys_reserve: Range::decode(b, 256),
         };
-        sb.validate().map_err(Invalid)?;
+        sb.validate().map_err(|e| Invalid(e.detail()))?;
         Ok(sb)
     }
 
     /// Checks the fields among themselves.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<()> {
         if self.generation == 0 {
-            return Err("generation 0".into());
+            return Err(corrupt("generation 0"));
         }
         if !(MIN_DATA_SHIFT..=MAX_DATA_SHIFT).contains(&self.data_shift) {
-            return Err(format!(
+            return Err(corrupt(format!(
                 "data block size 2^{} is not between 4 KiB and 64 KiB",
                 self.data_shift
-            ));
+            )));
         }
         if self.virtual_size == 0
             || !self.virtual_size.is_multiple_of(512)
             || self.virtual_size > MAX_VIRTUAL_SIZE
         {
-            return Err(format!("virtual size {} is invalid", self.virtual_size));
+            return Err(corrupt(format!(
+                "virtual size {} is invalid",
+                self.virtual_size
+            )));
         }
         let want = v2p_levels(self.virtual_size, self.data_shift);
         if self.v2p_levels != want {
-            return Err(format!(
+            return Err(corrupt(format!(
                 "V2P levels {} do not match the virtual size (expected {want})",
                 self.v2p_levels
-            ));
+            )));
         }
         if self.store_blocks < 2 || self.store_blocks > MAX_BLOCK_NUMBER {
-            return Err(format!(
+            return Err(corrupt(format!(
                 "store size {} blocks is invalid",
                 self.store_blocks
-            ));
+            )));
         }
         // Every physical block in use holds a machine block of its own, so the limit stays
         // within the store size plus a reservation or two.
@@ -658,10 +678,10 @@ impl Superblock {
             || self.phys_limit > MAX_BLOCK_NUMBER
             || self.phys_limit > self.store_blocks + PHYS_SLACK
         {
-            return Err(format!(
+            return Err(corrupt(format!(
                 "physical block limit {} is invalid",
                 self.phys_limit
-            ));
+            )));
         }
         for (name, levels, leaf_bits, items) in [
             ("P2M", self.p2m_levels, P2M_LEAF_BITS, self.phys_limit),
@@ -679,29 +699,29 @@ impl Superblock {
             ),
         ] {
             if !(1..=MAX_TREE_LEVELS).contains(&levels) {
-                return Err(format!("{name} tree has {levels} levels"));
+                return Err(corrupt(format!("{name} tree has {levels} levels")));
             }
             if tree_capacity(levels, leaf_bits) < items {
-                return Err(format!(
+                return Err(corrupt(format!(
                     "{name} tree of {levels} levels is too small for {items} blocks"
-                ));
+                )));
             }
         }
         if self.used_machine > self.store_blocks {
-            return Err("more machine blocks used than the store holds".into());
+            return Err(corrupt("more machine blocks used than the store holds"));
         }
         if self.used_phys > self.phys_limit {
-            return Err("more physical blocks used than the limit".into());
+            return Err(corrupt("more physical blocks used than the limit"));
         }
         if self.volume_count > MAX_VOLUMES {
-            return Err(format!(
+            return Err(corrupt(format!(
                 "{} volumes (at most {MAX_VOLUMES})",
                 self.volume_count
-            ));
+            )));
         }
         let blocks = (self.volume_count as usize).div_ceil(VOLUMES_PER_BLOCK) as u32;
         if self.volume_blocks != blocks || self.volumes.is_null() != (blocks == 0) {
-            return Err("volume table size does not match the volume count".into());
+            return Err(corrupt("volume table size does not match the volume count"));
         }
         for (name, p) in [
             ("P2M root", self.p2m_root),
@@ -710,10 +730,10 @@ impl Superblock {
             ("volume table", self.volumes),
         ] {
             if p.machine >= self.store_blocks {
-                return Err(format!(
+                return Err(corrupt(format!(
                     "{name} at machine block {} is beyond the store ({} blocks)",
                     p.machine, self.store_blocks
-                ));
+                )));
             }
         }
         for (name, r, limit) in [
@@ -723,7 +743,10 @@ impl Superblock {
             ("node reservation", self.node_phys_reserve, self.phys_limit),
         ] {
             if r.start > r.end || r.end > limit || (r.start < 2 && !r.is_empty()) {
-                return Err(format!("{name} [{}, {}) is invalid", r.start, r.end));
+                return Err(corrupt(format!(
+                    "{name} [{}, {}) is invalid",
+                    r.start, r.end
+                )));
             }
         }
         Ok(())
@@ -779,54 +802,54 @@ pub struct VolumeRecord {
 
 /// Checks a volume name: 1 to 64 bytes of letters, digits, `-`, `_`, `.` and `+`, not starting
 /// with `.` or `-`.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > NAME_MAX {
-        return Err(format!(
+        return Err(invalid(format!(
             "volume name '{name}' must be 1 to {NAME_MAX} bytes long"
-        ));
+        )));
     }
     if name.starts_with('.') || name.starts_with('-') {
-        return Err(format!(
+        return Err(invalid(format!(
             "volume name '{name}' must not start with '.' or '-'"
-        ));
+        )));
     }
     if !name
         .bytes()
         .all(|c| c.is_ascii_alphanumeric() || b"-_.+:".contains(&c))
     {
-        return Err(format!(
+        return Err(invalid(format!(
             "volume name '{name}' may contain only letters, digits and - _ . + :"
-        ));
+        )));
     }
     Ok(())
 }
 
 impl VolumeRecord {
-    fn decode(b: &[u8]) -> Result<VolumeRecord, String> {
+    fn decode(b: &[u8]) -> Result<VolumeRecord> {
         let id = get_u64(b, 0);
         let root = get_u64(b, 8);
         let kind = match b[32] {
             1 => VolumeKind::Disk,
             2 => VolumeKind::Snapshot,
-            k => return Err(format!("volume record has unknown kind {k}")),
+            k => return Err(corrupt(format!("volume record has unknown kind {k}"))),
         };
         let len = b[33] as usize;
         if id == 0 {
-            return Err("volume record with id 0".into());
+            return Err(corrupt("volume record with id 0"));
         }
         if root == 0 || root > MAX_BLOCK_NUMBER {
-            return Err(format!("volume {id} has invalid root {root}"));
+            return Err(corrupt(format!("volume {id} has invalid root {root}")));
         }
         if len == 0 || len > NAME_MAX {
-            return Err(format!("volume {id} has a name of {len} bytes"));
+            return Err(corrupt(format!("volume {id} has a name of {len} bytes")));
         }
         if b[34..64].iter().any(|&x| x != 0) || b[64 + len..128].iter().any(|&x| x != 0) {
-            return Err(format!("volume {id} has non-zero reserved bytes"));
+            return Err(corrupt(format!("volume {id} has non-zero reserved bytes")));
         }
         let name = std::str::from_utf8(&b[64..64 + len])
-            .map_err(|_| format!("volume {id} has a name that is not UTF-8"))?
+            .map_err(|_| corrupt(format!("volume {id} has a name that is not UTF-8")))?
             .to_string();
-        check_name(&name).map_err(|e| format!("volume {id}: {e}"))?;
+        check_name(&name).map_err(|e| corrupt(format!("volume {id}: {}", e.detail())))?;
         Ok(VolumeRecord {
             id,
             root,
@@ -885,27 +908,31 @@ pub fn encode_volume_block(index: u32, records: &[VolumeRecord], next: TreePtr) 
 }
 
 /// Decodes block `index` of the volume table.
-pub fn decode_volume_block(b: &[u8], index: u32) -> Result<VolumeTableBlock, String> {
+pub fn decode_volume_block(b: &[u8], index: u32) -> Result<VolumeTableBlock> {
     if b.len() < BLOCK || b[0..8] != VOLUME_TABLE_MAGIC {
-        return Err(format!("volume table block {index} has no magic number"));
+        return Err(corrupt(format!(
+            "volume table block {index} has no magic number"
+        )));
     }
     if get_u32(b, 8) != index {
-        return Err(format!(
+        return Err(corrupt(format!(
             "volume table block {index} says it is block {}",
             get_u32(b, 8)
-        ));
+        )));
     }
     let count = get_u16(b, 12) as usize;
     if count == 0 || count > VOLUMES_PER_BLOCK || get_u16(b, 14) != 0 {
-        return Err(format!("volume table block {index} holds {count} records"));
+        return Err(corrupt(format!(
+            "volume table block {index} holds {count} records"
+        )));
     }
     let next = TreePtr::decode(&b[16..32], PtrKind::VolumeTable)
-        .map_err(|e| format!("volume table block {index}: {e}"))?;
+        .map_err(|e| e.within(format_args!("volume table block {index}")))?;
     let end = VOLUME_TABLE_HEADER + count * VOLUME_RECORD;
     if b[end..BLOCK].iter().any(|&x| x != 0) {
-        return Err(format!(
+        return Err(corrupt(format!(
             "volume table block {index} has bytes after its last record"
-        ));
+        )));
     }
     let mut records = Vec::with_capacity(count);
     for i in 0..count {
@@ -918,6 +945,23 @@ pub fn decode_volume_block(b: &[u8], index: u32) -> Result<VolumeTableBlock, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_decode_error_says_where_once_and_what() {
+        let e = V2pEntry::decode(1 << 50)
+            .unwrap_err()
+            .within("V2P node 5, entry 3");
+        let m = e.to_string();
+        assert!(matches!(e, Error::Corrupt(_)), "{m}");
+        assert!(
+            m.starts_with("corrupt image: V2P node 5, entry 3: V2P entry 0x0004000000000000"),
+            "{m}"
+        );
+        assert_eq!(m.matches("corrupt image").count(), 1, "{m}");
+        let bad = check_name("").unwrap_err();
+        assert!(matches!(bad, Error::Invalid(_)));
+        assert_eq!(bad.detail(), bad.to_string());
+    }
 
     fn sample_sb() -> Superblock {
         Superblock {

@@ -185,15 +185,12 @@ pub(crate) fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn random_uuid() -> [u8; 16] {
+/// A new image's id: 16 bytes from the kernel's random generator (two images made in one
+/// second by one process still differ).
+fn random_uuid() -> Result<[u8; 16]> {
     let mut u = [0u8; 16];
-    let mut seed = now() ^ (std::process::id() as u64) << 32;
-    let addr = &u as *const _ as u64;
-    seed ^= addr.rotate_left(17);
-    let mut rng = crate::fault::Rng::new(seed);
-    u[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
-    u[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
-    u
+    getrandom::fill(&mut u).map_err(|e| Error::io("drawing a random image id", e.into()))?;
+    Ok(u)
 }
 
 /// What each superblock copy held.
@@ -291,14 +288,14 @@ impl<B: Backing> Image<B> {
                 "block size {bs} is not a power of two from 4096 to 65536"
             )));
         }
-        check_name(&opts.name).map_err(Error::Invalid)?;
+        check_name(&opts.name)?;
         let shift = bs.trailing_zeros() as u8;
         let t = now();
         let sb = Superblock {
             incompat: 0,
             ro_compat: 0,
             compat: 0,
-            uuid: random_uuid(),
+            uuid: random_uuid()?,
             generation: 0,
             created: t,
             committed: t,
@@ -401,7 +398,7 @@ impl<B: Backing> Image<B> {
                     ptr.machine
                 )));
             }
-            let blk = decode_volume_block(&b, index).map_err(Error::Corrupt)?;
+            let blk = decode_volume_block(&b, index)?;
             self.volume_blocks.push(ptr.machine);
             self.volumes.extend(blk.records);
             ptr = blk.next;
@@ -605,7 +602,7 @@ impl<B: Backing> Image<B> {
     }
 
     pub(crate) fn check_new_name(&self, name: &str) -> Result<()> {
-        check_name(name).map_err(Error::Invalid)?;
+        check_name(name)?;
         if self.volumes.iter().any(|v| v.name == name) {
             return Err(Error::VolumeExists(name.to_string()));
         }
@@ -693,7 +690,7 @@ impl<B: Backing> Image<B> {
         sb.generation += 1;
         sb.committed = now();
         sb.validate()
-            .map_err(|e| Error::Corrupt(format!("refusing to commit a bad superblock: {e}")))?;
+            .map_err(|e| e.within(format_args!("refusing to commit a bad superblock")))?;
         self.backing
             .write_at(&sb.encode()[..], copy << BLOCK_SHIFT)
             .map_err(|e| Error::io("writing the superblock", e))?;

@@ -159,8 +159,8 @@ impl<B: Backing> Image<B> {
             }
             At::P2m(s, off) => {
                 let buf = self.cache.buf_mut(s);
-                let mut e = P2mEntry::decode(&buf[off..off + 16])
-                    .map_err(|e| Error::Corrupt(format!("{}: {e}", describe(key))))?;
+                let mut e =
+                    P2mEntry::decode(&buf[off..off + 16]).map_err(|e| e.within(describe(key)))?;
                 if e.machine != machine || !matches!(e.kind, BlockKind::Node(_)) {
                     return Err(mismatch());
                 }
@@ -170,7 +170,7 @@ impl<B: Backing> Image<B> {
             At::Tree(s, off, t) => {
                 let buf = self.cache.buf_mut(s);
                 let mut p = TreePtr::decode(&buf[off..off + 16], ptr_kind(t))
-                    .map_err(|e| Error::Corrupt(format!("{}: {e}", describe(key))))?;
+                    .map_err(|e| e.within(describe(key)))?;
                 if p.machine != machine {
                     return Err(mismatch());
                 }
@@ -234,8 +234,8 @@ impl<B: Backing> Image<B> {
             Some(s) => {
                 let off = (index as usize & 0xff) * 16;
                 TreePtr::decode(&self.cache.buf(s)[off..off + 16], ptr_kind(t)).map_err(|e| {
-                    Error::Corrupt(format!(
-                        "{} node {} of level {}, entry {}: {e}",
+                    e.within(format_args!(
+                        "{} node {} of level {}, entry {}",
                         tree_name(t),
                         index >> TREE_BITS,
                         level + 1,
@@ -409,7 +409,7 @@ impl<B: Backing> Image<B> {
     pub(crate) fn p2m_entry_in(&self, s: u32, p: u64) -> Result<P2mEntry> {
         let off = (p as usize & 0xff) * 16;
         let e = P2mEntry::decode(&self.cache.buf(s)[off..off + 16])
-            .map_err(|e| Error::Corrupt(format!("P2M entry of physical block {p}: {e}")))?;
+            .map_err(|e| e.within(format_args!("P2M entry of physical block {p}")))?;
         let len = match e.kind {
             BlockKind::Free => return Ok(e),
             BlockKind::Data => self.sb.data_run(),
@@ -442,7 +442,7 @@ impl<B: Backing> Image<B> {
         let off = (p as usize & 0xff) * 16;
         let buf = self.cache.buf_mut(s);
         let mut e = P2mEntry::decode(&buf[off..off + 16])
-            .map_err(|e| Error::Corrupt(format!("P2M entry of physical block {p}: {e}")))?;
+            .map_err(|e| e.within(format_args!("P2M entry of physical block {p}")))?;
         f(&mut e)?;
         e.encode(&mut buf[off..off + 16]);
         Ok(())
@@ -585,7 +585,7 @@ impl<B: Backing> Image<B> {
     pub(crate) fn v2p_entry(&mut self, p: u64, level: u8, i: usize) -> Result<V2pEntry> {
         let s = self.v2p_get(p, level)?;
         V2pEntry::decode(V2pEntry::raw_at(self.cache.buf(s), i))
-            .map_err(|e| Error::Corrupt(format!("V2P node {p}, entry {i}: {e}")))
+            .map_err(|e| e.within(format_args!("V2P node {p}, entry {i}")))
     }
 
     /// Sets entry `i` of V2P node `p` (of `level`).

@@ -15,6 +15,14 @@ fn create(size: u64, bs: u64, slots: usize) -> Image<MemBacking> {
     Image::create(MemBacking::new(), &o).unwrap()
 }
 
+#[test]
+fn images_made_in_one_second_by_one_process_have_different_ids() {
+    let a = create(MIB, 4096, 8);
+    let b = create(MIB, 4096, 8);
+    assert_ne!(a.superblock().uuid, b.superblock().uuid);
+    assert_ne!(a.superblock().uuid, [0; 16]);
+}
+
 fn reopen<B: Backing + Clone>(img: &Image<B>, slots: usize) -> Image<B> {
     let o = OpenOptions {
         cache_slots: slots,

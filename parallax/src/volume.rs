@@ -195,7 +195,7 @@ impl<B: Backing> Image<B> {
     #[inline]
     fn entry(&self, leaf: u64, i0: usize, k: usize) -> Result<V2pEntry> {
         V2pEntry::decode(self.entries[k])
-            .map_err(|e| Error::Corrupt(format!("V2P node {leaf}, entry {}: {e}", i0 + k)))
+            .map_err(|e| e.within(format_args!("V2P node {leaf}, entry {}", i0 + k)))
     }
 
     /// The machine block of data block `p`, through `cur`: the P2M leaf used last (valid as long
@@ -419,7 +419,7 @@ impl<B: Backing> Image<B> {
         buf.copy_from_slice(self.cache.buf(s));
         for i in 0..V2P_FANOUT {
             let e = V2pEntry::decode(V2pEntry::raw_at(&buf[..], i))
-                .map_err(|e| Error::Corrupt(format!("V2P node {p}, entry {i}: {e}")))?;
+                .map_err(|e| e.within(format_args!("V2P node {p}, entry {i}")))?;
             if e.phys != 0 {
                 self.add_ref(e.phys, child_kind(level))?;
                 V2pEntry::put_raw_at(&mut buf[..], i, e.phys);
@@ -471,7 +471,7 @@ impl<B: Backing> Image<B> {
                 buf.copy_from_slice(self.cache.buf(s));
                 for i in 0..V2P_FANOUT {
                     let c = V2pEntry::decode(V2pEntry::raw_at(&buf[..], i))
-                        .map_err(|e| Error::Corrupt(format!("V2P node {p}, entry {i}: {e}")))?;
+                        .map_err(|e| e.within(format_args!("V2P node {p}, entry {i}")))?;
                     if c.phys != 0 {
                         freed += self.drop_ref(c.phys, child_kind(level))?;
                     }
@@ -717,7 +717,7 @@ impl<B: Backing> Image<B> {
         buf.copy_from_slice(self.cache.buf(s));
         for i in 0..V2P_FANOUT {
             let e = V2pEntry::decode(V2pEntry::raw_at(&buf[..], i))
-                .map_err(|e| Error::Corrupt(format!("V2P node {p}, entry {i}: {e}")))?;
+                .map_err(|e| e.within(format_args!("V2P node {p}, entry {i}")))?;
             if e.phys == 0 {
                 continue;
             }
@@ -765,7 +765,7 @@ impl<B: Backing> Image<B> {
         buf.copy_from_slice(self.cache.buf(s));
         for i in 0..V2P_FANOUT {
             let e = V2pEntry::decode(V2pEntry::raw_at(&buf[..], i))
-                .map_err(|e| Error::Corrupt(format!("V2P node {p}, entry {i}: {e}")))?;
+                .map_err(|e| e.within(format_args!("V2P node {p}, entry {i}")))?;
             if e.phys == 0 {
                 continue;
             }

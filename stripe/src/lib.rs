@@ -56,6 +56,10 @@ pub enum Error {
         /// Why.
         why: String,
     },
+    /// A mapping or geometry that breaks the format's rules, before any file is involved
+    /// ([`StripeMap::parse`], [`StripeMap::check`], [`Geometry::check`]).
+    #[error("{0}")]
+    Invalid(String),
     /// The master's state folder is unusable.
     #[error("master state: {0}")]
     BadState(String),

@@ -49,6 +49,11 @@ use std::path::{Path, PathBuf};
 
 use crate::Error;
 
+/// A mapping or geometry that breaks the format's rules (the caller names the file).
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::Invalid(msg.into())
+}
+
 /// The first line's magic word.
 pub const MAGIC: &str = "tapdisk-stripe-map";
 /// The format version written and read.
@@ -90,43 +95,45 @@ pub struct Location {
 
 impl Geometry {
     /// Checks the numbers (not the extents).
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), Error> {
         if self.size == 0 || !self.size.is_multiple_of(512) {
-            return Err(format!(
+            return Err(invalid(format!(
                 "size {} is not a positive multiple of 512",
                 self.size
-            ));
+            )));
         }
         if self.stripes == 0 || self.stripes > MAX_STRIPES {
-            return Err(format!(
+            return Err(invalid(format!(
                 "stripes {} is not in 1..={MAX_STRIPES}",
                 self.stripes
-            ));
+            )));
         }
         if self.stripe_size == 0
             || !self.stripe_size.is_multiple_of(4096)
             || self.stripe_size > 1 << 30
         {
-            return Err(format!(
+            return Err(invalid(format!(
                 "stripe size {} is not a positive multiple of 4096 up to 1 GiB",
                 self.stripe_size
-            ));
+            )));
         }
         if self.replicas == 0 || self.replicas > MAX_REPLICAS {
-            return Err(format!(
+            return Err(invalid(format!(
                 "replicas {} is not in 1..={MAX_REPLICAS}",
                 self.replicas
-            ));
+            )));
         }
         if self.extent_size == 0 || !self.extent_size.is_multiple_of(self.stripe_size) {
-            return Err(format!(
+            return Err(invalid(format!(
                 "extent size {} is not a positive multiple of the stripe size {}",
                 self.extent_size, self.stripe_size
-            ));
+            )));
         }
         match self.extent_count_u64() {
             Some(n) if n <= u64::from(MAX_EXTENTS) => Ok(()),
-            _ => Err(format!("the disk needs more than {MAX_EXTENTS} extents")),
+            _ => Err(invalid(format!(
+                "the disk needs more than {MAX_EXTENTS} extents"
+            ))),
         }
     }
 
@@ -195,54 +202,54 @@ fn word_ok(s: &str) -> bool {
 
 impl StripeMap {
     /// Checks everything the format promises (see the module docs).
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), Error> {
         let g = &self.geometry;
         g.check()?;
         if !word_ok(&self.disk_id) {
-            return Err(format!(
+            return Err(invalid(format!(
                 "disk id {:?} is not one printable word",
                 self.disk_id
-            ));
+            )));
         }
         if !word_ok(&self.master) {
-            return Err(format!(
+            return Err(invalid(format!(
                 "master {:?} is not one printable word",
                 self.master
-            ));
+            )));
         }
         let want = g.extent_count();
         if self.extents.len() != want as usize {
-            return Err(format!(
+            return Err(invalid(format!(
                 "the geometry needs {want} extent indexes, the map has {}",
                 self.extents.len()
-            ));
+            )));
         }
         let mut all = Vec::with_capacity(self.extents.len() * g.replicas as usize);
         for (i, reps) in self.extents.iter().enumerate() {
             if reps.len() != g.replicas as usize {
-                return Err(format!(
+                return Err(invalid(format!(
                     "extent index {i} has {} replicas, not {}",
                     reps.len(),
                     g.replicas
-                ));
+                )));
             }
             for (r, x) in reps.iter().enumerate() {
                 if !word_ok(&x.portal) || !word_ok(&x.target) {
-                    return Err(format!(
+                    return Err(invalid(format!(
                         "extent {i} replica {r}: portal or target is not one printable word"
-                    ));
+                    )));
                 }
                 if x.addr % 4096 != 0 || x.addr.checked_add(g.extent_size).is_none() {
-                    return Err(format!(
+                    return Err(invalid(format!(
                         "extent {i} replica {r}: address {} is not a multiple of 4096 or too large",
                         x.addr
-                    ));
+                    )));
                 }
                 if reps[..r].iter().any(|y| y.portal == x.portal) {
-                    return Err(format!(
+                    return Err(invalid(format!(
                         "extent {i}: replicas {r} and another share portal {}",
                         x.portal
-                    ));
+                    )));
                 }
                 all.push((x.portal.as_str(), x.target.as_str(), x.lun, x.addr, i, r));
             }
@@ -251,10 +258,10 @@ impl StripeMap {
         for w in all.windows(2) {
             let (a, b) = (&w[0], &w[1]);
             if a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && b.3 < a.3 + g.extent_size {
-                return Err(format!(
+                return Err(invalid(format!(
                     "extents {} (replica {}) and {} (replica {}) overlap on {} {} LUN {}",
                     a.4, a.5, b.4, b.5, a.0, a.1, a.2
-                ));
+                )));
             }
         }
         Ok(())
@@ -283,55 +290,60 @@ impl StripeMap {
                 );
             }
         }
-        let crc = iscsi::crc32c::crc32c(s.as_bytes());
+        let crc = crc32c::crc32c(s.as_bytes());
         let _ = writeln!(s, "crc32c {crc:08x}");
         s
     }
 
     /// Parses and validates a mapping file's bytes (untrusted: fuzzed by
     /// `fuzz/fuzz_targets/stripe_map.rs`).
-    pub fn parse(b: &[u8]) -> Result<StripeMap, String> {
+    pub fn parse(b: &[u8]) -> Result<StripeMap, Error> {
         if b.len() as u64 > MAX_FILE {
-            return Err(format!("longer than {MAX_FILE} bytes"));
+            return Err(invalid(format!("longer than {MAX_FILE} bytes")));
         }
-        let text = std::str::from_utf8(b).map_err(|_| "not UTF-8 text".to_owned())?;
+        let text = std::str::from_utf8(b).map_err(|_| invalid("not UTF-8 text"))?;
         let body_end = text
             .strip_suffix('\n')
             .and_then(|t| t.rfind('\n'))
             .map(|i| i + 1)
-            .ok_or("no checksum line at the end")?;
+            .ok_or_else(|| invalid("no checksum line at the end"))?;
         let (body, last) = text.split_at(body_end);
         let crc_hex = last
             .strip_prefix("crc32c ")
             .and_then(|l| l.strip_suffix('\n'))
             .filter(|h| h.len() == 8 && h.bytes().all(|c| c.is_ascii_hexdigit()))
-            .ok_or("the last line is not `crc32c XXXXXXXX`")?;
-        let want = u32::from_str_radix(crc_hex, 16).map_err(|e| e.to_string())?;
-        let got = iscsi::crc32c::crc32c(body.as_bytes());
+            .ok_or_else(|| invalid("the last line is not `crc32c XXXXXXXX`"))?;
+        let want = u32::from_str_radix(crc_hex, 16).map_err(|e| invalid(e.to_string()))?;
+        let got = crc32c::crc32c(body.as_bytes());
         if got != want {
-            return Err(format!(
+            return Err(invalid(format!(
                 "checksum mismatch: the file says {want:08x}, its contents give {got:08x} (damaged or edited)"
-            ));
+            )));
         }
         let mut lines = body.lines().enumerate().map(|(n, l)| (n + 1, l));
-        let mut header = |key: &str| -> Result<String, String> {
+        let mut header = |key: &str| -> Result<String, Error> {
             let (n, l) = lines
                 .next()
-                .ok_or_else(|| format!("missing `{key}` line"))?;
+                .ok_or_else(|| invalid(format!("missing `{key}` line")))?;
             let v = l
                 .strip_prefix(key)
                 .and_then(|v| v.strip_prefix(' '))
-                .ok_or_else(|| format!("line {n}: expected `{key} ...`"))?;
+                .ok_or_else(|| invalid(format!("line {n}: expected `{key} ...`")))?;
             Ok(v.to_owned())
         };
-        let version = header(MAGIC)
-            .map_err(|_| format!("not a stripe mapping file (no `{MAGIC}` line first)"))?;
+        let version = header(MAGIC).map_err(|_| {
+            invalid(format!(
+                "not a stripe mapping file (no `{MAGIC}` line first)"
+            ))
+        })?;
         if version != VERSION.to_string() {
-            return Err(format!("format version {version:?} is not {VERSION}"));
+            return Err(invalid(format!(
+                "format version {version:?} is not {VERSION}"
+            )));
         }
-        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
+        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, Error> {
             v.parse()
-                .map_err(|_| format!("{key} {v:?} is not a number in range"))
+                .map_err(|_| invalid(format!("{key} {v:?} is not a number in range")))
         }
         let disk_id = header("disk-id")?;
         let master = header("master")?;
@@ -350,10 +362,10 @@ impl StripeMap {
         geometry.check()?;
         let count: u32 = num("extents", &header("extents")?)?;
         if count != geometry.extent_count() {
-            return Err(format!(
+            return Err(invalid(format!(
                 "extents {count}: the geometry needs {}",
                 geometry.extent_count()
-            ));
+            )));
         }
         let mut extents: Vec<Vec<MapExtent>> = Vec::with_capacity(count as usize);
         for i in 0..count {
@@ -361,27 +373,31 @@ impl StripeMap {
             for r in 0..replicas {
                 let (n, l) = lines
                     .next()
-                    .ok_or_else(|| format!("missing extent {i} replica {r}"))?;
+                    .ok_or_else(|| invalid(format!("missing extent {i} replica {r}")))?;
                 let f: Vec<&str> = l.splitn(8, ' ').collect();
                 if f.len() != 7 || f[0] != "extent" {
-                    return Err(format!(
+                    return Err(invalid(format!(
                         "line {n}: expected `extent INDEX REPLICA PORTAL TARGET LUN ADDR`"
-                    ));
+                    )));
                 }
                 if f[1] != i.to_string() || f[2] != r.to_string() {
-                    return Err(format!("line {n}: expected extent {i} replica {r} here"));
+                    return Err(invalid(format!(
+                        "line {n}: expected extent {i} replica {r} here"
+                    )));
                 }
                 reps.push(MapExtent {
                     portal: f[3].to_owned(),
                     target: f[4].to_owned(),
-                    lun: num("LUN", f[5]).map_err(|e| format!("line {n}: {e}"))?,
-                    addr: num("address", f[6]).map_err(|e| format!("line {n}: {e}"))?,
+                    lun: num(&format!("line {n}: LUN"), f[5])?,
+                    addr: num(&format!("line {n}: address"), f[6])?,
                 });
             }
             extents.push(reps);
         }
         if let Some((n, _)) = lines.next() {
-            return Err(format!("line {n}: unexpected after the last extent"));
+            return Err(invalid(format!(
+                "line {n}: unexpected after the last extent"
+            )));
         }
         let m = StripeMap {
             disk_id,
@@ -396,18 +412,18 @@ impl StripeMap {
     /// Reads and parses a file (without locking it).
     pub fn read(path: &Path) -> Result<StripeMap, Error> {
         let b = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        StripeMap::parse(&b).map_err(|why| Error::BadMap {
+        StripeMap::parse(&b).map_err(|e| Error::BadMap {
             path: path.to_path_buf(),
-            why,
+            why: e.to_string(),
         })
     }
 
     /// Writes a new file atomically (temporary file, fsync, rename, fsync the folder).
     pub fn write_new(&self, path: &Path) -> Result<(), Error> {
         use std::io::Write;
-        self.check().map_err(|why| Error::BadMap {
+        self.check().map_err(|e| Error::BadMap {
             path: path.to_path_buf(),
-            why,
+            why: e.to_string(),
         })?;
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -475,9 +491,9 @@ impl LockedMap {
         (&f).take(MAX_FILE + 1)
             .read_to_end(&mut b)
             .map_err(|e| Error::io(path, e))?;
-        let map = StripeMap::parse(&b).map_err(|why| Error::BadMap {
+        let map = StripeMap::parse(&b).map_err(|e| Error::BadMap {
             path: path.to_path_buf(),
-            why,
+            why: e.to_string(),
         })?;
         Ok(LockedMap {
             path: path.to_path_buf(),
@@ -650,19 +666,20 @@ pub(crate) mod tests {
         let mut b = t.clone().into_bytes();
         let i = t.find("stripes 2").unwrap() + 8;
         b[i] = b'3';
-        assert!(StripeMap::parse(&b).unwrap_err().contains("checksum"));
+        assert!(StripeMap::parse(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
         // Truncated, empty, not UTF-8, another version.
         assert!(StripeMap::parse(&t.as_bytes()[..t.len() - 3]).is_err());
         assert!(StripeMap::parse(b"").is_err());
         assert!(StripeMap::parse(&[0xff, b'\n', b'\n']).is_err());
         let v2 = t.replacen("tapdisk-stripe-map 1", "tapdisk-stripe-map 2", 1);
         let body = &v2[..v2.rfind("crc32c").unwrap()];
-        let v2 = format!(
-            "{body}crc32c {:08x}\n",
-            iscsi::crc32c::crc32c(body.as_bytes())
-        );
+        let v2 = format!("{body}crc32c {:08x}\n", crc32c::crc32c(body.as_bytes()));
         assert!(StripeMap::parse(v2.as_bytes())
             .unwrap_err()
+            .to_string()
             .contains("version"));
     }
 
@@ -671,10 +688,10 @@ pub(crate) mod tests {
         let mut m = sample(2, 2);
         m.extents[1][0].addr = m.extents[0][0].addr + 4096;
         m.extents[1][0].portal = m.extents[0][0].portal.clone();
-        assert!(m.check().unwrap_err().contains("overlap"));
+        assert!(m.check().unwrap_err().to_string().contains("overlap"));
         let mut m = sample(2, 2);
         m.extents[0][1].portal = m.extents[0][0].portal.clone();
-        assert!(m.check().unwrap_err().contains("share portal"));
+        assert!(m.check().unwrap_err().to_string().contains("share portal"));
     }
 
     #[test]

@@ -110,25 +110,26 @@ impl State {
         }
     }
 
-    fn from_stored(s: Stored) -> Result<State, String> {
+    fn from_stored(s: Stored, path: &Path) -> Result<State, Error> {
+        let bad = |why: String| Error::BadState(format!("{}: {why}", path.display()));
         if s.version != STATE_VERSION {
-            return Err(format!(
+            return Err(bad(format!(
                 "state version {} is not {STATE_VERSION}",
                 s.version
-            ));
+            )));
         }
         let mut owners = HashMap::new();
         let mut ids = HashSet::new();
         for (i, slot) in s.extents.iter().enumerate() {
             if !ids.insert(slot.extent.id) {
-                return Err(format!("extent id {} appears twice", slot.extent.id));
+                return Err(bad(format!("extent id {} appears twice", slot.extent.id)));
             }
             if let Some(o) = &slot.owner {
                 if owners.insert(o.clone(), i).is_some() {
-                    return Err(format!(
+                    return Err(bad(format!(
                         "disk {} index {} replica {} owns two extents",
                         o.disk, o.index, o.replica
-                    ));
+                    )));
                 }
             }
         }
@@ -436,8 +437,7 @@ impl Store {
             Ok(b) => {
                 let s: Stored = serde_json::from_slice(&b)
                     .map_err(|e| Error::BadState(format!("{}: {e}", path.display())))?;
-                let st = State::from_stored(s)
-                    .map_err(|e| Error::BadState(format!("{}: {e}", path.display())))?;
+                let st = State::from_stored(s, &path)?;
                 if let Some(es) = extent_size {
                     if es != st.extent_size() {
                         return Err(Error::BadState(format!(

@@ -364,7 +364,7 @@ fn attach_with_bad_parameters_is_refused_cleanly() {
     )
     .unwrap_err();
     assert!(
-        matches!(&e, AttachError::Refused(m) if m.contains("ring order 3")),
+        matches!(&e, blkif::Error::Attach(AttachError::Refused(m)) if m.contains("ring order 3")),
         "{e}"
     );
     let mut f = LocalFrontend::connect(

@@ -37,12 +37,12 @@ pub enum GrantMode {
 }
 
 impl std::str::FromStr for GrantMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
         match s {
             "map" => Ok(GrantMode::Map),
             "copy" => Ok(GrantMode::Copy),
-            _ => Err(format!("grant mode '{s}' is not map or copy")),
+            _ => Err(crate::Error::GrantMode(s.chars().take(64).collect())),
         }
     }
 }
@@ -292,38 +292,25 @@ impl std::fmt::Debug for XenRing {
     }
 }
 
-/// Why a frontend's ring could not be connected.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// The ring pages could not be mapped (bad or revoked `ring-ref`).
-    #[error("cannot map the ring pages {refs:?} of domain {domid}: {err}")]
-    MapRing {
-        /// The frontend.
-        domid: DomId,
-        /// Its ring-refs.
-        refs: Vec<GrantRef>,
-        /// What gntdev said.
-        err: io::Error,
-    },
-    /// The event channel could not be bound.
-    #[error("cannot bind event channel {port} of domain {domid}: {err}")]
-    Bind {
-        /// The frontend.
-        domid: DomId,
-        /// Its port.
-        port: u32,
-        /// What evtchn said.
-        err: io::Error,
-    },
-    /// Something else.
-    #[error("{0}")]
-    Other(#[from] io::Error),
-}
+pub use crate::error::ConnectError;
 
 impl XenRing {
     /// Maps `ring_refs` (`2^ring_order` pages) of `domid`, binds `port`; requests carry at
     /// most `max_segs` segments.
     pub fn connect(
+        domid: DomId,
+        ring_refs: &[GrantRef],
+        ring_order: u8,
+        port: u32,
+        abi: Abi,
+        mode: GrantMode,
+        max_segs: usize,
+    ) -> crate::Result<XenRing> {
+        let ring = Self::map_and_bind(domid, ring_refs, ring_order, port, abi, mode, max_segs)?;
+        Ok(ring)
+    }
+
+    fn map_and_bind(
         domid: DomId,
         ring_refs: &[GrantRef],
         ring_order: u8,
@@ -384,8 +371,8 @@ mod tests {
 
     #[test]
     fn grant_mode_parses() {
-        assert_eq!("map".parse::<GrantMode>(), Ok(GrantMode::Map));
-        assert_eq!("copy".parse::<GrantMode>(), Ok(GrantMode::Copy));
+        assert_eq!("map".parse::<GrantMode>().unwrap(), GrantMode::Map);
+        assert_eq!("copy".parse::<GrantMode>().unwrap(), GrantMode::Copy);
         assert!("mmap".parse::<GrantMode>().is_err());
     }
 

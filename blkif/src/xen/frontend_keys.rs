@@ -39,23 +39,7 @@ pub struct FrontendRings {
     pub persistent: bool,
 }
 
-/// Why the frontend's keys cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KeyError {
-    /// A required key is missing.
-    #[error("frontend key {0} is missing")]
-    Missing(String),
-    /// A key holds something else than what it must.
-    #[error("frontend key {key} = {value:?}: {why}")]
-    Bad {
-        /// The key.
-        key: String,
-        /// Its value (cut to 64 bytes).
-        value: String,
-        /// What is wrong.
-        why: &'static str,
-    },
-}
+pub use crate::error::KeyError;
 
 fn bad(key: &str, value: &str, why: &'static str) -> KeyError {
     KeyError::Bad {
@@ -78,6 +62,13 @@ fn number(key: &str, value: &str) -> Result<u32, KeyError> {
 /// Reads the frontend's keys through `get` (a key relative to the frontend's directory, e.g.
 /// `queue-1/ring-ref0`) and checks them against `limits`.
 pub fn parse(
+    get: impl FnMut(&str) -> Option<String>,
+    limits: KeyLimits,
+) -> crate::Result<FrontendRings> {
+    Ok(parse_keys(get, limits)?)
+}
+
+fn parse_keys(
     mut get: impl FnMut(&str) -> Option<String>,
     limits: KeyLimits,
 ) -> Result<FrontendRings, KeyError> {
@@ -156,7 +147,10 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        parse(|k| m.get(k).cloned(), LIM)
+        parse(|k| m.get(k).cloned(), LIM).map_err(|e| match e {
+            crate::Error::FrontendKeys(k) => k,
+            other => panic!("not a key error: {other}"),
+        })
     }
 
     #[test]

@@ -43,33 +43,7 @@ pub mod msg {
     pub const ERROR: u32 = 16;
 }
 
-/// What went wrong talking to xenstore.
-#[derive(Debug, thiserror::Error)]
-pub enum XsError {
-    /// The connection failed.
-    #[error("xenstore: {0}")]
-    Io(#[from] io::Error),
-    /// xenstored answered with an error (`ENOENT`, `EACCES`, `EAGAIN`, ...).
-    #[error("xenstore: {op} {path}: {errno}")]
-    Refused {
-        /// The request.
-        op: &'static str,
-        /// Its path.
-        path: String,
-        /// xenstored's error name.
-        errno: String,
-    },
-    /// The peer broke the protocol.
-    #[error("xenstore: {0}")]
-    Protocol(String),
-}
-
-impl XsError {
-    /// Whether xenstored said `errno`.
-    pub fn is(&self, errno: &str) -> bool {
-        matches!(self, XsError::Refused { errno: e, .. } if e == errno)
-    }
-}
+pub use crate::error::XsError;
 
 /// A transaction id; [`Tx::NONE`] is outside any transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,19 +77,19 @@ pub struct Message {
 }
 
 /// Parses a 16-byte header; returns (type, req_id, tx_id, len) or why it is invalid.
-pub fn parse_header(h: &[u8; 16]) -> Result<(u32, u32, u32, usize), XsError> {
+pub fn parse_header(h: &[u8; 16]) -> crate::Result<(u32, u32, u32, usize)> {
     let w = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
     let len = w(12) as usize;
     if len > PAYLOAD_MAX {
-        return Err(XsError::Protocol(format!(
-            "message of {len} bytes (at most {PAYLOAD_MAX})"
-        )));
+        return Err(
+            XsError::Protocol(format!("message of {len} bytes (at most {PAYLOAD_MAX})")).into(),
+        );
     }
     Ok((w(0), w(4), w(8), len))
 }
 
 /// Splits a payload into its NUL-terminated strings (a last unterminated one counts too).
-pub fn split_strings(payload: &[u8]) -> Result<Vec<&str>, XsError> {
+pub fn split_strings(payload: &[u8]) -> crate::Result<Vec<&str>> {
     let mut out = Vec::new();
     let body = payload.strip_suffix(&[0]).unwrap_or(payload);
     if body.is_empty() && payload.len() <= 1 {
@@ -131,16 +105,14 @@ pub fn split_strings(payload: &[u8]) -> Result<Vec<&str>, XsError> {
 }
 
 /// Decodes a WATCH_EVENT payload (`path\0token\0`).
-pub fn parse_watch_event(payload: &[u8]) -> Result<WatchEvent, XsError> {
+pub fn parse_watch_event(payload: &[u8]) -> crate::Result<WatchEvent> {
     let v = split_strings(payload)?;
     match v.as_slice() {
         [path, token, ..] => Ok(WatchEvent {
             path: (*path).to_owned(),
             token: (*token).to_owned(),
         }),
-        _ => Err(XsError::Protocol(
-            "watch event without path and token".into(),
-        )),
+        _ => Err(XsError::Protocol("watch event without path and token".into()).into()),
     }
 }
 
@@ -171,7 +143,7 @@ fn op_name(ty: u32) -> &'static str {
 
 impl Xenstore {
     /// Connects to `$XENSTORED_PATH`, `/run/xenstored/socket`, or else `/dev/xen/xenbus`.
-    pub fn open() -> Result<Xenstore, XsError> {
+    pub fn open() -> crate::Result<Xenstore> {
         let sock = std::env::var("XENSTORED_PATH").unwrap_or("/run/xenstored/socket".into());
         let fd: OwnedFd = match UnixStream::connect(&sock) {
             Ok(s) => s.into(),
@@ -180,10 +152,10 @@ impl Xenstore {
                 .write(true)
                 .open("/dev/xen/xenbus")
                 .map_err(|e| {
-                    io::Error::new(
+                    XsError::Io(io::Error::new(
                         e.kind(),
                         format!("neither {sock} nor /dev/xen/xenbus can be opened: {e}"),
-                    )
+                    ))
                 })?
                 .into(),
         };
@@ -229,12 +201,12 @@ impl Xenstore {
         Ok(())
     }
 
-    fn read_message(&self) -> Result<Message, XsError> {
+    fn read_message(&self) -> crate::Result<Message> {
         let mut h = [0u8; 16];
-        self.read_exact(&mut h)?;
+        self.read_exact(&mut h).map_err(XsError::Io)?;
         let (ty, req_id, tx_id, len) = parse_header(&h)?;
         let mut payload = vec![0u8; len];
-        self.read_exact(&mut payload)?;
+        self.read_exact(&mut payload).map_err(XsError::Io)?;
         Ok(Message {
             ty,
             req_id,
@@ -243,16 +215,10 @@ impl Xenstore {
         })
     }
 
-    fn request(
-        &mut self,
-        ty: u32,
-        tx: Tx,
-        parts: &[&[u8]],
-        path: &str,
-    ) -> Result<Vec<u8>, XsError> {
+    fn request(&mut self, ty: u32, tx: Tx, parts: &[&[u8]], path: &str) -> crate::Result<Vec<u8>> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if len > PAYLOAD_MAX {
-            return Err(XsError::Protocol(format!("request of {len} bytes")));
+            return Err(XsError::Protocol(format!("request of {len} bytes")).into());
         }
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
@@ -263,7 +229,7 @@ impl Xenstore {
         for p in parts {
             m.extend_from_slice(p);
         }
-        self.write_all(&m)?;
+        self.write_all(&m).map_err(XsError::Io)?;
         loop {
             let r = self.read_message()?;
             if r.ty == msg::WATCH_EVENT {
@@ -279,14 +245,16 @@ impl Xenstore {
                     op: op_name(ty),
                     path: path.to_owned(),
                     errno,
-                });
+                }
+                .into());
             }
             if r.ty != ty {
                 return Err(XsError::Protocol(format!(
                     "reply of type {} to a {} request",
                     r.ty,
                     op_name(ty)
-                )));
+                ))
+                .into());
             }
             return Ok(r.payload);
         }
@@ -297,16 +265,16 @@ impl Xenstore {
     }
 
     /// Reads a node; `None` if it does not exist.
-    pub fn read(&mut self, tx: Tx, path: &str) -> Result<Option<String>, XsError> {
+    pub fn read(&mut self, tx: Tx, path: &str) -> crate::Result<Option<String>> {
         match self.request(msg::READ, tx, &[path.as_bytes(), b"\0"], path) {
             Ok(v) => Ok(Some(Self::text(v)?)),
-            Err(e) if e.is("ENOENT") => Ok(None),
+            Err(e) if e.is_xenstore("ENOENT") => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// Writes a node (creating its parents).
-    pub fn write(&mut self, tx: Tx, path: &str, value: &str) -> Result<(), XsError> {
+    pub fn write(&mut self, tx: Tx, path: &str, value: &str) -> crate::Result<()> {
         self.request(
             msg::WRITE,
             tx,
@@ -317,30 +285,30 @@ impl Xenstore {
     }
 
     /// Creates a node if it does not exist.
-    pub fn mkdir(&mut self, tx: Tx, path: &str) -> Result<(), XsError> {
+    pub fn mkdir(&mut self, tx: Tx, path: &str) -> crate::Result<()> {
         self.request(msg::MKDIR, tx, &[path.as_bytes(), b"\0"], path)
             .map(|_| ())
     }
 
     /// Lists a node's children; empty if it does not exist.
-    pub fn directory(&mut self, tx: Tx, path: &str) -> Result<Vec<String>, XsError> {
+    pub fn directory(&mut self, tx: Tx, path: &str) -> crate::Result<Vec<String>> {
         match self.request(msg::DIRECTORY, tx, &[path.as_bytes(), b"\0"], path) {
             Ok(v) => Ok(split_strings(&v)?.into_iter().map(str::to_owned).collect()),
-            Err(e) if e.is("ENOENT") => Ok(Vec::new()),
+            Err(e) if e.is_xenstore("ENOENT") => Ok(Vec::new()),
             Err(e) => Err(e),
         }
     }
 
     /// Removes a node and its children (absent is fine).
-    pub fn rm(&mut self, tx: Tx, path: &str) -> Result<(), XsError> {
+    pub fn rm(&mut self, tx: Tx, path: &str) -> crate::Result<()> {
         match self.request(msg::RM, tx, &[path.as_bytes(), b"\0"], path) {
-            Err(e) if e.is("ENOENT") => Ok(()),
+            Err(e) if e.is_xenstore("ENOENT") => Ok(()),
             r => r.map(|_| ()),
         }
     }
 
     /// Sets a node's permissions, e.g. `["n0", "r5"]`: owned by dom0, readable by domain 5.
-    pub fn set_perms(&mut self, tx: Tx, path: &str, perms: &[&str]) -> Result<(), XsError> {
+    pub fn set_perms(&mut self, tx: Tx, path: &str, perms: &[&str]) -> crate::Result<()> {
         let mut parts: Vec<&[u8]> = vec![path.as_bytes(), b"\0"];
         for p in perms {
             parts.push(p.as_bytes());
@@ -351,7 +319,7 @@ impl Xenstore {
 
     /// Watches `path` and everything under it; events carry `token`. xenstored fires one event
     /// for `path` at once.
-    pub fn watch(&mut self, path: &str, token: &str) -> Result<(), XsError> {
+    pub fn watch(&mut self, path: &str, token: &str) -> crate::Result<()> {
         self.request(
             msg::WATCH,
             Tx::NONE,
@@ -362,7 +330,7 @@ impl Xenstore {
     }
 
     /// Removes a watch.
-    pub fn unwatch(&mut self, path: &str, token: &str) -> Result<(), XsError> {
+    pub fn unwatch(&mut self, path: &str, token: &str) -> crate::Result<()> {
         self.request(
             msg::UNWATCH,
             Tx::NONE,
@@ -373,22 +341,22 @@ impl Xenstore {
     }
 
     /// Starts a transaction.
-    pub fn transaction_start(&mut self) -> Result<Tx, XsError> {
+    pub fn transaction_start(&mut self) -> crate::Result<Tx> {
         let v = self.request(msg::TRANSACTION_START, Tx::NONE, &[b"\0"], "")?;
         let s = split_strings(&v)?;
         s.first()
             .and_then(|t| t.parse::<u32>().ok())
             .map(Tx)
-            .ok_or_else(|| XsError::Protocol("transaction id is not a number".into()))
+            .ok_or_else(|| XsError::Protocol("transaction id is not a number".into()).into())
     }
 
     /// Ends a transaction: commits it (`commit`) or aborts it. Returns false if xenstored
     /// refused the commit because of a conflict (`EAGAIN`): run the transaction again.
-    pub fn transaction_end(&mut self, tx: Tx, commit: bool) -> Result<bool, XsError> {
+    pub fn transaction_end(&mut self, tx: Tx, commit: bool) -> crate::Result<bool> {
         let arg: &[u8] = if commit { b"T\0" } else { b"F\0" };
         match self.request(msg::TRANSACTION_END, tx, &[arg], "") {
             Ok(_) => Ok(true),
-            Err(e) if e.is("EAGAIN") => Ok(false),
+            Err(e) if e.is_xenstore("EAGAIN") => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -396,8 +364,8 @@ impl Xenstore {
     /// Runs `f` in a transaction, retrying on conflicts (at most 100 times).
     pub fn transaction<R>(
         &mut self,
-        mut f: impl FnMut(&mut Xenstore, Tx) -> Result<R, XsError>,
-    ) -> Result<R, XsError> {
+        mut f: impl FnMut(&mut Xenstore, Tx) -> crate::Result<R>,
+    ) -> crate::Result<R> {
         for _ in 0..100 {
             let tx = self.transaction_start()?;
             match f(self, tx) {
@@ -412,9 +380,7 @@ impl Xenstore {
                 }
             }
         }
-        Err(XsError::Protocol(
-            "transaction conflicted 100 times in a row".into(),
-        ))
+        Err(XsError::Protocol("transaction conflicted 100 times in a row".into()).into())
     }
 
     /// Whether watch events are queued.
@@ -424,7 +390,7 @@ impl Xenstore {
 
     /// The next watch event: a queued one, or one read from the connection within `timeout`
     /// (`None` waits forever). `Ok(None)` when the timeout passed.
-    pub fn next_event(&mut self, timeout: Option<Duration>) -> Result<Option<WatchEvent>, XsError> {
+    pub fn next_event(&mut self, timeout: Option<Duration>) -> crate::Result<Option<WatchEvent>> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         loop {
             if let Some(e) = self.events.pop_front() {
@@ -439,7 +405,7 @@ impl Xenstore {
                 Ok(0) => return Ok(None),
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(XsError::Io(e.into())),
+                Err(e) => return Err(XsError::Io(e.into()).into()),
             }
             let m = self.read_message()?;
             if m.ty == msg::WATCH_EVENT {
@@ -448,7 +414,8 @@ impl Xenstore {
                 return Err(XsError::Protocol(format!(
                     "unexpected message of type {} outside a request",
                     m.ty
-                )));
+                ))
+                .into());
             }
         }
     }

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::crc32c::Crc32c;
+use crate::digest::Crc32c;
 use crate::error::{Error, IoError};
 use crate::login::LoggedIn;
 use crate::pdu::{self, Dir, Header, Limits, TargetPdu, BHS_LEN, RESERVED_TAG};

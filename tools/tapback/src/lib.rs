@@ -258,8 +258,10 @@ fn run(args: Args) -> Result<()> {
 
 fn is_fatal(e: &anyhow::Error) -> bool {
     matches!(
-        e.downcast_ref::<XsError>(),
-        Some(XsError::Io(_)) | Some(XsError::Protocol(_))
+        e.downcast_ref::<blkif::Error>(),
+        Some(blkif::Error::Xenstore(
+            XsError::Io(_) | XsError::Protocol(_)
+        ))
     )
 }
 
@@ -283,4 +285,22 @@ fn scan(xs: &mut Xenstore, base: &str, kinds: &[String]) -> Result<Vec<DeviceKey
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod fatal_tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_xenstore_connection_is_fatal_a_refusal_is_not() {
+        let broken = blkif::Error::from(XsError::Protocol("reply of type 9".into()));
+        assert!(is_fatal(&anyhow::Error::from(broken)));
+        let refused = blkif::Error::from(XsError::Refused {
+            op: "READ",
+            path: "/local/domain/0/backend".into(),
+            errno: "EACCES".into(),
+        });
+        assert!(!is_fatal(&anyhow::Error::from(refused).context("scanning")));
+        assert!(!is_fatal(&anyhow::anyhow!("something else")));
+    }
 }

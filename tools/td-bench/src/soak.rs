@@ -146,9 +146,12 @@ struct FioResult {
     written: u64,
 }
 
-fn fio_command(a: &SoakArgs, sock: &Path, out: &Path) -> Command {
+/// fio runs in `dir`, the soak's temporary directory: it leaves its verify state
+/// (`local-soak-nbd-0-verify.state`) in its working directory, which is not the caller's.
+fn fio_command(a: &SoakArgs, dir: &Path, sock: &Path, out: &Path) -> Command {
     let mut c = Command::new(&a.fio);
-    c.arg("--name=soak-nbd")
+    c.current_dir(dir)
+        .arg("--name=soak-nbd")
         .arg("--ioengine=nbd")
         .arg(format!("--uri=nbd+unix:///?socket={}", sock.display()))
         .arg("--rw=randwrite")
@@ -216,7 +219,7 @@ fn start_nbd(a: &SoakArgs, t: &Target) -> Result<NbdSide> {
         a.nbd_iodepth
     );
     let out = dir.join("fio.json");
-    let fio = fio_command(a, &sock, &out)
+    let fio = fio_command(a, dir, &sock, &out)
         .spawn()
         .with_context(|| format!("running {} (Debian: apt-get install fio)", a.fio))?;
     Ok(NbdSide { fio, out })
@@ -377,6 +380,24 @@ mod tests {
         let r = fio_result(&p).unwrap();
         assert_eq!((r.reads, r.writes, r.written, r.error), (5, 9, 36864, 0));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn fio_runs_in_the_soak_directory() {
+        let a = SoakArgs {
+            duration: Duration::from_secs(90),
+            size: 64 << 20,
+            ring_order: 3,
+            indirect_segments: 16,
+            nbd_iodepth: 8,
+            warmup: Duration::from_secs(5),
+            max_rss_growth: 5.0,
+            seed: None,
+            fio: "fio".into(),
+        };
+        let dir = Path::new("/tmp/td-bench-1-0");
+        let c = fio_command(&a, dir, &dir.join("nbd.sock"), &dir.join("fio.json"));
+        assert_eq!(c.get_current_dir(), Some(dir));
     }
 
     #[test]

@@ -704,7 +704,10 @@ impl Verifier {
             // In early-read mode a read may be answered before all of it is in: its data is
             // good only once the backend says the rest arrived.
             if let Err(e) = fe.finish_read(r.id) {
-                if matches!(e, blkif::early::EarlyReadError::Failed(_)) {
+                if matches!(
+                    e,
+                    blkif::Error::EarlyRead(blkif::early::EarlyReadError::Failed(_))
+                ) {
                     good = false;
                 } else {
                     ok = false;
