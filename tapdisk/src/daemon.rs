@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
 use slog::{info, warn, Logger};
 use tapdisk_control::proto::{
     Command, Reply, RequestMsg, ResponseMsg, ResultMsg, TraceFormat, MAX_LINE, VERSION,
 };
 use tapdisk_control::RunDir;
 
+use crate::error::{Error, IoContext, Result};
 use crate::ring::lock;
 use crate::vbd::{Vbd, VbdMap};
 
@@ -22,15 +22,14 @@ fn write_trace(
     minor: u32,
     rings: &[crate::trace::RingTrace],
     format: TraceFormat,
-) -> Result<()> {
+) -> std::io::Result<()> {
     let f = std::fs::File::create(path)?;
     let mut w = std::io::BufWriter::new(f);
     match format {
         TraceFormat::Raw => serde_json::to_writer(&mut w, rings)?,
         TraceFormat::Chrome => crate::trace::write_chrome(&mut w, minor, rings, &|_, _| None)?,
     }
-    w.flush()?;
-    Ok(())
+    w.flush()
 }
 
 /// A claim on a minor number: the file `<rundir>/minors/N` holding our pid, removed on drop.
@@ -63,7 +62,7 @@ pub fn claim_minor(rundir: &RunDir, wanted: Option<u32>) -> Result<MinorClaim> {
                 .open(&path)
             {
                 Ok(mut f) => {
-                    writeln!(f, "{me}")?;
+                    writeln!(f, "{me}").doing(|| format!("claiming {}", path.display()))?;
                     return Ok(Some(MinorClaim { minor: m, path }));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -76,7 +75,7 @@ pub fn claim_minor(rundir: &RunDir, wanted: Option<u32>) -> Result<MinorClaim> {
                         }
                     }
                 }
-                Err(e) => return Err(e).context(format!("claiming {}", path.display())),
+                Err(e) => return Err(Error::io(format!("claiming {}", path.display()), e)),
             }
         }
         Ok(None)
@@ -85,7 +84,10 @@ pub fn claim_minor(rundir: &RunDir, wanted: Option<u32>) -> Result<MinorClaim> {
         Some(m) => try_one(m)?.ok_or_else(|| {
             let owner =
                 std::fs::read_to_string(rundir.minor_dir().join(m.to_string())).unwrap_or_default();
-            anyhow!("minor {m} is in use by tapdisk {}", owner.trim())
+            Error::MinorInUse {
+                minor: m,
+                owner: owner.trim().to_owned(),
+            }
         }),
         None => {
             for m in 0..(1 << 20) {
@@ -93,7 +95,7 @@ pub fn claim_minor(rundir: &RunDir, wanted: Option<u32>) -> Result<MinorClaim> {
                     return Ok(c);
                 }
             }
-            bail!("no free minor number")
+            Err(Error::NoFreeMinor)
         }
     }
 }
@@ -117,11 +119,11 @@ impl Daemon {
     pub fn bind(rundir: RunDir, log: Logger) -> Result<(Arc<Daemon>, UnixListener)> {
         rundir
             .create()
-            .with_context(|| format!("cannot create {}", rundir.0.display()))?;
+            .doing(|| format!("cannot create {}", rundir.0.display()))?;
         let ctl_path = rundir.ctl_socket(std::process::id());
         let _ = std::fs::remove_file(&ctl_path);
         let l = UnixListener::bind(&ctl_path)
-            .with_context(|| format!("cannot listen on {}", ctl_path.display()))?;
+            .doing(|| format!("cannot listen on {}", ctl_path.display()))?;
         let d = Daemon {
             rundir,
             log,
@@ -206,7 +208,7 @@ impl Daemon {
                 let shutdown = m.command == Command::Shutdown;
                 match self.dispatch(m.command) {
                     Ok(r) => (ResultMsg::Ok(r), shutdown),
-                    Err(e) => (ResultMsg::Error(format!("{e:#}")), false),
+                    Err(e) => (ResultMsg::Error(e.to_string()), false),
                 }
             }
         }
@@ -279,7 +281,7 @@ impl Daemon {
                 let requests = rings.iter().map(|r| r.requests.len() as u64).sum();
                 let dropped = rings.iter().map(|r| r.dropped).sum();
                 write_trace(&path, minor, &rings, format)
-                    .with_context(|| format!("writing the trace to {path}"))?;
+                    .doing(|| format!("writing the trace to {path}"))?;
                 Ok(Reply::Trace {
                     path,
                     requests,
@@ -335,10 +337,12 @@ impl Daemon {
         set.add(Signal::SIGTERM);
         set.add(Signal::SIGINT);
         set.add(Signal::SIGHUP);
-        set.thread_block()?;
+        set.thread_block()
+            .map_err(|e| Error::io("cannot block signals", e.into()))?;
         // A frontend or NBD client that disappears must not kill us with SIGPIPE.
         // SAFETY: setting SIGPIPE to ignored is async-signal-safe and affects only delivery.
-        unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) }?;
+        unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) }
+            .map_err(|e| Error::io("cannot ignore SIGPIPE", e.into()))?;
         let d = self.clone();
         std::thread::Builder::new()
             .name("signals".into())
@@ -347,13 +351,14 @@ impl Daemon {
                     warn!(d.log, "signal received, shutting down"; "signal" => %sig);
                     d.exit();
                 }
-            })?;
+            })
+            .doing(|| "cannot start the signal thread".into())?;
         Ok(())
     }
 }
 
-fn no_such(minor: u32) -> anyhow::Error {
-    anyhow!("no VBD with minor {minor} in this tapdisk")
+fn no_such(minor: u32) -> Error {
+    Error::NoSuchMinor(minor)
 }
 
 #[cfg(test)]

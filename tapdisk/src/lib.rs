@@ -19,6 +19,7 @@
 pub mod daemon;
 pub mod driver;
 pub mod early;
+pub mod error;
 pub mod logging;
 pub mod nbd;
 pub mod requests;
@@ -28,3 +29,5 @@ pub mod stats;
 pub mod sys;
 pub mod trace;
 pub mod vbd;
+
+pub use error::{Error, Result};

@@ -83,7 +83,6 @@ pub fn should_answer(p: &EarlyPolicy, r: &ReadState, eta_ns: Option<u64>) -> boo
     false
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,12 +50,12 @@ mod tests;
 pub mod transmission;
 
 pub use conn::serve;
-pub use stream::{End, Source};
-pub use transmission::ConnCx;
 pub use disk::{Buf, Cmd, Completion, Disk, Op};
 pub use handshake::ExportInfo;
 pub use server::{Export, NbdServer};
+pub use stream::{End, Source};
 pub use tapdisk_control::NbdListen;
+pub use transmission::ConnCx;
 pub use transmission::Counters;
 
 /// Most clients served at once; further connections are accepted and closed at once.

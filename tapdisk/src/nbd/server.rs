@@ -17,10 +17,10 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use slog::{debug, info, o, warn, Logger};
 
 use super::conn::serve;
-use super::stream::{End, Source};
-use super::transmission::ConnCx;
 use super::disk::Disk;
 use super::handshake::ExportInfo;
+use super::stream::{End, Source};
+use super::transmission::ConnCx;
 use super::transmission::Counters;
 use super::{NbdListen, HANDSHAKE_TIMEOUT, IDLE_RELEASE, MAX_CONNECTIONS};
 

@@ -96,4 +96,3 @@ pub(super) fn read_full<R: Read>(
         Err(e) => Err(e),
     }
 }
-

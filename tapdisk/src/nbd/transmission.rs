@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use slog::{debug, warn, Logger};
 
-use super::stream::{is_timeout, protocol_error, read_exact_or_eof, read_full, End, Source};
 use super::disk::{Cmd, Completion, Disk, Op};
 use super::handshake::ExportInfo;
 use super::proto::*;
+use super::stream::{is_timeout, protocol_error, read_exact_or_eof, read_full, End, Source};
 use crate::logging::RateLimit;
 
 /// Counters of an NBD export (several connection threads add to them).

@@ -31,6 +31,7 @@ use tapdisk_control::proto::{VbdState, VbdSummary};
 use tapdisk_control::{ImageSpec, VbdSettings};
 
 use crate::driver::{open_image_logged, Layers, OpenOptionsImg, SECTOR};
+use crate::error::{Error, IoContext, Result};
 use crate::nbd::NbdServer;
 use crate::ring::{RingConfig, RingTransport, VbdShared};
 use crate::sched::SchedConfig;
@@ -65,12 +66,14 @@ impl Vbd {
         opts: VbdSettings,
         device: PathBuf,
         log: &Logger,
-    ) -> anyhow::Result<Vbd> {
-        use anyhow::{bail, Context};
+    ) -> Result<Vbd> {
         let log = log.new(o!("minor" => minor));
-        let image = open_image_logged(&spec, image_options(&opts), &log)?;
+        let image = open_image_logged(&spec, image_options(&opts), &log).map_err(Error::Image)?;
         if image.size() < SECTOR {
-            bail!("image {} is smaller than one sector", spec.path.display());
+            return Err(Error::Refused(format!(
+                "image {} is smaller than one sector",
+                spec.path.display()
+            )));
         }
         let disk = DiskInfo {
             sectors: image.size() / SECTOR,
@@ -107,7 +110,7 @@ impl Vbd {
             std::fs::remove_file(&device).ok();
         }
         let listener = UnixListener::bind(&device)
-            .with_context(|| format!("cannot create the device socket {}", device.display()))?;
+            .doing(|| format!("cannot create the device socket {}", device.display()))?;
         let limits = AttachLimits {
             max_ring_order: opts.max_ring_order,
             ..AttachLimits::default()
@@ -125,14 +128,15 @@ impl Vbd {
             let (rings, stop) = (rings.clone(), accept_stop.clone());
             std::thread::Builder::new()
                 .name(format!("vbd{minor}-accept"))
-                .spawn(move || rings::accept_loop(listener, rings, stop))?
+                .spawn(move || rings::accept_loop(listener, rings, stop))
+                .doing(|| "cannot start the device socket's thread".into())?
         };
         let nbd = match &opts.nbd {
             Some(l) => {
                 let export = export::VbdExport::new(rings.clone(), &format!("tapdev{minor}"));
                 Some(
                     NbdServer::start(l, Arc::new(export), log.clone())
-                        .with_context(|| format!("cannot start the NBD export on {l}"))?,
+                        .doing(|| format!("cannot start the NBD export on {l}"))?,
                 )
             }
             None => None,
@@ -215,7 +219,7 @@ impl Vbd {
     }
 
     /// Quiesces: returns once no IO is in flight and none will start until [`Vbd::unpause`].
-    pub fn pause(&mut self) -> anyhow::Result<()> {
+    pub fn pause(&mut self) -> Result<()> {
         self.shared().paused.store(true, Ordering::Release);
         self.quiescing = true;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -228,7 +232,9 @@ impl Vbd {
                 break;
             }
             if Instant::now() > deadline {
-                anyhow::bail!("rings still have IO in flight after 30 s");
+                return Err(Error::Timeout(
+                    "rings still have IO in flight after 30 s".into(),
+                ));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -238,20 +244,24 @@ impl Vbd {
     }
 
     /// Resumes, first switching to `new_image` if given (it must have the same size).
-    pub fn unpause(&mut self, new_image: Option<ImageSpec>) -> anyhow::Result<()> {
+    pub fn unpause(&mut self, new_image: Option<ImageSpec>) -> Result<()> {
         if !self.shared().paused.load(Ordering::Acquire) {
-            anyhow::bail!("minor {} is not paused", self.minor);
+            return Err(Error::Refused(format!(
+                "minor {} is not paused",
+                self.minor
+            )));
         }
         if let Some(spec) = new_image {
-            let img = open_image_logged(&spec, image_options(&self.opts), &self.log)?;
+            let img = open_image_logged(&spec, image_options(&self.opts), &self.log)
+                .map_err(Error::Image)?;
             let sectors = self.rings.disk().sectors;
             if img.size() / SECTOR != sectors {
-                anyhow::bail!(
+                return Err(Error::Refused(format!(
                     "new image {} has {} sectors, the disk has {}",
                     spec.path.display(),
                     img.size() / SECTOR,
                     sectors
-                );
+                )));
             }
             self.shared().set_image(img);
             info!(self.log, "image replaced"; "image" => %spec);
@@ -268,6 +278,11 @@ impl Vbd {
     /// The device socket.
     pub fn device(&self) -> &Path {
         &self.device
+    }
+
+    /// The largest ring order frontends may use (its setting).
+    pub fn max_ring_order(&self) -> u8 {
+        self.opts.max_ring_order
     }
 
     /// The disk as rings see it.

@@ -10,7 +10,6 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
 use blkif::request::DiskInfo;
 use blkif::xen::backend::{GrantMode, XenRing};
 use blkif::xen::{MAX_QUEUES, MAX_RING_ORDER};
@@ -18,6 +17,7 @@ use tapdisk_control::proto::{XenAttachmentInfo, XenConnectSpec};
 
 use super::rings::RingLink;
 use super::Vbd;
+use crate::error::{Error, Result};
 use crate::ring::lock;
 
 /// Segments per indirect request in grant-copy mode, where each request slot owns that many
@@ -64,22 +64,47 @@ impl XenAttachment {
     }
 }
 
+/// The disk a Xen ring enforces: the VBD's, under Xen's rules. blkif gives a frontend no way to
+/// learn a limit on direct-request segments below `BLKIF_MAX_SEGMENTS_PER_REQUEST` (11): Linux
+/// blkfront sends up to 11 whatever the backend would like, so a Xen ring accepts 11 whatever
+/// the VBD's `max_segments` (a setting for local frontends, which learn it when they attach).
+/// In grant-copy mode every slot reserves bounce pages for its segments, so indirect requests
+/// are bounded there.
+pub fn ring_disk(vbd: DiskInfo, mode: GrantMode) -> DiskInfo {
+    let mut disk = vbd;
+    disk.max_segments = blkif::protocol::MAX_SEGMENTS_PER_REQUEST as u8;
+    if mode == GrantMode::Copy {
+        disk.max_indirect_segments = disk.max_indirect_segments.min(COPY_MAX_INDIRECT_SEGMENTS);
+    }
+    disk
+}
+
+/// The largest ring a Xen frontend may use on a VBD whose local rings may have `2^vbd_order`
+/// pages: the VBD's setting, within Xen's own limit.
+pub fn max_ring_order(vbd_order: u8) -> u8 {
+    vbd_order.min(MAX_RING_ORDER)
+}
+
 /// Maps and serves the rings of `spec` on `vbd`. A frontend already attached with the same
 /// domain and device id is disconnected first (a reconnecting frontend).
 pub fn connect(vbd: &mut Vbd, spec: XenConnectSpec) -> Result<(DiskInfo, XenAttachmentInfo)> {
     let r = &spec.rings;
     if r.queues.is_empty() || r.queues.len() > MAX_QUEUES as usize {
-        bail!("{} queues (1..={MAX_QUEUES})", r.queues.len());
+        return Err(Error::Refused(format!(
+            "{} queues (1..={MAX_QUEUES})",
+            r.queues.len()
+        )));
     }
-    if r.ring_order > MAX_RING_ORDER {
-        bail!("ring order {} (at most {MAX_RING_ORDER})", r.ring_order);
+    let max_order = max_ring_order(vbd.max_ring_order());
+    if r.ring_order > max_order {
+        return Err(Error::Refused(format!(
+            "the frontend's ring has 2^{} pages; minor {} serves rings of at most 2^{max_order} \
+             (its --ring-order, within Xen's {MAX_RING_ORDER})",
+            r.ring_order, vbd.minor
+        )));
     }
     disconnect_quiet(vbd, spec.domid, spec.devid);
-    let mut disk = vbd.disk();
-    if spec.grant_mode == GrantMode::Copy {
-        // Bounce pages are reserved per request slot and segment: keep that bounded.
-        disk.max_indirect_segments = disk.max_indirect_segments.min(COPY_MAX_INDIRECT_SEGMENTS);
-    }
+    let disk = ring_disk(vbd.disk(), spec.grant_mode);
     let mut links = Vec::new();
     for (q, keys) in r.queues.iter().enumerate() {
         let ring = XenRing::connect(
@@ -91,7 +116,7 @@ pub fn connect(vbd: &mut Vbd, spec: XenConnectSpec) -> Result<(DiskInfo, XenAtta
             spec.grant_mode,
             disk.segment_capacity(),
         )
-        .with_context(|| format!("queue {q}"));
+        .map_err(|e| Error::Refused(format!("queue {q}: {e}")));
         let ring = match ring {
             Ok(ring) => ring,
             Err(e) => {
@@ -104,7 +129,7 @@ pub fn connect(vbd: &mut Vbd, spec: XenConnectSpec) -> Result<(DiskInfo, XenAtta
             Ok(l) => links.push(l),
             Err(e) => {
                 XenAttachment { spec, links }.stop();
-                return Err(e).context("cannot start a ring thread");
+                return Err(Error::io("cannot start a ring thread", e));
             }
         }
     }
@@ -130,7 +155,50 @@ fn disconnect_quiet(vbd: &mut Vbd, domid: u16, devid: u32) -> bool {
 /// Stops serving frontend `domid`/`devid`.
 pub fn disconnect(vbd: &mut Vbd, domid: u16, devid: u32) -> Result<()> {
     if !disconnect_quiet(vbd, domid, devid) {
-        bail!("minor {} serves no Xen frontend {domid}/{devid}", vbd.minor);
+        return Err(Error::Refused(format!(
+            "minor {} serves no Xen frontend {domid}/{devid}",
+            vbd.minor
+        )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vbd_disk(max_segments: u8, indirect: u16) -> DiskInfo {
+        DiskInfo {
+            sectors: 2048,
+            sector_size: 512,
+            read_only: false,
+            flush: true,
+            barrier: true,
+            discard: true,
+            max_segments,
+            max_indirect_segments: indirect,
+        }
+    }
+
+    #[test]
+    fn a_xen_ring_takes_eleven_direct_segments_whatever_the_vbd_says() {
+        // A VBD opened with --max-segments 8: a guest's 9-11 segment requests must still be
+        // served (blkif cannot tell it about 8).
+        let d = ring_disk(vbd_disk(8, 256), GrantMode::Map);
+        assert_eq!(d.max_segments, 11);
+        assert_eq!(d.max_indirect_segments, 256);
+        let d = ring_disk(vbd_disk(1, 0), GrantMode::Map);
+        assert_eq!((d.max_segments, d.max_indirect_segments), (11, 0));
+        // Grant copy bounds indirect requests, nothing else.
+        let d = ring_disk(vbd_disk(8, 4096), GrantMode::Copy);
+        assert_eq!(d.max_segments, 11);
+        assert_eq!(d.max_indirect_segments, COPY_MAX_INDIRECT_SEGMENTS);
+    }
+
+    #[test]
+    fn xen_rings_honour_the_vbds_ring_order_within_xens() {
+        assert_eq!(max_ring_order(0), 0);
+        assert_eq!(max_ring_order(2), 2);
+        assert_eq!(max_ring_order(8), MAX_RING_ORDER);
+    }
 }
