@@ -41,6 +41,7 @@
 pub mod conn;
 pub mod disk;
 pub mod handshake;
+mod pages;
 pub mod proto;
 pub mod ring_disk;
 mod server;

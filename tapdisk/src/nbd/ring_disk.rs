@@ -35,6 +35,7 @@ use blkif::request::DiskInfo;
 use blkif::Abi;
 
 use super::disk::{Buf, Cmd, Completion, Disk, Op};
+use super::pages::PageRuns;
 use super::proto::{EINVAL, EIO, MAX_PAYLOAD};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -65,69 +66,6 @@ pub const RING_ORDER: u8 = 2;
 /// The ring slots a ring of `order` can have at most.
 fn max_slots(order: u8) -> u32 {
     32 << order
-}
-
-/// First-fit allocation of page runs in `0..n`.
-struct PageRuns {
-    used: Vec<u64>,
-    n: u32,
-    /// Where the next search starts.
-    hint: u32,
-    /// One past the highest page handed out since the last release.
-    high: u32,
-}
-
-impl PageRuns {
-    fn new(n: u32) -> PageRuns {
-        PageRuns {
-            used: vec![0; n.div_ceil(64) as usize],
-            n,
-            hint: 0,
-            high: 0,
-        }
-    }
-
-    fn is_used(&self, p: u32) -> bool {
-        self.used[(p / 64) as usize] & (1 << (p % 64)) != 0
-    }
-
-    fn set(&mut self, first: u32, len: u32, used: bool) {
-        for p in first..first + len {
-            let (w, b) = ((p / 64) as usize, p % 64);
-            if used {
-                self.used[w] |= 1 << b;
-            } else {
-                self.used[w] &= !(1 << b);
-            }
-        }
-    }
-
-    /// A run of `len` free pages, marked used.
-    fn alloc(&mut self, len: u32) -> Option<u32> {
-        if len == 0 || len > self.n {
-            return None;
-        }
-        for start in [self.hint, 0] {
-            let mut p = start;
-            while p + len <= self.n {
-                match (p..p + len).rev().find(|&q| self.is_used(q)) {
-                    Some(q) => p = q + 1,
-                    None => {
-                        self.set(p, len, true);
-                        self.hint = p + len;
-                        self.high = self.high.max(p + len);
-                        return Some(p);
-                    }
-                }
-            }
-        }
-        None
-    }
-
-    fn free(&mut self, first: u32, len: u32) {
-        self.set(first, len, false);
-        self.hint = self.hint.min(first);
-    }
 }
 
 /// What a ring slot in flight works for.
@@ -699,26 +637,5 @@ impl Disk for RingDisk {
             self.pages.high = 0;
             self.pages.hint = 0;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn page_runs_are_first_fit_and_reused() {
-        let mut r = PageRuns::new(10);
-        assert_eq!(r.alloc(4), Some(0));
-        assert_eq!(r.alloc(4), Some(4));
-        assert_eq!(r.alloc(4), None);
-        r.free(0, 4);
-        assert_eq!(r.alloc(3), Some(0));
-        assert_eq!(r.alloc(2), Some(8));
-        assert_eq!(r.alloc(1), Some(3));
-        assert_eq!(r.alloc(1), None);
-        assert_eq!(r.high, 10);
-        assert_eq!(r.alloc(0), None);
-        assert_eq!(r.alloc(11), None);
     }
 }
