@@ -1,5 +1,6 @@
 //! File and block-device calls the drivers need that std does not wrap: a block device's
-//! size, the alignment O_DIRECT wants, discards (hole punch, BLKDISCARD).
+//! size, the alignment O_DIRECT wants, discards (hole punch, BLKDISCARD), and vectored IO that
+//! must not block.
 
 use std::fs::File;
 use std::io;
@@ -81,4 +82,61 @@ pub fn discard_fd(
 fn to_off(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))
+}
+
+/// Which way [`rw_nowait`] moves data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// File to memory.
+    Read,
+    /// Memory to file.
+    Write,
+}
+
+/// Whether the file lives in memory (tmpfs, ramfs): its IO never waits for a device, and it
+/// does not take `RWF_NOWAIT` (Linux refuses it there), so io_uring hands every buffered
+/// transfer on it to a worker thread.
+pub fn memory_backed(f: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open and `st` is a valid, writable statfs that outlives the call.
+    let rc = unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) };
+    rc == 0 && matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
+}
+
+/// `preadv2`/`pwritev2` that does not wait for a device: with `RWF_NOWAIT` (page-cache hits
+/// only), or plainly on a `memory` file ([`memory_backed`]), which has no device to wait for.
+/// `Ok(None)`: it would have to wait (nothing moved).
+///
+/// # Safety
+/// Every iovec must point at `iov_len` bytes of memory valid for the transfer (readable for a
+/// write, writable for a read) and not accessed by anything else meanwhile.
+pub unsafe fn rw_nowait(
+    fd: RawFd,
+    iov: &[libc::iovec],
+    offset: u64,
+    dir: Dir,
+    memory: bool,
+) -> io::Result<Option<usize>> {
+    let off = to_off(offset)?;
+    let flags = if memory { 0 } else { libc::RWF_NOWAIT };
+    let cnt = libc::c_int::try_from(iov.len()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the iovecs are valid for the transfer (the caller's contract); `fd` is an open
+    // descriptor; the kernel writes only inside the iovecs.
+    let n = unsafe {
+        match dir {
+            Dir::Read => libc::preadv2(fd, iov.as_ptr(), cnt, off, flags),
+            Dir::Write => libc::pwritev2(fd, iov.as_ptr(), cnt, off, flags),
+        }
+    };
+    if n >= 0 {
+        return Ok(Some(n as usize));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) => Ok(None),
+        _ => Err(e),
+    }
 }

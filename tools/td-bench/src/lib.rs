@@ -19,6 +19,7 @@ pub mod err;
 pub mod fig61;
 pub mod guest;
 pub mod hist;
+pub mod nbd_compare;
 pub mod plot;
 pub mod shadow;
 pub mod soak;
@@ -84,6 +85,12 @@ pub enum Cmd {
         after_help = "Examples:\n  td-bench soak                          # 10 minutes\n  td-bench soak --duration 2m --warmup 20s --size 128M"
     )]
     Soak(soak::SoakArgs),
+    /// The NBD export of tapdisk against qemu-nbd on the same image, with fio's nbd engine,
+    /// alternating in one run; prints medians and each tapdisk's ratio to qemu-nbd.
+    #[command(
+        after_help = "Examples:\n  td-bench nbd-compare --image /dev/shm/d.img --rw randread --bs 4k --iodepth 32\n  td-bench nbd-compare --image /var/tmp/d.img --rw read --bs 1M --iodepth 4 --tap-ctl /old/tap-ctl --label old --tap-ctl target/release/tap-ctl --label new"
+    )]
+    NbdCompare(nbd_compare::NbdCompareArgs),
 }
 
 const ERR_EXAMPLES: &str = "\
@@ -116,6 +123,7 @@ pub fn main_with(cli: Cli) -> i32 {
         Cmd::Thesis(a) => thesis::run(a),
         Cmd::Err(a) => err::run(a),
         Cmd::Soak(a) => soak::run(a),
+        Cmd::NbdCompare(a) => nbd_compare::run(a).map(|()| true),
     });
     match res {
         Ok(true) => 0,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::engine::{Engine, Uring};
 use super::{DirectIo, Driver, Image, ImageSpec, OpenOptionsImg, SECTOR};
-use crate::sys::file::{block_device_size, dio_alignment};
+use crate::sys::file::{block_device_size, dio_alignment, memory_backed};
 
 /// A raw file or block device.
 #[derive(Debug)]
@@ -28,6 +28,8 @@ pub struct AioImage {
     size: u64,
     read_only: bool,
     block_device: bool,
+    /// tmpfs or ramfs: IO never waits for a device.
+    memory_backed: bool,
 }
 
 impl AioImage {
@@ -59,6 +61,7 @@ impl AioImage {
             DirectIo::Auto => oo.custom_flags(libc::O_DIRECT).open(path).ok(),
         };
         let dio_align = direct.as_ref().map(dio_alignment).unwrap_or(512);
+        let memory_backed = memory_backed(&buffered);
         Ok(AioImage {
             path: path.to_owned(),
             buffered,
@@ -67,6 +70,7 @@ impl AioImage {
             size,
             read_only: opts.read_only,
             block_device,
+            memory_backed,
         })
     }
 
@@ -85,6 +89,11 @@ impl AioImage {
     /// The buffered descriptor (always present).
     pub fn buffered_fd(&self) -> RawFd {
         self.buffered.as_raw_fd()
+    }
+
+    /// Whether the image lives in memory (tmpfs, ramfs).
+    pub fn memory_backed(&self) -> bool {
+        self.memory_backed
     }
 
     /// Whether this is a block device (discard is BLKDISCARD) rather than a file (hole punch).
