@@ -142,9 +142,9 @@ impl AioEngine {
                 return true;
             }
             let iov = &self.iovs(&t)[t.iov_start as usize..];
+            let fd = self.image.buffered_fd();
             // SAFETY: the iovecs and the memory they point at are ours for the transfer until
             // the tag is reported (the submit contract); nothing else touches them meanwhile.
-            let fd = self.image.buffered_fd();
             match unsafe { rw_nowait(fd, iov, t.io.offset + t.done_bytes, dir, mem) } {
                 Ok(Some(n)) if n > 0 => self.advance(tag, n as u64),
                 // Would block, end of file, or an error: io_uring does the rest (and reports
