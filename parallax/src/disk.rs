@@ -13,7 +13,7 @@ use crate::cache::{CacheStats, StatsHandle, DEFAULT_SLOTS};
 use crate::error::{Error, Result};
 use crate::format::VolumeKind;
 use crate::image::{CreateOptions, Image, OpenOptions, VolumeId, DEFAULT_VOLUME};
-use crate::volume::Extent;
+use crate::report::Extent;
 
 /// `PATH` or `PATH@VOLUME`.
 #[derive(Clone, Debug, PartialEq, Eq)]

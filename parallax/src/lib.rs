@@ -84,6 +84,7 @@ pub mod fault;
 pub mod format;
 pub mod image;
 mod meta;
+mod report;
 mod volume;
 
 pub use backing::{Backing, FileBacking, MemBacking};
@@ -94,7 +95,7 @@ pub use error::{Error, Result};
 pub use fault::{FaultBacking, FaultOps, Rng};
 pub use format::VolumeKind;
 pub use image::{CreateOptions, Image, OpenOptions, ProgressFn, Volume, VolumeId, DEFAULT_VOLUME};
-pub use volume::{DefragReport, Extent, Usage};
+pub use report::{DefragReport, Extent, Usage};
 
 #[cfg(test)]
 mod tests;

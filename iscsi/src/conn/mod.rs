@@ -15,11 +15,10 @@ use std::collections::VecDeque;
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::digest::Crc32c;
 use crate::error::{Error, IoError};
 use crate::login::LoggedIn;
-use crate::pdu::{self, Dir, Header, Limits, TargetPdu, BHS_LEN, RESERVED_TAG};
-use crate::scsi::{self, Cdb, Sense};
+use crate::pdu::{self, Dir, Header, Limits, RESERVED_TAG};
+use crate::scsi::{self, Cdb};
 use crate::text::Params;
 
 mod rx;

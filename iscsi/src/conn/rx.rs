@@ -1,7 +1,17 @@
 //! The receive side of [`Conn`]: headers through the staging buffer, Data-In payloads straight
 //! into the callers' buffers, and what each target PDU does.
 
-use super::*;
+use std::io;
+use std::time::Instant;
+
+use super::{
+    proto, Completion, Conn, ConnError, RxState, Sink, SlotState, Tx, Wire, BIG_PDU, MAX_RETRIES,
+    STAGE,
+};
+use crate::digest::Crc32c;
+use crate::error::{Error, IoError};
+use crate::pdu::{self, Dir, Header, TargetPdu, BHS_LEN, RESERVED_TAG};
+use crate::scsi::{self, Sense};
 
 impl Conn {
     /// Reads and handles everything the wire has. Returns the number of PDUs handled.

@@ -1,6 +1,6 @@
 //! Unit tests of [`Conn`] with a scripted wire.
 use super::*;
-use crate::pdu::op;
+use crate::pdu::{op, BHS_LEN};
 
 /// Serves scripted bytes in small reads and records what is written.
 struct Script {

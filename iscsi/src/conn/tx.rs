@@ -1,7 +1,12 @@
 //! The transmit side of [`Conn`]: commands into the CmdSN window, PDUs into `writev` batches
 //! straight from the callers' buffers.
 
-use super::*;
+use std::io;
+
+use super::{iov_range, proto, Completion, Conn, ConnError, SlotState, Tx, Wire, TX_ARENA, TX_IOV};
+use crate::digest::Crc32c;
+use crate::error::{Error, IoError};
+use crate::pdu::{self, Dir, BHS_LEN, RESERVED_TAG};
 
 impl Conn {
     /// Moves ready commands into the transmit queue while the CmdSN window allows.
