@@ -29,7 +29,7 @@ use std::ffi::OsString;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use blkif::protocol::{op, status, Abi, Segment, MAX_SLOT, PAGE_SIZE};
+use blkif::protocol::{op, status, Abi, Segment, MAX_SEGMENTS_PER_REQUEST, MAX_SLOT, PAGE_SIZE};
 use blkif::request::encode;
 use blkif::ring::FrontRing;
 use blkif::xen::evtchn::Evtchn;
@@ -65,6 +65,11 @@ pub struct Args {
     /// Publish a bad key instead of a working ring and expect the backend to refuse it.
     #[arg(long, value_enum)]
     pub bad: Option<Bad>,
+    /// Extra options for the VBD's `tap-ctl create`, handed to the hotplug script in
+    /// `TAPCTL_CREATE_OPTS` (e.g. "--max-segments 8": the backend must still take 11-segment
+    /// requests from a Xen frontend).
+    #[arg(long, value_name = "OPTS", allow_hyphen_values = true)]
+    pub tap_opts: Option<String>,
     /// Seconds to wait for each backend state change.
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
@@ -140,10 +145,10 @@ fn one_request(
     timeout: Duration,
     opc: u8,
     id: u64,
-    s: Segment,
+    segs: &[Segment],
 ) -> Result<i16> {
     let mut slot = [0u8; MAX_SLOT];
-    encode(abi, opc, 1, id, 8, &[s], &mut slot);
+    encode(abi, opc, segs.len() as u8, id, 8, segs, &mut slot);
     ring.put_request(&slot[..abi.layout().slot]);
     if ring.push_requests() {
         ev.notify_port()?;
@@ -204,6 +209,7 @@ fn run(a: &Args) -> Result<()> {
         .env("XENBUS_PATH", be.trim_start_matches("/local/domain/0/"))
         .env("XENBUS_TYPE", &a.kind)
         .env("XENBUS_BASE_PATH", "backend")
+        .env("TAPCTL_CREATE_OPTS", a.tap_opts.as_deref().unwrap_or(""))
         .status()
         .with_context(|| format!("cannot run {}", a.hotplug))?;
     if !st.success() {
@@ -229,7 +235,7 @@ fn run(a: &Args) -> Result<()> {
 fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
     let abi = Abi::X86_64;
     let ring_pages = GrantedPages::alloc(0, 1).context("granting the ring page")?;
-    let data = GrantedPages::alloc(0, 2).context("granting data pages")?;
+    let data = GrantedPages::alloc(0, MAX_SEGMENTS_PER_REQUEST).context("granting data pages")?;
     // SAFETY: the granted page is ours, mapped for as long as `ring_pages` lives, which
     // outlives `ring` (declared after it, dropped before it).
     let mut ring =
@@ -275,7 +281,7 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
     let lay = abi.layout().slot;
     let timeout = Duration::from_secs(a.timeout);
     let roundtrip = |ring: &mut FrontRing, ev: &Evtchn, opc: u8, id: u64, s: Segment| {
-        one_request(ring, ev, abi, timeout, opc, id, s)
+        one_request(ring, ev, abi, timeout, opc, id, &[s])
     };
     let w = roundtrip(&mut ring, &ev, op::WRITE, 1, seg(0))?;
     let r = roundtrip(&mut ring, &ev, op::READ, 2, seg(1))?;
@@ -295,6 +301,33 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
         );
     }
     println!("XENFRONT: PASS write+read of a page through granted dom0 pages");
+
+    // 2. A direct request of the most segments blkif allows (11): a Xen frontend cannot learn
+    // a lower limit, so every VBD must take it, whatever its own max-segments.
+    let all: Vec<Segment> = (0..MAX_SEGMENTS_PER_REQUEST).map(seg).collect();
+    let n = MAX_SEGMENTS_PER_REQUEST;
+    let big: Vec<u8> = (0..n * PAGE_SIZE).map(|i| (i * 13 + 5) as u8).collect();
+    // SAFETY: the `n` pages of `data` are ours and mapped; nothing else writes them now.
+    unsafe { std::ptr::copy_nonoverlapping(big.as_ptr(), data.addr().as_ptr(), n * PAGE_SIZE) };
+    let w = one_request(&mut ring, &ev, abi, timeout, op::WRITE, 3, &all)?;
+    // SAFETY: as above.
+    unsafe { std::ptr::write_bytes(data.addr().as_ptr(), 0, n * PAGE_SIZE) };
+    let r = one_request(&mut ring, &ev, abi, timeout, op::READ, 4, &all)?;
+    let mut back = vec![0u8; n * PAGE_SIZE];
+    // SAFETY: the pages are ours; the backend finished writing them (response seen).
+    unsafe {
+        std::ptr::copy_nonoverlapping(data.addr().as_ptr(), back.as_mut_ptr(), n * PAGE_SIZE)
+    };
+    if w != status::OKAY || r != status::OKAY || back != big {
+        bail!(
+            "an {n}-segment direct request: status {w}/{r}, data equal: {}",
+            back == big
+        );
+    }
+    println!("XENFRONT: PASS write+read of an {n}-segment direct request");
+    // The single-page checks below use pages 0 and 1 again.
+    // SAFETY: page 0 is ours.
+    unsafe { std::ptr::copy_nonoverlapping(pat.as_ptr(), data.addr().as_ptr(), PAGE_SIZE) };
 
     // 3 (before the garbage, which may leave answers behind). An event-channel storm.
     if a.storm_secs > 0 {
