@@ -30,7 +30,9 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -487,7 +489,7 @@ pub struct Striper {
     reqs: Box<[Req]>,
     cmds: Vec<Cmd>,
     free: Vec<u32>,
-    epoll: OwnedFd,
+    epoll: Epoll,
     done: Vec<(u32, i32)>,
     stale_marks: Vec<(u32, u32)>,
 }
@@ -496,26 +498,13 @@ pub struct Striper {
 // `submit` keeps valid until the request completes; a Striper is used by one thread at a time.
 unsafe impl Send for Striper {}
 
-fn epoll_new() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall.
-    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn epoll_add(ep: RawFd, fd: RawFd, data: u64) -> io::Result<()> {
-    let mut ev = libc::epoll_event {
-        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
-        u64: data,
-    };
-    // SAFETY: both descriptors are open; `ev` is a live struct.
-    if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+/// Adds `fd` (a session's completion descriptor) to `ep`, edge-triggered, tagged `data`.
+fn epoll_add(ep: &Epoll, fd: RawFd, data: u64) -> io::Result<()> {
+    // SAFETY: `fd` is the poll descriptor of a session the striper owns and keeps open for
+    // as long as the epoll set lives (sessions are dropped with the striper, after it).
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let ev = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, data);
+    ep.add(fd, ev).map_err(io::Error::from)
 }
 
 impl Striper {
@@ -530,7 +519,8 @@ impl Striper {
             reqs: (0..tags).map(|_| Req::default()).collect(),
             cmds: Vec::new(),
             free: Vec::new(),
-            epoll: epoll_new().map_err(|e| Error::io(Path::new("epoll"), e))?,
+            epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+                .map_err(|e| Error::io(Path::new("epoll"), e.into()))?,
             done: Vec::with_capacity(tags as usize),
             stale_marks: Vec::new(),
             disk,
@@ -584,7 +574,7 @@ impl Striper {
         let session = Session::connect(&cfg)
             .map_err(|e| Error::Master(format!("server {portal} target {target}: {e}")))?;
         let i = self.servers.len();
-        epoll_add(self.epoll.as_raw_fd(), session.poll_fd(), i as u64)
+        epoll_add(&self.epoll, session.poll_fd(), i as u64)
             .map_err(|e| Error::io(Path::new("epoll"), e))?;
         if o.drive == Drive::Thread {
             session.arm();
@@ -603,7 +593,7 @@ impl Striper {
 
     /// A descriptor that polls readable when commands completed (then call [`Striper::poll`]).
     pub fn poll_fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
+        self.epoll.0.as_raw_fd()
     }
 
     /// Requests finished since the last call: `(tag, 0 or -errno)`.
@@ -958,15 +948,9 @@ impl Striper {
     /// Collects completions from every server (call when [`Striper::poll_fd`] is readable,
     /// or to poll).
     pub fn poll(&mut self) {
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
+        let mut evs = [EpollEvent::empty(); 16];
         // Consume the edge notifications (the sessions' eventfds are drained below).
-        loop {
-            // SAFETY: `evs` is a live array of 16 events.
-            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), evs.as_mut_ptr(), 16, 0) };
-            if n < 16 {
-                break;
-            }
-        }
+        while let Ok(16) = self.epoll.wait(&mut evs, EpollTimeout::ZERO) {}
         let inline = self.disk.opts.drive == Drive::Inline;
         for si in 0..self.servers.len() {
             if inline {
