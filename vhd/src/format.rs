@@ -1,0 +1,885 @@
+//! The on-disk structures, as explicit big-endian encodings (FORMAT.md draws every byte).
+//!
+//! Parsing copies the bytes once into a plain struct and checks every field that the rest of
+//! the crate relies on, with an error naming the field; the checks that need the file's size
+//! (offsets inside the file) are in `layout.rs`. Encoding writes every byte, checksums included.
+
+use crate::error::{Error, Result};
+
+/// Bytes in a sector; every VHD offset and size is counted in these or in bytes.
+pub const SECTOR: u64 = 512;
+/// Size of the footer (and of its copy at offset 0 of dynamic disks).
+pub const FOOTER_SIZE: usize = 512;
+/// Size of the dynamic disk header.
+pub const HEADER_SIZE: usize = 1024;
+/// Size of blktap's batmap header.
+pub const BATMAP_HEADER_SIZE: usize = 512;
+/// A BAT entry of a block not allocated.
+pub const BAT_UNUSED: u32 = 0xffff_ffff;
+/// The default (and blktap's only) block size: 2 MiB.
+pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
+/// Largest block size accepted: its sector bitmap fills one sector.
+pub const MAX_BLOCK_SIZE: u32 = 2 << 20;
+/// Smallest block size accepted.
+pub const MIN_BLOCK_SIZE: u32 = 512;
+/// Seconds from the Unix epoch to the VHD epoch (2000-01-01 00:00:00 UTC).
+pub const VHD_EPOCH: i64 = 946_684_800;
+/// Footer cookie.
+pub const FOOTER_COOKIE: &[u8; 8] = b"conectix";
+/// Dynamic header cookie.
+pub const HEADER_COOKIE: &[u8; 8] = b"cxsparse";
+/// Batmap header cookie.
+pub const BATMAP_COOKIE: &[u8; 8] = b"tdbatmap";
+/// Footer cookie of an image blktap's tools disabled ("poisoned").
+pub const POISON_COOKIE: &[u8; 8] = b"v_poison";
+/// The only file format version.
+pub const FILE_FORMAT_VERSION: u32 = 0x0001_0000;
+/// The only dynamic header version.
+pub const HEADER_VERSION: u32 = 0x0001_0000;
+/// Footer feature: temporary disk.
+pub const FEATURE_TEMPORARY: u32 = 1;
+/// Footer feature: reserved, always set.
+pub const FEATURE_RESERVED: u32 = 2;
+/// The creator application blktap writes, and so do we.
+pub const CREATOR_TAP: [u8; 4] = *b"tap\0";
+/// blktap's creator version 1.3 (big-endian bitmaps, batmap 1.2).
+pub const CREATOR_VERSION: u32 = 0x0001_0003;
+/// Batmap version 1.2 (unsigned byte checksum).
+pub const BATMAP_VERSION: u32 = 0x0001_0002;
+/// Batmap version 1.1 (signed byte checksum).
+pub const BATMAP_VERSION_1_1: u32 = 0x0001_0001;
+
+/// Reads a big-endian u32/u64 at `o` of a slice whose length the caller has checked.
+pub(crate) fn be32(b: &[u8], o: usize) -> u32 {
+    u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+fn be64(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_be_bytes(a)
+}
+fn put32(b: &mut [u8], o: usize, v: u32) {
+    b[o..o + 4].copy_from_slice(&v.to_be_bytes());
+}
+fn put64(b: &mut [u8], o: usize, v: u64) {
+    b[o..o + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+/// The VHD checksum: the ones' complement of the byte sum, the checksum field counted as 0.
+pub fn checksum(bytes: &[u8], field: usize) -> u32 {
+    let sum = bytes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !(field..field + 4).contains(i))
+        .fold(0u32, |s, (_, &b)| s.wrapping_add(b as u32));
+    !sum
+}
+
+/// A 16-byte unique id, printed as blktap's `uuid_unparse` does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Uuid(pub [u8; 16]);
+
+impl Uuid {
+    /// A random (version 4) id.
+    pub fn random() -> Uuid {
+        let mut b = [0u8; 16];
+        fill_random(&mut b);
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        Uuid(b)
+    }
+    /// All zero: "no parent" in a differencing header of a raw parent.
+    pub fn is_nil(&self) -> bool {
+        self.0 == [0; 16]
+    }
+}
+
+impl std::fmt::Display for Uuid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                f.write_str("-")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Fills `buf` from the kernel's random source (getrandom; the clock as a last resort).
+fn fill_random(buf: &mut [u8]) {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into the live slice it is given.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n <= 0 {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            for (i, b) in rest.iter_mut().enumerate() {
+                *b = (t >> ((i % 16) * 8)) as u8 ^ (i as u8).wrapping_mul(151);
+            }
+            return;
+        }
+        done += n as usize;
+    }
+}
+
+/// Seconds since the VHD epoch for a Unix time (saturating into u32).
+pub fn vhd_time(unix: i64) -> u32 {
+    (unix - VHD_EPOCH).clamp(0, u32::MAX as i64) as u32
+}
+
+/// The current time as a VHD timestamp.
+pub fn vhd_now() -> u32 {
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(VHD_EPOCH);
+    vhd_time(unix)
+}
+
+/// A VHD timestamp as `ctime` prints it (in UTC): `Sat Jan  1 00:00:00 2000`.
+pub fn time_string(ts: u32) -> String {
+    let secs = ts as i64 + VHD_EPOCH;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let wday = (days + 4).rem_euclid(7);
+    const WD: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+    const MO: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{} {} {:>2} {:02}:{:02}:{:02} {}",
+        WD[wday as usize],
+        MO[(month - 1) as usize],
+        day,
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        year
+    )
+}
+
+/// The CHS geometry the specification derives from a size (cylinders, heads, sectors per
+/// track), encoded as the footer stores it.
+pub fn geometry(size: u64) -> u32 {
+    let mut secs = size.div_ceil(SECTOR).max(1);
+    secs = secs.min(65_535 * 16 * 255);
+    let (spt, heads, cth);
+    if secs >= 65_535 * 16 * 63 {
+        spt = 255;
+        heads = 16;
+        cth = secs / spt;
+    } else {
+        let mut s = 17;
+        let mut c = secs / s;
+        let mut h = c.div_ceil(1024).max(4);
+        if c >= h * 1024 || h > 16 {
+            s = 31;
+            h = 16;
+            c = secs / s;
+        }
+        if c >= h * 1024 {
+            s = 63;
+            h = 16;
+            c = secs / s;
+        }
+        spt = s;
+        heads = h;
+        cth = c;
+    }
+    let cyl = cth / heads;
+    ((cyl as u32) << 16) | ((heads as u32) << 8) | spt as u32
+}
+
+/// The kind of disk (footer `disk_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum DiskType {
+    /// All data in place, followed by the footer.
+    Fixed,
+    /// Blocks allocated on first write through the BAT.
+    Dynamic,
+    /// A dynamic disk whose unwritten sectors come from a parent.
+    Differencing,
+}
+
+impl DiskType {
+    /// The footer's code.
+    pub fn code(self) -> u32 {
+        match self {
+            DiskType::Fixed => 2,
+            DiskType::Dynamic => 3,
+            DiskType::Differencing => 4,
+        }
+    }
+    /// What blktap's `vhd-util read -p` prints.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DiskType::Fixed => "Fixed hard disk",
+            DiskType::Dynamic => "Dynamic hard disk",
+            DiskType::Differencing => "Differencing hard disk",
+        }
+    }
+}
+
+/// The footer, at the end of every VHD (and copied at offset 0 of dynamic disks).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Footer {
+    /// Feature bits ([`FEATURE_TEMPORARY`], [`FEATURE_RESERVED`]).
+    pub features: u32,
+    /// Offset of the dynamic header; all ones for fixed disks.
+    pub data_offset: u64,
+    /// Creation time, seconds since 2000-01-01 UTC.
+    pub timestamp: u32,
+    /// Creator application, 4 bytes ("tap\0" for blktap and us).
+    pub creator_app: [u8; 4],
+    /// Creator version (major << 16 | minor).
+    pub creator_version: u32,
+    /// Creator host OS code.
+    pub creator_os: u32,
+    /// Size at creation, bytes.
+    pub original_size: u64,
+    /// Virtual size, bytes.
+    pub current_size: u64,
+    /// CHS geometry.
+    pub geometry: u32,
+    /// Fixed, dynamic or differencing.
+    pub disk_type: DiskType,
+    /// The disk's id; children name their parent by it.
+    pub uuid: Uuid,
+    /// Saved-state flag.
+    pub saved_state: u8,
+    /// blktap's `hidden` flag (byte 85): a snapshot node no VM uses directly.
+    pub hidden: u8,
+    /// Whether bytes 86..512 were zero when read.
+    pub reserved_zero: bool,
+}
+
+impl Footer {
+    /// Parses and validates 512 footer bytes. The checksum must match (with blktap's
+    /// allowance for old tap images whose `hidden` byte was set without updating it).
+    pub fn parse(b: &[u8; FOOTER_SIZE]) -> Result<Footer> {
+        const S: &str = "footer";
+        if &b[0..8] != FOOTER_COOKIE {
+            if &b[0..8] == POISON_COOKIE {
+                return Err(Error::Unsupported(
+                    "the image was disabled (footer cookie 'v_poison')".into(),
+                ));
+            }
+            return Err(Error::NotVhd(format!(
+                "footer cookie is {:?}, not \"conectix\"",
+                String::from_utf8_lossy(&b[0..8])
+            )));
+        }
+        let stored = be32(b, 64);
+        let computed = checksum(b, 64);
+        let creator_app = [b[28], b[29], b[30], b[31]];
+        let creator_version = be32(b, 32);
+        if stored != computed {
+            let old_tap = b[85] != 0
+                && &creator_app[..3] == b"tap"
+                && matches!(creator_version, 0x0000_0001 | 0x0001_0001);
+            let mut copy = *b;
+            copy[85] = 0;
+            if !old_tap || checksum(&copy, 64) != stored {
+                return Err(Error::Checksum {
+                    structure: S,
+                    stored,
+                    computed,
+                });
+            }
+        }
+        let features = be32(b, 8);
+        if features & !(FEATURE_TEMPORARY | FEATURE_RESERVED) != 0 {
+            return Err(Error::field(
+                S,
+                "features",
+                format!("unknown bits in {features:#x}"),
+            ));
+        }
+        let version = be32(b, 12);
+        if version != FILE_FORMAT_VERSION {
+            return Err(Error::field(
+                S,
+                "file_format_version",
+                format!("{version:#010x}, only 0x00010000 exists"),
+            ));
+        }
+        let disk_type = match be32(b, 60) {
+            2 => DiskType::Fixed,
+            3 => DiskType::Dynamic,
+            4 => DiskType::Differencing,
+            t => {
+                return Err(Error::field(
+                    S,
+                    "disk_type",
+                    format!("{t} (2, 3 or 4 expected)"),
+                ))
+            }
+        };
+        let current_size = be64(b, 48);
+        if current_size % SECTOR != 0 {
+            return Err(Error::field(
+                S,
+                "current_size",
+                format!("{current_size} is not a multiple of 512"),
+            ));
+        }
+        let data_offset = be64(b, 16);
+        if disk_type != DiskType::Fixed && (data_offset % SECTOR != 0 || data_offset == u64::MAX) {
+            return Err(Error::field(
+                S,
+                "data_offset",
+                format!("{data_offset:#x} is not a sector offset of a dynamic header"),
+            ));
+        }
+        let saved_state = b[84];
+        if saved_state > 1 {
+            return Err(Error::field(
+                S,
+                "saved_state",
+                format!("{saved_state}, 0 or 1 expected"),
+            ));
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[68..84]);
+        Ok(Footer {
+            features,
+            data_offset,
+            timestamp: be32(b, 24),
+            creator_app,
+            creator_version,
+            creator_os: be32(b, 36),
+            original_size: be64(b, 40),
+            current_size,
+            geometry: be32(b, 56),
+            disk_type,
+            uuid: Uuid(uuid),
+            saved_state,
+            hidden: b[85],
+            reserved_zero: b[86..].iter().all(|&x| x == 0),
+        })
+    }
+
+    /// The 512 bytes, checksum computed.
+    pub fn encode(&self) -> [u8; FOOTER_SIZE] {
+        let mut b = [0u8; FOOTER_SIZE];
+        b[0..8].copy_from_slice(FOOTER_COOKIE);
+        put32(&mut b, 8, self.features);
+        put32(&mut b, 12, FILE_FORMAT_VERSION);
+        put64(&mut b, 16, self.data_offset);
+        put32(&mut b, 24, self.timestamp);
+        b[28..32].copy_from_slice(&self.creator_app);
+        put32(&mut b, 32, self.creator_version);
+        put32(&mut b, 36, self.creator_os);
+        put64(&mut b, 40, self.original_size);
+        put64(&mut b, 48, self.current_size);
+        put32(&mut b, 56, self.geometry);
+        put32(&mut b, 60, self.disk_type.code());
+        b[68..84].copy_from_slice(&self.uuid.0);
+        b[84] = self.saved_state;
+        b[85] = self.hidden;
+        let c = checksum(&b, 64);
+        put32(&mut b, 64, c);
+        b
+    }
+
+    /// A new footer as blktap writes it.
+    pub fn new(disk_type: DiskType, size: u64) -> Footer {
+        Footer {
+            features: FEATURE_RESERVED,
+            data_offset: if disk_type == DiskType::Fixed {
+                u64::MAX
+            } else {
+                SECTOR
+            },
+            timestamp: vhd_now(),
+            creator_app: CREATOR_TAP,
+            creator_version: CREATOR_VERSION,
+            creator_os: 0,
+            original_size: size,
+            current_size: size,
+            geometry: geometry(size),
+            disk_type,
+            uuid: Uuid::random(),
+            saved_state: 0,
+            hidden: 0,
+            reserved_zero: true,
+        }
+    }
+
+    /// Whether blktap (or we) made it: it then has a batmap (creator version 1.2 and up; 1.1
+    /// when its header is valid).
+    pub fn creator_is_tap(&self) -> bool {
+        &self.creator_app[..3] == b"tap"
+    }
+}
+
+/// Platform codes of parent locators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlatformCode {
+    /// Unused entry.
+    None,
+    /// Windows relative path (deprecated, ASCII).
+    Wi2r,
+    /// Windows absolute path (deprecated, ASCII).
+    Wi2k,
+    /// Windows relative path, UTF-16LE.
+    W2ru,
+    /// Windows absolute path, UTF-16LE.
+    W2ku,
+    /// Mac OS alias blob.
+    Mac,
+    /// File URL, UTF-8.
+    MacX,
+}
+
+impl PlatformCode {
+    /// From the 4-byte code.
+    pub fn from_code(c: u32) -> Option<PlatformCode> {
+        Some(match c {
+            0 => PlatformCode::None,
+            0x5769_3272 => PlatformCode::Wi2r,
+            0x5769_326b => PlatformCode::Wi2k,
+            0x5732_7275 => PlatformCode::W2ru,
+            0x5732_6b75 => PlatformCode::W2ku,
+            0x4d61_6320 => PlatformCode::Mac,
+            0x4d61_6358 => PlatformCode::MacX,
+            _ => return None,
+        })
+    }
+    /// The 4-byte code.
+    pub fn code(self) -> u32 {
+        match self {
+            PlatformCode::None => 0,
+            PlatformCode::Wi2r => 0x5769_3272,
+            PlatformCode::Wi2k => 0x5769_326b,
+            PlatformCode::W2ru => 0x5732_7275,
+            PlatformCode::W2ku => 0x5732_6b75,
+            PlatformCode::Mac => 0x4d61_6320,
+            PlatformCode::MacX => 0x4d61_6358,
+        }
+    }
+    /// The name blktap's `vhd-util read -p` prints.
+    pub fn name(self) -> &'static str {
+        match self {
+            PlatformCode::None => "PLAT_CODE_NONE",
+            PlatformCode::Wi2r => "PLAT_CODE_WI2R",
+            PlatformCode::Wi2k => "PLAT_CODE_WI2K",
+            PlatformCode::W2ru => "PLAT_CODE_W2RU",
+            PlatformCode::W2ku => "PLAT_CODE_W2KU",
+            PlatformCode::Mac => "PLAT_CODE_MAC",
+            PlatformCode::MacX => "PLAT_CODE_MACX",
+        }
+    }
+}
+
+/// A parent locator entry of the dynamic header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Locator {
+    /// What the data holds.
+    pub code: PlatformCode,
+    /// Space reserved for the data: sectors by the specification, bytes as blktap and
+    /// Windows write it (see [`Locator::space_bytes`]).
+    pub data_space: u32,
+    /// Bytes of locator data.
+    pub data_len: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// Absolute file offset of the data.
+    pub data_offset: u64,
+}
+
+impl Locator {
+    /// An unused entry.
+    pub const NONE: Locator = Locator {
+        code: PlatformCode::None,
+        data_space: 0,
+        data_len: 0,
+        reserved: 0,
+        data_offset: 0,
+    };
+
+    /// Bytes reserved for the data, reading `data_space` as sectors when it is below 512 and
+    /// as bytes when it is a multiple of 512 (both occur); `None` when neither.
+    pub fn space_bytes(&self) -> Option<u64> {
+        let s = self.data_space as u64;
+        if s < 512 {
+            Some(s * SECTOR)
+        } else if s % SECTOR == 0 {
+            Some(s)
+        } else {
+            None
+        }
+    }
+}
+
+/// The dynamic disk header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Absolute offset of the BAT.
+    pub table_offset: u64,
+    /// Entries the BAT has room for.
+    pub max_table_entries: u32,
+    /// Bytes per block: a power of two, 512 B ..= 2 MiB.
+    pub block_size: u32,
+    /// The parent's footer uuid (differencing disks; nil for a raw parent).
+    pub parent_uuid: Uuid,
+    /// The parent's modification time when linked.
+    pub parent_timestamp: u32,
+    /// The parent's file name, UTF-16 big-endian, 512 bytes.
+    pub parent_name: [u8; 512],
+    /// Eight parent locator entries.
+    pub locators: [Locator; 8],
+    /// Whether the reserved fields were zero when read.
+    pub reserved_zero: bool,
+}
+
+impl Header {
+    /// Parses and validates 1024 header bytes.
+    pub fn parse(b: &[u8; HEADER_SIZE]) -> Result<Header> {
+        const S: &str = "dynamic header";
+        if &b[0..8] != HEADER_COOKIE {
+            return Err(Error::field(
+                S,
+                "cookie",
+                format!("{:?}, not \"cxsparse\"", String::from_utf8_lossy(&b[0..8])),
+            ));
+        }
+        let stored = be32(b, 36);
+        let computed = checksum(b, 36);
+        if stored != computed {
+            return Err(Error::Checksum {
+                structure: S,
+                stored,
+                computed,
+            });
+        }
+        if be64(b, 8) != u64::MAX {
+            return Err(Error::field(S, "data_offset", "must be all ones"));
+        }
+        let version = be32(b, 24);
+        if version != HEADER_VERSION {
+            return Err(Error::field(
+                S,
+                "header_version",
+                format!("{version:#010x}"),
+            ));
+        }
+        let table_offset = be64(b, 16);
+        if table_offset % SECTOR != 0 || table_offset == 0 {
+            return Err(Error::field(
+                S,
+                "table_offset",
+                format!("{table_offset:#x} is not a non-zero multiple of 512"),
+            ));
+        }
+        let block_size = be32(b, 32);
+        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
+        {
+            return Err(Error::field(
+                S,
+                "block_size",
+                format!("{block_size}: a power of two from 512 to 2097152 expected"),
+            ));
+        }
+        let mut locators = [Locator::NONE; 8];
+        for (i, l) in locators.iter_mut().enumerate() {
+            let o = 576 + i * 24;
+            let code = be32(b, o);
+            let Some(pc) = PlatformCode::from_code(code) else {
+                return Err(Error::field(
+                    format!("parent locator {i}"),
+                    "platform_code",
+                    format!("unknown code {code:#010x}"),
+                ));
+            };
+            *l = Locator {
+                code: pc,
+                data_space: be32(b, o + 4),
+                data_len: be32(b, o + 8),
+                reserved: be32(b, o + 12),
+                data_offset: be64(b, o + 16),
+            };
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[40..56]);
+        let mut parent_name = [0u8; 512];
+        parent_name.copy_from_slice(&b[64..576]);
+        Ok(Header {
+            table_offset,
+            max_table_entries: be32(b, 28),
+            block_size,
+            parent_uuid: Uuid(uuid),
+            parent_timestamp: be32(b, 56),
+            parent_name,
+            locators,
+            reserved_zero: be32(b, 60) == 0 && b[768..].iter().all(|&x| x == 0),
+        })
+    }
+
+    /// The 1024 bytes, checksum computed.
+    pub fn encode(&self) -> [u8; HEADER_SIZE] {
+        let mut b = [0u8; HEADER_SIZE];
+        b[0..8].copy_from_slice(HEADER_COOKIE);
+        put64(&mut b, 8, u64::MAX);
+        put64(&mut b, 16, self.table_offset);
+        put32(&mut b, 24, HEADER_VERSION);
+        put32(&mut b, 28, self.max_table_entries);
+        put32(&mut b, 32, self.block_size);
+        b[40..56].copy_from_slice(&self.parent_uuid.0);
+        put32(&mut b, 56, self.parent_timestamp);
+        b[64..576].copy_from_slice(&self.parent_name);
+        for (i, l) in self.locators.iter().enumerate() {
+            let o = 576 + i * 24;
+            put32(&mut b, o, l.code.code());
+            put32(&mut b, o + 4, l.data_space);
+            put32(&mut b, o + 8, l.data_len);
+            put32(&mut b, o + 12, l.reserved);
+            put64(&mut b, o + 16, l.data_offset);
+        }
+        let c = checksum(&b, 36);
+        put32(&mut b, 36, c);
+        b
+    }
+
+    /// The parent's file name, decoded from UTF-16BE up to the first NUL.
+    pub fn parent_name(&self) -> String {
+        let units: Vec<u16> = self
+            .parent_name
+            .chunks_exact(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .take_while(|&u| u != 0)
+            .collect();
+        String::from_utf16_lossy(&units)
+    }
+
+    /// Sets the parent's file name (UTF-16BE, cut at 256 code units).
+    pub fn set_parent_name(&mut self, name: &str) {
+        self.parent_name = [0; 512];
+        for (i, u) in name.encode_utf16().take(256).enumerate() {
+            self.parent_name[2 * i..2 * i + 2].copy_from_slice(&u.to_be_bytes());
+        }
+    }
+}
+
+/// blktap's batmap header, one sector after the BAT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatmapHeader {
+    /// Absolute offset of the map.
+    pub offset: u64,
+    /// Sectors of the map.
+    pub size_sectors: u32,
+    /// 1.1 or 1.2.
+    pub version: u32,
+    /// Checksum of the map's bytes ([`batmap_checksum`]).
+    pub checksum: u32,
+    /// blktap's generic marker byte.
+    pub marker: u8,
+    /// Key hash of encrypted images (65 bytes: set flag, nonce, hash); kept as read.
+    pub keyhash: [u8; 65],
+}
+
+impl BatmapHeader {
+    /// Parses 512 bytes; `Ok(None)` when the cookie is not there.
+    pub fn parse(b: &[u8; BATMAP_HEADER_SIZE]) -> Result<Option<BatmapHeader>> {
+        const S: &str = "batmap header";
+        if &b[0..8] != BATMAP_COOKIE {
+            return Ok(None);
+        }
+        let version = be32(b, 20);
+        if version > BATMAP_VERSION {
+            return Err(Error::field(
+                S,
+                "batmap_version",
+                format!("{version:#010x}"),
+            ));
+        }
+        let offset = be64(b, 8);
+        if offset % SECTOR != 0 || offset == 0 {
+            return Err(Error::field(S, "batmap_offset", format!("{offset:#x}")));
+        }
+        let mut keyhash = [0u8; 65];
+        keyhash.copy_from_slice(&b[29..94]);
+        Ok(Some(BatmapHeader {
+            offset,
+            size_sectors: be32(b, 16),
+            version,
+            checksum: be32(b, 24),
+            marker: b[28],
+            keyhash,
+        }))
+    }
+
+    /// The 512 bytes.
+    pub fn encode(&self) -> [u8; BATMAP_HEADER_SIZE] {
+        let mut b = [0u8; BATMAP_HEADER_SIZE];
+        b[0..8].copy_from_slice(BATMAP_COOKIE);
+        put64(&mut b, 8, self.offset);
+        put32(&mut b, 16, self.size_sectors);
+        put32(&mut b, 20, self.version);
+        put32(&mut b, 24, self.checksum);
+        b[28] = self.marker;
+        b[29..94].copy_from_slice(&self.keyhash);
+        b
+    }
+}
+
+/// Bytes of the batmap that blktap reads and checksums for a disk of `current_size` bytes:
+/// one bit per 2 MiB, the byte count rounded down, then up to whole sectors (at least one).
+pub fn batmap_used_bytes(current_size: u64) -> u64 {
+    (current_size >> 24).div_ceil(SECTOR).max(1) * SECTOR
+}
+
+/// The batmap checksum: ones' complement of the byte sum (bytes signed in version 1.1).
+pub fn batmap_checksum(map: &[u8], version: u32) -> u32 {
+    let sum = map.iter().fold(0u32, |s, &b| {
+        let v = if version == BATMAP_VERSION_1_1 {
+            b as i8 as i32 as u32
+        } else {
+            b as u32
+        };
+        s.wrapping_add(v)
+    });
+    !sum
+}
+
+/// Bit `n` of a VHD bitmap (most significant bit first).
+#[inline]
+pub fn test_bit(map: &[u8], n: usize) -> bool {
+    map.get(n >> 3).is_some_and(|b| b & (0x80 >> (n & 7)) != 0)
+}
+
+/// Sets bit `n`.
+#[inline]
+pub fn set_bit(map: &mut [u8], n: usize) {
+    if let Some(b) = map.get_mut(n >> 3) {
+        *b |= 0x80 >> (n & 7);
+    }
+}
+
+/// Clears bit `n`.
+#[inline]
+pub fn clear_bit(map: &mut [u8], n: usize) {
+    if let Some(b) = map.get_mut(n >> 3) {
+        *b &= !(0x80 >> (n & 7));
+    }
+}
+
+/// Length of the run of bits equal to bit `from`, from `from` up to `end` (exclusive).
+pub fn run_len(map: &[u8], from: usize, end: usize) -> usize {
+    let v = test_bit(map, from);
+    let mut i = from;
+    while i < end {
+        // Whole bytes at a time where aligned.
+        if i & 7 == 0 && i + 8 <= end {
+            let byte = map.get(i >> 3).copied().unwrap_or(0);
+            if byte == if v { 0xff } else { 0 } {
+                i += 8;
+                continue;
+            }
+        }
+        if test_bit(map, i) != v {
+            break;
+        }
+        i += 1;
+    }
+    i - from
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn footer_round_trips_and_checksum_is_checked() {
+        let f = Footer::new(DiskType::Dynamic, 128 << 20);
+        let b = f.encode();
+        assert_eq!(Footer::parse(&b).unwrap(), f);
+        let mut bad = b;
+        bad[50] ^= 1;
+        assert!(matches!(Footer::parse(&bad), Err(Error::Checksum { .. })));
+    }
+
+    #[test]
+    fn footer_fields_are_named_in_errors() {
+        let mut f = Footer::new(DiskType::Dynamic, 1 << 20);
+        f.current_size = 1000;
+        let e = Footer::parse(&f.encode()).unwrap_err().to_string();
+        assert!(e.contains("current_size"), "{e}");
+        let mut b = Footer::new(DiskType::Fixed, 1 << 20).encode();
+        b[63] = 9;
+        let c = checksum(&b, 64);
+        b[64..68].copy_from_slice(&c.to_be_bytes());
+        let e = Footer::parse(&b).unwrap_err().to_string();
+        assert!(e.contains("disk_type"), "{e}");
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let mut h = Header {
+            table_offset: 1536,
+            max_table_entries: 64,
+            block_size: DEFAULT_BLOCK_SIZE,
+            parent_uuid: Uuid::random(),
+            parent_timestamp: 7,
+            parent_name: [0; 512],
+            locators: [Locator::NONE; 8],
+            reserved_zero: true,
+        };
+        h.set_parent_name("base.vhd");
+        h.locators[0] = Locator {
+            code: PlatformCode::MacX,
+            data_space: 512,
+            data_len: 19,
+            reserved: 0,
+            data_offset: 4096,
+        };
+        let b = h.encode();
+        let p = Header::parse(&b).unwrap();
+        assert_eq!(p, h);
+        assert_eq!(p.parent_name(), "base.vhd");
+    }
+
+    #[test]
+    fn geometry_matches_the_specification_table() {
+        // 128 MiB: 262144 sectors -> 17 spt, 4 heads? cth = 15420, heads = 16 -> 31 spt...
+        let g = geometry(128 << 20);
+        let (c, h, s) = (g >> 16, (g >> 8) & 0xff, g & 0xff);
+        assert!(c * h * s <= 262_144 && h <= 16 && s <= 255);
+        assert_eq!(geometry(1 << 40) & 0xff, 255);
+    }
+
+    #[test]
+    fn time_strings_read_like_ctime() {
+        assert_eq!(time_string(0), "Sat Jan  1 00:00:00 2000");
+        assert_eq!(time_string(86_400 * 366 + 3661), "Mon Jan  1 01:01:01 2001");
+    }
+
+    #[test]
+    fn bit_runs() {
+        let mut m = [0u8; 64];
+        for i in 10..300 {
+            set_bit(&mut m, i);
+        }
+        assert_eq!(run_len(&m, 0, 512), 10);
+        assert_eq!(run_len(&m, 10, 512), 290);
+        assert_eq!(run_len(&m, 300, 512), 212);
+        assert_eq!(run_len(&m, 12, 100), 88);
+        clear_bit(&mut m, 20);
+        assert_eq!(run_len(&m, 10, 512), 10);
+    }
+}

@@ -1,0 +1,245 @@
+//! Tests of the whole data path on memory images against a model.
+
+use std::sync::Arc;
+
+use crate::backing::MemBacking;
+use crate::chain::{Chain, Parent, ParentImage};
+use crate::create::{create_on, CreateOptions, ParentLink};
+use crate::format::{DiskType, Uuid};
+use crate::image::{Image, OpenOptions};
+use crate::map::Mapping;
+
+const MB: u64 = 1 << 20;
+
+fn rw() -> OpenOptions {
+    OpenOptions {
+        read_only: false,
+        cache_slots: 8,
+    }
+}
+
+fn dynamic(size: u64) -> MemBacking {
+    let m = MemBacking::new(1 << 30);
+    create_on(&m, &CreateOptions::dynamic(size), None).unwrap();
+    m
+}
+
+/// A small deterministic generator.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn dynamic_disk_reads_what_was_written_and_survives_reopen() {
+    let size = 20 * MB;
+    let m = dynamic(size);
+    let img = Image::open(Box::new(m), "t", &rw()).unwrap();
+    let mut c = Chain::from_parts(img, Vec::new());
+    let mut model = vec![0u8; size as usize];
+    let mut rng = Rng(7);
+    for i in 0..200 {
+        let len = 1 + rng.below(300_000) as usize;
+        let off = rng.below(size - len as u64);
+        let fill = (i % 251) as u8 + 1;
+        let data: Vec<u8> = (0..len).map(|j| fill.wrapping_add(j as u8)).collect();
+        c.write_at(off, &data).unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+        if i % 17 == 0 {
+            c.flush().unwrap();
+        }
+    }
+    c.flush().unwrap();
+    let mut back = vec![0u8; size as usize];
+    c.read_at(0, &mut back).unwrap();
+    assert!(back == model, "content differs before reopen");
+    // Reopen from the bytes.
+    let bytes = match &*c.leaf().backing {
+        b => {
+            let mut v = vec![0u8; b.size().unwrap() as usize];
+            b.read_at(&mut v, 0).unwrap();
+            v
+        }
+    };
+    let img = Image::open(Box::new(MemBacking::from_bytes(bytes, 1 << 30)), "t", &rw()).unwrap();
+    assert!(img.has_batmap());
+    let mut c = Chain::from_parts(img, Vec::new());
+    let mut back = vec![0u8; size as usize];
+    c.read_at(0, &mut back).unwrap();
+    assert!(back == model, "content differs after reopen");
+}
+
+#[test]
+fn new_blocks_have_aligned_data_and_the_footer_moves_behind_them() {
+    let m = dynamic(8 * MB);
+    let mut img = Image::open(Box::new(m), "t", &rw()).unwrap();
+    let w = img.map_write(2 * MB + 4096, 8192).unwrap();
+    assert!(w.allocated);
+    assert_eq!(w.file_offset % 4096, 0);
+    let end = img.backing().size().unwrap();
+    let mut f = [0u8; 512];
+    img.backing().read_at(&mut f, end - 512).unwrap();
+    assert_eq!(&f[..8], b"conectix");
+    // Before commit the range still reads as absent.
+    assert_eq!(
+        img.map_read(2 * MB + 4096, 8192).unwrap().map,
+        Mapping::Zero
+    );
+    img.commit(w.ticket).unwrap();
+    assert!(matches!(
+        img.map_read(2 * MB + 4096, 8192).unwrap().map,
+        Mapping::Data { .. }
+    ));
+    // A ticket dropped (failed IO): still absent.
+    let w2 = img.map_write(2 * MB + 65536, 512).unwrap();
+    assert!(!w2.allocated);
+    let _ = w2;
+    assert_eq!(
+        img.map_read(2 * MB + 65536, 512).unwrap().map,
+        Mapping::Zero
+    );
+}
+
+fn snapshot_of(parent: &Image, size: u64) -> MemBacking {
+    let m = MemBacking::new(1 << 30);
+    let link = ParentLink::for_path(parent.footer().uuid, 0, "p.vhd", "./p.vhd");
+    create_on(&m, &CreateOptions::dynamic(size), Some(&link)).unwrap();
+    m
+}
+
+fn to_parent(c: Chain) -> (Vec<Arc<Parent>>, Image) {
+    let Chain { leaf, mut parents } = c;
+    let bytes = {
+        let b = leaf.backing();
+        let mut v = vec![0u8; b.size().unwrap() as usize];
+        b.read_at(&mut v, 0).unwrap();
+        v
+    };
+    let ro = Image::open(
+        Box::new(MemBacking::from_bytes(bytes, 1 << 30)),
+        "p",
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    let again = Image::open(
+        Box::new(MemBacking::from_bytes(
+            {
+                let b = ro.backing();
+                let mut v = vec![0u8; b.size().unwrap() as usize];
+                b.read_at(&mut v, 0).unwrap();
+                v
+            },
+            1 << 30,
+        )),
+        "p",
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    parents.insert(0, Arc::new(Parent::new(ParentImage::Vhd(ro), "p".into())));
+    (parents, again)
+}
+
+#[test]
+fn a_chain_of_snapshots_reads_as_the_model_at_every_level() {
+    let size = 12 * MB;
+    let img = Image::open(Box::new(dynamic(size)), "base", &rw()).unwrap();
+    let mut chain = Chain::from_parts(img, Vec::new());
+    let mut model = vec![0u8; size as usize];
+    let mut rng = Rng(99);
+    let mut levels: Vec<Vec<u8>> = Vec::new();
+    for level in 0..12 {
+        for _ in 0..6 {
+            let len = 512 * (1 + rng.below(2000)) as usize;
+            let len = if rng.below(3) == 0 { len - 100 } else { len };
+            let off = rng.below(size - len as u64);
+            let fill = rng.next() as u8;
+            let data: Vec<u8> = (0..len).map(|j| fill ^ (j as u8)).collect();
+            chain.write_at(off, &data).unwrap();
+            model[off as usize..off as usize + len].copy_from_slice(&data);
+        }
+        chain.flush().unwrap();
+        let mut back = vec![0u8; size as usize];
+        chain.read_at(0, &mut back).unwrap();
+        assert!(back == model, "level {level} differs");
+        levels.push(model.clone());
+        // Snapshot: the leaf becomes a read-only parent, a new child on top.
+        let (parents, parent_img) = to_parent(chain);
+        let child = snapshot_of(&parent_img, size);
+        let leaf = Image::open(Box::new(child), "leaf", &rw()).unwrap();
+        assert_eq!(leaf.disk_type(), DiskType::Differencing);
+        chain = Chain::from_parts(leaf, parents);
+    }
+    assert_eq!(chain.depth(), 13);
+    let mut back = vec![0u8; size as usize];
+    chain.read_at(0, &mut back).unwrap();
+    assert!(back == model);
+    let st = chain.stats();
+    assert!(st.bat_hits + st.bat_misses > 0);
+}
+
+#[test]
+fn discard_drops_whole_blocks_only_where_nothing_is_below() {
+    let size = 8 * MB;
+    let img = Image::open(Box::new(dynamic(size)), "t", &rw()).unwrap();
+    let mut c = Chain::from_parts(img, Vec::new());
+    c.write_at(0, &vec![5u8; (6 * MB) as usize]).unwrap();
+    c.flush().unwrap();
+    assert_eq!(c.leaf().allocated_blocks().unwrap(), 3);
+    // 1 MiB .. 5 MiB covers block 1 only.
+    assert_eq!(c.discard(MB, 4 * MB).unwrap(), 1);
+    let mut b = vec![0u8; (6 * MB) as usize];
+    c.read_at(0, &mut b).unwrap();
+    assert!(b[..(2 * MB) as usize].iter().all(|&x| x == 5));
+    assert!(b[(2 * MB) as usize..(4 * MB) as usize]
+        .iter()
+        .all(|&x| x == 0));
+    assert!(b[(4 * MB) as usize..].iter().all(|&x| x == 5));
+    // Over a parent with data: kept.
+    let (parents, pimg) = to_parent(c);
+    let leaf = Image::open(Box::new(snapshot_of(&pimg, size)), "leaf", &rw()).unwrap();
+    let mut c = Chain::from_parts(leaf, parents);
+    c.write_at(0, &vec![6u8; (2 * MB) as usize]).unwrap();
+    assert_eq!(c.discard(0, 2 * MB).unwrap(), 0);
+    let _ = Uuid::random();
+}
+
+#[test]
+fn fields_are_validated_with_their_names() {
+    let m = dynamic(8 * MB);
+    let mut bytes = m.bytes();
+    // BAT entry 0 pointing into the header.
+    bytes[1536..1540].copy_from_slice(&1u32.to_be_bytes());
+    let img = Image::open(Box::new(MemBacking::from_bytes(bytes, 1 << 30)), "t", &rw());
+    let e = img.unwrap_err().to_string();
+    assert!(e.contains("BAT") && e.contains("entry"), "{e}");
+    // A block size that is not a power of two (checksum fixed up).
+    let mut bytes = m.bytes();
+    bytes[512 + 32..512 + 36].copy_from_slice(&3000u32.to_be_bytes());
+    let c = crate::format::checksum(&bytes[512..1536], 36);
+    bytes[512 + 36..512 + 40].copy_from_slice(&c.to_be_bytes());
+    let e = Image::open(Box::new(MemBacking::from_bytes(bytes, 1 << 30)), "t", &rw())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("block_size"), "{e}");
+}
+
+#[test]
+fn a_lost_footer_falls_back_to_the_copy() {
+    let m = dynamic(8 * MB);
+    let mut bytes = m.bytes();
+    let n = bytes.len();
+    bytes[n - 512..].fill(0);
+    let mut img =
+        Image::open(Box::new(MemBacking::from_bytes(bytes, 1 << 30)), "t", &rw()).unwrap();
+    assert!(img.footer_from_copy());
+    img.repair().unwrap();
+    assert!(!img.footer_from_copy());
+}
