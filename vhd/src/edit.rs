@@ -144,3 +144,95 @@ impl Image {
         self.sync("writing the dynamic header")
     }
 }
+
+impl Image {
+    /// Drops every block (`vhd-util modify -z`): the BAT emptied, the batmap cleared, the file
+    /// cut after the metadata.
+    pub fn zero_all(&mut self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly(self.name.clone()));
+        }
+        if self.footer.disk_type == DiskType::Fixed {
+            return Err(Error::Unsupported("zeroing a fixed disk".into()));
+        }
+        self.flush()?;
+        if let Some(m) = self.batmap.as_mut() {
+            m.map.fill(0);
+            m.dirty = true;
+        }
+        self.write_batmap()?;
+        self.sync("barrier after the batmap")?;
+        for b in 0..self.blocks {
+            if self.bat_entry(b)? != crate::format::BAT_UNUSED {
+                self.set_bat_entry(b, crate::format::BAT_UNUSED)?;
+                self.cache.remove(crate::cache::Key::Bitmap(b));
+            }
+        }
+        self.write_back(true)?;
+        self.end_of_data = self
+            .regions
+            .iter()
+            .map(|r| r.end)
+            .max()
+            .unwrap_or(0)
+            .div_ceil(SECTOR)
+            * SECTOR;
+        self.write_footers()
+    }
+
+    /// Puts the footer at `size - 512` (`vhd-util modify -s`, for images in fixed-size
+    /// containers); refuses to cut data.
+    pub fn set_phys_size(&mut self, size: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly(self.name.clone()));
+        }
+        let need = self.end_of_data + FOOTER_SIZE as u64;
+        if size < need {
+            return Err(Error::Invalid(format!(
+                "{size} bytes would cut data (at least {need} needed)"
+            )));
+        }
+        self.flush()?;
+        let f = self.footer.encode();
+        self.backing
+            .write_at(&f, size - FOOTER_SIZE as u64)
+            .map_err(|e| Error::io("writing the footer", e))?;
+        self.backing
+            .set_len(size)
+            .map_err(|e| Error::io("setting the size", e))?;
+        self.file_size = size;
+        self.alloc_from = self.alloc_from.max(size.div_ceil(SECTOR));
+        self.sync("writing the footer")
+    }
+
+    /// The batmap's stored checksum and the one computed over its bytes now.
+    pub fn batmap_checksums(&self) -> Option<(u32, u32)> {
+        self.batmap.as_ref().map(|m| {
+            (
+                m.header.checksum,
+                crate::format::batmap_checksum(&m.map, m.header.version),
+            )
+        })
+    }
+
+    /// Every parent locator in use with its decoded path (`None` when it does not decode).
+    pub fn locators(&self) -> Vec<(usize, crate::format::Locator, Option<String>)> {
+        let Some(h) = &self.header else {
+            return Vec::new();
+        };
+        h.locators
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.code != PlatformCode::None)
+            .map(|(i, l)| {
+                let mut data = vec![0u8; (l.data_len as usize).min(65_536)];
+                let name = self
+                    .backing
+                    .read_at(&mut data, l.data_offset)
+                    .ok()
+                    .and_then(|_| locator::decode(l.code, &data));
+                (i, *l, name)
+            })
+            .collect()
+    }
+}
