@@ -23,12 +23,12 @@ pub fn resize(path: &Path, size: u64) -> Result<()> {
 
 impl Image {
     /// The largest size reachable without moving data: BAT room times block size
-    /// (blktap's `query -S`, in bytes).
+    /// (blktap's `query -S`, in bytes); 0 for fixed disks.
     pub fn max_fast_size(&self) -> u64 {
         self.header
             .as_ref()
             .map(|h| h.max_table_entries as u64 * h.block_size as u64)
-            .unwrap_or(self.footer.current_size)
+            .unwrap_or(0)
     }
 
     /// Sets the virtual size (see the module docs).

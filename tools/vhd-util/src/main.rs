@@ -227,6 +227,10 @@ fn query(a: cli::QueryArgs) -> Result<()> {
         out += &format!("chain depth: {}\n", c.depth());
     }
     if a.allocated {
+        if img.disk_type() == DiskType::Fixed {
+            print!("{out}");
+            bail!("-a: {} is a fixed disk, it has no BAT", a.name.display());
+        }
         out += &format!("{}\n", img.allocated_blocks()?);
     }
     if a.max_fast {

@@ -39,7 +39,9 @@ fn thirty_snapshots_read_as_the_model_at_every_level_and_coalesce_to_the_leaf() 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let size = SIZE_MB << 20;
-    run(Command::new(ours()).args(["create", "-s", &SIZE_MB.to_string(), "-n"]).arg(level_path(d, 0)));
+    run(Command::new(ours())
+        .args(["create", "-s", &SIZE_MB.to_string(), "-n"])
+        .arg(level_path(d, 0)));
     let mut rng = Rng(0x5eed_cafe);
     let mut levels: Vec<Writes> = Vec::new();
     for i in 0..=LEVELS {
@@ -67,40 +69,80 @@ fn thirty_snapshots_read_as_the_model_at_every_level_and_coalesce_to_the_leaf() 
                 .arg(level_path(d, i + 1))
                 .arg("-p")
                 .arg(level_path(d, i)));
-            run(Command::new(ours()).args(["set", "-f", "hidden", "-v", "1", "-n"]).arg(level_path(d, i)));
+            run(Command::new(ours())
+                .args(["set", "-f", "hidden", "-v", "1", "-n"])
+                .arg(level_path(d, i)));
         }
     }
-    let depth = stdout(Command::new(ours()).args(["query", "-d", "-n"]).arg(level_path(d, LEVELS)));
+    let depth = stdout(
+        Command::new(ours())
+            .args(["query", "-d", "-n"])
+            .arg(level_path(d, LEVELS)),
+    );
     assert_eq!(depth.trim(), format!("chain depth: {}", LEVELS + 1));
     // Every level reads as the model did when it was snapshotted.
     for i in 0..=LEVELS {
         let got = read_chain(&level_path(d, i));
         let want = model_at(&levels, i);
-        assert!(got == want, "level {i} differs at byte {:?}", first_diff(&got, &want));
+        assert!(
+            got == want,
+            "level {i} differs at byte {:?}",
+            first_diff(&got, &want)
+        );
     }
     let leaf_model = model_at(&levels, LEVELS);
     if let Some(bt_prefix) = blktap() {
         for i in 0..=LEVELS {
-            let out = stdout(bt(&bt_prefix, "bin/vhd-util").args(["check", "-n"]).arg(level_path(d, i)));
+            let out = stdout(
+                bt(&bt_prefix, "bin/vhd-util")
+                    .args(["check", "-n"])
+                    .arg(level_path(d, i)),
+            );
             assert!(out.contains("is valid"), "blktap check of level {i}: {out}");
         }
         // blktap's own reader, through the whole chain.
         let out = run(bt(&bt_prefix, "bin/vhd-util")
             .args(["read", "-r", "0", "-c", &(size / 512).to_string(), "-n"])
             .arg(level_path(d, LEVELS)));
-        assert!(out.stdout == leaf_model, "blktap reads the leaf differently at {:?}", first_diff(&out.stdout, &leaf_model));
+        assert!(
+            out.stdout == leaf_model,
+            "blktap reads the leaf differently at {:?}",
+            first_diff(&out.stdout, &leaf_model)
+        );
     }
     // Coalesce the whole chain down into the base.
     for i in (1..=LEVELS).rev() {
-        let out = stdout(Command::new(ours()).args(["coalesce", "-n"]).arg(level_path(d, i)));
-        assert!(out.starts_with("Coalesced ") && out.trim_end().ends_with(" sectors"), "{out}");
+        let out = stdout(
+            Command::new(ours())
+                .args(["coalesce", "-n"])
+                .arg(level_path(d, i)),
+        );
+        assert!(
+            out.starts_with("Coalesced ") && out.trim_end().ends_with(" sectors"),
+            "{out}"
+        );
     }
     let base = read_chain(&level_path(d, 0));
-    assert!(base == leaf_model, "coalesced base differs at {:?}", first_diff(&base, &leaf_model));
-    let out = stdout(Command::new(ours()).args(["check", "-n"]).arg(level_path(d, 0)));
+    assert!(
+        base == leaf_model,
+        "coalesced base differs at {:?}",
+        first_diff(&base, &leaf_model)
+    );
+    let out = stdout(
+        Command::new(ours())
+            .args(["check", "-n"])
+            .arg(level_path(d, 0)),
+    );
     assert!(out.contains("is valid"), "{out}");
     if let Some(bt_prefix) = blktap() {
-        let out = stdout(bt(&bt_prefix, "bin/vhd-util").args(["check", "-n"]).arg(level_path(d, 0)));
-        assert!(out.contains("is valid"), "blktap check of the coalesced base: {out}");
+        let out = stdout(
+            bt(&bt_prefix, "bin/vhd-util")
+                .args(["check", "-n"])
+                .arg(level_path(d, 0)),
+        );
+        assert!(
+            out.contains("is valid"),
+            "blktap check of the coalesced base: {out}"
+        );
     }
 }
