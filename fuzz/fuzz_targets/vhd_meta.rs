@@ -12,7 +12,10 @@ use std::sync::{Arc, OnceLock};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vhd::format::{batmap_checksum, batmap_used_bytes, checksum};
-use vhd::{create_on, Chain, CreateOptions, DiskType, Image, MemBacking, OpenOptions, Parent, ParentImage, ParentLink};
+use vhd::{
+    create_on, Chain, CreateOptions, DiskType, Image, MemBacking, OpenOptions, Parent, ParentImage,
+    ParentLink,
+};
 
 /// Memory files may not grow beyond this.
 const LIMIT: u64 = 64 << 20;
@@ -29,14 +32,29 @@ struct Patch {
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Read { offset: u32, len: u32 },
-    Write { offset: u32, len: u32, fill: u8 },
+    Read {
+        offset: u32,
+        len: u32,
+    },
+    Write {
+        offset: u32,
+        len: u32,
+        fill: u8,
+    },
     /// A mapped write whose data IO "failed": the ticket is dropped.
-    FailedWrite { offset: u32, sectors: u16 },
-    Discard { offset: u32, len: u32 },
+    FailedWrite {
+        offset: u32,
+        sectors: u16,
+    },
+    Discard {
+        offset: u32,
+        len: u32,
+    },
     Flush,
     Hidden(u8),
-    Grow { mb: u8 },
+    Grow {
+        mb: u8,
+    },
     Reopen,
 }
 
@@ -85,23 +103,46 @@ fn templates() -> &'static [Template; 4] {
             &[(0, 2 << 20, 1), (3 << 20, 70_000, 2), (7 << 20, 4096, 3)],
             None,
         );
-        let parent_img = Image::open(Box::new(MemBacking::from_bytes(data.clone(), LIMIT)), "p", &OpenOptions::default()).unwrap();
+        let parent_img = Image::open(
+            Box::new(MemBacking::from_bytes(data.clone(), LIMIT)),
+            "p",
+            &OpenOptions::default(),
+        )
+        .unwrap();
         let link = ParentLink::for_path(parent_img.footer().uuid, 0, "p.vhd", "./p.vhd");
-        let child = make(CreateOptions::dynamic(8 << 20), &[(1 << 20, 1 << 20, 4), (6 << 20, 512, 5)], Some(&link));
+        let child = make(
+            CreateOptions::dynamic(8 << 20),
+            &[(1 << 20, 1 << 20, 4), (6 << 20, 512, 5)],
+            Some(&link),
+        );
         let mut fixed = CreateOptions::dynamic(2 << 20);
         fixed.disk_type = DiskType::Fixed;
         let fixed = make(fixed, &[(4096, 8192, 6)], None);
         [
-            Template { child: empty, parent: None },
-            Template { child: data.clone(), parent: None },
-            Template { child, parent: Some(data) },
-            Template { child: fixed, parent: None },
+            Template {
+                child: empty,
+                parent: None,
+            },
+            Template {
+                child: data.clone(),
+                parent: None,
+            },
+            Template {
+                child,
+                parent: Some(data),
+            },
+            Template {
+                child: fixed,
+                parent: None,
+            },
         ]
     })
 }
 
 fn be32(b: &[u8], o: usize) -> u32 {
-    b.get(o..o + 4).map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]])).unwrap_or(0)
+    b.get(o..o + 4)
+        .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+        .unwrap_or(0)
 }
 fn be64(b: &[u8], o: usize) -> u64 {
     b.get(o..o + 8)
@@ -116,7 +157,13 @@ fn regions(b: &[u8]) -> [(usize, usize); 5] {
     let entries = be32(b, 512 + 28) as usize;
     let bat = (table.min(n), (entries * 4).max(512));
     let bm_hdr = (table + (entries * 4).div_ceil(512) * 512).min(n);
-    [(n.saturating_sub(512), 512), (512, 1024), bat, (bm_hdr, 1024), (0, n)]
+    [
+        (n.saturating_sub(512), 512),
+        (512, 1024),
+        bat,
+        (bm_hdr, 1024),
+        (0, n),
+    ]
 }
 
 /// Recomputes the footer, header and batmap checksums where those structures are.
@@ -148,7 +195,12 @@ fn fix_checksums(b: &mut [u8]) {
 }
 
 fn open(bytes: Vec<u8>, slots: usize) -> Option<Image> {
-    Image::open(Box::new(MemBacking::from_bytes(bytes, LIMIT)), "fuzz", &rw(slots)).ok()
+    Image::open(
+        Box::new(MemBacking::from_bytes(bytes, LIMIT)),
+        "fuzz",
+        &rw(slots),
+    )
+    .ok()
 }
 
 fn bytes_of(img: &Image) -> Vec<u8> {
@@ -188,8 +240,15 @@ fuzz_target!(|input: Input| {
     let slots = 2 + input.slots as usize % 16;
     let _ = vhd::check::check_backing(Box::new(MemBacking::from_bytes(child.clone(), LIMIT)));
     let parents = match parent {
-        Some(pb) => match Image::open(Box::new(MemBacking::from_bytes(pb, LIMIT)), "parent", &OpenOptions::default()) {
-            Ok(p) => vec![Arc::new(Parent::new(ParentImage::Vhd(p), "parent".into()))],
+        Some(pb) => match Image::open(
+            Box::new(MemBacking::from_bytes(pb, LIMIT)),
+            "parent",
+            &OpenOptions::default(),
+        ) {
+            Ok(p) => vec![Arc::new(Parent::new(
+                ParentImage::Vhd(Box::new(p)),
+                "parent".into(),
+            ))],
             Err(_) => Vec::new(),
         },
         None => Vec::new(),

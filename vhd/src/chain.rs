@@ -53,7 +53,7 @@ impl Default for ChainOptions {
 /// What a parent is.
 pub enum ParentImage {
     /// A VHD, read-only.
-    Vhd(Image),
+    Vhd(Box<Image>),
     /// A raw file (the parent of `snapshot -m`); its size rounded down to whole sectors.
     Raw {
         /// The file.
@@ -173,7 +173,7 @@ impl ParentSet {
                 read_only: true,
                 cache_slots,
             };
-            ParentImage::Vhd(Image::open(Box::new(fb), &name, &opts)?)
+            ParentImage::Vhd(Box::new(Image::open(Box::new(fb), &name, &opts)?))
         };
         let p = Arc::new(Parent::new(image, path.to_path_buf()));
         open.insert(id, Arc::downgrade(&p));

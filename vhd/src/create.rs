@@ -93,7 +93,7 @@ pub fn create_on(
     opts: &CreateOptions,
     parent: Option<&ParentLink>,
 ) -> Result<Footer> {
-    if opts.size % SECTOR != 0 {
+    if !opts.size.is_multiple_of(SECTOR) {
         return Err(Error::Invalid(format!(
             "size {} is not a multiple of 512",
             opts.size

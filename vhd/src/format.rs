@@ -331,7 +331,7 @@ impl Footer {
             }
         };
         let current_size = be64(b, 48);
-        if current_size % SECTOR != 0 {
+        if !current_size.is_multiple_of(SECTOR) {
             return Err(Error::field(
                 S,
                 "current_size",
@@ -339,7 +339,9 @@ impl Footer {
             ));
         }
         let data_offset = be64(b, 16);
-        if disk_type != DiskType::Fixed && (data_offset % SECTOR != 0 || data_offset == u64::MAX) {
+        if disk_type != DiskType::Fixed
+            && (!data_offset.is_multiple_of(SECTOR) || data_offset == u64::MAX)
+        {
             return Err(Error::field(
                 S,
                 "data_offset",
@@ -519,7 +521,7 @@ impl Locator {
         let s = self.data_space as u64;
         if s < 512 {
             Some(s * SECTOR)
-        } else if s % SECTOR == 0 {
+        } else if s.is_multiple_of(SECTOR) {
             Some(s)
         } else {
             None
@@ -580,7 +582,7 @@ impl Header {
             ));
         }
         let table_offset = be64(b, 16);
-        if table_offset % SECTOR != 0 || table_offset == 0 {
+        if !table_offset.is_multiple_of(SECTOR) || table_offset == 0 {
             return Err(Error::field(
                 S,
                 "table_offset",
@@ -709,7 +711,7 @@ impl BatmapHeader {
             ));
         }
         let offset = be64(b, 8);
-        if offset % SECTOR != 0 || offset == 0 {
+        if !offset.is_multiple_of(SECTOR) || offset == 0 {
             return Err(Error::field(S, "batmap_offset", format!("{offset:#x}")));
         }
         let mut keyhash = [0u8; 65];

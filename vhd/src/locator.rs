@@ -18,7 +18,7 @@ pub fn decode(code: PlatformCode, data: &[u8]) -> Option<String> {
             s.strip_prefix("file://").map(str::to_string)
         }
         PlatformCode::W2ku | PlatformCode::W2ru => {
-            if data.len() % 2 != 0 {
+            if !data.len().is_multiple_of(2) {
                 return None;
             }
             let units: Vec<u16> = data

@@ -92,8 +92,8 @@ pub struct WriteMap {
 impl Image {
     fn check_io(&self, offset: u64, len: u64) -> Result<()> {
         let ok = len > 0
-            && offset % SECTOR == 0
-            && len % SECTOR == 0
+            && offset.is_multiple_of(SECTOR)
+            && len.is_multiple_of(SECTOR)
             && offset
                 .checked_add(len)
                 .is_some_and(|e| e <= self.footer.current_size);

@@ -34,7 +34,7 @@ impl Image {
     /// Sets the virtual size (see the module docs).
     pub fn set_size(&mut self, size: u64) -> Result<()> {
         let old = self.footer.current_size;
-        if size % SECTOR != 0 {
+        if !size.is_multiple_of(SECTOR) {
             return Err(Error::Invalid(format!(
                 "size {size} is not a multiple of 512"
             )));

@@ -62,12 +62,11 @@ fn dynamic_disk_reads_what_was_written_and_survives_reopen() {
     c.read_at(0, &mut back).unwrap();
     assert!(back == model, "content differs before reopen");
     // Reopen from the bytes.
-    let bytes = match &*c.leaf().backing {
-        b => {
-            let mut v = vec![0u8; b.size().unwrap() as usize];
-            b.read_at(&mut v, 0).unwrap();
-            v
-        }
+    let bytes = {
+        let b = &*c.leaf().backing;
+        let mut v = vec![0u8; b.size().unwrap() as usize];
+        b.read_at(&mut v, 0).unwrap();
+        v
     };
     let img = Image::open(Box::new(MemBacking::from_bytes(bytes, 1 << 30)), "t", &rw()).unwrap();
     assert!(img.has_batmap());
@@ -143,7 +142,10 @@ fn to_parent(c: Chain) -> (Vec<Arc<Parent>>, Image) {
         &OpenOptions::default(),
     )
     .unwrap();
-    parents.insert(0, Arc::new(Parent::new(ParentImage::Vhd(ro), "p".into())));
+    parents.insert(
+        0,
+        Arc::new(Parent::new(ParentImage::Vhd(Box::new(ro)), "p".into())),
+    );
     (parents, again)
 }
 

@@ -12,8 +12,14 @@ const MB: u64 = 1 << 20;
 
 /// Raw bytes of an image as qemu-img converts them.
 fn qemu_raw(img: &Path, dir: &Path) -> Vec<u8> {
-    let out = dir.join(format!("{}.qemu.raw", img.file_name().unwrap().to_string_lossy()));
-    run(Command::new("qemu-img").args(["convert", "-f", "vpc", "-O", "raw"]).arg(img).arg(&out));
+    let out = dir.join(format!(
+        "{}.qemu.raw",
+        img.file_name().unwrap().to_string_lossy()
+    ));
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "vpc", "-O", "raw"])
+        .arg(img)
+        .arg(&out));
     std::fs::read(&out).unwrap()
 }
 
@@ -28,7 +34,14 @@ fn qemu_vpc_images_open_and_read_through_our_library() {
     for sub in ["dynamic", "fixed"] {
         let img = d.join(format!("q-{sub}.vhd"));
         run(Command::new("qemu-img")
-            .args(["create", "-q", "-f", "vpc", "-o", &format!("subformat={sub}")])
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "vpc",
+                "-o",
+                &format!("subformat={sub}"),
+            ])
             .arg(&img)
             .arg("40M"));
         let mut rng = Rng(3);
@@ -37,18 +50,27 @@ fn qemu_vpc_images_open_and_read_through_our_library() {
         for _ in 0..8 {
             let len = 512 * (1 + rng.below(5000));
             let off = rng.below((30 * MB) / 512) * 512;
-            cmd.arg("-c").arg(format!("write -P {} {off} {len}", 1 + rng.below(250)));
+            cmd.arg("-c")
+                .arg(format!("write -P {} {off} {len}", 1 + rng.below(250)));
         }
         run(&mut cmd);
         let want = qemu_raw(&img, d);
         let got = read_chain(&img);
         assert_eq!(got.len(), want.len(), "{sub}: size");
-        assert!(got == want, "{sub}: differs at {:?}", first_diff(&got, &want));
+        assert!(
+            got == want,
+            "{sub}: differs at {:?}",
+            first_diff(&got, &want)
+        );
         // And we can write into QEMU's image; QEMU reads our writes.
         write_chain(&img, &[(123_456, vec![0x5a; 3 * MB as usize + 77])]);
         let want = qemu_raw(&img, d);
         let got = read_chain(&img);
-        assert!(got == want, "{sub} after our write: differs at {:?}", first_diff(&got, &want));
+        assert!(
+            got == want,
+            "{sub} after our write: differs at {:?}",
+            first_diff(&got, &want)
+        );
     }
 }
 
@@ -79,11 +101,23 @@ fn our_images_pass_qemu_img_info_and_compare() {
             writes.push((off, b));
         }
         write_chain(&img, &writes);
-        let info = stdout(Command::new("qemu-img").args(["info", "--output=json", "-f", "vpc"]).arg(&img));
-        assert!(info.contains(&format!("\"virtual-size\": {}", 30 * MB)), "{info}");
+        let info = stdout(
+            Command::new("qemu-img")
+                .args(["info", "--output=json", "-f", "vpc"])
+                .arg(&img),
+        );
+        assert!(
+            info.contains(&format!("\"virtual-size\": {}", 30 * MB)),
+            "{info}"
+        );
         let raw = d.join("model.raw");
         std::fs::write(&raw, &model).unwrap();
-        let out = stdout(Command::new("qemu-img").args(["compare", "-f", "vpc", "-F", "raw"]).arg(&img).arg(&raw));
+        let out = stdout(
+            Command::new("qemu-img")
+                .args(["compare", "-f", "vpc", "-F", "raw"])
+                .arg(&img)
+                .arg(&raw),
+        );
         assert!(out.contains("Images are identical"), "{out}");
     }
 }
@@ -121,18 +155,52 @@ fn libvhdi_reads_our_dynamic_and_differencing_images() {
     let d = dir.path();
     let base = d.join("base.vhd");
     let snap = d.join("snap.vhd");
-    run(Command::new(ours()).args(["create", "-s", "16", "-n"]).arg(&base));
+    run(Command::new(ours())
+        .args(["create", "-s", "16", "-n"])
+        .arg(&base));
     let mut rng = Rng(5);
-    write_chain(&base, &[(0, rng.bytes(5 * MB as usize)), (9 * MB, rng.bytes(100_000))]);
-    run(Command::new(ours()).args(["snapshot", "-n"]).arg(&snap).arg("-p").arg(&base));
-    write_chain(&snap, &[(4 * MB - 512, rng.bytes(MB as usize + 1024)), (15 * MB, rng.bytes(4096))]);
+    write_chain(
+        &base,
+        &[
+            (0, rng.bytes(5 * MB as usize)),
+            (9 * MB, rng.bytes(100_000)),
+        ],
+    );
+    run(Command::new(ours())
+        .args(["snapshot", "-n"])
+        .arg(&snap)
+        .arg("-p")
+        .arg(&base));
+    write_chain(
+        &snap,
+        &[
+            (4 * MB - 512, rng.bytes(MB as usize + 1024)),
+            (15 * MB, rng.bytes(4096)),
+        ],
+    );
     let info = stdout(Command::new("vhdiinfo").arg(&base));
-    assert!(info.contains("Dynamic") && info.contains("16 MiB"), "{info}");
+    assert!(
+        info.contains("Dynamic") && info.contains("16 MiB"),
+        "{info}"
+    );
     let info = stdout(Command::new("vhdiinfo").arg(&snap));
-    assert!(info.contains("Differential") && info.contains("Parent filename\t\t: base.vhd"), "{info}");
+    assert!(
+        info.contains("Differential") && info.contains("Parent filename\t\t: base.vhd"),
+        "{info}"
+    );
     let uuid = stdout(Command::new(ours()).args(["read", "-p", "-n"]).arg(&base));
-    let uuid = uuid.lines().find(|l| l.starts_with("UUID")).unwrap().split(": ").nth(1).unwrap().to_string();
-    assert!(info.contains(&format!("Parent identifier\t: {uuid}")), "{info}\n{uuid}");
+    let uuid = uuid
+        .lines()
+        .find(|l| l.starts_with("UUID"))
+        .unwrap()
+        .split(": ")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert!(
+        info.contains(&format!("Parent identifier\t: {uuid}")),
+        "{info}\n{uuid}"
+    );
     // vhdimount reads the data, the differencing disk through its parent.
     let Some(m) = vhdimount(&snap, &d.join("mnt")) else {
         eprintln!("skipping the vhdimount part: FUSE is not usable here");
@@ -140,8 +208,16 @@ fn libvhdi_reads_our_dynamic_and_differencing_images() {
     };
     let leaf = std::fs::read(m.0.join("vhdi2")).unwrap();
     let want = read_chain(&snap);
-    assert!(leaf == want, "vhdimount reads the snapshot differently at {:?}", first_diff(&leaf, &want));
+    assert!(
+        leaf == want,
+        "vhdimount reads the snapshot differently at {:?}",
+        first_diff(&leaf, &want)
+    );
     let parent = std::fs::read(m.0.join("vhdi1")).unwrap();
     let want = read_chain(&base);
-    assert!(parent == want, "vhdimount reads the base differently at {:?}", first_diff(&parent, &want));
+    assert!(
+        parent == want,
+        "vhdimount reads the base differently at {:?}",
+        first_diff(&parent, &want)
+    );
 }
