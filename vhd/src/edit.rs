@@ -16,6 +16,11 @@ impl Image {
             return Err(Error::ReadOnly(self.name.clone()));
         }
         self.flush()?;
+        self.put_footers()
+    }
+
+    /// [`Image::write_footers`] without the flush before it.
+    pub(crate) fn put_footers(&mut self) -> Result<()> {
         let f = self.footer.encode();
         let at = if self.backing.fixed_size() {
             self.file_size - FOOTER_SIZE as u64

@@ -310,6 +310,11 @@ impl Image {
         if self.write_batmap()? {
             self.sync("barrier after the batmap")?;
         }
+        if self.footer_from_copy {
+            // Opened after a crash lost the footer at the end: put it back (blktap does on
+            // close), now that everything before it is durable.
+            self.put_footers()?;
+        }
         Ok(())
     }
 

@@ -428,3 +428,45 @@ fn a_crash_keeps_every_flushed_write_and_never_shows_stale_data() {
         }
     }
 }
+
+#[test]
+fn a_flush_puts_a_lost_footer_back() {
+    let m = dynamic(8 * MB);
+    let mut bytes = m.bytes();
+    let n = bytes.len();
+    bytes[n - 512..].fill(0);
+    let mut img =
+        Image::open(Box::new(MemBacking::from_bytes(bytes, 1 << 30)), "t", &rw()).unwrap();
+    assert!(img.footer_from_copy());
+    img.flush().unwrap();
+    assert!(!img.footer_from_copy());
+    let b = img.backing();
+    let mut f = [0u8; 512];
+    b.read_at(&mut f, b.size().unwrap() - 512).unwrap();
+    assert_eq!(&f[..8], b"conectix");
+}
+
+#[test]
+fn chains_share_their_parents_and_check_the_parent_uuid() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    crate::create::create(&base, &CreateOptions::dynamic(4 * MB)).unwrap();
+    let (a, b) = (dir.path().join("a.vhd"), dir.path().join("b.vhd"));
+    for c in [&a, &b] {
+        crate::create::snapshot(c, &base, &Default::default()).unwrap();
+    }
+    let set = crate::chain::ParentSet::new();
+    let ca = Chain::open(&a, &Default::default(), &set).unwrap();
+    let cb = Chain::open(&b, &Default::default(), &set).unwrap();
+    assert!(Arc::ptr_eq(&ca.parents()[0], &cb.parents()[0]));
+    assert_eq!(set.len(), 1);
+    drop((ca, cb));
+    assert_eq!(set.len(), 0);
+    // A new base under the same name: the children's uuid no longer matches.
+    std::fs::remove_file(&base).unwrap();
+    crate::create::create(&base, &CreateOptions::dynamic(4 * MB)).unwrap();
+    let e = Chain::open(&a, &Default::default(), &set)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("uuid"), "{e}");
+}
