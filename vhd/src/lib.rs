@@ -64,6 +64,7 @@ pub mod create;
 pub mod edit;
 pub mod error;
 pub mod format;
+pub mod grow;
 pub mod image;
 pub mod locator;
 pub mod map;
@@ -83,6 +84,7 @@ pub use create::{
 };
 pub use error::{Error, Result};
 pub use format::{DiskType, Footer, Header, Uuid};
+pub use grow::{grow, revert};
 pub use image::{Image, OpenOptions};
 pub use map::{Extent, Mapping, Ticket, WriteMap};
 pub use resize::resize;

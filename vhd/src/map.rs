@@ -204,6 +204,21 @@ impl Image {
     /// Places a new block for `block` past the end of the file and writes the footer behind
     /// it (step 1 of the ordering). Returns its BAT entry, already set in the cache.
     fn allocate(&mut self, block: u32) -> Result<u32> {
+        let start = self.place_block()?;
+        self.set_bat_entry(block, start)?;
+        // Its bitmap is all zero on disk: cache it without a read.
+        if self.cache.peek(Key::Bitmap(block)).is_none() {
+            let slot = self.free_slot()?;
+            self.cache
+                .install(slot, Key::Bitmap(block), start as u64 * SECTOR);
+            *self.cache.buf_mut(slot) = [0; 512];
+        }
+        Ok(start)
+    }
+
+    /// Reserves room for a block past the end of the file and moves the footer behind it
+    /// (or zeroes it on a block device); returns its first sector. Nothing points at it yet.
+    pub(crate) fn place_block(&mut self) -> Result<u32> {
         let bm = self.bm_secs as u64;
         // Data on a 4 KiB boundary: (start + bitmap sectors) % 8 == 0.
         let mut start = self.alloc_from;
@@ -243,13 +258,6 @@ impl Image {
         } else {
             end + 1
         };
-        self.set_bat_entry(block, start as u32)?;
-        // Its bitmap is all zero on disk: cache it without a read.
-        if self.cache.peek(Key::Bitmap(block)).is_none() {
-            let slot = self.free_slot()?;
-            self.cache.install(slot, Key::Bitmap(block), s);
-            *self.cache.buf_mut(slot) = [0; 512];
-        }
         Ok(start as u32)
     }
 

@@ -1,6 +1,6 @@
 //! Changing the virtual size (`vhd-util resize`). Growing within the BAT room reserved at
 //! creation (`-S`), or any fixed disk, rewrites the footer; shrinking is refused (it would
-//! drop data); growing past the reserved room is not implemented.
+//! drop data); growing past the reserved room is [`crate::grow`]'s, with a journal.
 
 use std::path::Path;
 
@@ -61,7 +61,7 @@ impl Image {
         }
         if size > self.max_fast_size() {
             return Err(Error::Unsupported(format!(
-                "growing to {size} bytes needs {} BAT entries, the image has room for {} (create it with -S to reserve more)",
+                "growing to {size} bytes needs {} BAT entries, the image has room for {} (grow it with a journal, vhd::grow, or create it with -S to reserve more)",
                 size.div_ceil(self.block_size),
                 self.header.as_ref().map(|h| h.max_table_entries).unwrap_or(0)
             )));

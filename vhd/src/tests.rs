@@ -470,3 +470,57 @@ fn chains_share_their_parents_and_check_the_parent_uuid() {
         .to_string();
     assert!(e.contains("uuid"), "{e}");
 }
+
+#[test]
+fn growing_past_the_reserved_room_moves_blocks_and_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("g.vhd");
+    // 4 MiB: room for 2 BAT entries; data in both blocks, so growing to 600 MiB (300
+    // entries, a second BAT sector) must move the first block out of the way.
+    crate::create::create(&p, &CreateOptions::dynamic(4 * MB)).unwrap();
+    let set = crate::chain::ParentSet::new();
+    let mut c = Chain::open(&p, &Default::default(), &set).unwrap();
+    let data: Vec<u8> = (0..4 * MB as usize).map(|i| (i / 512) as u8).collect();
+    c.write_at(0, &data).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    let j = dir.path().join("g.journal");
+    crate::grow::grow(&p, 600 * MB, &j).unwrap();
+    assert!(!j.exists());
+    let report = crate::check::check(&p, &Default::default()).unwrap();
+    assert!(report.clean(), "{:?}", report.problems);
+    let mut c = Chain::open(&p, &Default::default(), &set).unwrap();
+    assert_eq!(c.size(), 600 * MB);
+    let mut back = vec![0u8; 4 * MB as usize];
+    c.read_at(0, &mut back).unwrap();
+    assert!(back == data);
+    c.write_at(599 * MB, &[7u8; 4096]).unwrap();
+    c.flush().unwrap();
+    let mut b = [0u8; 4096];
+    c.read_at(599 * MB, &mut b).unwrap();
+    assert_eq!(b, [7u8; 4096]);
+}
+
+#[test]
+fn revert_puts_the_journaled_metadata_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r.vhd");
+    crate::create::create(&p, &CreateOptions::dynamic(4 * MB)).unwrap();
+    let before = std::fs::read(&p).unwrap();
+    // A grow that "crashed" after writing its journal and part of the new metadata.
+    let j = dir.path().join("r.journal");
+    std::fs::write(&j, b"garbage").unwrap();
+    assert!(
+        crate::grow::revert(&p, &j).is_err(),
+        "a foreign journal is refused"
+    );
+    std::fs::remove_file(&j).unwrap();
+    super::grow::tests_support::journal_of(&p, &j);
+    let mut scribbled = before.clone();
+    scribbled[1536..2600].fill(0x5a);
+    scribbled.extend_from_slice(&[1u8; 4096]);
+    std::fs::write(&p, &scribbled).unwrap();
+    crate::grow::revert(&p, &j).unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+    assert!(!j.exists());
+}

@@ -43,7 +43,9 @@ pub enum Command {
     /// Copy everything a differencing disk wrote into its parent (nothing may use the parent
     /// meanwhile). Prints "Coalesced N sectors".
     Coalesce(CoalesceArgs),
-    /// Grow the virtual size (offline; -f within the room reserved by -S at creation).
+    /// Grow the virtual size, offline: -f within the room reserved by -S at creation; -j
+    /// JOURNAL beyond it (blocks in the way move to the end of the file; the metadata is
+    /// journaled, so `revert` can undo a resize a crash interrupted).
     Resize(ResizeArgs),
     /// Rewrite the footer at the end of the file from the copy at its start (after a crash
     /// left it missing), and a damaged batmap.
@@ -52,7 +54,7 @@ pub enum Command {
     Modify(ModifyArgs),
     /// List images matching a pattern with their size, hidden flag and parent.
     Scan(ScanArgs),
-    /// Undo an interrupted journaled resize (this vhd-util writes no journals).
+    /// Undo a journaled resize that a crash interrupted: the image is as before it.
     Revert(RevertArgs),
 }
 
@@ -223,7 +225,7 @@ pub struct ResizeArgs {
     /// New virtual size in MiB; never smaller than now.
     #[arg(short = 's', value_name = "MB")]
     pub size: u64,
-    /// Journal file (accepted; this resize needs none).
+    /// Journal file (must not exist; removed when the resize completes).
     #[arg(short = 'j', value_name = "JOURNAL", conflicts_with = "fast")]
     pub journal: Option<PathBuf>,
     /// Fast resize within the room reserved at creation.

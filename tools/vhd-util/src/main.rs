@@ -147,13 +147,19 @@ fn run(cmd: Command) -> Result<()> {
                 bail!("resize needs -j JOURNAL or -f");
             }
             let mut img = open_rw(&a.name)?;
-            let size = (a.size * MB).div_ceil(BLOCK) * BLOCK;
             let size = if img.disk_type() == DiskType::Fixed {
                 a.size * MB
             } else {
-                size
+                (a.size * MB).div_ceil(BLOCK) * BLOCK
             };
-            img.set_size(size)?;
+            match &a.journal {
+                // Past the reserved room only with a journal, as blktap.
+                Some(j) if size > img.max_fast_size() && img.disk_type() != DiskType::Fixed => {
+                    drop(img);
+                    vhd::grow(&a.name, size, j)?;
+                }
+                _ => img.set_size(size)?,
+            }
         }
         Command::Repair(a) => {
             let mut img = open_rw(&a.name)?;
@@ -172,15 +178,7 @@ fn run(cmd: Command) -> Result<()> {
             }
         }
         Command::Scan(a) => scan::scan(a)?,
-        Command::Revert(a) => {
-            if !a.journal.exists() {
-                bail!("no journal {}: nothing to revert", a.journal.display());
-            }
-            bail!(
-                "journal {} was not written by this vhd-util (resizes here need no journal)",
-                a.journal.display()
-            );
-        }
+        Command::Revert(a) => vhd::revert(&a.name, &a.journal)?,
     }
     Ok(())
 }
