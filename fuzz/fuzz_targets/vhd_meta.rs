@@ -97,10 +97,16 @@ fn templates() -> &'static [Template; 4] {
             b.read_at(&mut v, 0).unwrap();
             v
         };
-        let empty = make(CreateOptions::dynamic(6 << 20), &[], None);
+        // Small blocks keep the images (and so each execution) small.
+        let small = |size: u64| {
+            let mut o = CreateOptions::dynamic(size);
+            o.block_size = 4096;
+            o
+        };
+        let empty = make(small(256 << 10), &[], None);
         let data = make(
-            CreateOptions::dynamic(8 << 20),
-            &[(0, 2 << 20, 1), (3 << 20, 70_000, 2), (7 << 20, 4096, 3)],
+            small(512 << 10),
+            &[(0, 20_480, 1), (40_000, 7_000, 2), (500 << 10, 4096, 3)],
             None,
         );
         let parent_img = Image::open(
@@ -111,11 +117,11 @@ fn templates() -> &'static [Template; 4] {
         .unwrap();
         let link = ParentLink::for_path(parent_img.footer().uuid, 0, "p.vhd", "./p.vhd");
         let child = make(
-            CreateOptions::dynamic(8 << 20),
-            &[(1 << 20, 1 << 20, 4), (6 << 20, 512, 5)],
+            small(512 << 10),
+            &[(8192, 12_288, 4), (300 << 10, 512, 5)],
             Some(&link),
         );
-        let mut fixed = CreateOptions::dynamic(2 << 20);
+        let mut fixed = CreateOptions::dynamic(64 << 10);
         fixed.disk_type = DiskType::Fixed;
         let fixed = make(fixed, &[(4096, 8192, 6)], None);
         [
@@ -257,7 +263,7 @@ fuzz_target!(|input: Input| {
         return;
     };
     let mut chain = Chain::from_parts(img, parents.clone());
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 64 << 10];
     for op in input.ops.iter().take(20) {
         let size = chain.size();
         if size == 0 {
@@ -266,12 +272,12 @@ fuzz_target!(|input: Input| {
         match *op {
             Op::Read { offset, len } => {
                 let off = offset as u64 % size;
-                let n = (len as u64 % (1 << 20)).clamp(1, size - off) as usize;
+                let n = (len as u64 % (64 << 10)).clamp(1, size - off) as usize;
                 let _ = chain.read_at(off, &mut buf[..n]);
             }
             Op::Write { offset, len, fill } => {
                 let off = offset as u64 % size;
-                let n = (len as u64 % (1 << 20)).clamp(1, size - off) as usize;
+                let n = (len as u64 % (64 << 10)).clamp(1, size - off) as usize;
                 buf[..n].fill(fill);
                 let _ = chain.write_at(off, &buf[..n]);
             }
@@ -293,7 +299,7 @@ fuzz_target!(|input: Input| {
                 let _ = chain.leaf().set_hidden(v);
             }
             Op::Grow { mb } => {
-                let _ = chain.leaf().set_size(size + (mb as u64 % 8) * (1 << 20));
+                let _ = chain.leaf().set_size(size + (mb as u64 % 8) * (64 << 10));
             }
             Op::Reopen => {
                 let _ = chain.flush();

@@ -45,7 +45,7 @@ pub fn grow(path: &Path, size: u64, journal: &Path) -> Result<()> {
             "growing the metadata of a VHD on a block device".into(),
         ));
     }
-    if size < img.size() || size % SECTOR != 0 {
+    if size < img.size() || !size.is_multiple_of(SECTOR) {
         return Err(Error::Invalid(format!(
             "{size} bytes: not whole sectors, or smaller than now ({})",
             img.size()
