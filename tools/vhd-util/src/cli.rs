@@ -20,7 +20,7 @@ use clap::{Args, Parser, Subcommand};
 ///   vhd-util check -n snap1.vhd                   "snap1.vhd is valid" or the problems
 ///   vhd-util coalesce -n snap1.vhd                copy snap1's data into base.vhd
 #[derive(Parser, Debug)]
-#[command(name = "vhd-util", disable_version_flag = true)]
+#[command(name = "vhd-util", disable_version_flag = true, verbatim_doc_comment)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
