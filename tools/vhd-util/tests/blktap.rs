@@ -254,3 +254,27 @@ fn query_and_read_output_agree_with_blktap() {
     let b = stdout(bt(&p, "bin/vhd-util").args(["coalesce", "-n"]).arg(&snap));
     assert_eq!(b.trim_end(), "Coalesced 8 sectors");
 }
+
+#[test]
+fn discarded_blocks_read_as_zero_through_blktap_and_pass_its_check() {
+    let Some(p) = blktap() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.vhd");
+    run(Command::new(ours()).args(["create", "-s", "16", "-n"]).arg(&img));
+    let mut rng = Rng(9);
+    let data = rng.bytes(10 << 20);
+    write_chain(&img, &[(0, data.clone())]);
+    let set = vhd::ParentSet::new();
+    let mut c = vhd::Chain::open(&img, &vhd::ChainOptions::default(), &set).unwrap();
+    // 3 MiB .. 9 MiB covers blocks 2, 3 wholly (4 MiB .. 8 MiB).
+    assert_eq!(c.discard(3 << 20, 6 << 20).unwrap(), 2);
+    drop(c);
+    let mut model = vec![0u8; 16 << 20];
+    model[..10 << 20].copy_from_slice(&data);
+    model[4 << 20..8 << 20].fill(0);
+    let out = stdout(bt(&p, "bin/vhd-util").args(["check", "-n"]).arg(&img));
+    assert!(out.contains("is valid"), "{out}");
+    let serve = BlktapServe::new(&p, &img);
+    let back = serve.read_all(dir.path());
+    assert!(back == model, "blktap reads the discarded image differently at {:?}", first_diff(&back, &model));
+}
