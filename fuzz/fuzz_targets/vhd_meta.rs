@@ -158,15 +158,18 @@ fn be64(b: &[u8], o: usize) -> u64 {
 
 /// Where the interesting structures are in an unpatched template.
 fn regions(b: &[u8]) -> [(usize, usize); 5] {
+    // Earlier patches may have changed these fields: saturating arithmetic throughout.
     let n = b.len();
-    let table = be64(b, 512 + 16) as usize;
+    let table = be64(b, 512 + 16).min(n as u64) as usize;
     let entries = be32(b, 512 + 28) as usize;
-    let bat = (table.min(n), (entries * 4).max(512));
-    let bm_hdr = (table + (entries * 4).div_ceil(512) * 512).min(n);
+    let bat_len = entries.saturating_mul(4).max(512);
+    let bm_hdr = table
+        .saturating_add(entries.saturating_mul(4).div_ceil(512).saturating_mul(512))
+        .min(n);
     [
         (n.saturating_sub(512), 512),
         (512, 1024),
-        bat,
+        (table, bat_len),
         (bm_hdr, 1024),
         (0, n),
     ]
