@@ -260,7 +260,9 @@ fn discarded_blocks_read_as_zero_through_blktap_and_pass_its_check() {
     let Some(p) = blktap() else { return };
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.vhd");
-    run(Command::new(ours()).args(["create", "-s", "16", "-n"]).arg(&img));
+    run(Command::new(ours())
+        .args(["create", "-s", "16", "-n"])
+        .arg(&img));
     let mut rng = Rng(9);
     let data = rng.bytes(10 << 20);
     write_chain(&img, &[(0, data.clone())]);
@@ -276,5 +278,9 @@ fn discarded_blocks_read_as_zero_through_blktap_and_pass_its_check() {
     assert!(out.contains("is valid"), "{out}");
     let serve = BlktapServe::new(&p, &img);
     let back = serve.read_all(dir.path());
-    assert!(back == model, "blktap reads the discarded image differently at {:?}", first_diff(&back, &model));
+    assert!(
+        back == model,
+        "blktap reads the discarded image differently at {:?}",
+        first_diff(&back, &model)
+    );
 }
