@@ -309,8 +309,8 @@ impl Image {
     fn scan_bat(&mut self, limit: u64) -> Result<()> {
         let table = self.header.as_ref().map(|h| h.table_offset).unwrap_or(0);
         let mut end = self.regions.iter().map(|r| r.end).max().unwrap_or(0);
-        let mut buf = vec![0u8; 64 << 10];
         let total = self.blocks as u64 * 4;
+        let mut buf = vec![0u8; total.min(64 << 10) as usize];
         let mut done = 0u64;
         while done < total {
             let n = (total - done).min(buf.len() as u64) as usize;
