@@ -11,10 +11,11 @@ cd "$(dirname "$0")/.."
 # (libnbd), tgt (iSCSI targets for the initiator and the striped disks), iproute2 (ip, tc: the
 # storage LAN's namespaces and rate-limited links), gcc with rpcsvc-proto and libtirpc-dev (a C
 # client generated with rpcgen from the stripe master's interface talks to it), mount
-# (losetup), a font for td-bench's charts. Add a package here when a test starts using it.
+# (losetup), a font for td-bench's charts, libvhdi-utils (vhdiinfo, vhdimount: an independent VHD
+# reader for vhd-util's interop tests). Add a package here when a test starts using it.
 packages=(fio qemu-utils libnbd-bin tgt iproute2 gcc rpcsvc-proto libtirpc-dev mount
-  fonts-dejavu-core)
-tools=(fio qemu-io qemu-img nbdinfo nbdcopy tgtd tgtadm ip tc gcc rpcgen losetup)
+  fonts-dejavu-core libvhdi-utils)
+tools=(fio qemu-io qemu-img nbdinfo nbdcopy tgtd tgtadm ip tc gcc rpcgen losetup vhdiinfo vhdimount)
 
 bash tests/apt-install-missing.sh "${packages[@]}"
 for tool in "${tools[@]}"; do
