@@ -135,3 +135,37 @@ fn tickets_link_after_the_data_and_reads_see_old_content_until_then() {
     assert_eq!(w4.offset, w3.offset);
     img.abort(w4.ticket.expect("new"));
 }
+
+#[test]
+fn the_refcount_table_grows_and_the_image_reopens() {
+    let m = MemStorage::new();
+    let mut o = CreateOptions::new(8 << 20);
+    o.cluster_bits = 9;
+    o.refcount_order = 6;
+    create(&m, &o).unwrap();
+    let mut img = open(&m, 4);
+    let before = (
+        img.header().refcount_table_offset,
+        img.header().refcount_table_clusters,
+    );
+    let data: Vec<u8> = (0..(6 << 20)).map(|i: u32| (i / 512) as u8).collect();
+    img.write_at(1 << 20, &data, None).unwrap();
+    img.close().unwrap();
+    let after = (
+        img.header().refcount_table_offset,
+        img.header().refcount_table_clusters,
+    );
+    assert_ne!(before, after);
+    drop(img);
+    let mut img = open(&m, 4);
+    assert_eq!(
+        (
+            img.header().refcount_table_offset,
+            img.header().refcount_table_clusters
+        ),
+        after
+    );
+    let mut back = vec![0u8; data.len()];
+    img.read_at(1 << 20, &mut back, None).unwrap();
+    assert!(back == data);
+}
