@@ -175,6 +175,18 @@ impl BackingPool {
         self.len() == 0
     }
 
+    /// Opens (or finds open) the read-only image at `path`, `format` "qcow2" or "raw"
+    /// (probed when `None`), with its own backing chain: for callers that assemble a
+    /// [`Chain`] over an image of their own ([`Chain::from_image`]).
+    pub fn open(
+        &self,
+        path: &Path,
+        format: Option<&str>,
+        opts: &OpenOptions,
+    ) -> Result<Arc<BackingImage>> {
+        self.get(path, format, opts, &mut Vec::new())
+    }
+
     /// Opens (or finds open) the backing image at `path` with `format` (probed when
     /// `None`), and everything below it. `seen` holds the files above it, to refuse loops.
     fn get(
