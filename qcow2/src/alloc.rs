@@ -53,17 +53,21 @@ impl Image {
     /// Allocates up to `max` contiguous free clusters (at least one), each with refcount 1;
     /// returns the first cluster's index and the count.
     pub(crate) fn alloc(&mut self, max: u64) -> Result<(u64, u64)> {
+        let g = self.g;
+        // Clusters past the end of the file hold nothing; a refcount there is a leak at
+        // best. A scan that runs far past the end is corruption, not a reason to hang.
+        let limit = (self.file_size >> g.bits) + (1 << 16);
         let mut c = self.free_hint;
         let mut start = 0;
         let mut n = 0u64;
-        while n < max {
-            if (c + 1) << self.g.bits > MAX_HOST_OFFSET {
+        'scan: while n < max {
+            if (c + 1) << g.bits > MAX_HOST_OFFSET {
                 if n > 0 {
                     break;
                 }
                 return Err(Error::NoSpace("the image file reached 64 PiB".into()));
             }
-            let t = c / self.g.rc_per_block;
+            let t = c / g.rc_per_block;
             if t >= self.reftable.len() as u64 {
                 if n > 0 {
                     break;
@@ -80,21 +84,41 @@ impl Image {
                 c += 1;
                 continue;
             }
-            if self.refcount(c)? == 0 {
-                if self.meta_clusters.contains_key(&c) {
-                    return Err(self.fail(corrupt!(
-                        "cluster {:#x} holds metadata but its refcount is 0",
-                        c << self.g.bits
-                    )));
-                }
-                if n == 0 {
-                    start = c;
-                }
-                n += 1;
-            } else if n > 0 {
-                break;
+            if c > limit && n == 0 {
+                return Err(self.fail(corrupt!(
+                    "no free cluster up to {:#x}, far past the end of the file",
+                    c << g.bits
+                )));
             }
-            c += 1;
+            let Some((slice, first)) = self.rc_where(c) else {
+                break;
+            };
+            let s = self.slot(Kind::Refblock, slice)?;
+            let bytes = self.cache.bytes(s);
+            for i in first..g.rc_per_slice as usize {
+                if g.rc.get(bytes, i) == 0 {
+                    if n == 0 {
+                        start = c;
+                    }
+                    n += 1;
+                    c += 1;
+                    if n == max {
+                        break 'scan;
+                    }
+                } else if n > 0 {
+                    break 'scan;
+                } else {
+                    c += 1;
+                }
+            }
+        }
+        for i in start..start + n {
+            if self.meta_clusters.contains_key(&i) {
+                return Err(self.fail(corrupt!(
+                    "cluster {:#x} holds metadata but its refcount is 0",
+                    i << g.bits
+                )));
+            }
         }
         for i in start..start + n {
             self.set_refcount(i, 1)?;

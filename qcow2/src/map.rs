@@ -70,6 +70,11 @@ impl Image {
         Ok(())
     }
 
+    /// Whether guest cluster `gc` has no L2 table.
+    pub(crate) fn l2_missing(&self, gc: u64) -> bool {
+        matches!(self.l2_slice(gc), Ok(None))
+    }
+
     /// File offset of the L2 slice holding guest cluster `gc`'s entry.
     fn l2_slice(&self, gc: u64) -> Result<Option<u64>> {
         let l1i = gc / self.g.l2_entries;

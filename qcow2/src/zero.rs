@@ -31,6 +31,12 @@ impl Image {
             let cend = (cstart + g.cs).min(g.disk_size);
             let n = cend.min(end) - pos;
             let whole = pos == cstart && end >= cend;
+            // No L2 table, no backing image: the whole table's range reads as zeroes already.
+            if whole && pos >= self.backing_size && self.l2_missing(gc) {
+                let table_end = (gc / g.l2_entries + 1) * g.l2_entries;
+                pos = (table_end << g.bits).min(end);
+                continue;
+            }
             if !(whole && !self.pending.contains_key(&gc) && self.zero_cluster(gc, unmap)?) {
                 self.write_zero_bytes(pos, n, backing)?;
             }
