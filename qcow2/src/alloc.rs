@@ -154,11 +154,7 @@ impl Image {
     pub(crate) fn claim(&mut self, c: u64, n: u64) -> Result<bool> {
         self.cover((c + n) << self.g.bits)?;
         let fresh = c >= self.zero_from;
-        if fresh {
-            self.zero_from = c + n;
-        } else if c + n > self.zero_from {
-            self.zero_from = c + n;
-        }
+        self.zero_from = self.zero_from.max(c + n);
         Ok(fresh)
     }
 

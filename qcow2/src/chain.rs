@@ -29,7 +29,7 @@ pub enum Format {
 }
 
 enum Kind {
-    Qcow2(Mutex<Image>),
+    Qcow2(Box<Mutex<Image>>),
     Raw(Arc<dyn Storage>),
 }
 
@@ -143,12 +143,15 @@ impl GuestReader for BackingImage {
     }
 }
 
+/// Open backing images by (device, inode, format).
+type OpenMap = HashMap<(u64, u64, Format), Weak<BackingImage>>;
+
 /// The backing images a process has open, by file identity and format, so chains sharing a
 /// base image share one open copy (one descriptor, one metadata cache). Clones share the
 /// pool.
 #[derive(Clone, Default)]
 pub struct BackingPool {
-    open: Arc<Mutex<HashMap<(u64, u64, Format), Weak<BackingImage>>>>,
+    open: Arc<Mutex<OpenMap>>,
 }
 
 impl std::fmt::Debug for BackingPool {
@@ -257,7 +260,7 @@ impl BackingPool {
                 img.set_backing_size(parent.as_ref().map_or(0, |p| p.size()));
                 BackingImage {
                     size: img.disk_size(),
-                    kind: Kind::Qcow2(Mutex::new(img)),
+                    kind: Kind::Qcow2(Box::new(Mutex::new(img))),
                     path: path.to_path_buf(),
                     parent,
                 }

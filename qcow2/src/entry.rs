@@ -154,7 +154,7 @@ impl Refcounts {
 
     /// Entries in `bytes` bytes.
     pub fn per(&self, bytes: u64) -> u64 {
-        bytes * 8 >> self.order
+        (bytes * 8) >> self.order
     }
 
     /// Entry `i` of `block`. Sub-byte entries count from the least significant bit; wider

@@ -261,7 +261,7 @@ impl Header {
             h.autoclear_features = be64(buf, 88);
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
-            if h.header_length < V3_HEADER_LEN || h.header_length % 8 != 0 {
+            if h.header_length < V3_HEADER_LEN || !h.header_length.is_multiple_of(8) {
                 return Err(corrupt!(
                     "header_length {} (a version 3 header is at least 104 bytes, a multiple of 8)",
                     h.header_length
@@ -456,7 +456,7 @@ impl Header {
         let cs = self.cluster_size();
         let l2_entries = cs / 8;
         let inside = |what: &str, off: u64, len: u64| -> Result<()> {
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 return Err(corrupt!("{what} {off:#x} is not aligned to a cluster"));
             }
             if off == 0 {

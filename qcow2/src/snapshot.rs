@@ -88,7 +88,7 @@ pub fn read_table(
         let mut rest = vec![0u8; var as usize];
         storage.read_at(&mut rest, at + 40).map_err(io)?;
         let l1_bytes = l1_size as u64 * 8;
-        if l1_table_offset % cs != 0
+        if !l1_table_offset.is_multiple_of(cs)
             || l1_bytes > MAX_L1_BYTES
             || l1_table_offset
                 .checked_add(l1_bytes)

@@ -196,8 +196,8 @@ fn one_run(dir: &Path, seed: u64) {
         let res = match op {
             0..=5 => {
                 let mut buf = Vec::with_capacity(len as usize);
-                for s in s0..s1 {
-                    maybe[s].push(Content::Write(i));
+                for (s, m) in maybe.iter_mut().enumerate().take(s1).skip(s0) {
+                    m.push(Content::Write(i));
                     buf.extend(sector_bytes(Content::Write(i), s as u64, &base));
                 }
                 c.write_at(off, &buf)
