@@ -351,3 +351,133 @@ fn images_we_create_are_clean_for_qemu() {
         assert!(info.contains("\"virtual-size\": 104857600"), "{info}");
     }
 }
+
+fn open_err(path: &Path, read_only: bool) -> String {
+    match Chain::open(
+        path,
+        &OpenOptions {
+            read_only,
+            cache_slots: 8,
+        },
+        &BackingPool::new(),
+    ) {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn features_we_do_not_support_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let data = d("data.raw");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", p(&data)),
+        p(&d("ext.qcow2")),
+        "1M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        p(&d("l2.qcow2")),
+        "1M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        p(&d("zstd.qcow2")),
+        "1M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "--object",
+        "secret,id=s0,data=123456",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        p(&d("luks.qcow2")),
+        "1M",
+    ]);
+    for (f, want) in [
+        ("ext.qcow2", "external data file"),
+        ("l2.qcow2", "extended L2 entries"),
+        ("zstd.qcow2", "zstd"),
+        ("luks.qcow2", "LUKS"),
+    ] {
+        for ro in [true, false] {
+            let e = open_err(&d(f), ro);
+            assert!(e.contains("unsupported") && e.contains(want), "{f}: {e}");
+        }
+    }
+    // Internal snapshots: read-only works, writing is refused.
+    let s = d("snap.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&s), "4M"]);
+    qemu_io(&["-f", "qcow2", "-c", "write -P 0x42 0 64k", p(&s)]);
+    qemu_img(&["snapshot", "-c", "first", p(&s)]);
+    qemu_io(&["-f", "qcow2", "-c", "write -P 0x43 0 4k", p(&s)]);
+    let e = open_err(&s, false);
+    assert!(e.contains("internal snapshots (1)"), "{e}");
+    let mut c = open(&s, true);
+    assert_eq!(c.leaf().snapshots()[0].name, "first");
+    assert!(read_all(&mut c) == qemu_raw(&s, "qcow2"));
+}
+
+#[test]
+fn a_dirty_image_reads_but_is_not_written_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("dirty.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        p(&img),
+        "4M",
+    ]);
+    // Killed by a signal with lazy refcounts in use: the dirty bit stays set.
+    common::run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 0 128k",
+            "-c",
+            "sigraise 9",
+            p(&img),
+        ],
+        &[-1, 137],
+    );
+    let e = open_err(&img, false);
+    assert!(
+        e.contains("dirty") && e.contains("qemu-img check -r all"),
+        "{e}"
+    );
+    let mut c = open(&img, true);
+    let got = read_all(&mut c);
+    assert!(got[..128 << 10].iter().all(|&b| b == 0x5a));
+    drop(c);
+    qemu_img(&["check", "-q", "-r", "all", p(&img)]);
+    let mut c = open(&img, false);
+    c.write_at(1 << 20, &[1u8; 4096]).unwrap();
+    c.close().unwrap();
+    drop(c);
+    assert_eq!(check(&img, false), common::Check::default());
+}
