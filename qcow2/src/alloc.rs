@@ -40,7 +40,7 @@ impl Image {
     }
 
     /// Sets cluster `c`'s refcount (its refcount block exists).
-    fn set_refcount(&mut self, c: u64, v: u64) -> Result<()> {
+    pub(crate) fn set_refcount(&mut self, c: u64, v: u64) -> Result<()> {
         let (slice, i) = self
             .rc_where(c)
             .ok_or_else(|| corrupt!("no refcount block for cluster {:#x}", c << self.g.bits))?;
@@ -170,7 +170,7 @@ impl Image {
 
     /// A refcount block for table index `t`, placed at cluster `c` (free, inside the range
     /// the block covers, so it describes itself).
-    fn new_refblock(&mut self, t: u64, c: u64) -> Result<()> {
+    pub(crate) fn new_refblock(&mut self, t: u64, c: u64) -> Result<()> {
         if self.meta_clusters.contains_key(&c) {
             return Err(self.fail(corrupt!(
                 "cluster {:#x} holds metadata but no refcount block covers it",
@@ -188,7 +188,7 @@ impl Image {
     /// themselves; they are written and synced, then the header is switched to the new table
     /// and synced, then the old table's clusters are freed.
     /// Returns the first cluster the new structures occupy.
-    fn grow_reftable(&mut self, need: u64) -> Result<u64> {
+    pub(crate) fn grow_reftable(&mut self, need: u64) -> Result<u64> {
         // The new table copies the in-memory entries: make the blocks they point at durable.
         self.write_back(false)?;
         self.sync()?;

@@ -152,8 +152,10 @@ impl Image {
     /// opens them); without [`Image::set_backing_size`] unallocated clusters read as
     /// [`crate::Mapping::Backing`] never, zeroes always.
     ///
-    /// A writable open refuses images marked dirty or corrupt and images with internal
-    /// snapshots, and clears autoclear feature bits it does not maintain (bitmaps) first.
+    /// A writable open refuses images marked corrupt and images with internal snapshots,
+    /// clears autoclear feature bits it does not maintain (bitmaps), and rebuilds the
+    /// refcounts of a dirty image (lazy refcounts, not closed cleanly) before anything else,
+    /// as QEMU does, clearing the dirty bit when they are right.
     pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
         let io = |what: &'static str| move |e| Error::io(what, e);
         let file_size = storage.size().map_err(io("reading the file size"))?;
@@ -170,14 +172,6 @@ impl Image {
         let header = Header::parse(&buf, file_size)?;
         drop(buf);
         if !opts.read_only {
-            if header.is_dirty() {
-                return Err(Error::Unsupported(
-                    "the image is dirty (lazy refcounts were in use and it was not closed \
-                     cleanly): its refcounts must be rebuilt before writing; run \
-                     `qemu-img check -r all` on it, or open it read-only"
-                        .into(),
-                ));
-            }
             if header.is_corrupt() {
                 return Err(Error::Corrupt(
                     "the image is marked corrupt: it opens read-only only; \
@@ -275,6 +269,10 @@ impl Image {
         };
         if !img.read_only {
             img.prepare_for_writing()?;
+            if img.header.is_dirty() {
+                // As QEMU does on a read-write open: rebuild the refcounts first.
+                img.repair_refcounts()?;
+            }
         }
         Ok(img)
     }

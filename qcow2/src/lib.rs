@@ -17,10 +17,10 @@
 //! Refused at open, with an error naming the feature, never misread: encryption, external
 //! data files, extended L2 entries, compression types other than deflate, unknown
 //! incompatible feature bits. Opened read-only only: images with internal snapshots (the
-//! snapshot table is read and validated, nothing more), images marked corrupt, and dirty
-//! images (lazy refcounts, not closed cleanly). QEMU repairs a dirty image when it opens it
-//! read-write; this library does not rebuild refcounts, and refuses a writable open with a
-//! message saying to run `qemu-img check -r all`. It never sets the dirty bit itself: it does
+//! snapshot table is read and validated, nothing more) and images marked corrupt. A dirty
+//! image (lazy refcounts in use, not closed cleanly) opens read-only as it is; a writable
+//! open first rebuilds its refcounts from the L1/L2 tables and fixes the copied bits, then
+//! clears the dirty bit, as QEMU does. This library never sets the dirty bit itself: it does
 //! not use lazy refcounts (an image with the lazy-refcounts compatible bit is written with
 //! ordinary, ordered refcount updates, which is always allowed). Every field read from an
 //! image is checked before use, with an error naming it: offsets aligned and inside the file,
@@ -164,6 +164,7 @@ mod image;
 mod io;
 mod map;
 mod meta;
+mod repair;
 pub mod snapshot;
 pub mod storage;
 mod write;

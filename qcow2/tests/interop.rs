@@ -438,46 +438,61 @@ fn features_we_do_not_support_are_refused_by_name() {
 }
 
 #[test]
-fn a_dirty_image_reads_but_is_not_written_until_repaired() {
+fn a_dirty_image_gets_its_refcounts_rebuilt_on_a_writable_open() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("dirty.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        p(&img),
-        "4M",
-    ]);
-    // Killed by a signal with lazy refcounts in use: the dirty bit stays set.
-    common::run(
-        "qemu-io",
-        &[
+    for cs in ["64k", "512"] {
+        let img = dir.path().join(format!("dirty{cs}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
             "-f",
             "qcow2",
-            "-c",
-            "write -P 0x5a 0 128k",
-            "-c",
-            "sigraise 9",
+            "-o",
+            &format!("lazy_refcounts=on,cluster_size={cs}"),
             p(&img),
-        ],
-        &[-1, 137],
-    );
-    let e = open_err(&img, false);
-    assert!(
-        e.contains("dirty") && e.contains("qemu-img check -r all"),
-        "{e}"
-    );
-    let mut c = open(&img, true);
-    let got = read_all(&mut c);
-    assert!(got[..128 << 10].iter().all(|&b| b == 0x5a));
-    drop(c);
-    qemu_img(&["check", "-q", "-r", "all", p(&img)]);
-    let mut c = open(&img, false);
-    c.write_at(1 << 20, &[1u8; 4096]).unwrap();
-    c.close().unwrap();
-    drop(c);
-    assert_eq!(check(&img, false), common::Check::default());
+            "16M",
+        ]);
+        // Killed by a signal with lazy refcounts in use: the dirty bit stays set and the
+        // refcounts on disk lag the L2 tables.
+        common::run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x5a 0 128k",
+                "-c",
+                "write -P 0x5b 3M 2M",
+                "-c",
+                "flush",
+                "-c",
+                "write -P 0x5c 9M 300k",
+                "-c",
+                "sigraise 9",
+                p(&img),
+            ],
+            &[-1, 137],
+        );
+        let want = {
+            let mut c = open(&img, true);
+            read_all(&mut c)
+        };
+        assert!(want[..128 << 10].iter().all(|&b| b == 0x5a));
+        let before = check(&img, false);
+        assert!(
+            before != common::Check::default(),
+            "{cs}: the killed image should need repair"
+        );
+        // Our writable open repairs it; the data stays.
+        let mut c = open(&img, false);
+        assert!(!c.leaf().header().is_dirty());
+        assert!(read_all(&mut c) == want);
+        c.write_at(12 << 20, &[1u8; 4096]).unwrap();
+        c.close().unwrap();
+        drop(c);
+        assert_eq!(check(&img, false), common::Check::default(), "{cs}");
+        let mut want = want;
+        want[12 << 20..(12 << 20) + 4096].fill(1);
+        assert!(qemu_raw(&img, "qcow2") == want);
+    }
 }

@@ -20,11 +20,25 @@ pub fn qemu_io(args: &[&str]) -> String {
 }
 
 /// Runs `prog`, returning stdout; panics unless its exit code is in `ok`.
+///
+/// A test thread's fork (to start a process) briefly holds a copy of every descriptor of the
+/// test binary, and with it the QEMU-style locks of an image another thread just closed: a
+/// lock conflict is retried for a while.
 pub fn run(prog: &str, args: &[&str], ok: &[i32]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog} could not run: {e}"));
+    let mut tries = 0;
+    let out = loop {
+        let out = Command::new(prog)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{prog} could not run: {e}"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        if tries < 100 && err.contains("Failed to get") && err.contains("lock") {
+            tries += 1;
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            continue;
+        }
+        break out;
+    };
     let code = out.status.code().unwrap_or(-1);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
