@@ -66,7 +66,15 @@
 //!    misses, write-backs, syncs; `serde::Serialize`).
 //!
 //! The mapping calls allocate nothing once the per-image buffers are warm, and take no lock
-//! of their own except a backing image's mutex when a read falls through to it.
+//! of their own except a backing image's mutex when a read falls through to it. Measured
+//! (`mapping_cost`, release build): about 95 ns for `map_write` + `commit` of a 4 KiB write
+//! into an unallocated cluster, about 30 ns for a `map_read`, with the L2 slices cached.
+//!
+//! Data IO may use a descriptor of the driver's own on the same file, with `O_DIRECT`: the
+//! library's own writes (metadata, fills) are buffered, and Linux writes back and drops the
+//! page cache over a range before a direct IO to it. File offsets keep the guest offset's
+//! alignment within a cluster, so an IO aligned to 4 KiB stays aligned when clusters are at
+//! least 4 KiB (with 512-byte or 2 KiB clusters it may not: fall back to buffered IO then).
 //!
 //! # Crash safety
 //!

@@ -261,3 +261,14 @@ fn mapping_cost() {
         read.as_nanos() as f64 / n as f64
     );
 }
+
+#[test]
+fn chains_move_between_threads_and_backing_images_are_shared_across_them() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send::<crate::Chain>();
+    send::<Image>();
+    send_sync::<crate::BackingImage>();
+    send_sync::<crate::BackingPool>();
+    send_sync::<crate::StatsHandle>();
+}
