@@ -5,6 +5,10 @@
 //! truncated; then opened (read-write or read-only) and read, written, zeroed, discarded,
 //! mapped with tickets committed or aborted, flushed and reopened. Never a panic, a hang or
 //! an unbounded allocation: every outcome is a value or an error.
+//!
+//! Inputs without patches also run against a model: every read returns what the model holds,
+//! and at the end the refcounts match the references exactly (no corruption; no leak unless
+//! an operation failed).
 #![no_main]
 use std::sync::{Arc, OnceLock};
 
@@ -117,6 +121,15 @@ fn templates() -> &'static Vec<Template> {
                 let e = (1u64 << 62) | (sectors << x) | at;
                 let l2e = l2 as usize + 8;
                 bytes[l2e..l2e + 8].copy_from_slice(&e.to_be_bytes());
+                // Its refcounts: mark the image dirty and let a writable open rebuild them.
+                bytes[79] |= 1;
+                let m = MemStorage::from_bytes(bytes);
+                let s: Arc<dyn Storage> = Arc::new(m.clone());
+                let mut img = Image::open(s, &OpenOptions::default()).unwrap();
+                assert_eq!(img.check().unwrap(), qcow2::CheckReport::default());
+                img.close().unwrap();
+                drop(img);
+                bytes = m.to_bytes();
             }
             Template {
                 bytes,
@@ -125,7 +138,7 @@ fn templates() -> &'static Vec<Template> {
         };
         vec![
             make(9, 4, 3, false, false),
-            make(12, 4, 2, false, true),
+            make(12, 4, 2, false, false),
             make(12, 0, 3, true, true),
             make(9, 6, 3, false, true),
         ]
@@ -183,6 +196,17 @@ fuzz_target!(|input: Input| {
         return;
     };
     let mut buf = vec![0u8; 65536];
+    // The model: the disk's bytes, and which 512-byte sectors they are known for.
+    let pristine = input.patches.is_empty() && input.truncate_to.is_none() && !input.read_only;
+    let mut model = Vec::new();
+    let mut known = Vec::new();
+    if pristine {
+        model = vec![0u8; img.disk_size() as usize];
+        img.read_at(0, &mut model, None)
+            .expect("reading an intact template");
+        known = vec![true; model.len() / 512];
+    }
+    let mut failed = false;
     for op in input.ops.iter().take(32) {
         let size = img.disk_size();
         if size == 0 {
@@ -193,26 +217,49 @@ fuzz_target!(|input: Input| {
             Op::Read { offset, len } => {
                 let off = at(offset);
                 let n = (len as u64).clamp(1, size - off) as usize;
-                let _ = img.read_at(off, &mut buf[..n], None);
+                let r = img.read_at(off, &mut buf[..n], None);
+                if pristine && r.is_ok() {
+                    for k in off as usize / 512..(off as usize + n).div_ceil(512) {
+                        let (a, z) = (
+                            (k * 512).max(off as usize),
+                            ((k + 1) * 512).min(off as usize + n),
+                        );
+                        if known[k] {
+                            assert!(
+                                buf[a - off as usize..z - off as usize] == model[a..z],
+                                "read at {a}"
+                            );
+                        }
+                    }
+                }
+                failed |= r.is_err();
             }
             Op::Write { offset, len, fill } => {
                 let off = at(offset);
                 let n = (len as u64).clamp(1, size - off) as usize;
                 buf[..n].fill(fill);
-                let _ = img.write_at(off, &buf[..n], None);
+                let r = img.write_at(off, &buf[..n], None);
+                if pristine {
+                    model[off as usize..off as usize + n].fill(fill);
+                    if r.is_err() {
+                        forget(&mut known, off, n as u64);
+                    }
+                }
+                failed |= r.is_err();
             }
             Op::Zero { offset, len, unmap } => {
                 let off = at(offset);
-                let _ = img.write_zeroes(
-                    off,
-                    (len as u64 % (4 << 20)).clamp(1, size - off),
-                    unmap,
-                    None,
-                );
+                let n = (len as u64 % (4 << 20)).clamp(1, size - off);
+                let r = img.write_zeroes(off, n, unmap, None);
+                zeroed(pristine, &mut model, &mut known, off, n, r.is_err());
+                failed |= r.is_err();
             }
             Op::Discard { offset, len } => {
                 let off = at(offset);
-                let _ = img.discard(off, (len as u64 % (4 << 20)).clamp(1, size - off), None);
+                let n = (len as u64 % (4 << 20)).clamp(1, size - off);
+                let r = img.discard(off, n, None);
+                zeroed(pristine, &mut model, &mut known, off, n, r.is_err());
+                failed |= r.is_err();
             }
             Op::Map {
                 offset,
@@ -221,23 +268,30 @@ fuzz_target!(|input: Input| {
             } => {
                 let off = at(offset);
                 let n = (len as u64).clamp(1, size - off);
-                if let Ok(w) = img.map_write(off, n, None) {
-                    assert!(w.len >= 1 && w.len <= n);
-                    if let Some(t) = w.ticket {
-                        if commit {
-                            let _ = img.commit(t);
-                        } else {
-                            img.abort(t);
+                match img.map_write(off, n, None) {
+                    Ok(w) => {
+                        assert!(w.len >= 1 && w.len <= n);
+                        if let Some(t) = w.ticket {
+                            if commit {
+                                // Committed without its data write: the range is unspecified.
+                                failed |= img.commit(t).is_err();
+                                if pristine {
+                                    forget(&mut known, off, w.len);
+                                }
+                            } else {
+                                img.abort(t);
+                            }
                         }
                     }
+                    Err(_) => failed = true,
                 }
                 let _ = img.map_read(off, n);
             }
             Op::Flush => {
-                let _ = img.flush();
+                failed |= img.flush().is_err();
             }
             Op::Reopen => {
-                let _ = img.close();
+                failed |= img.close().is_err();
                 drop(img);
                 match open(&m, slots, input.read_only) {
                     Some(i) => img = i,
@@ -246,5 +300,28 @@ fuzz_target!(|input: Input| {
             }
         }
     }
-    let _ = img.close();
+    failed |= img.close().is_err();
+    if pristine {
+        let r = img.check().expect("checking an image this library wrote");
+        assert_eq!(r.errors, 0, "refcounts below references");
+        assert!(failed || r.leaks == 0, "leaks without a failed operation");
+    }
 });
+
+/// Sectors touched by `len` bytes at `off` are no longer known.
+fn forget(known: &mut [bool], off: u64, len: u64) {
+    for k in off / 512..(off + len).div_ceil(512) {
+        known[k as usize] = false;
+    }
+}
+
+/// The model after zeroing `len` bytes at `off`.
+fn zeroed(on: bool, model: &mut [u8], known: &mut [bool], off: u64, len: u64, failed: bool) {
+    if !on {
+        return;
+    }
+    model[off as usize..(off + len) as usize].fill(0);
+    if failed {
+        forget(known, off, len);
+    }
+}

@@ -194,6 +194,11 @@ impl Cache {
         hit
     }
 
+    /// The slot holding `key`, without counting.
+    pub fn peek(&self, key: Key) -> Option<usize> {
+        self.map.get(&key.0).map(|&s| s as usize)
+    }
+
     /// A slot to reuse: an empty one, else a clean one not recently used. `None` when every
     /// slot is dirty (the caller writes dirty slots back and asks again).
     pub fn victim(&mut self) -> Option<usize> {

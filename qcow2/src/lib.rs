@@ -186,6 +186,7 @@ pub use error::{Error, Result};
 pub use header::Header;
 pub use image::{Image, OpenOptions};
 pub use map::{Extent, Mapping};
+pub use repair::CheckReport;
 pub use snapshot::Snapshot;
 pub use storage::{FileStorage, MemStorage, OpenFileError, Storage};
 pub use write::{GuestReader, Ticket, WriteExtent};

@@ -49,6 +49,11 @@ impl Image {
             return Ok(s);
         }
         let s = self.free_slot()?;
+        // Freeing a slot may have written back and applied deferred frees, which can load
+        // this very slice: never load a second, stale copy of it.
+        if let Some(s) = self.cache.peek(key) {
+            return Ok(s);
+        }
         let buf = self.cache.take(s);
         self.storage.read_at(buf, offset).map_err(|e| {
             Error::io(

@@ -120,11 +120,16 @@ impl Image {
                 (c, n, false)
             }
         };
-        let fresh = if reused {
-            self.cover((host0 + 1) << g.bits)?;
-            false
+        let fresh = match if reused {
+            self.cover((host0 + 1) << g.bits).map(|()| false)
         } else {
-            self.claim(host0, got)?
+            self.claim(host0, got)
+        } {
+            Ok(f) => f,
+            Err(e) => {
+                self.release_new(host0, got, reused);
+                return Err(e);
+            }
         };
         for i in 0..got {
             let gc = gc0 + i;
@@ -219,7 +224,10 @@ impl Image {
             return Ok(());
         }
         let (c, _) = self.alloc(1)?;
-        self.claim_meta(c)?;
+        if let Err(e) = self.claim_meta(c) {
+            self.release_new(c, 1, false);
+            return Err(e);
+        }
         self.l1[l1i] = (c << self.g.bits) | COPIED;
         self.l1_dirty.mark(l1i);
         Ok(())
