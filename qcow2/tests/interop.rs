@@ -496,3 +496,56 @@ fn a_dirty_image_gets_its_refcounts_rebuilt_on_a_writable_open() {
         assert!(qemu_raw(&img, "qcow2") == want);
     }
 }
+
+#[test]
+fn partial_writes_over_a_compressed_qcow2_base_copy_the_right_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    let data = pattern(5, 4 << 20);
+    std::fs::write(&raw, &data).unwrap();
+    let base = dir.path().join("base.qcow2");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=16k",
+        p(&raw),
+        p(&base),
+    ]);
+    let leaf = dir.path().join("leaf.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "-o",
+        "cluster_size=64k",
+        p(&leaf),
+        "4M",
+    ]);
+    let mut want = data.clone();
+    let mut c = open(&leaf, false);
+    assert_eq!(c.depth(), 2);
+    let mut r = Rng(11);
+    for k in 0..40 {
+        let len = (r.below(20) + 1) * 512;
+        let off = r.below((4 << 20) - len) & !511;
+        let w = pattern(1000 + k, len as usize);
+        c.write_at(off, &w).unwrap();
+        want[off as usize..(off + len) as usize].copy_from_slice(&w);
+    }
+    c.close().unwrap();
+    assert!(read_all(&mut c) == want);
+    drop(c);
+    assert_eq!(check(&leaf, false), common::Check::default());
+    assert!(qemu_raw(&leaf, "qcow2") == want);
+}
