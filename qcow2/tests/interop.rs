@@ -549,3 +549,54 @@ fn partial_writes_over_a_compressed_qcow2_base_copy_the_right_bytes() {
     assert_eq!(check(&leaf, false), common::Check::default());
     assert!(qemu_raw(&leaf, "qcow2") == want);
 }
+
+#[test]
+fn qemu_and_we_respect_each_others_locks() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("locked.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "4M"]);
+    // We write it: QEMU may not, but may read with force-share.
+    let c = open(&img, false);
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write 0 512", p(&img)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("lock"),
+        "qemu-io wrote an image we hold: {err}"
+    );
+    qemu_img(&["info", "-U", p(&img)]);
+    drop(c);
+    // QEMU writes it: we may not open it at all (a reader must not see it change).
+    let sock = dir.path().join("nbd.sock");
+    let mut nbd = std::process::Command::new("qemu-nbd")
+        .args(["-k", p(&sock), "-f", "qcow2", p(&img)])
+        .spawn()
+        .unwrap();
+    // Serving once its socket exists.
+    for _ in 0..250 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let results: Vec<_> = [false, true]
+        .iter()
+        .map(|&read_only| {
+            let o = OpenOptions {
+                read_only,
+                cache_slots: 8,
+            };
+            Chain::open(&img, &o, &BackingPool::new()).map(|_| ())
+        })
+        .collect();
+    nbd.kill().unwrap();
+    nbd.wait().unwrap();
+    for r in results {
+        assert!(
+            matches!(r, Err(qcow2::Error::Locked(_))),
+            "we opened an image qemu-nbd was serving: {r:?}"
+        );
+    }
+}
