@@ -13,6 +13,10 @@ use std::io;
 
 pub use crate::sys::uring::{Cqe, UdRange, Uring};
 
+/// [`Engine::lanes`] of storage that says nothing better: enough IOs side by side for a
+/// solid-state device or a file system over one, few enough that each stays large.
+pub const DEFAULT_LANES: u32 = 8;
+
 /// What a backend IO does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoOp {
@@ -96,6 +100,14 @@ pub trait Engine {
     /// they can still be sorted and merged.
     fn max_in_flight(&self) -> Option<u32> {
         None
+    }
+
+    /// How many IOs the storage works on at once (its queues, spindles, servers). The
+    /// scheduler never merges what is ready into fewer, larger IOs than this while it has
+    /// room: one 16 MiB IO on a device that could run eight 2 MiB IOs side by side finishes
+    /// later, not sooner.
+    fn lanes(&self) -> u32 {
+        DEFAULT_LANES
     }
 
     /// For engines whose IOs complete on other threads (network storage): a descriptor that

@@ -89,6 +89,11 @@ pub trait Layer {
     fn max_in_flight(&self, inner: Option<u32>) -> Option<u32> {
         inner
     }
+
+    /// How many IOs the storage works on at once, given what the engine below says.
+    fn lanes(&self, inner: u32) -> u32 {
+        inner
+    }
 }
 
 /// A [`Layer`] over an engine, as an engine.
@@ -187,6 +192,10 @@ impl<L: Layer> Engine for Layered<L> {
 
     fn max_in_flight(&self) -> Option<u32> {
         self.layer.max_in_flight(self.inner.max_in_flight())
+    }
+
+    fn lanes(&self) -> u32 {
+        self.layer.lanes(self.inner.lanes())
     }
 
     fn poll_fd(&self) -> Option<RawFd> {

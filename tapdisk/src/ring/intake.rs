@@ -34,8 +34,6 @@ pub(super) struct Intake {
     batch_timer: bool,
     /// The batch timer's timespec (read by the kernel at submission).
     batch_ts: Box<types::Timespec>,
-    /// Poll the ring this long before sleeping.
-    pub(super) poll: Duration,
     /// The mapped address of each segment of the request being taken.
     addrs: Box<[*mut u8]>,
 }
@@ -55,7 +53,6 @@ impl Intake {
             batch_deadline: None,
             batch_timer: false,
             batch_ts: Box::new(types::Timespec::new()),
-            poll: cfg.poll,
             addrs: vec![std::ptr::null_mut(); disk.segment_capacity()].into_boxed_slice(),
         }
     }

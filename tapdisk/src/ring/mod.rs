@@ -27,6 +27,7 @@ mod backend;
 pub mod control;
 mod early;
 mod intake;
+mod poll;
 mod reap;
 pub mod token;
 pub mod transport;
@@ -51,11 +52,12 @@ use crate::requests::RequestTable;
 use crate::sched::{Sched, SchedConfig};
 use crate::stats::RingStats;
 use crate::sys::uring::Uring;
-use crate::trace::TraceWriter;
+use crate::trace::{now_ns, TraceWriter};
 
 use self::backend::Backend;
 use self::early::EarlyLayer;
 use self::intake::Intake;
+use self::poll::{PollEnd, Poller};
 use self::token::{Token, Tokens};
 pub use control::{lock, RingControl, VbdShared};
 pub use transport::RingTransport;
@@ -93,7 +95,8 @@ pub struct RingConfig {
     pub max_batch: u32,
     /// Wait up to this long for a batch to fill before dispatching it (0: never wait).
     pub batch_wait: Duration,
-    /// Poll the ring this long before sleeping (0: never).
+    /// Poll the ring and the IO's completions up to this long before sleeping (0: never);
+    /// the window adapts below it ([`poll`]).
     pub poll: Duration,
     /// Layers over the driver's engine (fault injection, a model).
     pub layers: Layers,
@@ -147,6 +150,10 @@ pub struct RingLoop<T: RingTransport> {
     done: Done,
     /// Scratch: what the scheduler finished.
     finished: Vec<u32>,
+    /// How long to spin for the next request before sleeping (nothing in flight).
+    poll_requests: Poller,
+    /// How long to spin for completions before sleeping (IO in flight).
+    poll_io: Poller,
 }
 
 impl<T: RingTransport> RingLoop<T> {
@@ -170,8 +177,9 @@ impl<T: RingTransport> RingLoop<T> {
         let mut uring = Uring::new(entries)?;
         let tokens = Tokens::reserve(&mut uring);
         let intake = Intake::new(t.abi(), disk, &cfg, n);
+        let poll_ns = u64::try_from(cfg.poll.as_nanos()).unwrap_or(u64::MAX);
         let backend = Backend::new(&mut uring, env.vbd.image(), cfg.layers, t.memory(), tags)?;
-        sched.set_engine_limit(backend.engine().max_in_flight());
+        sched.set_engine(backend.engine());
         Ok(RingLoop {
             t,
             uring,
@@ -187,6 +195,8 @@ impl<T: RingTransport> RingLoop<T> {
             guest_errors: RateLimit::new(10, Duration::from_secs(5)),
             done: Done::with_capacity(tags as usize),
             finished: Vec::with_capacity(n as usize + chunks as usize),
+            poll_requests: Poller::new(poll_ns, 1),
+            poll_io: Poller::new(poll_ns, 8),
         })
     }
 
@@ -251,11 +261,10 @@ impl<T: RingTransport> RingLoop<T> {
             self.answer();
             self.publish()?;
             let mut wait = !more;
-            if wait && self.can_pop() && self.table.in_flight() == 0 && !self.intake.poll.is_zero()
-            {
+            if wait && self.poller().window_ns() > 0 && self.may_spin() {
                 // Busy-poll before re-arming req_event: a frontend that publishes within the
-                // window needs neither a kick nor a wake-up.
-                wait = !self.poll_ring();
+                // window needs neither a kick nor a wake-up, nor does a completion.
+                wait = !self.spin()?;
             }
             if wait && self.can_pop() {
                 // About to sleep: re-arm req_event and look once more.
@@ -278,6 +287,12 @@ impl<T: RingTransport> RingLoop<T> {
             if wait && matches!(self.state, LoopState::Paused) && self.idle() {
                 self.env.ctl.quiesced.store(true, Ordering::Release);
             }
+            let asleep = if wait && self.poll_requests.enabled() {
+                now_ns()
+            } else {
+                0
+            };
+            let io_wait = self.sched.ios_in_flight() > 0;
             match self.uring.submit_and_wait(usize::from(wait)) {
                 Ok(n) => {
                     if n > 0 {
@@ -287,6 +302,17 @@ impl<T: RingTransport> RingLoop<T> {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(e) => return Err(e),
+            }
+            if asleep != 0 {
+                let slept = now_ns().saturating_sub(asleep);
+                let p = if io_wait {
+                    &mut self.poll_io
+                } else {
+                    &mut self.poll_requests
+                };
+                p.slept(slept);
+                let w = p.window_ns();
+                self.env.stats.poll.window_ns.set(w);
             }
             self.reap()?;
             self.answer();
@@ -299,18 +325,58 @@ impl<T: RingTransport> RingLoop<T> {
         }
     }
 
-    /// Spins until the ring has requests (true), or the poll window or a control event ends.
-    fn poll_ring(&mut self) -> bool {
-        let start = std::time::Instant::now();
-        loop {
-            match self.t.parts().0.pending() {
-                Ok(0) => {}
-                Ok(_) | Err(_) => return true,
+    /// Whether anything may arrive that a spin could catch: requests we could take, or
+    /// completions of IO in flight.
+    fn may_spin(&self) -> bool {
+        matches!(self.state, LoopState::Running)
+            && (self.table.has_free() || self.sched.ios_in_flight() > 0)
+    }
+
+    /// Spins up to the poller's window for a request or a completion, and teaches the poller
+    /// what happened. False if the window passed with nothing to do (sleep now).
+    fn spin(&mut self) -> io::Result<bool> {
+        let window = self.poller().window_ns();
+        let start = now_ns();
+        let mut now = start;
+        let end = loop {
+            if self.table.has_free() && !matches!(self.t.parts().0.pending(), Ok(0)) {
+                break PollEnd::Hit(now - start);
             }
-            if start.elapsed() >= self.intake.poll || self.env.ctl.stop.load(Ordering::Relaxed) {
-                return false;
+            if self.sched.ios_in_flight() > 0 && self.uring.completions_ready()? {
+                break PollEnd::Hit(now - start);
+            }
+            if self.env.ctl.stop.load(Ordering::Relaxed)
+                || self.env.vbd.paused.load(Ordering::Relaxed)
+            {
+                break PollEnd::Interrupted;
+            }
+            if now - start >= window {
+                break PollEnd::Miss;
             }
             std::hint::spin_loop();
+            now = now_ns();
+        };
+        let p = self.poller();
+        p.spun(end);
+        let window = p.window_ns();
+        let st = &self.env.stats.poll;
+        st.spins.add(1);
+        st.spin_ns.add(now_ns().saturating_sub(start));
+        match end {
+            PollEnd::Hit(_) => st.hits.add(1),
+            PollEnd::Miss => st.misses.add(1),
+            PollEnd::Interrupted => {}
+        }
+        st.window_ns.set(window);
+        Ok(end != PollEnd::Miss)
+    }
+
+    /// The poller of what the loop would wait for now.
+    fn poller(&mut self) -> &mut Poller {
+        if self.sched.ios_in_flight() > 0 {
+            &mut self.poll_io
+        } else {
+            &mut self.poll_requests
         }
     }
 
@@ -352,8 +418,7 @@ impl<T: RingTransport> RingLoop<T> {
                 match self.backend.swap(&mut self.uring, image, self.sched.tags()) {
                     Ok(false) => {}
                     Ok(true) => {
-                        self.sched
-                            .set_engine_limit(self.backend.engine().max_in_flight());
+                        self.sched.set_engine(self.backend.engine());
                         if had_poll {
                             self.push_sqe(&self.tokens.cancel(Token::EnginePoll))?;
                         }

@@ -59,8 +59,10 @@ impl IoSlots {
     pub(super) fn new(requests: usize, seg_cap: usize, merge: bool) -> IoSlots {
         let parts = seg_cap.div_ceil(IOV_MAX).max(1);
         let n = requests * parts;
+        // A merged IO holds at least two requests: enough buffers for every request to be
+        // in one (what is ready may be spread over many lanes), within reason.
         let n_bufs = if merge {
-            (requests / 4).clamp(4, 128)
+            (requests / 2).clamp(4, 128)
         } else {
             0
         };

@@ -14,6 +14,13 @@
 //!   (readv/writev over the frontend's own pages: no copy, no remapping), up to the maximum
 //!   merged size and the kernel's iovec limit. This is the thesis's fix for virtual-request
 //!   fragmentation (Table 4.2).
+//! - **Never holding IO back.** Whatever may start is started at once while the engine has
+//!   room ([`Engine::max_in_flight`], usually unlimited): sorting and merging work on what
+//!   arrived together, and on what accumulates while a device that takes one IO at a time is
+//!   busy. A merge never turns parallel work into serial work: what is ready is spread over
+//!   the storage's free lanes ([`Engine::lanes`]), each merged IO at most its share (and at
+//!   least [`MIN_SPREAD_BYTES`]), so 16 MiB of contiguous writes on a device with 8 lanes go
+//!   out as 8 IOs of 2 MiB side by side, not one of 16 MiB.
 //! - **Completion.** A request completes when all its IOs are done. If a merged IO fails, each
 //!   of its requests is retried on its own, so only the requests whose own IO fails get an
 //!   error.
@@ -41,6 +48,10 @@ use self::ios::{IoKind, IoSlots};
 /// The kernel's limit on iovecs per readv/writev (`UIO_MAXIOV`).
 pub const IOV_MAX: usize = 1024;
 
+/// A merged IO spread over free lanes is never cut smaller than this by default: below it,
+/// the cost per IO outweighs the parallelism.
+pub const MIN_SPREAD_BYTES: u64 = 1 << 20;
+
 /// Scheduler settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SchedConfig {
@@ -53,6 +64,9 @@ pub struct SchedConfig {
     /// can still be sorted and merged with them, as in an elevator in front of a busy disk.
     /// (A request too large for one IO may go over it by its extra parts.)
     pub max_ios: u32,
+    /// A merged IO spread over free lanes is never cut smaller than this
+    /// ([`MIN_SPREAD_BYTES`]; smaller in tests).
+    pub min_spread_bytes: u64,
 }
 
 impl Default for SchedConfig {
@@ -61,6 +75,7 @@ impl Default for SchedConfig {
             merge: true,
             max_merge_bytes: 1 << 20,
             max_ios: 0,
+            min_spread_bytes: MIN_SPREAD_BYTES,
         }
     }
 }
@@ -150,6 +165,10 @@ pub struct Sched {
     next_seq: u64,
     /// Backend IOs in flight at most (0: unlimited): the config's, or the engine's.
     io_limit: usize,
+    /// IOs the storage works on at once ([`Engine::lanes`]).
+    lanes: u32,
+    /// Largest merged IO of the dispatch under way.
+    merge_cap: u64,
     /// Completions engines reported inside submit, ever.
     sync_done: u64,
 }
@@ -172,16 +191,20 @@ impl Sched {
             seen: Vec::with_capacity(n),
             next_seq: 0,
             io_limit: cfg.max_ios as usize,
+            lanes: 1,
+            merge_cap: cfg.max_merge_bytes,
             sync_done: 0,
         }
     }
 
-    /// Takes the engine's wish for a limit on IOs in flight, unless the config sets one.
-    pub fn set_engine_limit(&mut self, limit: Option<u32>) {
-        self.io_limit = match (self.cfg.max_ios, limit) {
+    /// Takes what the engine says of its storage: its wish for a limit on IOs in flight
+    /// (unless the config sets one), and how many IOs it works on at once.
+    pub fn set_engine(&mut self, engine: &dyn Engine) {
+        self.io_limit = match (self.cfg.max_ios, engine.max_in_flight()) {
             (0, Some(l)) => l as usize,
             (c, _) => c as usize,
         };
+        self.lanes = engine.lanes().max(1);
     }
 
     /// Engine tags this scheduler uses (`0..tags()`).
@@ -318,6 +341,7 @@ impl Sched {
             let table = &*cx.table;
             self.ready
                 .sort_unstable_by_key(|&s| table.slot(s).req.sector);
+            self.merge_cap = self.spread(table);
         }
         let mut k = 0;
         while k < self.ready.len() && !self.at_io_limit() {
@@ -342,6 +366,25 @@ impl Sched {
             self.start_ordering(cx, s, now)?;
         }
         self.reap_done(cx)
+    }
+
+    /// The largest merged IO for what is ready now: its bytes spread over the lanes not
+    /// busy, at least [`MIN_SPREAD_BYTES`], at most the configured maximum.
+    fn spread(&self, table: &RequestTable) -> u64 {
+        let max = self.cfg.max_merge_bytes;
+        let free = self.lanes.saturating_sub(self.ios.active() as u32);
+        if free <= 1 {
+            return max;
+        }
+        let ready: u64 = self
+            .ready
+            .iter()
+            .map(|&s| table.slot(s).req.nr_sectors * SECTOR_SIZE)
+            .sum();
+        ready
+            .div_ceil(u64::from(free))
+            .next_multiple_of(SECTOR_SIZE)
+            .clamp(self.cfg.min_spread_bytes.min(max), max)
     }
 
     fn sort_pending(&mut self) {
@@ -375,7 +418,7 @@ impl Sched {
             if self.marks[s as usize].solo
                 || r.req.op != op
                 || r.req.sector != end
-                || bytes + b > self.cfg.max_merge_bytes
+                || bytes + b > self.merge_cap
                 || iovs + r.n_iov > IOV_MAX
             {
                 break;

@@ -23,6 +23,8 @@ struct MemEngine {
     max_seen: usize,
     /// Finish flushes inside submit, as a synchronous ioctl would.
     sync_flush: bool,
+    /// What the engine says its storage works on at once.
+    lanes: u32,
 }
 
 impl MemEngine {
@@ -120,6 +122,9 @@ impl Engine for MemEngine {
     fn describe(&self) -> String {
         "memory".into()
     }
+    fn lanes(&self) -> u32 {
+        self.lanes
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -156,6 +161,7 @@ fn req_strategy() -> impl Strategy<Value = Req> {
 
 /// Runs `reqs` through the scheduler: batches of `batch` requests, completing a few IOs
 /// (chosen by `picks`) between batches. Returns each request's status and read data.
+#[allow(clippy::too_many_arguments)]
 fn run_sched(
     reqs: &[Req],
     bad: &[bool],
@@ -164,6 +170,7 @@ fn run_sched(
     picks: &[u16],
     max_ios: u32,
     sync_flush: bool,
+    lanes: u32,
 ) -> (Vec<(i16, Vec<u8>)>, MemEngine, u64) {
     let slots = 16u32;
     let mut sched = Sched::new(
@@ -171,6 +178,7 @@ fn run_sched(
             merge,
             max_merge_bytes: 16 * 512,
             max_ios,
+            min_spread_bytes: 2 * 512,
         },
         slots,
         11,
@@ -184,7 +192,9 @@ fn run_sched(
         merged_seen: 0,
         max_seen: 0,
         sync_flush,
+        lanes,
     };
+    sched.set_engine(&eng);
     let mut ring = Uring::new(8).unwrap();
     let mut table = RequestTable::new(slots, 0, 11);
     let stats = RingStats::default();
@@ -351,12 +361,13 @@ proptest! {
         picks in proptest::collection::vec(any::<u16>(), 0..400),
         max_ios in 0u32..3,
         sync_flush in any::<bool>(),
+        lanes in 1u32..10,
     ) {
         let mut bad = vec![false; SECTORS as usize];
         for b in bad_at {
             bad[b as usize] = true;
         }
-        let (got, eng, _) = run_sched(&reqs, &bad, merge, batch, &picks, max_ios, sync_flush);
+        let (got, eng, _) = run_sched(&reqs, &bad, merge, batch, &picks, max_ios, sync_flush, lanes);
         if max_ios > 0 {
             prop_assert!(eng.max_seen <= max_ios as usize, "{} IOs in flight", eng.max_seen);
         }
@@ -383,7 +394,7 @@ fn contiguous_requests_merge_and_a_failure_stays_with_its_request() {
         .collect();
     let mut bad = vec![false; SECTORS as usize];
     bad[21] = true;
-    let (got, eng, ios) = run_sched(&reqs, &bad, true, 16, &[0; 64], 0, false);
+    let (got, eng, ios) = run_sched(&reqs, &bad, true, 16, &[0; 64], 0, false, 1);
     assert!(eng.violations.is_empty());
     assert!(eng.merged_seen > 0, "contiguous writes were not merged");
     for (i, g) in got.iter().enumerate() {
@@ -392,6 +403,28 @@ fn contiguous_requests_merge_and_a_failure_stays_with_its_request() {
     }
     // Merged into 16-sector IOs: 4 of them, and the failed one retried as 4 singles.
     assert_eq!(ios, 4 + 4);
-    let (_, _, ios) = run_sched(&reqs, &[false; 64], false, 16, &[0; 64], 0, false);
+    let (_, _, ios) = run_sched(&reqs, &[false; 64], false, 16, &[0; 64], 0, false, 1);
     assert_eq!(ios, 16, "without merging each request is an IO");
+}
+
+#[test]
+fn what_is_ready_is_spread_over_the_free_lanes() {
+    // 16 contiguous 4-sector writes (32 KiB) at once; merged IOs of at most 16 sectors.
+    let reqs: Vec<Req> = (0..16)
+        .map(|i| Req {
+            op: Op::Write(i as u8 + 1),
+            sector: i * 4,
+            sectors: 4,
+        })
+        .collect();
+    let ok = [false; SECTORS as usize];
+    // One lane: merged as far as the maximum allows, 4 IOs of 16 sectors.
+    let (_, eng, ios) = run_sched(&reqs, &ok, true, 16, &[0; 64], 0, false, 1);
+    assert_eq!((ios, eng.max_seen), (4, 4));
+    // Eight lanes: 64 sectors over 8 lanes, 8 IOs of 8 sectors, all in flight together.
+    let (_, eng, ios) = run_sched(&reqs, &ok, true, 16, &[0; 64], 0, false, 8);
+    assert_eq!((ios, eng.max_seen), (8, 8));
+    // Sixteen lanes: never below the smallest spread (2 sectors here, so 16 IOs of 4).
+    let (_, _, ios) = run_sched(&reqs, &ok, true, 16, &[0; 64], 0, false, 16);
+    assert_eq!(ios, 16);
 }

@@ -76,6 +76,9 @@ pub struct Uring {
     files_used: u32,
 }
 
+/// `IORING_ENTER_GETEVENTS`: an enter that also runs deferred completion work.
+const ENTER_GETEVENTS: u32 = 1;
+
 /// Fixed-file slots of every ring: enough for a driver stack's files (an image chain's files,
 /// each opened buffered and O_DIRECT).
 pub const FIXED_FILES: u32 = 128;
@@ -84,10 +87,12 @@ impl Uring {
     /// A ring with room for `entries` submissions and twice as many completions.
     pub fn new(entries: u32) -> io::Result<Uring> {
         // Single issuer + deferred task running: completions are processed when we enter the
-        // kernel, never by interrupting us (kernel 6.1+); fall back to a plain ring.
+        // kernel, never by interrupting us (kernel 6.1+), and the kernel flags the ring when
+        // such work waits (so a poll enters only then); fall back to a plain ring.
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
+            .setup_taskrun_flag()
             .setup_cqsize(entries * 2)
             .build(entries)
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))?;
@@ -128,6 +133,22 @@ impl Uring {
     /// Submits queued operations and waits for at least `want` completions.
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<usize> {
         self.ring.submit_and_wait(want)
+    }
+
+    /// Whether a completion is waiting, running the kernel's deferred completion work first
+    /// if it has flagged some (one system call then; none otherwise). For polling.
+    pub fn completions_ready(&mut self) -> io::Result<bool> {
+        if !self.ring.completion().is_empty() {
+            return Ok(true);
+        }
+        // SAFETY: an enter that submits nothing and passes no argument: it only runs the
+        // deferred completion work and returns at once (min_complete 0).
+        unsafe {
+            self.ring
+                .submitter()
+                .enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None)?;
+        }
+        Ok(!self.ring.completion().is_empty())
     }
 
     /// The next completion, if one is waiting.

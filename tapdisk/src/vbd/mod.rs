@@ -90,6 +90,7 @@ impl Vbd {
                 merge: opts.merge,
                 max_merge_bytes: u64::from(opts.max_merge_kb) * 1024,
                 max_ios: opts.max_ios,
+                ..SchedConfig::default()
             },
             max_batch: opts.max_batch,
             batch_wait: Duration::from_micros(u64::from(opts.batch_wait_us)),

@@ -25,6 +25,19 @@ pub struct CompareArgs {
     /// Print the result as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Run the standard set of workloads instead of the one given (4 KiB random reads and
+    /// writes at depth 32, 512 KiB sequential reads at depth 8 and 4 KiB random reads at
+    /// depth 1 on a tmpfs image, 4 KiB random reads at depth 32 on a file in --file-dir, and
+    /// depth 1 again with polling on both sides) and print one table of ratios. The workload
+    /// and target options set nothing here except --runtime, --warmup and --size.
+    #[arg(long)]
+    pub matrix: bool,
+    /// --matrix: the folder of the file-system image (O_DIRECT where it allows).
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
+    pub file_dir: std::path::PathBuf,
+    /// --matrix: the folder of the memory image.
+    #[arg(long, value_name = "DIR", default_value = "/dev/shm")]
+    pub tmpfs_dir: std::path::PathBuf,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub workload: WorkloadArgs,
@@ -215,8 +228,27 @@ fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
-/// Runs `td-bench compare`. Returns whether every tapdisk request succeeded.
-pub fn run(args: &CompareArgs) -> Result<bool> {
+/// One comparison: the workload, and what fio and tapdisk measured.
+#[derive(Clone, Debug)]
+pub struct Pair {
+    /// The workload both ran.
+    pub workload: Workload,
+    /// Whether fio used O_DIRECT.
+    pub direct: bool,
+    /// fio's medians.
+    pub fio: Figures,
+    /// tapdisk's medians.
+    pub tapdisk: Figures,
+    /// fio's runs.
+    pub fio_runs: Vec<Figures>,
+    /// tapdisk's runs.
+    pub tapdisk_runs: Vec<Figures>,
+    /// tapdisk requests that failed.
+    pub errors: u64,
+}
+
+/// Runs fio and tapdisk alternately `args.repeat` times; progress on stderr unless `quiet`.
+pub fn pair(args: &CompareArgs, quiet: bool) -> Result<Pair> {
     if args.target.device.is_some() {
         bail!("compare runs fio on the image file itself: name it with --image, not --device");
     }
@@ -227,7 +259,7 @@ pub fn run(args: &CompareArgs) -> Result<bool> {
         .ok_or_else(|| anyhow!("no image file to give fio"))?;
     let direct = direct_io_works(&image);
     let fio_args = fio_args(&w, &image, direct);
-    if !args.json {
+    if !quiet {
         eprintln!("td-bench compare: {} on {}", w.describe(), t.describe);
         eprintln!(
             "  fio: io_uring, direct={}{}; tapdisk: --direct {}, ring {} slots {}, {} ring \
@@ -252,7 +284,7 @@ pub fn run(args: &CompareArgs) -> Result<bool> {
         let r = bench::measure(&mut t.fe, t.info.sectors, &t.shape, &w, None)?;
         errors += r.errors;
         let tf = Figures::from(&r);
-        if !args.json {
+        if !quiet {
             eprintln!(
                 "  run {i}/{}: fio {:.0} IOPS p50 {:.1} µs; tapdisk {:.0} IOPS p50 {:.1} µs",
                 args.repeat, f.iops, f.p50_us, tf.iops, tf.p50_us
@@ -262,7 +294,24 @@ pub fn run(args: &CompareArgs) -> Result<bool> {
         td_runs.push(tf);
     }
     drop(t);
-    let (fm, tm) = (medians(&fio_runs), medians(&td_runs));
+    Ok(Pair {
+        workload: w,
+        direct,
+        fio: medians(&fio_runs),
+        tapdisk: medians(&td_runs),
+        fio_runs,
+        tapdisk_runs: td_runs,
+        errors,
+    })
+}
+
+/// Runs `td-bench compare`. Returns whether every tapdisk request succeeded.
+pub fn run(args: &CompareArgs) -> Result<bool> {
+    if args.matrix {
+        return crate::matrix::run(args);
+    }
+    let p = pair(args, args.json)?;
+    let (w, fm, tm, errors) = (&p.workload, p.fio, p.tapdisk, p.errors);
     if args.json {
         let o = serde_json::json!({
             "workload": {
@@ -271,8 +320,8 @@ pub fn run(args: &CompareArgs) -> Result<bool> {
                 "count": match w.stop { Stop::Count(n) => Some(n), _ => None },
                 "warmup_s": w.warmup.as_secs_f64(), "repeat": args.repeat,
             },
-            "fio": { "direct": direct, "median": fm, "runs": fio_runs },
-            "tapdisk": { "median": tm, "runs": td_runs, "errors": errors },
+            "fio": { "direct": p.direct, "median": fm, "runs": p.fio_runs },
+            "tapdisk": { "median": tm, "runs": p.tapdisk_runs, "errors": errors },
             "ratio": {
                 "iops": ratio(tm.iops, fm.iops), "mb_s": ratio(tm.mb_s, fm.mb_s),
                 "p50": ratio(tm.p50_us, fm.p50_us), "p99": ratio(tm.p99_us, fm.p99_us),

@@ -147,6 +147,7 @@ fn run_one(
         early_read: Some(policy.unwrap_or_default()),
         inject_faults: None,
         cache_slots: 0,
+        pin: false,
     };
     let shape = ta.shape();
     let mut t = target::open(&ta, shape.pages_per_io(args.bs) as u32)?;

@@ -113,6 +113,7 @@ fn targs(image: String) -> TargetArgs {
         early_read: None,
         inject_faults: None,
         cache_slots: 0,
+        pin: false,
     }
 }
 

@@ -19,6 +19,7 @@ pub mod err;
 pub mod fig61;
 pub mod guest;
 pub mod hist;
+pub mod matrix;
 pub mod nbd_compare;
 pub mod plot;
 pub mod shadow;

@@ -131,6 +131,11 @@ pub struct TargetArgs {
     #[arg(long, value_name = "N", default_value_t = 0,
           value_parser = |s: &str| limits::CACHE_SLOTS.parse::<u32>(s))]
     pub cache_slots: u32,
+    /// Put the private tapdisk on the last CPU and this frontend (and fio, in compare) on the
+    /// first, so that a polling tapdisk and a spinning frontend never share a core (where
+    /// each would hold off the other's work). Needs two CPUs.
+    #[arg(long)]
+    pub pin: bool,
 }
 
 impl TargetArgs {
@@ -513,6 +518,33 @@ pub fn open(args: &TargetArgs, mem_pages: u32) -> Result<Target> {
     open_traced(args, mem_pages, 0)
 }
 
+/// Starts a private tapdisk on the last CPU (it inherits our affinity at spawn), then moves
+/// this thread to the first.
+fn pinned_spawn(rundir: &RunDir) -> Result<u32> {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let me = Pid::from_raw(0);
+    let all = sched_getaffinity(me).context("reading this process's CPUs")?;
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| all.is_set(c).unwrap_or(false))
+        .collect();
+    let (&first, &last) = match (cpus.first(), cpus.last()) {
+        (Some(f), Some(l)) if f != l => (f, l),
+        _ => bail!("--pin needs two CPUs; this process may use {}", cpus.len()),
+    };
+    let one = |c: usize| -> Result<CpuSet> {
+        let mut s = CpuSet::new();
+        s.set(c)?;
+        Ok(s)
+    };
+    sched_setaffinity(me, &one(last)?).context("pinning to the last CPU")?;
+    let pid = client::spawn(rundir).context("starting a private tapdisk");
+    sched_setaffinity(me, &one(first)?).context("pinning to the first CPU")?;
+    let pid = pid?;
+    eprintln!("td-bench: pinned: tapdisk {pid} on CPU {last}, this frontend on CPU {first}");
+    Ok(pid)
+}
+
 /// As [`open`]; a private tapdisk records a trace of up to `trace_cap` requests.
 pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<Target> {
     let cfg = FrontendConfig {
@@ -567,7 +599,11 @@ pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<
     let pid = {
         // Held across the spawn so an interrupt cannot miss the new pid.
         let mut c = cleanup();
-        let pid = client::spawn(&rundir).context("starting a private tapdisk")?;
+        let pid = if args.pin {
+            pinned_spawn(&rundir)?
+        } else {
+            client::spawn(&rundir).context("starting a private tapdisk")?
+        };
         if let Some(p) = c.private.as_mut() {
             p.pid = Some(pid);
         }

@@ -54,6 +54,10 @@ pub enum Experiment {
     /// 4 KB writes (the thesis's workload) and for random 4 KB reads (where the cache matters).
     #[value(name = "table-3.7")]
     Table37,
+    /// Figure 4.2: 4096 buffered 4 KB writes, scheduler off vs on, with a 1-, 2- and 16-page
+    /// ring: MB/s of each (medians of --rounds runs) and the ratio on / off.
+    #[value(name = "figure-4.2")]
+    Figure42,
     /// Figures 3.1, 4.1, 4.2 and 4.3 as PNG charts in --out.
     Figures,
     /// Everything above.
@@ -121,6 +125,10 @@ pub struct ThesisArgs {
     /// source tree td-bench was built from].
     #[arg(long, value_name = "PATH")]
     pub lan_script: Option<PathBuf>,
+    /// Runs of each configuration in Table 4.2 and Figure 4.2 (off and on alternating);
+    /// medians are shown.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
     /// Bytes written and read per pass in Table 3.6.
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = td_cli::parse_size)]
     pub plx_size: u64,
@@ -182,6 +190,7 @@ fn targs(disk: &Disk, c: Config) -> TargetArgs {
         early_read: None,
         inject_faults: None,
         cache_slots: 0,
+        pin: false,
     }
 }
 
@@ -555,18 +564,42 @@ fn table_3_5(disk: &Disk) -> Result<Vec<BufferedRow>> {
     Ok(rows)
 }
 
-fn table_4_2(disk: &Disk) -> Result<(BufferedRow, BufferedRow)> {
+/// Runs `off` and `on` `rounds` times each, alternating, and returns the median row of each
+/// (by elapsed time).
+fn off_on(
+    disk: &Disk,
+    off: Config,
+    on: Config,
+    writes: &[(u64, u64)],
+    rounds: u32,
+) -> Result<(BufferedRow, BufferedRow)> {
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for _ in 0..rounds {
+        a.push(buffered(disk, off, writes)?);
+        b.push(buffered(disk, on, writes)?);
+    }
+    let mid = |mut v: Vec<BufferedRow>| {
+        v.sort_by(|x, y| x.elapsed_ms.total_cmp(&y.elapsed_ms));
+        v.swap_remove(v.len() / 2)
+    };
+    Ok((mid(a), mid(b)))
+}
+
+fn table_4_2(disk: &Disk, rounds: u32) -> Result<(BufferedRow, BufferedRow)> {
     println!();
     println!(
         "Table 4.2: 100 buffered 112 KB writes interleaved over two regions, 1-page ring, 44 KB \
-         requests, on the {}",
+         requests, on the {} (medians of {rounds} runs each)",
         disk.name()
     );
     let writes = guest::interleaved(100, 112 << 10);
-    let mut cfg = THESIS_SETUP;
-    let off = buffered(disk, cfg, &writes)?;
-    cfg.merge = true;
-    let on = buffered(disk, cfg, &writes)?;
+    let off = THESIS_SETUP;
+    let on = Config {
+        merge: true,
+        ..THESIS_SETUP
+    };
+    let (off, on) = off_on(disk, off, on, &writes, rounds)?;
     println!(
         "  {:<28} {:>10} {:>10} {:>12}",
         "", "time", "backend IOs", "ring requests"
@@ -594,6 +627,54 @@ fn table_4_2(disk: &Disk) -> Result<(BufferedRow, BufferedRow)> {
         off.backend_ios / on.backend_ios.max(1.0)
     );
     Ok((off, on))
+}
+
+/// Figure 4.2's numbers: per ring size, MB/s with the scheduler off and on (medians).
+struct Fig42 {
+    rings: Vec<String>,
+    off: Vec<f64>,
+    on: Vec<f64>,
+}
+
+fn figure_4_2(disk: &Disk, rounds: u32) -> Result<Fig42> {
+    println!();
+    println!(
+        "Figure 4.2: 4096 buffered 4 KB writes (44 KB requests), scheduler off vs on, on the {} \
+         (medians of {rounds} runs each)",
+        disk.name()
+    );
+    println!(
+        "  {:<14} {:>9} {:>9} {:>7} {:>12} {:>12}",
+        "ring", "off MB/s", "on MB/s", "on/off", "IOs off", "IOs on"
+    );
+    let writes = guest::sequential(4096, 4096);
+    let mut f = Fig42 {
+        rings: Vec::new(),
+        off: Vec::new(),
+        on: Vec::new(),
+    };
+    for order in [0u8, 1, 4] {
+        let off = Config {
+            ring_order: order,
+            ..THESIS_SETUP
+        };
+        let on = Config { merge: true, ..off };
+        let (a, b) = off_on(disk, off, on, &writes, rounds)?;
+        let ring = format!("{}-page ring", 1 << order);
+        println!(
+            "  {:<14} {:>9.1} {:>9.1} {:>7.2} {:>12.0} {:>12.0}",
+            ring,
+            a.mb_s,
+            b.mb_s,
+            b.mb_s / a.mb_s.max(1e-9),
+            a.backend_ios,
+            b.backend_ios
+        );
+        f.rings.push(ring);
+        f.off.push(a.mb_s);
+        f.on.push(b.mb_s);
+    }
+    Ok(f)
 }
 
 // ---- Parallax (section 3.5): Tables 3.6 and 3.7 ------------------------------------------
@@ -992,18 +1073,7 @@ fn figures(args: &ThesisArgs, real: Option<&Disk>, model: Option<&Disk>) -> Resu
     }
     // Figure 4.2: buffered writes, scheduler off vs on, by ring size.
     if let Some(d) = real.or(model) {
-        let writes = guest::sequential(4096, 4096);
-        let mut off = Vec::new();
-        let mut on = Vec::new();
-        let mut cats = Vec::new();
-        for order in [0u8, 1, 4] {
-            let mut c = THESIS_SETUP;
-            c.ring_order = order;
-            off.push(buffered(d, c, &writes)?.mb_s);
-            c.merge = true;
-            on.push(buffered(d, c, &writes)?.mb_s);
-            cats.push(format!("{}-page ring", 1 << order));
-        }
+        let f = figure_4_2(d, args.rounds)?;
         let path = args.out.join("figure-4.2.png");
         plot::bar_chart(
             &path,
@@ -1012,8 +1082,11 @@ fn figures(args: &ThesisArgs, real: Option<&Disk>, model: Option<&Disk>) -> Resu
                 short(d)
             ),
             "MB/s",
-            &cats,
-            &[("scheduler off".into(), off), ("scheduler on".into(), on)],
+            &f.rings,
+            &[
+                ("scheduler off".into(), f.off),
+                ("scheduler on".into(), f.on),
+            ],
         )?;
         written.push(path);
     }
@@ -1171,7 +1244,10 @@ pub fn run(args: &ThesisArgs) -> Result<bool> {
             table_3_5(d)?;
         }
         if what(Experiment::Table42) {
-            table_4_2(d)?;
+            table_4_2(d, args.rounds)?;
+        }
+        if args.what.contains(&Experiment::Figure42) {
+            figure_4_2(d, args.rounds)?;
         }
     }
     // Parallax's experiments need real storage under both drivers; the model disk would

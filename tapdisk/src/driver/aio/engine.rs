@@ -13,7 +13,7 @@ use std::sync::Arc;
 use io_uring::{opcode, types};
 
 use super::AioImage;
-use crate::driver::engine::{BackendIo, Cqe, Done, Engine, IoOp, UdRange, Uring};
+use crate::driver::engine::{BackendIo, Cqe, Done, Engine, IoOp, UdRange, Uring, DEFAULT_LANES};
 use crate::sys::file::{discard_fd, rw_nowait, Dir};
 
 /// Of the engine's two fixed-file slots: the O_DIRECT descriptor (the buffered one if the
@@ -223,6 +223,16 @@ impl AioEngine {
 impl Engine for AioEngine {
     fn unpinned_memory_only(&mut self) {
         self.buffered_only = true;
+    }
+
+    fn lanes(&self) -> u32 {
+        // A file in memory is copied on this thread, one IO after another: fewer, larger
+        // IOs are fewer system calls. Elsewhere the device's queues work side by side.
+        if self.image.memory_backed() {
+            1
+        } else {
+            DEFAULT_LANES
+        }
     }
 
     unsafe fn submit(

@@ -123,4 +123,8 @@ impl Layer for Spindle {
         // One spindle: the next IO is chosen when this one finishes.
         Some(1)
     }
+
+    fn lanes(&self, _inner: u32) -> u32 {
+        1
+    }
 }

@@ -421,6 +421,10 @@ impl Engine for ParallaxEngine {
             .map(|n| (n / INNER_PER_TAG).max(1))
     }
 
+    fn lanes(&self) -> u32 {
+        self.inner.lanes()
+    }
+
     fn poll_fd(&self) -> Option<std::os::fd::RawFd> {
         self.inner.poll_fd()
     }
