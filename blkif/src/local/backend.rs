@@ -64,6 +64,14 @@ pub struct LocalEvtchn {
     notify: OwnedFd,
 }
 
+impl LocalEvtchn {
+    /// The eventfd we signal to notify the frontend (8-byte writes of a count; nonblocking).
+    /// Its kick descriptor is [`EventChannel::fd`] (8-byte reads drain it).
+    pub fn notify_fd(&self) -> RawFd {
+        self.notify.as_raw_fd()
+    }
+}
+
 impl EventChannel for LocalEvtchn {
     fn fd(&self) -> RawFd {
         self.kick.as_raw_fd()

@@ -76,18 +76,21 @@ impl<T: RingTransport> RingLoop<T> {
         let mut left = pending.min(self.intake.max_batch);
         let (mut reqs, mut segs) = (0u32, 0u32);
         let queued_before = self.sched.pending();
+        // One clock read per request: each request is popped when the one before it was
+        // handed to the scheduler.
+        let mut now = now_ns();
         while left > 0 && self.can_pop() {
             let mut copy = std::mem::take(&mut self.intake.copy);
             self.t.parts().0.pop(&mut copy);
             left -= 1;
-            if let Some(n) = self.start(&copy) {
+            if let Some((n, t)) = self.start(&copy, now) {
                 reqs += 1;
                 segs += n as u32;
+                now = t;
             }
             self.intake.copy = copy;
         }
         if reqs > 0 {
-            let now = now_ns();
             let st = &self.env.stats.sched;
             st.batches.add(1);
             st.batch_requests.add(u64::from(reqs));
@@ -124,9 +127,9 @@ impl<T: RingTransport> RingLoop<T> {
         self.guest_error(kind, rej.id, &rej.problem);
     }
 
-    /// Validates, maps and enqueues one request. Returns its segment count if accepted.
-    fn start(&mut self, copy: &SlotCopy) -> Option<usize> {
-        let pop = now_ns();
+    /// Validates, maps and enqueues one request popped at `pop`. Returns its segment count
+    /// and the time it reached the scheduler if accepted.
+    fn start(&mut self, copy: &SlotCopy, pop: u64) -> Option<(usize, u64)> {
         let (id, raw_op) = slot_id(copy, self.intake.abi);
         if self.table.id_in_flight(id) {
             self.broken(format!("frontend reused id {id:#x} while it was in flight"));
@@ -193,10 +196,10 @@ impl<T: RingTransport> RingLoop<T> {
             }
         }
         if exact && self.start_early(s, now) {
-            return Some(n);
+            return Some((n, now));
         }
         self.sched.enqueue(s);
-        Some(n)
+        Some((n, now))
     }
 
     /// Parses the slot (reading an indirect request's descriptor pages once).

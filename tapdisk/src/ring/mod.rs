@@ -27,6 +27,7 @@ mod backend;
 pub mod control;
 mod early;
 mod intake;
+mod kick;
 mod poll;
 mod reap;
 pub mod token;
@@ -57,6 +58,7 @@ use crate::trace::{now_ns, TraceWriter};
 use self::backend::Backend;
 use self::early::EarlyLayer;
 use self::intake::Intake;
+use self::kick::UringKicks;
 use self::poll::{PollEnd, Poller};
 use self::token::{Token, Tokens};
 pub use control::{lock, RingControl, VbdShared};
@@ -154,6 +156,9 @@ pub struct RingLoop<T: RingTransport> {
     poll_requests: Poller,
     /// How long to spin for completions before sleeping (IO in flight).
     poll_io: Poller,
+    /// Kicks and notifications through the io_uring, where the transport allows (after
+    /// `uring`, so its buffers outlive the ring).
+    kicks: Option<UringKicks>,
 }
 
 impl<T: RingTransport> RingLoop<T> {
@@ -177,6 +182,7 @@ impl<T: RingTransport> RingLoop<T> {
         let mut uring = Uring::new(entries)?;
         let tokens = Tokens::reserve(&mut uring);
         let intake = Intake::new(t.abi(), disk, &cfg, n);
+        let kicks = t.eventfds().map(UringKicks::new);
         let poll_ns = u64::try_from(cfg.poll.as_nanos()).unwrap_or(u64::MAX);
         let backend = Backend::new(&mut uring, env.vbd.image(), cfg.layers, t.memory(), tags)?;
         sched.set_engine(backend.engine());
@@ -197,13 +203,17 @@ impl<T: RingTransport> RingLoop<T> {
             finished: Vec::with_capacity(n as usize + chunks as usize),
             poll_requests: Poller::new(poll_ns, 1),
             poll_io: Poller::new(poll_ns, 8),
+            kicks,
         })
     }
 
     fn push_sqe(&mut self, e: &io_uring::squeue::Entry) -> io::Result<()> {
         // SAFETY: the loop's own entries are polls on descriptors that stay open while the
-        // loop lives, cancellations, and a timeout whose timespec lives in the intake
-        // (unchanged until the next submit, which happens before it is rewritten).
+        // loop lives, cancellations, a timeout whose timespec lives in the intake
+        // (unchanged until the next submit, which happens before it is rewritten), and
+        // 8-byte reads and writes of nonblocking eventfds from and into buffers the loop's
+        // `UringKicks` owns (boxed, never moved, and done during the enter that submits
+        // them; see `kick`).
         unsafe { self.uring.push(e) }
     }
 
@@ -442,9 +452,19 @@ impl<T: RingTransport> RingLoop<T> {
 
     fn publish(&mut self) -> io::Result<()> {
         let (ring, _, ev) = self.t.parts();
-        if ring.push_responses() {
-            ev.notify()?;
-            self.env.stats.notifies.add(1);
+        if !ring.push_responses() {
+            return Ok(());
+        }
+        self.env.stats.notifies.add(1);
+        let Some(k) = &self.kicks else {
+            return ev.notify();
+        };
+        let e = k.notify(&self.tokens);
+        self.push_sqe(&e)?;
+        // The write goes out with the loop's next enter, unless the loop spins or ends
+        // before it enters: then now.
+        if self.poller().window_ns() > 0 || self.stopping() {
+            self.uring.submit_and_wait(0)?;
         }
         Ok(())
     }

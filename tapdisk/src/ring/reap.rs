@@ -34,7 +34,11 @@ impl<T: RingTransport> RingLoop<T> {
     fn on_token(&mut self, tok: Token, cqe: Cqe, now: &mut u64) -> io::Result<()> {
         match tok {
             Token::Evtchn => {
-                self.t.parts().2.ack()?;
+                match self.kicks.as_mut().map(|k| k.drain(&self.tokens)) {
+                    None => self.t.parts().2.ack()?,
+                    Some(Some(e)) => self.push_sqe(&e)?,
+                    Some(None) => {}
+                }
                 self.eoi_due = true;
                 if !cqe.more {
                     let fd = self.t.parts().2.fd();
@@ -75,6 +79,16 @@ impl<T: RingTransport> RingLoop<T> {
                 }
             }
             Token::Cancel => {}
+            Token::KickDrain => {
+                if let Some(k) = self.kicks.as_mut() {
+                    k.drained();
+                }
+            }
+            Token::Notify => {
+                if cqe.res < 0 {
+                    return Err(io::Error::from_raw_os_error(-cqe.res));
+                }
+            }
         }
         Ok(())
     }

@@ -26,10 +26,14 @@ pub enum Token {
     EnginePoll,
     /// An engine poll was cancelled (image swap).
     Cancel,
+    /// A read that drained the kick eventfd (eventfd transports).
+    KickDrain,
+    /// A write that notified the frontend (eventfd transports).
+    Notify,
 }
 
 impl Token {
-    const ALL: [Token; 7] = [
+    const ALL: [Token; 9] = [
         Token::Evtchn,
         Token::Control,
         Token::Hangup,
@@ -37,6 +41,8 @@ impl Token {
         Token::Uffd,
         Token::EnginePoll,
         Token::Cancel,
+        Token::KickDrain,
+        Token::Notify,
     ];
 
     fn index(self) -> u64 {

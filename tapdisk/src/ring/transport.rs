@@ -40,6 +40,21 @@ pub trait RingTransport: Send + 'static {
     fn memory(&self) -> Memory {
         Memory::Stable
     }
+    /// The event channel as eventfds (kicks in, notifications out), if it is made of them:
+    /// the loop then drains kicks and sends notifications through its io_uring ([`super::kick`]).
+    fn eventfds(&self) -> Option<EventFds> {
+        None
+    }
+}
+
+/// An event channel made of two eventfds (both nonblocking: a read drains the count, an
+/// 8-byte write adds to it).
+#[derive(Clone, Copy, Debug)]
+pub struct EventFds {
+    /// Kicks from the frontend.
+    pub kick: RawFd,
+    /// Notifications to the frontend.
+    pub notify: RawFd,
 }
 
 impl RingTransport for blkif::local::LocalBackend {
@@ -59,6 +74,12 @@ impl RingTransport for blkif::local::LocalBackend {
     }
     fn report_early_read_done(&self, id: u64, ok: bool) -> io::Result<()> {
         blkif::local::LocalBackend::report_early_read_done(self, id, ok)
+    }
+    fn eventfds(&self) -> Option<EventFds> {
+        Some(EventFds {
+            kick: self.evtchn.fd(),
+            notify: self.evtchn.notify_fd(),
+        })
     }
 }
 
