@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use blkif::local::{FrontRequest, LocalFrontend};
 use blkif::protocol::{op, status, PAGE_SIZE};
 use blkif::{Response, Segment};
@@ -102,6 +102,10 @@ pub struct RunArgs {
         requires = "trace"
     )]
     pub trace_size: u32,
+    /// After the workload, keep the ring attached and idle this long and print the CPU time
+    /// the private tapdisk used meanwhile (what an idle disk costs, e.g. with --poll-us).
+    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+    pub idle: Option<Duration>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub workload: WorkloadArgs,
@@ -621,16 +625,61 @@ pub fn run(args: &RunArgs) -> Result<bool> {
     if let (Some(path), Some(stamps)) = (&args.trace, &stamps) {
         write_trace(&t, path, stamps)?;
     }
+    let idle = match args.idle {
+        Some(d) => Some(idle_cost(&t, d)?),
+        None => None,
+    };
     drop(t);
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         print_text(&r);
     }
+    if let (Some(d), Some(cpu)) = (args.idle, idle) {
+        println!(
+            "idle for {:.1} s: tapdisk used {:.1} ms of CPU ({:.3} % of a core)",
+            d.as_secs_f64(),
+            cpu.as_secs_f64() * 1e3,
+            100.0 * cpu.as_secs_f64() / d.as_secs_f64()
+        );
+    }
     if r.errors > 0 {
         eprintln!("td-bench: {} of {} requests failed", r.errors, r.ios);
     }
     Ok(r.errors == 0)
+}
+
+/// CPU time (user + system, every thread) of process `pid` so far.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces) start after its closing parenthesis;
+    // utime and stime are fields 14 and 15, 11 and 12 after it.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("unexpected /proc/{pid}/stat"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> {
+        f.get(i)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("unexpected /proc/{pid}/stat"))
+    };
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_nanos(
+        (ticks(11)? + ticks(12)?) * 1_000_000_000 / hz,
+    ))
+}
+
+/// The CPU time the private tapdisk of `t` uses while its ring sits idle for `d`.
+fn idle_cost(t: &Target, d: Duration) -> Result<Duration> {
+    let pid = t
+        .tapdisk_pid()
+        .ok_or_else(|| anyhow!("--idle needs a private tapdisk (not --device)"))?;
+    let before = cpu_time(pid)?;
+    std::thread::sleep(d);
+    Ok(cpu_time(pid)?.saturating_sub(before))
 }
 
 #[cfg(test)]
