@@ -68,7 +68,7 @@ fn xen_connect_is_refused_cleanly_without_xen() {
         })
         .unwrap_err()
         .to_string();
-    assert!(e.contains("ring order"), "{e}");
+    assert!(e.contains("2^5 pages") && e.contains("--ring-order"), "{e}");
     let e = c
         .call(Ctl::XenDisconnect {
             minor: vbd.minor,

@@ -382,16 +382,21 @@ proptest! {
     }
 }
 
-#[test]
-fn contiguous_requests_merge_and_a_failure_stays_with_its_request() {
-    // 16 contiguous 4-sector writes in one batch; sector 21 is bad.
-    let reqs: Vec<Req> = (0..16)
+/// 16 contiguous 4-sector writes, each of its own byte.
+fn contiguous_writes() -> Vec<Req> {
+    (0..16)
         .map(|i| Req {
             op: Op::Write(i as u8 + 1),
             sector: i * 4,
             sectors: 4,
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn contiguous_requests_merge_and_a_failure_stays_with_its_request() {
+    // 16 contiguous 4-sector writes in one batch; sector 21 is bad.
+    let reqs = contiguous_writes();
     let mut bad = vec![false; SECTORS as usize];
     bad[21] = true;
     let (got, eng, ios) = run_sched(&reqs, &bad, true, 16, &[0; 64], 0, false, 1);
@@ -410,13 +415,7 @@ fn contiguous_requests_merge_and_a_failure_stays_with_its_request() {
 #[test]
 fn what_is_ready_is_spread_over_the_free_lanes() {
     // 16 contiguous 4-sector writes (32 KiB) at once; merged IOs of at most 16 sectors.
-    let reqs: Vec<Req> = (0..16)
-        .map(|i| Req {
-            op: Op::Write(i as u8 + 1),
-            sector: i * 4,
-            sectors: 4,
-        })
-        .collect();
+    let reqs = contiguous_writes();
     let ok = [false; SECTORS as usize];
     // One lane: merged as far as the maximum allows, 4 IOs of 16 sectors.
     let (_, eng, ios) = run_sched(&reqs, &ok, true, 16, &[0; 64], 0, false, 1);

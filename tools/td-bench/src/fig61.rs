@@ -230,7 +230,10 @@ pub fn run(f: &Fig61) -> Result<Vec<Row>> {
             std::process::id()
         ))
     });
-    let _rm_local = f.local.is_none().then(|| RemoveFile(local.clone()));
+    let _rm_local = f
+        .local
+        .is_none()
+        .then(|| crate::util::RemoveFiles(vec![local.clone()]));
     let mut rows = vec![measure(
         format!("local file {}", local.display()),
         &local.display().to_string(),
@@ -318,12 +321,5 @@ struct RemoveDir(PathBuf);
 impl Drop for RemoveDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct RemoveFile(PathBuf);
-impl Drop for RemoveFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }

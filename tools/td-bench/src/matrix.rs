@@ -7,14 +7,14 @@
 //! polls on both sides, with the frontend and tapdisk pinned to different CPUs (see
 //! `--pin`).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
 use crate::bench::Rw;
 use crate::compare::{self, CompareArgs, Pair};
+use crate::util::{prefill, RemoveFiles};
 
 /// One row of the matrix.
 struct Row {
@@ -29,102 +29,43 @@ struct Row {
     poll_us: u32,
 }
 
+const fn row(name: &'static str, memory: bool, rw: Rw, bs: u64, iodepth: u32) -> Row {
+    Row {
+        name,
+        memory,
+        rw,
+        bs,
+        iodepth,
+        indirect: 0,
+        poll_us: 0,
+    }
+}
+
 const ROWS: &[Row] = &[
+    row("tmpfs 4k randread QD32", true, Rw::Randread, 4096, 32),
+    row("tmpfs 4k randwrite QD32", true, Rw::Randwrite, 4096, 32),
     Row {
-        name: "tmpfs 4k randread QD32",
-        memory: true,
-        rw: Rw::Randread,
-        bs: 4096,
-        iodepth: 32,
-        indirect: 0,
-        poll_us: 0,
-    },
-    Row {
-        name: "tmpfs 4k randwrite QD32",
-        memory: true,
-        rw: Rw::Randwrite,
-        bs: 4096,
-        iodepth: 32,
-        indirect: 0,
-        poll_us: 0,
-    },
-    Row {
-        name: "tmpfs 512k read QD8",
-        memory: true,
-        rw: Rw::Read,
-        bs: 512 << 10,
-        iodepth: 8,
         indirect: 32,
-        poll_us: 0,
+        ..row("tmpfs 512k read QD8", true, Rw::Read, 512 << 10, 8)
     },
+    row("tmpfs 4k randread QD1", true, Rw::Randread, 4096, 1),
+    row("file 4k randread QD32", false, Rw::Randread, 4096, 32),
     Row {
-        name: "tmpfs 4k randread QD1",
-        memory: true,
-        rw: Rw::Randread,
-        bs: 4096,
-        iodepth: 1,
-        indirect: 0,
-        poll_us: 0,
-    },
-    Row {
-        name: "file 4k randread QD32",
-        memory: false,
-        rw: Rw::Randread,
-        bs: 4096,
-        iodepth: 32,
-        indirect: 0,
-        poll_us: 0,
-    },
-    Row {
-        name: "tmpfs 4k randread QD1 polled",
-        memory: true,
-        rw: Rw::Randread,
-        bs: 4096,
-        iodepth: 1,
-        indirect: 0,
         poll_us: 50,
+        ..row("tmpfs 4k randread QD1 polled", true, Rw::Randread, 4096, 1)
     },
 ];
 
 /// Size of the matrix's images unless --size says otherwise.
 const DEFAULT_SIZE: u64 = 512 << 20;
 
-/// Creates `path` of `size` bytes filled with non-zero data (reads of holes would not touch
-/// the storage), unless it is already that large.
+/// Makes `path` a `size`-byte image filled with data (reads of holes would not touch the
+/// storage), unless it already is one.
 fn filled(path: &Path, size: u64) -> Result<()> {
     if std::fs::metadata(path).is_ok_and(|m| m.len() == size) {
         return Ok(());
     }
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut block = vec![0u8; 1 << 20];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for chunk in block.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(block.len() as u64) as usize;
-        f.write_all(&block[..n])
-            .with_context(|| format!("filling {}", path.display()))?;
-        left -= n as u64;
-    }
-    f.sync_all()?;
-    Ok(())
-}
-
-/// Removes the matrix's images at the end, also on error.
-struct Images(Vec<PathBuf>);
-
-impl Drop for Images {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
+    prefill(path, size, size)
 }
 
 fn row_args(base: &CompareArgs, r: &Row, image: &Path) -> CompareArgs {
@@ -152,7 +93,7 @@ pub fn run(args: &CompareArgs) -> Result<bool> {
     let pid = std::process::id();
     let mem = args.tmpfs_dir.join(format!("td-bench-matrix-{pid}.img"));
     let file = args.file_dir.join(format!("td-bench-matrix-{pid}.img"));
-    let _images = Images(vec![mem.clone(), file.clone()]);
+    let _images = RemoveFiles(vec![mem.clone(), file.clone()]);
     eprintln!(
         "td-bench compare --matrix: filling {} and {} ({})",
         mem.display(),

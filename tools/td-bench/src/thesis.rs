@@ -26,6 +26,7 @@ use crate::compare;
 use crate::guest::{self, PlannedReq};
 use crate::plot;
 use crate::target::{self, AbiArg, DirectArg, ReqShape, TargetArgs};
+use crate::util::{prefill, RemoveFiles};
 
 /// Which experiment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -755,7 +756,7 @@ fn table_3_6(dir: &Path, size: u64, repeat: u32) -> Result<()> {
     );
     let raw = dir.join(format!("td-bench-thesis-{}-36.raw", std::process::id()));
     let plx = dir.join(format!("td-bench-thesis-{}-36.plx", std::process::id()));
-    let _remove = Remove(vec![raw.clone(), plx.clone()]);
+    let _remove = RemoveFiles(vec![raw.clone(), plx.clone()]);
     println!(
         "  {:>5} | {:>16} | {:>22} | {:>22} | {:>22}",
         "bs", "thesis w/o, w/", "write new MB/s", "rewrite MB/s", "read MB/s"
@@ -883,7 +884,7 @@ fn table_3_7(dir: &Path) -> Result<()> {
         "thesis V/P"
     );
     let path = dir.join(format!("td-bench-thesis-{}-37.plx", std::process::id()));
-    let _remove = Remove(vec![path.clone()]);
+    let _remove = RemoveFiles(vec![path.clone()]);
     let spec = format!("parallax:{}", path.display());
     let fresh = |size: u64| -> Result<()> {
         let _ = std::fs::remove_file(&path);
@@ -1131,37 +1132,6 @@ fn short(d: &Disk) -> &'static str {
     }
 }
 
-/// Fills the first `bytes` of `path` with data so later writes overwrite allocated blocks.
-fn prefill(path: &Path, size: u64, bytes: u64) -> Result<()> {
-    use std::io::Write;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    if f.metadata()?.len() < size {
-        f.set_len(size)?;
-    }
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, &f);
-    let block = vec![0x5au8; 1 << 20];
-    for _ in 0..bytes.min(size) >> 20 {
-        w.write_all(&block)?;
-    }
-    w.flush()?;
-    f.sync_all()?;
-    Ok(())
-}
-
-struct Remove(Vec<PathBuf>);
-impl Drop for Remove {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 fn fig61_args(args: &ThesisArgs, local: Option<PathBuf>) -> crate::fig61::Fig61 {
     crate::fig61::Fig61 {
         rate: args.lan_rate.clone(),
@@ -1184,7 +1154,7 @@ pub fn run(args: &ThesisArgs) -> Result<bool> {
     }
     let what = |e: Experiment| args.what.contains(&e) || args.what.contains(&Experiment::All);
     let size: u64 = 1 << 30;
-    let mut temp = Remove(Vec::new());
+    let mut temp = RemoveFiles(Vec::new());
     let real = if args.disk != DiskChoice::Model {
         let path = match &args.image {
             Some(p) => std::path::absolute(p)?,

@@ -88,6 +88,41 @@ pub fn parse_seed(s: &str) -> Result<u64, String> {
     r.map_err(|_| format!("seed '{s}' is not a decimal or 0x-hexadecimal 64-bit number"))
 }
 
+/// Fills the first `bytes` of `path` (made `size` long) with non-zero data, so later reads
+/// touch the storage and later writes overwrite allocated blocks.
+pub fn prefill(path: &std::path::Path, size: u64, bytes: u64) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    if f.metadata()?.len() < size {
+        f.set_len(size)?;
+    }
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &f);
+    let block = vec![0x5au8; 1 << 20];
+    for _ in 0..bytes.min(size) >> 20 {
+        w.write_all(&block)?;
+    }
+    w.flush()?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Removes files when dropped (temporary images, also on error).
+pub struct RemoveFiles(pub Vec<std::path::PathBuf>);
+
+impl Drop for RemoveFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
