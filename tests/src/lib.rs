@@ -3,6 +3,7 @@
 //! them with real peers (qemu-io, qemu-img, nbdinfo, fio) and the blkif local frontend.
 
 pub mod lan;
+pub mod nbd;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -103,11 +104,17 @@ impl Tapdisk {
 
     /// Starts a tapdisk in `rundir`.
     pub fn start_in(rundir: &Path) -> Result<Tapdisk> {
+        Tapdisk::start_with(rundir, &[])
+    }
+
+    /// Starts a tapdisk in `rundir` with more arguments (`--log-file`, `--exit-deadline`).
+    pub fn start_with(rundir: &Path, args: &[&str]) -> Result<Tapdisk> {
         let mut child = Command::new(bin("tapdisk"))
             .arg("--rundir")
             .arg(rundir)
             .arg("--log-level")
             .arg("debug")
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

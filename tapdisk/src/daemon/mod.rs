@@ -1,21 +1,37 @@
 //! The tapdisk process: the control server and the VBDs it owns.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+mod conn;
+mod exit;
+mod minor;
+
+use std::io::Write;
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use slog::{info, warn, Logger};
 use tapdisk_control::proto::{
-    Command, Reply, RequestMsg, ResponseMsg, ResultMsg, TraceFormat, MAX_LINE, VERSION,
+    Command, Reply, RequestMsg, ResultMsg, TraceFormat, MAX_LINE, VERSION,
 };
 use tapdisk_control::RunDir;
 
 use crate::error::{Error, IoContext, Result};
+use crate::logging::RateLimit;
 use crate::ring::lock;
-use crate::vbd::{Vbd, VbdMap};
+use crate::vbd::Vbd;
+
+pub use conn::{IDLE, LINE_DEADLINE, MAX_CONNECTIONS, REPLY_DEADLINE};
+pub use exit::block_signals;
+pub use minor::{claim_minor, MinorClaim};
+
+/// How long a tapdisk told to exit (SIGTERM, `shutdown`) waits for its VBDs to finish the IO
+/// they have in flight before it exits anyway, unless `--exit-deadline` says otherwise.
+pub const EXIT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The exit status of a tapdisk that exited at its deadline with IO still in flight.
+pub const EXIT_STATUS_DEADLINE: i32 = 3;
 
 fn write_trace(
     path: &str,
@@ -32,74 +48,6 @@ fn write_trace(
     w.flush()
 }
 
-/// A claim on a minor number: the file `<rundir>/minors/N` holding our pid, removed on drop.
-#[derive(Debug)]
-pub struct MinorClaim {
-    /// The number.
-    pub minor: u32,
-    path: PathBuf,
-}
-
-impl Drop for MinorClaim {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Claims `wanted`, or the lowest free minor.
-pub fn claim_minor(rundir: &RunDir, wanted: Option<u32>) -> Result<MinorClaim> {
-    let me = std::process::id();
-    let try_one = |m: u32| -> Result<Option<MinorClaim>> {
-        let path = rundir.minor_dir().join(m.to_string());
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut f) => {
-                    writeln!(f, "{me}").doing(|| format!("claiming {}", path.display()))?;
-                    return Ok(Some(MinorClaim { minor: m, path }));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let owner = std::fs::read_to_string(&path).unwrap_or_default();
-                    match owner.trim().parse::<u32>() {
-                        Ok(pid) if pid_alive(pid) => return Ok(None),
-                        // A claim left by a dead tapdisk (or half written): reclaim it.
-                        _ => {
-                            let _ = std::fs::remove_file(&path);
-                        }
-                    }
-                }
-                Err(e) => return Err(Error::io(format!("claiming {}", path.display()), e)),
-            }
-        }
-        Ok(None)
-    };
-    match wanted {
-        Some(m) => try_one(m)?.ok_or_else(|| {
-            let owner =
-                std::fs::read_to_string(rundir.minor_dir().join(m.to_string())).unwrap_or_default();
-            Error::MinorInUse {
-                minor: m,
-                owner: owner.trim().to_owned(),
-            }
-        }),
-        None => {
-            for m in 0..(1 << 20) {
-                if let Some(c) = try_one(m)? {
-                    return Ok(c);
-                }
-            }
-            Err(Error::NoFreeMinor)
-        }
-    }
-}
-
 struct Entry {
     vbd: Vbd,
     _claim: MinorClaim,
@@ -112,6 +60,9 @@ pub struct Daemon {
     vbds: Mutex<std::collections::BTreeMap<u32, Entry>>,
     exiting: AtomicBool,
     ctl_path: PathBuf,
+    /// Control connections being served.
+    control_conns: AtomicUsize,
+    exit_deadline: Mutex<Duration>,
 }
 
 impl Daemon {
@@ -130,55 +81,31 @@ impl Daemon {
             vbds: Mutex::default(),
             exiting: AtomicBool::new(false),
             ctl_path,
+            control_conns: AtomicUsize::new(0),
+            exit_deadline: Mutex::new(EXIT_DEADLINE),
         };
         Ok((Arc::new(d), l))
     }
 
-    /// Serves the control socket until a shutdown.
+    /// Serves the control socket until a shutdown. An accept that fails (out of descriptors
+    /// or memory) is retried after a pause, not in a busy loop.
     pub fn serve(self: &Arc<Daemon>, listener: UnixListener) {
         info!(self.log, "listening"; "control" => %self.ctl_path.display());
+        let mut failed = RateLimit::new(5, Duration::from_secs(10));
         for conn in listener.incoming() {
             if self.exiting.load(Ordering::Acquire) {
                 break;
             }
-            let Ok(sock) = conn else { continue };
-            let d = self.clone();
-            let _ = std::thread::Builder::new()
-                .name("control".into())
-                .spawn(move || d.connection(sock));
-        }
-    }
-
-    fn connection(self: Arc<Daemon>, sock: UnixStream) {
-        let _ = sock.set_read_timeout(Some(Duration::from_secs(300)));
-        let mut w = match sock.try_clone() {
-            Ok(w) => w,
-            Err(_) => return,
-        };
-        let mut r = BufReader::new(sock);
-        loop {
-            let mut line = Vec::new();
-            match (&mut r)
-                .take(MAX_LINE as u64 + 1)
-                .read_until(b'\n', &mut line)
-            {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let (reply, exit) = self.answer(&line);
-            let is_shutdown = exit && matches!(reply, ResultMsg::Ok(_));
-            let mut out = serde_json::to_vec(&ResponseMsg {
-                v: VERSION,
-                result: reply,
-            })
-            .unwrap_or_default();
-            out.push(b'\n');
-            let _ = w.write_all(&out);
-            if is_shutdown {
-                self.exit();
-            }
-            if exit {
-                return;
+            match conn {
+                Ok(sock) => self.take_connection(sock),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    if let Some(suppressed) = failed.check() {
+                        warn!(self.log, "accepting on the control socket failed"; "error" => %e,
+                              "suppressed" => suppressed);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
         }
     }
@@ -307,54 +234,6 @@ impl Daemon {
             }
         }
     }
-
-    /// Closes every VBD, removes the control socket and exits the process.
-    pub fn exit(&self) -> ! {
-        self.exiting.store(true, Ordering::Release);
-        let vbds: VbdMap = {
-            let mut g = lock(&self.vbds);
-            std::mem::take(&mut *g)
-                .into_iter()
-                .map(|(m, e)| {
-                    drop(e._claim);
-                    (m, e.vbd)
-                })
-                .collect()
-        };
-        for (_, v) in vbds {
-            v.close();
-        }
-        let _ = std::fs::remove_file(&self.ctl_path);
-        info!(self.log, "exiting");
-        std::process::exit(0)
-    }
-
-    /// Handles SIGTERM, SIGINT and SIGHUP by shutting down cleanly. Call before any other
-    /// thread starts, so every thread inherits the blocked mask.
-    pub fn handle_signals(self: &Arc<Daemon>) -> Result<()> {
-        use nix::sys::signal::{SigSet, Signal};
-        let mut set = SigSet::empty();
-        set.add(Signal::SIGTERM);
-        set.add(Signal::SIGINT);
-        set.add(Signal::SIGHUP);
-        set.thread_block()
-            .map_err(|e| Error::io("cannot block signals", e.into()))?;
-        // A frontend or NBD client that disappears must not kill us with SIGPIPE.
-        // SAFETY: setting SIGPIPE to ignored is async-signal-safe and affects only delivery.
-        unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) }
-            .map_err(|e| Error::io("cannot ignore SIGPIPE", e.into()))?;
-        let d = self.clone();
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                if let Ok(sig) = set.wait() {
-                    warn!(d.log, "signal received, shutting down"; "signal" => %sig);
-                    d.exit();
-                }
-            })
-            .doing(|| "cannot start the signal thread".into())?;
-        Ok(())
-    }
 }
 
 fn no_such(minor: u32) -> Error {
@@ -362,93 +241,4 @@ fn no_such(minor: u32) -> Error {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn minors_are_claimed_and_reclaimed() {
-        let dir = tempfile::tempdir().unwrap();
-        let rd = RunDir(dir.path().into());
-        rd.create().unwrap();
-        let a = claim_minor(&rd, None).unwrap();
-        let b = claim_minor(&rd, None).unwrap();
-        assert_eq!((a.minor, b.minor), (0, 1));
-        assert!(claim_minor(&rd, Some(0))
-            .unwrap_err()
-            .to_string()
-            .contains("in use"));
-        drop(a);
-        assert_eq!(claim_minor(&rd, None).unwrap().minor, 0);
-        // A claim by a dead process is taken over.
-        std::fs::write(rd.minor_dir().join("7"), "999999999\n").unwrap();
-        assert_eq!(claim_minor(&rd, Some(7)).unwrap().minor, 7);
-    }
-
-    /// What tap-ctl refuses is refused when written to the socket directly, with the error
-    /// line naming the setting and its range, and nothing claimed or opened.
-    #[test]
-    fn settings_out_of_range_are_refused_on_the_socket() {
-        let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("disk.img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
-        let rundir = RunDir(dir.path().join("run"));
-        let log = Logger::root(slog::Discard, slog::o!());
-        let (d, _listener) = Daemon::bind(rundir.clone(), log).unwrap();
-        let open = |settings: &str| {
-            format!(
-                r#"{{"v":1,"cmd":"open","minor":null,"image":{{"driver":"aio","path":"{}"}},"settings":{settings}}}"#,
-                img.display()
-            )
-        };
-        let error = |line: &str| match d.answer(line.as_bytes()) {
-            (ResultMsg::Error(e), false) => e,
-            other => panic!("{line}: {other:?}"),
-        };
-        for (settings, says) in [
-            (
-                r#"{"early":{"percent":250}}"#,
-                "early-read percent 250% is out of range: early.percent takes 0..=100",
-            ),
-            (
-                r#"{"early":{"chunk_kb":0}}"#,
-                "early-read chunk 0 KiB is out of range: early.chunk_kb takes 4..=16384",
-            ),
-            (
-                r#"{"faults":{"fail_ppm":1000001}}"#,
-                "faults.fail_ppm takes 0..=1000000",
-            ),
-            (
-                r#"{"faults":{"delay_ppm":4294967295}}"#,
-                "faults.delay_ppm takes 0..=1000000",
-            ),
-            (
-                r#"{"poll_us":4294967295}"#,
-                "poll time 4294967295 µs is out of range: poll_us takes 0..=10000",
-            ),
-            (r#"{"max_segments":12}"#, "max_segments takes 1..=11"),
-            (r#"{"cache_slots":8}"#, "parallax: images only"),
-        ] {
-            let e = error(&open(settings));
-            assert_eq!(e.lines().count(), 1, "{e}");
-            assert!(e.contains(says), "{settings}: {e}");
-        }
-        assert!(lock(&d.vbds).is_empty());
-        assert_eq!(std::fs::read_dir(rundir.minor_dir()).unwrap().count(), 0);
-        // The same open with settings in range succeeds.
-        match d.answer(open(r#"{"poll_us":10000}"#).as_bytes()) {
-            (ResultMsg::Ok(Reply::Opened { vbd }), false) => assert_eq!(vbd.minor, 0),
-            other => panic!("{other:?}"),
-        }
-        let e = error(
-            r#"{"v":1,"cmd":"unpause","minor":0,"image":{"driver":"aio","path":"/x","volume":"v"}}"#,
-        );
-        assert!(e.contains("aio images have no volumes"), "{e}");
-        assert!(matches!(
-            d.answer(br#"{"v":1,"cmd":"close","minor":0}"#),
-            (ResultMsg::Ok(Reply::Done), false)
-        ));
-    }
-}
+mod tests;

@@ -15,7 +15,7 @@ pub mod rings;
 pub mod xen;
 
 use std::collections::BTreeMap;
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +47,8 @@ pub struct Vbd {
     opts: VbdSettings,
     rings: Arc<Rings>,
     accept_stop: Arc<AtomicBool>,
+    /// Wakes the device socket's accept thread (see [`rings::accept_loop`]).
+    accept_wake: UnixStream,
     accept: Option<JoinHandle<()>>,
     device: PathBuf,
     nbd: Option<NbdServer>,
@@ -124,11 +126,13 @@ impl Vbd {
             log.clone(),
         ));
         let accept_stop = Arc::new(AtomicBool::new(false));
+        let (accept_wake, wake_rx) =
+            UnixStream::pair().doing(|| "cannot make the device socket's wake-up pair".into())?;
         let accept = {
             let (rings, stop) = (rings.clone(), accept_stop.clone());
             std::thread::Builder::new()
                 .name(format!("vbd{minor}-accept"))
-                .spawn(move || rings::accept_loop(listener, rings, stop))
+                .spawn(move || rings::accept_loop(listener, wake_rx, rings, stop))
                 .doing(|| "cannot start the device socket's thread".into())?
         };
         let nbd = match &opts.nbd {
@@ -150,6 +154,7 @@ impl Vbd {
             opts,
             rings,
             accept_stop,
+            accept_wake,
             accept: Some(accept),
             device,
             nbd,
@@ -319,7 +324,7 @@ impl Vbd {
             n.shutdown();
         }
         self.accept_stop.store(true, Ordering::Release);
-        let _ = UnixStream::connect(&self.device);
+        let _ = (&self.accept_wake).write(&[1]);
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
