@@ -47,6 +47,8 @@ pub struct ConnCx<'a> {
     pub counters: &'a Counters,
     /// Bytes of buffer memory this server's connections hold (this one adds its share).
     pub held: &'a AtomicU64,
+    /// Where the connection reports its client's activity (the server's slot policy).
+    pub progress: &'a super::slots::Progress,
     /// Where the connection logs.
     pub log: &'a Logger,
 }
@@ -86,6 +88,9 @@ fn answer<W: Write>(
     cx: &ConnCx<'_>,
 ) -> io::Result<()> {
     disk.reap(done)?;
+    if !done.is_empty() {
+        cx.progress.active();
+    }
     let mut res = Ok(());
     for c in done.drain(..) {
         if res.is_ok() {
@@ -228,6 +233,7 @@ fn step<R: Source, W: Write>(
     }
     let req =
         Request::parse(&hdr).map_err(|m| protocol_error(format!("bad request magic {m:#010x}")))?;
+    cx.progress.active();
     let export = cx.export;
     let mut buf = None;
     if req.cmd == CMD_WRITE {

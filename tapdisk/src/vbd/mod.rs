@@ -212,6 +212,7 @@ impl Vbd {
             "nbd": {
                 "address": self.nbd.as_ref().map(|n| n.local_addr().to_string()),
                 "connections": self.nbd.as_ref().map(|n| n.connections()).unwrap_or(0),
+                "waiting": self.nbd.as_ref().map(|n| n.waiting()).unwrap_or(0),
                 "buffer_bytes": self.nbd.as_ref().map(|n| n.buffered()).unwrap_or(0),
                 "counters": self.nbd.as_ref().map(|n| n.counters()),
             },
