@@ -239,14 +239,15 @@ pub(crate) fn read_superblocks<B: Backing>(
 }
 
 impl<B: Backing> Image<B> {
-    fn empty(backing: B, sb: Superblock, slots: usize, read_only: bool) -> Image<B> {
+    fn empty(backing: B, sb: Superblock, slots: usize, read_only: bool) -> Result<Image<B>> {
         let run = sb.data_run() as usize * BLOCK;
-        Image {
+        let cache = Cache::try_new(slots)?;
+        Ok(Image {
             backing,
             sb,
             committed_copy: 1,
             read_only,
-            cache: Cache::new(slots),
+            cache,
             fresh: HashSet::default(),
             freed_machine: Vec::new(),
             freed_phys: Vec::new(),
@@ -270,7 +271,7 @@ impl<B: Backing> Image<B> {
             hint_p2m: u32::MAX,
             memo: None,
             v2p_epoch: 0,
-        }
+        })
     }
 
     /// Creates a new image on `backing` (whatever it held is lost) with one empty disk, and
@@ -321,7 +322,7 @@ impl<B: Backing> Image<B> {
             phys_reserve: Range::default(),
             node_phys_reserve: Range::default(),
         };
-        let mut img = Image::empty(backing, sb, opts.cache_slots, false);
+        let mut img = Image::empty(backing, sb, opts.cache_slots, false)?;
         // A stale superblock from an earlier image must not win over the new one.
         img.backing
             .grow(2 * BLOCK as u64)
@@ -361,7 +362,7 @@ impl<B: Backing> Image<B> {
                 "the image is truncated: its store needs {need} bytes but holds {size}"
             )));
         }
-        let mut img = Image::empty(backing, sb, opts.cache_slots, opts.read_only);
+        let mut img = Image::empty(backing, sb, opts.cache_slots, opts.read_only)?;
         img.committed_copy = copy;
         img.cursors = [
             img.sb.data_reserve.end.max(2),

@@ -110,6 +110,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     // Before any thread starts, so that every thread inherits the blocked signals.
     let signals = block_signals()?;
     let startup = Startup::watch();
+    // Failing leaves the limit as it is; the memory and descriptor check at each open says so
+    // if it is too low.
+    let _ = tapdisk::sys::file::raise_open_files_limit();
     let pid = std::process::id();
     startup.step("creating the run directory");
     let log_path = match (&args.log_file, args.daemonize) {

@@ -15,7 +15,7 @@ use slog::{info, warn, Logger};
 use tapdisk_control::proto::{
     Command, Reply, RequestMsg, ResultMsg, TraceFormat, MAX_LINE, VERSION,
 };
-use tapdisk_control::RunDir;
+use tapdisk_control::{Machine, RunDir};
 
 use crate::error::{Error, IoContext, Result};
 use crate::logging::RateLimit;
@@ -142,7 +142,9 @@ impl Daemon {
     }
 
     /// Carries out a command. What it carries is checked first ([`Command::validate`]: the
-    /// same checks as tap-ctl's), so nothing is claimed or opened for a refused command.
+    /// same checks as tap-ctl's; for an `open`, also against the memory and descriptors this
+    /// process can still have, [`tapdisk_control::VbdSettings::validate_on`]), so nothing is
+    /// claimed or opened for a refused command.
     fn dispatch(&self, cmd: Command) -> Result<Reply> {
         cmd.validate()?;
         match cmd {
@@ -156,6 +158,8 @@ impl Daemon {
                 image,
                 settings,
             } => {
+                // The sizes the settings drive, against what this process can still have.
+                settings.validate_on(&image, &Machine::probe())?;
                 let claim = claim_minor(&self.rundir, minor)?;
                 let m = claim.minor;
                 let vbd = Vbd::open(m, image, settings, self.rundir.vbd_socket(m), &self.log)?;

@@ -103,10 +103,12 @@ impl Vbd {
             early: opts.early,
         };
         let direct = image.direct();
-        let cache = opts
-            .early
-            .filter(|p| p.cache_mb > 0)
-            .map(|p| Arc::new(crate::early::ReadCache::new(p.cache_mb)));
+        let cache = match opts.early.filter(|p| p.cache_mb > 0) {
+            Some(p) => Some(Arc::new(
+                crate::early::ReadCache::new(p.cache_mb).map_err(Error::Image)?,
+            )),
+            None => None,
+        };
         let shared = Arc::new(VbdShared::new(image, cache));
         if device.exists() {
             std::fs::remove_file(&device).ok();
@@ -258,6 +260,8 @@ impl Vbd {
             )));
         }
         if let Some(spec) = new_image {
+            self.opts
+                .validate_on(&spec, &tapdisk_control::Machine::probe())?;
             let img = open_image_logged(&spec, image_options(&self.opts), &self.log)
                 .map_err(Error::Image)?;
             let sectors = self.rings.disk().sectors;

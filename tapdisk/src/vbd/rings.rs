@@ -175,7 +175,7 @@ impl Rings {
         let stats = Arc::new(RingStats::default());
         let exit: Arc<Mutex<Option<String>>> = Arc::default();
         let (writer, reader) = if self.trace > 0 {
-            let (w, r) = trace::buffer(no, self.trace);
+            let (w, r) = trace::buffer(no, self.trace)?;
             (Some(w), Some(r))
         } else {
             (None, None)

@@ -51,6 +51,7 @@ pub fn errno(e: &parallax::Error) -> i32 {
         E::Invalid(_) => libc::EINVAL,
         E::NoSuchVolume(_) => libc::ENOENT,
         E::Locked(_) => libc::EBUSY,
+        E::NoMemory(_) => libc::ENOMEM,
         E::Io { err, .. } => err.raw_os_error().unwrap_or(libc::EIO),
         _ => libc::EIO,
     }
