@@ -60,6 +60,9 @@ pub struct VbdSettings {
     /// A `stripe:` image's iSCSI connections are driven by each ring loop's own thread
     /// instead of one IO thread per server.
     pub iscsi_inline: bool,
+    /// Serve an `aio:` image even if another VBD or process holds its lock (a read-write VBD
+    /// locks its image exclusively, a read-only one shared); the VBD then serves it unlocked.
+    pub force_share: bool,
 }
 
 impl VbdSettings {
@@ -84,6 +87,7 @@ impl VbdSettings {
         poll_us: 0,
         cache_slots: 0,
         iscsi_inline: false,
+        force_share: false,
     };
 
     /// Checks every setting against its range; the error names the first one that is not
@@ -127,6 +131,13 @@ impl VbdSettings {
             return Err(Error::invalid(
                 "iscsi_inline",
                 "inline iSCSI is for stripe: images only",
+            ));
+        }
+        if self.force_share && image.driver != Driver::Aio {
+            return Err(Error::invalid(
+                "force_share",
+                "force_share is for aio: images only (Parallax images and stripe mapping \
+                 files are always locked)",
             ));
         }
         Ok(())
@@ -327,6 +338,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("stripe: images only"));
+        let s = VbdSettings {
+            force_share: true,
+            ..VbdSettings::default()
+        };
+        s.validate_for(&aio).unwrap();
+        assert_eq!(
+            s.validate_for(&plx).unwrap_err().field(),
+            Some("force_share")
+        );
     }
 
     /// Sizes the machine cannot hold are refused, naming the setting and what there is;

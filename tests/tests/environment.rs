@@ -61,7 +61,8 @@ fn sigterm_ends_a_tapdisk_whose_run_directory_was_removed() {
     let sock = dir.path().join("nbd.sock");
     td.open(&format!("aio:{}", img.display()), exported(&sock))
         .unwrap();
-    td.open(&format!("aio:{}", img.display()), VbdSettings::default())
+    let (_idir2, img2) = image(16 * MIB).unwrap();
+    td.open(&format!("aio:{}", img2.display()), VbdSettings::default())
         .unwrap();
     nbd_round_trip(&sock, 0, 0x5a);
     // A client still connected when the signal comes.

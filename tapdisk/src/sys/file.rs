@@ -169,3 +169,24 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
     }
     Ok(l.rlim_cur)
 }
+
+/// Takes an advisory `flock` on `f` without waiting: exclusive or shared. `Ok(false)` if
+/// another open file holds a conflicting one. Closing `f` releases it.
+pub fn try_flock(f: &File, exclusive: bool) -> io::Result<bool> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    } | libc::LOCK_NB;
+    // SAFETY: flock on a descriptor `f` keeps open for the duration of the call; no memory is
+    // passed.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}

@@ -11,6 +11,7 @@
 //! image move.
 
 pub mod export;
+pub mod lock;
 pub mod rings;
 pub mod xen;
 
@@ -28,7 +29,7 @@ use blkif::request::DiskInfo;
 use slog::{info, o, Logger};
 
 use tapdisk_control::proto::{VbdState, VbdSummary};
-use tapdisk_control::{ImageSpec, VbdSettings};
+use tapdisk_control::{Driver, ImageSpec, VbdSettings};
 
 use crate::driver::{open_image_logged, Layers, OpenOptionsImg, SECTOR};
 use crate::error::{Error, IoContext, Result};
@@ -52,6 +53,8 @@ pub struct Vbd {
     accept: Option<JoinHandle<()>>,
     device: PathBuf,
     nbd: Option<NbdServer>,
+    /// The lock on an `aio:` image ([`lock`]).
+    image_lock: Option<lock::ImageLock>,
     quiescing: bool,
     log: Logger,
     /// Xen frontends this VBD serves (see [`xen`]).
@@ -70,7 +73,16 @@ impl Vbd {
         log: &Logger,
     ) -> Result<Vbd> {
         let log = log.new(o!("minor" => minor));
+        let image_lock = take_lock(&spec, &opts, &log)?;
         let image = open_image_logged(&spec, image_options(&opts), &log).map_err(Error::Image)?;
+        if let Some(l) = &image_lock {
+            if !l.is_file(&spec.path) {
+                return Err(Error::Refused(format!(
+                    "image {} was replaced while it was opened",
+                    spec.path.display()
+                )));
+            }
+        }
         if image.size() < SECTOR {
             return Err(Error::Refused(format!(
                 "image {} is smaller than one sector",
@@ -160,6 +172,7 @@ impl Vbd {
             accept: Some(accept),
             device,
             nbd,
+            image_lock,
             quiescing: false,
             log,
             xen: Vec::new(),
@@ -262,6 +275,16 @@ impl Vbd {
         if let Some(spec) = new_image {
             self.opts
                 .validate_on(&spec, &tapdisk_control::Machine::probe())?;
+            // The same file keeps its lock; another one's is taken before the old one goes.
+            let same = self
+                .image_lock
+                .as_ref()
+                .is_some_and(|l| spec.driver == Driver::Aio && l.is_file(&spec.path));
+            let new_lock = if same {
+                None
+            } else {
+                take_lock(&spec, &self.opts, &self.log)?
+            };
             let img = open_image_logged(&spec, image_options(&self.opts), &self.log)
                 .map_err(Error::Image)?;
             let sectors = self.rings.disk().sectors;
@@ -274,6 +297,9 @@ impl Vbd {
                 )));
             }
             self.shared().set_image(img);
+            if !same {
+                self.image_lock = new_lock;
+            }
             info!(self.log, "image replaced"; "image" => %spec);
             self.spec = spec;
         }
@@ -344,6 +370,14 @@ impl Drop for Vbd {
         if self.accept.is_some() {
             self.shutdown();
         }
+    }
+}
+
+/// The lock of an `aio:` image ([`lock::lock_image`]); other drivers lock their own files.
+fn take_lock(spec: &ImageSpec, o: &VbdSettings, log: &Logger) -> Result<Option<lock::ImageLock>> {
+    match spec.driver {
+        Driver::Aio => lock::lock_image(&spec.path, o.read_only, o.force_share, log),
+        _ => Ok(None),
     }
 }
 
