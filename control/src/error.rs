@@ -31,6 +31,16 @@ pub enum Error {
         /// What is wrong, in words naming the setting.
         why: String,
     },
+    /// A setting asks for more than the machine, or the tapdisk's limits, can give.
+    #[error("{what} is more than this tapdisk can have: {room}")]
+    TooBig {
+        /// The setting, as the protocol names it (`early.cache_mb`, `cache_slots`).
+        field: &'static str,
+        /// What it asks for, in words (`an early-read cache of 65536 MiB`).
+        what: String,
+        /// What there is, in words (`21034 MiB of available memory (MemAvailable)`).
+        room: String,
+    },
     /// A tapdisk's control socket cannot be reached.
     #[error("cannot reach tapdisk at {}: {cause}", path.display())]
     Connect {
@@ -85,7 +95,9 @@ impl Error {
     /// own flags).
     pub fn field(&self) -> Option<&'static str> {
         match self {
-            Error::OutOfRange { field, .. } | Error::Invalid { field, .. } => Some(field),
+            Error::OutOfRange { field, .. }
+            | Error::Invalid { field, .. }
+            | Error::TooBig { field, .. } => Some(field),
             _ => None,
         }
     }

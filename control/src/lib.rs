@@ -11,6 +11,8 @@
 //! [`FaultPlan`], [`ModelParams`] and [`NbdListen`]. Every numeric setting has its range
 //! written once, in [`limits`] (blkif's from blkif's own constants); tap-ctl and the daemon
 //! check with the same [`VbdSettings::validate`], so what one refuses the other refuses too.
+//! The daemon also checks the sizes a VBD's settings drive against the machine it runs on
+//! ([`VbdSettings::validate_on`], [`Machine`]).
 //! Failures are one [`Error`] type.
 
 pub mod client;
@@ -19,6 +21,7 @@ mod error;
 pub mod faults;
 pub mod image;
 pub mod limits;
+pub mod machine;
 pub mod model;
 pub mod nbd;
 pub mod proto;
@@ -29,6 +32,7 @@ pub use early::EarlyPolicy;
 pub use error::{Error, Result};
 pub use faults::FaultPlan;
 pub use image::{DirectIo, Driver, ImageSpec};
+pub use machine::Machine;
 pub use model::ModelParams;
 pub use nbd::NbdListen;
 pub use rundir::{RunDir, RUNDIR_ENV};

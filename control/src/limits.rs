@@ -143,6 +143,24 @@ pub const TRACE: Limit = Limit::new("trace", "trace size", "", 0, 16_000_000);
 /// Metadata cache slots of a Parallax image (0: the driver's default; at most 4 GiB of cache).
 pub const CACHE_SLOTS: Limit = Limit::new("cache_slots", "cache slots", "", 0, 1 << 20);
 
+/// Bytes of memory one metadata cache slot of a Parallax image costs (its 4 KiB block, its
+/// bookkeeping and its map entry), for the memory check at open.
+pub const CACHE_SLOT_BYTES: u64 = 4096 + 64;
+/// Slots a Parallax image's cache has when `cache_slots` is 0.
+pub const DEFAULT_CACHE_SLOTS: u64 = 128;
+
+// --- Tracing ----------------------------------------------------------------------------------
+
+/// Bytes of memory one traced request costs per ring (its record and its batch's), for the
+/// memory check at open (tapdisk's trace records fit: a test there says so).
+pub const TRACE_RECORD_BYTES: u64 = 128;
+
+// --- File descriptors -------------------------------------------------------------------------
+
+/// File descriptors a VBD needs when it opens (image, device socket, NBD listener, wake-ups)
+/// and for a first ring; an open is refused with fewer left.
+pub const VBD_FDS: u64 = 32;
+
 // --- Early read return ------------------------------------------------------------------------
 
 /// Percentage of a read filled before it is answered.
@@ -164,9 +182,13 @@ pub const EARLY_SEQ_PERCENT: Limit = percent("early.sequential", "early-read seq
 /// Chunk IOs a read is fetched in, KiB.
 pub const EARLY_CHUNK_KB: Limit =
     Limit::new("early.chunk_kb", "early-read chunk", " KiB", 4, 16384);
-/// Host-side read cache, MiB (preallocated when the VBD opens).
+/// Host-side read cache, MiB (preallocated when the VBD opens; the daemon also checks it
+/// against the memory it can have).
 pub const EARLY_CACHE_MB: Limit =
     Limit::new("early.cache_mb", "early-read cache", " MiB", 0, 65536);
+/// Bytes of memory one 4 KiB block of the early-read cache costs (the block, its key, its
+/// flags and its map entry).
+pub const EARLY_CACHE_BLOCK_BYTES: u64 = 4096 + 48;
 
 // --- Fault injection --------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::faults::FaultPlan;
 use crate::image::{DirectIo, Driver, ImageSpec};
 use crate::limits;
+use crate::machine::{Machine, MIB};
 use crate::model::ModelParams;
 use crate::nbd::NbdListen;
 
@@ -59,6 +60,9 @@ pub struct VbdSettings {
     /// A `stripe:` image's iSCSI connections are driven by each ring loop's own thread
     /// instead of one IO thread per server.
     pub iscsi_inline: bool,
+    /// Serve an `aio:` image even if another VBD or process holds its lock (a read-write VBD
+    /// locks its image exclusively, a read-only one shared); the VBD then serves it unlocked.
+    pub force_share: bool,
 }
 
 impl VbdSettings {
@@ -83,6 +87,7 @@ impl VbdSettings {
         poll_us: 0,
         cache_slots: 0,
         iscsi_inline: false,
+        force_share: false,
     };
 
     /// Checks every setting against its range; the error names the first one that is not
@@ -127,6 +132,124 @@ impl VbdSettings {
                 "iscsi_inline",
                 "inline iSCSI is for stripe: images only",
             ));
+        }
+        if self.force_share && image.driver != Driver::Aio {
+            return Err(Error::invalid(
+                "force_share",
+                "force_share is for aio: images only (Parallax images and stripe mapping \
+                 files are always locked)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The memory a VBD's settings make it allocate, by setting (bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryNeed {
+    /// The early-read cache (`early.cache_mb`), allocated when the VBD opens.
+    pub early_cache: u64,
+    /// The metadata cache of a Parallax image (`cache_slots`), allocated when it opens.
+    pub cache_slots: u64,
+    /// The trace buffer of each ring (`trace`), allocated when the ring attaches.
+    pub trace_per_ring: u64,
+}
+
+impl MemoryNeed {
+    /// What opening the VBD and attaching its first ring allocate.
+    pub fn at_open(&self) -> u64 {
+        self.early_cache
+            .saturating_add(self.cache_slots)
+            .saturating_add(self.trace_per_ring)
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{} MiB", bytes.div_ceil(MIB))
+}
+
+impl VbdSettings {
+    /// The memory these settings make a VBD of `image` allocate.
+    pub fn memory_need(&self, image: &ImageSpec) -> MemoryNeed {
+        let slots = match (image.driver, self.cache_slots) {
+            (Driver::Parallax, 0) => limits::DEFAULT_CACHE_SLOTS,
+            (Driver::Parallax, n) => u64::from(n),
+            _ => 0,
+        };
+        let blocks = self.early.map_or(0, |e| u64::from(e.cache_mb) * MIB / 4096);
+        MemoryNeed {
+            early_cache: blocks.saturating_mul(limits::EARLY_CACHE_BLOCK_BYTES),
+            cache_slots: slots.saturating_mul(limits::CACHE_SLOT_BYTES),
+            trace_per_ring: u64::from(self.trace).saturating_mul(limits::TRACE_RECORD_BYTES),
+        }
+    }
+
+    /// [`VbdSettings::validate_for`], then what the settings ask of the machine against what
+    /// `machine` has: the memory the VBD allocates when it opens (each setting that drives a
+    /// size, then their sum) and the file descriptors it needs. The error names the setting,
+    /// what it asks for, and what there is.
+    pub fn validate_on(&self, image: &ImageSpec, machine: &Machine) -> Result<()> {
+        self.validate_for(image)?;
+        if let Some(room) = &machine.memory {
+            let need = self.memory_need(image);
+            let there = || format!("{} of {}", mib(room.amount), room.source);
+            let slots = need.cache_slots / limits::CACHE_SLOT_BYTES;
+            let parts = [
+                (
+                    "early.cache_mb",
+                    need.early_cache,
+                    format!(
+                        "an early-read cache of {} MiB",
+                        self.early.map_or(0, |e| e.cache_mb)
+                    ),
+                ),
+                (
+                    "cache_slots",
+                    need.cache_slots,
+                    format!("{slots} Parallax metadata cache slots"),
+                ),
+                (
+                    "trace",
+                    need.trace_per_ring,
+                    format!("a trace of {} requests per ring", self.trace),
+                ),
+            ];
+            for (field, bytes, what) in &parts {
+                if *bytes > room.amount {
+                    return Err(Error::TooBig {
+                        field,
+                        what: format!("{what} ({field}: {} of memory)", mib(*bytes)),
+                        room: there(),
+                    });
+                }
+            }
+            if need.at_open() > room.amount {
+                let field = parts
+                    .iter()
+                    .max_by_key(|p| p.1)
+                    .map_or("early.cache_mb", |p| p.0);
+                return Err(Error::TooBig {
+                    field,
+                    what: format!(
+                        "{} of caches and trace buffers together (early.cache_mb, cache_slots, \
+                         trace)",
+                        mib(need.at_open())
+                    ),
+                    room: there(),
+                });
+            }
+        }
+        if let Some(fds) = &machine.fds {
+            if fds.amount < limits::VBD_FDS {
+                return Err(Error::TooBig {
+                    field: "fds",
+                    what: format!("a VBD, which needs {} file descriptors,", limits::VBD_FDS),
+                    room: format!(
+                        "{} {} (close VBDs, or raise the limit: ulimit -n)",
+                        fds.amount, fds.source
+                    ),
+                });
+            }
         }
         Ok(())
     }
@@ -215,6 +338,106 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("stripe: images only"));
+        let s = VbdSettings {
+            force_share: true,
+            ..VbdSettings::default()
+        };
+        s.validate_for(&aio).unwrap();
+        assert_eq!(
+            s.validate_for(&plx).unwrap_err().field(),
+            Some("force_share")
+        );
+    }
+
+    /// Sizes the machine cannot hold are refused, naming the setting and what there is;
+    /// the same sizes pass on a machine that has the room.
+    #[test]
+    fn sizes_are_checked_against_the_machine() {
+        use crate::machine::Room;
+        let aio: ImageSpec = "aio:/x".parse().unwrap();
+        let plx: ImageSpec = "parallax:/x".parse().unwrap();
+        let small = Machine {
+            memory: Some(Room {
+                amount: 1 << 30,
+                source: "available memory (MemAvailable)",
+            }),
+            fds: Some(Room {
+                amount: 1000,
+                source: "file descriptors the tapdisk's RLIMIT_NOFILE leaves",
+            }),
+        };
+        let big = Machine {
+            memory: Some(Room {
+                amount: 1 << 40,
+                source: "available memory (MemAvailable)",
+            }),
+            ..small.clone()
+        };
+        let early = VbdSettings {
+            early: Some(EarlyPolicy {
+                cache_mb: 2048,
+                ..EarlyPolicy::default()
+            }),
+            ..VbdSettings::default()
+        };
+        let e = early.validate_on(&aio, &small).unwrap_err();
+        assert_eq!(e.field(), Some("early.cache_mb"));
+        assert_eq!(
+            e.to_string(),
+            "an early-read cache of 2048 MiB (early.cache_mb: 2072 MiB of memory) is more than \
+             this tapdisk can have: 1024 MiB of available memory (MemAvailable)"
+        );
+        early.validate_on(&aio, &big).unwrap();
+        let slots = VbdSettings {
+            cache_slots: 1 << 20,
+            ..VbdSettings::default()
+        };
+        assert_eq!(
+            slots.validate_on(&plx, &small).unwrap_err().field(),
+            Some("cache_slots")
+        );
+        slots.validate_on(&plx, &big).unwrap();
+        let trace = VbdSettings {
+            trace: 16_000_000,
+            ..VbdSettings::default()
+        };
+        assert_eq!(
+            trace.validate_on(&aio, &small).unwrap_err().field(),
+            Some("trace")
+        );
+        // Each fits alone, not together.
+        let both = VbdSettings {
+            cache_slots: 200_000,
+            trace: 4_000_000,
+            ..VbdSettings::default()
+        };
+        let e = both.validate_on(&plx, &small).unwrap_err().to_string();
+        assert!(e.contains("caches and trace buffers together"), "{e}");
+        // The fixed ranges come first; out of descriptors is refused too.
+        assert_eq!(
+            VbdSettings {
+                poll_us: u32::MAX,
+                ..VbdSettings::default()
+            }
+            .validate_on(&aio, &big)
+            .unwrap_err()
+            .field(),
+            Some("poll_us")
+        );
+        let no_fds = Machine {
+            fds: Some(Room {
+                amount: 3,
+                source: "file descriptors the tapdisk's RLIMIT_NOFILE leaves",
+            }),
+            ..big.clone()
+        };
+        let e = VbdSettings::default()
+            .validate_on(&aio, &no_fds)
+            .unwrap_err();
+        assert_eq!(e.field(), Some("fds"));
+        assert!(e.to_string().contains("ulimit -n"), "{e}");
+        // Nothing known about the machine: only the fixed ranges.
+        early.validate_on(&aio, &Machine::default()).unwrap();
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::io::{self, BufReader, BufWriter, Cursor};
 use std::os::fd::RawFd;
 use std::sync::atomic::AtomicU64;
 use tapdisk::nbd::proto::*;
+use tapdisk::nbd::slots::Progress;
 use tapdisk::nbd::{serve, Buf, Cmd, Completion, ConnCx, Counters, Disk, ExportInfo, Op};
 
 const SIZE: u64 = 1 << 20;
@@ -168,10 +169,12 @@ fuzz_target!(|inp: Input| {
     let log = slog::Logger::root(slog::Discard, slog::o!());
     let counters = Counters::default();
     let held = AtomicU64::new(0);
+    let progress = Progress::new();
     let cx = ConnCx {
         export: &export,
         counters: &counters,
         held: &held,
+        progress: &progress,
         log: &log,
     };
     let mut r = BufReader::new(Cursor::new(s));

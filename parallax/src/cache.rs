@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::error::{Error, Result};
 use crate::format::BLOCK;
 
 /// The default number of slots.
@@ -276,32 +277,53 @@ pub(crate) struct Cache {
 
 impl Cache {
     /// A cache of `n >= 1` slots.
+    #[cfg(test)]
     pub fn new(n: usize) -> Cache {
+        Cache::try_new(n).expect("a small test cache")
+    }
+
+    /// A cache of `n >= 1` slots, or [`Error::NoMemory`] if the memory for it cannot be had
+    /// (the slot count comes from a setting: a failed allocation is an error, not an abort).
+    pub fn try_new(n: usize) -> Result<Cache> {
         let n = n.max(1);
+        let no_memory = |_: std::collections::TryReserveError| {
+            Error::NoMemory(format!(
+                "a metadata cache of {n} slots ({} MiB)",
+                n.saturating_mul(BLOCK) >> 20
+            ))
+        };
         let counters = Arc::new(Counters::default());
         counters.slots.store(n as u64, Ordering::Relaxed);
         let mut map = HashMap::default();
-        map.reserve(n);
-        Cache {
-            data: vec![0u8; n * BLOCK],
-            slots: vec![
-                Slot {
-                    key: Key(0),
-                    machine: 0,
-                    dirty: false,
-                    fresh: false,
-                    prev: NIL,
-                    next: NIL,
-                    used: false,
-                };
-                n
-            ],
+        map.try_reserve(n).map_err(no_memory)?;
+        let bytes = n.saturating_mul(BLOCK);
+        let mut data = Vec::new();
+        data.try_reserve_exact(bytes).map_err(no_memory)?;
+        data.resize(bytes, 0);
+        let empty = Slot {
+            key: Key(0),
+            machine: 0,
+            dirty: false,
+            fresh: false,
+            prev: NIL,
+            next: NIL,
+            used: false,
+        };
+        let mut slots = Vec::new();
+        slots.try_reserve_exact(n).map_err(no_memory)?;
+        slots.resize(n, empty);
+        let mut free = Vec::new();
+        free.try_reserve_exact(n).map_err(no_memory)?;
+        free.extend((0..n as u32).rev());
+        Ok(Cache {
+            data,
+            slots,
             map,
-            free: (0..n as u32).rev().collect(),
+            free,
             head: NIL,
             tail: NIL,
             counters,
-        }
+        })
     }
 
     /// Number of slots.
@@ -511,6 +533,19 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// tapdisk's memory check at open counts 4096 + 64 bytes per slot
+    /// (`tapdisk_control::limits::CACHE_SLOT_BYTES`): a slot's record, its map entry and its
+    /// free-list entry fit in the 64.
+    #[test]
+    fn a_slot_costs_what_the_memory_check_counts() {
+        let per = std::mem::size_of::<Slot>() + std::mem::size_of::<(Key, u32)>() + 1 + 4;
+        assert!(per <= 64, "{per}");
+        assert!(matches!(
+            Cache::try_new(usize::MAX / BLOCK),
+            Err(Error::NoMemory(_))
+        ));
+    }
 
     #[test]
     fn keys_decode_and_rank() {

@@ -22,10 +22,10 @@ use std::fmt;
 use crate::backing::Backing;
 use crate::error::{Error, Result};
 use crate::format::{
-    self, decode_volume_block, BlockKind, P2mEntry, PtrKind, Superblock, SuperblockError, TreePtr,
-    V2pEntry, VolumeKind, BLOCK, BLOCK_SHIFT, P2M_LEAF_BITS, TREE_BITS, V2P_FANOUT,
+    self, decode_volume_block, BlockKind, P2mEntry, PtrKind, Superblock, TreePtr, V2pEntry,
+    VolumeKind, BLOCK, BLOCK_SHIFT, P2M_LEAF_BITS, TREE_BITS, V2P_FANOUT,
 };
-use crate::image::read_superblocks;
+use crate::superblocks;
 
 /// A progress callback for [`check()`]: what is being checked, units done, units in all.
 pub type CheckProgress<'a> = &'a mut dyn FnMut(&str, u64, u64);
@@ -436,17 +436,6 @@ fn code_name(code: u8) -> String {
     }
 }
 
-fn describe_copy(r: &std::result::Result<Superblock, SuperblockError>, current: bool) -> String {
-    match r {
-        Ok(sb) => format!(
-            "generation {}{}",
-            sb.generation,
-            if current { " (current)" } else { "" }
-        ),
-        Err(e) => format!("not usable ({e}); the other copy is used"),
-    }
-}
-
 /// Verifies the last commit of the image on `backing`. `Err` only when the image cannot be
 /// examined at all (not a Parallax image, both superblocks damaged, IO errors on them);
 /// everything else is in the report.
@@ -454,21 +443,22 @@ pub fn check<'a, B: Backing>(
     backing: &'a B,
     progress: Option<CheckProgress<'a>>,
 ) -> Result<CheckReport> {
-    let (copy, sb, copies) = read_superblocks(backing)?;
+    let copies = superblocks::read(backing)?;
+    let sb = copies.sb.clone();
     let size = backing
         .size()
         .map_err(|e| Error::io("reading the store size", e))?;
     let mut r = CheckReport {
-        superblocks: [
-            describe_copy(&copies[0], copy == 0),
-            describe_copy(&copies[1], copy == 1),
-        ],
+        superblocks: [copies.describe(0), copies.describe(1)],
         generation: sb.generation,
         virtual_size: sb.virtual_size,
         block_size: sb.data_block(),
         store_blocks: sb.store_blocks,
         ..CheckReport::default()
     };
+    if let Some(damage) = copies.damage() {
+        r.problem(damage);
+    }
     let need = sb.store_blocks << BLOCK_SHIFT;
     if size < need {
         r.problem(format!(

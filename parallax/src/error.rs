@@ -38,6 +38,9 @@ pub enum Error {
     /// The store is full and cannot grow.
     #[error("out of space: {0}")]
     NoSpace(String),
+    /// Memory for something a setting sizes (the metadata cache) cannot be had.
+    #[error("out of memory: {0} cannot be allocated")]
+    NoMemory(String),
     /// Another process has the image open (the path is in the field).
     #[error("in use by another process")]
     Locked(String),

@@ -14,8 +14,10 @@
 //!
 //! [`Image::flush`] commits: it writes every dirty node (children before parents, each parent
 //! pointer taking its child's CRC32C), then the volume table, syncs the store, writes the
-//! superblock into the copy that does not hold the last commit, and syncs again. A crash at any
-//! point leaves one of the two superblock copies valid and pointing at a complete tree.
+//! superblock into the copy that does not hold the last commit, syncs again, and writes the
+//! same superblock into the other copy ([`crate::superblocks`]). A crash at any point leaves
+//! one of the two superblock copies valid and pointing at a complete tree; once the commit is
+//! durable, both copies hold it, so one damaged copy loses nothing.
 //!
 //! Data blocks are not shadowed: a write to a block this volume owns alone goes to the block's
 //! place, like a write to a plain disk. Blocks shared with a snapshot or a clone, or reached
@@ -34,10 +36,11 @@ use crate::cache::{Cache, CacheStats, KeyHasher, StatsHandle, Tree, DEFAULT_SLOT
 use crate::error::{Error, Result};
 use crate::format::{
     self, check_name, decode_volume_block, encode_volume_block, v2p_levels, Range, Superblock,
-    SuperblockError, TreePtr, VolumeKind, VolumeRecord, BITMAP_LEAF_BITS, BLOCK, BLOCK_SHIFT,
-    MAX_DATA_SHIFT, MAX_VIRTUAL_SIZE, MAX_VOLUMES, MIN_DATA_SHIFT, P2M_LEAF_BITS, RO_COMPAT_KNOWN,
+    TreePtr, VolumeKind, VolumeRecord, BITMAP_LEAF_BITS, BLOCK, BLOCK_SHIFT, MAX_DATA_SHIFT,
+    MAX_VIRTUAL_SIZE, MAX_VOLUMES, MIN_DATA_SHIFT, P2M_LEAF_BITS, RO_COMPAT_KNOWN,
     VOLUMES_PER_BLOCK,
 };
+use crate::superblocks;
 
 /// A volume (a disk or a snapshot) of an image.
 pub type Volume = VolumeRecord;
@@ -112,8 +115,11 @@ pub struct Image<B: Backing> {
     pub(crate) backing: B,
     /// The superblock being built for the next commit.
     pub(crate) sb: Superblock,
-    /// Which superblock copy (0 or 1) holds the last commit.
+    /// Which superblock copy (0 or 1) got the last commit first (both hold it once it is
+    /// durable; the next commit writes the other one first).
     pub(crate) committed_copy: u64,
+    /// What was wrong with the other superblock copy when the image opened.
+    superblock_damage: Option<String>,
     pub(crate) read_only: bool,
     pub(crate) cache: Cache,
     /// Metadata machine blocks allocated in this epoch.
@@ -193,60 +199,17 @@ fn random_uuid() -> Result<[u8; 16]> {
     Ok(u)
 }
 
-/// What each superblock copy held.
-pub(crate) type SuperblockCopies = [std::result::Result<Superblock, SuperblockError>; 2];
-
-/// Reads both superblock copies and picks the current one: `(copy, superblock, what each
-/// copy held)`.
-pub(crate) fn read_superblocks<B: Backing>(
-    backing: &B,
-) -> Result<(u64, Superblock, SuperblockCopies)> {
-    let size = backing
-        .size()
-        .map_err(|e| Error::io("reading the store size", e))?;
-    if size < 2 * BLOCK as u64 {
-        return Err(Error::NotParallax(format!(
-            "{size} bytes is too small to hold the superblocks"
-        )));
-    }
-    let read = |copy: u64| -> Result<std::result::Result<Superblock, SuperblockError>> {
-        let mut b = vec![0u8; BLOCK];
-        backing
-            .read_at(&mut b, copy * BLOCK as u64)
-            .map_err(|e| Error::io(format!("reading superblock copy {copy}"), e))?;
-        Ok(Superblock::decode(&b))
-    };
-    let copies = [read(0)?, read(1)?];
-    let (copy, sb) = match (&copies[0], &copies[1]) {
-        // A copy written by a newer build (its checksum is good): leave the image alone.
-        (Err(e @ SuperblockError::Unsupported(_)), _)
-        | (_, Err(e @ SuperblockError::Unsupported(_))) => {
-            return Err(Error::Unsupported(e.to_string()))
-        }
-        (Ok(a), Ok(b)) if b.generation > a.generation => (1, b.clone()),
-        (Ok(a), _) => (0, a.clone()),
-        (_, Ok(b)) => (1, b.clone()),
-        (Err(SuperblockError::BadMagic), Err(SuperblockError::BadMagic)) => {
-            return Err(Error::NotParallax("no Parallax magic number".into()))
-        }
-        (Err(a), Err(b)) => {
-            return Err(Error::Corrupt(format!(
-                "both superblock copies are damaged (copy 0: {a}; copy 1: {b})"
-            )))
-        }
-    };
-    Ok((copy, sb, copies))
-}
-
 impl<B: Backing> Image<B> {
-    fn empty(backing: B, sb: Superblock, slots: usize, read_only: bool) -> Image<B> {
+    fn empty(backing: B, sb: Superblock, slots: usize, read_only: bool) -> Result<Image<B>> {
         let run = sb.data_run() as usize * BLOCK;
-        Image {
+        let cache = Cache::try_new(slots)?;
+        Ok(Image {
             backing,
             sb,
             committed_copy: 1,
+            superblock_damage: None,
             read_only,
-            cache: Cache::new(slots),
+            cache,
             fresh: HashSet::default(),
             freed_machine: Vec::new(),
             freed_phys: Vec::new(),
@@ -270,7 +233,7 @@ impl<B: Backing> Image<B> {
             hint_p2m: u32::MAX,
             memo: None,
             v2p_epoch: 0,
-        }
+        })
     }
 
     /// Creates a new image on `backing` (whatever it held is lost) with one empty disk, and
@@ -321,7 +284,7 @@ impl<B: Backing> Image<B> {
             phys_reserve: Range::default(),
             node_phys_reserve: Range::default(),
         };
-        let mut img = Image::empty(backing, sb, opts.cache_slots, false);
+        let mut img = Image::empty(backing, sb, opts.cache_slots, false)?;
         // A stale superblock from an earlier image must not win over the new one.
         img.backing
             .grow(2 * BLOCK as u64)
@@ -345,7 +308,8 @@ impl<B: Backing> Image<B> {
 
     /// Opens the image on `backing`.
     pub fn open(backing: B, opts: &OpenOptions) -> Result<Image<B>> {
-        let (copy, sb, _) = read_superblocks(&backing)?;
+        let copies = superblocks::read(&backing)?;
+        let (copy, sb) = (copies.copy, copies.sb.clone());
         let size = backing
             .size()
             .map_err(|e| Error::io("reading the store size", e))?;
@@ -361,8 +325,11 @@ impl<B: Backing> Image<B> {
                 "the image is truncated: its store needs {need} bytes but holds {size}"
             )));
         }
-        let mut img = Image::empty(backing, sb, opts.cache_slots, opts.read_only);
+        let mut img = Image::empty(backing, sb, opts.cache_slots, opts.read_only)?;
         img.committed_copy = copy;
+        img.superblock_damage = copies.damage();
+        // The next flush commits, rewriting the damaged copy, even if nothing else changes.
+        img.changed = img.superblock_damage.is_some() && !opts.read_only;
         img.cursors = [
             img.sb.data_reserve.end.max(2),
             img.sb.meta_reserve.end.max(2),
@@ -513,6 +480,14 @@ impl<B: Backing> Image<B> {
     /// The superblock of the last commit plus uncommitted changes.
     pub fn superblock(&self) -> &Superblock {
         &self.sb
+    }
+
+    /// What was wrong with the superblock copy not used when the image opened (damaged: a
+    /// torn write, a flipped bit), in words for a log line; None if both were fine. The image
+    /// is whole either way (the copy used is checked); the next commit rewrites the damaged
+    /// one.
+    pub fn superblock_damage(&self) -> Option<&str> {
+        self.superblock_damage.as_deref()
     }
 
     /// Whether the image was opened read-only.
@@ -691,12 +666,7 @@ impl<B: Backing> Image<B> {
         sb.committed = now();
         sb.validate()
             .map_err(|e| e.within(format_args!("refusing to commit a bad superblock")))?;
-        self.backing
-            .write_at(&sb.encode()[..], copy << BLOCK_SHIFT)
-            .map_err(|e| Error::io("writing the superblock", e))?;
-        self.backing
-            .flush()
-            .map_err(|e| Error::io("syncing the superblock", e))?;
+        superblocks::write_commit(&self.backing, &sb, copy)?;
         // Durable: the blocks freed in this epoch may be reused, and given back to the store.
         self.sb = sb;
         self.committed_copy = copy;

@@ -85,6 +85,7 @@ pub mod format;
 pub mod image;
 mod meta;
 mod report;
+mod superblocks;
 mod volume;
 
 pub use backing::{Backing, FileBacking, MemBacking};

@@ -81,14 +81,16 @@ struct Log<T> {
 unsafe impl<T: Copy + Send> Sync for Log<T> {}
 
 impl<T: Copy> Log<T> {
-    fn new(cap: usize) -> Log<T> {
-        Log {
-            recs: (0..cap)
-                .map(|_| UnsafeCell::new(MaybeUninit::uninit()))
-                .collect(),
+    /// A log of `cap` records; `None` if the memory cannot be had.
+    fn new(cap: usize) -> Option<Log<T>> {
+        let mut recs = Vec::new();
+        recs.try_reserve_exact(cap).ok()?;
+        recs.extend((0..cap).map(|_| UnsafeCell::new(MaybeUninit::uninit())));
+        Some(Log {
+            recs: recs.into_boxed_slice(),
             len: AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
-        }
+        })
     }
 
     /// Only the writer calls this.
@@ -129,14 +131,22 @@ pub struct TraceWriter(Arc<Shared>);
 #[derive(Clone)]
 pub struct TraceReader(Arc<Shared>);
 
-/// A trace buffer for ring `ring` with room for `cap` requests (and as many batches).
-pub fn buffer(ring: u32, cap: usize) -> (TraceWriter, TraceReader) {
+/// A trace buffer for ring `ring` with room for `cap` requests (and as many batches); an
+/// `OutOfMemory` error if the memory cannot be had (the trace size is a setting: the ring that
+/// wanted it fails, the process goes on).
+pub fn buffer(ring: u32, cap: usize) -> std::io::Result<(TraceWriter, TraceReader)> {
+    let (Some(reqs), Some(batches)) = (Log::new(cap), Log::new(cap)) else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::OutOfMemory,
+            format!("cannot allocate a trace buffer of {cap} requests"),
+        ));
+    };
     let s = Arc::new(Shared {
         ring,
-        reqs: Log::new(cap),
-        batches: Log::new(cap),
+        reqs,
+        batches,
     });
-    (TraceWriter(s.clone()), TraceReader(s))
+    Ok((TraceWriter(s.clone()), TraceReader(s)))
 }
 
 impl TraceWriter {
@@ -292,9 +302,21 @@ pub fn write_chrome<W: Write>(
 mod tests {
     use super::*;
 
+    /// The memory check at open counts [`tapdisk_control::limits::TRACE_RECORD_BYTES`] per
+    /// traced request: a request's record and a batch's fit in it.
+    #[test]
+    fn records_fit_the_memory_check() {
+        let per = std::mem::size_of::<ReqRecord>() + std::mem::size_of::<BatchRecord>();
+        assert!(
+            per as u64 <= tapdisk_control::limits::TRACE_RECORD_BYTES,
+            "{per}"
+        );
+        assert!(buffer(0, usize::MAX / 64).is_err());
+    }
+
     #[test]
     fn buffer_publishes_and_drops() {
-        let (w, r) = buffer(3, 2);
+        let (w, r) = buffer(3, 2).unwrap();
         assert!(r.snapshot().requests.is_empty());
         for i in 0..3 {
             w.request(ReqRecord {

@@ -3,6 +3,7 @@
 //! them with real peers (qemu-io, qemu-img, nbdinfo, fio) and the blkif local frontend.
 
 pub mod lan;
+pub mod nbd;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -103,11 +104,31 @@ impl Tapdisk {
 
     /// Starts a tapdisk in `rundir`.
     pub fn start_in(rundir: &Path) -> Result<Tapdisk> {
-        let mut child = Command::new(bin("tapdisk"))
-            .arg("--rundir")
-            .arg(rundir)
-            .arg("--log-level")
-            .arg("debug")
+        Tapdisk::start_with(rundir, &[])
+    }
+
+    /// Starts a tapdisk in `rundir` with more arguments (`--log-file`, `--exit-deadline`).
+    pub fn start_with(rundir: &Path, args: &[&str]) -> Result<Tapdisk> {
+        Tapdisk::start_wrapped(rundir, &[], args)
+    }
+
+    /// Starts a tapdisk in `rundir` through `wrapper` (a command that execs the rest, such
+    /// as `prlimit --as=N --`), with more arguments.
+    pub fn start_wrapped(rundir: &Path, wrapper: &[&str], args: &[&str]) -> Result<Tapdisk> {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("tapdisk"));
+                c
+            }
+            None => Command::new(bin("tapdisk")),
+        };
+        cmd.arg("--rundir").arg(rundir);
+        if !args.contains(&"--log-level") {
+            cmd.args(["--log-level", "debug"]);
+        }
+        let mut child = cmd
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -149,6 +170,19 @@ impl Tapdisk {
             Reply::Stats { stats } => Ok(stats),
             other => bail!("unexpected reply {other:?}"),
         }
+    }
+
+    /// Sends one raw line to the control socket and returns the reply line (tests of what
+    /// the daemon does with input tap-ctl would not send).
+    pub fn raw_call(&self, line: &str) -> Result<String> {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(self.rundir.ctl_socket(self.pid))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+        s.write_all(line.as_bytes())?;
+        s.write_all(b"\n")?;
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply)?;
+        Ok(reply)
     }
 
     /// Whether the process is still running.

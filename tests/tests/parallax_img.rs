@@ -205,7 +205,10 @@ fn bad_input_gets_one_line_and_exit_1() {
         .expect("flock from util-linux");
     std::thread::sleep(std::time::Duration::from_millis(300));
     fails(d, &["snapshot", "vm.plx", "t"], "in use by another process");
-    fails(d, &["check", "vm.plx"], "in use by another process");
+    // check cannot check an image in use: exit 2, not the 1 of "problems found".
+    let o = plx(d, &["check", "vm.plx"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in use by another process"));
     holder.kill().unwrap();
     holder.wait().unwrap();
     ok(d, &["snapshot", "vm.plx", "t"]);
@@ -289,4 +292,76 @@ fn image_on_a_block_device() {
     random_file(&d.join("b.raw"), 12 << 20, 6);
     fails(d, &["import", &dev.0, "b.raw"], "out of space");
     assert!(ok(d, &["check", &dev.0]).contains("no problems found"));
+}
+
+/// One byte flipped in either superblock copy: `check` reports that copy as damaged (a
+/// problem: exit 1), the image still holds the last commit (its export is the data imported),
+/// a tapdisk opening it logs the damage and serves the last commit, and `check` on something
+/// it cannot check exits 2. (The damage used to be skipped silently: "no problems found", and
+/// the disk came up on the previous generation.)
+#[test]
+fn a_damaged_superblock_copy_is_reported_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, &["create", "vm.plx", "--size", "16M"]);
+    random_file(&d.join("a.raw"), 4 << 20, 7);
+    ok(d, &["import", "vm.plx", "a.raw"]);
+    let img = std::fs::read(d.join("vm.plx")).unwrap();
+    let data = std::fs::read(d.join("a.raw")).unwrap();
+    for copy in 0..2 {
+        let mut bad = img.clone();
+        bad[copy * 4096 + 100] ^= 1;
+        let name = format!("sb{copy}.plx");
+        std::fs::write(d.join(&name), &bad).unwrap();
+        let o = plx(d, &["check", &name]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(1), "{out}");
+        assert!(
+            out.contains(&format!(
+                "problem: superblock copy {copy} is damaged (checksum mismatch)"
+            )),
+            "{out}"
+        );
+        ok(d, &["export", &name, &format!("x{copy}.raw")]);
+        let got = std::fs::read(d.join(format!("x{copy}.raw"))).unwrap();
+        assert!(
+            got[..data.len()] == data[..],
+            "copy {copy} damaged: data differs"
+        );
+
+        // A tapdisk opening it says so, and serves the last commit.
+        let run = tempfile::tempdir().unwrap();
+        let log = run.path().join("tapdisk.log");
+        let td = tapdisk_e2e::Tapdisk::start_with(
+            &run.path().join("run"),
+            &["--log-file", log.to_str().unwrap()],
+        )
+        .unwrap();
+        let sock = run.path().join("nbd.sock");
+        td.open(
+            &format!("parallax:{}", d.join(&name).display()),
+            tapdisk_control::VbdSettings {
+                read_only: true,
+                nbd: Some(tapdisk_control::NbdListen::Unix(sock.clone())),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let logged = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            logged.contains("damaged superblock copy")
+                && logged.contains(&format!("superblock copy {copy} is damaged")),
+            "{logged}"
+        );
+        let mut c =
+            tapdisk_e2e::nbd::Client::connect(&sock, std::time::Duration::from_secs(10)).unwrap();
+        assert!(c.read(0, 65536).unwrap() == data[..65536]);
+        c.disconnect().unwrap();
+    }
+    // Could not check: not an image, a missing file.
+    std::fs::write(d.join("text.plx"), vec![b'x'; 65536]).unwrap();
+    for args in [["check", "text.plx"], ["check", "missing.plx"]] {
+        let o = plx(d, &args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {o:?}");
+    }
 }

@@ -265,6 +265,8 @@ fn spawn_open_close_and_shared_tapdisk() {
         "2",
     ]);
     assert!(dev5.trim_end().ends_with("/vbd/tapdev5"), "{dev5}");
+    // The image is locked by minor 5 (shared, for reading): writing it too takes the override.
+    r.fails(&["open", "-p", &p, "-a", &spec], 1, "is in use by");
     let dev0 = r.ok(&[
         "open",
         "-p",
@@ -275,6 +277,7 @@ fn spawn_open_close_and_shared_tapdisk() {
         "4",
         "--direct",
         "off",
+        "--force-share",
     ]);
     assert!(dev0.trim_end().ends_with("/vbd/tapdev0"), "{dev0}");
     assert_eq!(
@@ -301,7 +304,7 @@ fn spawn_open_close_and_shared_tapdisk() {
     );
     assert!(alive(pid));
     r.ok(&["open", "-p", &p, "-a", &spec]);
-    r.ok(&["open", "-p", &p, "-a", &spec]);
+    r.ok(&["open", "-p", &p, "-a", &spec, "--force-share"]);
     r.ok(&["destroy", "-m", "1"]);
     assert!(
         alive(pid),

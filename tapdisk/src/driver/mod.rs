@@ -52,7 +52,8 @@ pub trait Image: Send + Sync {
 }
 
 /// Opens `spec` with the driver it names; drivers that log (`stripe:`: lost connections,
-/// failovers, stale replicas) log nowhere. A VBD uses [`open_image_logged`].
+/// failovers, stale replicas; `parallax:`: a damaged superblock copy) log nowhere. A VBD uses
+/// [`open_image_logged`].
 pub fn open_image(spec: &ImageSpec, opts: OpenOptionsImg) -> io::Result<Arc<dyn Image>> {
     open_image_logged(spec, opts, &slog::Logger::root(slog::Discard, slog::o!()))
 }
@@ -66,7 +67,7 @@ pub fn open_image_logged(
     match spec.driver {
         Driver::Aio => Ok(Arc::new(aio::AioImage::open(&spec.path, opts)?)),
         Driver::Stripe => Ok(Arc::new(stripe::StripeImage::open(&spec.path, opts, log)?)),
-        Driver::Parallax => Ok(Arc::new(parallax::ParallaxImage::open(spec, opts)?)),
+        Driver::Parallax => Ok(Arc::new(parallax::ParallaxImage::open(spec, opts, log)?)),
     }
 }
 

@@ -5,6 +5,8 @@ use std::sync::Mutex;
 
 use blkif::protocol::{Segment, PAGE_SIZE, SECTOR_SIZE};
 
+use crate::sys::mem::{try_filled, try_zeroed_bytes};
+
 const BLOCK: usize = PAGE_SIZE;
 const BLOCK_SECTORS: u64 = (BLOCK as u64) / SECTOR_SIZE;
 
@@ -39,20 +41,36 @@ fn lock(m: &Mutex<CacheInner>) -> std::sync::MutexGuard<'_, CacheInner> {
 }
 
 impl ReadCache {
-    /// A cache of `mb` MiB.
-    pub fn new(mb: u32) -> ReadCache {
-        let blocks = (mb as usize * (1 << 20) / BLOCK).max(1);
-        ReadCache {
+    /// A cache of `mb` MiB; an `OutOfMemory` error if the memory for it cannot be had (the
+    /// size is a setting: the VBD that asked fails to open, the process goes on).
+    pub fn new(mb: u32) -> std::io::Result<ReadCache> {
+        let blocks = (mb as usize).saturating_mul(1 << 20) / BLOCK;
+        let blocks = blocks.max(1);
+        let no_memory = || {
+            std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!("cannot allocate an early-read cache of {mb} MiB"),
+            )
+        };
+        let mut map = HashMap::new();
+        map.try_reserve(blocks).map_err(|_| no_memory())?;
+        let keys = try_filled(blocks, u64::MAX).map_err(|_| no_memory())?;
+        let referenced = try_filled(blocks, false).map_err(|_| no_memory())?;
+        let data = blocks
+            .checked_mul(BLOCK)
+            .and_then(try_zeroed_bytes)
+            .ok_or_else(no_memory)?;
+        Ok(ReadCache {
             inner: Mutex::new(CacheInner {
-                map: HashMap::with_capacity(blocks),
-                keys: vec![u64::MAX; blocks],
-                referenced: vec![false; blocks],
-                data: vec![0u8; blocks * BLOCK].into_boxed_slice(),
+                map,
+                keys,
+                referenced,
+                data,
                 hand: 0,
                 used: 0,
             }),
             blocks,
-        }
+        })
     }
 
     /// Blocks it holds at most.
@@ -153,7 +171,7 @@ mod tests {
 
     #[test]
     fn cache_hits_evicts_and_invalidates() {
-        let c = ReadCache::new(1); // 256 blocks
+        let c = ReadCache::new(1).unwrap(); // 256 blocks
         assert_eq!(c.capacity(), 256);
         let mut out = vec![0u8; 4096];
         assert!(!c.get(5, &mut out));
@@ -170,5 +188,16 @@ mod tests {
         assert!(!c.get(399, &mut out));
         c.invalidate(0, 1 << 40);
         assert_eq!((0..400).filter(|&b| c.get(b, &mut out)).count(), 0);
+    }
+
+    /// A cache bigger than any machine has is an error, not an abort.
+    #[test]
+    fn a_cache_too_big_for_the_machine_is_an_error() {
+        let e = ReadCache::new(u32::MAX).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::OutOfMemory);
+        assert!(
+            e.to_string().contains("early-read cache of 4294967295 MiB"),
+            "{e}"
+        );
     }
 }

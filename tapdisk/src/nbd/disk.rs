@@ -122,6 +122,13 @@ pub trait Disk {
     /// Before sleeping on [`Disk::wait_fd`]: false if completions are already waiting.
     fn arm(&mut self) -> bool;
 
+    /// A descriptor that polls hung up when the disk is gone for good (the VBD dropped the
+    /// connection's ring: it failed, or it is closing), so a connection waiting for
+    /// completions ends instead of waiting forever; None if it cannot go.
+    fn gone_fd(&self) -> Option<RawFd> {
+        None
+    }
+
     /// Bytes of buffer memory held now.
     fn held(&self) -> u64;
 

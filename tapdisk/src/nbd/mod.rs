@@ -34,7 +34,14 @@
 //!
 //! Threads: one accepts connections (polling the listener and a wake-up socket, so shutdown
 //! never waits for a client), and each connection gets its own thread with blocking IO (the
-//! VBD serves its ring with a ring thread of its own). [`NbdServer::shutdown`] stops
+//! VBD serves its ring with a ring thread of its own).
+//!
+//! Time and slots ([`slots`]): at most [`MAX_CONNECTIONS`] clients are served at once, more
+//! wait in line for a slot; a client must reach transmission within [`HANDSHAKE_DEADLINE`] of
+//! getting its slot (the whole handshake, not each read); a waiting client takes the slot of
+//! one stalled in its handshake past [`HANDSHAKE_GRACE`] or idle in transmission past
+//! [`IDLE_EVICT`]. Clients that trickle, loop on options or sit idle cannot keep another
+//! client waiting longer than [`IDLE_EVICT`] (plus the accept thread's check interval). [`NbdServer::shutdown`] stops
 //! accepting, shuts the client sockets down, and joins every thread; a connection whose ring is
 //! paused finishes once the VBD resumes or closes.
 
@@ -45,6 +52,7 @@ mod pages;
 pub mod proto;
 pub mod ring_disk;
 mod server;
+pub mod slots;
 pub mod stream;
 #[cfg(test)]
 mod tests;
@@ -59,16 +67,11 @@ pub use tapdisk_control::NbdListen;
 pub use transmission::ConnCx;
 pub use transmission::Counters;
 
-/// Most clients served at once; further connections are accepted and closed at once.
+/// Most clients served at once. When all are taken, a newcomer waits in line for the slot of
+/// a client stalled in its handshake or idle ([`slots`]).
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// A client must finish the handshake (reach transmission) within this long, or it is
-/// disconnected: clients that connect and say nothing cannot hold the connection slots.
-pub const HANDSHAKE_TIMEOUT: std::time::Duration = if cfg!(test) {
-    std::time::Duration::from_secs(2)
-} else {
-    std::time::Duration::from_secs(30)
-};
+pub use slots::{HANDSHAKE_DEADLINE, HANDSHAKE_GRACE, IDLE_EVICT, MAX_WAITING, WAIT_DEADLINE};
 
 /// A client in transmission that sends nothing for this long gives back its payload buffer
 /// beyond [`stream::KEEP_IDLE`] (it stays connected: idle NBD clients are normal).

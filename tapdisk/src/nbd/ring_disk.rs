@@ -607,6 +607,10 @@ impl Disk for RingDisk {
         Some(self.front.notify_fd())
     }
 
+    fn gone_fd(&self) -> Option<RawFd> {
+        Some(self.front.hangup_fd())
+    }
+
     fn arm(&mut self) -> bool {
         if let Err(e) = self.front.ack_notify() {
             // The eventfd is ours; failing to read it leaves it readable: a spurious wake-up.

@@ -1,6 +1,5 @@
 //! The NBD server: a listener, an accept thread, and a thread per connection.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -11,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use slog::{debug, info, o, warn, Logger};
@@ -19,10 +18,12 @@ use slog::{debug, info, o, warn, Logger};
 use super::conn::serve;
 use super::disk::Disk;
 use super::handshake::ExportInfo;
+use super::slots::{Admitted, Conn, Cut, Slots, CHECK_EVERY, HANDSHAKE_DEADLINE, MAX_WAITING};
 use super::stream::{End, Source};
 use super::transmission::ConnCx;
 use super::transmission::Counters;
-use super::{NbdListen, HANDSHAKE_TIMEOUT, IDLE_RELEASE, MAX_CONNECTIONS};
+use super::{NbdListen, IDLE_RELEASE};
+use crate::logging::RateLimit;
 
 enum Listener {
     Unix(UnixListener),
@@ -83,6 +84,13 @@ impl Stream {
         }
     }
 
+    fn set_write_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+
     fn prepare(&self) -> io::Result<()> {
         match self {
             Stream::Unix(s) => s.set_nonblocking(false),
@@ -91,6 +99,31 @@ impl Stream {
                 s.set_nodelay(true)
             }
         }
+    }
+}
+
+impl Conn for Stream {
+    fn hang_up(&self) {
+        self.shutdown();
+    }
+
+    fn gone(&self) -> bool {
+        use nix::sys::socket::{recv, MsgFlags};
+        let fd = match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        };
+        let mut b = [0u8; 1];
+        // A client speaks only after the greeting; end of file now means it left.
+        match recv(fd, &mut b, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => true,
+            Ok(_) | Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => false,
+            Err(_) => true,
+        }
+    }
+
+    fn handle(&self) -> io::Result<Stream> {
+        self.try_clone()
     }
 }
 
@@ -135,9 +168,8 @@ struct Shared {
 
 #[derive(Default)]
 struct Conns {
-    next_id: u64,
-    /// A clone of each live client socket, to shut it down from outside.
-    live: HashMap<u64, Stream>,
+    /// A clone of each live client socket (to hang up on it from outside), and its progress.
+    slots: Slots<Stream>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -155,7 +187,7 @@ struct Deregister {
 
 impl Drop for Deregister {
     fn drop(&mut self) {
-        self.shared.conns().live.remove(&self.id);
+        self.shared.conns().slots.remove(self.id);
     }
 }
 
@@ -279,7 +311,15 @@ impl NbdServer {
     pub fn connections(&self) -> usize {
         self.running
             .as_ref()
-            .map(|r| r.shared.conns().live.len())
+            .map(|r| r.shared.conns().slots.len())
+            .unwrap_or(0)
+    }
+
+    /// How many clients wait for a connection slot.
+    pub fn waiting(&self) -> usize {
+        self.running
+            .as_ref()
+            .map(|r| r.shared.conns().slots.waiting())
             .unwrap_or(0)
     }
 
@@ -299,10 +339,7 @@ impl NbdServer {
         // The accept thread is gone, so no connection can be added any more.
         let (live, threads) = {
             let mut c = r.shared.conns();
-            for s in c.live.values() {
-                s.shutdown();
-            }
-            (c.live.len(), std::mem::take(&mut c.threads))
+            (c.slots.hang_up_all(), std::mem::take(&mut c.threads))
         };
         for t in threads {
             if t.join().is_err() {
@@ -386,12 +423,14 @@ fn accept_loop(
     log: Logger,
 ) {
     let info = Arc::new(info);
+    let mut refused = RateLimit::new(10, Duration::from_secs(10));
+    let check_ms = u16::try_from(CHECK_EVERY.as_millis()).unwrap_or(u16::MAX);
     loop {
         let mut fds = [
             PollFd::new(listener.as_fd(), PollFlags::POLLIN),
             PollFd::new(wake.as_fd(), PollFlags::POLLIN),
         ];
-        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+        match nix::poll::poll(&mut fds, PollTimeout::from(check_ms)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
                 warn!(log, "poll failed; NBD server stops accepting"; "error" => %e);
@@ -403,7 +442,7 @@ fn accept_loop(
         }
         loop {
             match listener.accept() {
-                Ok(stream) => spawn_conn(stream, &shared, &info, &export, &log),
+                Ok(stream) => arrive(stream, &shared, &log, &mut refused),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e)
                     if e.kind() == io::ErrorKind::Interrupted
@@ -416,7 +455,34 @@ fn accept_loop(
                 }
             }
         }
+        let admitted: Vec<Admitted<Stream>> = {
+            let now = Instant::now();
+            let mut c = shared.conns();
+            c.slots.enforce_deadline(now);
+            std::iter::from_fn(|| c.slots.admit(now)).collect()
+        };
+        for a in admitted {
+            spawn_conn(a, &shared, &info, &export, &log);
+        }
         reap(&shared);
+    }
+}
+
+/// A new client waits for a slot (it is given one on the accept thread's next round), or is
+/// closed at once if too many wait already.
+fn arrive(stream: Stream, shared: &Shared, log: &Logger, refused: &mut RateLimit) {
+    if let Err(e) = stream.prepare() {
+        debug!(log, "cannot set up an NBD connection"; "error" => %e);
+        return;
+    }
+    let peer = stream.peer();
+    if shared.conns().slots.arrive(stream, Instant::now()).is_err() {
+        if let Some(suppressed) = refused.check() {
+            info!(log, "every NBD connection slot is in use and too many clients wait; closing \
+                        new connection";
+                  "peer" => peer, "max" => super::MAX_CONNECTIONS, "max_waiting" => MAX_WAITING,
+                  "suppressed" => suppressed);
+        }
     }
 }
 
@@ -436,31 +502,32 @@ fn reap(shared: &Shared) {
 }
 
 fn spawn_conn(
-    stream: Stream,
+    admitted: Admitted<Stream>,
     shared: &Arc<Shared>,
     info: &Arc<ExportInfo>,
     export: &Arc<dyn Export>,
     log: &Logger,
 ) {
+    let Admitted {
+        id,
+        conn: stream,
+        progress,
+        took_from,
+        waited,
+    } = admitted;
     let peer = stream.peer();
-    let (closer, reader) = match (stream.prepare(), stream.try_clone(), stream.try_clone()) {
-        (Ok(()), Ok(c), Ok(r)) => (c, r),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+    if let Some(old) = took_from {
+        info!(log, "a client waited for a connection slot; one stalled in its handshake or idle \
+                    gave it its slot";
+              "closed" => old, "new" => id, "waited_ms" => waited.as_millis() as u64);
+    }
+    let reader = match stream.try_clone() {
+        Ok(r) => r,
+        Err(e) => {
             warn!(log, "cannot set up NBD connection"; "peer" => peer, "error" => %e);
+            shared.conns().slots.remove(id);
             return;
         }
-    };
-    let id = {
-        let mut c = shared.conns();
-        if c.live.len() >= MAX_CONNECTIONS {
-            info!(log, "too many NBD clients; closing new connection"; "peer" => peer,
-                  "max" => MAX_CONNECTIONS);
-            return;
-        }
-        let id = c.next_id;
-        c.next_id += 1;
-        c.live.insert(id, closer);
-        id
     };
     let log = log.new(o!("conn" => id, "peer" => peer));
     // Not holding the lock: if `spawn` fails it drops the closure, and the guard locks.
@@ -478,6 +545,7 @@ fn spawn_conn(
                 export: &info,
                 counters: &shared2.counters,
                 held: &shared2.held,
+                progress: &progress,
                 log: &tlog,
             };
             run_conn(reader, stream, &cx, &*export);
@@ -492,8 +560,13 @@ fn spawn_conn(
 fn run_conn(reader: Stream, writer: Stream, cx: &ConnCx<'_>, export: &dyn Export) {
     let log = cx.log;
     debug!(log, "NBD client connected");
-    if let Err(e) = reader.set_read_timeout(Some(HANDSHAKE_TIMEOUT)) {
-        warn!(log, "cannot set the NBD handshake timeout"; "error" => %e);
+    // The accept thread enforces the handshake's deadline for the whole phase; these
+    // timeouts only make sure no single read or write outlives it.
+    let timeouts = reader
+        .set_read_timeout(Some(HANDSHAKE_DEADLINE))
+        .and_then(|()| writer.set_write_timeout(Some(HANDSHAKE_DEADLINE)));
+    if let Err(e) = timeouts {
+        warn!(log, "cannot set the NBD handshake timeouts"; "error" => %e);
         writer.shutdown();
         return;
     }
@@ -504,25 +577,30 @@ fn run_conn(reader: Stream, writer: Stream, cx: &ConnCx<'_>, export: &dyn Export
         &mut w,
         cx,
         || export.connect(),
-        |r| r.get_ref().set_read_timeout(Some(IDLE_RELEASE)),
+        |r| {
+            cx.progress.active();
+            r.get_ref().set_read_timeout(Some(IDLE_RELEASE))
+        },
     );
     let _ = w.flush();
-    match result {
-        Ok(End::Disconnected) | Ok(End::Aborted) => debug!(log, "NBD client disconnected"),
-        Ok(End::Closed) => debug!(log, "NBD client closed the connection"),
-        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+    match (cx.progress.cut(), result) {
+        (Some(Cut::HandshakeDeadline), _) => {
+            info!(log, "NBD client did not finish the handshake in time; connection closed";
+                  "deadline_s" => HANDSHAKE_DEADLINE.as_secs())
+        }
+        (Some(Cut::MadeRoom), _) => {
+            info!(
+                log,
+                "NBD connection closed to make room for a new client (every slot was \
+                        in use, this one stalled in its handshake or idle)"
+            )
+        }
+        (None, Ok(End::Disconnected) | Ok(End::Aborted)) => debug!(log, "NBD client disconnected"),
+        (None, Ok(End::Closed)) => debug!(log, "NBD client closed the connection"),
+        (None, Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
             info!(log, "NBD protocol error; connection closed"; "error" => %e)
         }
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            info!(log, "NBD client did not finish the handshake in time; connection closed";
-                  "timeout_s" => HANDSHAKE_TIMEOUT.as_secs())
-        }
-        Err(e) => debug!(log, "NBD connection ended"; "error" => %e),
+        (None, Err(e)) => debug!(log, "NBD connection ended"; "error" => %e),
     }
     w.get_ref().shutdown();
 }

@@ -47,6 +47,8 @@ pub struct ConnCx<'a> {
     pub counters: &'a Counters,
     /// Bytes of buffer memory this server's connections hold (this one adds its share).
     pub held: &'a AtomicU64,
+    /// Where the connection reports its client's activity (the server's slot policy).
+    pub progress: &'a super::slots::Progress,
     /// Where the connection logs.
     pub log: &'a Logger,
 }
@@ -86,6 +88,9 @@ fn answer<W: Write>(
     cx: &ConnCx<'_>,
 ) -> io::Result<()> {
     disk.reap(done)?;
+    if !done.is_empty() {
+        cx.progress.active();
+    }
     let mut res = Ok(());
     for c in done.drain(..) {
         if res.is_ok() {
@@ -110,7 +115,8 @@ fn answer<W: Write>(
     res
 }
 
-/// Waits until the socket has data or the disk completions; false on a timeout.
+/// Waits until the socket has data or the disk completions; false on a timeout; an error if
+/// the disk is gone (its ring was dropped: nothing in flight will ever complete).
 fn wait_for_either<R: Source>(r: &BufReader<R>, disk: &mut dyn Disk) -> io::Result<bool> {
     let (Some(sock), Some(dfd)) = (r.get_ref().poll_fd(), disk.wait_fd()) else {
         return Ok(true);
@@ -118,6 +124,7 @@ fn wait_for_either<R: Source>(r: &BufReader<R>, disk: &mut dyn Disk) -> io::Resu
     if !disk.arm() {
         return Ok(true);
     }
+    let gone = disk.gone_fd();
     let mut fds = [
         libc::pollfd {
             fd: sock,
@@ -129,12 +136,26 @@ fn wait_for_either<R: Source>(r: &BufReader<R>, disk: &mut dyn Disk) -> io::Resu
             events: libc::POLLIN,
             revents: 0,
         },
+        libc::pollfd {
+            // A negative descriptor is ignored by poll.
+            fd: gone.unwrap_or(-1),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        },
     ];
     let ms = WAKE.as_millis() as i32;
     loop {
-        // SAFETY: `fds` is a live array of two pollfds for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        // SAFETY: `fds` is a live array of three pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
         if n >= 0 {
+            if fds[2].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+                && fds[1].revents & libc::POLLIN == 0
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the VBD dropped the connection's ring",
+                ));
+            }
             return Ok(n > 0);
         }
         let e = io::Error::last_os_error();
@@ -228,6 +249,7 @@ fn step<R: Source, W: Write>(
     }
     let req =
         Request::parse(&hdr).map_err(|m| protocol_error(format!("bad request magic {m:#010x}")))?;
+    cx.progress.active();
     let export = cx.export;
     let mut buf = None;
     if req.cmd == CMD_WRITE {

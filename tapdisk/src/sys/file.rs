@@ -140,3 +140,53 @@ pub unsafe fn rw_nowait(
         _ => Err(e),
     }
 }
+
+/// Raises this process's soft limit on open files to its hard limit (as far as 1 Mi) and
+/// returns the limit it has then. Every ring needs a few descriptors and io_uring refuses a
+/// fixed-file table larger than the soft limit, so a tapdisk started with the common soft
+/// limit of 1024 under a higher hard limit should not stop at it.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `l` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let want = l.rlim_max.min(1 << 20);
+    if want > l.rlim_cur {
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: l.rlim_max,
+        };
+        // SAFETY: `raised` is a valid rlimit that outlives the call; only the soft limit
+        // changes, within the hard one.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        return Ok(want);
+    }
+    Ok(l.rlim_cur)
+}
+
+/// Takes an advisory `flock` on `f` without waiting: exclusive or shared. `Ok(false)` if
+/// another open file holds a conflicting one. Closing `f` releases it.
+pub fn try_flock(f: &File, exclusive: bool) -> io::Result<bool> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    } | libc::LOCK_NB;
+    // SAFETY: flock on a descriptor `f` keeps open for the duration of the call; no memory is
+    // passed.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}

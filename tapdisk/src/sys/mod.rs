@@ -1,6 +1,7 @@
 //! System calls and kernel interfaces the daemon uses, wrapped once: the ring loop's io_uring
-//! with its user data ranges ([`uring`]) and the file and block-device calls of the drivers
-//! ([`file`]). `unsafe` for these lives here; the rest of the daemon calls safe functions.
+//! with its user data ranges ([`uring`]), the file and block-device calls of the drivers
+//! ([`file`]), and allocations a setting sizes, which fail instead of aborting ([`mem`]). `unsafe` for these lives here; the rest of the daemon calls safe functions.
 
 pub mod file;
+pub mod mem;
 pub mod uring;

@@ -11,11 +11,12 @@
 //! image move.
 
 pub mod export;
+pub mod lock;
 pub mod rings;
 pub mod xen;
 
 use std::collections::BTreeMap;
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +29,7 @@ use blkif::request::DiskInfo;
 use slog::{info, o, Logger};
 
 use tapdisk_control::proto::{VbdState, VbdSummary};
-use tapdisk_control::{ImageSpec, VbdSettings};
+use tapdisk_control::{Driver, ImageSpec, VbdSettings};
 
 use crate::driver::{open_image_logged, Layers, OpenOptionsImg, SECTOR};
 use crate::error::{Error, IoContext, Result};
@@ -47,9 +48,13 @@ pub struct Vbd {
     opts: VbdSettings,
     rings: Arc<Rings>,
     accept_stop: Arc<AtomicBool>,
+    /// Wakes the device socket's accept thread (see [`rings::accept_loop`]).
+    accept_wake: UnixStream,
     accept: Option<JoinHandle<()>>,
     device: PathBuf,
     nbd: Option<NbdServer>,
+    /// The lock on an `aio:` image ([`lock`]).
+    image_lock: Option<lock::ImageLock>,
     quiescing: bool,
     log: Logger,
     /// Xen frontends this VBD serves (see [`xen`]).
@@ -68,7 +73,16 @@ impl Vbd {
         log: &Logger,
     ) -> Result<Vbd> {
         let log = log.new(o!("minor" => minor));
+        let image_lock = take_lock(&spec, &opts, &log)?;
         let image = open_image_logged(&spec, image_options(&opts), &log).map_err(Error::Image)?;
+        if let Some(l) = &image_lock {
+            if !l.is_file(&spec.path) {
+                return Err(Error::Refused(format!(
+                    "image {} was replaced while it was opened",
+                    spec.path.display()
+                )));
+            }
+        }
         if image.size() < SECTOR {
             return Err(Error::Refused(format!(
                 "image {} is smaller than one sector",
@@ -102,10 +116,12 @@ impl Vbd {
             early: opts.early,
         };
         let direct = image.direct();
-        let cache = opts
-            .early
-            .filter(|p| p.cache_mb > 0)
-            .map(|p| Arc::new(crate::early::ReadCache::new(p.cache_mb)));
+        let cache = match opts.early.filter(|p| p.cache_mb > 0) {
+            Some(p) => Some(Arc::new(
+                crate::early::ReadCache::new(p.cache_mb).map_err(Error::Image)?,
+            )),
+            None => None,
+        };
         let shared = Arc::new(VbdShared::new(image, cache));
         if device.exists() {
             std::fs::remove_file(&device).ok();
@@ -125,11 +141,13 @@ impl Vbd {
             log.clone(),
         ));
         let accept_stop = Arc::new(AtomicBool::new(false));
+        let (accept_wake, wake_rx) =
+            UnixStream::pair().doing(|| "cannot make the device socket's wake-up pair".into())?;
         let accept = {
             let (rings, stop) = (rings.clone(), accept_stop.clone());
             std::thread::Builder::new()
                 .name(format!("vbd{minor}-accept"))
-                .spawn(move || rings::accept_loop(listener, rings, stop))
+                .spawn(move || rings::accept_loop(listener, wake_rx, rings, stop))
                 .doing(|| "cannot start the device socket's thread".into())?
         };
         let nbd = match &opts.nbd {
@@ -151,9 +169,11 @@ impl Vbd {
             opts,
             rings,
             accept_stop,
+            accept_wake,
             accept: Some(accept),
             device,
             nbd,
+            image_lock,
             quiescing: false,
             log,
             xen: Vec::new(),
@@ -208,6 +228,7 @@ impl Vbd {
             "nbd": {
                 "address": self.nbd.as_ref().map(|n| n.local_addr().to_string()),
                 "connections": self.nbd.as_ref().map(|n| n.connections()).unwrap_or(0),
+                "waiting": self.nbd.as_ref().map(|n| n.waiting()).unwrap_or(0),
                 "buffer_bytes": self.nbd.as_ref().map(|n| n.buffered()).unwrap_or(0),
                 "counters": self.nbd.as_ref().map(|n| n.counters()),
             },
@@ -253,6 +274,18 @@ impl Vbd {
             )));
         }
         if let Some(spec) = new_image {
+            self.opts
+                .validate_on(&spec, &tapdisk_control::Machine::probe())?;
+            // The same file keeps its lock; another one's is taken before the old one goes.
+            let same = self
+                .image_lock
+                .as_ref()
+                .is_some_and(|l| spec.driver == Driver::Aio && l.is_file(&spec.path));
+            let new_lock = if same {
+                None
+            } else {
+                take_lock(&spec, &self.opts, &self.log)?
+            };
             let img = open_image_logged(&spec, image_options(&self.opts), &self.log)
                 .map_err(Error::Image)?;
             let sectors = self.rings.disk().sectors;
@@ -265,6 +298,9 @@ impl Vbd {
                 )));
             }
             self.shared().set_image(img);
+            if !same {
+                self.image_lock = new_lock;
+            }
             info!(self.log, "image replaced"; "image" => %spec);
             self.spec = spec;
         }
@@ -320,7 +356,7 @@ impl Vbd {
             n.shutdown();
         }
         self.accept_stop.store(true, Ordering::Release);
-        let _ = UnixStream::connect(&self.device);
+        let _ = (&self.accept_wake).write(&[1]);
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
@@ -335,6 +371,14 @@ impl Drop for Vbd {
         if self.accept.is_some() {
             self.shutdown();
         }
+    }
+}
+
+/// The lock of an `aio:` image ([`lock::lock_image`]); other drivers lock their own files.
+fn take_lock(spec: &ImageSpec, o: &VbdSettings, log: &Logger) -> Result<Option<lock::ImageLock>> {
+    match spec.driver {
+        Driver::Aio => lock::lock_image(&spec.path, o.read_only, o.force_share, log),
+        _ => Ok(None),
     }
 }
 

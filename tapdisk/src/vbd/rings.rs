@@ -175,7 +175,7 @@ impl Rings {
         let stats = Arc::new(RingStats::default());
         let exit: Arc<Mutex<Option<String>>> = Arc::default();
         let (writer, reader) = if self.trace > 0 {
-            let (w, r) = trace::buffer(no, self.trace);
+            let (w, r) = trace::buffer(no, self.trace)?;
             (Some(w), Some(r))
         } else {
             (None, None)
@@ -298,29 +298,82 @@ impl Rings {
 }
 
 /// Serves the device socket: each peer that connects attaches a ring, up to [`MAX_RINGS`].
-pub fn accept_loop(listener: UnixListener, rings: Arc<Rings>, stop: Arc<AtomicBool>) {
+///
+/// The loop sleeps on the listener and on `wake`; the VBD stops it by setting `stop` and
+/// writing a byte to the other end of `wake` (never by connecting to the socket's path, which
+/// may have been removed under a live tapdisk). An accept that fails for want of descriptors
+/// or memory is logged at a limited rate and retried after a pause, not in a busy loop.
+pub fn accept_loop(
+    listener: UnixListener,
+    wake: UnixStream,
+    rings: Arc<Rings>,
+    stop: Arc<AtomicBool>,
+) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
     let mut refused = RateLimit::new(10, Duration::from_secs(5));
-    for conn in listener.incoming() {
+    let mut failed = RateLimit::new(5, Duration::from_secs(10));
+    if let Err(e) = listener.set_nonblocking(true) {
+        warn!(rings.log, "the device socket cannot be made non-blocking; no frontend can attach";
+              "error" => %e);
+        return;
+    }
+    loop {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+        ];
+        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                warn!(rings.log, "poll on the device socket failed; no more frontends attach";
+                      "error" => %e);
+                return;
+            }
+        }
         if stop.load(Ordering::Acquire) {
             return;
         }
-        let Ok(sock) = conn else { continue };
-        let attached = {
-            let mut r = lock(&rings.registry);
-            r.prune();
-            r.count(|k| k != RingKind::Nbd)
-        };
-        if attached >= MAX_RINGS {
-            if let Some(suppressed) = refused.check() {
-                warn!(rings.log, "refused a ring: the VBD already has the most rings it serves";
-                      "max_rings" => MAX_RINGS, "suppressed" => suppressed);
+        loop {
+            let sock = match listener.accept() {
+                Ok((sock, _)) => sock,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted
+                        || e.raw_os_error() == Some(libc::ECONNABORTED) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    // Out of descriptors or memory: pause instead of spinning on it.
+                    if let Some(suppressed) = failed.check() {
+                        warn!(rings.log, "accepting on the device socket failed"; "error" => %e,
+                              "suppressed" => suppressed);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                    break;
+                }
+            };
+            if sock.set_nonblocking(false).is_err() {
+                continue;
             }
-            // Dropping the socket closes it: the peer reads end-of-file.
-            continue;
-        }
-        let no = lock(&rings.registry).next_no + 1;
-        if let Err(e) = rings.attach_local(RingKind::Local, &format!("ring{no}"), sock) {
-            warn!(rings.log, "cannot start a ring thread"; "error" => %e);
+            let attached = {
+                let mut r = lock(&rings.registry);
+                r.prune();
+                r.count(|k| k != RingKind::Nbd)
+            };
+            if attached >= MAX_RINGS {
+                if let Some(suppressed) = refused.check() {
+                    warn!(rings.log, "refused a ring: the VBD already has the most rings it serves";
+                          "max_rings" => MAX_RINGS, "suppressed" => suppressed);
+                }
+                // Dropping the socket closes it: the peer reads end-of-file.
+                continue;
+            }
+            let no = lock(&rings.registry).next_no + 1;
+            if let Err(e) = rings.attach_local(RingKind::Local, &format!("ring{no}"), sock) {
+                warn!(rings.log, "cannot start a ring thread"; "error" => %e);
+            }
         }
     }
 }

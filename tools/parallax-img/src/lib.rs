@@ -3,8 +3,9 @@
 //! One module for the command line and what the verbs share ([`main_with`], progress on
 //! stderr, formatting), [`verbs`] for the image verbs and [`bench`] for the measurements.
 //! Every failure is one line, `parallax-img: <what went wrong>`, on stderr; the exit status is 0
-//! on success, 1 when something failed (including a check that found problems) and 2 when the
-//! command line itself is wrong.
+//! on success, 1 when something failed (for `check`: it found problems), and 2 when the
+//! command line itself is wrong or `check` could not check (the image is in use, unreadable,
+//! or not an image).
 
 pub mod bench;
 pub mod verbs;
@@ -39,14 +40,16 @@ Examples:
   parallax-img clone vm1.plx@before-upgrade test    # writable disk vm1.plx@test sharing it
   parallax-img list vm1.plx                         # volumes with dates and sizes
   parallax-img delete vm1.plx@before-upgrade        # delete it, give its own blocks back
-  parallax-img check vm1.plx                        # verify everything; exit 1 on problems
+  parallax-img check vm1.plx                        # verify everything; exit 1 on problems,
+                                                    # 2 if it cannot check
   parallax-img info vm1.plx
   parallax-img export vm1.plx@test test.raw         # copy a volume to a raw file
   parallax-img bench-cache                          # the thesis's Table 3.7
   parallax-img bench-io --dir /var/tmp              # the thesis's Table 3.6
 
-Errors are one line on stderr, 'parallax-img: ...'. Exit status: 0 success, 1 failure (or
-problems found by check), 2 bad command line. 'parallax-img COMMAND --help' for each command.";
+Errors are one line on stderr, 'parallax-img: ...'. Exit status: 0 success, 1 failure (for
+check: problems found), 2 bad command line (for check also: could not check, e.g. the image is
+in use by a tapdisk). 'parallax-img COMMAND --help' for each command.";
 
 /// The command line.
 #[derive(Debug, Parser)]
@@ -93,7 +96,9 @@ pub enum Verb {
     Rename(verbs::RenameArgs),
     /// Verify an image: checksums, pointers, reference counts, bitmaps
     ///
-    /// Prints what it found in plain words; exits 1 if there is any problem.
+    /// Prints what it found in plain words; exits 1 if there is any problem (a damaged
+    /// superblock copy included), 2 if it cannot check (the image is in use by a tapdisk or
+    /// another writer, unreadable, or not a Parallax image).
     #[command(verbatim_doc_comment)]
     Check(verbs::CheckArgs),
     /// Move a volume's blocks into one contiguous run of the store
@@ -130,8 +135,17 @@ where
         Err(e) => {
             progress.clear();
             eprintln!("parallax-img: {}", strip_os_error(&td_cli::one_line(&e)));
-            1
+            exit_status(&cli.verb, &e)
         }
+    }
+}
+
+/// The exit status of a failed command: 1, except that `check` tells "problems found" (1)
+/// from "could not check" (2: the image is in use, unreadable, not an image at all).
+fn exit_status(verb: &Verb, e: &anyhow::Error) -> i32 {
+    match verb {
+        Verb::Check(_) if e.downcast_ref::<verbs::ProblemsFound>().is_none() => 2,
+        _ => 1,
     }
 }
 

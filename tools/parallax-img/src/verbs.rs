@@ -400,14 +400,28 @@ pub fn check(a: &CheckArgs, p: &Progress) -> Result<()> {
         emit::<anyhow::Error>(&format!("{}: {r}\n", label(&a.path)))?;
     }
     if !r.is_clean() {
-        bail!(
+        return Err(ProblemsFound(format!(
             "{}: check found {} problem(s)",
             label(&a.path),
             r.problem_count()
-        );
+        ))
+        .into());
     }
     Ok(())
 }
+
+/// `check` found problems (exit status 1); any other error of `check` means it could not
+/// check (exit status 2).
+#[derive(Debug)]
+pub struct ProblemsFound(pub String);
+
+impl std::fmt::Display for ProblemsFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ProblemsFound {}
 
 /// Options of `defrag`.
 #[derive(Debug, Args)]

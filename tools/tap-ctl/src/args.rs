@@ -33,6 +33,7 @@ fn flag_of(field: &str) -> Option<&'static str> {
         "poll_us" => "--poll-us",
         "cache_slots" => "--cache-slots",
         "iscsi_inline" => "--iscsi-inline",
+        "force_share" => "--force-share",
         "early" => "--early-read",
         "faults" => "--inject-faults",
         "model" => "--model-disk",
@@ -268,6 +269,11 @@ pub struct DiskArgs {
     /// the socket work of all servers shares the ring's core.
     #[arg(verbatim_doc_comment, long)]
     pub iscsi_inline: bool,
+    /// Serve an aio: image even if another VBD or process holds its lock. A read-write VBD
+    /// locks its image for itself, a read-only one shares it with other readers; without this
+    /// flag an image in use is refused, naming the holder.
+    #[arg(verbatim_doc_comment, long)]
+    pub force_share: bool,
 }
 
 /// A validated [`DiskArgs`]: what goes into an `open` command.
@@ -316,6 +322,7 @@ impl DiskArgs {
             poll_us: self.poll_us,
             cache_slots: self.cache_slots.unwrap_or(0),
             iscsi_inline: self.iscsi_inline,
+            force_share: self.force_share,
         };
         settings.validate_for(&image).map_err(in_flags)?;
         Ok(Disk { image, settings })

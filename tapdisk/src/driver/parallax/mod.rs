@@ -51,6 +51,7 @@ pub fn errno(e: &parallax::Error) -> i32 {
         E::Invalid(_) => libc::EINVAL,
         E::NoSuchVolume(_) => libc::ENOENT,
         E::Locked(_) => libc::EBUSY,
+        E::NoMemory(_) => libc::ENOMEM,
         E::Io { err, .. } => err.raw_os_error().unwrap_or(libc::EIO),
         _ => libc::EIO,
     }
@@ -144,7 +145,13 @@ fn to_io_kind(e: &parallax::Error) -> io::ErrorKind {
 
 impl Shared {
     /// The open image at `path` for volume `volume`, opening it if this process has not yet.
-    fn get(path: &Path, volume: &str, read_only: bool, slots: u32) -> io::Result<Arc<Shared>> {
+    fn get(
+        path: &Path,
+        volume: &str,
+        read_only: bool,
+        slots: u32,
+        log: &slog::Logger,
+    ) -> io::Result<Arc<Shared>> {
         let meta = std::fs::metadata(path).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -194,6 +201,11 @@ impl Shared {
             };
             img = parallax::disk::open_image(path, &rw).map_err(|e| open_error(path, e))?;
         }
+        if let Some(damage) = img.superblock_damage() {
+            slog::warn!(log, "Parallax image has a damaged superblock copy (run parallax-img check)";
+                        "image" => %path.display(), "damage" => damage,
+                        "generation" => img.superblock().generation);
+        }
         let s = Arc::new(Shared {
             key,
             path: path.to_owned(),
@@ -230,7 +242,11 @@ impl std::fmt::Debug for ParallaxImage {
 
 impl ParallaxImage {
     /// Opens the volume `spec` names (`parallax:PATH` or `parallax:PATH@VOLUME`).
-    pub fn open(spec: &ImageSpec, opts: OpenOptionsImg) -> io::Result<ParallaxImage> {
+    pub fn open(
+        spec: &ImageSpec,
+        opts: OpenOptionsImg,
+        log: &slog::Logger,
+    ) -> io::Result<ParallaxImage> {
         let ds = DiskSpec {
             path: spec.path.clone(),
             volume: spec.volume.clone(),
@@ -242,7 +258,7 @@ impl ParallaxImage {
                 format!("disk spec '{spec}': {e}"),
             )
         })?;
-        let shared = Shared::get(&ds.path, &volume, opts.read_only, opts.cache_slots)?;
+        let shared = Shared::get(&ds.path, &volume, opts.read_only, opts.cache_slots, log)?;
         let (vol, kind, size, stats) = {
             let mut img = lock(&shared.image);
             let vol = find_volume(&img, &ds.path, &volume)?;

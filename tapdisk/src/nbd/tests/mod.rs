@@ -302,3 +302,4 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 mod clients;
 mod protocol;
 mod server;
+mod slots;
