@@ -11,6 +11,7 @@ use slog::{info, warn, Logger};
 use tapdisk_control::proto::{
     Command, Reply, RequestMsg, ResponseMsg, ResultMsg, TraceFormat, MAX_LINE, VERSION,
 };
+use tapdisk_control::minor::{self, MinorClaim, MinorRecord};
 use tapdisk_control::RunDir;
 
 use crate::error::{Error, IoContext, Result};
@@ -32,77 +33,23 @@ fn write_trace(
     w.flush()
 }
 
-/// A claim on a minor number: the file `<rundir>/minors/N` holding our pid, removed on drop.
-#[derive(Debug)]
-pub struct MinorClaim {
-    /// The number.
-    pub minor: u32,
-    path: PathBuf,
-}
-
-impl Drop for MinorClaim {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Claims `wanted`, or the lowest free minor.
-pub fn claim_minor(rundir: &RunDir, wanted: Option<u32>) -> Result<MinorClaim> {
-    let me = std::process::id();
-    let try_one = |m: u32| -> Result<Option<MinorClaim>> {
-        let path = rundir.minor_dir().join(m.to_string());
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut f) => {
-                    writeln!(f, "{me}").doing(|| format!("claiming {}", path.display()))?;
-                    return Ok(Some(MinorClaim { minor: m, path }));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let owner = std::fs::read_to_string(&path).unwrap_or_default();
-                    match owner.trim().parse::<u32>() {
-                        Ok(pid) if pid_alive(pid) => return Ok(None),
-                        // A claim left by a dead tapdisk (or half written): reclaim it.
-                        _ => {
-                            let _ = std::fs::remove_file(&path);
-                        }
-                    }
-                }
-                Err(e) => return Err(Error::io(format!("claiming {}", path.display()), e)),
-            }
-        }
-        Ok(None)
-    };
-    match wanted {
-        Some(m) => try_one(m)?.ok_or_else(|| {
-            let owner =
-                std::fs::read_to_string(rundir.minor_dir().join(m.to_string())).unwrap_or_default();
-            Error::MinorInUse {
-                minor: m,
-                owner: owner.trim().to_owned(),
-            }
-        }),
-        None => {
-            for m in 0..(1 << 20) {
-                if let Some(c) = try_one(m)? {
-                    return Ok(c);
-                }
-            }
-            Err(Error::NoFreeMinor)
-        }
-    }
-}
-
 struct Entry {
     vbd: Vbd,
     _claim: MinorClaim,
+}
+
+/// Claims `wanted`, or the lowest free minor, for a VBD of this process serving `image`
+/// (the marker's lock and record: [`tapdisk_control::minor`]).
+pub fn claim_minor(
+    rundir: &RunDir,
+    wanted: Option<u32>,
+    image: &tapdisk_control::ImageSpec,
+) -> Result<MinorClaim> {
+    let record = MinorRecord {
+        pid: std::process::id(),
+        image: Some(image.clone()),
+    };
+    Ok(minor::claim(rundir, wanted, &record)?)
 }
 
 /// The daemon's state.
@@ -229,9 +176,17 @@ impl Daemon {
                 image,
                 settings,
             } => {
-                let claim = claim_minor(&self.rundir, minor)?;
+                let claim = claim_minor(&self.rundir, minor, &image)?;
                 let m = claim.minor;
-                let vbd = Vbd::open(m, image, settings, self.rundir.vbd_socket(m), &self.log)?;
+                if let Some(dead) = &claim.took_over {
+                    warn!(self.log, "minor taken over from a dead tapdisk";
+                          "minor" => m, "dead_pid" => dead.pid);
+                }
+                let paths = crate::vbd::VbdPaths {
+                    device: self.rundir.vbd_socket(m),
+                    nbd: self.rundir.nbd_socket(std::process::id(), m),
+                };
+                let vbd = Vbd::open(m, image, settings, paths, &self.log)?;
                 let summary = vbd.summary();
                 lock(&self.vbds).insert(m, Entry { vbd, _claim: claim });
                 Ok(Reply::Opened { vbd: summary })
@@ -370,18 +325,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rd = RunDir(dir.path().into());
         rd.create().unwrap();
-        let a = claim_minor(&rd, None).unwrap();
-        let b = claim_minor(&rd, None).unwrap();
+        let img: tapdisk_control::ImageSpec = "aio:/x.img".parse().unwrap();
+        let a = claim_minor(&rd, None, &img).unwrap();
+        let b = claim_minor(&rd, None, &img).unwrap();
         assert_eq!((a.minor, b.minor), (0, 1));
-        assert!(claim_minor(&rd, Some(0))
+        assert!(claim_minor(&rd, Some(0), &img)
             .unwrap_err()
             .to_string()
             .contains("in use"));
         drop(a);
-        assert_eq!(claim_minor(&rd, None).unwrap().minor, 0);
-        // A claim by a dead process is taken over.
-        std::fs::write(rd.minor_dir().join("7"), "999999999\n").unwrap();
-        assert_eq!(claim_minor(&rd, Some(7)).unwrap().minor, 7);
+        assert_eq!(claim_minor(&rd, None, &img).unwrap().minor, 0);
+        // A claim a dead process left is taken over when asked for.
+        std::fs::write(rd.minor_marker(7), r#"{"pid":999999999}"#).unwrap();
+        let c = claim_minor(&rd, Some(7), &img).unwrap();
+        assert_eq!(c.took_over.map(|r| r.pid), Some(999999999));
     }
 
     /// What tap-ctl refuses is refused when written to the socket directly, with the error
