@@ -171,6 +171,37 @@ pub enum VbdState {
     Closing,
 }
 
+/// blktap3's VBD state bits (`TD_VBD_*`), as `tap-ctl list` prints them (`state=0x20`) and
+/// xapi's storage manager reads them (`Tapdisk.Flags`).
+pub mod flags {
+    /// The tapdisk serving the VBD is gone.
+    pub const DEAD: u32 = 0x0001;
+    /// The VBD's image is closed.
+    pub const CLOSED: u32 = 0x0002;
+    /// A quiesce was asked for.
+    pub const QUIESCE_REQUESTED: u32 = 0x0004;
+    /// Quiesced.
+    pub const QUIESCED: u32 = 0x0008;
+    /// A pause was asked for and is under way.
+    pub const PAUSE_REQUESTED: u32 = 0x0010;
+    /// Paused.
+    pub const PAUSED: u32 = 0x0020;
+    /// Shutting down.
+    pub const SHUTDOWN_REQUESTED: u32 = 0x0040;
+}
+
+impl VbdState {
+    /// The state as blktap3's flag word ([`flags`]).
+    pub fn blktap_flags(self) -> u32 {
+        match self {
+            VbdState::Running => 0,
+            VbdState::Quiescing => flags::PAUSE_REQUESTED,
+            VbdState::Paused => flags::PAUSED | flags::QUIESCED,
+            VbdState::Closing => flags::SHUTDOWN_REQUESTED,
+        }
+    }
+}
+
 impl std::fmt::Display for VbdState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -226,6 +226,7 @@ impl Vbd {
             "minor": self.minor,
             "image": self.spec.to_string(),
             "state": self.state(),
+            "state_flags": self.state().blktap_flags(),
             "sectors": self.rings.disk().sectors,
             "rings": t.live,
             "rings_total": t.total,
