@@ -11,10 +11,12 @@ cd "$(dirname "$0")/.."
 # (libnbd), tgt (iSCSI targets for the initiator and the striped disks), iproute2 (ip, tc: the
 # storage LAN's namespaces and rate-limited links), gcc with rpcsvc-proto and libtirpc-dev (a C
 # client generated with rpcgen from the stripe master's interface talks to it), mount
-# (losetup), a font for td-bench's charts. Add a package here when a test starts using it.
+# (losetup), a font for td-bench's charts, python3 (tests/compat/tapctl-contract.py drives
+# tap-ctl as xapi's storage manager does, in Python). Add a package here when a test starts
+# using it.
 packages=(fio qemu-utils libnbd-bin tgt iproute2 gcc rpcsvc-proto libtirpc-dev mount
-  fonts-dejavu-core)
-tools=(fio qemu-io qemu-img nbdinfo nbdcopy tgtd tgtadm ip tc gcc rpcgen losetup)
+  fonts-dejavu-core python3)
+tools=(fio qemu-io qemu-img nbdinfo nbdcopy tgtd tgtadm ip tc gcc rpcgen losetup python3)
 
 bash tests/apt-install-missing.sh "${packages[@]}"
 for tool in "${tools[@]}"; do

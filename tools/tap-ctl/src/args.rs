@@ -6,7 +6,7 @@
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use clap::{Args, ValueEnum};
 use tapdisk_control::limits::{self, Limit};
 use tapdisk_control::{
@@ -53,7 +53,10 @@ fn in_flags(e: tapdisk_control::Error) -> anyhow::Error {
             max,
         } => {
             let flag = flag_of(field).unwrap_or(field);
-            anyhow!("{what} {value}{unit} is out of range: {flag} takes {min}..={max}")
+            crate::failure::fail(
+                nix::errno::Errno::EINVAL,
+                format!("{what} {value}{unit} is out of range: {flag} takes {min}..={max}"),
+            )
         }
         other => anyhow!(other),
     }
@@ -433,10 +436,13 @@ pub fn validate_nbd(addr: &str) -> Result<NbdListen> {
             let path = absolute(&path)?;
             let dir = path.parent().unwrap_or(Path::new("/"));
             if !dir.is_dir() {
-                bail!(
-                    "NBD address '{addr}': folder {} for the socket does not exist",
-                    dir.display()
-                );
+                return Err(crate::failure::fail(
+                    nix::errno::Errno::ENOENT,
+                    format!(
+                        "NBD address '{addr}': folder {} for the socket does not exist",
+                        dir.display()
+                    ),
+                ));
             }
             NbdListen::Unix(path)
         }

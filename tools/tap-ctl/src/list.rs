@@ -16,7 +16,7 @@ use tapdisk_control::proto::{flags, VbdSummary};
 use tapdisk_control::{client, ImageSpec};
 
 use crate::ctx::shown;
-use crate::failure::{exit_code, fail};
+use crate::failure::fail;
 use crate::{emit, one_line, Ctx};
 
 /// Examples shown by `tap-ctl list --help`.
@@ -192,11 +192,11 @@ pub fn gather(ctx: &Ctx, only_pid: Option<u32>) -> Result<(Vec<Row>, Vec<anyhow:
                     });
                 }
             }
+            // blktap3 lists nothing for a pid that is no tapdisk.
+            Err(_) if !minor::is_socket(&ctx.rundir.ctl_socket(pid)) => {}
             Err(_) if !pid_alive(pid) => {
                 dead.insert(pid);
             }
-            // blktap3 lists nothing for a pid that is no tapdisk of ours.
-            Err(e) if only_pid.is_some() && exit_code(&e) == Errno::ENOENT as i32 => {}
             Err(e) => failures.push(e),
         }
     }
