@@ -69,8 +69,10 @@ impl Client {
             secs: limit.as_secs_f64(),
         };
         let sock = self.reader.get_mut();
-        sock.set_write_timeout(Some(remaining(deadline).ok_or_else(|| timed_out(&self.path))?))
-            .map_err(io(format!("setting a timeout on {}", self.path.display())))?;
+        sock.set_write_timeout(Some(
+            remaining(deadline).ok_or_else(|| timed_out(&self.path))?,
+        ))
+        .map_err(io(format!("setting a timeout on {}", self.path.display())))?;
         if let Err(e) = sock.write_all(&line) {
             return Err(if is_timeout(&e) {
                 timed_out(&self.path)
@@ -214,12 +216,9 @@ pub fn spawn_within(rundir: &RunDir, limit: Duration) -> Result<u32> {
         .stderr(std::process::Stdio::inherit())
         .spawn()
         .map_err(io(format!("cannot start {}", bin.display())))?;
-    let late = |what: &str| {
-        Error::Spawn(format!(
-            "{} {what} within {} s",
-            bin.display(),
-            limit.as_secs_f64()
-        ))
+    let late = |what: &str| Error::Timeout {
+        what: format!("starting {} ({what})", bin.display()),
+        secs: limit.as_secs_f64(),
     };
     // The daemon prints its pid on stdout once the control socket listens, then detaches
     // (the process we started exits; the daemon lets go of the pipe).
@@ -229,7 +228,7 @@ pub fn spawn_within(rundir: &RunDir, limit: Duration) -> Result<u32> {
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(late("did not report its pid"));
+                return Err(late("waiting for it to print its pid"));
             }
             Err(e) => return Err(io(format!("reading the pid {} printed", bin.display()))(e)),
         },
@@ -242,7 +241,7 @@ pub fn spawn_within(rundir: &RunDir, limit: Duration) -> Result<u32> {
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(late("did not detach"));
+                return Err(late("waiting for it to detach"));
             }
             Err(e) => return Err(io(format!("waiting for {}", bin.display()))(e)),
         }
@@ -266,17 +265,20 @@ pub fn spawn_within(rundir: &RunDir, limit: Duration) -> Result<u32> {
             }
         }
         if Instant::now() >= deadline {
-            return Err(Error::Spawn(format!(
-                "tapdisk {pid} did not answer on its control socket within {} s",
-                limit.as_secs_f64()
-            )));
+            return Err(Error::Timeout {
+                what: format!("starting tapdisk {pid} (waiting for its control socket to answer)"),
+                secs: limit.as_secs_f64(),
+            });
         }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
 /// Everything `r` gives until its end, unless that takes past `deadline` (`None`).
-fn read_all_until(mut r: std::process::ChildStdout, deadline: Instant) -> std::io::Result<Option<String>> {
+fn read_all_until(
+    mut r: std::process::ChildStdout,
+    deadline: Instant,
+) -> std::io::Result<Option<String>> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut out = Vec::new();
     let mut buf = [0u8; 256];

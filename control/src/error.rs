@@ -90,7 +90,10 @@ pub enum Error {
     #[error("minor {0} is not allocated")]
     NotAllocated(u32),
     /// Every minor number is taken.
-    #[error("no free minor number (all {} are allocated)", crate::minor::MAX_MINORS)]
+    #[error(
+        "no free minor number (all {} are allocated)",
+        crate::minor::MAX_MINORS
+    )]
     NoFreeMinor,
 }
 

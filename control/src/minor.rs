@@ -201,7 +201,8 @@ impl Drop for MinorClaim {
 
 /// Claims minor `wanted`, or the lowest one with no marker, for the process writing `record`.
 /// An explicit minor may be allocated already (`tap-ctl allocate`) or left by a dead tapdisk
-/// (taken over: its NBD socket is removed); one held by a live process is refused.
+/// (taken over: its NBD socket and, the process being gone, its control socket are removed);
+/// one held by a live process is refused.
 pub fn claim(rundir: &RunDir, wanted: Option<u32>, record: &MinorRecord) -> Result<MinorClaim> {
     let mut claim = match wanted {
         Some(m) => claim_one(rundir, m)?,
@@ -211,6 +212,10 @@ pub fn claim(rundir: &RunDir, wanted: Option<u32>, record: &MinorRecord) -> Resu
         let nbd = rundir.nbd_socket(old.pid, claim.minor);
         if is_socket(&nbd) {
             let _ = std::fs::remove_file(nbd);
+        }
+        let ctl = rundir.ctl_socket(old.pid);
+        if !crate::process::pid_alive(old.pid) && is_socket(&ctl) {
+            let _ = std::fs::remove_file(ctl);
         }
     }
     claim.write(record)?;
@@ -345,7 +350,11 @@ mod tests {
     fn a_dead_holders_marker_is_dead_and_can_be_taken_over() {
         let (_d, r) = rundir();
         // What a tapdisk killed with SIGKILL leaves: a record, no lock.
-        std::fs::write(r.minor_marker(7), br#"{"pid":999999999,"image":{"driver":"aio","path":"/x.img"}}"#).unwrap();
+        std::fs::write(
+            r.minor_marker(7),
+            br#"{"pid":999999999,"image":{"driver":"aio","path":"/x.img"}}"#,
+        )
+        .unwrap();
         let nbd = r.nbd_socket(999999999, 7);
         drop(std::os::unix::net::UnixListener::bind(&nbd).unwrap());
         assert_eq!(inspect(&r, 7).unwrap(), Marker::Dead(rec(999999999)));

@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use slog::{info, warn, Logger};
+use tapdisk_control::minor::{self, MinorClaim, MinorRecord};
 use tapdisk_control::proto::{
     Command, Reply, RequestMsg, ResponseMsg, ResultMsg, TraceFormat, MAX_LINE, VERSION,
 };
-use tapdisk_control::minor::{self, MinorClaim, MinorRecord};
 use tapdisk_control::RunDir;
 
 use crate::error::{Error, IoContext, Result};

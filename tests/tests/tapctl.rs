@@ -193,7 +193,10 @@ fn vbd_life_cycle() {
     let device = device.trim_end();
     assert_eq!(
         device,
-        r.rundir.join("tapdisk-rs/vbd/tapdev0").display().to_string()
+        r.rundir
+            .join("tapdisk-rs/vbd/tapdev0")
+            .display()
+            .to_string()
     );
     assert!(is_socket(device), "{device} is not a socket");
     let pids = r.live();
@@ -201,12 +204,12 @@ fn vbd_life_cycle() {
     let pid = pids[0];
 
     let list = r.ok(&["list"]);
-    assert_eq!(
-        list,
-        format!("pid={pid} minor=0 state=0 args={spec}\n")
-    );
+    assert_eq!(list, format!("pid={pid} minor=0 state=0 args={spec}\n"));
     let nbd = r.rundir.join(format!("nbd{pid}.0"));
-    assert!(is_socket(&nbd.display().to_string()), "no NBD socket {nbd:?}");
+    assert!(
+        is_socket(&nbd.display().to_string()),
+        "no NBD socket {nbd:?}"
+    );
 
     r.ok(&["pause", "-m", "0"]);
     assert_eq!(
@@ -244,7 +247,10 @@ fn vbd_life_cycle() {
     assert!(r.pids().is_empty(), "control socket left: {:?}", r.pids());
     assert!(!Path::new(device).exists(), "device {device} left behind");
     assert!(!nbd.exists(), "NBD socket {nbd:?} left behind");
-    assert!(!r.rundir.join("tapdisk/tapdisk-0").exists(), "minor marker left");
+    assert!(
+        !r.rundir.join("tapdisk/tapdisk-0").exists(),
+        "minor marker left"
+    );
 }
 
 #[test]
@@ -381,7 +387,14 @@ fn bad_arguments_are_one_line_errors() {
     );
     r.fails(&["unpause", "-m", "0", "-a", "/x.img"], 22, "TYPE:PATH");
     // blktap3's flags tapdisk-rs does not implement: refused by name, EOPNOTSUPP.
-    for flag in [&["-r"][..], &["-e", "3"], &["-2", "/x"], &["-s"], &["-C", "/l"], &["-E"]] {
+    for flag in [
+        &["-r"][..],
+        &["-e", "3"],
+        &["-2", "/x"],
+        &["-s"],
+        &["-C", "/l"],
+        &["-E"],
+    ] {
         let mut args = vec!["open", "-p", "1", "-m", "0", "-a", &spec];
         args.extend_from_slice(flag);
         r.fails(&args, 95, &format!("blktap3's {}", flag[0]));

@@ -11,7 +11,9 @@ use std::process::Command;
 use tapdisk_e2e::bin;
 
 fn compat(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("compat").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("compat")
+        .join(name)
 }
 
 /// Runs the contract script against `tap_ctl`; returns its output, failing the test (with the

@@ -100,7 +100,10 @@ impl CompatFlags {
     pub fn check(&self) -> Result<()> {
         let refused = [
             (self.lcache, "-r (a read cache on the leaf image)"),
-            (self.existing_parent.is_some(), "-e (sharing another minor's parent chain)"),
+            (
+                self.existing_parent.is_some(),
+                "-e (sharing another minor's parent chain)",
+            ),
             (self.secondary.is_some(), "-2 (a secondary image)"),
             (self.standby, "-s (standby failover)"),
             (self.cbt_log.is_some(), "-C (changed-block tracking)"),

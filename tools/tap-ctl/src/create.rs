@@ -3,8 +3,8 @@
 use anyhow::Result;
 use clap::Args;
 
-use crate::failure::{exit_code, with_code};
 use super::{emit, one_line, Ctx, DiskArgs};
+use crate::failure::{exit_code, with_code};
 
 /// Examples shown by `tap-ctl create --help`.
 pub const EXAMPLES: &str = "\

@@ -42,7 +42,12 @@ impl Ctx {
         let dir = self.rundir_name();
         match std::fs::metadata(&self.rundir.0) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(fail(Errno::ENOTDIR, format!("run directory {dir} is not a directory"))),
+            Ok(_) => {
+                return Err(fail(
+                    Errno::ENOTDIR,
+                    format!("run directory {dir} is not a directory"),
+                ))
+            }
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 return Err(fail(
                     Errno::ENOENT,
@@ -63,7 +68,10 @@ impl Ctx {
     /// Creates the run directory (and its folders) if needed.
     pub fn create_rundir(&self) -> Result<()> {
         self.rundir.create().map_err(|e| {
-            anyhow!(e).context(format!("cannot create run directory {}", self.rundir_name()))
+            anyhow!(e).context(format!(
+                "cannot create run directory {}",
+                self.rundir_name()
+            ))
         })
     }
 
@@ -89,7 +97,9 @@ impl Ctx {
                     format!("no tapdisk with pid {pid}: there is no such process"),
                 ));
             }
-            Err(e) => return Err(anyhow!(e).context(format!("cannot access the control socket {at}"))),
+            Err(e) => {
+                return Err(anyhow!(e).context(format!("cannot access the control socket {at}")))
+            }
         }
         match Client::connect(&sock) {
             Ok(client) => Ok(Conn { pid, client }),

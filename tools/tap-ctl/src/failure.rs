@@ -94,7 +94,11 @@ mod tests {
         let io = std::io::Error::from_raw_os_error(libc::EACCES);
         assert_eq!(exit_code(&anyhow::Error::from(io).context("opening")), 13);
         assert_eq!(
-            exit_code(&Err::<(), _>(CtlError::Refused("no".into())).context("x").unwrap_err()),
+            exit_code(
+                &Err::<(), _>(CtlError::Refused("no".into()))
+                    .context("x")
+                    .unwrap_err()
+            ),
             GENERIC
         );
         assert_eq!(exit_code(&anyhow::anyhow!("plain")), GENERIC);

@@ -237,10 +237,7 @@ pub fn run(ctx: &Ctx, args: &ListArgs) -> Result<()> {
                     "minor {minor}: tapdisk {} serving {} is dead (killed or crashed; its log: \
                      {}); 'tap-ctl destroy -m {minor}' cleans up after it",
                     record.pid,
-                    record
-                        .image
-                        .as_ref()
-                        .map_or("it".into(), |i| i.to_string()),
+                    record.image.as_ref().map_or("it".into(), |i| i.to_string()),
                     shown(&ctx.rundir.log_file(record.pid)),
                 ),
             )),
@@ -453,7 +450,11 @@ mod tests {
     fn forged_paths_stay_one_field_on_one_line() {
         let rows = vec![Row::Vbd {
             pid: 10,
-            vbd: vbd(0, VbdState::Running, "/x.img\npid=1 minor=9 state=0 args=aio:/y"),
+            vbd: vbd(
+                0,
+                VbdState::Running,
+                "/x.img\npid=1 minor=9 state=0 args=aio:/y",
+            ),
         }];
         let text = format_text(&rows, true);
         assert_eq!(text.lines().count(), 1, "{text}");

@@ -35,7 +35,11 @@ pub fn run(ctx: &Ctx, args: &OpenArgs) -> Result<()> {
     let vbd = conn.open(args.minor, disk).map_err(|e| {
         with_code(
             exit_code(&e),
-            format!("tapdisk {}: cannot open {image}: {}", args.pid, one_line(&e)),
+            format!(
+                "tapdisk {}: cannot open {image}: {}",
+                args.pid,
+                one_line(&e)
+            ),
         )
     })?;
     emit(&format!("{}\n", tapdisk_control::escape::text(&vbd.device)))

@@ -166,14 +166,34 @@ const FAMILIES: &[Family] = &[
         kind: "counter",
         help: "NBD requests, by export and operation.",
         samples: &[
-            ("export=\"socket\",op=\"read\"", "/nbd_socket/counters/reads", 1.0),
-            ("export=\"socket\",op=\"write\"", "/nbd_socket/counters/writes", 1.0),
-            ("export=\"socket\",op=\"flush\"", "/nbd_socket/counters/flushes", 1.0),
-            ("export=\"socket\",op=\"discard\"", "/nbd_socket/counters/discards", 1.0),
+            (
+                "export=\"socket\",op=\"read\"",
+                "/nbd_socket/counters/reads",
+                1.0,
+            ),
+            (
+                "export=\"socket\",op=\"write\"",
+                "/nbd_socket/counters/writes",
+                1.0,
+            ),
+            (
+                "export=\"socket\",op=\"flush\"",
+                "/nbd_socket/counters/flushes",
+                1.0,
+            ),
+            (
+                "export=\"socket\",op=\"discard\"",
+                "/nbd_socket/counters/discards",
+                1.0,
+            ),
             ("export=\"nbd\",op=\"read\"", "/nbd/counters/reads", 1.0),
             ("export=\"nbd\",op=\"write\"", "/nbd/counters/writes", 1.0),
             ("export=\"nbd\",op=\"flush\"", "/nbd/counters/flushes", 1.0),
-            ("export=\"nbd\",op=\"discard\"", "/nbd/counters/discards", 1.0),
+            (
+                "export=\"nbd\",op=\"discard\"",
+                "/nbd/counters/discards",
+                1.0,
+            ),
         ],
     },
     Family {
@@ -181,10 +201,26 @@ const FAMILIES: &[Family] = &[
         kind: "counter",
         help: "NBD payload bytes, by export and operation.",
         samples: &[
-            ("export=\"socket\",op=\"read\"", "/nbd_socket/counters/read_bytes", 1.0),
-            ("export=\"socket\",op=\"write\"", "/nbd_socket/counters/write_bytes", 1.0),
-            ("export=\"nbd\",op=\"read\"", "/nbd/counters/read_bytes", 1.0),
-            ("export=\"nbd\",op=\"write\"", "/nbd/counters/write_bytes", 1.0),
+            (
+                "export=\"socket\",op=\"read\"",
+                "/nbd_socket/counters/read_bytes",
+                1.0,
+            ),
+            (
+                "export=\"socket\",op=\"write\"",
+                "/nbd_socket/counters/write_bytes",
+                1.0,
+            ),
+            (
+                "export=\"nbd\",op=\"read\"",
+                "/nbd/counters/read_bytes",
+                1.0,
+            ),
+            (
+                "export=\"nbd\",op=\"write\"",
+                "/nbd/counters/write_bytes",
+                1.0,
+            ),
         ],
     },
     Family {
@@ -247,12 +283,7 @@ pub fn render(vbds: &[VbdStats<'_>]) -> String {
                     x * scale
                 };
                 let sep = if extra.is_empty() { "" } else { "," };
-                let _ = writeln!(
-                    lines,
-                    "{}{{{base}{sep}{extra}}} {}",
-                    f.name,
-                    number(x)
-                );
+                let _ = writeln!(lines, "{}{{{base}{sep}{extra}}} {}", f.name, number(x));
             }
         }
         if !lines.is_empty() {
@@ -298,7 +329,11 @@ mod tests {
         ));
         assert!(text.contains("tapdisk_ring_bytes_total{pid=\"10\",minor=\"0\",image=\"aio:/x\\\"y\\\\x0a.img\",op=\"read\"} 8192\n"));
         assert!(text.contains("quantile=\"0.5\"} 0.0000125\n"), "{text}");
-        assert_eq!(text.matches("# TYPE tapdisk_ring_requests_total counter").count(), 1);
+        assert_eq!(
+            text.matches("# TYPE tapdisk_ring_requests_total counter")
+                .count(),
+            1
+        );
         assert!(!text.contains("tapdisk_nbd_requests_total{pid=\"10\",minor=\"0\",image=\"aio:/x\\\"y\\\\x0a.img\",export=\"nbd\""));
     }
 }
