@@ -263,6 +263,9 @@ pub struct XenConnectSpec {
     /// How request pages are reached.
     #[serde(default)]
     pub grant_mode: blkif::xen::backend::GrantMode,
+    /// Serve this frontend read-only whatever the VBD's setting (the toolstack's `mode = r`).
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// A Xen frontend a VBD serves, in listings.
