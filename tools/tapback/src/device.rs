@@ -387,7 +387,11 @@ impl Device {
             Err(e) => {
                 // A frontend with unusable keys gets the device closed, as blkback does.
                 tblog!(log, "{}: {e}; closing", self.key);
-                let _ = xs.write(Tx::NONE, &format!("{be}/error"), &escape::line(&e.to_string()));
+                let _ = xs.write(
+                    Tx::NONE,
+                    &format!("{be}/error"),
+                    &escape::line(&e.to_string()),
+                );
                 self.set_state(xs, log, XenbusState::Closing)?;
                 return Ok(());
             }
@@ -420,7 +424,11 @@ impl Device {
                     self.key,
                     served.pid
                 );
-                let _ = xs.write(Tx::NONE, &format!("{be}/error"), &escape::line(&format!("{e:#}")));
+                let _ = xs.write(
+                    Tx::NONE,
+                    &format!("{be}/error"),
+                    &escape::line(&format!("{e:#}")),
+                );
                 self.set_state(xs, log, XenbusState::Closing)?;
                 return Ok(());
             }
