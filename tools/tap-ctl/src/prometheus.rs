@@ -22,8 +22,8 @@ struct Family {
     name: &'static str,
     kind: &'static str,
     help: &'static str,
-    /// `(extra labels, JSON pointer, scale)`: one sample per entry.
-    samples: &'static [(&'static str, &'static str, f64)],
+    /// `(name suffix, extra labels, JSON pointer, scale)`: one sample per entry.
+    samples: &'static [(&'static str, &'static str, &'static str, f64)],
 }
 
 const US: f64 = 1e-6;
@@ -34,35 +34,35 @@ const FAMILIES: &[Family] = &[
         name: "tapdisk_vbd_state_flags",
         kind: "gauge",
         help: "blktap3's state flags of the VBD (0 running, 0x10 pausing, 0x20 paused).",
-        samples: &[("", "/state_flags", 1.0)],
+        samples: &[("", "", "/state_flags", 1.0)],
     },
     Family {
         name: "tapdisk_vbd_size_bytes",
         kind: "gauge",
         help: "Size of the disk.",
-        samples: &[("", "/sectors", SECTOR)],
+        samples: &[("", "", "/sectors", SECTOR)],
     },
     Family {
         name: "tapdisk_vbd_rings",
         kind: "gauge",
         help: "Rings attached now.",
-        samples: &[("", "/rings", 1.0)],
+        samples: &[("", "", "/rings", 1.0)],
     },
     Family {
         name: "tapdisk_vbd_rings_attached_total",
         kind: "counter",
         help: "Rings attached since the VBD opened.",
-        samples: &[("", "/rings_total", 1.0)],
+        samples: &[("", "", "/rings_total", 1.0)],
     },
     Family {
         name: "tapdisk_ring_requests_total",
         kind: "counter",
         help: "Ring requests completed, by operation.",
         samples: &[
-            ("op=\"read\"", "/ring/read/requests", 1.0),
-            ("op=\"write\"", "/ring/write/requests", 1.0),
-            ("op=\"flush\"", "/ring/flush/requests", 1.0),
-            ("op=\"discard\"", "/ring/discard/requests", 1.0),
+            ("", "op=\"read\"", "/ring/read/requests", 1.0),
+            ("", "op=\"write\"", "/ring/write/requests", 1.0),
+            ("", "op=\"flush\"", "/ring/flush/requests", 1.0),
+            ("", "op=\"discard\"", "/ring/discard/requests", 1.0),
         ],
     },
     Family {
@@ -70,9 +70,9 @@ const FAMILIES: &[Family] = &[
         kind: "counter",
         help: "Bytes moved or discarded by ring requests, by operation.",
         samples: &[
-            ("op=\"read\"", "/ring/read/sectors", SECTOR),
-            ("op=\"write\"", "/ring/write/sectors", SECTOR),
-            ("op=\"discard\"", "/ring/discard/sectors", SECTOR),
+            ("", "op=\"read\"", "/ring/read/sectors", SECTOR),
+            ("", "op=\"write\"", "/ring/write/sectors", SECTOR),
+            ("", "op=\"discard\"", "/ring/discard/sectors", SECTOR),
         ],
     },
     Family {
@@ -80,85 +80,91 @@ const FAMILIES: &[Family] = &[
         kind: "counter",
         help: "Ring requests answered with an error, by operation.",
         samples: &[
-            ("op=\"read\"", "/ring/read/errors", 1.0),
-            ("op=\"write\"", "/ring/write/errors", 1.0),
-            ("op=\"flush\"", "/ring/flush/errors", 1.0),
-            ("op=\"discard\"", "/ring/discard/errors", 1.0),
+            ("", "op=\"read\"", "/ring/read/errors", 1.0),
+            ("", "op=\"write\"", "/ring/write/errors", 1.0),
+            ("", "op=\"flush\"", "/ring/flush/errors", 1.0),
+            ("", "op=\"discard\"", "/ring/discard/errors", 1.0),
         ],
     },
     Family {
         name: "tapdisk_ring_bad_requests_total",
         kind: "counter",
         help: "Malformed requests refused (the frontend's fault).",
-        samples: &[("", "/ring/bad_requests", 1.0)],
+        samples: &[("", "", "/ring/bad_requests", 1.0)],
     },
     Family {
         name: "tapdisk_ring_unsupported_requests_total",
         kind: "counter",
         help: "Requests with an operation not offered.",
-        samples: &[("", "/ring/unsupported", 1.0)],
+        samples: &[("", "", "/ring/unsupported", 1.0)],
     },
     Family {
         name: "tapdisk_ring_io_errors_total",
         kind: "counter",
         help: "Backend IOs that failed.",
-        samples: &[("", "/ring/io_errors", 1.0)],
+        samples: &[("", "", "/ring/io_errors", 1.0)],
     },
     Family {
         name: "tapdisk_ring_in_flight_requests",
         kind: "gauge",
         help: "Requests accepted and not answered yet.",
-        samples: &[("", "/ring/in_flight", 1.0)],
+        samples: &[("", "", "/ring/in_flight", 1.0)],
     },
     Family {
         name: "tapdisk_ring_waiting_requests",
         kind: "gauge",
         help: "Requests held in the scheduler.",
-        samples: &[("", "/ring/waiting", 1.0)],
+        samples: &[("", "", "/ring/waiting", 1.0)],
     },
     Family {
         name: "tapdisk_ring_backend_ios_in_flight",
         kind: "gauge",
         help: "Backend IOs in flight.",
-        samples: &[("", "/ring/ios_in_flight", 1.0)],
+        samples: &[("", "", "/ring/ios_in_flight", 1.0)],
     },
     Family {
         name: "tapdisk_ring_backend_ios_total",
         kind: "counter",
         help: "Backend IOs the scheduler issued (after merging).",
-        samples: &[("", "/ring/sched/backend_ios", 1.0)],
+        samples: &[("", "", "/ring/sched/backend_ios", 1.0)],
     },
     Family {
         name: "tapdisk_ring_uring_submits_total",
         kind: "counter",
         help: "io_uring submit calls.",
-        samples: &[("", "/ring/submits", 1.0)],
+        samples: &[("", "", "/ring/submits", 1.0)],
     },
     Family {
         name: "tapdisk_ring_notifications_total",
         kind: "counter",
         help: "Notifications sent to frontends.",
-        samples: &[("", "/ring/notifies", 1.0)],
+        samples: &[("", "", "/ring/notifies", 1.0)],
     },
     Family {
         name: "tapdisk_ring_latency_seconds",
-        kind: "gauge",
-        help: "Ring request latency (pop to response) at a quantile, over the VBD's life.",
+        kind: "summary",
+        help: "Ring request latency (pop to response) over the VBD's life.",
         samples: &[
-            ("quantile=\"0.5\"", "/ring/latency/p50_us", US),
-            ("quantile=\"0.9\"", "/ring/latency/p90_us", US),
-            ("quantile=\"0.99\"", "/ring/latency/p99_us", US),
-            ("quantile=\"0.999\"", "/ring/latency/p999_us", US),
-            ("quantile=\"1\"", "/ring/latency/max_us", US),
+            ("", "quantile=\"0.5\"", "/ring/latency/p50_us", US),
+            ("", "quantile=\"0.9\"", "/ring/latency/p90_us", US),
+            ("", "quantile=\"0.99\"", "/ring/latency/p99_us", US),
+            ("", "quantile=\"0.999\"", "/ring/latency/p999_us", US),
+            ("_count", "", "/ring/latency/count", 1.0),
         ],
+    },
+    Family {
+        name: "tapdisk_ring_latency_max_seconds",
+        kind: "gauge",
+        help: "Largest ring request latency over the VBD's life.",
+        samples: &[("", "", "/ring/latency/max_us", US)],
     },
     Family {
         name: "tapdisk_nbd_connections",
         kind: "gauge",
         help: "NBD clients connected, by export.",
         samples: &[
-            ("export=\"socket\"", "/nbd_socket/connections", 1.0),
-            ("export=\"nbd\"", "/nbd/connections", 1.0),
+            ("", "export=\"socket\"", "/nbd_socket/connections", 1.0),
+            ("", "export=\"nbd\"", "/nbd/connections", 1.0),
         ],
     },
     Family {
@@ -167,29 +173,44 @@ const FAMILIES: &[Family] = &[
         help: "NBD requests, by export and operation.",
         samples: &[
             (
+                "",
                 "export=\"socket\",op=\"read\"",
                 "/nbd_socket/counters/reads",
                 1.0,
             ),
             (
+                "",
                 "export=\"socket\",op=\"write\"",
                 "/nbd_socket/counters/writes",
                 1.0,
             ),
             (
+                "",
                 "export=\"socket\",op=\"flush\"",
                 "/nbd_socket/counters/flushes",
                 1.0,
             ),
             (
+                "",
                 "export=\"socket\",op=\"discard\"",
                 "/nbd_socket/counters/discards",
                 1.0,
             ),
-            ("export=\"nbd\",op=\"read\"", "/nbd/counters/reads", 1.0),
-            ("export=\"nbd\",op=\"write\"", "/nbd/counters/writes", 1.0),
-            ("export=\"nbd\",op=\"flush\"", "/nbd/counters/flushes", 1.0),
+            ("", "export=\"nbd\",op=\"read\"", "/nbd/counters/reads", 1.0),
             (
+                "",
+                "export=\"nbd\",op=\"write\"",
+                "/nbd/counters/writes",
+                1.0,
+            ),
+            (
+                "",
+                "export=\"nbd\",op=\"flush\"",
+                "/nbd/counters/flushes",
+                1.0,
+            ),
+            (
+                "",
                 "export=\"nbd\",op=\"discard\"",
                 "/nbd/counters/discards",
                 1.0,
@@ -202,21 +223,25 @@ const FAMILIES: &[Family] = &[
         help: "NBD payload bytes, by export and operation.",
         samples: &[
             (
+                "",
                 "export=\"socket\",op=\"read\"",
                 "/nbd_socket/counters/read_bytes",
                 1.0,
             ),
             (
+                "",
                 "export=\"socket\",op=\"write\"",
                 "/nbd_socket/counters/write_bytes",
                 1.0,
             ),
             (
+                "",
                 "export=\"nbd\",op=\"read\"",
                 "/nbd/counters/read_bytes",
                 1.0,
             ),
             (
+                "",
                 "export=\"nbd\",op=\"write\"",
                 "/nbd/counters/write_bytes",
                 1.0,
@@ -228,8 +253,8 @@ const FAMILIES: &[Family] = &[
         kind: "counter",
         help: "NBD requests answered with an error, by export.",
         samples: &[
-            ("export=\"socket\"", "/nbd_socket/counters/errors", 1.0),
-            ("export=\"nbd\"", "/nbd/counters/errors", 1.0),
+            ("", "export=\"socket\"", "/nbd_socket/counters/errors", 1.0),
+            ("", "export=\"nbd\"", "/nbd/counters/errors", 1.0),
         ],
     },
 ];
@@ -272,7 +297,7 @@ pub fn render(vbds: &[VbdStats<'_>]) -> String {
                 v.minor,
                 label(image)
             );
-            for (extra, pointer, scale) in f.samples {
+            for (suffix, extra, pointer, scale) in f.samples {
                 let Some(x) = v.stats.pointer(pointer).and_then(Value::as_f64) else {
                     continue;
                 };
@@ -283,7 +308,12 @@ pub fn render(vbds: &[VbdStats<'_>]) -> String {
                     x * scale
                 };
                 let sep = if extra.is_empty() { "" } else { "," };
-                let _ = writeln!(lines, "{}{{{base}{sep}{extra}}} {}", f.name, number(x));
+                let _ = writeln!(
+                    lines,
+                    "{}{suffix}{{{base}{sep}{extra}}} {}",
+                    f.name,
+                    number(x)
+                );
             }
         }
         if !lines.is_empty() {
