@@ -24,7 +24,7 @@ pub const EXAMPLES: &str = "\
 Examples:
   tap-ctl list
       pid=4242 minor=0 state=0 args=aio:/var/lib/disks/vm1.img
-      pid=4242 minor=1 state=0x20 args=aio:/dev/vg0/vm2
+      pid=4242 minor=1 state=0x28 args=aio:/dev/vg0/vm2
       pid=4300
       minor=5
       minor=3 state=0x1 args=aio:/srv/vm3.img     (and on stderr: its tapdisk is dead)
@@ -417,7 +417,7 @@ mod tests {
         assert_eq!(
             format_text(&sample(), false),
             "pid=10 minor=0 state=0 args=aio:/var/lib/d0.img\n\
-             pid=10 minor=2 state=0x20 args=aio:/var/lib/d2.img\n\
+             pid=10 minor=2 state=0x28 args=aio:/var/lib/d2.img\n\
              pid=11\n\
              minor=3 state=0x1 args=aio:/var/lib/d3.img\n\
              minor=4\n"

@@ -12,7 +12,7 @@ use super::{Ctx, Target};
 pub const EXAMPLES: &str = "\
 Examples:
   tap-ctl pause -m 0      # returns once minor 0 has no IO in flight
-  tap-ctl list -m 0       # ... state=0x20 ...
+  tap-ctl list -m 0       # ... state=0x28 (paused, quiesced) ...
   tap-ctl unpause -m 0";
 
 /// Options of `pause`.
