@@ -21,6 +21,7 @@ pub mod guest;
 pub mod hist;
 pub mod nbd_compare;
 pub mod plot;
+pub mod progress;
 pub mod shadow;
 pub mod soak;
 pub mod target;
