@@ -20,28 +20,39 @@
 //!     @us = hist((nsecs - @t[tid, arg0]) / 1000); delete(@t[tid, arg0]); }'
 //! ```
 
+#[cfg(feature = "usdt")]
 use probe::probe;
+
+/// Without the `usdt` feature (only to measure what the probes cost) a probe is nothing.
+#[cfg(not(feature = "usdt"))]
+macro_rules! probe {
+    ($($t:tt)*) => {};
+}
 
 /// A request was admitted from the ring.
 #[inline(always)]
+#[allow(unused_variables)]
 pub fn request_pull(id: u64, op: u8, sector: u64, sectors: u64) {
     probe!(tapdisk, request_pull, id, op, sector, sectors);
 }
 
 /// A request's first IO went to the driver, as `ios` backend IOs.
 #[inline(always)]
+#[allow(unused_variables)]
 pub fn driver_queue(id: u64, ios: u32) {
     probe!(tapdisk, driver_queue, id, ios);
 }
 
 /// A request's last IO came back from the driver.
 #[inline(always)]
+#[allow(unused_variables)]
 pub fn driver_complete(id: u64, status: i16) {
     probe!(tapdisk, driver_complete, id, status);
 }
 
 /// A request's response was pushed on the ring.
 #[inline(always)]
+#[allow(unused_variables)]
 pub fn response_push(id: u64, status: i16) {
     probe!(tapdisk, response_push, id, status);
 }
