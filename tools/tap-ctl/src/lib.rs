@@ -185,7 +185,7 @@ pub enum Verb {
     /// List tapdisks and their VBDs, one line per VBD.
     ///
     /// Lines look like 'pid=1234 minor=0 state=0 args=aio:/var/lib/x.img' (blktap3's). state
-    /// is blktap3's flag word in hex: 0 running, 0x10 pause under way, 0x20 paused, 0x1 dead.
+    /// is blktap3's flag word in hex: 0 running, 0x10 pause under way, 0x28 paused, 0x1 dead.
     /// A tapdisk with no VBD is listed as 'pid=1234'; an allocated minor no tapdisk serves as
     /// 'minor=3'; a VBD whose tapdisk died as 'minor=3 state=0x1 args=...', with a message on
     /// stderr naming the dead pid and exit status 3. Text from paths is escaped (\xNN).
