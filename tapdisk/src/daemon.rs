@@ -338,7 +338,7 @@ mod tests {
         // A claim a dead process left is taken over when asked for.
         std::fs::write(rd.minor_marker(7), r#"{"pid":999999999}"#).unwrap();
         let c = claim_minor(&rd, Some(7), &img).unwrap();
-        assert_eq!(c.took_over.map(|r| r.pid), Some(999999999));
+        assert_eq!(c.took_over.as_ref().map(|r| r.pid), Some(999999999));
     }
 
     /// What tap-ctl refuses is refused when written to the socket directly, with the error
