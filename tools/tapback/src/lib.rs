@@ -103,6 +103,10 @@ pub struct Args {
     /// How often the tapdisks are asked whether a ring was dropped, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub check_ms: u64,
+    /// Frontend domains whose devices another backend serves (e.g. blktap3's tapback started
+    /// with `-x DOMID`), comma separated: tapback leaves them alone.
+    #[arg(long, value_delimiter = ',', value_name = "DOMIDS")]
+    pub skip_domids: Vec<u16>,
 }
 
 /// Entry point: parses `argv`, runs, returns the exit status.
@@ -247,6 +251,7 @@ fn run(args: Args) -> Result<()> {
         }
         todo.sort();
         todo.dedup();
+        todo.retain(|k| !args.skip_domids.contains(&k.domid));
         for key in todo {
             let dev = devices
                 .entry(key.clone())
