@@ -12,10 +12,13 @@ cd "$(dirname "$0")/.."
 # storage LAN's namespaces and rate-limited links), gcc with rpcsvc-proto and libtirpc-dev (a C
 # client generated with rpcgen from the stripe master's interface talks to it), mount
 # (losetup), a font for td-bench's charts, libvhdi-utils (vhdiinfo, vhdimount: an independent VHD
-# reader for vhd-util's interop tests). Add a package here when a test starts using it.
+# reader for vhd-util's interop tests), python3 (tests/compat/tapctl-contract.py drives tap-ctl
+# as xapi's storage manager does, in Python), bpftrace (tapdisk's USDT probes), prometheus
+# (promtool checks `tap-ctl stats --prometheus`). Add a package here when a test starts using it.
 packages=(fio qemu-utils libnbd-bin tgt iproute2 gcc rpcsvc-proto libtirpc-dev mount
-  fonts-dejavu-core libvhdi-utils)
-tools=(fio qemu-io qemu-img nbdinfo nbdcopy tgtd tgtadm ip tc gcc rpcgen losetup vhdiinfo vhdimount)
+  fonts-dejavu-core libvhdi-utils python3 bpftrace prometheus)
+tools=(fio qemu-io qemu-img nbdinfo nbdcopy tgtd tgtadm ip tc gcc rpcgen losetup vhdiinfo vhdimount
+  python3 bpftrace promtool)
 
 bash tests/apt-install-missing.sh "${packages[@]}"
 for tool in "${tools[@]}"; do

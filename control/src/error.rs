@@ -80,6 +80,31 @@ pub enum Error {
     /// No tapdisk in the run directory serves this minor.
     #[error("no tapdisk serves minor {0}")]
     NoSuchMinor(u32),
+    /// A control exchange or a start-up took longer than allowed.
+    #[error("{what} did not finish within {secs} s")]
+    Timeout {
+        /// What was waited for (`pause on /run/.../tapdisk-12.sock`).
+        what: String,
+        /// The limit.
+        secs: f64,
+    },
+    /// The minor's marker is held by a live process.
+    #[error("minor {minor} is in use{}", owner.map(|p| format!(" by tapdisk {p}")).unwrap_or_default())]
+    MinorInUse {
+        /// The minor.
+        minor: u32,
+        /// The pid its marker names, if it names one.
+        owner: Option<u32>,
+    },
+    /// The minor has no marker.
+    #[error("minor {0} is not allocated")]
+    NotAllocated(u32),
+    /// Every minor number is taken.
+    #[error(
+        "no free minor number (all {} are allocated)",
+        crate::minor::MAX_MINORS
+    )]
+    NoFreeMinor,
 }
 
 impl Error {

@@ -100,6 +100,40 @@ impl Command {
             _ => Ok(()),
         }
     }
+
+    /// The command's name on the wire (`pause`), for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Hello => "hello",
+            Command::Open { .. } => "open",
+            Command::Close { .. } => "close",
+            Command::Pause { .. } => "pause",
+            Command::Unpause { .. } => "unpause",
+            Command::List => "list",
+            Command::Stats { .. } => "stats",
+            Command::Trace { .. } => "trace",
+            Command::Shutdown => "shutdown",
+            Command::XenConnect { .. } => "xen_connect",
+            Command::XenDisconnect { .. } => "xen_disconnect",
+        }
+    }
+
+    /// How long a client waits for the whole exchange (request written, reply read) unless
+    /// told otherwise. Generous where the tapdisk itself waits: a pause waits up to 30 s for
+    /// NBD requests and 30 s for the rings; opening a striped disk may retry its servers for
+    /// 30 s; a close or a Xen disconnect finishes the IO in flight.
+    pub fn deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(match self {
+            Command::Hello | Command::List | Command::Stats { .. } => 10,
+            Command::Shutdown | Command::XenConnect { .. } => 30,
+            Command::Trace { .. } => 60,
+            Command::Pause { .. }
+            | Command::Unpause { .. }
+            | Command::Close { .. }
+            | Command::XenDisconnect { .. } => 75,
+            Command::Open { .. } => 120,
+        })
+    }
 }
 
 /// How a trace is written.
@@ -137,6 +171,37 @@ pub enum VbdState {
     Closing,
 }
 
+/// blktap3's VBD state bits (`TD_VBD_*`), as `tap-ctl list` prints them (`state=0x20`) and
+/// xapi's storage manager reads them (`Tapdisk.Flags`).
+pub mod flags {
+    /// The tapdisk serving the VBD is gone.
+    pub const DEAD: u32 = 0x0001;
+    /// The VBD's image is closed.
+    pub const CLOSED: u32 = 0x0002;
+    /// A quiesce was asked for.
+    pub const QUIESCE_REQUESTED: u32 = 0x0004;
+    /// Quiesced.
+    pub const QUIESCED: u32 = 0x0008;
+    /// A pause was asked for and is under way.
+    pub const PAUSE_REQUESTED: u32 = 0x0010;
+    /// Paused.
+    pub const PAUSED: u32 = 0x0020;
+    /// Shutting down.
+    pub const SHUTDOWN_REQUESTED: u32 = 0x0040;
+}
+
+impl VbdState {
+    /// The state as blktap3's flag word ([`flags`]).
+    pub fn blktap_flags(self) -> u32 {
+        match self {
+            VbdState::Running => 0,
+            VbdState::Quiescing => flags::PAUSE_REQUESTED,
+            VbdState::Paused => flags::PAUSED | flags::QUIESCED,
+            VbdState::Closing => flags::SHUTDOWN_REQUESTED,
+        }
+    }
+}
+
 impl std::fmt::Display for VbdState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -159,8 +224,19 @@ pub struct VbdSummary {
     pub image: ImageSpec,
     /// Local-transport socket ("device node").
     pub device: String,
-    /// NBD export address, if any (with the port a `tcp:` export got).
+    /// NBD export address asked for with the VBD's settings, if any (with the port a `tcp:`
+    /// export got).
     pub nbd: Option<NbdListen>,
+    /// The NBD socket every VBD is served on, `<rundir>/nbd<pid>.<minor>` (blktap3's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_socket: Option<std::path::PathBuf>,
+    /// Largest ring order a frontend may use (the VBD's setting; a Xen ring above it is
+    /// refused).
+    #[serde(default)]
+    pub max_ring_order: u8,
+    /// Segments per indirect request the VBD takes (0: none).
+    #[serde(default)]
+    pub max_indirect_segments: u16,
     /// Rings attached.
     pub rings: u32,
     /// Size in bytes.
@@ -187,6 +263,9 @@ pub struct XenConnectSpec {
     /// How request pages are reached.
     #[serde(default)]
     pub grant_mode: blkif::xen::backend::GrantMode,
+    /// Serve this frontend read-only whatever the VBD's setting (the toolstack's `mode = r`).
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// A Xen frontend a VBD serves, in listings.

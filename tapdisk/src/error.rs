@@ -24,17 +24,6 @@ pub enum Error {
     /// No VBD has this minor in this tapdisk.
     #[error("no VBD with minor {0} in this tapdisk")]
     NoSuchMinor(u32),
-    /// The minor is claimed by another live tapdisk.
-    #[error("minor {minor} is in use by tapdisk {owner}")]
-    MinorInUse {
-        /// The minor.
-        minor: u32,
-        /// The pid written in its claim.
-        owner: String,
-    },
-    /// Every minor number is taken.
-    #[error("no free minor number")]
-    NoFreeMinor,
     /// The request does not fit the VBD's state or the image ("minor 3 is not paused").
     #[error("{0}")]
     Refused(String),

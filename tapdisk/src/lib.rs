@@ -12,7 +12,8 @@
 //! the [`sched`]uler (ordering, sorting, merging) to the driver's engine (io_uring straight
 //! into the frontend's pages, possibly under layers: fault injection, a slow-storage model),
 //! and are answered; reads may be answered early ([`early`]). Every stage is timestamped
-//! ([`trace`]). System interfaces with `unsafe` are wrapped once in [`sys`].
+//! ([`trace`]), and marked by USDT [`probes`] for bpftrace. System interfaces with `unsafe` are
+//! wrapped once in [`sys`].
 //!
 //! docs/architecture.md draws the whole path.
 
@@ -22,6 +23,7 @@ pub mod early;
 pub mod error;
 pub mod logging;
 pub mod nbd;
+pub mod probes;
 pub mod requests;
 pub mod ring;
 pub mod sched;

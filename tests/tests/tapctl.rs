@@ -1,6 +1,7 @@
 //! `tap-ctl` against real tapdisk processes: the VBD life cycle (create, list, pause, unpause,
-//! stats, destroy), the two-step spawn + open, and one-line errors with exit status 1 for bad
-//! arguments, unknown minors and pids, and unreachable run directories.
+//! stats, destroy), the two-step spawn + open, and one-line errors with blktap3's exit
+//! statuses (errnos) for bad arguments, unknown minors and pids, and unreachable run
+//! directories.
 //!
 //! Each test has its own run directory; a guard kills whatever tapdisk is left in it, also when
 //! the test fails. The binaries are built on first use by `tapdisk_e2e::bin_dir`.
@@ -117,7 +118,7 @@ impl Rig {
 
     /// Pids with a control socket in the run directory.
     fn pids(&self) -> Vec<u32> {
-        let mut pids: Vec<u32> = std::fs::read_dir(self.rundir.join("ctl"))
+        let mut pids: Vec<u32> = std::fs::read_dir(self.rundir.join("tapdisk-rs/ctl"))
             .map(|d| {
                 d.flatten()
                     .filter_map(|e| {
@@ -185,30 +186,35 @@ fn is_socket(p: &str) -> bool {
 fn vbd_life_cycle() {
     let r = Rig::new();
     let spec = r.spec();
-    assert_eq!(
-        r.run(&["list"]).status.code(),
-        Some(1),
-        "no run directory yet"
-    );
+    // No run directory yet: nothing runs (blktap3 says the same).
+    assert_eq!(r.ok(&["list"]), "");
 
     let device = r.ok(&["create", "-a", &spec]);
     let device = device.trim_end();
-    assert_eq!(device, r.rundir.join("vbd/tapdev0").display().to_string());
+    assert_eq!(
+        device,
+        r.rundir
+            .join("tapdisk-rs/vbd/tapdev0")
+            .display()
+            .to_string()
+    );
     assert!(is_socket(device), "{device} is not a socket");
     let pids = r.live();
     assert_eq!(pids.len(), 1, "one tapdisk: {pids:?}");
     let pid = pids[0];
 
     let list = r.ok(&["list"]);
-    assert_eq!(
-        list,
-        format!("pid={pid} minor=0 state=running args={spec}\n")
+    assert_eq!(list, format!("pid={pid} minor=0 state=0 args={spec}\n"));
+    let nbd = r.rundir.join(format!("nbd{pid}.0"));
+    assert!(
+        is_socket(&nbd.display().to_string()),
+        "no NBD socket {nbd:?}"
     );
 
     r.ok(&["pause", "-m", "0"]);
     assert_eq!(
         r.ok(&["list"]),
-        format!("pid={pid} minor=0 state=paused args={spec}\n")
+        format!("pid={pid} minor=0 state=0x28 args={spec}\n")
     );
     assert_eq!(
         r.ok(&["list", "-m", "0", "-p", &pid.to_string()]),
@@ -219,11 +225,13 @@ fn vbd_life_cycle() {
     r.ok(&["unpause", "-m", "0", "-a", &spec]);
     assert_eq!(
         r.ok(&["list"]),
-        format!("pid={pid} minor=0 state=running args={spec}\n")
+        format!("pid={pid} minor=0 state=0 args={spec}\n")
     );
 
     let stats = r.ok(&["stats", "-m", "0"]);
     println!("tap-ctl stats -m 0:\n{stats}");
+    assert_eq!(stats.lines().count(), 1, "stats is one line");
+    assert!(r.ok(&["stats", "-m", "0", "--pretty"]).lines().count() > 10);
     let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats is JSON");
     assert!(stats.is_object(), "stats is not an object: {stats}");
 
@@ -238,6 +246,11 @@ fn vbd_life_cycle() {
     assert!(wait_gone(pid), "tapdisk {pid} still running after destroy");
     assert!(r.pids().is_empty(), "control socket left: {:?}", r.pids());
     assert!(!Path::new(device).exists(), "device {device} left behind");
+    assert!(!nbd.exists(), "NBD socket {nbd:?} left behind");
+    assert!(
+        !r.rundir.join("tapdisk/tapdisk-0").exists(),
+        "minor marker left"
+    );
 }
 
 #[test]
@@ -247,10 +260,7 @@ fn spawn_open_close_and_shared_tapdisk() {
     let pid: u32 = r.ok(&["spawn"]).trim().parse().expect("spawn prints a pid");
     assert!(alive(pid));
     let p = pid.to_string();
-    assert_eq!(
-        r.ok(&["list"]),
-        format!("pid={pid} minor=- state=- args=-\n")
-    );
+    assert_eq!(r.ok(&["list"]), format!("pid={pid}\n"));
 
     let dev5 = r.ok(&[
         "open",
@@ -282,26 +292,23 @@ fn spawn_open_close_and_shared_tapdisk() {
     assert!(dev0.trim_end().ends_with("/vbd/tapdev0"), "{dev0}");
     assert_eq!(
         r.ok(&["list"]),
-        format!("pid={pid} minor=0 state=running args={spec}\npid={pid} minor=5 state=running args={spec}\n")
+        format!("pid={pid} minor=0 state=0 args={spec}\npid={pid} minor=5 state=0 args={spec}\n")
     );
     let json: serde_json::Value = serde_json::from_str(&r.ok(&["list", "--json"])).unwrap();
     assert_eq!(json[0]["vbds"][1]["read_only"], true);
 
     // A minor in use is refused before anything is started.
-    r.fails(&["create", "-m", "5", "-a", &spec], 1, "minor 5");
+    r.fails(&["create", "-m", "5", "-a", &spec], 16, "minor 5");
     assert_eq!(r.live(), vec![pid]);
 
     r.ok(&["close", "-m", "5"]);
     assert_eq!(
         r.ok(&["list"]),
-        format!("pid={pid} minor=0 state=running args={spec}\n")
+        format!("pid={pid} minor=0 state=0 args={spec}\n")
     );
     // destroy of the last VBD stops the tapdisk; close does not.
     r.ok(&["close", "-m", "0", "-p", &p]);
-    assert_eq!(
-        r.ok(&["list"]),
-        format!("pid={pid} minor=- state=- args=-\n")
-    );
+    assert_eq!(r.ok(&["list"]), format!("pid={pid}\n"));
     assert!(alive(pid));
     r.ok(&["open", "-p", &p, "-a", &spec]);
     r.ok(&["open", "-p", &p, "-a", &spec, "--force-share"]);
@@ -339,96 +346,124 @@ fn bad_arguments_are_one_line_errors() {
     let img = r.image.display().to_string();
 
     // Checked before anything is contacted or started: no run directory gets created.
-    r.fails(&["create", "-a", &img], 1, "TYPE:PATH");
+    // Exit statuses are blktap3's: the errno of what failed (EINVAL 22, ENOENT 2, ...).
+    r.fails(&["create", "-a", &img], 22, "TYPE:PATH");
     r.fails(
         &["create", "-a", &format!("vhd:{img}")],
-        1,
+        22,
         "unknown disk type 'vhd'",
     );
     r.fails(
         &["create", "-a", "aio:/nonexistent/disk.img"],
-        1,
+        2,
         "/nonexistent/disk.img does not exist",
     );
     r.fails(
         &["create", "-a", &spec, "--ring-order", "9"],
-        1,
+        22,
         "ring order 9",
     );
     r.fails(
         &["create", "-a", &spec, "--max-segments", "12"],
-        1,
+        22,
         "max segments 12",
     );
     r.fails(
         &["create", "-a", &spec, "--max-segments", "0"],
-        1,
+        22,
         "max segments 0",
     );
     r.fails(
         &["create", "-a", &spec, "--nbd", "tcp:localhost"],
-        1,
+        22,
         "NBD address",
     );
     r.fails(
         &["create", "-a", &spec, "--nbd", "unix:/nonexistent/n.sock"],
-        1,
+        2,
         "NBD address",
     );
     r.fails(
         &["open", "-p", "1", "-a", "aio:/nonexistent/disk.img"],
-        1,
+        2,
         "does not exist",
     );
-    r.fails(&["unpause", "-m", "0", "-a", "/x.img"], 1, "TYPE:PATH");
+    r.fails(&["unpause", "-m", "0", "-a", "/x.img"], 22, "TYPE:PATH");
+    // blktap3's flags tapdisk-rs does not implement: refused by name, EOPNOTSUPP.
+    for flag in [
+        &["-r"][..],
+        &["-e", "3"],
+        &["-2", "/x"],
+        &["-s"],
+        &["-C", "/l"],
+        &["-E"],
+    ] {
+        let mut args = vec!["open", "-p", "1", "-m", "0", "-a", &spec];
+        args.extend_from_slice(flag);
+        r.fails(&args, 95, &format!("blktap3's {}", flag[0]));
+    }
+    r.fails(
+        &["unpause", "-p", "1", "-m", "0", "-2", "/x"],
+        95,
+        "blktap3's -2",
+    );
     assert!(
         !r.rundir.exists(),
         "a failed check created the run directory"
     );
 
-    // Unreachable run directory.
-    r.fails(&["list"], 1, "run directory");
-    r.fails(&["pause", "-m", "0"], 1, "run directory");
-    r.fails(&["stats", "-m", "0", "-p", "1"], 1, "run directory");
+    // Unreachable run directory (list: nothing runs there).
+    assert_eq!(r.ok(&["list"]), "");
+    r.fails(&["pause", "-m", "0"], 2, "run directory");
+    r.fails(&["stats", "-m", "0", "-p", "1"], 2, "run directory");
     let not_a_dir = format!("{}/sub", img);
     r.fails(
         &["--rundir", &not_a_dir, "create", "-a", &spec],
-        1,
+        20,
         "cannot create run directory",
     );
-    r.fails(&["--rundir", &not_a_dir, "spawn"], 1, "run directory");
+    r.fails(&["--rundir", &not_a_dir, "spawn"], 20, "run directory");
 
     // Unknown minors and pids.
-    std::fs::create_dir_all(r.rundir.join("ctl")).unwrap();
-    r.fails(&["pause", "-m", "7"], 1, "minor 7");
-    r.fails(&["destroy", "-m", "7"], 1, "minor 7");
+    std::fs::create_dir_all(r.rundir.join("tapdisk-rs/ctl")).unwrap();
+    r.fails(&["pause", "-m", "7"], 2, "minor 7");
+    r.fails(&["destroy", "-m", "7"], 2, "minor 7");
+    r.fails(&["free", "-m", "7"], 2, "minor 7 is not allocated");
     let mut child = Command::new("true").spawn().unwrap();
     let dead = child.id();
     child.wait().unwrap();
     r.fails(
         &["stats", "-m", "0", "-p", &dead.to_string()],
-        1,
+        3,
         &format!("pid {dead}"),
     );
-    r.fails(&["list", "-p", &dead.to_string()], 1, "no tapdisk with pid");
+    // blktap3 lists nothing for a pid that is no tapdisk.
+    assert_eq!(r.ok(&["list", "-p", &dead.to_string()]), "");
     let me = std::process::id().to_string();
-    r.fails(&["close", "-m", "0", "-p", &me], 1, "is not a tapdisk");
+    r.fails(&["close", "-m", "0", "-p", &me], 2, "is not a tapdisk");
 
     let pid: u32 = r.ok(&["spawn"]).trim().parse().unwrap();
     r.fails(&["stats", "-m", "7", "-p", &pid.to_string()], 1, "minor 7");
-    r.fails(&["unpause", "-m", "7"], 1, "minor 7");
+    r.fails(&["unpause", "-m", "7"], 2, "minor 7");
     r.ok(&["open", "-p", &pid.to_string(), "-a", &spec]);
     r.fails(&["unpause", "-m", "0"], 1, "not paused");
+    r.fails(&["free", "-m", "0"], 11, "in use by tapdisk");
+    r.fails(
+        &["detach", "-p", &pid.to_string(), "-m", "0"],
+        16,
+        "still open",
+    );
 
-    // Command-line mistakes: clap's exit status 2, still one line.
-    r.fails(&["close"], 2, "--minor");
+    // Command-line mistakes: blktap3's EINVAL, still one line.
+    r.fails(&["close"], 22, "--minor");
     r.fails(
         &["create", "-a", &spec, "--direct", "maybe"],
-        2,
+        22,
         "tap-ctl create --help",
     );
-    r.fails(&["pause", "-m", "zero"], 2, "invalid value 'zero'");
-    r.fails(&["frobnicate"], 2, "frobnicate");
+    r.fails(&["pause", "-m", "zero"], 22, "invalid value 'zero'");
+    r.fails(&["frobnicate"], 22, "frobnicate");
+    r.fails(&["stats", "-p", &pid.to_string()], 22, "-m MINOR");
 
     r.ok(&["destroy", "-m", "0"]);
     assert!(wait_gone(pid));
@@ -439,7 +474,8 @@ fn help_is_there() {
     let r = Rig::new();
     let out = r.ok(&["--help"]);
     for verb in [
-        "spawn", "create", "open", "close", "pause", "unpause", "destroy", "stats", "list",
+        "allocate", "free", "spawn", "attach", "detach", "create", "open", "close", "pause",
+        "unpause", "destroy", "stats", "list",
     ] {
         assert!(out.contains(verb), "--help does not mention {verb}");
         let sub = r.ok(&[verb, "--help"]);

@@ -29,6 +29,7 @@ fn spec(queues: usize, order: u8) -> XenConnectSpec {
             persistent: false,
         },
         grant_mode: GrantMode::Map,
+        read_only: false,
     }
 }
 

@@ -17,18 +17,19 @@ const STARTUP_DEADLINE: Duration = Duration::from_secs(10);
 
 /// tapdisk-rs: serve virtual disks to blkif frontends (Xen guests or local frontends) and NBD
 /// clients. One process owns one or more VBDs and is driven through its control socket,
-/// `<rundir>/ctl/tapdisk-<pid>.sock`, by tap-ctl.
+/// `<rundir>/tapdisk-rs/ctl/tapdisk-<pid>.sock`, by tap-ctl; each VBD is also served over NBD
+/// at `<rundir>/nbd<pid>.<minor>`.
 #[derive(Parser, Debug)]
 #[command(
     version,
-    after_help = "Examples:\n  tapdisk --rundir /run/tapdisk-rs --daemonize   # what tap-ctl spawn runs\n  tapdisk --rundir /tmp/td                      # foreground, logs on stderr"
+    after_help = "Examples:\n  tapdisk --rundir /run/blktap-control --daemonize   # what tap-ctl spawn runs\n  tapdisk --rundir /tmp/td                      # foreground, logs on stderr"
 )]
 struct Args {
-    /// Run directory (control sockets, VBD sockets, minor claims, logs).
-    #[arg(long, env = "TAPDISK_RS_RUNDIR", default_value = "/run/tapdisk-rs")]
+    /// Run directory (control sockets, VBD and NBD sockets, minor markers, logs).
+    #[arg(long, env = tapdisk_control::RUNDIR_ENV, default_value = tapdisk_control::DEFAULT_RUNDIR)]
     rundir: PathBuf,
     /// Detach: print the pid once the control socket listens, then log to
-    /// <rundir>/log/tapdisk-<pid>.log.
+    /// <rundir>/tapdisk-rs/log/tapdisk-<pid>.log.
     #[arg(long)]
     daemonize: bool,
     /// Log file (default: stderr, or the log folder when daemonized).
@@ -119,7 +120,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         (Some(p), _) => Some(p.clone()),
         (None, true) => {
             rundir.create()?;
-            Some(rundir.log_dir().join(format!("tapdisk-{pid}.log")))
+            Some(rundir.log_file(pid))
         }
         (None, false) => None,
     };

@@ -160,9 +160,17 @@ impl Daemon {
             } => {
                 // The sizes the settings drive, against what this process can still have.
                 settings.validate_on(&image, &Machine::probe())?;
-                let claim = claim_minor(&self.rundir, minor)?;
+                let claim = claim_minor(&self.rundir, minor, &image)?;
                 let m = claim.minor;
-                let vbd = Vbd::open(m, image, settings, self.rundir.vbd_socket(m), &self.log)?;
+                if let Some(dead) = &claim.took_over {
+                    warn!(self.log, "minor taken over from a dead tapdisk";
+                          "minor" => m, "dead_pid" => dead.pid);
+                }
+                let paths = crate::vbd::VbdPaths {
+                    device: self.rundir.vbd_socket(m),
+                    nbd: self.rundir.nbd_socket(std::process::id(), m),
+                };
+                let vbd = Vbd::open(m, image, settings, paths, &self.log)?;
                 let summary = vbd.summary();
                 lock(&self.vbds).insert(m, Entry { vbd, _claim: claim });
                 Ok(Reply::Opened { vbd: summary })

@@ -7,18 +7,20 @@ fn minors_are_claimed_and_reclaimed() {
     let dir = tempfile::tempdir().unwrap();
     let rd = RunDir(dir.path().into());
     rd.create().unwrap();
-    let a = claim_minor(&rd, None).unwrap();
-    let b = claim_minor(&rd, None).unwrap();
+    let img: tapdisk_control::ImageSpec = "aio:/x.img".parse().unwrap();
+    let a = claim_minor(&rd, None, &img).unwrap();
+    let b = claim_minor(&rd, None, &img).unwrap();
     assert_eq!((a.minor, b.minor), (0, 1));
-    assert!(claim_minor(&rd, Some(0))
+    assert!(claim_minor(&rd, Some(0), &img)
         .unwrap_err()
         .to_string()
         .contains("in use"));
     drop(a);
-    assert_eq!(claim_minor(&rd, None).unwrap().minor, 0);
-    // A claim by a dead process is taken over.
-    std::fs::write(rd.minor_dir().join("7"), "999999999\n").unwrap();
-    assert_eq!(claim_minor(&rd, Some(7)).unwrap().minor, 7);
+    assert_eq!(claim_minor(&rd, None, &img).unwrap().minor, 0);
+    // A claim a dead process left is taken over when asked for.
+    std::fs::write(rd.minor_marker(7), r#"{"pid":999999999}"#).unwrap();
+    let c = claim_minor(&rd, Some(7), &img).unwrap();
+    assert_eq!(c.took_over.as_ref().map(|r| r.pid), Some(999999999));
 }
 
 /// What tap-ctl refuses is refused when written to the socket directly, with the error

@@ -73,6 +73,7 @@ impl<T: RingTransport> RingLoop<T> {
             (slot.req, slot.t)
         };
         self.respond(req.id, req.raw_op, st);
+        crate::probes::response_push(req.id, st);
         self.table.answered(s);
         let stats = &self.env.stats;
         let c = match req.op {

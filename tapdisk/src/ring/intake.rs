@@ -189,6 +189,7 @@ impl<T: RingTransport> RingLoop<T> {
             complete: 0,
         };
         self.table.admit(s);
+        crate::probes::request_pull(req.id, req.raw_op, req.sector, req.nr_sectors);
         self.env.stats.in_flight.add(1);
         if let Some(c) = &self.env.cache {
             if req.op.writes() || matches!(req.op, Operation::Discard { .. }) {

@@ -437,9 +437,10 @@ impl Sched {
         m.stage = Stage::Running;
         m.parts_left = parts;
         m.next_member = NONE;
-        let t = &mut table.slot_mut(s).t;
-        if t.submit == 0 {
-            t.submit = now;
+        let slot = table.slot_mut(s);
+        if slot.t.submit == 0 {
+            slot.t.submit = now;
+            crate::probes::driver_queue(slot.req.id, u32::from(parts));
         }
     }
 
@@ -482,6 +483,7 @@ impl Sched {
             } else {
                 blkif::protocol::status::OKAY
             };
+            crate::probes::driver_complete(slot.req.id, slot.status);
             self.finished.push(s);
         }
     }

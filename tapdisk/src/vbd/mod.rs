@@ -1,8 +1,9 @@
 //! A VBD: one image, the rings attached to it, and its NBD export.
 //!
-//! The VBD listens on its "device node", a unix socket in `<rundir>/vbd/tapdevN`, where local
-//! frontends attach rings ([`blkif::local`]); tapback attaches Xen frontends' rings
-//! ([`xen`]); the NBD export attaches one ring per connection ([`export`]). Every ring gets
+//! The VBD listens on its "device node", a unix socket in `<rundir>/tapdisk-rs/vbd/tapdevN`,
+//! where local frontends attach rings ([`blkif::local`]); tapback attaches Xen frontends'
+//! rings ([`xen`]); the NBD exports (blktap3's `<rundir>/nbd<pid>.<minor>` always, and an
+//! address of the settings if given) attach one ring per connection ([`export`]). Every ring gets
 //! its own thread running a [`crate::ring::RingLoop`] ([`rings`]).
 //!
 //! Pausing sets a flag every ring loop checks before taking requests, wakes the loops, and
@@ -40,6 +41,16 @@ use crate::trace::RingTrace;
 
 use self::rings::{RingKind, RingLink, Rings};
 
+/// Where a VBD is reached, besides any `--nbd` address of its settings.
+#[derive(Clone, Debug)]
+pub struct VbdPaths {
+    /// Its device socket, where local frontends attach rings.
+    pub device: PathBuf,
+    /// Its NBD socket (blktap3's `<rundir>/nbd<pid>.<minor>`, which Xen's `block-tap` writes
+    /// as `physical-device-path`).
+    pub nbd: PathBuf,
+}
+
 /// One virtual block device.
 pub struct Vbd {
     /// Minor number.
@@ -55,6 +66,8 @@ pub struct Vbd {
     nbd: Option<NbdServer>,
     /// The lock on an `aio:` image ([`lock`]).
     image_lock: Option<lock::ImageLock>,
+    /// The export on [`VbdPaths::nbd`].
+    nbd_socket: Option<NbdServer>,
     quiescing: bool,
     log: Logger,
     /// Xen frontends this VBD serves (see [`xen`]).
@@ -62,16 +75,17 @@ pub struct Vbd {
 }
 
 impl Vbd {
-    /// Opens `spec` as VBD `minor` with settings `opts`, its device socket at `device`. The
-    /// caller has checked both ([`VbdSettings::validate_for`]; the daemon does for every
-    /// command it reads).
+    /// Opens `spec` as VBD `minor` with settings `opts`, reached at `paths`. The caller has
+    /// checked both ([`VbdSettings::validate_for`]; the daemon does for every command it
+    /// reads).
     pub fn open(
         minor: u32,
         spec: ImageSpec,
         opts: VbdSettings,
-        device: PathBuf,
+        paths: VbdPaths,
         log: &Logger,
     ) -> Result<Vbd> {
+        let device = paths.device;
         let log = log.new(o!("minor" => minor));
         let image_lock = take_lock(&spec, &opts, &log)?;
         let image = open_image_logged(&spec, image_options(&opts), &log).map_err(Error::Image)?;
@@ -150,16 +164,22 @@ impl Vbd {
                 .spawn(move || rings::accept_loop(listener, wake_rx, rings, stop))
                 .doing(|| "cannot start the device socket's thread".into())?
         };
+        let export: Arc<dyn crate::nbd::Export> = Arc::new(export::VbdExport::new(
+            rings.clone(),
+            &format!("tapdev{minor}"),
+        ));
         let nbd = match &opts.nbd {
-            Some(l) => {
-                let export = export::VbdExport::new(rings.clone(), &format!("tapdev{minor}"));
-                Some(
-                    NbdServer::start(l, Arc::new(export), log.clone())
-                        .doing(|| format!("cannot start the NBD export on {l}"))?,
-                )
-            }
+            Some(l) => Some(
+                NbdServer::start(l, export.clone(), log.clone())
+                    .doing(|| format!("cannot start the NBD export on {l}"))?,
+            ),
             None => None,
         };
+        let standard = tapdisk_control::NbdListen::Unix(paths.nbd.clone());
+        let nbd_socket = Some(
+            NbdServer::start(&standard, export, log.clone())
+                .doing(|| format!("cannot start the NBD export on {standard}"))?,
+        );
         info!(log, "opened"; "image" => %spec, "sectors" => disk.sectors, "direct" => direct,
               "read_only" => opts.read_only,
               "nbd" => opts.nbd.as_ref().map_or_else(|| "-".into(), |n| n.to_string()));
@@ -174,6 +194,7 @@ impl Vbd {
             device,
             nbd,
             image_lock,
+            nbd_socket,
             quiescing: false,
             log,
             xen: Vec::new(),
@@ -206,6 +227,12 @@ impl Vbd {
             image: self.spec.clone(),
             device: self.device.display().to_string(),
             nbd: self.nbd.as_ref().map(|n| n.local_addr()),
+            nbd_socket: self.nbd_socket.as_ref().and_then(|n| match n.local_addr() {
+                tapdisk_control::NbdListen::Unix(p) => Some(p),
+                tapdisk_control::NbdListen::Tcp(_) => None,
+            }),
+            max_ring_order: self.opts.max_ring_order,
+            max_indirect_segments: self.opts.max_indirect_segments,
             rings: self.rings.frontend_rings() as u32,
             size: disk.sectors * SECTOR,
             read_only: disk.read_only,
@@ -220,18 +247,14 @@ impl Vbd {
             "minor": self.minor,
             "image": self.spec.to_string(),
             "state": self.state(),
+            "state_flags": self.state().blktap_flags(),
             "sectors": self.rings.disk().sectors,
             "rings": t.live,
             "rings_total": t.total,
             "ring": t.stats,
             "driver": self.shared().image().stats(),
-            "nbd": {
-                "address": self.nbd.as_ref().map(|n| n.local_addr().to_string()),
-                "connections": self.nbd.as_ref().map(|n| n.connections()).unwrap_or(0),
-                "waiting": self.nbd.as_ref().map(|n| n.waiting()).unwrap_or(0),
-                "buffer_bytes": self.nbd.as_ref().map(|n| n.buffered()).unwrap_or(0),
-                "counters": self.nbd.as_ref().map(|n| n.counters()),
-            },
+            "nbd": nbd_stats(self.nbd.as_ref()),
+            "nbd_socket": nbd_stats(self.nbd_socket.as_ref()),
         })
     }
 
@@ -355,6 +378,9 @@ impl Vbd {
         if let Some(n) = self.nbd.take() {
             n.shutdown();
         }
+        if let Some(n) = self.nbd_socket.take() {
+            n.shutdown();
+        }
         self.accept_stop.store(true, Ordering::Release);
         let _ = (&self.accept_wake).write(&[1]);
         if let Some(t) = self.accept.take() {
@@ -380,6 +406,17 @@ fn take_lock(spec: &ImageSpec, o: &VbdSettings, log: &Logger) -> Result<Option<l
         Driver::Aio => lock::lock_image(&spec.path, o.read_only, o.force_share, log),
         _ => Ok(None),
     }
+}
+
+/// The counters of one NBD export (`nbd`, `nbd_socket` in `tap-ctl stats`).
+fn nbd_stats(n: Option<&NbdServer>) -> serde_json::Value {
+    serde_json::json!({
+        "address": n.map(|n| n.local_addr().to_string()),
+        "connections": n.map(|n| n.connections()).unwrap_or(0),
+        "waiting": n.map(|n| n.waiting()).unwrap_or(0),
+        "buffer_bytes": n.map(|n| n.buffered()).unwrap_or(0),
+        "counters": n.map(|n| n.counters()),
+    })
 }
 
 /// How a VBD opens its image (at open and when switching images on unpause).

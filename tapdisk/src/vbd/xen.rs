@@ -104,7 +104,11 @@ pub fn connect(vbd: &mut Vbd, spec: XenConnectSpec) -> Result<(DiskInfo, XenAtta
         )));
     }
     disconnect_quiet(vbd, spec.domid, spec.devid);
-    let disk = ring_disk(vbd.disk(), spec.grant_mode);
+    let mut disk = ring_disk(vbd.disk(), spec.grant_mode);
+    if spec.read_only {
+        disk.read_only = true;
+        disk.discard = false;
+    }
     let mut links = Vec::new();
     for (q, keys) in r.queues.iter().enumerate() {
         let ring = XenRing::connect(

@@ -6,7 +6,7 @@
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use clap::{Args, ValueEnum};
 use tapdisk_control::limits::{self, Limit};
 use tapdisk_control::{
@@ -54,9 +54,69 @@ fn in_flags(e: tapdisk_control::Error) -> anyhow::Error {
             max,
         } => {
             let flag = flag_of(field).unwrap_or(field);
-            anyhow!("{what} {value}{unit} is out of range: {flag} takes {min}..={max}")
+            crate::failure::fail(
+                nix::errno::Errno::EINVAL,
+                format!("{what} {value}{unit} is out of range: {flag} takes {min}..={max}"),
+            )
         }
         other => anyhow!(other),
+    }
+}
+
+/// blktap3's flags of `open` and `create` that tapdisk-rs honours differently or not at all:
+/// accepted on the command line, so a caller gets a clear refusal rather than a usage error.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "blktap3's flags")]
+pub struct CompatFlags {
+    /// Do not open the image with O_DIRECT (the same as --direct off).
+    #[arg(short = 'D')]
+    pub no_o_direct: bool,
+    /// blktap3's request timeout: how long a failing request is retried before it fails.
+    /// tapdisk-rs never retries a failed request (it fails at once), so this holds already;
+    /// accepted, and checked to be a number of seconds.
+    #[arg(short = 't', value_name = "SECONDS")]
+    pub timeout: Option<u32>,
+    /// A read cache on the leaf image: not supported (refused).
+    #[arg(short = 'r')]
+    pub lcache: bool,
+    /// Share the parent chain of another minor: not supported (refused).
+    #[arg(short = 'e', value_name = "MINOR")]
+    pub existing_parent: Option<String>,
+    /// Mirror writes to a secondary image: not supported (refused).
+    #[arg(short = '2', value_name = "PATH")]
+    pub secondary: Option<String>,
+    /// Fail over to the secondary on ENOSPC: not supported (refused).
+    #[arg(short = 's')]
+    pub standby: bool,
+    /// Log changed blocks (CBT) to a file: not supported (refused).
+    #[arg(short = 'C', value_name = "LOGFILE")]
+    pub cbt_log: Option<String>,
+    /// Read an encryption key on stdin: not supported (refused, nothing read).
+    #[arg(short = 'E')]
+    pub encrypted: bool,
+}
+
+impl CompatFlags {
+    /// Refuses the flags tapdisk-rs does not implement, naming the first one given.
+    pub fn check(&self) -> Result<()> {
+        let refused = [
+            (self.lcache, "-r (a read cache on the leaf image)"),
+            (
+                self.existing_parent.is_some(),
+                "-e (sharing another minor's parent chain)",
+            ),
+            (self.secondary.is_some(), "-2 (a secondary image)"),
+            (self.standby, "-s (standby failover)"),
+            (self.cbt_log.is_some(), "-C (changed-block tracking)"),
+            (self.encrypted, "-E (encrypted images)"),
+        ];
+        match refused.iter().find(|(given, _)| *given) {
+            Some((_, what)) => Err(crate::failure::fail(
+                nix::errno::Errno::EOPNOTSUPP,
+                format!("blktap3's {what} is not supported by tapdisk-rs"),
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -274,6 +334,9 @@ pub struct DiskArgs {
     /// flag an image in use is refused, naming the holder.
     #[arg(verbatim_doc_comment, long)]
     pub force_share: bool,
+    /// blktap3's flags.
+    #[command(flatten)]
+    pub compat: CompatFlags,
 }
 
 /// A validated [`DiskArgs`]: what goes into an `open` command.
@@ -296,10 +359,21 @@ where
 impl DiskArgs {
     /// Checks every option; the image must exist.
     pub fn validate(&self) -> Result<Disk> {
+        self.compat.check()?;
         let image = validate_image(&self.image)?;
+        let direct = match (self.compat.no_o_direct, self.direct) {
+            (false, d) => d.into(),
+            (true, Direct::Auto | Direct::Off) => DirectIo::Off,
+            (true, Direct::On) => {
+                return Err(crate::failure::fail(
+                    nix::errno::Errno::EINVAL,
+                    "-D (no O_DIRECT) contradicts --direct on",
+                ))
+            }
+        };
         let settings = VbdSettings {
             read_only: self.readonly,
-            direct: self.direct.into(),
+            direct,
             max_ring_order: limits::MAX_RING_ORDER
                 .fit(self.ring_order.into())
                 .map_err(in_flags)?,
@@ -342,14 +416,24 @@ fn absolute(path: &Path) -> Result<PathBuf> {
 pub fn validate_image(spec: &str) -> Result<ImageSpec> {
     let mut spec: ImageSpec = spec.parse()?;
     spec.path = absolute(&spec.path)?;
-    let shown = spec.path.display();
+    let shown = crate::ctx::shown(&spec.path);
     match std::fs::metadata(&spec.path) {
         Ok(m) if m.is_file() || m.file_type().is_block_device() => {}
-        Ok(_) => bail!("image {shown} is neither a regular file nor a block device"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("image {shown} does not exist")
+        Ok(_) => {
+            return Err(crate::failure::fail(
+                nix::errno::Errno::EINVAL,
+                format!("image {shown} is neither a regular file nor a block device"),
+            ))
         }
-        Err(e) => bail!("cannot access image {shown}: {}", io_msg(&e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(crate::failure::fail(
+                nix::errno::Errno::ENOENT,
+                format!("image {shown} does not exist"),
+            ))
+        }
+        Err(e) => {
+            return Err(anyhow!(e).context(format!("cannot access image {shown}")));
+        }
     }
     Ok(spec)
 }
@@ -362,10 +446,13 @@ pub fn validate_nbd(addr: &str) -> Result<NbdListen> {
             let path = absolute(&path)?;
             let dir = path.parent().unwrap_or(Path::new("/"));
             if !dir.is_dir() {
-                bail!(
-                    "NBD address '{addr}': folder {} for the socket does not exist",
-                    dir.display()
-                );
+                return Err(crate::failure::fail(
+                    nix::errno::Errno::ENOENT,
+                    format!(
+                        "NBD address '{addr}': folder {} for the socket does not exist",
+                        dir.display()
+                    ),
+                ));
             }
             NbdListen::Unix(path)
         }

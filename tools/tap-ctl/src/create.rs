@@ -1,14 +1,15 @@
 //! `tap-ctl create`: start a tapdisk and open a VBD in it.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 
 use super::{emit, one_line, Ctx, DiskArgs};
+use crate::failure::{exit_code, with_code};
 
 /// Examples shown by `tap-ctl create --help`.
 pub const EXAMPLES: &str = "\
 Examples:
-  tap-ctl create -a aio:/var/lib/disks/vm1.img    # prints e.g. /run/tapdisk-rs/vbd/tapdev0
+  tap-ctl create -a aio:/var/lib/disks/vm1.img    # prints e.g. /run/blktap-control/tapdisk-rs/vbd/tapdev0
   tap-ctl create -a aio:/dev/vg0/vm2 -R -m 7      # read-only, as minor 7
   tap-ctl create -a aio:vm3.img --nbd tcp:127.0.0.1:10809 --direct off";
 
@@ -32,13 +33,16 @@ pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<()> {
     let image = disk.image.clone();
     let pid = ctx.spawn()?;
     match ctx.connect(pid).and_then(|mut c| c.open(args.minor, disk)) {
-        Ok(vbd) => emit(&format!("{}\n", vbd.device)),
+        Ok(vbd) => emit(&format!("{}\n", tapdisk_control::escape::text(&vbd.device))),
         Err(e) => {
             let undone = match ctx.stop(pid, true) {
                 Ok(()) => format!("the tapdisk started for it (pid {pid}) was stopped"),
                 Err(e2) => format!("and stopping tapdisk {pid} failed too: {}", one_line(&e2)),
             };
-            bail!("cannot open {image}: {}; {undone}", one_line(&e))
+            Err(with_code(
+                exit_code(&e),
+                format!("cannot open {image}: {}; {undone}", one_line(&e)),
+            ))
         }
     }
 }

@@ -1,15 +1,17 @@
 //! `tap-ctl open`: open a VBD in a running tapdisk.
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use clap::Args;
 
 use super::{emit, one_line, Ctx, DiskArgs};
+use crate::failure::{exit_code, with_code};
 
 /// Examples shown by `tap-ctl open --help`.
 pub const EXAMPLES: &str = "\
 Examples:
-  tap-ctl open -p 4242 -a aio:/var/lib/disks/vm1.img   # prints e.g. /run/tapdisk-rs/vbd/tapdev0
-  tap-ctl open -p 4242 -m 3 -a aio:/dev/vg0/vm1 --ring-order 4 --max-segments 8";
+  tap-ctl open -p 4242 -a aio:/var/lib/disks/vm1.img   # prints e.g. /run/blktap-control/tapdisk-rs/vbd/tapdev0
+  tap-ctl open -p 4242 -m 3 -a aio:/dev/vg0/vm1 --ring-order 4 --max-segments 8
+  tap-ctl open -p 4242 -m 0 -a aio:/srv/vm1.img -R -D   # blktap3's: read-only, no O_DIRECT";
 
 /// Options of `open`.
 #[derive(Debug, Clone, Args)]
@@ -31,11 +33,14 @@ pub fn run(ctx: &Ctx, args: &OpenArgs) -> Result<()> {
     let image = disk.image.clone();
     let mut conn = ctx.connect(args.pid)?;
     let vbd = conn.open(args.minor, disk).map_err(|e| {
-        anyhow!(
-            "tapdisk {}: cannot open {image}: {}",
-            args.pid,
-            one_line(&e)
+        with_code(
+            exit_code(&e),
+            format!(
+                "tapdisk {}: cannot open {image}: {}",
+                args.pid,
+                one_line(&e)
+            ),
         )
     })?;
-    emit(&format!("{}\n", vbd.device))
+    emit(&format!("{}\n", tapdisk_control::escape::text(&vbd.device)))
 }

@@ -1,5 +1,7 @@
 //! `tap-ctl pause`: quiesce a VBD.
 
+use std::time::Duration;
+
 use anyhow::Result;
 use clap::Args;
 use tapdisk_control::proto::Command;
@@ -10,7 +12,7 @@ use super::{Ctx, Target};
 pub const EXAMPLES: &str = "\
 Examples:
   tap-ctl pause -m 0      # returns once minor 0 has no IO in flight
-  tap-ctl list -m 0       # ... state=paused ...
+  tap-ctl list -m 0       # ... state=0x28 (paused, quiesced) ...
   tap-ctl unpause -m 0";
 
 /// Options of `pause`.
@@ -19,12 +21,18 @@ pub struct PauseArgs {
     /// The VBD.
     #[command(flatten)]
     pub target: Target,
+    /// Give up after SECONDS (the whole exchange; 75 by default: the tapdisk itself gives up
+    /// after 30 s for NBD requests and 30 s for the rings).
+    #[arg(short = 't', long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
 }
 
 /// Pauses the VBD; the tapdisk answers once it is quiet.
 pub fn run(ctx: &Ctx, args: &PauseArgs) -> Result<()> {
     let mut conn = ctx.connect_target(&args.target)?;
-    conn.done(Command::Pause {
+    let cmd = Command::Pause {
         minor: args.target.minor,
-    })
+    };
+    let limit = args.timeout.map_or(cmd.deadline(), Duration::from_secs);
+    conn.done_within(limit, cmd)
 }

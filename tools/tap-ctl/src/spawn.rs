@@ -16,7 +16,7 @@ Examples:
 #[derive(Debug, Clone, Args)]
 pub struct SpawnArgs {}
 
-/// Starts a tapdisk and prints its pid.
+/// Starts a tapdisk and prints its pid (within 10 s, or fails saying what it waited for).
 pub fn run(ctx: &Ctx, _args: &SpawnArgs) -> Result<()> {
     let pid = ctx.spawn()?;
     emit(&format!("{pid}\n"))

@@ -62,6 +62,7 @@ pub fn run(ctx: &Ctx, args: &TraceArgs) -> Result<()> {
             } else {
                 String::new()
             };
+            let path = tapdisk_control::escape::text(&path);
             emit(&format!("{path}: {requests} requests{note}\n"))
         }
         other => Err(anyhow!(

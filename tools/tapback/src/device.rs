@@ -9,7 +9,7 @@ use blkif::xen::frontend_keys::{self, KeyLimits};
 use blkif::xen::xenstore::{Tx, Xenstore};
 use tapdisk_control::client::Client;
 use tapdisk_control::proto::{Command, Reply, XenConnectSpec};
-use tapdisk_control::{RunDir, VbdSettings};
+use tapdisk_control::{escape, RunDir, VbdSettings};
 
 use super::Log;
 use crate::tblog;
@@ -235,19 +235,19 @@ impl Device {
                 self.key
             );
             self.disconnect(rundir, log);
-            let _ = xs.write(Tx::NONE, &format!("{}/error", self.be), &why);
+            let _ = xs.write(Tx::NONE, &format!("{}/error", self.be), &escape::line(&why));
             self.set_state(xs, log, XenbusState::Closing)?;
             return Ok(true);
         }
         match (cur, fe_state) {
             (XenbusState::Initialising | XenbusState::Unknown, _) => {
-                self.advertise(xs, feat)?;
-                tblog!(log, "{}: backend -> InitWait ({feat:?})", self.key);
+                let offered = self.advertise(xs, rundir, feat)?;
+                tblog!(log, "{}: backend -> InitWait ({offered:?})", self.key);
             }
             (XenbusState::Closing | XenbusState::Closed, XenbusState::Initialising) => {
                 // A frontend that comes back (guest reboot, module reload): serve it again.
                 self.broken = None;
-                self.advertise(xs, feat)?;
+                self.advertise(xs, rundir, feat)?;
                 tblog!(
                     log,
                     "{}: frontend reinitialising; backend -> InitWait",
@@ -283,7 +283,34 @@ impl Device {
         Ok(true)
     }
 
-    fn advertise(&self, xs: &mut Xenstore, feat: &Features) -> Result<()> {
+    /// What to offer the frontend: tapback's features, within the limits of the VBD serving
+    /// the device when the hotplug script already wrote which one it is (`pid`, `minor`): a
+    /// ring above the VBD's `--ring-order` would be refused by the tapdisk.
+    fn offer(&self, xs: &mut Xenstore, rundir: &RunDir, feat: &Features) -> Result<Features> {
+        let mut offer = *feat;
+        let (Some(pid), Some(minor)) = (
+            read(xs, &format!("{}/pid", self.be))?,
+            read(xs, &format!("{}/minor", self.be))?,
+        ) else {
+            return Ok(offer);
+        };
+        let (Ok(pid), Ok(minor)) = (pid.trim().parse::<u32>(), minor.trim().parse::<u32>()) else {
+            return Ok(offer);
+        };
+        let listed = Client::connect_pid(rundir, pid).and_then(|mut c| c.call(Command::List));
+        if let Ok(Reply::List { vbds }) = listed {
+            if let Some(v) = vbds.iter().find(|v| v.minor == minor) {
+                offer.max_ring_order = offer.max_ring_order.min(v.max_ring_order);
+                offer.max_indirect_segments = offer
+                    .max_indirect_segments
+                    .min(u32::from(v.max_indirect_segments));
+            }
+        }
+        Ok(offer)
+    }
+
+    fn advertise(&self, xs: &mut Xenstore, rundir: &RunDir, feat: &Features) -> Result<Features> {
+        let feat = &self.offer(xs, rundir, feat)?;
         let be = self.be.clone();
         let mode = read(xs, &format!("{be}/mode"))?.unwrap_or_else(|| "w".into());
         let discard = mode.contains('w')
@@ -309,7 +336,7 @@ impl Device {
             }
             w("state", XenbusState::InitWait.code().to_string())
         })?;
-        Ok(())
+        Ok(*feat)
     }
 
     fn connect(
@@ -360,18 +387,26 @@ impl Device {
             Err(e) => {
                 // A frontend with unusable keys gets the device closed, as blkback does.
                 tblog!(log, "{}: {e}; closing", self.key);
-                let _ = xs.write(Tx::NONE, &format!("{be}/error"), &e.to_string());
+                let _ = xs.write(
+                    Tx::NONE,
+                    &format!("{be}/error"),
+                    &escape::line(&e.to_string()),
+                );
                 self.set_state(xs, log, XenbusState::Closing)?;
                 return Ok(());
             }
         };
         let vdev = read(xs, &format!("{be}/dev"))?.unwrap_or_default();
+        // The toolstack's access mode: Xen's block-tap opens every image read-write, so a
+        // read-only disk ("mode = r") is enforced on the frontend's rings.
+        let read_only = read(xs, &format!("{be}/mode"))?.is_some_and(|m| m.starts_with('r'));
         let spec = XenConnectSpec {
             domid: self.key.domid,
             devid: self.key.devid,
             vdev,
             rings: rings.clone(),
             grant_mode: feat.grant_mode,
+            read_only,
         };
         let reply = Client::connect_pid(rundir, served.pid).and_then(|mut c| {
             c.call(Command::XenConnect {
@@ -389,7 +424,11 @@ impl Device {
                     self.key,
                     served.pid
                 );
-                let _ = xs.write(Tx::NONE, &format!("{be}/error"), &format!("{e:#}"));
+                let _ = xs.write(
+                    Tx::NONE,
+                    &format!("{be}/error"),
+                    &escape::line(&format!("{e:#}")),
+                );
                 self.set_state(xs, log, XenbusState::Closing)?;
                 return Ok(());
             }

@@ -5,9 +5,11 @@
 //! `backendtype=phy, script=block-tap` with xen-blkback unloaded), and drives each device
 //! through the xenbus state machine ([`device`]):
 //!
-//! 1. a new device: advertise the backend's features and go to InitWait; xl then runs the
-//!    hotplug script `block-tap`, which opens the image in a tapdisk with tap-ctl and writes
-//!    `pid` and `minor` next to the device's keys;
+//! 1. a new device: advertise the backend's features and go to InitWait (within the limits of
+//!    the VBD if `pid` and `minor` are there already); xl then runs the hotplug script
+//!    `block-tap` (Xen's own, driving tap-ctl as blktap3's, or ours), which opens the image in
+//!    a tapdisk and writes `pid`, `minor` and `physical-device-path` next to the device's
+//!    keys;
 //! 2. once the frontend is Initialised and the hotplug script ran: read and check the
 //!    frontend's keys (ring refs, event channels, protocol, queues), hand them to that tapdisk
 //!    (`xen_connect` on its control socket: it maps the rings and starts one loop per queue),
@@ -18,7 +20,9 @@
 //!    frontend that initialises again is served again (reconnect).
 //!
 //! tapback holds no disk state: killing and restarting it leaves the rings being served,
-//! and a restarted tapback adopts the Connected devices it finds.
+//! and a restarted tapback adopts the Connected devices it finds. What it writes to xenstore
+//! and its log is escaped ([`tapdisk_control::escape`]): an image name or a tapdisk's message
+//! cannot forge a line.
 
 pub mod device;
 
@@ -51,7 +55,7 @@ A disk for it in an xl config (Xen >= 4.19):
 #[command(name = "tapback", version, after_help = EXAMPLES)]
 pub struct Args {
     /// Run directory shared with tap-ctl and the tapdisks.
-    #[arg(long, env = RUNDIR_ENV, default_value = "/run/tapdisk-rs")]
+    #[arg(long, env = RUNDIR_ENV, default_value = tapdisk_control::DEFAULT_RUNDIR)]
     pub rundir: PathBuf,
     /// Backend directories to serve, comma separated: vbd3, vbd.
     #[arg(long, value_delimiter = ',', default_value = "vbd3")]
@@ -99,6 +103,10 @@ pub struct Args {
     /// How often the tapdisks are asked whether a ring was dropped, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub check_ms: u64,
+    /// Frontend domains whose devices another backend serves (e.g. blktap3's tapback started
+    /// with `-x DOMID`), comma separated: tapback leaves them alone.
+    #[arg(long, value_delimiter = ',', value_name = "DOMIDS")]
+    pub skip_domids: Vec<u16>,
 }
 
 /// Entry point: parses `argv`, runs, returns the exit status.
@@ -143,10 +151,15 @@ impl Log {
         })
     }
 
-    /// Writes one line.
+    /// Writes one line (text from xenstore, guests and tapdisks escaped: it stays one line).
     pub fn line(&mut self, msg: std::fmt::Arguments<'_>) {
         let t = self.t0.elapsed().as_secs_f64();
-        let _ = writeln!(self.out, "[{t:9.3}] {msg}");
+        let msg = msg.to_string();
+        let _ = writeln!(
+            self.out,
+            "[{t:9.3}] {}",
+            tapdisk_control::escape::text(&msg)
+        );
         let _ = self.out.flush();
     }
 }
@@ -238,6 +251,7 @@ fn run(args: Args) -> Result<()> {
         }
         todo.sort();
         todo.dedup();
+        todo.retain(|k| !args.skip_domids.contains(&k.domid));
         for key in todo {
             let dev = devices
                 .entry(key.clone())

@@ -15,6 +15,7 @@ use clap::{Args, ValueEnum};
 use td_cli::{fmt_size, parse_size};
 
 use crate::hist::Histogram;
+use crate::progress::{Goal, Progress};
 use crate::target::{self, ReqShape, Target, TargetArgs, STALL};
 use crate::util::{clock_seed, parse_duration, parse_seed, Rng};
 use tapdisk::trace::now_ns;
@@ -374,6 +375,15 @@ pub fn measure(
         Stop::Count(n) => Some(n),
         Stop::Time(_) => None,
     };
+    // Runs of 10 s or more (or 200000 IOs) show how far they are.
+    let mut progress = match w.stop {
+        Stop::Time(rt) if rt + w.warmup >= Duration::from_secs(10) => {
+            Some(Progress::new("run", Goal::Time(rt + w.warmup)))
+        }
+        Stop::Count(n) if n >= 200_000 => Some(Progress::new("run", Goal::Count(n))),
+        _ => None,
+    };
+    let mut finished = 0u64;
     loop {
         let now = Instant::now();
         if t0.is_none() && now >= start + w.warmup {
@@ -496,6 +506,7 @@ pub fn measure(
                 continue;
             }
             free.push(s);
+            finished += 1;
             let measured = t0.is_some_and(|t| issued_at[s] >= t) && end.is_none_or(|e| done <= e);
             if measured {
                 let lat = done.duration_since(issued_at[s]).as_nanos() as u64;
@@ -510,6 +521,12 @@ pub fn measure(
                 last_done = done;
             }
         }
+        if let Some(p) = &mut progress {
+            p.update(finished, || format!("{errors} errors"));
+        }
+    }
+    if let Some(p) = progress {
+        p.finish();
     }
     let t0 = t0.unwrap_or(start);
     let elapsed = match (w.stop, end) {

@@ -22,6 +22,7 @@ pub mod hist;
 pub mod matrix;
 pub mod nbd_compare;
 pub mod plot;
+pub mod progress;
 pub mod shadow;
 pub mod soak;
 pub mod target;

@@ -18,6 +18,7 @@ use blkif::{Response, Segment};
 use clap::Args;
 use td_cli::{fmt_bytes, fmt_size};
 
+use crate::progress::{Goal, Progress};
 use crate::shadow::{self, describe, fill_canary, fill_sector, Range, Shadow, SECTOR};
 use crate::target::{self, Target, TargetArgs, STALL};
 use crate::util::{clock_seed, mix64, parse_seed, Rng};
@@ -435,14 +436,11 @@ pub fn run_with_hooks(
     } else {
         args.requests
     };
-    let total = |limit: u64| {
-        if limit == u64::MAX {
-            "?".to_owned()
-        } else {
-            limit.to_string()
-        }
+    let goal = match deadline {
+        Some(d) => Goal::Time(d.saturating_duration_since(start)),
+        None => Goal::Count(limit),
     };
-    let mut last_progress = start;
+    let mut progress = (!args.json).then(|| Progress::new("verify", goal));
     let fe = &mut t.fe;
     while completed < limit {
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -500,14 +498,13 @@ pub fn run_with_hooks(
                 completed += 1;
             }
         }
-        if !args.json && last_progress.elapsed() >= Duration::from_secs(5) {
-            last_progress = Instant::now();
-            eprintln!(
-                "td-bench verify: {completed}/{} requests, {} failed",
-                total(limit),
-                v.totals.failed
-            );
+        if let Some(p) = &mut progress {
+            let failed = v.totals.failed;
+            p.update(completed, || format!("{failed} failed"));
         }
+    }
+    if let Some(p) = progress {
+        p.finish();
     }
     debug_assert!(v.shadow.idle());
     let elapsed = start.elapsed();
