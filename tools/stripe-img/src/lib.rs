@@ -177,14 +177,61 @@ pub fn allocate_map(c: &mut MasterClient, geometry: Geometry, disk_id: &str) -> 
     Ok(map)
 }
 
-fn create(a: &CreateArgs) -> Result<()> {
+/// Checks every argument that needs no master: the shape of the disk, the disk id, and that
+/// the mapping file can be written where it goes. Runs before the master is contacted, so a
+/// mistake costs no network round trip (and no retries against an unreachable master).
+pub fn check_create_args(a: &CreateArgs) -> Result<()> {
+    if a.size == 0 || !a.size.is_multiple_of(512) {
+        bail!("--size {} is not a positive multiple of 512 bytes", a.size);
+    }
+    if a.stripes == 0 || a.stripes > stripe::map::MAX_STRIPES {
+        bail!(
+            "--stripes {} is out of range: 1..={}",
+            a.stripes,
+            stripe::map::MAX_STRIPES
+        );
+    }
+    if a.stripe_size == 0 || !a.stripe_size.is_multiple_of(4096) || a.stripe_size > 1 << 30 {
+        bail!(
+            "--stripe-size {} is not a positive multiple of 4k up to 1G",
+            a.stripe_size
+        );
+    }
+    if a.replicas == 0 || a.replicas > stripe::map::MAX_REPLICAS {
+        bail!(
+            "--replicas {} is out of range: 1..={}",
+            a.replicas,
+            stripe::map::MAX_REPLICAS
+        );
+    }
+    if let Some(id) = &a.disk_id {
+        stripe::master::check_name("--disk-id", id).map_err(|f| anyhow::anyhow!(f.message))?;
+    }
     if a.output.exists() {
         bail!("{} exists already", a.output.display());
     }
+    let dir = match a.output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if a.output.file_name().is_none() {
+        bail!("-o {}: not a file name", a.output.display());
+    }
+    // Prove the folder takes a file now (it may still fail later: then the extents go back).
+    let probe = dir.join(format!(".stripe-img-probe-{}", std::process::id()));
+    std::fs::File::create(&probe)
+        .with_context(|| format!("cannot write the mapping file in {}", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+fn create(a: &CreateArgs) -> Result<()> {
+    check_create_args(a)?;
     let mut c = MasterClient::new(&a.master);
-    let extent_size = c.list()?.extent_size;
+    let list = c.list()?;
+    let extent_size = list.extent_size;
     if extent_size == 0 {
-        bail!("the master has no extents registered");
+        bail!("master {} has no extents registered", c.addr());
     }
     let geometry = Geometry {
         size: a.size,
@@ -193,13 +240,26 @@ fn create(a: &CreateArgs) -> Result<()> {
         replicas: a.replicas,
         extent_size,
     };
-    geometry.check().map_err(anyhow::Error::msg)?;
+    geometry
+        .check()
+        .map_err(|e| anyhow::anyhow!("{e} (the master's extents are {})", fmt_size(extent_size)))?;
     let disk_id = a
         .disk_id
         .clone()
         .unwrap_or_else(|| default_disk_id(&a.output));
-    let map = allocate_map(&mut c, geometry, &disk_id)?;
-    map.write_new(&a.output)?;
+    // A disk that had extents before this call keeps them whatever happens here.
+    let existed = list
+        .extents
+        .iter()
+        .any(|x| x.owner.as_ref().is_some_and(|o| o.0 == disk_id));
+    let made = allocate_map(&mut c, geometry, &disk_id).and_then(|map| {
+        map.write_new(&a.output)?;
+        Ok(map)
+    });
+    let map = match made {
+        Ok(m) => m,
+        Err(e) => return Err(undo_create(&mut c, &disk_id, existed, e)),
+    };
     let servers: std::collections::BTreeSet<&str> = map
         .extents
         .iter()
@@ -207,7 +267,7 @@ fn create(a: &CreateArgs) -> Result<()> {
         .map(|x| x.portal.as_str())
         .collect();
     println!(
-        "created {}: disk {} of {} ({}), {} stripes of {}, {} replica(s), {} extents of {} on {} servers",
+        "created {}: disk {} of {} ({}), {} stripes of {}, {} replica(s), {} extents of {} on {} servers allocated at master {}",
         a.output.display(),
         map.disk_id,
         fmt_bytes(a.size),
@@ -217,9 +277,36 @@ fn create(a: &CreateArgs) -> Result<()> {
         a.replicas,
         map.extents.len() * a.replicas as usize,
         fmt_size(extent_size),
-        servers.len()
+        servers.len(),
+        c.addr()
     );
     Ok(())
+}
+
+/// A create that failed after asking for extents: gives them back (unless the disk had them
+/// before), and says which disk and what became of its extents.
+fn undo_create(c: &mut MasterClient, disk: &str, existed: bool, e: anyhow::Error) -> anyhow::Error {
+    if existed {
+        return e.context(format!(
+            "disk {disk} already had extents at master {}: they are left allocated to it",
+            c.addr()
+        ));
+    }
+    // Short retries: the master answered a moment ago.
+    c.retry_for = std::time::Duration::from_secs(10);
+    match c.release(disk) {
+        Ok(0) => e.context(format!("created nothing (disk {disk} got no extents)")),
+        Ok(n) => e.context(format!(
+            "created nothing: the {n} extents allocated to disk {disk} were given back to master {}",
+            c.addr()
+        )),
+        Err(r) => e.context(format!(
+            "disk {disk} keeps extents at master {} that could not be given back ({r}): run \
+             'stripe-master release --master {} {disk}'",
+            c.addr(),
+            c.addr()
+        )),
+    }
 }
 
 fn info(a: &InfoArgs) -> Result<()> {
