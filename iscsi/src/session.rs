@@ -514,7 +514,10 @@ fn register(
             run_one(
                 &mut conn,
                 stream,
-                Command::read(0, lun, cdb, buf.len() as u32, &iov, 1),
+                Command {
+                    exact: false,
+                    ..Command::read(0, lun, cdb, buf.len() as u32, &iov, 1)
+                },
                 deadline,
             )?
         } as usize;
@@ -534,7 +537,10 @@ fn register(
             run_one(
                 &mut conn,
                 stream,
-                Command::read(0, lun, cdb, 24, &iov, 1),
+                Command {
+                    exact: false,
+                    ..Command::read(0, lun, cdb, 24, &iov, 1)
+                },
                 deadline,
             )?
         } as usize;
