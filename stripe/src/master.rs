@@ -48,17 +48,24 @@ const MAX_CALL: usize = 64 * 1024;
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 64;
 
+/// Who holds an extent: one replica of one extent index of a disk.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-struct Owner {
-    disk: String,
-    index: u32,
-    replica: u32,
+pub struct Owner {
+    /// The disk id.
+    pub disk: String,
+    /// Extent index in the disk.
+    pub index: u32,
+    /// Replica number.
+    pub replica: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Slot {
-    extent: Extent,
-    owner: Option<Owner>,
+/// A registered extent and its owner, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    /// The extent.
+    pub extent: Extent,
+    /// Its owner, when allocated.
+    pub owner: Option<Owner>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,6 +141,28 @@ impl State {
             }
         }
         Ok(State { s, owners })
+    }
+
+    /// A state from its parts (a store other than `state.json`, e.g. etcd); checked as a
+    /// loaded file is.
+    pub fn from_slots(extent_size: u64, next_id: u64, extents: Vec<Slot>) -> Result<State, Error> {
+        let s = Stored {
+            version: STATE_VERSION,
+            extent_size,
+            next_id,
+            extents,
+        };
+        State::from_stored(s, Path::new("(store)"))
+    }
+
+    /// Every registered extent and its owner, in registration order.
+    pub fn slots(&self) -> &[Slot] {
+        &self.s.extents
+    }
+
+    /// The id the next registered extent gets.
+    pub fn next_id(&self) -> u64 {
+        self.s.next_id
     }
 
     /// Extent size in bytes.
@@ -487,34 +516,30 @@ impl Store {
     }
 }
 
-/// A running master: the state behind a mutex (calls are rare and short) and its store.
-pub struct Master {
+/// Where a master keeps its state: it applies a change to the current state and stores the
+/// result before the change counts. The change may be run more than once (a store shared by
+/// several masters retries when another changed the state first); only the run that was
+/// stored counts.
+pub trait Backend: Send + Sync {
+    /// Runs `f` on the current state and stores what it made (nothing if `f` fails).
+    fn apply(&self, f: &mut dyn FnMut(&mut State) -> Result<(), Failure>) -> Result<(), Failure>;
+
+    /// The current state's extents and owners.
+    fn list(&self) -> Result<ListRes, Failure>;
+}
+
+/// The single-host backend: the state in memory behind a mutex (calls are rare and short),
+/// stored in the state folder when there is one.
+pub struct FileBackend {
     inner: Mutex<(Option<Store>, State)>,
     log: slog::Logger,
 }
 
-impl Master {
-    /// A master over an opened store.
-    pub fn new(store: Store, state: State, log: slog::Logger) -> Arc<Master> {
-        Arc::new(Master {
-            inner: Mutex::new((Some(store), state)),
-            log,
-        })
-    }
-
-    /// A master that keeps its state in memory only (tests and fuzzing).
-    pub fn in_memory(state: State) -> Master {
-        Master {
-            inner: Mutex::new((None, state)),
-            log: slog::Logger::root(slog::Discard, slog::o!()),
-        }
-    }
-
-    /// Applies a change to a copy of the state, stores it, then makes it current.
-    fn change<T>(&self, f: impl FnOnce(&mut State) -> Result<T, Failure>) -> Result<T, Failure> {
+impl Backend for FileBackend {
+    fn apply(&self, f: &mut dyn FnMut(&mut State) -> Result<(), Failure>) -> Result<(), Failure> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = g.1.clone();
-        let out = f(&mut next)?;
+        f(&mut next)?;
         if let Some(store) = &g.0 {
             if let Err(e) = store.save(&next) {
                 slog::error!(self.log, "storing state failed"; "error" => %e);
@@ -522,7 +547,58 @@ impl Master {
             }
         }
         g.1 = next;
-        Ok(out)
+        Ok(())
+    }
+
+    fn list(&self) -> Result<ListRes, Failure> {
+        Ok(self.inner.lock().unwrap_or_else(|p| p.into_inner()).1.list())
+    }
+}
+
+/// A running master: the RPC program over a [`Backend`].
+pub struct Master {
+    backend: Box<dyn Backend>,
+    log: slog::Logger,
+}
+
+impl Master {
+    /// A master over an opened store.
+    pub fn new(store: Store, state: State, log: slog::Logger) -> Arc<Master> {
+        let backend = FileBackend {
+            inner: Mutex::new((Some(store), state)),
+            log: log.clone(),
+        };
+        Arc::new(Master {
+            backend: Box::new(backend),
+            log,
+        })
+    }
+
+    /// A master over another backend (etcd: crate `stripe-etcd`).
+    pub fn with_backend(backend: Box<dyn Backend>, log: slog::Logger) -> Arc<Master> {
+        Arc::new(Master { backend, log })
+    }
+
+    /// A master that keeps its state in memory only (tests and fuzzing).
+    pub fn in_memory(state: State) -> Master {
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        Master {
+            backend: Box::new(FileBackend {
+                inner: Mutex::new((None, state)),
+                log: log.clone(),
+            }),
+            log,
+        }
+    }
+
+    /// Applies a change through the backend.
+    fn change<T>(&self, mut f: impl FnMut(&mut State) -> Result<T, Failure>) -> Result<T, Failure> {
+        let mut out = None;
+        self.backend.apply(&mut |s| {
+            out = Some(f(s)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| Failure::new(Status::Storage, "the change was never run"))
     }
 
     /// Executes one call record; returns the reply record, or None for a record too broken
@@ -606,9 +682,13 @@ impl Master {
                 if d.finish().is_err() {
                     return garbage(h.xid);
                 }
-                let l = {
-                    let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-                    g.1.list()
+                let l = match self.backend.list() {
+                    Ok(l) => l,
+                    Err(f) => {
+                        slog::error!(self.log, "cannot read the state"; "error" => %f);
+                        rpc::encode_reply(&mut e, h.xid, ReplyStatus::SystemErr);
+                        return Some(e.into_bytes());
+                    }
                 };
                 rpc::encode_reply(&mut e, h.xid, ReplyStatus::Success);
                 proto::encode_list_res(&mut e, &l);

@@ -172,6 +172,7 @@ pub fn allocate_map(c: &mut MasterClient, geometry: Geometry, disk_id: &str) -> 
         master: c.addr().to_owned(),
         geometry,
         extents,
+        store: stripe::map::Store::File,
     };
     map.check().map_err(anyhow::Error::msg)?;
     Ok(map)
