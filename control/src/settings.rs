@@ -59,6 +59,10 @@ pub struct VbdSettings {
     /// A `stripe:` image's iSCSI connections are driven by each ring loop's own thread
     /// instead of one IO thread per server.
     pub iscsi_inline: bool,
+    /// A `stripe:` image kept in etcd is opened even if another tapdisk (on any host) holds
+    /// it: this one takes the writer role over and fences the other at the targets (the
+    /// hand-off of a live disk; see docs/operations.md).
+    pub takeover: bool,
 }
 
 impl VbdSettings {
@@ -83,6 +87,7 @@ impl VbdSettings {
         poll_us: 0,
         cache_slots: 0,
         iscsi_inline: false,
+        takeover: false,
     };
 
     /// Checks every setting against its range; the error names the first one that is not
@@ -120,6 +125,12 @@ impl VbdSettings {
             return Err(Error::invalid(
                 "cache_slots",
                 "cache slots are for parallax: images only",
+            ));
+        }
+        if self.takeover && image.driver != Driver::Stripe {
+            return Err(Error::invalid(
+                "takeover",
+                "taking a disk over is for stripe: images only",
             ));
         }
         if self.iscsi_inline && image.driver != Driver::Stripe {

@@ -55,6 +55,49 @@ pub enum Verb {
     Info(InfoArgs),
     /// Give a disk's extents back to the master and remove its mapping file.
     Delete(DeleteArgs),
+    /// Write this host's mapping file of an etcd-backed disk (so tapdisk can serve it here).
+    Pull(PullArgs),
+}
+
+/// Where etcd is.
+#[derive(Debug, Args)]
+pub struct EtcdArgs {
+    /// Keep the disk's record in etcd (client URLs, comma-separated): the disk can then be
+    /// opened on any host that reaches etcd, with one writer at a time.
+    #[arg(long, value_name = "URL[,URL...]", env = "STRIPE_ETCD")]
+    pub etcd: Option<String>,
+    /// Key prefix in etcd.
+    #[arg(long, value_name = "PREFIX", default_value = stripe_etcd::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+}
+
+impl EtcdArgs {
+    fn connect(&self) -> Result<Option<stripe_etcd::Etcd>> {
+        let Some(e) = &self.etcd else {
+            return Ok(None);
+        };
+        let eps = stripe_etcd::Etcd::parse_endpoints(e);
+        if eps.is_empty() {
+            bail!("--etcd names no endpoint");
+        }
+        Ok(Some(stripe_etcd::Etcd::connect(
+            &eps,
+            &self.etcd_prefix,
+            std::time::Duration::from_secs(5),
+        )?))
+    }
+}
+
+/// `pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// The disk id.
+    pub disk: String,
+    /// The mapping file to write (replaced if it exists).
+    #[arg(short, long, value_name = "MAPFILE")]
+    pub output: PathBuf,
 }
 
 /// `create`.
@@ -82,6 +125,9 @@ pub struct CreateArgs {
     /// The mapping file to write (must not exist).
     #[arg(short, long, value_name = "MAPFILE")]
     pub output: PathBuf,
+    /// Where the disk's record goes (etcd), if anywhere but the mapping file.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 /// `info`.
@@ -112,6 +158,7 @@ fn run(cli: &Cli) -> Result<()> {
         Verb::Create(a) => create(a),
         Verb::Info(a) => info(a),
         Verb::Delete(a) => delete(a),
+        Verb::Pull(a) => pull(a),
     }
 }
 
@@ -228,6 +275,8 @@ pub fn check_create_args(a: &CreateArgs) -> Result<()> {
 
 fn create(a: &CreateArgs) -> Result<()> {
     check_create_args(a)?;
+    // etcd first: an unreachable etcd costs no allocation.
+    let etcd = a.etcd.connect()?;
     let mut c = MasterClient::new(&a.master);
     let list = c.list()?;
     let extent_size = list.extent_size;
@@ -253,10 +302,24 @@ fn create(a: &CreateArgs) -> Result<()> {
         .extents
         .iter()
         .any(|x| x.owner.as_ref().is_some_and(|o| o.0 == disk_id));
-    let made = allocate_map(&mut c, geometry, &disk_id).and_then(|map| {
-        map.write_new(&a.output)?;
-        Ok(map)
+    let mut recorded = false;
+    let made = allocate_map(&mut c, geometry, &disk_id).and_then(|map| match &etcd {
+        None => {
+            map.write_new(&a.output)?;
+            Ok(map)
+        }
+        Some(e) => {
+            let rec = stripe_etcd::DiskRecord::from_map(&map);
+            stripe_etcd::record::create(e, &rec)?;
+            recorded = true;
+            Ok(stripe_etcd::record::write_cache(e, &rec, &a.output)?)
+        }
     });
+    if made.is_err() && recorded && !existed {
+        if let Some(e) = &etcd {
+            let _ = stripe_etcd::record::delete(e, &disk_id);
+        }
+    }
     let map = match made {
         Ok(m) => m,
         Err(e) => return Err(undo_create(&mut c, &disk_id, existed, e)),
@@ -267,6 +330,14 @@ fn create(a: &CreateArgs) -> Result<()> {
         .flatten()
         .map(|x| x.portal.as_str())
         .collect();
+    if let Some(e) = &etcd {
+        println!(
+            "recorded disk {} in etcd {} under {}",
+            map.disk_id,
+            e.endpoints().join(","),
+            e.prefix
+        );
+    }
     println!(
         "created {}: disk {} of {} ({}), {} stripes of {}, {} replica(s), {} extents of {} on {} servers allocated at master {}",
         a.output.display(),
@@ -328,21 +399,50 @@ fn info(a: &InfoArgs) -> Result<()> {
         g.replicas,
         fmt_size(g.extent_size)
     );
-    match flock_holder(&a.map) {
-        Some(pid) => println!("in use by pid {pid}"),
-        None => println!("not in use"),
-    }
-    let mut stale_path = a.map.as_os_str().to_owned();
-    stale_path.push(".stale");
-    let stale = std::fs::read_to_string(&stale_path).unwrap_or_default();
-    let stale: Vec<&str> = stale.lines().collect();
+    let stale: Vec<String> = match &m.store {
+        stripe::map::Store::File => {
+            match flock_holder(&a.map) {
+                Some(pid) => println!("in use by pid {pid}"),
+                None => println!("not in use"),
+            }
+            let mut stale_path = a.map.as_os_str().to_owned();
+            stale_path.push(".stale");
+            let stale = std::fs::read_to_string(&stale_path).unwrap_or_default();
+            stale.lines().map(str::to_owned).collect()
+        }
+        stripe::map::Store::Etcd {
+            endpoints,
+            prefix,
+            generation,
+        } => {
+            println!(
+                "record in etcd {} under {prefix}; this file holds generation {generation}",
+                endpoints.join(",")
+            );
+            let e = stripe_etcd::Etcd::connect(endpoints, prefix, std::time::Duration::from_secs(5))?;
+            let (rec, _) = stripe_etcd::record::get(&e, &m.disk_id)?;
+            println!("etcd has generation {}", rec.generation);
+            let wk = e.key(&format!("writers/{}", m.disk_id));
+            let mut cl = e.client();
+            let w = e.block_on(cl.get(wk.as_str(), None)).map_err(|x| e.err(x))?;
+            match w.kvs().first() {
+                Some(kv) => println!(
+                    "writer (fencing token {}): {}",
+                    kv.mod_revision(),
+                    String::from_utf8_lossy(kv.value())
+                ),
+                None => println!("no writer"),
+            }
+            rec.stale.iter().map(|(i, r)| format!("{i} {r}")).collect()
+        }
+    };
     println!(
         "{:>5} {:>3}  {:<22} {:<36} {:>4} {:>14}",
         "INDEX", "REP", "PORTAL", "TARGET", "LUN", "ADDRESS"
     );
     for (i, reps) in m.extents.iter().enumerate() {
         for (r, x) in reps.iter().enumerate() {
-            let mark = if stale.contains(&format!("{i} {r}").as_str()) {
+            let mark = if stale.contains(&format!("{i} {r}")) {
                 "  stale"
             } else {
                 ""
@@ -357,6 +457,28 @@ fn info(a: &InfoArgs) -> Result<()> {
 }
 
 fn delete(a: &DeleteArgs) -> Result<()> {
+    let m = StripeMap::read(&a.map)?;
+    if let stripe::map::Store::Etcd {
+        endpoints, prefix, ..
+    } = &m.store
+    {
+        if m.master == "-" {
+            bail!("{} names no master; remove it by hand", a.map.display());
+        }
+        // The record goes first, and only while no tapdisk holds the disk.
+        let e = stripe_etcd::Etcd::connect(endpoints, prefix, std::time::Duration::from_secs(5))?;
+        stripe_etcd::record::delete(&e, &m.disk_id)?;
+        let mut c = MasterClient::new(&m.master);
+        let n = c.release(&m.disk_id)?;
+        std::fs::remove_file(&a.map).with_context(|| format!("removing {}", a.map.display()))?;
+        println!(
+            "deleted {}: its record in etcd, and {n} extents of disk {} given back to {}",
+            a.map.display(),
+            m.disk_id,
+            m.master
+        );
+        return Ok(());
+    }
     // Hold the lock while deleting, so a running tapdisk is never left without its file.
     let held = stripe::LockedMap::open(&a.map)?;
     let m = &held.map;
@@ -369,11 +491,28 @@ fn delete(a: &DeleteArgs) -> Result<()> {
     let mut stale_path = a.map.as_os_str().to_owned();
     stale_path.push(".stale");
     let _ = std::fs::remove_file(stale_path);
+    let _ = std::fs::remove_file(stripe::control::beside(&a.map, ".intent"));
     println!(
         "deleted {}: {n} extents of disk {} given back to {}",
         a.map.display(),
         m.disk_id,
         m.master
+    );
+    Ok(())
+}
+
+fn pull(a: &PullArgs) -> Result<()> {
+    let Some(e) = a.etcd.connect()? else {
+        bail!("give --etcd URL (or $STRIPE_ETCD)");
+    };
+    let (rec, _) = stripe_etcd::record::get(&e, &a.disk)?;
+    stripe_etcd::record::write_cache(&e, &rec, &a.output)?;
+    println!(
+        "wrote {}: disk {} generation {} from etcd {}",
+        a.output.display(),
+        rec.disk_id,
+        rec.generation,
+        e.endpoints().join(",")
     );
     Ok(())
 }

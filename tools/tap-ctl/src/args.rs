@@ -33,6 +33,7 @@ fn flag_of(field: &str) -> Option<&'static str> {
         "poll_us" => "--poll-us",
         "cache_slots" => "--cache-slots",
         "iscsi_inline" => "--iscsi-inline",
+        "takeover" => "--takeover",
         "early" => "--early-read",
         "faults" => "--inject-faults",
         "model" => "--model-disk",
@@ -268,6 +269,11 @@ pub struct DiskArgs {
     /// the socket work of all servers shares the ring's core.
     #[arg(verbatim_doc_comment, long)]
     pub iscsi_inline: bool,
+    /// Open a stripe: disk kept in etcd even if another tapdisk, on any host, holds it: this
+    /// one takes the writer role and fences the other at the storage servers (their late
+    /// writes are refused). For a hand-off: pause the disk there first (docs/operations.md).
+    #[arg(verbatim_doc_comment, long)]
+    pub takeover: bool,
 }
 
 /// A validated [`DiskArgs`]: what goes into an `open` command.
@@ -316,6 +322,7 @@ impl DiskArgs {
             poll_us: self.poll_us,
             cache_slots: self.cache_slots.unwrap_or(0),
             iscsi_inline: self.iscsi_inline,
+            takeover: self.takeover,
         };
         settings.validate_for(&image).map_err(in_flags)?;
         Ok(Disk { image, settings })
