@@ -323,8 +323,14 @@ impl Striper {
         cfg.login_timeout = Duration::from_secs(5);
         cfg.logger = o.logger.clone();
         cfg.drive = o.drive;
-        let session = Session::connect(&cfg)
-            .map_err(|e| Error::Master(format!("server {portal} target {target}: {e}")))?;
+        let named = |e: iscsi::Error| Error::Master(format!("server {portal} target {target}: {e}"));
+        // With replicas, a server that is down now is used once it returns (its reads fail
+        // over, its writes mark replicas stale); without, the disk cannot be served.
+        let (session, down) = if self.replicas > 1 {
+            Session::connect_or_down(&cfg).map_err(named)?
+        } else {
+            (Session::connect(&cfg).map_err(named)?, None)
+        };
         let i = self.servers.len();
         epoll_add(&self.epoll, session.poll_fd(), i as u64)
             .map_err(|e| Error::io(Path::new("epoll"), e))?;
@@ -332,7 +338,8 @@ impl Striper {
             session.arm();
         }
         let stats = self.disk.server_stats(portal, target);
-        stats.state.store(State::Up as u8, Ordering::Relaxed);
+        let st = if down.is_some() { State::Down } else { State::Up };
+        stats.state.store(st as u8, Ordering::Relaxed);
         self.servers.push(Server {
             session,
             stats,
