@@ -114,6 +114,19 @@ impl Lan {
         c
     }
 
+    /// Sets host `h`'s link to the calling namespace (where etcd is) up or down; its links to
+    /// the servers stay as they are (a host cut off from etcd but not from its storage).
+    pub fn host_etcd_link(&self, h: u32, up: bool) -> Result<()> {
+        let link = format!("{}a", self.host_ns(h));
+        let st = Command::new("ip")
+            .args(["link", "set", &link, if up { "up" } else { "down" }])
+            .status()?;
+        if !st.success() {
+            bail!("ip link set {link} failed");
+        }
+        Ok(())
+    }
+
     /// Server `i`'s LUN file (1-based).
     pub fn lun_file(&self, i: u32) -> PathBuf {
         Path::new(self.var("STORAGE_LAN_DIR")).join(format!("lun-{i}.img"))

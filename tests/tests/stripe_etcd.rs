@@ -6,9 +6,9 @@
 //! - A tapdisk serves an etcd-backed 2-replica disk under td-bench verify while the leader is
 //!   killed twice: no request fails.
 //! - Hand-off between two "hosts" (network namespaces, each with its tapdisk): writes through
-//!   the NBD export on A, pause A, open on B with --takeover, a stale A unpaused by mistake
-//!   keeps writing; its writes are refused by the targets (RESERVATION CONFLICT, counted) and
-//!   are absent from the disk; every acknowledged write is there, read through B; both
+//!   the NBD export on A, A cut off from etcd (not from its storage), pause A, open on B with
+//!   --takeover, the stale A unpaused by mistake keeps writing; its writes are refused by the
+//!   targets (RESERVATION CONFLICT, counted) and are absent from the disk; every acknowledged write is there, read through B; both
 //!   replicas are equal block by block.
 //!
 //! Needs etcd-server (every test), and root, tgt and iproute2 for the storage LAN; skipped with
@@ -327,7 +327,7 @@ fn write_load(
                 let Ok(mut c) = Nbd::connect(&sock) else {
                     return 0;
                 };
-                let mut x = (t + 1) * 0x9e37_79b9_7f4a_7c15 + seq0;
+                let mut x = (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(seq0) | 1;
                 let mut n = 0;
                 let mut seq = seq0 + t;
                 while !stop.load(Ordering::Relaxed) {
@@ -442,6 +442,9 @@ fn hand_off_between_hosts_fences_the_old_writer() {
     let stop = Arc::new(AtomicBool::new(false));
     let ws = write_load(&sock_a, blocks, b'A', 0, stop.clone(), log.clone());
     std::thread::sleep(Duration::from_secs(3));
+    // A loses etcd but not its storage (a partition): it cannot learn of the hand-off and
+    // goes on writing until its lease would run out; only the targets can stop it.
+    r.lan.host_etcd_link(1, false).unwrap();
     // 2. The hand-off, as a toolstack does it: pause A (its writers' requests wait), open B.
     let t0 = Instant::now();
     ok(tap_ctl(&run_a).args(["pause", "-m", "0"]));
@@ -456,6 +459,7 @@ fn hand_off_between_hosts_fences_the_old_writer() {
     std::thread::sleep(Duration::from_secs(1));
     late_stop.store(true, Ordering::Relaxed);
     let acked_late: u64 = late.into_iter().map(|h| h.join().unwrap()).sum();
+    r.lan.host_etcd_link(1, true).unwrap();
     // 4. Load through B.
     let stop_b = Arc::new(AtomicBool::new(false));
     let wb = write_load(&sock_b, blocks, b'B', 1 << 50, stop_b.clone(), log.clone());
