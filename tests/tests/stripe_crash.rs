@@ -5,7 +5,9 @@
 //! block may change. The replicas are also compared block by block in the servers' LUN files.
 //!
 //! `crash_loop_3_runs` runs in CI; the 30-run version is ignored by default:
-//! `cargo test -p tapdisk-e2e --test stripe_crash -- --ignored` (as root).
+//! `cargo test -p tapdisk-e2e --test stripe_crash -- --ignored` (as root). With
+//! `STRIPE_CRASH_FORGET_INTENT=1` the write-intent record is deleted before each reopen (as if
+//! there were none), and the test fails: the replicas differ.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -102,6 +104,10 @@ fn crash_loop(slot: u32, runs: u32) {
         let _ = load.kill();
         let _ = load.wait();
         std::thread::sleep(Duration::from_millis(100));
+        if std::env::var_os("STRIPE_CRASH_FORGET_INTENT").is_some() {
+            // To see the test fail: without the record, nothing is resynced at reopen.
+            let _ = std::fs::remove_file(stripe::control::beside(&map, ".intent"));
+        }
         // A new tapdisk: resyncs what the record names, then every block is read.
         let rd2 = dir.path().join(format!("run{run}b"));
         let sock2 = dir.path().join(format!("n{run}b.nbd"));
