@@ -88,6 +88,12 @@ pub struct ResyncStats {
     pub millis: AtomicU64,
     /// Whether the record was unreadable (then every region was copied).
     pub record_damaged: AtomicBool,
+    /// Stale replicas copied back and cleared since open.
+    pub stale_copied: AtomicU64,
+    /// Bytes copied into stale replicas.
+    pub stale_bytes: AtomicU64,
+    /// Replicas being copied now.
+    pub stale_copying: AtomicU64,
 }
 
 /// See the module docs.
@@ -98,6 +104,9 @@ pub struct Disk {
     map: Mutex<StripeMap>,
     /// `index * replicas + replica`: the replica missed a write.
     stale: Box<[AtomicBool]>,
+    /// Per replica: writes it missed (counted even when it was stale already), so a copy
+    /// that raced a new miss knows not to clear the mark.
+    misses: Box<[AtomicU64]>,
     stale_lock: Mutex<()>,
     servers: Mutex<Vec<Arc<ServerStats>>>,
     /// Every LUN reports thin provisioning (UNMAP frees space and reads back zeroes).
@@ -303,6 +312,7 @@ impl Disk {
             geometry: g,
             map: Mutex::new(m),
             control: control.clone(),
+            misses: (0..stale.len()).map(|_| AtomicU64::new(0)).collect(),
             stale,
             stale_lock: Mutex::new(()),
             servers: Mutex::new(Vec::new()),
@@ -318,6 +328,13 @@ impl Disk {
             fenced_requests: AtomicU64::new(0),
             resync,
         });
+        if r > 1 {
+            let weak = Arc::downgrade(&disk);
+            std::thread::Builder::new()
+                .name("stripe-recover".into())
+                .spawn(move || crate::recover::run(weak))
+                .map_err(|e| Error::io(std::path::Path::new("recover thread"), e))?;
+        }
         if let Some(log) = intent_log {
             let ctl = control.clone();
             let h = std::thread::Builder::new()
@@ -374,8 +391,12 @@ impl Disk {
         let rr = self.geometry.replicas as usize;
         let mut new = false;
         for &(i, r) in marks {
-            if let Some(b) = self.stale.get(i as usize * rr + r as usize) {
-                new |= !b.swap(true, Ordering::Relaxed);
+            let k = i as usize * rr + r as usize;
+            if let Some(m) = self.misses.get(k) {
+                m.fetch_add(1, Ordering::SeqCst);
+            }
+            if let Some(b) = self.stale.get(k) {
+                new |= !b.swap(true, Ordering::SeqCst);
             }
         }
         if !new {
@@ -433,6 +454,39 @@ impl Disk {
         self.map()
     }
 
+    /// The stale replicas now, `(index, replica)`.
+    pub fn stale_marks(&self) -> Vec<(u32, u32)> {
+        marks_of(&self.stale, self.geometry.replicas as usize)
+    }
+
+    /// Writes replica `r` of extent `i` missed so far.
+    pub(crate) fn misses(&self, i: u32, r: u32) -> u64 {
+        let k = i as usize * self.geometry.replicas as usize + r as usize;
+        self.misses.get(k).map_or(0, |m| m.load(Ordering::SeqCst))
+    }
+
+    /// Clears the stale mark of a replica just copied, unless it missed a write since
+    /// `misses_before` (then the mark stays); stores the marks. True if cleared.
+    pub(crate) fn clear_stale(&self, i: u32, r: u32, misses_before: u64) -> bool {
+        let rr = self.geometry.replicas as usize;
+        let k = i as usize * rr + r as usize;
+        let _g = lock(&self.stale_lock);
+        self.stale[k].store(false, Ordering::SeqCst);
+        if self.misses[k].load(Ordering::SeqCst) != misses_before {
+            self.stale[k].store(true, Ordering::SeqCst);
+            return false;
+        }
+        match self.control.store_stale(&marks_of(&self.stale, rr)) {
+            Ok(()) => true,
+            Err(e) => {
+                // Not stored: keep the replica out of reads (the stored marks still have it).
+                self.stale[k].store(true, Ordering::SeqCst);
+                slog::warn!(self.opts.logger, "cannot store cleared stale mark"; "error" => %e);
+                false
+            }
+        }
+    }
+
     /// Counters of every server, for `tap-ctl stats`.
     pub fn stats(&self) -> serde_json::Value {
         let s = lock(&self.servers);
@@ -453,6 +507,9 @@ impl Disk {
             "fenced_requests": self.fenced_requests.load(Ordering::Relaxed),
             "intent": self.intent.as_ref().map(|l| l.stats()),
             "resync": {
+                "stale_copied": r.stale_copied.load(Ordering::Relaxed),
+                "stale_bytes": r.stale_bytes.load(Ordering::Relaxed),
+                "stale_copying": r.stale_copying.load(Ordering::Relaxed),
                 "marked_at_open": r.marked_at_open.load(Ordering::Relaxed),
                 "regions": r.regions.load(Ordering::Relaxed),
                 "bytes": r.bytes.load(Ordering::Relaxed),

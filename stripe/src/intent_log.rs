@@ -24,7 +24,9 @@ use crate::intent::Record;
 const INFLIGHT: u64 = 0xffff_ffff;
 const DURABLE: u64 = 1 << 32;
 const WANTED: u64 = 1 << 33;
-const STARTED_SHIFT: u32 = 34;
+/// A stale replica is being copied under this region: writes wait.
+const LOCKED: u64 = 1 << 34;
+const STARTED_SHIFT: u32 = 35;
 const STARTED_ONE: u64 = 1 << STARTED_SHIFT;
 
 /// The regions and the worker's mailbox (see the module docs).
@@ -79,7 +81,7 @@ impl IntentLog {
         let range = self.range(off, len);
         for r in range.clone() {
             let s = self.states[r].fetch_add(1 + STARTED_ONE, Ordering::SeqCst);
-            if s & DURABLE == 0 {
+            if s & DURABLE == 0 || s & LOCKED != 0 {
                 // Give back what was taken, this one included; ask for the missing marks.
                 for q in range.start..=r {
                     self.states[q].fetch_sub(1, Ordering::SeqCst);
@@ -96,6 +98,28 @@ impl IntentLog {
             }
         }
         true
+    }
+
+    /// Locks the regions of bytes `off..off + len` against writes (for copying a replica under
+    /// them): new writes wait, and this returns once those in flight are done.
+    pub fn lock(&self, off: u64, len: u64) {
+        let range = self.range(off, len);
+        for r in range.clone() {
+            self.states[r].fetch_or(LOCKED, Ordering::SeqCst);
+        }
+        for r in range {
+            while self.states[r].load(Ordering::SeqCst) & INFLIGHT != 0 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+
+    /// Undoes [`IntentLog::lock`] and lets waiting writes try again.
+    pub fn unlock(&self, off: u64, len: u64) {
+        for r in self.range(off, len) {
+            self.states[r].fetch_and(!LOCKED, Ordering::SeqCst);
+        }
+        self.wake_all();
     }
 
     /// Gives back the regions of a write [`IntentLog::take`] let go, once every replica

@@ -29,6 +29,7 @@ pub mod intent_log;
 pub mod map;
 pub mod master;
 pub mod path;
+pub mod recover;
 pub mod resync;
 pub mod proto;
 pub mod rpc;

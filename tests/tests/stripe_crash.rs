@@ -151,6 +151,70 @@ fn crash_loop(slot: u32, runs: u32) {
     );
 }
 
+fn stats(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(tap_ctl(run).args(["stats", "-m", "0"]))).unwrap()
+}
+
+/// A replicated disk opens while one of its servers is down, serves reads and writes (its
+/// replicas there marked stale), and when the server returns they are copied back and the
+/// marks cleared: then both replicas are equal block by block.
+#[test]
+fn opens_with_a_server_down_and_copies_it_back() {
+    if !lan::available() {
+        eprintln!("skipped: needs root, tgt and iproute2 for the storage LAN");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lan = Lan::up(10, 2, "none", "256M").expect("storage LAN up");
+    let master = lan::master(&dir.path().join("master"), 16 << 20, &lan.urls).expect("master");
+    let map = dir.path().join("down.map");
+    ok(Command::new(bin("stripe-img"))
+        .args(["create", "--master", &master, "--size", "64M", "--stripes", "2"])
+        .args(["--stripe-size", "64k", "--replicas", "2", "-o"])
+        .arg(&map));
+    lan.kill(2).unwrap();
+    let run = dir.path().join("run");
+    let sock = dir.path().join("d.nbd");
+    let (dev, _) = open(&map, &run, &sock);
+    struct Destroy(PathBuf);
+    impl Drop for Destroy {
+        fn drop(&mut self) {
+            let _ = tap_ctl(&self.0).args(["destroy", "-m", "0"]).output();
+        }
+    }
+    let _d = Destroy(run.clone());
+    let s = stats(&run);
+    assert!(s["driver"]["stale_replicas"].as_u64().unwrap() > 0, "{s}");
+    let out = run_ok(
+        Command::new(bin("td-bench")).args(["verify", "--device", &dev, "--requests", "3000"]),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" passed, 0 failed"), "{text}");
+    read_all(&sock);
+    lan.start(2).unwrap();
+    let t0 = Instant::now();
+    loop {
+        let s = stats(&run);
+        if s["driver"]["stale_replicas"] == 0 {
+            eprintln!(
+                "stale replicas copied back in {:.1} s: {}",
+                t0.elapsed().as_secs_f64(),
+                s["driver"]["resync"]
+            );
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "not copied back: {s}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Writes go on while nothing is stale; then both copies must be equal.
+    let out = run_ok(
+        Command::new(bin("td-bench")).args(["verify", "--device", &dev, "--requests", "2000"]),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(" passed, 0 failed"));
+    ok(tap_ctl(&run).args(["destroy", "-m", "0"]));
+    assert_eq!(replica_diff(&lan, &map), 0, "replicas differ after the copy back");
+}
+
 #[test]
 fn crash_loop_3_runs() {
     crash_loop(8, 3);
