@@ -530,7 +530,10 @@ mod tests {
         held.extend_from_slice(&[0, 0, 0, 0, 0, 0x05, 0, 0]);
         assert_eq!(PrReservation::parse(&held).unwrap().holder, Some((42, 5)));
         assert_eq!(PrReservation::parse(&held[..20]), None);
-        assert_eq!(PrType::from_u8(5), Some(PrType::WriteExclusiveRegistrantsOnly));
+        assert_eq!(
+            PrType::from_u8(5),
+            Some(PrType::WriteExclusiveRegistrantsOnly)
+        );
         assert_eq!(PrType::from_u8(2), None);
     }
 

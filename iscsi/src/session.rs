@@ -20,10 +20,10 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use slog::{debug, info, warn};
 
 use crate::config::{Config, Drive, Registration};
-use crate::scsi::{self, PrOut, PrType};
 use crate::conn::{Command, Completion, Conn, Stats, Wire};
 use crate::error::{Error, IoError, Result};
 use crate::login::{self, LoggedIn, SessionType};
+use crate::scsi::{self, PrOut, PrType};
 use crate::text::Params;
 
 /// Where the session's connection stands.
@@ -142,7 +142,11 @@ impl Session {
             sleeping: AtomicBool::new(false),
             armed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
-            state: AtomicU8::new(if first.is_some() { State::Up } else { State::Down } as u8),
+            state: AtomicU8::new(if first.is_some() {
+                State::Up
+            } else {
+                State::Down
+            } as u8),
             reconnects: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -520,8 +524,9 @@ fn register(
     let wero = Some(PrType::WriteExclusiveRegistrantsOnly);
     for &lun in &reg.luns {
         let out = |sa, ty, sa_key| Command::pr_out(0, lun, sa, ty, key, sa_key);
-        // SAFETY (every run_one below): PR OUT lists travel inline; PR IN reads into `buf`,
-        // which outlives the call.
+        // PR OUT parameter lists travel inline; PR IN reads into `buf`, which outlives each
+        // `run_one` (it waits for the completion): the SAFETY of every call below.
+        // SAFETY: as just said.
         unsafe {
             run_one(
                 &mut conn,
@@ -583,7 +588,12 @@ fn register(
                 // A lower key (checked above): an older writer. Take its reservation over.
                 // SAFETY: as above.
                 unsafe {
-                    run_one(&mut conn, stream, out(PrOut::Preempt, wero, holder), deadline)?
+                    run_one(
+                        &mut conn,
+                        stream,
+                        out(PrOut::Preempt, wero, holder),
+                        deadline,
+                    )?
                 };
             }
         }
@@ -596,7 +606,8 @@ fn register(
             // SAFETY: as above.
             match unsafe { run_one(&mut conn, stream, out(PrOut::Preempt, wero, k), deadline) } {
                 // Gone already (the reservation's preempt above took it).
-                Ok(_) | Err(Error::Command(IoError::Status(scsi::STATUS_RESERVATION_CONFLICT))) => {}
+                Ok(_) | Err(Error::Command(IoError::Status(scsi::STATUS_RESERVATION_CONFLICT))) => {
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -51,12 +51,12 @@ fn a_preempted_writer_is_refused_and_readers_are_not() {
     b.pr_out(PrOut::Register, None, 0, 0x2222).unwrap();
     b.pr_out(PrOut::Preempt, WERO, 0x2222, 0x1111).unwrap();
     assert_eq!(a.pr_read_keys().unwrap().keys, vec![0x2222]);
-    assert_eq!(
-        a.pr_read_reservation().unwrap().holder,
-        Some((0x2222, 5))
-    );
+    assert_eq!(a.pr_read_reservation().unwrap().holder, Some((0x2222, 5)));
     let late = vec![0x5au8; 4096];
-    assert!(conflict(a.write16(8, &late, 512, false)), "a preempted writer wrote");
+    assert!(
+        conflict(a.write16(8, &late, 512, false)),
+        "a preempted writer wrote"
+    );
     assert!(conflict(a.synchronize_cache16().map(|_| ())));
     // A cannot preempt back with its old key: it is no longer registered.
     assert!(conflict(a.pr_out(PrOut::Preempt, WERO, 0x1111, 0x2222)));
@@ -108,7 +108,10 @@ fn a_registration_is_taken_at_every_login_and_the_newer_key_wins() {
     // A newer writer (higher key) preempts at its login: the old one's writes are refused.
     let new = Arc::new(AtomicU64::new(0x4444));
     let mut n = Client::connect(&with_key(&new), 1).unwrap();
-    assert!(conflict(w.write16(16, &data, 512, false)), "the old writer wrote");
+    assert!(
+        conflict(w.write16(16, &data, 512, false)),
+        "the old writer wrote"
+    );
     n.write16(16, &data, 512, false).unwrap();
     assert_eq!(n.pr_read_keys().unwrap().keys, vec![0x4444]);
     // An older key logging in now is told it is fenced.

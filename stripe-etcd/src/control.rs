@@ -304,7 +304,11 @@ impl EtcdControl {
 
     /// A transaction guarded by the writer key; Ok(false) and the role is lost when the key is
     /// no longer ours. etcd failures are retried until `deadline`.
-    fn guarded(&self, mut ops: impl FnMut() -> Vec<TxnOp>, deadline: Instant) -> Result<(), stripe::Error> {
+    fn guarded(
+        &self,
+        mut ops: impl FnMut() -> Vec<TxnOp>,
+        deadline: Instant,
+    ) -> Result<(), stripe::Error> {
         let e = &self.etcd;
         loop {
             if !self.held() {
@@ -318,9 +322,7 @@ impl EtcdControl {
                 )])
                 .and_then(ops());
             let mut c = e.client();
-            match e.block_on(async {
-                tokio::time::timeout(self.opts.timeout, c.txn(txn)).await
-            }) {
+            match e.block_on(async { tokio::time::timeout(self.opts.timeout, c.txn(txn)).await }) {
                 Ok(Ok(r)) if r.succeeded() => return Ok(()),
                 Ok(Ok(_)) => {
                     self.shared
@@ -402,7 +404,11 @@ impl Control for EtcdControl {
         Ok(lock(&self.shared.stale).clone())
     }
 
-    fn load_intent(&self, disk_size: u64, region_size: u64) -> Result<Option<Record>, stripe::Error> {
+    fn load_intent(
+        &self,
+        disk_size: u64,
+        region_size: u64,
+    ) -> Result<Option<Record>, stripe::Error> {
         let e = &self.etcd;
         let k = e.key(&format!("intent/{}", self.disk));
         let mut c = e.client();
@@ -463,7 +469,7 @@ impl Control for EtcdControl {
             )])
             .and_then([TxnOp::delete(self.writer_key.as_str(), None)]);
         let mut c = e.client();
-        let _ = e.block_on(async {
+        e.block_on(async {
             let _ = tokio::time::timeout(self.opts.timeout, c.txn(txn)).await;
             let _ = tokio::time::timeout(self.opts.timeout, c.lease_revoke(self.lease)).await;
         });

@@ -81,8 +81,7 @@ impl DiskRecord {
         }
         r.to_map(etcd)?;
         let reps = r.geometry.replicas;
-        if r
-            .stale
+        if r.stale
             .iter()
             .any(|&(i, k)| i as usize >= r.extents.len() || k >= reps)
         {

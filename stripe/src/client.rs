@@ -225,11 +225,18 @@ mod tests {
         let e = io::Error::from_raw_os_error(libc::EAGAIN);
         assert_eq!(describe_io(&e, t), "no answer within 10 s");
         let e = io::Error::from(io::ErrorKind::TimedOut);
-        assert_eq!(describe_io(&e, Duration::from_millis(500)), "no answer within 0.5 s");
+        assert_eq!(
+            describe_io(&e, Duration::from_millis(500)),
+            "no answer within 0.5 s"
+        );
         let e = io::Error::from_raw_os_error(libc::ECONNREFUSED);
         assert!(describe_io(&e, t).starts_with("connection refused"));
         let e = io::Error::from_raw_os_error(libc::EHOSTUNREACH);
-        assert!(!describe_io(&e, t).contains("os error"), "{}", describe_io(&e, t));
+        assert!(
+            !describe_io(&e, t).contains("os error"),
+            "{}",
+            describe_io(&e, t)
+        );
     }
 
     #[test]

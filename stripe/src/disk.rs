@@ -197,7 +197,12 @@ impl Disk {
                     slog::warn!(opts.logger, "server down at open; its replicas are marked stale";
                         "portal" => &portal, "target" => &target, "error" => %e);
                     down.push((portal.clone(), target.clone(), lun, e.to_string()));
-                    luns.push(Lun { portal, target, lun, client: None });
+                    luns.push(Lun {
+                        portal,
+                        target,
+                        lun,
+                        client: None,
+                    });
                     continue;
                 }
                 Err(e) => return Err(named(&e)),
@@ -571,4 +576,3 @@ pub fn parse_stale_marks(bytes: &[u8], extents: usize, replicas: usize) -> Vec<b
     }
     stale
 }
-

@@ -212,7 +212,10 @@ mod tests {
             assert!(Record::decode(&d, 64 << 20, 1 << 20).is_err(), "byte {i}");
         }
         assert!(Record::decode(&b[..b.len() - 1], 64 << 20, 1 << 20).is_err());
-        assert!(Record::decode(&b, 32 << 20, 1 << 20).is_err(), "another disk");
+        assert!(
+            Record::decode(&b, 32 << 20, 1 << 20).is_err(),
+            "another disk"
+        );
         assert!(Record::decode(&[], 64 << 20, 1 << 20).is_err());
         // Out of range or unsorted lists are refused even with a good checksum.
         for m in [vec![64], vec![3, 3], vec![4, 2]] {
@@ -235,7 +238,13 @@ mod tests {
         assert!(huge.div_ceil(r) <= MAX_REGIONS && huge.div_ceil(r / 2) > MAX_REGIONS);
         assert_eq!(slot_len(64), 4096);
         assert_eq!(slot_len(1024), 8192);
-        let (a, b) = (rec(vec![1]), Record { seq: 4, ..rec(vec![2]) });
+        let (a, b) = (
+            rec(vec![1]),
+            Record {
+                seq: 4,
+                ..rec(vec![2])
+            },
+        );
         assert_eq!(pick_slot(Some(a.clone()), Some(b.clone())), Some(b.clone()));
         assert_eq!(pick_slot(None, Some(a.clone())), Some(a));
         assert_eq!(pick_slot(None, None), None);

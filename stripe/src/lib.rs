@@ -29,9 +29,9 @@ pub mod intent_log;
 pub mod map;
 pub mod master;
 pub mod path;
+pub mod proto;
 pub mod recover;
 pub mod resync;
-pub mod proto;
 pub mod rpc;
 pub mod xdr;
 

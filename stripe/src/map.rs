@@ -750,7 +750,10 @@ pub(crate) mod tests {
         // An etcd-backed cache round-trips too.
         let mut e = m.clone();
         e.store = Store::Etcd {
-            endpoints: vec!["http://127.0.0.1:2379".into(), "http://127.0.0.1:22379".into()],
+            endpoints: vec![
+                "http://127.0.0.1:2379".into(),
+                "http://127.0.0.1:22379".into(),
+            ],
             prefix: "/tapdisk-rs/stripe".into(),
             generation: 7,
         };

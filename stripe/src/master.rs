@@ -551,7 +551,12 @@ impl Backend for FileBackend {
     }
 
     fn list(&self) -> Result<ListRes, Failure> {
-        Ok(self.inner.lock().unwrap_or_else(|p| p.into_inner()).1.list())
+        Ok(self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .list())
     }
 }
 

@@ -323,7 +323,8 @@ impl Striper {
         cfg.login_timeout = Duration::from_secs(5);
         cfg.logger = o.logger.clone();
         cfg.drive = o.drive;
-        let named = |e: iscsi::Error| Error::Master(format!("server {portal} target {target}: {e}"));
+        let named =
+            |e: iscsi::Error| Error::Master(format!("server {portal} target {target}: {e}"));
         // With replicas, a server that is down now is used once it returns (its reads fail
         // over, its writes mark replicas stale); without, the disk cannot be served.
         let (session, down) = if self.replicas > 1 {
@@ -338,7 +339,11 @@ impl Striper {
             session.arm();
         }
         let stats = self.disk.server_stats(portal, target);
-        let st = if down.is_some() { State::Down } else { State::Up };
+        let st = if down.is_some() {
+            State::Down
+        } else {
+            State::Up
+        };
         stats.state.store(st as u8, Ordering::Relaxed);
         self.servers.push(Server {
             session,

@@ -79,7 +79,8 @@ pub fn copy_regions(
                 if stale(loc.index, k) || rep.new_stale.contains(&(loc.index, k)) {
                     continue;
                 }
-                let Some(c) = find(luns, &x.portal, &x.target, x.lun).and_then(|l| l.client.as_mut())
+                let Some(c) =
+                    find(luns, &x.portal, &x.target, x.lun).and_then(|l| l.client.as_mut())
                 else {
                     rep.new_stale.insert((loc.index, k));
                     continue;

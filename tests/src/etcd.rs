@@ -167,7 +167,10 @@ impl Cluster {
                 return Ok(l);
             }
             if t0.elapsed() > limit {
-                bail!("etcd cluster has no leader after {limit:?} (logs in {})", self.dir.path().display());
+                bail!(
+                    "etcd cluster has no leader after {limit:?} (logs in {})",
+                    self.dir.path().display()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }

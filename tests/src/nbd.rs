@@ -24,7 +24,8 @@ pub struct Nbd {
 impl Nbd {
     /// Connects to a unix socket export and negotiates.
     pub fn connect(sock: &Path) -> Result<Nbd> {
-        let mut s = UnixStream::connect(sock).with_context(|| format!("connecting {}", sock.display()))?;
+        let mut s =
+            UnixStream::connect(sock).with_context(|| format!("connecting {}", sock.display()))?;
         s.set_read_timeout(Some(Duration::from_secs(60)))?;
         let mut h = [0u8; 18];
         s.read_exact(&mut h)?;

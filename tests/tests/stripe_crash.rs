@@ -32,7 +32,10 @@ fn open(map: &Path, run: &Path, sock: &Path) -> (String, u32) {
         .arg(format!("unix:{}", sock.display())));
     let list: serde_json::Value =
         serde_json::from_str(&ok(tap_ctl(run).args(["list", "--json"]))).unwrap();
-    (dev.trim().to_owned(), list[0]["pid"].as_u64().unwrap() as u32)
+    (
+        dev.trim().to_owned(),
+        list[0]["pid"].as_u64().unwrap() as u32,
+    )
 }
 
 fn read_all(sock: &Path) -> Vec<u8> {
@@ -45,7 +48,10 @@ fn read_all(sock: &Path) -> Vec<u8> {
 }
 
 fn changed(a: &[u8], b: &[u8]) -> usize {
-    a.chunks(512).zip(b.chunks(512)).filter(|(x, y)| x != y).count()
+    a.chunks(512)
+        .zip(b.chunks(512))
+        .filter(|(x, y)| x != y)
+        .count()
 }
 
 /// Replica blocks that differ, comparing the LUN files.
@@ -64,8 +70,12 @@ fn replica_diff(lan: &Lan, map: &Path) -> usize {
     let (mut a, mut b) = (vec![0u8; es], vec![0u8; es]);
     let mut differ = 0;
     for reps in &m.extents {
-        file(&reps[0].portal).read_exact_at(&mut a, reps[0].addr).unwrap();
-        file(&reps[1].portal).read_exact_at(&mut b, reps[1].addr).unwrap();
+        file(&reps[0].portal)
+            .read_exact_at(&mut a, reps[0].addr)
+            .unwrap();
+        file(&reps[1].portal)
+            .read_exact_at(&mut b, reps[1].addr)
+            .unwrap();
         differ += changed(&a, &b);
     }
     differ
@@ -81,7 +91,15 @@ fn crash_loop(slot: u32, runs: u32) {
     let master = lan::master(&dir.path().join("master"), 16 << 20, &lan.urls).expect("master");
     let map = dir.path().join("crash.map");
     ok(Command::new(bin("stripe-img"))
-        .args(["create", "--master", &master, "--size", "64M", "--stripes", "2"])
+        .args([
+            "create",
+            "--master",
+            &master,
+            "--size",
+            "64M",
+            "--stripes",
+            "2",
+        ])
         .args(["--stripe-size", "64k", "--replicas", "2", "-o"])
         .arg(&map));
     let t0 = Instant::now();
@@ -92,7 +110,15 @@ fn crash_loop(slot: u32, runs: u32) {
         let (dev, pid) = open(&map, &rd, &sock);
         // Write load, killed in the middle.
         let mut load = Command::new(bin("td-bench"))
-            .args(["verify", "--device", &dev, "--duration", "30s", "--iodepth", "32"])
+            .args([
+                "verify",
+                "--device",
+                &dev,
+                "--duration",
+                "30s",
+                "--iodepth",
+                "32",
+            ])
             .args(["--seed", &(run + 1).to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -134,7 +160,10 @@ fn crash_loop(slot: u32, runs: u32) {
                 if up {
                     break;
                 }
-                assert!(Instant::now() < deadline, "server {srv} did not come back: {s}");
+                assert!(
+                    Instant::now() < deadline,
+                    "server {srv} did not come back: {s}"
+                );
                 // A read to wake a session that is down.
                 let _ = read_all(&sock2);
             }
@@ -169,7 +198,15 @@ fn opens_with_a_server_down_and_copies_it_back() {
     let master = lan::master(&dir.path().join("master"), 16 << 20, &lan.urls).expect("master");
     let map = dir.path().join("down.map");
     ok(Command::new(bin("stripe-img"))
-        .args(["create", "--master", &master, "--size", "64M", "--stripes", "2"])
+        .args([
+            "create",
+            "--master",
+            &master,
+            "--size",
+            "64M",
+            "--stripes",
+            "2",
+        ])
         .args(["--stripe-size", "64k", "--replicas", "2", "-o"])
         .arg(&map));
     lan.kill(2).unwrap();
@@ -185,9 +222,13 @@ fn opens_with_a_server_down_and_copies_it_back() {
     let _d = Destroy(run.clone());
     let s = stats(&run);
     assert!(s["driver"]["stale_replicas"].as_u64().unwrap() > 0, "{s}");
-    let out = run_ok(
-        Command::new(bin("td-bench")).args(["verify", "--device", &dev, "--requests", "3000"]),
-    );
+    let out = run_ok(Command::new(bin("td-bench")).args([
+        "verify",
+        "--device",
+        &dev,
+        "--requests",
+        "3000",
+    ]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(" passed, 0 failed"), "{text}");
     read_all(&sock);
@@ -203,16 +244,27 @@ fn opens_with_a_server_down_and_copies_it_back() {
             );
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "not copied back: {s}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "not copied back: {s}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     // Writes go on while nothing is stale; then both copies must be equal.
-    let out = run_ok(
-        Command::new(bin("td-bench")).args(["verify", "--device", &dev, "--requests", "2000"]),
-    );
+    let out = run_ok(Command::new(bin("td-bench")).args([
+        "verify",
+        "--device",
+        &dev,
+        "--requests",
+        "2000",
+    ]));
     assert!(String::from_utf8_lossy(&out.stdout).contains(" passed, 0 failed"));
     ok(tap_ctl(&run).args(["destroy", "-m", "0"]));
-    assert_eq!(replica_diff(&lan, &map), 0, "replicas differ after the copy back");
+    assert_eq!(
+        replica_diff(&lan, &map),
+        0,
+        "replicas differ after the copy back"
+    );
 }
 
 #[test]

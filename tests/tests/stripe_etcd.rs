@@ -55,7 +55,10 @@ impl Master {
         let t0 = Instant::now();
         let mut c = MasterClient::new(&addr);
         while c.reachable().is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(20), "master did not start");
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "master did not start"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         m
@@ -71,7 +74,9 @@ impl Drop for Master {
 
 fn have_etcd() -> bool {
     if !etcd::available() {
-        eprintln!("skipped: needs etcd-server (apt-get install etcd-server; tests/run.sh installs it)");
+        eprintln!(
+            "skipped: needs etcd-server (apt-get install etcd-server; tests/run.sh installs it)"
+        );
         return false;
     }
     true
@@ -91,7 +96,11 @@ fn leader_killer(
             let Ok(l) = killed else { continue };
             kills += 1;
             std::thread::sleep(every / 2);
-            cluster.lock().unwrap().spawn(l).expect("restarting an etcd member");
+            cluster
+                .lock()
+                .unwrap()
+                .spawn(l)
+                .expect("restarting an etcd member");
         }
         kills
     })
@@ -262,7 +271,15 @@ fn guest_io_rides_out_etcd_leader_kills() {
     // Writes spread over the whole disk, so regions keep being marked and cleared (etcd
     // transactions) while the leader changes.
     let out = Command::new(bin("td-bench"))
-        .args(["verify", "--device", &device, "--duration", "14s", "--iodepth", "16"])
+        .args([
+            "verify",
+            "--device",
+            &device,
+            "--duration",
+            "14s",
+            "--iodepth",
+            "16",
+        ])
         .output()
         .unwrap();
     stop.store(true, Ordering::Relaxed);
@@ -276,7 +293,8 @@ fn guest_io_rides_out_etcd_leader_kills() {
     let s: serde_json::Value =
         serde_json::from_str(&ok(tap_ctl(&rundir).args(["stats", "-m", "0"]))).unwrap();
     let ring = &s["ring"];
-    let failed = ring["read"]["errors"].as_u64().unwrap() + ring["write"]["errors"].as_u64().unwrap()
+    let failed = ring["read"]["errors"].as_u64().unwrap()
+        + ring["write"]["errors"].as_u64().unwrap()
         + ring["flush"]["errors"].as_u64().unwrap();
     let d = &s["driver"];
     eprintln!(
@@ -327,7 +345,10 @@ fn write_load(
                 let Ok(mut c) = Nbd::connect(&sock) else {
                     return 0;
                 };
-                let mut x = (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(seq0) | 1;
+                let mut x = (t + 1)
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    .wrapping_add(seq0)
+                    | 1;
                 let mut n = 0;
                 let mut seq = seq0 + t;
                 while !stop.load(Ordering::Relaxed) {
@@ -370,8 +391,12 @@ fn replicas_equal(lan: &Lan, map: &Path) -> (u64, u64) {
     let (mut a, mut b) = (vec![0u8; es], vec![0u8; es]);
     let (mut blocks, mut differ) = (0, 0);
     for reps in &m.extents {
-        file(&reps[0].portal).read_exact_at(&mut a, reps[0].addr).unwrap();
-        file(&reps[1].portal).read_exact_at(&mut b, reps[1].addr).unwrap();
+        file(&reps[0].portal)
+            .read_exact_at(&mut a, reps[0].addr)
+            .unwrap();
+        file(&reps[1].portal)
+            .read_exact_at(&mut b, reps[1].addr)
+            .unwrap();
         for (x, y) in a.chunks(512).zip(b.chunks(512)) {
             blocks += 1;
             differ += u64::from(x != y);
@@ -454,7 +479,14 @@ fn hand_off_between_hosts_fences_the_old_writer() {
     stop.store(true, Ordering::Relaxed);
     ok(tap_ctl(&run_a).args(["unpause", "-m", "0"]));
     let late_stop = Arc::new(AtomicBool::new(false));
-    let late = write_load(&sock_a, blocks, b'L', 1 << 40, late_stop.clone(), log.clone());
+    let late = write_load(
+        &sock_a,
+        blocks,
+        b'L',
+        1 << 40,
+        late_stop.clone(),
+        log.clone(),
+    );
     let acked_a: u64 = ws.into_iter().map(|h| h.join().unwrap()).sum();
     std::thread::sleep(Duration::from_secs(1));
     late_stop.store(true, Ordering::Relaxed);
@@ -474,8 +506,7 @@ fn hand_off_between_hosts_fences_the_old_writer() {
     // 5. Every acknowledged write is there, read through B; no failed write is.
     let mut c = Nbd::connect(&sock_b).unwrap();
     let l = log.lock().unwrap();
-    let failed: HashMap<(u64, u64), u8> =
-        l.failed.iter().map(|&(b, s, t)| ((b, s), t)).collect();
+    let failed: HashMap<(u64, u64), u8> = l.failed.iter().map(|&(b, s, t)| ((b, s), t)).collect();
     let (mut lost, mut present_failed, mut late_found) = (0, 0, 0);
     let mut buf = vec![0u8; (1 << 20) as usize];
     for chunk in 0..(64 << 20) / (1 << 20) {
@@ -490,9 +521,8 @@ fn hand_off_between_hosts_fences_the_old_writer() {
             if failed.contains_key(&(b, seq)) && blk[..8] == b.to_le_bytes() {
                 present_failed += 1;
             }
-            match l.acked.get(&b) {
-                Some(&(s, t)) => lost += u64::from(blk != content(b, s, t).as_slice()),
-                None => {}
+            if let Some(&(s, t)) = l.acked.get(&b) {
+                lost += u64::from(blk != content(b, s, t).as_slice());
             }
         }
     }
@@ -515,7 +545,11 @@ fn hand_off_between_hosts_fences_the_old_writer() {
     assert_eq!(lost, 0, "acknowledged writes lost");
     assert_eq!(acked_late, 0, "the stale writer's writes were acknowledged");
     assert!(fenced_writes > 0, "no write refused by a target: {sa}");
-    assert_eq!(late_found + present_failed, 0, "refused writes reached the disk");
+    assert_eq!(
+        late_found + present_failed,
+        0,
+        "refused writes reached the disk"
+    );
     assert_eq!(differ, 0, "replicas differ");
     assert_eq!(sa["driver"]["fenced"], true);
     assert_eq!(sb["driver"]["control"]["held"], true, "{sb}");

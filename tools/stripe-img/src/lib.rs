@@ -419,12 +419,15 @@ fn info(a: &InfoArgs) -> Result<()> {
                 "record in etcd {} under {prefix}; this file holds generation {generation}",
                 endpoints.join(",")
             );
-            let e = stripe_etcd::Etcd::connect(endpoints, prefix, std::time::Duration::from_secs(5))?;
+            let e =
+                stripe_etcd::Etcd::connect(endpoints, prefix, std::time::Duration::from_secs(5))?;
             let (rec, _) = stripe_etcd::record::get(&e, &m.disk_id)?;
             println!("etcd has generation {}", rec.generation);
             let wk = e.key(&format!("writers/{}", m.disk_id));
             let mut cl = e.client();
-            let w = e.block_on(cl.get(wk.as_str(), None)).map_err(|x| e.err(x))?;
+            let w = e
+                .block_on(cl.get(wk.as_str(), None))
+                .map_err(|x| e.err(x))?;
             match w.kvs().first() {
                 Some(kv) => println!(
                     "writer (fencing token {}): {}",

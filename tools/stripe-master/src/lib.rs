@@ -72,7 +72,12 @@ pub enum Verb {
 pub struct ServeArgs {
     /// State folder (created if missing; locked while the master runs). The single-host
     /// default; give --etcd instead to share the state between masters.
-    #[arg(long, value_name = "DIR", required_unless_present = "etcd", conflicts_with = "etcd")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "etcd",
+        conflicts_with = "etcd"
+    )]
     pub state: Option<PathBuf>,
     /// Keep the state in etcd (client URLs, comma-separated): the master is then stateless,
     /// and several may run at once (allocations are compare-and-swap transactions).
