@@ -134,6 +134,7 @@ pub mod error;
 pub mod lab;
 pub mod login;
 pub mod pdu;
+mod reserve;
 pub mod scsi;
 pub mod session;
 pub mod text;

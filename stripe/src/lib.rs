@@ -28,6 +28,7 @@ pub mod intent;
 pub mod intent_log;
 pub mod map;
 pub mod master;
+pub mod master_server;
 pub mod path;
 pub mod proto;
 pub mod recover;
