@@ -63,6 +63,10 @@ pub struct VbdSettings {
     /// Serve an `aio:` image even if another VBD or process holds its lock (a read-write VBD
     /// locks its image exclusively, a read-only one shared); the VBD then serves it unlocked.
     pub force_share: bool,
+    /// A `stripe:` image kept in etcd is opened even if another tapdisk (on any host) holds
+    /// it: this one takes the writer role over and fences the other at the targets (the
+    /// hand-off of a live disk; see docs/operations.md).
+    pub takeover: bool,
 }
 
 impl VbdSettings {
@@ -88,6 +92,7 @@ impl VbdSettings {
         cache_slots: 0,
         iscsi_inline: false,
         force_share: false,
+        takeover: false,
     };
 
     /// Checks every setting against its range; the error names the first one that is not
@@ -125,6 +130,12 @@ impl VbdSettings {
             return Err(Error::invalid(
                 "cache_slots",
                 "cache slots are for parallax: images only",
+            ));
+        }
+        if self.takeover && image.driver != Driver::Stripe {
+            return Err(Error::invalid(
+                "takeover",
+                "taking a disk over is for stripe: images only",
             ));
         }
         if self.iscsi_inline && image.driver != Driver::Stripe {

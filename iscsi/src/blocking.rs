@@ -161,6 +161,42 @@ impl Client {
         unsafe { self.run(Command::unmap(0, self.lun, lba, blocks)) }.map(|_| ())
     }
 
+    /// PERSISTENT RESERVE IN, READ KEYS: every registered key (up to 1000).
+    pub fn pr_read_keys(&mut self) -> Result<scsi::PrKeys> {
+        let mut b = vec![0u8; 8 + 8 * 1000];
+        let n = self.read_cmd(
+            scsi::persistent_reserve_in(scsi::PrIn::ReadKeys, b.len() as u16),
+            &mut b,
+            false,
+        )? as usize;
+        scsi::PrKeys::parse(&b[..n]).ok_or_else(|| Error::Protocol("short READ KEYS data".into()))
+    }
+
+    /// PERSISTENT RESERVE IN, READ RESERVATION.
+    pub fn pr_read_reservation(&mut self) -> Result<scsi::PrReservation> {
+        let mut b = [0u8; 24];
+        let n = self.read_cmd(
+            scsi::persistent_reserve_in(scsi::PrIn::ReadReservation, b.len() as u16),
+            &mut b,
+            false,
+        )? as usize;
+        scsi::PrReservation::parse(&b[..n])
+            .ok_or_else(|| Error::Protocol("bad READ RESERVATION data".into()))
+    }
+
+    /// PERSISTENT RESERVE OUT: service action `sa` of type `ty`, with our key `key` and the
+    /// service action key `sa_key` (see [`scsi::PrOut`]).
+    pub fn pr_out(
+        &mut self,
+        sa: scsi::PrOut,
+        ty: Option<scsi::PrType>,
+        key: u64,
+        sa_key: u64,
+    ) -> Result<()> {
+        // SAFETY: the parameter list travels inline in the command.
+        unsafe { self.run(Command::pr_out(0, self.lun, sa, ty, key, sa_key)) }.map(|_| ())
+    }
+
     /// Logs out.
     pub fn close(self) {
         self.session.close();

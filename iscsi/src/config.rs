@@ -1,6 +1,8 @@
 //! Session settings and `iscsi://` URLs.
 
 use std::str::FromStr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::Error;
@@ -57,6 +59,27 @@ pub struct Config {
     pub logger: slog::Logger,
     /// Which thread drives the connection.
     pub drive: Drive,
+    /// A persistent reservation key to register on every login (see [`Registration`]).
+    pub registration: Option<Registration>,
+}
+
+/// A reservation key a session registers for its I_T nexus (PERSISTENT RESERVE OUT, REGISTER
+/// AND IGNORE EXISTING KEY) on the listed LUNs right after every login, the first and each
+/// reconnect, before any of the caller's commands go out; it then makes sure the LUN is
+/// reserved "write exclusive, registrants only" by that key, preempting lower keys (older
+/// writers: keys are fencing tokens, higher is newer) and failing the login with
+/// [`crate::Error::Fenced`] when a higher key is registered. A target ties registrations to the
+/// I_T nexus, and a reconnect is a new one (tgt gives it a new TSIH), so without this the
+/// commands resent after a reconnect would meet RESERVATION CONFLICT under a "registrants
+/// only" reservation. The key is read at each login: a holder that lost its right to write
+/// stores 0 there, and its later logins register nothing (so a fenced writer never registers
+/// itself back in).
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// The key (0: register nothing).
+    pub key: Arc<AtomicU64>,
+    /// The LUNs to register on.
+    pub luns: Vec<u16>,
 }
 
 /// Which thread drives a session's connection.
@@ -90,6 +113,7 @@ impl Config {
             reconnect_interval: Duration::from_millis(100),
             logger: slog::Logger::root(slog::Discard, slog::o!()),
             drive: Drive::Thread,
+            registration: None,
         }
     }
 }

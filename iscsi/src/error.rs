@@ -68,6 +68,18 @@ pub enum Error {
     /// A caller error.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// A newer writer's reservation key is registered: this one is fenced off the LUN.
+    #[error("fenced: {target} LUN {lun} has reservation key {newer:#x} registered, newer than ours ({key:#x}): another writer took the disk over")]
+    Fenced {
+        /// Target name.
+        target: String,
+        /// The LUN.
+        lun: u16,
+        /// Our key.
+        key: u64,
+        /// The newer key found.
+        newer: u64,
+    },
 }
 
 /// Result type of the crate.

@@ -15,7 +15,10 @@
 //! - Data-In (including status in the last Data-In), R2T-solicited Data-Out, immediate data and
 //!   unsolicited Data-Out up to FirstBurstLength.
 //! - SCSI: TEST UNIT READY, INQUIRY, READ CAPACITY(16), REPORT LUNS, READ(16), WRITE(16),
-//!   SYNCHRONIZE CACHE(16), UNMAP ([`scsi`]). CHECK CONDITION sense data (fixed or descriptor
+//!   SYNCHRONIZE CACHE(16), UNMAP, PERSISTENT RESERVE IN (READ KEYS, READ RESERVATION) and OUT
+//!   (REGISTER, REGISTER AND IGNORE EXISTING KEY, RESERVE, RELEASE, CLEAR, PREEMPT) ([`scsi`]);
+//!   a session can register a reservation key after every login ([`Registration`]), so a
+//!   writer that holds a "registrants only" reservation keeps writing across reconnects. CHECK CONDITION sense data (fixed or descriptor
 //!   format) is decoded into [`IoError::Check`], which names the sense key and, for the codes
 //!   a block device meets, the ASC/ASCQ ("ILLEGAL REQUEST, LOGICAL BLOCK ADDRESS OUT OF RANGE").
 //! - NOP-In/NOP-Out: target pings are answered; after [`Config::nop_interval`] of silence we
@@ -131,12 +134,13 @@ pub mod error;
 pub mod lab;
 pub mod login;
 pub mod pdu;
+mod reserve;
 pub mod scsi;
 pub mod session;
 pub mod text;
 
 pub use blocking::Client;
-pub use config::{Chap, Config, Drive, Url};
+pub use config::{Chap, Config, Drive, Registration, Url};
 pub use conn::{Command, Completion};
 pub use error::{Error, IoError, Result};
 pub use login::{discover, DiscoveredTarget};

@@ -7,6 +7,9 @@ use std::fmt;
 pub const STATUS_GOOD: u8 = 0x00;
 /// SCSI status CHECK CONDITION (sense data follows).
 pub const STATUS_CHECK_CONDITION: u8 = 0x02;
+/// SCSI status RESERVATION CONFLICT: another initiator holds a reservation that excludes this
+/// command (a fenced writer's writes end here).
+pub const STATUS_RESERVATION_CONFLICT: u8 = 0x18;
 
 /// A 16-byte CDB (shorter CDBs are zero-padded, as the SCSI Command PDU carries them).
 pub type Cdb = [u8; 16];
@@ -94,6 +97,167 @@ pub fn unmap_params(lba: u64, blocks: u32) -> [u8; UNMAP_PARAM_LEN] {
     p[8..16].copy_from_slice(&lba.to_be_bytes());
     p[16..20].copy_from_slice(&blocks.to_be_bytes());
     p
+}
+
+/// Length of a PERSISTENT RESERVE OUT parameter list (SPC-5 6.17.3; every service action we
+/// send but REGISTER AND MOVE). The same length as UNMAP's list, so both travel inline.
+pub const PR_OUT_PARAM_LEN: usize = 24;
+
+/// The longest parameter list a command carries inline ([`crate::Command::inline`]).
+pub const INLINE_PARAM_LEN: usize = UNMAP_PARAM_LEN;
+
+const _: () = assert!(PR_OUT_PARAM_LEN == INLINE_PARAM_LEN);
+
+/// PERSISTENT RESERVE IN service actions (SPC-5 6.16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PrIn {
+    /// Every registered reservation key.
+    ReadKeys = 0x00,
+    /// The reservation, if any: its holder's key, scope and type.
+    ReadReservation = 0x01,
+}
+
+/// PERSISTENT RESERVE OUT service actions (SPC-5 6.17).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PrOut {
+    /// Register (or, with a zero service action key, unregister) this I_T nexus; the
+    /// reservation key must be the current one (0 when not registered).
+    Register = 0x00,
+    /// Take the reservation (the I_T nexus must be registered).
+    Reserve = 0x01,
+    /// Give the reservation up.
+    Release = 0x02,
+    /// Remove every registration and the reservation.
+    Clear = 0x03,
+    /// Remove the registrations of the service action key (and take its reservation).
+    Preempt = 0x04,
+    /// Register whatever key this I_T nexus had.
+    RegisterAndIgnoreExistingKey = 0x06,
+}
+
+/// Persistent reservation types (SPC-5 table 230).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PrType {
+    /// Only the holder writes; everyone reads.
+    WriteExclusive = 0x1,
+    /// Only the holder reads or writes.
+    ExclusiveAccess = 0x3,
+    /// Every registered I_T nexus writes; everyone reads. What the `stripe:` driver holds:
+    /// all sessions of the one writer register its key.
+    WriteExclusiveRegistrantsOnly = 0x5,
+    /// Every registered I_T nexus reads and writes.
+    ExclusiveAccessRegistrantsOnly = 0x6,
+}
+
+impl PrType {
+    /// From the TYPE field (None for a type we do not know).
+    pub fn from_u8(v: u8) -> Option<PrType> {
+        Some(match v {
+            0x1 => PrType::WriteExclusive,
+            0x3 => PrType::ExclusiveAccess,
+            0x5 => PrType::WriteExclusiveRegistrantsOnly,
+            0x6 => PrType::ExclusiveAccessRegistrantsOnly,
+            _ => return None,
+        })
+    }
+}
+
+/// PERSISTENT RESERVE IN with service action `sa`, returning up to `alloc` bytes.
+pub fn persistent_reserve_in(sa: PrIn, alloc: u16) -> Cdb {
+    let mut c = [0u8; 16];
+    c[0] = 0x5e;
+    c[1] = sa as u8;
+    c[7..9].copy_from_slice(&alloc.to_be_bytes());
+    c
+}
+
+/// PERSISTENT RESERVE OUT with service action `sa` and reservation type `ty` (scope: the
+/// logical unit), with a parameter list of [`PR_OUT_PARAM_LEN`] bytes (see [`pr_out_params`]).
+pub fn persistent_reserve_out(sa: PrOut, ty: Option<PrType>) -> Cdb {
+    let mut c = [0u8; 16];
+    c[0] = 0x5f;
+    c[1] = sa as u8;
+    c[2] = ty.map_or(0, |t| t as u8);
+    c[5..9].copy_from_slice(&(PR_OUT_PARAM_LEN as u32).to_be_bytes());
+    c
+}
+
+/// The PERSISTENT RESERVE OUT parameter list: our current reservation key and the service
+/// action's key (the new key of a REGISTER, the key preempted by a PREEMPT); no SPEC_I_PT,
+/// ALL_TG_PT or APTPL.
+pub fn pr_out_params(key: u64, sa_key: u64) -> [u8; PR_OUT_PARAM_LEN] {
+    let mut p = [0u8; PR_OUT_PARAM_LEN];
+    p[0..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    p
+}
+
+/// READ KEYS parameter data: the PR generation and the registered keys (one per registered
+/// I_T nexus, so a key may appear more than once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrKeys {
+    /// Bumped by the target on every registration change.
+    pub generation: u32,
+    /// The keys, as listed.
+    pub keys: Vec<u64>,
+}
+
+impl PrKeys {
+    /// Decodes READ KEYS parameter data (`d` may be cut short by the allocation length: only
+    /// whole keys present are taken).
+    pub fn parse(d: &[u8]) -> Option<PrKeys> {
+        if d.len() < 8 {
+            return None;
+        }
+        let generation = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
+        let len = u32::from_be_bytes([d[4], d[5], d[6], d[7]]) as usize;
+        let list = &d[8..];
+        let n = len.min(list.len()) / 8;
+        let keys = list
+            .chunks_exact(8)
+            .take(n)
+            .map(|k| u64::from_be_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]]))
+            .collect();
+        Some(PrKeys { generation, keys })
+    }
+}
+
+/// READ RESERVATION parameter data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrReservation {
+    /// The PR generation.
+    pub generation: u32,
+    /// The holder's key and the type (the raw TYPE field, see [`PrType::from_u8`]), when the
+    /// logical unit is reserved.
+    pub holder: Option<(u64, u8)>,
+}
+
+impl PrReservation {
+    /// Decodes READ RESERVATION parameter data.
+    pub fn parse(d: &[u8]) -> Option<PrReservation> {
+        if d.len() < 8 {
+            return None;
+        }
+        let generation = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
+        let len = u32::from_be_bytes([d[4], d[5], d[6], d[7]]);
+        if len == 0 {
+            return Some(PrReservation {
+                generation,
+                holder: None,
+            });
+        }
+        if len < 16 || d.len() < 24 {
+            return None;
+        }
+        let key = u64::from_be_bytes([d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15]]);
+        Some(PrReservation {
+            generation,
+            holder: Some((key, d[21] & 0x0f)),
+        })
+    }
 }
 
 /// What READ CAPACITY(16) says.
@@ -254,6 +418,9 @@ impl Sense {
             (0x29, 0x00) => "POWER ON, RESET, OR BUS DEVICE RESET OCCURRED",
             (0x29, 0x01) => "POWER ON OCCURRED",
             (0x29, 0x07) => "I_T NEXUS LOSS OCCURRED",
+            (0x2a, 0x03) => "RESERVATIONS PREEMPTED",
+            (0x2a, 0x04) => "RESERVATIONS RELEASED",
+            (0x2a, 0x05) => "REGISTRATIONS PREEMPTED",
             (0x2a, 0x01) => "MODE PARAMETERS CHANGED",
             (0x2a, 0x09) => "CAPACITY DATA HAS CHANGED",
             (0x3a, 0x00) => "MEDIUM NOT PRESENT",
@@ -333,6 +500,41 @@ mod tests {
         );
         assert_eq!(Sense::parse(&[0x10]), None);
         assert_eq!(Sense::parse(&[]), None);
+    }
+
+    #[test]
+    fn persistent_reservations() {
+        let c = persistent_reserve_out(PrOut::Preempt, Some(PrType::WriteExclusiveRegistrantsOnly));
+        assert_eq!(&c[..3], &[0x5f, 0x04, 0x05]);
+        assert_eq!(&c[5..9], &[0, 0, 0, 24]);
+        let p = pr_out_params(0x0102, 0xa0b0);
+        assert_eq!(&p[6..8], &[1, 2]);
+        assert_eq!(&p[14..16], &[0xa0, 0xb0]);
+        assert!(p[16..].iter().all(|&b| b == 0));
+        let c = persistent_reserve_in(PrIn::ReadKeys, 4096);
+        assert_eq!((c[0], c[1], c[7], c[8]), (0x5e, 0, 0x10, 0));
+        // Two keys, a third cut off by the allocation length, and a length that lies.
+        let mut d = vec![0, 0, 0, 7, 0, 0, 0, 24];
+        d.extend_from_slice(&5u64.to_be_bytes());
+        d.extend_from_slice(&9u64.to_be_bytes());
+        d.extend_from_slice(&[1, 2, 3]);
+        let k = PrKeys::parse(&d).unwrap();
+        assert_eq!((k.generation, k.keys), (7, vec![5, 9]));
+        d[7] = 0xff;
+        assert_eq!(PrKeys::parse(&d).unwrap().keys.len(), 2);
+        assert_eq!(PrKeys::parse(&d[..5]), None);
+        let none = [0, 0, 0, 3, 0, 0, 0, 0];
+        assert_eq!(PrReservation::parse(&none).unwrap().holder, None);
+        let mut held = vec![0, 0, 0, 3, 0, 0, 0, 16];
+        held.extend_from_slice(&42u64.to_be_bytes());
+        held.extend_from_slice(&[0, 0, 0, 0, 0, 0x05, 0, 0]);
+        assert_eq!(PrReservation::parse(&held).unwrap().holder, Some((42, 5)));
+        assert_eq!(PrReservation::parse(&held[..20]), None);
+        assert_eq!(
+            PrType::from_u8(5),
+            Some(PrType::WriteExclusiveRegistrantsOnly)
+        );
+        assert_eq!(PrType::from_u8(2), None);
     }
 
     #[test]

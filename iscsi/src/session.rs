@@ -108,7 +108,29 @@ impl Session {
     /// starts the IO thread.
     pub fn connect(cfg: &Config) -> Result<Session> {
         let isid = new_isid();
-        let (stream, logged) = open(cfg, isid)?;
+        let first = open(cfg, isid)?;
+        Session::start(cfg, isid, Some(first))
+    }
+
+    /// As [`Session::connect`], but a target that cannot be logged in to now gives a session
+    /// that starts [`State::Down`] (with the error), not a failure: its first commands try a
+    /// login (at most once per reconnect interval) and fail at once while none succeeds, so a
+    /// caller with other copies of the data can open now and use this target when it returns.
+    /// A [`Error::Fenced`] login is still an error.
+    pub fn connect_or_down(cfg: &Config) -> Result<(Session, Option<Error>)> {
+        let isid = new_isid();
+        match open(cfg, isid) {
+            Ok(first) => Ok((Session::start(cfg, isid, Some(first))?, None)),
+            Err(e @ Error::Fenced { .. }) => Err(e),
+            Err(e) => {
+                warn!(cfg.logger, "iSCSI target unreachable at start; session starts down";
+                      "target" => &cfg.target, "portal" => &cfg.portal, "error" => %e);
+                Ok((Session::start(cfg, isid, None)?, Some(e)))
+            }
+        }
+    }
+
+    fn start(cfg: &Config, isid: [u8; 6], first: Option<(TcpStream, LoggedIn)>) -> Result<Session> {
         let depth = usize::from(cfg.queue_depth.clamp(1, 4096));
         let shared = Arc::new(Shared {
             sq: ArrayQueue::new(depth),
@@ -119,7 +141,11 @@ impl Session {
             sleeping: AtomicBool::new(false),
             armed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
-            state: AtomicU8::new(State::Up as u8),
+            state: AtomicU8::new(if first.is_some() {
+                State::Up
+            } else {
+                State::Down
+            } as u8),
             reconnects: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -128,8 +154,6 @@ impl Session {
             nop_answers: AtomicU64::new(0),
             r2ts: AtomicU64::new(0),
         });
-        info!(cfg.logger, "iSCSI session up"; "target" => &cfg.target, "portal" => &cfg.portal,
-              "params" => format!("{:?}", logged.params));
         let mut conn = Conn::new(
             depth as u16,
             cfg.offer.max_recv_data_segment,
@@ -137,14 +161,21 @@ impl Session {
             cfg.nop_timeout,
         );
         conn.set_command_timeout(cfg.command_timeout);
-        conn.bind(&logged);
-        let params = logged.params;
+        let (stream, params) = match first {
+            Some((stream, logged)) => {
+                info!(cfg.logger, "iSCSI session up"; "target" => &cfg.target, "portal" => &cfg.portal,
+                      "params" => format!("{:?}", logged.params));
+                conn.bind(&logged);
+                (Some(stream), logged.params)
+            }
+            None => (None, Params::defaults(&cfg.offer)),
+        };
         let mut io = IoThread {
             cfg: cfg.clone(),
             isid,
             shared: shared.clone(),
             conn,
-            sock: Some(stream),
+            sock: stream,
             depth,
             last_attempt: None,
             signalled: false,
@@ -420,10 +451,14 @@ fn open(cfg: &Config, isid: [u8; 6]) -> Result<(TcpStream, LoggedIn)> {
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
     stream.set_nonblocking(true)?;
+    let logged = match &cfg.registration {
+        Some(reg) => crate::reserve::register(cfg, &stream, logged, reg, deadline)?,
+        None => logged,
+    };
     Ok((stream, logged))
 }
 
-struct SockWire<'a>(&'a TcpStream);
+pub(crate) struct SockWire<'a>(pub(crate) &'a TcpStream);
 
 impl Wire for SockWire<'_> {
     unsafe fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {

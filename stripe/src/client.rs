@@ -108,8 +108,11 @@ impl MasterClient {
                     self.conn = None;
                     if Instant::now() + wait > deadline {
                         return Err(Error::Master(format!(
-                            "master {}: {e} (after {} attempts)",
-                            self.addr, self.last_attempts
+                            "master {}: {} (after {} attempts in {} s)",
+                            self.addr,
+                            describe_io(&e, self.attempt_timeout),
+                            self.last_attempts,
+                            self.retry_for.as_secs()
                         )));
                     }
                     std::thread::sleep(wait);
@@ -117,6 +120,14 @@ impl MasterClient {
                 }
             }
         }
+    }
+
+    /// Calls `MASTER_NULL` once, without retrying: whether the master answers at all.
+    pub fn reachable(&mut self) -> Result<(), Error> {
+        let retry = std::mem::replace(&mut self.retry_for, Duration::ZERO);
+        let r = self.ping();
+        self.retry_for = retry;
+        r
     }
 
     fn result<T>(
@@ -175,5 +186,72 @@ impl MasterClient {
     pub fn list(&mut self) -> Result<ListRes, Error> {
         let rec = self.call(proto::PROC_LIST, &[])?;
         self.result(&rec, proto::decode_list_res)
+    }
+}
+
+/// An attempt's failure in words an operator reads (a read timeout is "no answer within 10 s",
+/// not "Resource temporarily unavailable").
+pub fn describe_io(e: &io::Error, attempt_timeout: Duration) -> String {
+    let t = attempt_timeout.as_secs_f64();
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            format!("no answer within {t} s")
+        }
+        io::ErrorKind::ConnectionRefused => {
+            "connection refused (is stripe-master running there?)".to_owned()
+        }
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => {
+            "the master closed the connection".to_owned()
+        }
+        io::ErrorKind::NotFound => "the address does not resolve".to_owned(),
+        _ => {
+            // The OS text without " (os error N)".
+            let s = e.to_string();
+            match s.find(" (os error") {
+                Some(i) => s[..i].to_owned(),
+                None => s,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_read_as_timeouts() {
+        let t = Duration::from_secs(10);
+        let e = io::Error::from_raw_os_error(libc::EAGAIN);
+        assert_eq!(describe_io(&e, t), "no answer within 10 s");
+        let e = io::Error::from(io::ErrorKind::TimedOut);
+        assert_eq!(
+            describe_io(&e, Duration::from_millis(500)),
+            "no answer within 0.5 s"
+        );
+        let e = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert!(describe_io(&e, t).starts_with("connection refused"));
+        let e = io::Error::from_raw_os_error(libc::EHOSTUNREACH);
+        assert!(
+            !describe_io(&e, t).contains("os error"),
+            "{}",
+            describe_io(&e, t)
+        );
+    }
+
+    #[test]
+    fn an_unreachable_master_is_reported_in_words() {
+        // A port nobody listens on: refused at once, retried for the time given, then named.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut c = MasterClient::new(&format!("127.0.0.1:{port}"));
+        c.retry_for = Duration::from_millis(100);
+        let e = c.ping().unwrap_err().to_string();
+        assert!(e.contains("connection refused"), "{e}");
+        assert!(!e.contains("os error"), "{e}");
+        assert!(c.reachable().is_err());
     }
 }

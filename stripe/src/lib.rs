@@ -12,15 +12,27 @@
 //!   procedures make safe.
 //! - [`map`]: the mapping file: a disk's geometry and extents, versioned and checksummed,
 //!   held under an exclusive lock by the tapdisk that serves it; and the layout arithmetic.
+//! - [`path`]: the data path ([`path::Striper`], one per event loop) over a [`disk::Disk`]
+//!   that all of them share, whose [`control::Control`] holds the writer role and the durable
+//!   marks: a locked mapping file on one host, or etcd (crate `stripe-etcd`) across hosts.
+//! - [`intent`], [`intent_log`], [`resync`]: the write-intent record that keeps the replicas
+//!   of a disk equal across crashes and takeovers, and the copy that makes them so.
 //!
 //! `stripe-master` (the daemon and operator commands) and `stripe-img` (create and inspect
 //! striped disks) in `tools/` are the front ends.
 
 pub mod client;
+pub mod control;
+pub mod disk;
+pub mod intent;
+pub mod intent_log;
 pub mod map;
 pub mod master;
+pub mod master_server;
 pub mod path;
 pub mod proto;
+pub mod recover;
+pub mod resync;
 pub mod rpc;
 pub mod xdr;
 

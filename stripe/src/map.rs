@@ -56,8 +56,12 @@ fn invalid(msg: impl Into<String>) -> Error {
 
 /// The first line's magic word.
 pub const MAGIC: &str = "tapdisk-stripe-map";
-/// The format version written and read.
+/// The format version of a file-backed disk's map (written and read).
 pub const VERSION: u32 = 1;
+/// The format version of an etcd-backed disk's local cache (written and read): version 1 with
+/// two more lines after `master`, `store etcd ENDPOINTS PREFIX` (endpoints separated by
+/// commas) and `generation N` (the record's generation this cache holds).
+pub const VERSION_ETCD: u32 = 2;
 /// Largest mapping file read.
 pub const MAX_FILE: u64 = 64 << 20;
 /// Most stripes.
@@ -68,7 +72,7 @@ pub const MAX_REPLICAS: u32 = 8;
 pub const MAX_EXTENTS: u32 = 1 << 20;
 
 /// The shape of a striped disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Geometry {
     /// Bytes.
     pub size: u64,
@@ -171,7 +175,7 @@ impl Geometry {
 }
 
 /// One replica of one extent index: `len = extent-size` bytes at `addr` on a LUN.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MapExtent {
     /// `host:port` of the iSCSI portal.
     pub portal: String,
@@ -181,6 +185,23 @@ pub struct MapExtent {
     pub lun: u16,
     /// Byte offset on the LUN.
     pub addr: u64,
+}
+
+/// Where a disk's record lives.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Store {
+    /// The mapping file is the record (format version 1), locked with `flock` while served.
+    #[default]
+    File,
+    /// The record is in etcd and the file is this host's cache of it (format version 2).
+    Etcd {
+        /// Client URLs of the etcd members.
+        endpoints: Vec<String>,
+        /// The key prefix of the stripe keyspace.
+        prefix: String,
+        /// The record's generation the file holds.
+        generation: u64,
+    },
 }
 
 /// A parsed, validated mapping file.
@@ -194,6 +215,8 @@ pub struct StripeMap {
     pub geometry: Geometry,
     /// `extents[index][replica]`.
     pub extents: Vec<Vec<MapExtent>>,
+    /// Where the record lives.
+    pub store: Store,
 }
 
 fn word_ok(s: &str) -> bool {
@@ -272,9 +295,24 @@ impl StripeMap {
         use std::fmt::Write as _;
         let g = &self.geometry;
         let mut s = String::new();
-        let _ = writeln!(s, "{MAGIC} {VERSION}");
-        let _ = writeln!(s, "disk-id {}", self.disk_id);
-        let _ = writeln!(s, "master {}", self.master);
+        match &self.store {
+            Store::File => {
+                let _ = writeln!(s, "{MAGIC} {VERSION}");
+                let _ = writeln!(s, "disk-id {}", self.disk_id);
+                let _ = writeln!(s, "master {}", self.master);
+            }
+            Store::Etcd {
+                endpoints,
+                prefix,
+                generation,
+            } => {
+                let _ = writeln!(s, "{MAGIC} {VERSION_ETCD}");
+                let _ = writeln!(s, "disk-id {}", self.disk_id);
+                let _ = writeln!(s, "master {}", self.master);
+                let _ = writeln!(s, "store etcd {} {prefix}", endpoints.join(","));
+                let _ = writeln!(s, "generation {generation}");
+            }
+        }
         let _ = writeln!(s, "size {}", g.size);
         let _ = writeln!(s, "stripes {}", g.stripes);
         let _ = writeln!(s, "stripe-size {}", g.stripe_size);
@@ -336,17 +374,39 @@ impl StripeMap {
                 "not a stripe mapping file (no `{MAGIC}` line first)"
             ))
         })?;
-        if version != VERSION.to_string() {
+        let etcd = if version == VERSION.to_string() {
+            false
+        } else if version == VERSION_ETCD.to_string() {
+            true
+        } else {
             return Err(invalid(format!(
-                "format version {version:?} is not {VERSION}"
+                "format version {version:?} is not {VERSION} or {VERSION_ETCD}"
             )));
-        }
+        };
         fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, Error> {
             v.parse()
                 .map_err(|_| invalid(format!("{key} {v:?} is not a number in range")))
         }
         let disk_id = header("disk-id")?;
         let master = header("master")?;
+        let store = if etcd {
+            let st = header("store")?;
+            let (kind, rest) = st.split_once(' ').unwrap_or((st.as_str(), ""));
+            let (eps, prefix) = rest.split_once(' ').unwrap_or((rest, ""));
+            if kind != "etcd" || eps.is_empty() || !word_ok(prefix) || !word_ok(eps) {
+                return Err(invalid(
+                    "the store line is not `store etcd ENDPOINT[,ENDPOINT...] PREFIX`",
+                ));
+            }
+            let generation = num("generation", &header("generation")?)?;
+            Store::Etcd {
+                endpoints: eps.split(',').map(str::to_owned).collect(),
+                prefix: prefix.to_owned(),
+                generation,
+            }
+        } else {
+            Store::File
+        };
         let size = num("size", &header("size")?)?;
         let stripes = num("stripes", &header("stripes")?)?;
         let stripe_size = num("stripe-size", &header("stripe-size")?)?;
@@ -404,6 +464,7 @@ impl StripeMap {
             master,
             geometry,
             extents,
+            store,
         };
         m.check()?;
         Ok(m)
@@ -617,6 +678,7 @@ pub(crate) mod tests {
             master: "-".into(),
             geometry,
             extents,
+            store: Store::File,
         }
     }
 
@@ -677,10 +739,27 @@ pub(crate) mod tests {
         let v2 = t.replacen("tapdisk-stripe-map 1", "tapdisk-stripe-map 2", 1);
         let body = &v2[..v2.rfind("crc32c").unwrap()];
         let v2 = format!("{body}crc32c {:08x}\n", crc32c::crc32c(body.as_bytes()));
-        assert!(StripeMap::parse(v2.as_bytes())
+        assert!(StripeMap::parse(v2.as_bytes()).is_err());
+        let v9 = t.replacen("tapdisk-stripe-map 1", "tapdisk-stripe-map 9", 1);
+        let body = &v9[..v9.rfind("crc32c").unwrap()];
+        let v9 = format!("{body}crc32c {:08x}\n", crc32c::crc32c(body.as_bytes()));
+        assert!(StripeMap::parse(v9.as_bytes())
             .unwrap_err()
             .to_string()
             .contains("version"));
+        // An etcd-backed cache round-trips too.
+        let mut e = m.clone();
+        e.store = Store::Etcd {
+            endpoints: vec![
+                "http://127.0.0.1:2379".into(),
+                "http://127.0.0.1:22379".into(),
+            ],
+            prefix: "/tapdisk-rs/stripe".into(),
+            generation: 7,
+        };
+        let t = e.to_text();
+        assert!(t.starts_with("tapdisk-stripe-map 2\n"), "{t}");
+        assert_eq!(StripeMap::parse(t.as_bytes()).unwrap(), e);
     }
 
     #[test]

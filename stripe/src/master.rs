@@ -24,41 +24,40 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::master_server::{Backend, FileBackend, Master};
 use crate::proto::{
     self, AllocArgs, Extent, ExtentState, Failure, ListRes, Placement, RegisterArgs, Status,
 };
-use crate::rpc::{self, ReplyStatus};
-use crate::xdr::{Dec, Enc};
 use crate::Error;
 
 /// Most extents a master registers in all.
 pub const MAX_TOTAL_EXTENTS: usize = 1 << 20;
 /// Most replicas of one extent index.
 pub const MAX_REPLICAS: u32 = 8;
-/// Largest call record the master reads.
-const MAX_CALL: usize = 64 * 1024;
-/// Connections served at once.
-const MAX_CONNECTIONS: usize = 64;
 
+/// Who holds an extent: one replica of one extent index of a disk.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-struct Owner {
-    disk: String,
-    index: u32,
-    replica: u32,
+pub struct Owner {
+    /// The disk id.
+    pub disk: String,
+    /// Extent index in the disk.
+    pub index: u32,
+    /// Replica number.
+    pub replica: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Slot {
-    extent: Extent,
-    owner: Option<Owner>,
+/// A registered extent and its owner, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    /// The extent.
+    pub extent: Extent,
+    /// Its owner, when allocated.
+    pub owner: Option<Owner>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,6 +133,28 @@ impl State {
             }
         }
         Ok(State { s, owners })
+    }
+
+    /// A state from its parts (a store other than `state.json`, e.g. etcd); checked as a
+    /// loaded file is.
+    pub fn from_slots(extent_size: u64, next_id: u64, extents: Vec<Slot>) -> Result<State, Error> {
+        let s = Stored {
+            version: STATE_VERSION,
+            extent_size,
+            next_id,
+            extents,
+        };
+        State::from_stored(s, Path::new("(store)"))
+    }
+
+    /// Every registered extent and its owner, in registration order.
+    pub fn slots(&self) -> &[Slot] {
+        &self.s.extents
+    }
+
+    /// The id the next registered extent gets.
+    pub fn next_id(&self) -> u64 {
+        self.s.next_id
     }
 
     /// Extent size in bytes.
@@ -484,184 +505,6 @@ impl Store {
             File::open(&self.dir)?.sync_all()
         })();
         r.map_err(|e| Error::io(&path, e))
-    }
-}
-
-/// A running master: the state behind a mutex (calls are rare and short) and its store.
-pub struct Master {
-    inner: Mutex<(Option<Store>, State)>,
-    log: slog::Logger,
-}
-
-impl Master {
-    /// A master over an opened store.
-    pub fn new(store: Store, state: State, log: slog::Logger) -> Arc<Master> {
-        Arc::new(Master {
-            inner: Mutex::new((Some(store), state)),
-            log,
-        })
-    }
-
-    /// A master that keeps its state in memory only (tests and fuzzing).
-    pub fn in_memory(state: State) -> Master {
-        Master {
-            inner: Mutex::new((None, state)),
-            log: slog::Logger::root(slog::Discard, slog::o!()),
-        }
-    }
-
-    /// Applies a change to a copy of the state, stores it, then makes it current.
-    fn change<T>(&self, f: impl FnOnce(&mut State) -> Result<T, Failure>) -> Result<T, Failure> {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = g.1.clone();
-        let out = f(&mut next)?;
-        if let Some(store) = &g.0 {
-            if let Err(e) = store.save(&next) {
-                slog::error!(self.log, "storing state failed"; "error" => %e);
-                return Err(Failure::new(Status::Storage, e.to_string()));
-            }
-        }
-        g.1 = next;
-        Ok(out)
-    }
-
-    /// Executes one call record; returns the reply record, or None for a record too broken
-    /// to answer (no xid).
-    pub fn handle(&self, call: &[u8]) -> Option<Vec<u8>> {
-        let mut d = Dec::new(call);
-        let h = match rpc::decode_call(&mut d) {
-            Ok(h) => h,
-            Err(_) => {
-                // Answer GARBAGE_ARGS if at least the xid is there.
-                let xid = Dec::new(call).u32().ok()?;
-                let mut e = Enc::new();
-                rpc::encode_reply(&mut e, xid, ReplyStatus::GarbageArgs);
-                return Some(e.into_bytes());
-            }
-        };
-        let mut e = Enc::new();
-        if h.rpcvers != rpc::RPC_VERSION {
-            rpc::encode_reply(&mut e, h.xid, ReplyStatus::RpcMismatch(2, 2));
-            return Some(e.into_bytes());
-        }
-        if h.prog != proto::PROG {
-            rpc::encode_reply(&mut e, h.xid, ReplyStatus::ProgUnavail);
-            return Some(e.into_bytes());
-        }
-        if h.vers != proto::VERS {
-            rpc::encode_reply(
-                &mut e,
-                h.xid,
-                ReplyStatus::ProgMismatch(proto::VERS, proto::VERS),
-            );
-            return Some(e.into_bytes());
-        }
-        let garbage = |xid| {
-            let mut e = Enc::new();
-            rpc::encode_reply(&mut e, xid, ReplyStatus::GarbageArgs);
-            Some(e.into_bytes())
-        };
-        match h.proc_ {
-            proto::PROC_NULL => {
-                if d.finish().is_err() {
-                    return garbage(h.xid);
-                }
-                rpc::encode_reply(&mut e, h.xid, ReplyStatus::Success);
-            }
-            proto::PROC_REGISTER => {
-                let Ok(a) = RegisterArgs::decode(&mut d).and_then(|a| d.finish().map(|_| a)) else {
-                    return garbage(h.xid);
-                };
-                let r = self.change(|s| s.register(&a));
-                slog::info!(self.log, "register"; "portal" => &a.portal, "target" => &a.target,
-                    "lun" => a.lun, "start" => a.start, "count" => a.count,
-                    "result" => format!("{r:?}"));
-                rpc::encode_reply(&mut e, h.xid, ReplyStatus::Success);
-                proto::encode_register_res(&mut e, &r);
-            }
-            proto::PROC_ALLOCATE => {
-                let Ok(a) = AllocArgs::decode(&mut d).and_then(|a| d.finish().map(|_| a)) else {
-                    return garbage(h.xid);
-                };
-                let r = self.change(|s| s.allocate(&a));
-                slog::info!(self.log, "allocate"; "disk" => &a.disk, "first" => a.first,
-                    "count" => a.count, "replicas" => a.replicas,
-                    "result" => match &r { Ok(p) => format!("{} placements", p.len()), Err(f) => f.to_string() });
-                rpc::encode_reply(&mut e, h.xid, ReplyStatus::Success);
-                proto::encode_alloc_res(&mut e, &r);
-            }
-            proto::PROC_RELEASE => {
-                let Ok(disk) = d
-                    .string(proto::MAX_NAME, "disk id")
-                    .and_then(|s| d.finish().map(|_| s))
-                else {
-                    return garbage(h.xid);
-                };
-                let r = self.change(|s| s.release(&disk));
-                slog::info!(self.log, "release"; "disk" => &disk, "result" => format!("{r:?}"));
-                rpc::encode_reply(&mut e, h.xid, ReplyStatus::Success);
-                proto::encode_release_res(&mut e, &r);
-            }
-            proto::PROC_LIST => {
-                if d.finish().is_err() {
-                    return garbage(h.xid);
-                }
-                let l = {
-                    let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-                    g.1.list()
-                };
-                rpc::encode_reply(&mut e, h.xid, ReplyStatus::Success);
-                proto::encode_list_res(&mut e, &l);
-            }
-            _ => rpc::encode_reply(&mut e, h.xid, ReplyStatus::ProcUnavail),
-        }
-        Some(e.into_bytes())
-    }
-
-    /// Serves one connection until the peer closes it or sends something unreadable.
-    pub fn serve_conn(&self, mut s: TcpStream) {
-        let _ = s.set_read_timeout(Some(Duration::from_secs(300)));
-        let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
-        let _ = s.set_nodelay(true);
-        loop {
-            let rec = match rpc::read_record(&mut s, MAX_CALL) {
-                Ok(Some(r)) => r,
-                Ok(None) => return,
-                Err(e) => {
-                    slog::debug!(self.log, "connection dropped"; "error" => %e);
-                    return;
-                }
-            };
-            let Some(reply) = self.handle(&rec) else {
-                return;
-            };
-            if rpc::write_record(&mut s, &reply).is_err() {
-                return;
-            }
-        }
-    }
-
-    /// Accepts connections forever, one thread each (at most [`MAX_CONNECTIONS`] at once).
-    pub fn serve(self: &Arc<Master>, l: TcpListener) -> io::Result<()> {
-        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        loop {
-            let (s, peer) = match l.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            if live.load(std::sync::atomic::Ordering::Relaxed) >= MAX_CONNECTIONS {
-                slog::warn!(self.log, "too many connections; refusing one"; "peer" => %peer);
-                continue;
-            }
-            live.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let m = Arc::clone(self);
-            let live = Arc::clone(&live);
-            std::thread::spawn(move || {
-                m.serve_conn(s);
-                live.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            });
-        }
     }
 }
 

@@ -33,15 +33,17 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use iscsi::Drive;
-use iscsi::{scsi, Command, Config, IoError, Session, State, SubmitError};
+use iscsi::{scsi, Command, Config, IoError, Registration, Session, State, SubmitError};
+use nix::sys::eventfd::EventFd;
 
-use crate::map::{Geometry, LockedMap, StripeMap};
+pub use crate::disk::{parse_stale_marks, Disk, ServerStats};
+use crate::map::{Geometry, StripeMap};
 use crate::Error;
 
 /// Bytes per LBA on the LUNs (the only block size served).
@@ -89,305 +91,6 @@ impl Default for Options {
             drive: Drive::Thread,
         }
     }
-}
-
-/// Counters of one server, shared by every event loop of the disk.
-#[derive(Debug, Default)]
-pub struct ServerStats {
-    /// `host:port`.
-    pub portal: String,
-    /// Target IQN.
-    pub target: String,
-    /// Commands completed.
-    pub ios: AtomicU64,
-    /// Bytes read or written.
-    pub bytes: AtomicU64,
-    /// Commands failed.
-    pub errors: AtomicU64,
-    /// Reads sent to another replica after this server failed them.
-    pub failovers: AtomicU64,
-    /// Reconnects seen.
-    pub reconnects: AtomicU64,
-    /// Last seen [`State`] (as u8).
-    pub state: AtomicU8,
-}
-
-impl ServerStats {
-    /// As JSON for `tap-ctl stats`.
-    pub fn json(&self) -> serde_json::Value {
-        let st = match self.state.load(Ordering::Relaxed) {
-            0 => "up",
-            1 => "reconnecting",
-            2 => "down",
-            _ => "closed",
-        };
-        serde_json::json!({
-            "portal": self.portal,
-            "target": self.target,
-            "state": st,
-            "ios": self.ios.load(Ordering::Relaxed),
-            "bytes": self.bytes.load(Ordering::Relaxed),
-            "errors": self.errors.load(Ordering::Relaxed),
-            "failovers": self.failovers.load(Ordering::Relaxed),
-            "reconnects": self.reconnects.load(Ordering::Relaxed),
-        })
-    }
-}
-
-/// What every event loop of one disk shares: the geometry, the map's path and lock, the stale
-/// marks and the per-server counters.
-pub struct Disk {
-    /// The geometry.
-    pub geometry: Geometry,
-    map_path: PathBuf,
-    locked: Mutex<LockedMap>,
-    /// `index * replicas + replica`: the replica missed a write.
-    stale: Box<[AtomicBool]>,
-    stale_file: PathBuf,
-    stale_lock: Mutex<()>,
-    servers: Mutex<Vec<Arc<ServerStats>>>,
-    /// Every LUN reports thin provisioning (UNMAP frees space and reads back zeroes).
-    pub discard: bool,
-    /// Settings.
-    pub opts: Options,
-    /// Mapping refreshes done.
-    pub refreshes: AtomicU64,
-}
-
-fn stale_path(map: &Path) -> PathBuf {
-    let mut s = map.as_os_str().to_owned();
-    s.push(".stale");
-    PathBuf::from(s)
-}
-
-/// Reads the stale marks file (`INDEX REPLICA` per line) for `extents` x `replicas` (see
-/// [`parse_stale_marks`]). A missing file means no marks; a file that cannot be read is an
-/// error.
-fn read_stale_marks(
-    path: &Path,
-    extents: usize,
-    replicas: usize,
-) -> Result<Box<[AtomicBool]>, Error> {
-    // At most as much as a mapping file may hold: the file sits beside one, from elsewhere.
-    let mut bytes = Vec::new();
-    match std::fs::File::open(path) {
-        Ok(f) => {
-            use std::io::Read;
-            f.take(crate::map::MAX_FILE)
-                .read_to_end(&mut bytes)
-                .map_err(|e| Error::io(path, e))?;
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(path, e)),
-    }
-    Ok(parse_stale_marks(&bytes, extents, replicas)
-        .into_iter()
-        .map(AtomicBool::new)
-        .collect())
-}
-
-/// The stale marks in the text of a marks file, `index * replicas + replica` for `extents` x
-/// `replicas`. The file is ours but may be damaged (a crash mid-write, an editor): lines that
-/// are not two numbers in range are skipped, so damage can only forget marks, never invent
-/// them or fail the open.
-pub fn parse_stale_marks(bytes: &[u8], extents: usize, replicas: usize) -> Vec<bool> {
-    let mut stale = vec![false; extents.saturating_mul(replicas)];
-    for l in bytes.split(|&b| b == b'\n') {
-        let Ok(l) = std::str::from_utf8(l) else {
-            continue;
-        };
-        let mut f = l.split(' ');
-        let (Some(i), Some(rep), None) = (f.next(), f.next(), f.next()) else {
-            continue;
-        };
-        if let (Ok(i), Ok(rep)) = (i.parse::<usize>(), rep.parse::<usize>()) {
-            if i < extents && rep < replicas {
-                stale[i * replicas + rep] = true;
-            }
-        }
-    }
-    stale
-}
-
-impl Disk {
-    /// Opens and locks the mapping file, reads the stale marks beside it, and checks every
-    /// server: it must answer, with 512-byte blocks and room for its extents.
-    pub fn open(map_path: &Path, opts: Options) -> Result<Arc<Disk>, Error> {
-        let locked = LockedMap::open(map_path)?;
-        let m = &locked.map;
-        let g = m.geometry;
-        let r = g.replicas as usize;
-        let stale_file = stale_path(map_path);
-        let stale = read_stale_marks(&stale_file, m.extents.len(), r)?;
-        // Check every LUN once: reachable, 512-byte blocks, big enough.
-        let mut discard = true;
-        let mut need: Vec<(String, String, u16, u64)> = Vec::new();
-        for reps in &m.extents {
-            for x in reps {
-                let end = x.addr + g.extent_size;
-                match need
-                    .iter_mut()
-                    .find(|n| n.0 == x.portal && n.1 == x.target && n.2 == x.lun)
-                {
-                    Some(n) => n.3 = n.3.max(end),
-                    None => need.push((x.portal.clone(), x.target.clone(), x.lun, end)),
-                }
-            }
-        }
-        for (portal, target, lun, end) in &need {
-            let mut cfg = Config::new(portal.clone(), target.clone());
-            cfg.login_timeout = Duration::from_secs(5);
-            let cap = iscsi::Client::connect(&cfg, *lun)
-                .and_then(|mut c| c.read_capacity16())
-                .map_err(|e| {
-                    Error::Master(format!("server {portal} target {target} LUN {lun}: {e}"))
-                })?;
-            if u64::from(cap.block_size) != BLOCK {
-                return Err(Error::Master(format!(
-                    "server {portal} target {target} LUN {lun}: {}-byte blocks (only {BLOCK} is served)",
-                    cap.block_size
-                )));
-            }
-            if cap.bytes() < *end {
-                return Err(Error::Master(format!(
-                    "server {portal} target {target} LUN {lun} has {} bytes; its extents reach {end}",
-                    cap.bytes()
-                )));
-            }
-            discard &= cap.thin_provisioned;
-        }
-        Ok(Arc::new(Disk {
-            geometry: g,
-            map_path: map_path.to_path_buf(),
-            locked: Mutex::new(locked),
-            stale,
-            stale_file,
-            stale_lock: Mutex::new(()),
-            servers: Mutex::new(Vec::new()),
-            discard,
-            opts,
-            refreshes: AtomicU64::new(0),
-        }))
-    }
-
-    /// The mapping as the disk holds it now.
-    pub fn map(&self) -> StripeMap {
-        lock(&self.locked).map.clone()
-    }
-
-    /// The mapping file.
-    pub fn map_path(&self) -> &Path {
-        &self.map_path
-    }
-
-    fn server_stats(&self, portal: &str, target: &str) -> Arc<ServerStats> {
-        let mut s = lock(&self.servers);
-        if let Some(x) = s.iter().find(|x| x.portal == portal && x.target == target) {
-            return x.clone();
-        }
-        let x = Arc::new(ServerStats {
-            portal: portal.to_owned(),
-            target: target.to_owned(),
-            ..ServerStats::default()
-        });
-        s.push(x.clone());
-        x
-    }
-
-    /// Whether replica `r` of extent `i` missed writes.
-    #[inline]
-    pub fn is_stale(&self, i: u32, r: u32) -> bool {
-        let k = i as usize * self.geometry.replicas as usize + r as usize;
-        self.stale.get(k).is_some_and(|b| b.load(Ordering::Relaxed))
-    }
-
-    /// Stale replicas.
-    pub fn stale_count(&self) -> usize {
-        self.stale
-            .iter()
-            .filter(|b| b.load(Ordering::Relaxed))
-            .count()
-    }
-
-    /// Marks replicas stale and stores the marks (rare: after a replica failed).
-    fn mark_stale(&self, marks: &[(u32, u32)]) {
-        let rr = self.geometry.replicas as usize;
-        let mut new = false;
-        for &(i, r) in marks {
-            if let Some(b) = self.stale.get(i as usize * rr + r as usize) {
-                new |= !b.swap(true, Ordering::Relaxed);
-            }
-        }
-        if !new {
-            return;
-        }
-        let _g = lock(&self.stale_lock);
-        let mut text = String::new();
-        for (k, b) in self.stale.iter().enumerate() {
-            if b.load(Ordering::Relaxed) {
-                text.push_str(&format!("{} {}\n", k / rr, k % rr));
-            }
-        }
-        let tmp = self.stale_file.with_extension("stale.tmp");
-        let r = (|| {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.stale_file)
-        })();
-        match r {
-            Ok(()) => slog::warn!(self.opts.logger, "replicas marked stale after failed writes";
-                "marks" => format!("{marks:?}"), "file" => %self.stale_file.display()),
-            Err(e) => slog::error!(self.opts.logger, "cannot store stale marks";
-                "error" => %e, "file" => %self.stale_file.display()),
-        }
-    }
-
-    /// Reads the mapping file again (it may have been replaced); keeps the new one if it
-    /// describes the same disk. Returns the current mapping.
-    fn refresh(&self) -> StripeMap {
-        let mut g = lock(&self.locked);
-        match LockedMap::open(&self.map_path) {
-            Ok(n) if n.map.disk_id == g.map.disk_id && n.map.geometry == g.map.geometry => {
-                if n.map != g.map {
-                    slog::info!(self.opts.logger, "mapping file changed; using the new extents";
-                        "file" => %self.map_path.display());
-                }
-                *g = n;
-            }
-            Ok(_) => slog::warn!(self.opts.logger,
-                "mapping file now describes another disk; keeping the old mapping";
-                "file" => %self.map_path.display()),
-            // Our own lock on the same file: nothing was replaced.
-            Err(Error::InUse { .. }) => {}
-            Err(e) => slog::warn!(self.opts.logger, "cannot reread the mapping file";
-                "error" => %e),
-        }
-        self.refreshes.fetch_add(1, Ordering::Relaxed);
-        g.map.clone()
-    }
-
-    /// Counters of every server, for `tap-ctl stats`.
-    pub fn stats(&self) -> serde_json::Value {
-        let s = lock(&self.servers);
-        let g = self.geometry;
-        serde_json::json!({
-            "driver": "stripe",
-            "map": self.map_path.display().to_string(),
-            "stripes": g.stripes,
-            "stripe_size": g.stripe_size,
-            "replicas": g.replicas,
-            "extent_size": g.extent_size,
-            "stale_replicas": self.stale_count(),
-            "map_refreshes": self.refreshes.load(Ordering::Relaxed),
-            "servers": s.iter().map(|x| x.json()).collect::<Vec<_>>(),
-        })
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Where one replica of one extent lives, resolved to this loop's server numbers.
@@ -476,7 +179,23 @@ struct Req {
     chunks: Vec<(u32, u64, u64)>,
     /// Piece scratch: (index, ext_off, bytes, chunks).
     pieces: Vec<(u32, u64, u64, u32)>,
+    /// The request holds its regions in the write-intent log: (offset, len).
+    intent: Option<(u64, u64)>,
 }
+
+/// A write waiting for its regions to be marked in the write-intent record.
+#[derive(Clone, Copy)]
+struct Waiting {
+    tag: u32,
+    op: Op,
+    offset: u64,
+    len: u64,
+    iov: *const libc::iovec,
+    iovcnt: u32,
+}
+
+/// Epoll data of the intent log's waker in the striper's set (servers are numbered from 0).
+const EV_WAKER: u64 = u64::MAX;
 
 /// The striping engine of one event loop (see the module docs).
 pub struct Striper {
@@ -492,6 +211,10 @@ pub struct Striper {
     epoll: Epoll,
     done: Vec<(u32, i32)>,
     stale_marks: Vec<(u32, u32)>,
+    /// Writes waiting for the write-intent record, in order.
+    waiting: VecDeque<Waiting>,
+    /// Readable when waiting writes should try again.
+    waker: Option<Arc<EventFd>>,
 }
 
 // SAFETY: the raw iovec pointers in the scratch vectors point into memory the caller of
@@ -523,8 +246,18 @@ impl Striper {
                 .map_err(|e| Error::io(Path::new("epoll"), e.into()))?,
             done: Vec::with_capacity(tags as usize),
             stale_marks: Vec::new(),
+            waiting: VecDeque::new(),
+            waker: None,
             disk,
         };
+        if let Some(log) = &s.disk.intent {
+            let w = log
+                .waker()
+                .map_err(|e| Error::io(Path::new("eventfd"), e))?;
+            epoll_add(&s.epoll, w.as_raw_fd(), EV_WAKER)
+                .map_err(|e| Error::io(Path::new("epoll"), e))?;
+            s.waker = Some(w);
+        }
         let map = s.disk.map();
         s.resolve(&map)?;
         // Preallocate command slots for the common case (pieces of every stripe, replicas).
@@ -545,7 +278,18 @@ impl Striper {
                     .position(|s| s.stats.portal == x.portal && s.stats.target == x.target)
                 {
                     Some(i) => i,
-                    None => self.connect(&x.portal, &x.target)?,
+                    None => {
+                        let mut luns: Vec<u16> = map
+                            .extents
+                            .iter()
+                            .flatten()
+                            .filter(|y| y.portal == x.portal && y.target == x.target)
+                            .map(|y| y.lun)
+                            .collect();
+                        luns.sort_unstable();
+                        luns.dedup();
+                        self.connect(&x.portal, &x.target, luns)?
+                    }
                 };
                 let sv = &mut self.servers[server];
                 if !sv.luns.contains(&x.lun) {
@@ -562,17 +306,32 @@ impl Striper {
         Ok(())
     }
 
-    fn connect(&mut self, portal: &str, target: &str) -> Result<usize, Error> {
+    fn connect(&mut self, portal: &str, target: &str, luns: Vec<u16>) -> Result<usize, Error> {
         let o = &self.disk.opts;
         let mut cfg = Config::new(portal, target);
+        if self.disk.pr_key.load(Ordering::SeqCst) != 0 {
+            // Every login (the first, each reconnect) registers the writer's key and keeps
+            // its reservation; a fenced disk has withdrawn the key.
+            cfg.registration = Some(Registration {
+                key: self.disk.pr_key.clone(),
+                luns,
+            });
+        }
         cfg.queue_depth = o.queue_depth;
         cfg.reconnect_timeout = o.reconnect_timeout;
         cfg.command_timeout = o.command_timeout;
         cfg.login_timeout = Duration::from_secs(5);
         cfg.logger = o.logger.clone();
         cfg.drive = o.drive;
-        let session = Session::connect(&cfg)
-            .map_err(|e| Error::Master(format!("server {portal} target {target}: {e}")))?;
+        let named =
+            |e: iscsi::Error| Error::Master(format!("server {portal} target {target}: {e}"));
+        // With replicas, a server that is down now is used once it returns (its reads fail
+        // over, its writes mark replicas stale); without, the disk cannot be served.
+        let (session, down) = if self.replicas > 1 {
+            Session::connect_or_down(&cfg).map_err(named)?
+        } else {
+            (Session::connect(&cfg).map_err(named)?, None)
+        };
         let i = self.servers.len();
         epoll_add(&self.epoll, session.poll_fd(), i as u64)
             .map_err(|e| Error::io(Path::new("epoll"), e))?;
@@ -580,7 +339,12 @@ impl Striper {
             session.arm();
         }
         let stats = self.disk.server_stats(portal, target);
-        stats.state.store(State::Up as u8, Ordering::Relaxed);
+        let st = if down.is_some() {
+            State::Down
+        } else {
+            State::Up
+        };
+        stats.state.store(st as u8, Ordering::Relaxed);
         self.servers.push(Server {
             session,
             stats,
@@ -640,6 +404,32 @@ impl Striper {
             self.done.push((tag, -libc::EBUSY));
             return;
         }
+        if self.disk.fenced() {
+            self.disk.fenced_requests.fetch_add(1, Ordering::Relaxed);
+            self.done.push((tag, -libc::EIO));
+            return;
+        }
+        let mut intent = None;
+        if matches!(op, Op::Write | Op::Discard) {
+            if let Some(log) = &self.disk.intent {
+                if offset.checked_add(len).is_some_and(|e| e <= self.geo.size) && len > 0 {
+                    if !log.take(offset, len) {
+                        self.waiting.push_back(Waiting {
+                            tag,
+                            op,
+                            offset,
+                            len,
+                            iov,
+                            iovcnt,
+                        });
+                        return;
+                    }
+                    intent = Some((offset, len));
+                }
+            }
+        }
+        let req = &mut self.reqs[tag as usize];
+        req.intent = intent;
         req.active = true;
         req.op = Some(op);
         req.outstanding = 0;
@@ -658,6 +448,9 @@ impl Striper {
             {
                 let req = &mut self.reqs[tag as usize];
                 req.active = false;
+                if let (Some((o, l)), Some(log)) = (req.intent.take(), &self.disk.intent) {
+                    log.put(o, l);
+                }
                 self.done.push((tag, -libc::EINVAL));
                 return;
             }
@@ -951,6 +744,13 @@ impl Striper {
         let mut evs = [EpollEvent::empty(); 16];
         // Consume the edge notifications (the sessions' eventfds are drained below).
         while let Ok(16) = self.epoll.wait(&mut evs, EpollTimeout::ZERO) {}
+        if let Some(w) = &self.waker {
+            // Non-blocking: nothing to read is fine.
+            let _ = w.read();
+        }
+        if !self.waiting.is_empty() {
+            self.retry_waiting();
+        }
         let inline = self.disk.opts.drive == Drive::Inline;
         for si in 0..self.servers.len() {
             if inline {
@@ -985,6 +785,19 @@ impl Striper {
         self.send_all();
     }
 
+    /// Tries the writes waiting for the write-intent record again, in order (those whose
+    /// regions are still unmarked keep waiting; a fenced disk fails them).
+    fn retry_waiting(&mut self) {
+        for _ in 0..self.waiting.len() {
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            // SAFETY: the caller of `submit` keeps the iovecs valid until the tag is reported
+            // done, which it has not been.
+            unsafe { self.submit(w.tag, w.op, w.offset, w.len, w.iov, w.iovcnt) };
+        }
+    }
+
     fn on_completion(&mut self, si: usize, ci: u32, result: Result<u32, IoError>) {
         let Some(c) = self.cmds.get(ci as usize).copied() else {
             return;
@@ -1001,6 +814,16 @@ impl Striper {
             Err(e) => {
                 let st = &self.servers[si].stats;
                 st.errors.fetch_add(1, Ordering::Relaxed);
+                if e == IoError::Status(scsi::STATUS_RESERVATION_CONFLICT) && c.kind != Kind::Read {
+                    // Another writer holds the reservation: we were fenced at the target.
+                    self.disk.fenced_writes.fetch_add(1, Ordering::Relaxed);
+                    self.disk.fence(&format!(
+                        "server {} refused a write with RESERVATION CONFLICT: another writer took the disk over",
+                        st.portal
+                    ));
+                    self.cmd_done(ci, Err(-libc::EIO));
+                    return;
+                }
                 slog::debug!(self.disk.opts.logger, "command failed"; "server" => &st.portal,
                     "error" => %e);
                 // A stale mapping? Read the file again and retry once at the new place.
@@ -1099,8 +922,19 @@ impl Striper {
             }
         }
         if !self.stale_marks.is_empty() {
-            self.disk.mark_stale(&self.stale_marks);
+            if !self.disk.mark_stale(&self.stale_marks) {
+                // A replica missed the write and that cannot be recorded: not acknowledged.
+                err = -libc::EIO;
+            }
             self.stale_marks.clear();
+        }
+        if self.disk.fenced.load(Ordering::Relaxed) && err == 0 && req.op != Some(Op::Read) {
+            // A write some replica refused as fenced is not acknowledged, even if another
+            // replica took it before the takeover (the new writer resyncs that region).
+            err = -libc::EIO;
+        }
+        if let (Some((o, l)), Some(log)) = (req.intent.take(), &self.disk.intent) {
+            log.put(o, l);
         }
         req.active = false;
         self.reqs[tag as usize] = req;
@@ -1230,115 +1064,6 @@ impl SyncStriper {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A disk on `map` without servers: enough for the mapping file and the stale marks.
-    fn offline_disk(map: &Path) -> Disk {
-        let locked = LockedMap::open(map).unwrap();
-        let (g, n) = (locked.map.geometry, locked.map.extents.len());
-        let stale_file = stale_path(map);
-        Disk {
-            geometry: g,
-            map_path: map.to_path_buf(),
-            stale: read_stale_marks(&stale_file, n, g.replicas as usize).unwrap(),
-            locked: Mutex::new(locked),
-            stale_file,
-            stale_lock: Mutex::new(()),
-            servers: Mutex::new(Vec::new()),
-            discard: false,
-            opts: Options::default(),
-            refreshes: AtomicU64::new(0),
-        }
-    }
-
-    /// Replaces `path` the way an operator or a tool should: a new file renamed over it.
-    fn replace(path: &Path, text: &[u8]) {
-        let tmp = path.with_extension("new");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, path).unwrap();
-    }
-
-    #[test]
-    fn a_replaced_mapping_file_is_taken_only_if_it_describes_the_same_disk() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("disk.map");
-        let first = crate::map::tests::sample(2, 2);
-        first.write_new(&p).unwrap();
-        let disk = offline_disk(&p);
-        // The same disk with one extent moved (the master re-placed it): taken.
-        let mut moved = first.clone();
-        moved.extents[3][1].addr += 64 << 20;
-        replace(&p, moved.to_text().as_bytes());
-        assert_eq!(disk.refresh(), moved);
-        // Another disk, another shape, damage, or nothing at all: the current mapping stays.
-        let mut other = moved.clone();
-        other.disk_id = "vm2".into();
-        let mut reshaped = crate::map::tests::sample(4, 1);
-        reshaped.disk_id = moved.disk_id.clone();
-        let mut damaged = moved.to_text().into_bytes();
-        let at = damaged.len() / 2;
-        damaged[at] ^= 0x55;
-        for text in [
-            other.to_text().into_bytes(),
-            reshaped.to_text().into_bytes(),
-            damaged,
-            b"\xff\xfe not a map".to_vec(),
-        ] {
-            replace(&p, &text);
-            assert_eq!(disk.refresh(), moved);
-        }
-        std::fs::remove_file(&p).unwrap();
-        assert_eq!(disk.refresh(), moved);
-        assert_eq!(disk.refreshes.load(Ordering::Relaxed), 6);
-    }
-
-    #[test]
-    fn a_mapping_file_edited_in_place_is_not_taken() {
-        // Editing the locked file itself (not replacing it) leaves the disk on its mapping: the
-        // refresh finds the file locked by the disk and keeps what it has. Replacing is the
-        // supported way (the test above).
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("disk.map");
-        let first = crate::map::tests::sample(2, 1);
-        first.write_new(&p).unwrap();
-        let disk = offline_disk(&p);
-        let mut moved = first.clone();
-        moved.extents[0][0].addr += 64 << 20;
-        std::fs::write(&p, moved.to_text()).unwrap();
-        assert_eq!(disk.refresh(), first);
-        // Once replaced, the same content is taken.
-        replace(&p, moved.to_text().as_bytes());
-        assert_eq!(disk.refresh(), moved);
-    }
-
-    #[test]
-    fn damaged_stale_marks_only_forget_marks() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("disk.map.stale");
-        let marks = |text: &[u8]| {
-            std::fs::write(&p, text).unwrap();
-            let s = read_stale_marks(&p, 4, 2).unwrap();
-            s.iter()
-                .enumerate()
-                .filter(|(_, b)| b.load(Ordering::Relaxed))
-                .map(|(i, _)| i)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(marks(b"0 1\n3 0\n"), [1, 6]);
-        // Out of range, negative, extra fields, not numbers, binary, a torn last line.
-        assert_eq!(
-            marks(b"4 0\n0 2\n-1 0\n1 1 1\nx y\n\xff\xfe\n2 1\n18446744073709551616 0\n3"),
-            [5]
-        );
-        assert!(marks(b"").is_empty());
-        std::fs::remove_file(&p).unwrap();
-        assert!(read_stale_marks(&p, 4, 2)
-            .unwrap()
-            .iter()
-            .all(|b| !b.load(Ordering::Relaxed)));
-        // A folder where the file belongs cannot be read: an error, not "no marks".
-        std::fs::create_dir(&p).unwrap();
-        assert!(read_stale_marks(&p, 4, 2).is_err());
-    }
 
     #[test]
     fn gather_cuts_iovecs() {

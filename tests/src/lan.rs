@@ -84,6 +84,54 @@ impl Lan {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    fn var(&self, k: &str) -> &str {
+        self.env
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("")
+    }
+
+    /// Adds host `h` (1..=4): a network namespace reaching every server (see the script).
+    pub fn host(&self, h: u32) -> Result<()> {
+        self.run(&["host", &h.to_string()]).map(|_| ())
+    }
+
+    /// Host `h`'s namespace.
+    pub fn host_ns(&self, h: u32) -> String {
+        format!("{}h{h}", self.var("STORAGE_LAN_PREFIX"))
+    }
+
+    /// The address outside host `h`'s namespace that it reaches (where etcd listens for it).
+    pub fn host_peer_ip(&self, h: u32) -> String {
+        format!("169.254.{}.{}", self.var("STORAGE_LAN_NET"), 200 + h)
+    }
+
+    /// `program` to run inside host `h`'s namespace.
+    pub fn in_host(&self, h: u32, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.host_ns(h)]).arg(program);
+        c
+    }
+
+    /// Sets host `h`'s link to the calling namespace (where etcd is) up or down; its links to
+    /// the servers stay as they are (a host cut off from etcd but not from its storage).
+    pub fn host_etcd_link(&self, h: u32, up: bool) -> Result<()> {
+        let link = format!("{}a", self.host_ns(h));
+        let st = Command::new("ip")
+            .args(["link", "set", &link, if up { "up" } else { "down" }])
+            .status()?;
+        if !st.success() {
+            bail!("ip link set {link} failed");
+        }
+        Ok(())
+    }
+
+    /// Server `i`'s LUN file (1-based).
+    pub fn lun_file(&self, i: u32) -> PathBuf {
+        Path::new(self.var("STORAGE_LAN_DIR")).join(format!("lun-{i}.img"))
+    }
+
     /// Kills server `i` (1-based) with SIGKILL.
     pub fn kill(&self, i: u32) -> Result<()> {
         self.run(&["kill", &i.to_string()]).map(|_| ())
@@ -99,6 +147,25 @@ impl Drop for Lan {
     fn drop(&mut self) {
         let _ = self.run(&["down"]);
     }
+}
+
+/// Registers every server of `urls` with the master at `addr` (extents of `extent_size`).
+pub fn register_all(addr: &str, extent_size: u64, urls: &[String]) -> Result<()> {
+    let mut c = stripe::MasterClient::new(addr);
+    for u in urls {
+        let url: iscsi::Url = u.parse()?;
+        let mut cfg = iscsi::Config::new(url.portal.clone(), url.target.clone());
+        cfg.login_timeout = std::time::Duration::from_secs(5);
+        let cap = iscsi::Client::connect(&cfg, url.lun)?.read_capacity16()?;
+        c.register(&stripe::proto::RegisterArgs {
+            portal: url.portal,
+            target: url.target,
+            lun: u32::from(url.lun),
+            start: 0,
+            count: (cap.bytes() / extent_size) as u32,
+        })?;
+    }
+    Ok(())
 }
 
 /// An extent master in this process (a thread serving until the process ends), with every

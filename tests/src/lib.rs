@@ -2,6 +2,7 @@
 //! `td-bench` binaries (built on first use by [`bin_dir`]) in a private run directory and drive
 //! them with real peers (qemu-io, qemu-img, nbdinfo, fio) and the blkif local frontend.
 
+pub mod etcd;
 pub mod lan;
 pub mod nbd;
 

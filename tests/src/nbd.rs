@@ -156,6 +156,26 @@ impl Client {
         }
     }
 
+    /// Writes `data` at `offset`: `Ok(true)` acknowledged, `Ok(false)` answered with an error
+    /// (for tests that must know exactly which writes were acknowledged).
+    pub fn write_acked(&mut self, offset: u64, data: &[u8]) -> io::Result<bool> {
+        self.send_write(4, offset, data)?;
+        Ok(self.reply()?.0 == 0)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    pub fn read_into(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let b = self.read(offset, buf.len() as u32)?;
+        buf.copy_from_slice(&b);
+        Ok(())
+    }
+
+    /// Flushes: `Ok(true)` acknowledged, `Ok(false)` answered with an error.
+    pub fn flush(&mut self) -> io::Result<bool> {
+        self.request(CMD_FLUSH, 5, 0, 0)?;
+        Ok(self.reply()?.0 == 0)
+    }
+
     /// Says goodbye (`NBD_CMD_DISC`).
     pub fn disconnect(mut self) -> io::Result<()> {
         self.request(CMD_DISC, 3, 0, 0)

@@ -9,6 +9,9 @@
 #   storage-lan.sh down                                   stop what `up` started and remove everything
 #   storage-lan.sh kill I                                 SIGKILL server I's tgtd (its LUN file stays)
 #   storage-lan.sh start I                                start server I's tgtd again on the same LUN file
+#   storage-lan.sh host H                                 add "host" H (1..4): a namespace that reaches every server
+#   storage-lan.sh host-down H                            cut host H's links (its packets wait; TCP retransmits)
+#   storage-lan.sh host-up H                              restore them
 #   storage-lan.sh run N RATE -- CMD [ARGS...]            up, run CMD with $STORAGE_LAN_URLS set, down (always)
 #   storage-lan.sh iscsi-rw                               build the libiscsi benchmark beside the state; print its path
 #   storage-lan.sh selftest                               up 2 servers, write+verify each with iscsi-rw, down
@@ -19,6 +22,11 @@
 # binary) lives in $STORAGE_LAN_DIR (default /dev/shm/tapdisk-storage-lan) and is removed by
 # `down`. Namespaces are tdslan<i>; tgtd control ports are $STORAGE_LAN_CTL_BASE+i (default
 # 20060+i), and its subnets are not those of /work/shared/lab, so the two can run side by side.
+# Host h (a second dom0, for hand-off tests) is the namespace <prefix>h<h>: a point-to-point
+# link to each server's namespace, where server i keeps its address 169.254.(NET+i).2 and the
+# host has 169.254.(NET+i).(100+h) (no routing or forwarding anywhere), and one link to the
+# calling namespace, 169.254.NET.(100+h) in the host and 169.254.NET.(200+h) outside (where a
+# test's etcd listens for that host).
 # Several LANs can run at once (tests do) when each has its own $STORAGE_LAN_DIR,
 # $STORAGE_LAN_PREFIX (namespace and link names, default tdslan, at most 12 characters),
 # $STORAGE_LAN_NET (server i gets 169.254.(NET+i).0/24, default 100) and $STORAGE_LAN_CTL_BASE.
@@ -46,9 +54,10 @@ down() {
       rm -f "$pidf"
     done
   fi
-  for ns in $(ip netns list 2>/dev/null | awk -v p="^$PREFIX[0-9]" '$1 ~ p {print $1}'); do
+  for ns in $(ip netns list 2>/dev/null | awk -v p="^$PREFIX(h)?[0-9]+$" '$1 ~ p {print $1}'); do
     ip netns del "$ns" 2>/dev/null || true
   done
+  for h in 1 2 3 4; do ip link del "${PREFIX}h${h}a" 2>/dev/null || true; done
   for i in $(seq 1 8); do
     ip link del "${PREFIX}${i}a" 2>/dev/null || true
     rm -f "/var/run/tgtd/socket.$((CTL_BASE + i))" "/var/run/tgtd/socket.$((CTL_BASE + i)).lock"
@@ -110,6 +119,41 @@ start_server() {
   "${t[@]}" --op bind --mode target --tid 1 -I ALL
 }
 
+# Adds host $1: see the header.
+add_host() {
+  local h=$1 hn=$PREFIX"h"$1
+  [ -d "$LAB_DIR" ] || die "no LAN here (run up first)"
+  ip netns add "$hn"
+  ip -n "$hn" link set lo up
+  ip link add "${hn}a" type veth peer name "${hn}b"
+  ip link set "${hn}b" netns "$hn"
+  ip addr add "169.254.$NET.$((200 + h))" peer "169.254.$NET.$((100 + h))" dev "${hn}a"
+  ip link set "${hn}a" up
+  ip -n "$hn" addr add "169.254.$NET.$((100 + h))" peer "169.254.$NET.$((200 + h))" dev "${hn}b"
+  ip -n "$hn" link set "${hn}b" up
+  for pidf in "$LAB_DIR"/tgtd-*.pid; do
+    [ -f "$pidf" ] || continue
+    local i=${pidf##*/tgtd-}; i=${i%.pid}
+    local ns=$PREFIX$i srv=169.254.$((NET + i)).2 me=169.254.$((NET + i)).$((100 + h))
+    ip link add "${hn}s$i" type veth peer name "${PREFIX}s${i}h$h"
+    ip link set "${hn}s$i" netns "$hn"
+    ip link set "${PREFIX}s${i}h$h" netns "$ns"
+    ip -n "$hn" addr add "$me" peer "$srv" dev "${hn}s$i"
+    ip -n "$hn" link set "${hn}s$i" up
+    ip -n "$ns" addr add "$srv" peer "$me" dev "${PREFIX}s${i}h$h"
+    ip -n "$ns" link set "${PREFIX}s${i}h$h" up
+  done
+  echo "host $h: namespace $hn, etcd side 169.254.$NET.$((200 + h))"
+}
+
+# Sets every link of host $1 $2 (up or down), inside its namespace.
+host_links() {
+  local hn=$PREFIX"h"$1
+  for l in $(ip -n "$hn" -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -v '^lo$'); do
+    ip -n "$hn" link set "$l" "$2"
+  done
+}
+
 kill_server() {
   local i=$1 pidf=$LAB_DIR/tgtd-$1.pid
   [ -f "$pidf" ] || die "no server $i"
@@ -151,6 +195,9 @@ case $cmd in
   kill) [[ ${2:-} =~ ^[1-8]$ ]] || die "usage: $0 kill I"; kill_server "$2"; echo "server $2 killed" ;;
   start) [[ ${2:-} =~ ^[1-8]$ ]] || die "usage: $0 start I"; start_server "$2"; echo "server $2 started" ;;
   down) down; echo "storage LAN down" ;;
+  host) [[ ${2:-} =~ ^[1-4]$ ]] || die "usage: $0 host H"; add_host "$2" ;;
+  host-down) [[ ${2:-} =~ ^[1-4]$ ]] || die "usage: $0 host-down H"; host_links "$2" down ;;
+  host-up) [[ ${2:-} =~ ^[1-4]$ ]] || die "usage: $0 host-up H"; host_links "$2" up ;;
   status) status ;;
   urls) urls ;;
   iscsi-rw) build_iscsi_rw ;;

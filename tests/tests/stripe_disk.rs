@@ -260,6 +260,24 @@ fn ride_out_a_restart(lan: &Lan, d: &Disk) {
         }
         assert!(Instant::now() < deadline, "server 2 did not come back: {s}");
     }
+    // The replicas that missed writes while it was down are copied back and unmarked.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = d.stats();
+        if s["driver"]["stale_replicas"] == 0 {
+            assert!(
+                s["driver"]["resync"]["stale_copied"].as_u64().unwrap() > 0,
+                "{s}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stale replicas not copied back: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    passed(&d.verify(2000, &[], Duration::from_secs(30)));
 }
 
 #[test]

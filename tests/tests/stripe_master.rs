@@ -217,3 +217,153 @@ fn connections_beyond_the_limit_are_closed_and_slots_come_back() {
     let _ = m.kill();
     let _ = m.wait();
 }
+
+/// A master on a fresh state folder with four fake servers of 20 extents of 1 MiB.
+fn master_with_servers(dir: &Path) -> (Child, String) {
+    let port = free_port();
+    let m = start_master(&dir.join("state"), port);
+    let addr = format!("127.0.0.1:{port}");
+    let mut c = MasterClient::new(&addr);
+    for s in 1..=4 {
+        c.register(&RegisterArgs {
+            portal: format!("10.9.0.{s}:3260"),
+            target: format!("iqn.2026-11.test:srv{s}"),
+            lun: 1,
+            start: 0,
+            count: 20,
+        })
+        .unwrap();
+    }
+    (m, addr)
+}
+
+fn allocated(addr: &str) -> usize {
+    MasterClient::new(addr)
+        .list()
+        .unwrap()
+        .extents
+        .iter()
+        .filter(|x| x.owner.is_some())
+        .count()
+}
+
+#[test]
+fn stripe_img_create_checks_arguments_before_the_master() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nobody listens on this port: a bad argument must still be named at once, not after
+    // 30 s of retries.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    for (args, says) in [
+        (vec!["--size", "1000"], "--size 1000"),
+        (vec!["--size", "8M", "--stripes", "0"], "--stripes 0"),
+        (
+            vec!["--size", "8M", "--stripe-size", "1000"],
+            "--stripe-size 1000",
+        ),
+        (vec!["--size", "8M", "--replicas", "9"], "--replicas 9"),
+        (vec!["--size", "8M", "--disk-id", "has space"], "--disk-id"),
+    ] {
+        let t0 = Instant::now();
+        let out = Command::new(bin("stripe-img"))
+            .args(["create", "--master", &nobody])
+            .args(&args)
+            .arg("-o")
+            .arg(dir.path().join("x.map"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{args:?}: {err}"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "{args:?} took {:?}",
+            t0.elapsed()
+        );
+    }
+    // An output folder that does not exist is found before the master is asked.
+    let out = Command::new(bin("stripe-img"))
+        .args(["create", "--master", &nobody, "--size", "8M", "-o"])
+        .arg(dir.path().join("no/such/dir/x.map"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot write the mapping file"), "{err}");
+    // (An unreachable master is named in words after its retries: `stripe::client`'s tests.)
+}
+
+#[test]
+fn stripe_img_create_gives_extents_back_when_it_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut m, addr) = master_with_servers(dir.path());
+    // A file name the folder takes, whose temporary sibling (".NAME.tmpPID") is too long: the
+    // mapping file cannot be written after the extents were allocated.
+    let long = "d".repeat(250);
+    let out = Command::new(bin("stripe-img"))
+        .args([
+            "create",
+            "--master",
+            &addr,
+            "--size",
+            "8M",
+            "--stripe-size",
+            "64k",
+        ])
+        .args(["--replicas", "2", "--disk-id", "vm-fail", "-o"])
+        .arg(dir.path().join(&long))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("vm-fail") && err.contains("given back"),
+        "the failure names neither the disk nor its extents: {err}"
+    );
+    assert_eq!(allocated(&addr), 0, "extents left allocated: {err}");
+    // A disk that existed before keeps its extents when a create of it fails.
+    let ok = Command::new(bin("stripe-img"))
+        .args([
+            "create",
+            "--master",
+            &addr,
+            "--size",
+            "8M",
+            "--disk-id",
+            "vm-keep",
+            "-o",
+        ])
+        .arg(dir.path().join("keep.map"))
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out_text = String::from_utf8_lossy(&ok.stdout);
+    assert!(out_text.contains("allocated at master"), "{out_text}");
+    let before = allocated(&addr);
+    let out = Command::new(bin("stripe-img"))
+        .args([
+            "create",
+            "--master",
+            &addr,
+            "--size",
+            "8M",
+            "--disk-id",
+            "vm-keep",
+            "-o",
+        ])
+        .arg(dir.path().join(&long))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("left allocated"),
+        "{err}"
+    );
+    assert_eq!(allocated(&addr), before);
+    let _ = m.kill();
+    let _ = m.wait();
+}

@@ -76,7 +76,7 @@ pub struct Command {
     pub iovcnt: u32,
     /// A short Data-Out payload carried in the command itself (UNMAP parameter lists), used
     /// when `iovcnt` is 0.
-    pub inline: [u8; scsi::UNMAP_PARAM_LEN],
+    pub inline: [u8; scsi::INLINE_PARAM_LEN],
     /// A residual (short or long transfer) is an error rather than a shorter success.
     pub exact: bool,
 }
@@ -96,7 +96,7 @@ impl Command {
             len: 0,
             iov: std::ptr::null(),
             iovcnt: 0,
-            inline: [0; scsi::UNMAP_PARAM_LEN],
+            inline: [0; scsi::INLINE_PARAM_LEN],
             exact: true,
         }
     }
@@ -144,6 +144,25 @@ impl Command {
             // whole list as residual); the status is what counts.
             exact: false,
             ..Command::no_data(tag, lun, scsi::unmap(scsi::UNMAP_PARAM_LEN as u16))
+        }
+    }
+
+    /// PERSISTENT RESERVE OUT with service action `sa`, type `ty` and the parameter list of
+    /// `key` (ours) and `sa_key` (see [`scsi::pr_out_params`]), carried inline.
+    pub fn pr_out(
+        tag: u32,
+        lun: u16,
+        sa: scsi::PrOut,
+        ty: Option<scsi::PrType>,
+        key: u64,
+        sa_key: u64,
+    ) -> Command {
+        Command {
+            dir: Dir::Write,
+            len: scsi::PR_OUT_PARAM_LEN as u32,
+            inline: scsi::pr_out_params(key, sa_key),
+            exact: false,
+            ..Command::no_data(tag, lun, scsi::persistent_reserve_out(sa, ty))
         }
     }
 
@@ -458,6 +477,12 @@ impl Conn {
     /// The parameters in force.
     pub fn params(&self) -> &Params {
         &self.params
+    }
+
+    /// The sequence numbers now: next CmdSN, ExpStatSN and MaxCmdSN (to hand a connection
+    /// that ran a few commands over to another [`Conn`] through [`Conn::bind`]).
+    pub fn sequence(&self) -> (u32, u32, u32) {
+        (self.cmd_sn, self.exp_stat_sn, self.max_cmd_sn)
     }
 
     /// Commands accepted and not yet completed.

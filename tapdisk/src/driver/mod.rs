@@ -126,4 +126,6 @@ pub struct OpenOptionsImg {
     pub cache_slots: u32,
     /// A `stripe:` image's iSCSI connections are driven inline by the event loops.
     pub iscsi_inline: bool,
+    /// A `stripe:` disk in etcd: take the writer role over from whoever holds it.
+    pub takeover: bool,
 }

@@ -426,6 +426,7 @@ fn image_options(o: &VbdSettings) -> OpenOptionsImg {
         direct: o.direct,
         cache_slots: o.cache_slots,
         iscsi_inline: o.iscsi_inline,
+        takeover: o.takeover,
     }
 }
 

@@ -55,6 +55,49 @@ pub enum Verb {
     Info(InfoArgs),
     /// Give a disk's extents back to the master and remove its mapping file.
     Delete(DeleteArgs),
+    /// Write this host's mapping file of an etcd-backed disk (so tapdisk can serve it here).
+    Pull(PullArgs),
+}
+
+/// Where etcd is.
+#[derive(Debug, Args)]
+pub struct EtcdArgs {
+    /// Keep the disk's record in etcd (client URLs, comma-separated): the disk can then be
+    /// opened on any host that reaches etcd, with one writer at a time.
+    #[arg(long, value_name = "URL[,URL...]", env = "STRIPE_ETCD")]
+    pub etcd: Option<String>,
+    /// Key prefix in etcd.
+    #[arg(long, value_name = "PREFIX", default_value = stripe_etcd::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+}
+
+impl EtcdArgs {
+    fn connect(&self) -> Result<Option<stripe_etcd::Etcd>> {
+        let Some(e) = &self.etcd else {
+            return Ok(None);
+        };
+        let eps = stripe_etcd::Etcd::parse_endpoints(e);
+        if eps.is_empty() {
+            bail!("--etcd names no endpoint");
+        }
+        Ok(Some(stripe_etcd::Etcd::connect(
+            &eps,
+            &self.etcd_prefix,
+            std::time::Duration::from_secs(5),
+        )?))
+    }
+}
+
+/// `pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// The disk id.
+    pub disk: String,
+    /// The mapping file to write (replaced if it exists).
+    #[arg(short, long, value_name = "MAPFILE")]
+    pub output: PathBuf,
 }
 
 /// `create`.
@@ -82,6 +125,9 @@ pub struct CreateArgs {
     /// The mapping file to write (must not exist).
     #[arg(short, long, value_name = "MAPFILE")]
     pub output: PathBuf,
+    /// Where the disk's record goes (etcd), if anywhere but the mapping file.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 /// `info`.
@@ -112,6 +158,7 @@ fn run(cli: &Cli) -> Result<()> {
         Verb::Create(a) => create(a),
         Verb::Info(a) => info(a),
         Verb::Delete(a) => delete(a),
+        Verb::Pull(a) => pull(a),
     }
 }
 
@@ -172,19 +219,69 @@ pub fn allocate_map(c: &mut MasterClient, geometry: Geometry, disk_id: &str) -> 
         master: c.addr().to_owned(),
         geometry,
         extents,
+        store: stripe::map::Store::File,
     };
     map.check().map_err(anyhow::Error::msg)?;
     Ok(map)
 }
 
-fn create(a: &CreateArgs) -> Result<()> {
+/// Checks every argument that needs no master: the shape of the disk, the disk id, and that
+/// the mapping file can be written where it goes. Runs before the master is contacted, so a
+/// mistake costs no network round trip (and no retries against an unreachable master).
+pub fn check_create_args(a: &CreateArgs) -> Result<()> {
+    if a.size == 0 || !a.size.is_multiple_of(512) {
+        bail!("--size {} is not a positive multiple of 512 bytes", a.size);
+    }
+    if a.stripes == 0 || a.stripes > stripe::map::MAX_STRIPES {
+        bail!(
+            "--stripes {} is out of range: 1..={}",
+            a.stripes,
+            stripe::map::MAX_STRIPES
+        );
+    }
+    if a.stripe_size == 0 || !a.stripe_size.is_multiple_of(4096) || a.stripe_size > 1 << 30 {
+        bail!(
+            "--stripe-size {} is not a positive multiple of 4k up to 1G",
+            a.stripe_size
+        );
+    }
+    if a.replicas == 0 || a.replicas > stripe::map::MAX_REPLICAS {
+        bail!(
+            "--replicas {} is out of range: 1..={}",
+            a.replicas,
+            stripe::map::MAX_REPLICAS
+        );
+    }
+    if let Some(id) = &a.disk_id {
+        stripe::master::check_name("--disk-id", id).map_err(|f| anyhow::anyhow!(f.message))?;
+    }
     if a.output.exists() {
         bail!("{} exists already", a.output.display());
     }
+    let dir = match a.output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if a.output.file_name().is_none() {
+        bail!("-o {}: not a file name", a.output.display());
+    }
+    // Prove the folder takes a file now (it may still fail later: then the extents go back).
+    let probe = dir.join(format!(".stripe-img-probe-{}", std::process::id()));
+    std::fs::File::create(&probe)
+        .with_context(|| format!("cannot write the mapping file in {}", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+fn create(a: &CreateArgs) -> Result<()> {
+    check_create_args(a)?;
+    // etcd first: an unreachable etcd costs no allocation.
+    let etcd = a.etcd.connect()?;
     let mut c = MasterClient::new(&a.master);
-    let extent_size = c.list()?.extent_size;
+    let list = c.list()?;
+    let extent_size = list.extent_size;
     if extent_size == 0 {
-        bail!("the master has no extents registered");
+        bail!("master {} has no extents registered", c.addr());
     }
     let geometry = Geometry {
         size: a.size,
@@ -193,21 +290,56 @@ fn create(a: &CreateArgs) -> Result<()> {
         replicas: a.replicas,
         extent_size,
     };
-    geometry.check().map_err(anyhow::Error::msg)?;
+    geometry
+        .check()
+        .map_err(|e| anyhow::anyhow!("{e} (the master's extents are {})", fmt_size(extent_size)))?;
     let disk_id = a
         .disk_id
         .clone()
         .unwrap_or_else(|| default_disk_id(&a.output));
-    let map = allocate_map(&mut c, geometry, &disk_id)?;
-    map.write_new(&a.output)?;
+    // A disk that had extents before this call keeps them whatever happens here.
+    let existed = list
+        .extents
+        .iter()
+        .any(|x| x.owner.as_ref().is_some_and(|o| o.0 == disk_id));
+    let mut recorded = false;
+    let made = allocate_map(&mut c, geometry, &disk_id).and_then(|map| match &etcd {
+        None => {
+            map.write_new(&a.output)?;
+            Ok(map)
+        }
+        Some(e) => {
+            let rec = stripe_etcd::DiskRecord::from_map(&map);
+            stripe_etcd::record::create(e, &rec)?;
+            recorded = true;
+            Ok(stripe_etcd::record::write_cache(e, &rec, &a.output)?)
+        }
+    });
+    if made.is_err() && recorded && !existed {
+        if let Some(e) = &etcd {
+            let _ = stripe_etcd::record::delete(e, &disk_id);
+        }
+    }
+    let map = match made {
+        Ok(m) => m,
+        Err(e) => return Err(undo_create(&mut c, &disk_id, existed, e)),
+    };
     let servers: std::collections::BTreeSet<&str> = map
         .extents
         .iter()
         .flatten()
         .map(|x| x.portal.as_str())
         .collect();
+    if let Some(e) = &etcd {
+        println!(
+            "recorded disk {} in etcd {} under {}",
+            map.disk_id,
+            e.endpoints().join(","),
+            e.prefix
+        );
+    }
     println!(
-        "created {}: disk {} of {} ({}), {} stripes of {}, {} replica(s), {} extents of {} on {} servers",
+        "created {}: disk {} of {} ({}), {} stripes of {}, {} replica(s), {} extents of {} on {} servers allocated at master {}",
         a.output.display(),
         map.disk_id,
         fmt_bytes(a.size),
@@ -217,9 +349,36 @@ fn create(a: &CreateArgs) -> Result<()> {
         a.replicas,
         map.extents.len() * a.replicas as usize,
         fmt_size(extent_size),
-        servers.len()
+        servers.len(),
+        c.addr()
     );
     Ok(())
+}
+
+/// A create that failed after asking for extents: gives them back (unless the disk had them
+/// before), and says which disk and what became of its extents.
+fn undo_create(c: &mut MasterClient, disk: &str, existed: bool, e: anyhow::Error) -> anyhow::Error {
+    if existed {
+        return e.context(format!(
+            "disk {disk} already had extents at master {}: they are left allocated to it",
+            c.addr()
+        ));
+    }
+    // Short retries: the master answered a moment ago.
+    c.retry_for = std::time::Duration::from_secs(10);
+    match c.release(disk) {
+        Ok(0) => e.context(format!("created nothing (disk {disk} got no extents)")),
+        Ok(n) => e.context(format!(
+            "created nothing: the {n} extents allocated to disk {disk} were given back to master {}",
+            c.addr()
+        )),
+        Err(r) => e.context(format!(
+            "disk {disk} keeps extents at master {} that could not be given back ({r}): run \
+             'stripe-master release --master {} {disk}'",
+            c.addr(),
+            c.addr()
+        )),
+    }
 }
 
 fn info(a: &InfoArgs) -> Result<()> {
@@ -240,21 +399,53 @@ fn info(a: &InfoArgs) -> Result<()> {
         g.replicas,
         fmt_size(g.extent_size)
     );
-    match flock_holder(&a.map) {
-        Some(pid) => println!("in use by pid {pid}"),
-        None => println!("not in use"),
-    }
-    let mut stale_path = a.map.as_os_str().to_owned();
-    stale_path.push(".stale");
-    let stale = std::fs::read_to_string(&stale_path).unwrap_or_default();
-    let stale: Vec<&str> = stale.lines().collect();
+    let stale: Vec<String> = match &m.store {
+        stripe::map::Store::File => {
+            match flock_holder(&a.map) {
+                Some(pid) => println!("in use by pid {pid}"),
+                None => println!("not in use"),
+            }
+            let mut stale_path = a.map.as_os_str().to_owned();
+            stale_path.push(".stale");
+            let stale = std::fs::read_to_string(&stale_path).unwrap_or_default();
+            stale.lines().map(str::to_owned).collect()
+        }
+        stripe::map::Store::Etcd {
+            endpoints,
+            prefix,
+            generation,
+        } => {
+            println!(
+                "record in etcd {} under {prefix}; this file holds generation {generation}",
+                endpoints.join(",")
+            );
+            let e =
+                stripe_etcd::Etcd::connect(endpoints, prefix, std::time::Duration::from_secs(5))?;
+            let (rec, _) = stripe_etcd::record::get(&e, &m.disk_id)?;
+            println!("etcd has generation {}", rec.generation);
+            let wk = e.key(&format!("writers/{}", m.disk_id));
+            let mut cl = e.client();
+            let w = e
+                .block_on(cl.get(wk.as_str(), None))
+                .map_err(|x| e.err(x))?;
+            match w.kvs().first() {
+                Some(kv) => println!(
+                    "writer (fencing token {}): {}",
+                    kv.mod_revision(),
+                    String::from_utf8_lossy(kv.value())
+                ),
+                None => println!("no writer"),
+            }
+            rec.stale.iter().map(|(i, r)| format!("{i} {r}")).collect()
+        }
+    };
     println!(
         "{:>5} {:>3}  {:<22} {:<36} {:>4} {:>14}",
         "INDEX", "REP", "PORTAL", "TARGET", "LUN", "ADDRESS"
     );
     for (i, reps) in m.extents.iter().enumerate() {
         for (r, x) in reps.iter().enumerate() {
-            let mark = if stale.contains(&format!("{i} {r}").as_str()) {
+            let mark = if stale.contains(&format!("{i} {r}")) {
                 "  stale"
             } else {
                 ""
@@ -269,6 +460,28 @@ fn info(a: &InfoArgs) -> Result<()> {
 }
 
 fn delete(a: &DeleteArgs) -> Result<()> {
+    let m = StripeMap::read(&a.map)?;
+    if let stripe::map::Store::Etcd {
+        endpoints, prefix, ..
+    } = &m.store
+    {
+        if m.master == "-" {
+            bail!("{} names no master; remove it by hand", a.map.display());
+        }
+        // The record goes first, and only while no tapdisk holds the disk.
+        let e = stripe_etcd::Etcd::connect(endpoints, prefix, std::time::Duration::from_secs(5))?;
+        stripe_etcd::record::delete(&e, &m.disk_id)?;
+        let mut c = MasterClient::new(&m.master);
+        let n = c.release(&m.disk_id)?;
+        std::fs::remove_file(&a.map).with_context(|| format!("removing {}", a.map.display()))?;
+        println!(
+            "deleted {}: its record in etcd, and {n} extents of disk {} given back to {}",
+            a.map.display(),
+            m.disk_id,
+            m.master
+        );
+        return Ok(());
+    }
     // Hold the lock while deleting, so a running tapdisk is never left without its file.
     let held = stripe::LockedMap::open(&a.map)?;
     let m = &held.map;
@@ -281,11 +494,28 @@ fn delete(a: &DeleteArgs) -> Result<()> {
     let mut stale_path = a.map.as_os_str().to_owned();
     stale_path.push(".stale");
     let _ = std::fs::remove_file(stale_path);
+    let _ = std::fs::remove_file(stripe::control::beside(&a.map, ".intent"));
     println!(
         "deleted {}: {n} extents of disk {} given back to {}",
         a.map.display(),
         m.disk_id,
         m.master
+    );
+    Ok(())
+}
+
+fn pull(a: &PullArgs) -> Result<()> {
+    let Some(e) = a.etcd.connect()? else {
+        bail!("give --etcd URL (or $STRIPE_ETCD)");
+    };
+    let (rec, _) = stripe_etcd::record::get(&e, &a.disk)?;
+    stripe_etcd::record::write_cache(&e, &rec, &a.output)?;
+    println!(
+        "wrote {}: disk {} generation {} from etcd {}",
+        a.output.display(),
+        rec.disk_id,
+        rec.generation,
+        e.endpoints().join(",")
     );
     Ok(())
 }

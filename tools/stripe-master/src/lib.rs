@@ -22,11 +22,14 @@ It speaks ONC RPC (Sun RPC) over TCP, port 20049 by default; the interface is st
 in the source tree (rpcgen makes clients for other languages). Its state is one file in the
 state folder, replaced atomically (fsync + rename) before each answer, so killing it at any
 moment loses nothing it acknowledged and never gives one extent to two disks; calls are
-idempotent, so clients simply retry. It trusts its network: run it on the storage LAN.";
+idempotent, so clients simply retry. With --etcd the state lives in etcd instead (one key per
+LUN, changed in compare-and-swap transactions): the master keeps nothing itself, and any number
+of masters may serve the same state. It trusts its network: run it on the storage LAN.";
 
 const EXAMPLES: &str = "\
 Examples:
   stripe-master serve --state /var/lib/stripe-master --extent-size 1G
+  stripe-master serve --etcd http://10.0.0.5:2379,http://10.0.0.6:2379 --extent-size 1G
   stripe-master register --master 10.0.0.1 iscsi://10.0.0.11/iqn.2026-11.lab:srv1/1
   stripe-master register --master 10.0.0.1 iscsi://10.0.0.12/iqn.2026-11.lab:srv2/1 --count 100
   stripe-master list --master 10.0.0.1
@@ -67,9 +70,22 @@ pub enum Verb {
 /// `serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// State folder (created if missing; locked while the master runs).
-    #[arg(long, value_name = "DIR")]
-    pub state: PathBuf,
+    /// State folder (created if missing; locked while the master runs). The single-host
+    /// default; give --etcd instead to share the state between masters.
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "etcd",
+        conflicts_with = "etcd"
+    )]
+    pub state: Option<PathBuf>,
+    /// Keep the state in etcd (client URLs, comma-separated): the master is then stateless,
+    /// and several may run at once (allocations are compare-and-swap transactions).
+    #[arg(long, value_name = "URL[,URL...]", env = "STRIPE_ETCD")]
+    pub etcd: Option<String>,
+    /// Key prefix of the state in etcd.
+    #[arg(long, value_name = "PREFIX", default_value = stripe_etcd::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
     /// Address to listen on.
     #[arg(long, value_name = "IP:PORT", default_value_t = format!("0.0.0.0:{DEFAULT_PORT}"))]
     pub listen: String,
@@ -147,15 +163,36 @@ fn serve(a: &ServeArgs) -> Result<()> {
     let dec = slog_term::PlainSyncDecorator::new(std::io::stderr());
     let drain = slog_term::FullFormat::new(dec).build().fuse();
     let log = slog::Logger::root(drain, slog::o!());
-    let (store, state) = Store::open(&a.state, a.extent_size)?;
-    let l = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
-    let list = state.list();
-    slog::info!(log, "stripe-master listening";
-        "address" => %l.local_addr()?, "state" => %a.state.display(),
-        "extent_size" => fmt_size(state.extent_size()),
-        "extents" => list.extents.len(),
-        "allocated" => list.extents.iter().filter(|x| x.owner.is_some()).count());
-    let m = Master::new(store, state, log);
+    let (m, l) = match (&a.state, &a.etcd) {
+        (Some(dir), _) => {
+            let (store, state) = Store::open(dir, a.extent_size)?;
+            let l = TcpListener::bind(&a.listen)
+                .with_context(|| format!("listening on {}", a.listen))?;
+            let list = state.list();
+            slog::info!(log, "stripe-master listening";
+                "address" => %l.local_addr()?, "state" => %dir.display(),
+                "extent_size" => fmt_size(state.extent_size()),
+                "extents" => list.extents.len(),
+                "allocated" => list.extents.iter().filter(|x| x.owner.is_some()).count());
+            (Master::new(store, state, log), l)
+        }
+        (None, Some(eps)) => {
+            let endpoints = stripe_etcd::Etcd::parse_endpoints(eps);
+            let etcd = stripe_etcd::Etcd::connect(
+                &endpoints,
+                &a.etcd_prefix,
+                std::time::Duration::from_secs(5),
+            )?;
+            let b = stripe_etcd::EtcdBackend::open(etcd, a.extent_size, log.clone())?;
+            let l = TcpListener::bind(&a.listen)
+                .with_context(|| format!("listening on {}", a.listen))?;
+            slog::info!(log, "stripe-master listening (state in etcd)";
+                "address" => %l.local_addr()?, "etcd" => eps, "prefix" => &a.etcd_prefix,
+                "extent_size" => fmt_size(b.extent_size()));
+            (Master::with_backend(Box::new(b), log), l)
+        }
+        (None, None) => bail!("give --state DIR or --etcd URL"),
+    };
     m.serve(l)?;
     Ok(())
 }

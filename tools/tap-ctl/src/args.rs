@@ -34,6 +34,7 @@ fn flag_of(field: &str) -> Option<&'static str> {
         "cache_slots" => "--cache-slots",
         "iscsi_inline" => "--iscsi-inline",
         "force_share" => "--force-share",
+        "takeover" => "--takeover",
         "early" => "--early-read",
         "faults" => "--inject-faults",
         "model" => "--model-disk",
@@ -329,6 +330,11 @@ pub struct DiskArgs {
     /// the socket work of all servers shares the ring's core.
     #[arg(verbatim_doc_comment, long)]
     pub iscsi_inline: bool,
+    /// Open a stripe: disk kept in etcd even if another tapdisk, on any host, holds it: this
+    /// one takes the writer role and fences the other at the storage servers (their late
+    /// writes are refused). For a hand-off: pause the disk there first (docs/operations.md).
+    #[arg(verbatim_doc_comment, long)]
+    pub takeover: bool,
     /// Serve an aio: image even if another VBD or process holds its lock. A read-write VBD
     /// locks its image for itself, a read-only one shares it with other readers; without this
     /// flag an image in use is refused, naming the holder.
@@ -397,6 +403,7 @@ impl DiskArgs {
             cache_slots: self.cache_slots.unwrap_or(0),
             iscsi_inline: self.iscsi_inline,
             force_share: self.force_share,
+            takeover: self.takeover,
         };
         settings.validate_for(&image).map_err(in_flags)?;
         Ok(Disk { image, settings })

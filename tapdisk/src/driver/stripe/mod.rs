@@ -3,8 +3,12 @@
 //!
 //! The work is done by [`stripe::path`]: each ring's engine owns a [`Striper`] (one iSCSI
 //! session per server, completions gathered on one epoll descriptor that the ring loop polls on
-//! its io_uring, [`Engine::poll_fd`]). Opening the image locks the mapping file
-//! (a second opener is told which pid holds it) and checks every server.
+//! its io_uring, [`Engine::poll_fd`]). Opening a file-backed disk locks the mapping file
+//! (a second opener is told which pid holds it); opening an etcd-backed one (a mapping file
+//! of format version 2, the host's cache of the disk's record) takes the disk's writer lease
+//! in etcd ([`stripe_etcd::EtcdControl`], on a runtime thread of its own, never on a ring
+//! thread) and registers its fencing token as the reservation key on every LUN. Either way
+//! every server is checked, and a replicated disk's write-intent regions are resynced.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -46,7 +50,26 @@ impl StripeImage {
             },
             ..Options::default()
         };
-        let disk = Disk::open(path, o).map_err(to_io)?;
+        let map = stripe::StripeMap::read(path).map_err(to_io)?;
+        let disk = match &map.store {
+            stripe::map::Store::File => Disk::open(path, o).map_err(to_io)?,
+            stripe::map::Store::Etcd { .. } => {
+                let eo = stripe_etcd::control::Options {
+                    takeover: opts.takeover,
+                    owner: format!("tapdisk {}", path.display()),
+                    ..Default::default()
+                };
+                let ctl = stripe_etcd::EtcdControl::open(path, &map, eo, o.logger.clone())
+                    .map_err(|e| {
+                        let kind = match e {
+                            stripe_etcd::Error::InUse { .. } => io::ErrorKind::ResourceBusy,
+                            _ => io::ErrorKind::Other,
+                        };
+                        io::Error::new(kind, e.to_string())
+                    })?;
+                Disk::open_with(Arc::new(ctl), o).map_err(to_io)?
+            }
+        };
         Ok(StripeImage {
             disk,
             path: path.to_path_buf(),
