@@ -311,11 +311,19 @@ impl Storage for FileStorage {
     }
 }
 
-/// An image in memory, for tests and fuzzing. Clones share the bytes.
+/// An image in memory, for tests and fuzzing. Clones share the bytes. Like a sparse file,
+/// growing it allocates nothing: bytes past the last one written read as zeroes.
 #[derive(Clone, Debug, Default)]
 pub struct MemStorage {
-    bytes: Arc<Mutex<Vec<u8>>>,
+    bytes: Arc<Mutex<Mem>>,
     limit: Option<u64>,
+}
+
+/// The bytes written (up to the last one) and the size, which may be larger.
+#[derive(Debug, Default)]
+struct Mem {
+    data: Vec<u8>,
+    size: usize,
 }
 
 impl MemStorage {
@@ -327,7 +335,10 @@ impl MemStorage {
     /// A storage holding `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> MemStorage {
         MemStorage {
-            bytes: Arc::new(Mutex::new(bytes)),
+            bytes: Arc::new(Mutex::new(Mem {
+                size: bytes.len(),
+                data: bytes,
+            })),
             limit: None,
         }
     }
@@ -335,17 +346,20 @@ impl MemStorage {
     /// The same, refusing to grow past `limit` bytes (`ENOSPC`).
     pub fn with_limit(bytes: Vec<u8>, limit: u64) -> MemStorage {
         MemStorage {
-            bytes: Arc::new(Mutex::new(bytes)),
             limit: Some(limit),
+            ..MemStorage::from_bytes(bytes)
         }
     }
 
     /// A copy of the bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.lock().clone()
+        let m = self.lock();
+        let mut b = m.data.clone();
+        b.resize(m.size, 0);
+        b
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
+    fn lock(&self) -> MutexGuard<'_, Mem> {
         self.bytes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -359,14 +373,14 @@ impl MemStorage {
 
 impl Storage for MemStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let b = self.lock();
+        let m = self.lock();
         buf.fill(0);
         let Ok(start) = usize::try_from(offset) else {
             return Ok(());
         };
-        if start < b.len() {
-            let n = (b.len() - start).min(buf.len());
-            buf[..n].copy_from_slice(&b[start..start + n]);
+        if start < m.data.len() {
+            let n = (m.data.len() - start).min(buf.len());
+            buf[..n].copy_from_slice(&m.data[start..start + n]);
         }
         Ok(())
     }
@@ -375,33 +389,32 @@ impl Storage for MemStorage {
             .checked_add(buf.len() as u64)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
         let end = self.check_limit(end)?;
-        let mut b = self.lock();
-        if end > b.len() {
-            b.resize(end, 0);
+        let mut m = self.lock();
+        if end > m.data.len() {
+            m.data.resize(end, 0);
         }
-        b[end - buf.len()..end].copy_from_slice(buf);
+        m.data[end - buf.len()..end].copy_from_slice(buf);
+        m.size = m.size.max(end);
         Ok(())
     }
     fn flush(&self) -> io::Result<()> {
         Ok(())
     }
     fn size(&self) -> io::Result<u64> {
-        Ok(self.lock().len() as u64)
+        Ok(self.lock().size as u64)
     }
     fn grow(&self, size: u64) -> io::Result<()> {
         let size = self.check_limit(size)?;
-        let mut b = self.lock();
-        if size > b.len() {
-            b.resize(size, 0);
-        }
+        let mut m = self.lock();
+        m.size = m.size.max(size);
         Ok(())
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut b = self.lock();
-        let size = b.len() as u64;
+        let mut m = self.lock();
+        let size = m.data.len() as u64;
         let start = offset.min(size);
         let end = offset.saturating_add(len).min(size);
-        b[start as usize..end as usize].fill(0);
+        m.data[start as usize..end as usize].fill(0);
         Ok(())
     }
     fn grows_with_zeroes(&self) -> bool {
@@ -428,6 +441,12 @@ mod tests {
         assert!(m.grow(65).is_err());
         m.grow(64).unwrap();
         assert_eq!(m.size().unwrap(), 64);
+        // Sparse: growing allocated nothing, and the bytes past the data read as zeroes.
+        assert_eq!(m.lock().data.len(), 15);
+        m.read_at(&mut b, 56).unwrap();
+        assert_eq!(b, [0u8; 8]);
+        let all = m.to_bytes();
+        assert_eq!((all.len(), &all[10..15]), (64, &b"hello"[..]));
     }
 
     #[test]
