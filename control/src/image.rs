@@ -2,7 +2,8 @@
 //! image is opened ([`DirectIo`]).
 //!
 //! On the command line and in xenstore a spec is one string, `TYPE:PATH` (blktap's form), e.g.
-//! `aio:/var/lib/disk.img` or `parallax:/var/lib/vm1.plx@before-upgrade`; in the control
+//! `aio:/var/lib/disk.img`, `qcow2:/var/lib/vm1.qcow2` or
+//! `parallax:/var/lib/vm1.plx@before-upgrade`; in the control
 //! protocol it travels as its parts.
 
 use std::path::PathBuf;
@@ -22,11 +23,13 @@ pub enum Driver {
     Parallax,
     /// A disk striped over iSCSI servers, described by a mapping file.
     Stripe,
+    /// A qcow2 image (QEMU's format), with its backing files.
+    Qcow2,
 }
 
 impl Driver {
     /// Every driver, in the order help texts list them.
-    pub const ALL: [Driver; 3] = [Driver::Aio, Driver::Parallax, Driver::Stripe];
+    pub const ALL: [Driver; 4] = [Driver::Aio, Driver::Parallax, Driver::Stripe, Driver::Qcow2];
 
     /// The name in a disk spec.
     pub fn name(self) -> &'static str {
@@ -34,6 +37,7 @@ impl Driver {
             Driver::Aio => "aio",
             Driver::Parallax => "parallax",
             Driver::Stripe => "stripe",
+            Driver::Qcow2 => "qcow2",
         }
     }
 }
@@ -187,6 +191,12 @@ mod tests {
         let p: ImageSpec = "parallax:/data/vm@1/disk.plx".parse().unwrap();
         assert_eq!(p.volume, None);
         let a: ImageSpec = "aio:/data/x@y".parse().unwrap();
+        let q: ImageSpec = "qcow2:/vm/leaf@1.qcow2".parse().unwrap();
+        assert_eq!(
+            (q.driver, q.path.to_str(), q.volume.as_deref()),
+            (Driver::Qcow2, Some("/vm/leaf@1.qcow2"), None)
+        );
+        assert_eq!(q.to_string(), "qcow2:/vm/leaf@1.qcow2");
         assert_eq!((a.path.to_str(), a.volume), (Some("/data/x@y"), None));
         let err = |s: &str| s.parse::<ImageSpec>().unwrap_err().to_string();
         assert!(err("/tmp/x.img").contains("has no type"));
@@ -213,6 +223,10 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&ImageSpec::new(Driver::Aio, "/x")).unwrap(),
             r#"{"driver":"aio","path":"/x"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&ImageSpec::new(Driver::Qcow2, "/x")).unwrap(),
+            r#"{"driver":"qcow2","path":"/x"}"#
         );
     }
 }

@@ -67,6 +67,10 @@ pub fn open_image_logged(
         Driver::Aio => Ok(Arc::new(aio::AioImage::open(&spec.path, opts)?)),
         Driver::Stripe => Ok(Arc::new(stripe::StripeImage::open(&spec.path, opts, log)?)),
         Driver::Parallax => Ok(Arc::new(parallax::ParallaxImage::open(spec, opts)?)),
+        Driver::Qcow2 => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "qcow2: images are not served yet",
+        )),
     }
 }
 
