@@ -140,7 +140,8 @@ pub const TRACE: Limit = Limit::new("trace", "trace size", "", 0, 16_000_000);
 
 // --- Drivers ----------------------------------------------------------------------------------
 
-/// Metadata cache slots of a Parallax image (0: the driver's default; at most 4 GiB of cache).
+/// Metadata cache slots of a Parallax or VHD image (0: the driver's default; at most 4 GiB of
+/// Parallax cache).
 pub const CACHE_SLOTS: Limit = Limit::new("cache_slots", "cache slots", "", 0, 1 << 20);
 
 // --- Early read return ------------------------------------------------------------------------

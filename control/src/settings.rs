@@ -53,8 +53,9 @@ pub struct VbdSettings {
     /// [`limits::POLL_US`]). Trades CPU for latency under dense load, like QEMU's iothread
     /// `poll-max-ns`.
     pub poll_us: u32,
-    /// Metadata cache slots of a `parallax:` image (0: the driver's default, 128;
-    /// [`limits::CACHE_SLOTS`]).
+    /// Metadata cache slots of a `parallax:` image (4 KiB nodes; 0: the driver's default,
+    /// 128) or of each image of a `vhd:` chain (512-byte BAT and bitmap sectors; 0: 1024)
+    /// ([`limits::CACHE_SLOTS`]).
     pub cache_slots: u32,
     /// A `stripe:` image's iSCSI connections are driven by each ring loop's own thread
     /// instead of one IO thread per server.
@@ -116,10 +117,10 @@ impl VbdSettings {
     pub fn validate_for(&self, image: &ImageSpec) -> Result<()> {
         self.validate()?;
         image.validate()?;
-        if self.cache_slots != 0 && image.driver != Driver::Parallax {
+        if self.cache_slots != 0 && !matches!(image.driver, Driver::Parallax | Driver::Vhd) {
             return Err(Error::invalid(
                 "cache_slots",
-                "cache slots are for parallax: images only",
+                "cache slots are for parallax: and vhd: images only",
             ));
         }
         if self.iscsi_inline && image.driver != Driver::Stripe {

@@ -99,6 +99,8 @@ pub struct DiskArgs {
     /// Types: aio (a raw image file or a block device),
     ///        parallax (a Parallax image: PATH serves its disk 'base', PATH@VOLUME another
     ///        disk, or a snapshot, read-only; see parallax-img),
+    ///        vhd (a VHD image, blktap's format: fixed, dynamic, or a differencing disk
+    ///        read through its parents; see vhd-util),
     ///        stripe (PATH is a mapping file made by stripe-img: a disk striped over
     ///        iSCSI servers).
     /// A relative PATH is taken from the current directory.
@@ -251,14 +253,15 @@ pub struct DiskArgs {
     ///   bad=S+N;S+N     bad sector ranges: every IO touching one fails
     #[arg(verbatim_doc_comment, long, value_name = "PLAN")]
     pub inject_faults: Option<String>,
-    /// Metadata cache slots of a parallax: image (0: the driver's default, 128).
+    /// Metadata cache slots of a parallax: or vhd: image (0: the driver's default).
     #[arg(
         long,
         value_name = "N",
         help = format!(
             "Metadata cache slots of a parallax: image ({}; 0 or none: the driver's default,\n\
-             128; the thesis's first Parallax had 10). Volumes of one image served by one\n\
-             tapdisk share the cache of the first one opened.",
+             128 nodes of 4 KiB; the thesis's first Parallax had 10), or of each image of a\n\
+             vhd: chain (512-byte BAT and bitmap sectors; default 1024). Volumes of one image,\n\
+             and parents shared by several chains, keep the cache of the first one opened.",
             limits::CACHE_SLOTS.range()
         ),
     )]
@@ -477,7 +480,7 @@ mod tests {
                 "--inject-faults takes 0..=1000000",
             ),
             (&["--model-disk", "link:1,0"], "--model-disk takes 1..="),
-            (&["--cache-slots", "10"], "parallax: images only"),
+            (&["--cache-slots", "10"], "parallax: and vhd: images only"),
             (
                 &["--cache-slots", "2000000"],
                 "--cache-slots takes 0..=1048576",
