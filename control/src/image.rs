@@ -2,9 +2,8 @@
 //! image is opened ([`DirectIo`]).
 //!
 //! On the command line and in xenstore a spec is one string, `TYPE:PATH` (blktap's form), e.g.
-//! `aio:/var/lib/disk.img`, `qcow2:/var/lib/vm1.qcow2` or
-//! `parallax:/var/lib/vm1.plx@before-upgrade`; in the control
-//! protocol it travels as its parts.
+//! `aio:/var/lib/disk.img`, `vhd:/var/lib/vm1.vhd`, `qcow2:/var/lib/vm1.qcow2` or
+//! `parallax:/var/lib/vm1.plx@before-upgrade`; in the control protocol it travels as its parts.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -21,6 +20,8 @@ pub enum Driver {
     Aio,
     /// A volume of a Parallax image.
     Parallax,
+    /// A VHD image (fixed, dynamic or differencing) and its parents.
+    Vhd,
     /// A disk striped over iSCSI servers, described by a mapping file.
     Stripe,
     /// A qcow2 image (QEMU's format), with its backing files.
@@ -29,13 +30,20 @@ pub enum Driver {
 
 impl Driver {
     /// Every driver, in the order help texts list them.
-    pub const ALL: [Driver; 4] = [Driver::Aio, Driver::Parallax, Driver::Stripe, Driver::Qcow2];
+    pub const ALL: [Driver; 5] = [
+        Driver::Aio,
+        Driver::Parallax,
+        Driver::Vhd,
+        Driver::Qcow2,
+        Driver::Stripe,
+    ];
 
     /// The name in a disk spec.
     pub fn name(self) -> &'static str {
         match self {
             Driver::Aio => "aio",
             Driver::Parallax => "parallax",
+            Driver::Vhd => "vhd",
             Driver::Stripe => "stripe",
             Driver::Qcow2 => "qcow2",
         }
@@ -200,7 +208,10 @@ mod tests {
         assert_eq!((a.path.to_str(), a.volume), (Some("/data/x@y"), None));
         let err = |s: &str| s.parse::<ImageSpec>().unwrap_err().to_string();
         assert!(err("/tmp/x.img").contains("has no type"));
-        assert!(err("vhd:/x").contains("unknown disk type 'vhd'"));
+        assert!(err("qcow:/x").contains("unknown disk type 'qcow'"));
+        let v: ImageSpec = "vhd:/srv/vm@1.vhd".parse().unwrap();
+        assert_eq!(v, ImageSpec::new(Driver::Vhd, "/srv/vm@1.vhd"));
+        assert_eq!(v.to_string(), "vhd:/srv/vm@1.vhd");
         assert!(err("aio:").contains("empty path"));
         assert!(err("parallax:@snap").contains("no image path before '@'"));
         assert!(err("parallax:/x.plx@").contains("volume name"));

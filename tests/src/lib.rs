@@ -2,7 +2,9 @@
 //! `td-bench` binaries (built on first use by [`bin_dir`]) in a private run directory and drive
 //! them with real peers (qemu-io, qemu-img, nbdinfo, fio) and the blkif local frontend.
 
+pub mod blktap;
 pub mod lan;
+pub mod nbd;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -16,8 +18,9 @@ use tapdisk_control::{RunDir, VbdSettings};
 /// The folder holding the workspace's binaries (`target/<profile>`, or
 /// `target/<triple>/<profile>`), found from the running test executable (which runs from its
 /// `deps/`). `cargo test --workspace` builds only the binaries of the package under test, so
-/// the first call builds `tapdisk`, `tap-ctl` and `td-bench` into that same target directory
-/// (a no-op when they are fresh); this honours `CARGO_TARGET_DIR` and the profile.
+/// the first call builds `tapdisk`, `tap-ctl`, `td-bench` and the other tools into that same
+/// target directory (a no-op when they are fresh); this honours `CARGO_TARGET_DIR` and the
+/// profile.
 pub fn bin_dir() -> PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("current_exe");
@@ -47,6 +50,8 @@ pub fn bin_dir() -> PathBuf {
             "stripe-master",
             "-p",
             "xen-frontend",
+            "-p",
+            "vhd-util",
             "--bins",
         ]);
         let parent = prof.parent().expect("target dir");

@@ -7,9 +7,12 @@
 //! injection, a slow-storage model; [`layer`]).
 //!
 //! Drivers: [`aio`] (`aio:PATH`, a raw file or block device), [`parallax`] (`parallax:PATH`
-//! and `parallax:PATH@VOLUME`, volumes of a Parallax image), [`stripe`] (`stripe:MAPPING`, a
-//! disk striped over iSCSI servers). Layers: [`fault`], [`model`]. Adding a driver is adding a
-//! folder here with its image and its engine, and a line in [`open_image_logged`].
+//! and `parallax:PATH@VOLUME`, volumes of a Parallax image), [`vhd`] (`vhd:PATH`, a VHD and
+//! its parents), [`stripe`] (`stripe:MAPPING`, a disk striped over iSCSI servers). Parallax
+//! and VHD are formats of the translating engine ([`translate`]: the format maps guest ranges
+//! to file ranges, the engine does the data IO). Layers: [`fault`], [`model`]. Adding a
+//! driver is adding a folder here with its image and its engine (or its [`translate::Format`]),
+//! and a line in [`open_image_logged`].
 
 pub mod aio;
 pub mod engine;
@@ -18,6 +21,8 @@ pub mod layer;
 pub mod model;
 pub mod parallax;
 pub mod stripe;
+pub mod translate;
+pub mod vhd;
 
 use std::io;
 use std::sync::Arc;
@@ -49,6 +54,12 @@ pub trait Image: Send + Sync {
     fn stats(&self) -> serde_json::Value {
         serde_json::Value::Null
     }
+    /// The VBD paused with nothing in flight: write back what the image holds only in memory
+    /// (metadata), so that tools reading the file meanwhile (`vhd-util snapshot` of a paused
+    /// leaf) find it complete.
+    fn quiesce(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Opens `spec` with the driver it names; drivers that log (`stripe:`: lost connections,
@@ -66,7 +77,12 @@ pub fn open_image_logged(
     match spec.driver {
         Driver::Aio => Ok(Arc::new(aio::AioImage::open(&spec.path, opts)?)),
         Driver::Stripe => Ok(Arc::new(stripe::StripeImage::open(&spec.path, opts, log)?)),
-        Driver::Parallax => Ok(Arc::new(parallax::ParallaxImage::open(spec, opts)?)),
+        Driver::Parallax => Ok(Arc::new(translate::Translated::new(
+            parallax::ParallaxImage::open(spec, opts)?,
+        ))),
+        Driver::Vhd => Ok(Arc::new(translate::Translated::new(vhd::VhdImage::open(
+            spec, opts,
+        )?))),
         Driver::Qcow2 => Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "qcow2: images are not served yet",
@@ -124,8 +140,8 @@ pub struct OpenOptionsImg {
     pub read_only: bool,
     /// O_DIRECT policy.
     pub direct: DirectIo,
-    /// Metadata cache slots of a Parallax image (0: the driver's default, 128). An image
-    /// already open in this process for another volume keeps its cache.
+    /// Metadata cache slots of a Parallax or VHD image (0: the driver's default). An image
+    /// already open in this process (another volume, a shared parent) keeps its cache.
     pub cache_slots: u32,
     /// A `stripe:` image's iSCSI connections are driven inline by the event loops.
     pub iscsi_inline: bool,

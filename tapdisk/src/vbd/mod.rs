@@ -5,8 +5,9 @@
 //! ([`xen`]); the NBD export attaches one ring per connection ([`export`]). Every ring gets
 //! its own thread running a [`crate::ring::RingLoop`] ([`rings`]).
 //!
-//! Pausing sets a flag every ring loop checks before taking requests, wakes the loops, and
-//! waits until each reports that nothing is in flight (NBD requests wait in their rings).
+//! Pausing sets a flag every ring loop checks before taking requests, wakes the loops, waits
+//! until each reports that nothing is in flight (NBD requests wait in their rings), then has
+//! the image write back its cached metadata ([`crate::driver::Image::quiesce`]).
 //! Unpausing may swap the image first (same size), as `tap-ctl unpause -a` does for a live
 //! image move.
 
@@ -239,6 +240,12 @@ impl Vbd {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.quiescing = false;
+        // Nothing in flight: the image writes back what only its memory holds, so tools see
+        // the file complete while it is paused (a snapshot of the leaf, say).
+        self.shared()
+            .image()
+            .quiesce()
+            .map_err(|e| Error::Image(e))?;
         info!(self.log, "paused");
         Ok(())
     }

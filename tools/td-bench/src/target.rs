@@ -565,7 +565,7 @@ pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<
         Driver::Aio => create_image(&path, size)?,
         Driver::Parallax => create_parallax(&path, size)? && spec.volume.is_none(),
         Driver::Qcow2 => create_qcow2(&path, size)?,
-        Driver::Stripe => false,
+        Driver::Vhd | Driver::Stripe => false,
     };
     if !fresh
         && spec.driver == Driver::Aio
