@@ -46,6 +46,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn file(&self) -> Option<&File> {
         None
     }
+    /// Takes a reader's locks instead of a writer's (`read_only`), or a writer's again;
+    /// storages without locks do nothing. Fails with `WouldBlock` if another open file
+    /// description holds a lock that a writer's conflicts with (the reader's locks stay).
+    fn relock(&self, read_only: bool) -> io::Result<()> {
+        let _ = read_only;
+        Ok(())
+    }
     /// A name for messages (the path).
     fn name(&self) -> String;
 }
@@ -217,6 +224,16 @@ fn ofd_lock(file: &File, byte: i64) -> io::Result<()> {
     Ok(())
 }
 
+/// Drops this open file description's lock on one byte.
+fn ofd_unlock(file: &File, byte: i64) -> io::Result<()> {
+    let fl = flock_at(byte, libc::F_UNLCK);
+    // SAFETY: F_OFD_SETLK reads the `flock` the pointer points at, a live local.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether another open file description holds a lock on `byte`.
 fn ofd_conflict(file: &File, byte: i64) -> io::Result<bool> {
     let mut fl = flock_at(byte, libc::F_WRLCK);
@@ -305,6 +322,30 @@ impl Storage for FileStorage {
     }
     fn file(&self) -> Option<&File> {
         Some(&self.file)
+    }
+    fn relock(&self, read_only: bool) -> io::Result<()> {
+        let writer = [PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE];
+        if read_only {
+            for p in writer {
+                ofd_unlock(&self.file, LOCK_PERM_BASE + p as i64)?;
+            }
+            return Ok(());
+        }
+        match qemu_lock(&self.file, false) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                for p in writer {
+                    ofd_unlock(&self.file, LOCK_PERM_BASE + p as i64)?;
+                }
+                Err(match e {
+                    OpenFileError::Locked => io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        "another process holds a conflicting lock",
+                    ),
+                    OpenFileError::Io(e) => e,
+                })
+            }
+        }
     }
     fn name(&self) -> String {
         self.path.display().to_string()
@@ -465,6 +506,24 @@ mod tests {
         ));
         assert!(matches!(
             FileStorage::open(&p, false),
+            Err(OpenFileError::Locked)
+        ));
+        // A writer that takes a reader's locks lets readers in, and cannot become a writer
+        // again while they are there.
+        w.relock(true).unwrap();
+        let r = FileStorage::open(&p, true).unwrap();
+        assert!(matches!(
+            FileStorage::open(&p, false),
+            Err(OpenFileError::Locked)
+        ));
+        assert_eq!(
+            w.relock(false).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        drop(r);
+        w.relock(false).unwrap();
+        assert!(matches!(
+            FileStorage::open(&p, true),
             Err(OpenFileError::Locked)
         ));
         drop(w);

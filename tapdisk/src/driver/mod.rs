@@ -8,8 +8,9 @@
 //!
 //! Drivers: [`aio`] (`aio:PATH`, a raw file or block device), [`parallax`] (`parallax:PATH`
 //! and `parallax:PATH@VOLUME`, volumes of a Parallax image), [`vhd`] (`vhd:PATH`, a VHD and
-//! its parents), [`stripe`] (`stripe:MAPPING`, a disk striped over iSCSI servers). Parallax
-//! and VHD are formats of the translating engine ([`translate`]: the format maps guest ranges
+//! its parents), [`qcow2`] (`qcow2:PATH`, a qcow2 image and its backing chain), [`stripe`]
+//! (`stripe:MAPPING`, a disk striped over iSCSI servers). Parallax, VHD and qcow2 are
+//! formats of the translating engine ([`translate`]: the format maps guest ranges
 //! to file ranges, the engine does the data IO). Layers: [`fault`], [`model`]. Adding a
 //! driver is adding a folder here with its image and its engine (or its [`translate::Format`]),
 //! and a line in [`open_image_logged`].
@@ -20,6 +21,7 @@ pub mod fault;
 pub mod layer;
 pub mod model;
 pub mod parallax;
+pub mod qcow2;
 pub mod stripe;
 pub mod translate;
 pub mod vhd;
@@ -60,6 +62,17 @@ pub trait Image: Send + Sync {
     fn quiesce(&self) -> io::Result<()> {
         Ok(())
     }
+    /// The VBD, paused, is about to open another image in this one's place (`tap-ctl unpause
+    /// -a`): let go of what would keep the new image from opening this one's files (a qcow2
+    /// leaf's writer locks, when the new image is an overlay over it). Nothing is written
+    /// meanwhile; [`Image::reclaim`] undoes it if the new image does not open.
+    fn release(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Takes back what [`Image::release`] let go of.
+    fn reclaim(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Opens `spec` with the driver it names; drivers that log (`stripe:`: lost connections,
@@ -83,10 +96,9 @@ pub fn open_image_logged(
         Driver::Vhd => Ok(Arc::new(translate::Translated::new(vhd::VhdImage::open(
             spec, opts,
         )?))),
-        Driver::Qcow2 => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "qcow2: images are not served yet",
-        )),
+        Driver::Qcow2 => Ok(Arc::new(translate::Translated::new(
+            qcow2::Qcow2Image::open(spec, opts)?,
+        ))),
     }
 }
 

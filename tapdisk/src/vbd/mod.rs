@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use blkif::local::AttachLimits;
 use blkif::request::DiskInfo;
-use slog::{info, o, Logger};
+use slog::{info, o, warn, Logger};
 
 use tapdisk_control::proto::{VbdState, VbdSummary};
 use tapdisk_control::{ImageSpec, VbdSettings};
@@ -259,17 +259,34 @@ impl Vbd {
             )));
         }
         if let Some(spec) = new_image {
-            let img = open_image_logged(&spec, image_options(&self.opts), &self.log)
-                .map_err(Error::Image)?;
-            let sectors = self.rings.disk().sectors;
-            if img.size() / SECTOR != sectors {
-                return Err(Error::Refused(format!(
-                    "new image {} has {} sectors, the disk has {}",
-                    spec.path.display(),
-                    img.size() / SECTOR,
-                    sectors
-                )));
-            }
+            // The new image may be an overlay over the old one (a snapshot): the old one lets
+            // go of its writer's locks first, and takes them back if the new one is refused.
+            let old = self.shared().image();
+            old.release().map_err(Error::Image)?;
+            let opened = open_image_logged(&spec, image_options(&self.opts), &self.log)
+                .map_err(Error::Image)
+                .and_then(|img| {
+                    let sectors = self.rings.disk().sectors;
+                    if img.size() / SECTOR != sectors {
+                        return Err(Error::Refused(format!(
+                            "new image {} has {} sectors, the disk has {}",
+                            spec.path.display(),
+                            img.size() / SECTOR,
+                            sectors
+                        )));
+                    }
+                    Ok(img)
+                });
+            let img = match opened {
+                Ok(img) => img,
+                Err(e) => {
+                    // (A new image of the wrong size was dropped already.)
+                    if let Err(r) = old.reclaim() {
+                        warn!(self.log, "the old image could not be locked again"; "error" => %r);
+                    }
+                    return Err(e);
+                }
+            };
             self.shared().set_image(img);
             info!(self.log, "image replaced"; "image" => %spec);
             self.spec = spec;

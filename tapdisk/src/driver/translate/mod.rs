@@ -1,5 +1,5 @@
 //! The translating engine: one engine for every image format that maps guest ranges to
-//! ranges of files (`parallax:`, `vhd:`, and qcow2 next).
+//! ranges of files (`parallax:`, `vhd:`, `qcow2:`).
 //!
 //! The format's library answers *mapping calls* (where is this guest range, where does this
 //! write go) from its metadata, through its own metadata cache; this engine does all the data
@@ -173,6 +173,14 @@ pub trait Format: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Counters for `tap-ctl stats`, read without the lock.
     fn stats(&self) -> serde_json::Value;
+    /// [`Image::release`].
+    fn release(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// [`Image::reclaim`].
+    fn reclaim(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A disk of a translating format as a VBD serves it: the [`Image`] over a [`Format`].
@@ -213,6 +221,12 @@ impl<F: Format> Image for Translated<F> {
     }
     fn stats(&self) -> serde_json::Value {
         self.format.stats()
+    }
+    fn release(&self) -> io::Result<()> {
+        self.format.release()
+    }
+    fn reclaim(&self) -> io::Result<()> {
+        self.format.reclaim()
     }
     fn quiesce(&self) -> io::Result<()> {
         if self.format.read_only() {
