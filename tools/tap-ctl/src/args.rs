@@ -483,7 +483,10 @@ mod tests {
                 "--inject-faults takes 0..=1000000",
             ),
             (&["--model-disk", "link:1,0"], "--model-disk takes 1..="),
-            (&["--cache-slots", "10"], "parallax:, vhd: and qcow2: images only"),
+            (
+                &["--cache-slots", "10"],
+                "parallax:, vhd: and qcow2: images only",
+            ),
             (
                 &["--cache-slots", "2000000"],
                 "--cache-slots takes 0..=1048576",

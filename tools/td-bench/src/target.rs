@@ -515,8 +515,16 @@ fn create_qcow2(path: &Path, size: u64) -> Result<bool> {
     if path.exists() {
         return Ok(false);
     }
-    let file = qcow2::FileStorage::create(path)
-        .map_err(|e| anyhow!("creating qcow2 image {}: {e}", path.display()))?;
+    let file = qcow2::FileStorage::create(path).map_err(|e| {
+        anyhow!(
+            "creating qcow2 image {}: {}",
+            path.display(),
+            match e {
+                qcow2::OpenFileError::Locked => "locked by another process".to_string(),
+                qcow2::OpenFileError::Io(e) => e.to_string(),
+            }
+        )
+    })?;
     qcow2::create(&file, &qcow2::CreateOptions::new(size))
         .map_err(|e| anyhow!("creating qcow2 image {}: {e}", path.display()))?;
     Ok(true)
