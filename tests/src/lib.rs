@@ -169,6 +169,52 @@ impl Drop for Tapdisk {
     }
 }
 
+/// A deterministic xorshift64 generator for tests' random workloads.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next word (the seed must not be 0).
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// A number below `n` (> 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// `n` random bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+/// `qemu-img create -f qcow2 -o OPTS` of an overlay at `path` over `backing` (a name relative
+/// to the overlay's folder) of format `backing_fmt`.
+pub fn qcow2_overlay(path: &Path, backing: &str, backing_fmt: &str, opts: &str) {
+    run_ok(
+        Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                backing,
+                "-F",
+                backing_fmt,
+            ])
+            .args(["-o", opts])
+            .arg(path),
+    );
+}
+
 /// A sparse image file of `size` bytes in a temporary folder.
 pub fn image(size: u64) -> Result<(tempfile::TempDir, PathBuf)> {
     let dir = tempfile::tempdir()?;

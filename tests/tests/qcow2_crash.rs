@@ -20,28 +20,6 @@ const SIZE: u64 = 16 << 20;
 const SLOT: u64 = 64 << 10;
 const RUNS: u64 = 30;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(n + 8);
-        while v.len() < n {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(n);
-        v
-    }
-}
-
 /// One write of a run.
 struct Write {
     offset: u64,
@@ -100,21 +78,7 @@ fn flushed_writes_survive_sigkill_and_the_image_is_never_corrupt() {
                     .args(["-c", "write -P 0x5b 0 12M"]),
             );
             before[..12 << 20].fill(0x5b);
-            run_ok(
-                Command::new("qemu-img")
-                    .args([
-                        "create",
-                        "-q",
-                        "-f",
-                        "qcow2",
-                        "-b",
-                        "base.qcow2",
-                        "-F",
-                        "qcow2",
-                    ])
-                    .args(["-o", &opts])
-                    .arg(&leaf),
-            );
+            qcow2_overlay(&leaf, "base.qcow2", "qcow2", &opts);
         } else {
             run_ok(
                 Command::new("qemu-img")

@@ -110,21 +110,6 @@ fn assert_clean(p: &Path) {
     );
 }
 
-/// A deterministic xorshift generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// `n` random pattern writes (`write -P`) over a disk of `size` bytes: 512 B to 1 MiB, at
 /// 512-byte offsets.
 fn pattern_writes(rng: &mut Rng, size: u64, n: usize) -> Vec<String> {
@@ -172,21 +157,7 @@ fn images_qemu_made_read_through_the_export_as_qemu_reads_them() {
             convert.push("-c");
         }
         qemu_img(&convert, &[&reference, &base]);
-        qemu_img(
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                "-o",
-                &opts,
-            ],
-            &[&leaf],
-        );
+        qcow2_overlay(&leaf, "base.qcow2", "qcow2", &opts);
         // The leaf's own clusters: data over the base's, zeroes, discards.
         let mut cmds = pattern_writes(&mut rng, SIZE, 8);
         cmds.push("write -z 3M 100k".into());
@@ -245,21 +216,7 @@ fn random_writes_zeroes_and_discards_through_the_export_keep_the_image_clean() {
         let leaf = d.join("leaf.qcow2");
         let opts = format!("cluster_size={cluster},compat={compat}");
         let backing_name = format!("base.{backing}");
-        qemu_img(
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                &backing_name,
-                "-F",
-                backing,
-                "-o",
-                &opts,
-            ],
-            &[&leaf],
-        );
+        qcow2_overlay(&leaf, &backing_name, backing, &opts);
         let served = Served::new(d, &format!("qcow2:{}", leaf.display()));
         // Writes, zero writes and discards through the export, and the same (a discard as
         // zeroes: our discard always reads back as zeroes) on the reference.

@@ -52,7 +52,6 @@
 pub mod mapper;
 
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex};
 
@@ -60,7 +59,7 @@ use tapdisk_control::ImageSpec;
 
 use self::mapper::{Compressed, Qcow2Mapper};
 use super::aio::AioImage;
-use super::translate::{shared_read_only, Format};
+use super::translate::{self, shared_read_only, Format};
 use super::OpenOptionsImg;
 use crate::sys::uring::FIXED_FILES;
 
@@ -87,12 +86,7 @@ fn error(path: &Path, e: qcow2::Error) -> io::Error {
 
 /// Whether `f` (opened for data IO) is the file `storage` (opened by the library) reads.
 fn same_file(storage: &dyn qcow2::Storage, f: &AioImage) -> bool {
-    match (storage.file(), std::fs::metadata(f.path())) {
-        (Some(s), Ok(m)) => s
-            .metadata()
-            .is_ok_and(|sm| (sm.dev(), sm.ino()) == (m.dev(), m.ino())),
-        _ => false,
-    }
+    storage.file().is_some_and(|s| translate::same_file(s, f))
 }
 
 /// One image of a chain, for `tap-ctl stats`.

@@ -269,6 +269,15 @@ pub fn shared_read_only(path: &Path, direct: DirectIo) -> io::Result<Arc<AioImag
     Ok(f)
 }
 
+/// Whether `image` (opened for data IO) is the same file as `file` (opened by a format's
+/// library for its metadata): a file renamed or replaced between the two opens is not.
+pub fn same_file(file: &std::fs::File, image: &AioImage) -> bool {
+    match (file.metadata(), std::fs::metadata(image.path())) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 /// How many shared read-only files are open (for tests).
 pub fn shared_files_open() -> usize {
     let open = SHARED.lock().unwrap_or_else(|e| e.into_inner());

@@ -41,7 +41,6 @@ pub mod mapper;
 
 use std::convert::Infallible;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -50,7 +49,7 @@ use tapdisk_control::ImageSpec;
 
 use self::mapper::VhdMapper;
 use super::aio::AioImage;
-use super::translate::{shared_read_only, Format};
+use super::translate::{same_file, shared_read_only, Format};
 use super::OpenOptionsImg;
 use crate::sys::uring::FIXED_FILES;
 
@@ -123,13 +122,7 @@ impl VhdImage {
         for p in &parents {
             let f = shared_read_only(p.path(), opts.direct)?;
             // The file the data IO reads must be the one the metadata came from.
-            let same = match (p.file(), std::fs::metadata(f.path())) {
-                (Some(pf), Ok(m)) => pf
-                    .metadata()
-                    .is_ok_and(|pm| (pm.dev(), pm.ino()) == (m.dev(), m.ino())),
-                _ => false,
-            };
-            if !same {
+            if !p.file().is_some_and(|pf| same_file(pf, &f)) {
                 return Err(io::Error::other(format!(
                     "VHD image {}: parent {} changed while it was being opened",
                     path.display(),
