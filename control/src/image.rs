@@ -2,8 +2,8 @@
 //! image is opened ([`DirectIo`]).
 //!
 //! On the command line and in xenstore a spec is one string, `TYPE:PATH` (blktap's form), e.g.
-//! `aio:/var/lib/disk.img` or `parallax:/var/lib/vm1.plx@before-upgrade`; in the control
-//! protocol it travels as its parts.
+//! `aio:/var/lib/disk.img`, `vhd:/var/lib/vm1.vhd`, `qcow2:/var/lib/vm1.qcow2` or
+//! `parallax:/var/lib/vm1.plx@before-upgrade`; in the control protocol it travels as its parts.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -20,20 +20,32 @@ pub enum Driver {
     Aio,
     /// A volume of a Parallax image.
     Parallax,
+    /// A VHD image (fixed, dynamic or differencing) and its parents.
+    Vhd,
     /// A disk striped over iSCSI servers, described by a mapping file.
     Stripe,
+    /// A qcow2 image (QEMU's format), with its backing files.
+    Qcow2,
 }
 
 impl Driver {
     /// Every driver, in the order help texts list them.
-    pub const ALL: [Driver; 3] = [Driver::Aio, Driver::Parallax, Driver::Stripe];
+    pub const ALL: [Driver; 5] = [
+        Driver::Aio,
+        Driver::Parallax,
+        Driver::Vhd,
+        Driver::Qcow2,
+        Driver::Stripe,
+    ];
 
     /// The name in a disk spec.
     pub fn name(self) -> &'static str {
         match self {
             Driver::Aio => "aio",
             Driver::Parallax => "parallax",
+            Driver::Vhd => "vhd",
             Driver::Stripe => "stripe",
+            Driver::Qcow2 => "qcow2",
         }
     }
 }
@@ -187,10 +199,19 @@ mod tests {
         let p: ImageSpec = "parallax:/data/vm@1/disk.plx".parse().unwrap();
         assert_eq!(p.volume, None);
         let a: ImageSpec = "aio:/data/x@y".parse().unwrap();
+        let q: ImageSpec = "qcow2:/vm/leaf@1.qcow2".parse().unwrap();
+        assert_eq!(
+            (q.driver, q.path.to_str(), q.volume.as_deref()),
+            (Driver::Qcow2, Some("/vm/leaf@1.qcow2"), None)
+        );
+        assert_eq!(q.to_string(), "qcow2:/vm/leaf@1.qcow2");
         assert_eq!((a.path.to_str(), a.volume), (Some("/data/x@y"), None));
         let err = |s: &str| s.parse::<ImageSpec>().unwrap_err().to_string();
         assert!(err("/tmp/x.img").contains("has no type"));
-        assert!(err("vhd:/x").contains("unknown disk type 'vhd'"));
+        assert!(err("qcow:/x").contains("unknown disk type 'qcow'"));
+        let v: ImageSpec = "vhd:/srv/vm@1.vhd".parse().unwrap();
+        assert_eq!(v, ImageSpec::new(Driver::Vhd, "/srv/vm@1.vhd"));
+        assert_eq!(v.to_string(), "vhd:/srv/vm@1.vhd");
         assert!(err("aio:").contains("empty path"));
         assert!(err("parallax:@snap").contains("no image path before '@'"));
         assert!(err("parallax:/x.plx@").contains("volume name"));
@@ -213,6 +234,10 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&ImageSpec::new(Driver::Aio, "/x")).unwrap(),
             r#"{"driver":"aio","path":"/x"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&ImageSpec::new(Driver::Qcow2, "/x")).unwrap(),
+            r#"{"driver":"qcow2","path":"/x"}"#
         );
     }
 }

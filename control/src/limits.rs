@@ -140,7 +140,8 @@ pub const TRACE: Limit = Limit::new("trace", "trace size", "", 0, 16_000_000);
 
 // --- Drivers ----------------------------------------------------------------------------------
 
-/// Metadata cache slots of a Parallax image (0: the driver's default; at most 4 GiB of cache).
+/// Metadata cache slots of a Parallax image or of each image of a VHD or qcow2 chain (0: the
+/// driver's default; at most 4 GiB of Parallax cache, slots of qcow2 are at most 4 KiB too).
 pub const CACHE_SLOTS: Limit = Limit::new("cache_slots", "cache slots", "", 0, 1 << 20);
 
 /// Bytes of memory one metadata cache slot of a Parallax image costs (its 4 KiB block, its

@@ -54,8 +54,10 @@ pub struct VbdSettings {
     /// [`limits::POLL_US`]). Trades CPU for latency under dense load, like QEMU's iothread
     /// `poll-max-ns`.
     pub poll_us: u32,
-    /// Metadata cache slots of a `parallax:` image (0: the driver's default, 128;
-    /// [`limits::CACHE_SLOTS`]).
+    /// Metadata cache slots of a `parallax:` image (4 KiB nodes; 0: the driver's default,
+    /// 128), of each image of a `vhd:` chain (512-byte BAT and bitmap sectors; 0: 1024) or of
+    /// each image of a `qcow2:` chain (L2 and refcount slices of up to 4 KiB; 0: the qcow2
+    /// library's default) ([`limits::CACHE_SLOTS`]).
     pub cache_slots: u32,
     /// A `stripe:` image's iSCSI connections are driven by each ring loop's own thread
     /// instead of one IO thread per server.
@@ -126,10 +128,12 @@ impl VbdSettings {
     pub fn validate_for(&self, image: &ImageSpec) -> Result<()> {
         self.validate()?;
         image.validate()?;
-        if self.cache_slots != 0 && image.driver != Driver::Parallax {
+        if self.cache_slots != 0
+            && !matches!(image.driver, Driver::Parallax | Driver::Vhd | Driver::Qcow2)
+        {
             return Err(Error::invalid(
                 "cache_slots",
-                "cache slots are for parallax: images only",
+                "cache slots are for parallax:, vhd: and qcow2: images only",
             ));
         }
         if self.takeover && image.driver != Driver::Stripe {
@@ -336,6 +340,7 @@ mod tests {
             ..VbdSettings::default()
         };
         s.validate_for(&plx).unwrap();
+        s.validate_for(&"qcow2:/x".parse().unwrap()).unwrap();
         assert_eq!(
             s.validate_for(&aio).unwrap_err().field(),
             Some("cache_slots")

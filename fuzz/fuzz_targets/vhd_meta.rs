@@ -19,6 +19,11 @@ use vhd::{
 
 /// Memory files may not grow beyond this.
 const LIMIT: u64 = 64 << 20;
+/// Largest read or write: a few of the templates' 4 KiB blocks.
+const MAX_IO: u64 = 16 << 10;
+/// Reopens per input: each copies and parses the whole image again, and a second one finds
+/// nothing the first did not.
+const MAX_REOPENS: usize = 2;
 
 #[derive(Arbitrary, Debug)]
 struct Patch {
@@ -97,15 +102,17 @@ fn templates() -> &'static [Template; 4] {
             b.read_at(&mut v, 0).unwrap();
             v
         };
-        // Small blocks keep the images (and so each execution) small.
-        let small = |size: u64| {
+        // Small blocks keep the images (and so each execution) small; the data template's
+        // 2 KiB blocks give it a BAT of two sectors (and its child another block size).
+        let blocks = |size: u64, block_size: u32| {
             let mut o = CreateOptions::dynamic(size);
-            o.block_size = 4096;
+            o.block_size = block_size;
             o
         };
+        let small = |size: u64| blocks(size, 4096);
         let empty = make(small(256 << 10), &[], None);
         let data = make(
-            small(512 << 10),
+            blocks(512 << 10, 2048),
             &[(0, 20_480, 1), (40_000, 7_000, 2), (500 << 10, 4096, 3)],
             None,
         );
@@ -252,7 +259,10 @@ fuzz_target!(|input: Input| {
         Some(pb) => match Image::open(
             Box::new(MemBacking::from_bytes(pb, LIMIT)),
             "parent",
-            &OpenOptions::default(),
+            &OpenOptions {
+                read_only: true,
+                cache_slots: slots,
+            },
         ) {
             Ok(p) => vec![Arc::new(Parent::new(
                 ParentImage::Vhd(Box::new(p)),
@@ -266,7 +276,8 @@ fuzz_target!(|input: Input| {
         return;
     };
     let mut chain = Chain::from_parts(img, parents.clone());
-    let mut buf = vec![0u8; 64 << 10];
+    let mut buf = [0u8; MAX_IO as usize];
+    let mut reopens = 0;
     for op in input.ops.iter().take(20) {
         let size = chain.size();
         if size == 0 {
@@ -275,12 +286,12 @@ fuzz_target!(|input: Input| {
         match *op {
             Op::Read { offset, len } => {
                 let off = offset as u64 % size;
-                let n = (len as u64 % (64 << 10)).clamp(1, size - off) as usize;
+                let n = (len as u64 % MAX_IO).clamp(1, size - off) as usize;
                 let _ = chain.read_at(off, &mut buf[..n]);
             }
             Op::Write { offset, len, fill } => {
                 let off = offset as u64 % size;
-                let n = (len as u64 % (64 << 10)).clamp(1, size - off) as usize;
+                let n = (len as u64 % MAX_IO).clamp(1, size - off) as usize;
                 buf[..n].fill(fill);
                 let _ = chain.write_at(off, &buf[..n]);
             }
@@ -304,7 +315,8 @@ fuzz_target!(|input: Input| {
             Op::Grow { mb } => {
                 let _ = chain.leaf().set_size(size + (mb as u64 % 8) * (64 << 10));
             }
-            Op::Reopen => {
+            Op::Reopen if reopens < MAX_REOPENS => {
+                reopens += 1;
                 let _ = chain.flush();
                 let bytes = bytes_of(chain.leaf_ref());
                 let Some(img) = open(bytes, slots) else {
@@ -312,6 +324,7 @@ fuzz_target!(|input: Input| {
                 };
                 chain = Chain::from_parts(img, parents.clone());
             }
+            Op::Reopen => {}
         }
     }
     let _ = chain.flush();

@@ -16,7 +16,7 @@ const GROW_CHUNK: u64 = 1 << 20;
 impl Image {
     /// The slice holding cluster `c`'s refcount and the index in it; `None` when no refcount
     /// block covers `c` (its refcount is 0).
-    fn rc_where(&self, c: u64) -> Option<(u64, usize)> {
+    pub(crate) fn rc_where(&self, c: u64) -> Option<(u64, usize)> {
         let g = &self.g;
         let t = c / g.rc_per_block;
         let block = *self.reftable.get(t as usize)?;

@@ -527,4 +527,42 @@ impl Chain {
     pub fn close(&mut self) -> Result<()> {
         self.leaf.close()
     }
+
+    /// Writes everything back and trades the leaf's writer locks for a reader's, so that
+    /// another chain (of this process or another) may open the leaf as its backing file: a
+    /// snapshot's new overlay over it. Nothing may be written meanwhile (the block driver is
+    /// paused); [`Chain::reclaim_leaf`] takes the writer's locks back. Fails, keeping the
+    /// writer's locks, if a write is in flight or the write-back fails.
+    pub fn release_leaf(&mut self) -> Result<()> {
+        if self.leaf.read_only() {
+            return Ok(());
+        }
+        if self.leaf.pending_allocations() > 0 {
+            return Err(Error::Invalid(
+                "writes are in flight: the leaf cannot be released".into(),
+            ));
+        }
+        self.leaf.close()?;
+        let name = self.leaf.storage().name();
+        self.leaf
+            .storage()
+            .relock(true)
+            .map_err(|e| Error::io(format!("unlocking {name}"), e))
+    }
+
+    /// Takes back the writer's locks [`Chain::release_leaf`] gave up; fails with
+    /// [`Error::Locked`] while someone reads the leaf as a backing file.
+    pub fn reclaim_leaf(&mut self) -> Result<()> {
+        if self.leaf.read_only() {
+            return Ok(());
+        }
+        let name = self.leaf.storage().name();
+        self.leaf.storage().relock(false).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                Error::Locked(name)
+            } else {
+                Error::io(format!("locking {name}"), e)
+            }
+        })
+    }
 }

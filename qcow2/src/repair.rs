@@ -48,28 +48,66 @@ impl Image {
     pub fn check(&mut self) -> Result<CheckReport> {
         let counts = self.count_references()?;
         let mut r = CheckReport::default();
-        let mut look = |c: u64, refs: u64, img: &mut Image| -> Result<()> {
-            let stored = img.refcount(c)?;
+        let mut look = |c: u64, stored: u64| {
+            let refs = counts.get(c as usize).map_or(0, |&n| n as u64);
             if stored < refs {
                 r.errors += 1;
             } else if stored > refs {
                 r.leaks += 1;
             }
-            Ok(())
         };
-        for (c, &n) in counts.iter().enumerate() {
-            look(c as u64, n as u64, self)?;
-        }
+        // Every cluster a refcount block covers, and every referenced one (a reference to a
+        // cluster no block covers is an error: its refcount is 0). A refcount of 0 past the
+        // last referenced cluster is right: those are skipped, a slice at a time.
         let g = self.g;
+        let referenced = counts.len() as u64;
         for t in 0..self.reftable.len() as u64 {
-            if self.reftable[t as usize] != 0 {
-                let first = (t * g.rc_per_block).max(counts.len() as u64);
-                for c in first..(t + 1) * g.rc_per_block {
-                    look(c, 0, self)?;
-                }
-            }
+            let first = t * g.rc_per_block;
+            self.each_refcount(first, first + g.rc_per_block, referenced, &mut look)?;
+        }
+        let covered = self.reftable.len() as u64 * g.rc_per_block;
+        for c in covered..referenced {
+            look(c, 0);
         }
         Ok(r)
+    }
+
+    /// Calls `f(cluster, refcount)` for the clusters `c..end` of one refcount block's range,
+    /// one cache slice at a time, except those at or past `skip_zero_from` whose refcount is
+    /// 0. Without a refcount block the range is all zeroes.
+    fn each_refcount(
+        &mut self,
+        mut c: u64,
+        end: u64,
+        skip_zero_from: u64,
+        f: &mut impl FnMut(u64, u64),
+    ) -> Result<()> {
+        let g = self.g;
+        while c < end {
+            let Some((slice, i)) = self.rc_where(c) else {
+                for k in c..end.min(skip_zero_from) {
+                    f(k, 0);
+                }
+                return Ok(());
+            };
+            let run = (g.rc_per_slice - i as u64).min(end - c);
+            let s = self.slot(Kind::Refblock, slice)?;
+            let bytes = self.cache.bytes(s);
+            if bytes.iter().all(|&b| b == 0) {
+                for k in c..(c + run).min(skip_zero_from) {
+                    f(k, 0);
+                }
+            } else {
+                for k in 0..run {
+                    let v = g.rc.get(bytes, i + k as usize);
+                    if v != 0 || c + k < skip_zero_from {
+                        f(c + k, v);
+                    }
+                }
+            }
+            c += run;
+        }
+        Ok(())
     }
 
     /// References to each host cluster, by index.
@@ -183,14 +221,34 @@ impl Image {
                 continue;
             }
             let first = (t * g.rc_per_block).max(counts.len() as u64);
-            for c in first..(t + 1) * g.rc_per_block {
-                if self.refcount(c)? != 0 {
-                    self.set_refcount(c, 0)?;
-                }
-            }
+            self.clear_refcounts(first, (t + 1) * g.rc_per_block)?;
         }
         self.free_hint = 0;
         Ok(false)
+    }
+
+    /// Sets the refcounts of clusters `c..end` (of one refcount block's range) to 0, a cache
+    /// slice at a time; slices already 0 stay clean.
+    fn clear_refcounts(&mut self, mut c: u64, end: u64) -> Result<()> {
+        let g = self.g;
+        while c < end {
+            let Some((slice, i)) = self.rc_where(c) else {
+                return Ok(());
+            };
+            let run = (g.rc_per_slice - i as u64).min(end - c);
+            let s = self.slot(Kind::Refblock, slice)?;
+            let bytes = self.cache.bytes(s);
+            let any = bytes.iter().any(|&b| b != 0)
+                && (0..run).any(|k| g.rc.get(bytes, i + k as usize) != 0);
+            if any {
+                let bytes = self.cache.bytes_mut(s);
+                for k in 0..run {
+                    g.rc.set(bytes, i + k as usize, 0);
+                }
+            }
+            c += run;
+        }
+        Ok(())
     }
 
     /// Sets the copied bit of every L1 and L2 entry to "refcount is one".

@@ -46,6 +46,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn file(&self) -> Option<&File> {
         None
     }
+    /// Takes a reader's locks instead of a writer's (`read_only`), or a writer's again;
+    /// storages without locks do nothing. Fails with `WouldBlock` if another open file
+    /// description holds a lock that a writer's conflicts with (the reader's locks stay).
+    fn relock(&self, read_only: bool) -> io::Result<()> {
+        let _ = read_only;
+        Ok(())
+    }
     /// A name for messages (the path).
     fn name(&self) -> String;
 }
@@ -217,6 +224,16 @@ fn ofd_lock(file: &File, byte: i64) -> io::Result<()> {
     Ok(())
 }
 
+/// Drops this open file description's lock on one byte.
+fn ofd_unlock(file: &File, byte: i64) -> io::Result<()> {
+    let fl = flock_at(byte, libc::F_UNLCK);
+    // SAFETY: F_OFD_SETLK reads the `flock` the pointer points at, a live local.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether another open file description holds a lock on `byte`.
 fn ofd_conflict(file: &File, byte: i64) -> io::Result<bool> {
     let mut fl = flock_at(byte, libc::F_WRLCK);
@@ -306,16 +323,48 @@ impl Storage for FileStorage {
     fn file(&self) -> Option<&File> {
         Some(&self.file)
     }
+    fn relock(&self, read_only: bool) -> io::Result<()> {
+        let writer = [PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE];
+        if read_only {
+            for p in writer {
+                ofd_unlock(&self.file, LOCK_PERM_BASE + p as i64)?;
+            }
+            return Ok(());
+        }
+        match qemu_lock(&self.file, false) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                for p in writer {
+                    ofd_unlock(&self.file, LOCK_PERM_BASE + p as i64)?;
+                }
+                Err(match e {
+                    OpenFileError::Locked => io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        "another process holds a conflicting lock",
+                    ),
+                    OpenFileError::Io(e) => e,
+                })
+            }
+        }
+    }
     fn name(&self) -> String {
         self.path.display().to_string()
     }
 }
 
-/// An image in memory, for tests and fuzzing. Clones share the bytes.
+/// An image in memory, for tests and fuzzing. Clones share the bytes. Like a sparse file,
+/// growing it allocates nothing: bytes past the last one written read as zeroes.
 #[derive(Clone, Debug, Default)]
 pub struct MemStorage {
-    bytes: Arc<Mutex<Vec<u8>>>,
+    bytes: Arc<Mutex<Mem>>,
     limit: Option<u64>,
+}
+
+/// The bytes written (up to the last one) and the size, which may be larger.
+#[derive(Debug, Default)]
+struct Mem {
+    data: Vec<u8>,
+    size: usize,
 }
 
 impl MemStorage {
@@ -327,7 +376,10 @@ impl MemStorage {
     /// A storage holding `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> MemStorage {
         MemStorage {
-            bytes: Arc::new(Mutex::new(bytes)),
+            bytes: Arc::new(Mutex::new(Mem {
+                size: bytes.len(),
+                data: bytes,
+            })),
             limit: None,
         }
     }
@@ -335,17 +387,20 @@ impl MemStorage {
     /// The same, refusing to grow past `limit` bytes (`ENOSPC`).
     pub fn with_limit(bytes: Vec<u8>, limit: u64) -> MemStorage {
         MemStorage {
-            bytes: Arc::new(Mutex::new(bytes)),
             limit: Some(limit),
+            ..MemStorage::from_bytes(bytes)
         }
     }
 
     /// A copy of the bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.lock().clone()
+        let m = self.lock();
+        let mut b = m.data.clone();
+        b.resize(m.size, 0);
+        b
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
+    fn lock(&self) -> MutexGuard<'_, Mem> {
         self.bytes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -359,14 +414,14 @@ impl MemStorage {
 
 impl Storage for MemStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let b = self.lock();
+        let m = self.lock();
         buf.fill(0);
         let Ok(start) = usize::try_from(offset) else {
             return Ok(());
         };
-        if start < b.len() {
-            let n = (b.len() - start).min(buf.len());
-            buf[..n].copy_from_slice(&b[start..start + n]);
+        if start < m.data.len() {
+            let n = (m.data.len() - start).min(buf.len());
+            buf[..n].copy_from_slice(&m.data[start..start + n]);
         }
         Ok(())
     }
@@ -375,33 +430,32 @@ impl Storage for MemStorage {
             .checked_add(buf.len() as u64)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
         let end = self.check_limit(end)?;
-        let mut b = self.lock();
-        if end > b.len() {
-            b.resize(end, 0);
+        let mut m = self.lock();
+        if end > m.data.len() {
+            m.data.resize(end, 0);
         }
-        b[end - buf.len()..end].copy_from_slice(buf);
+        m.data[end - buf.len()..end].copy_from_slice(buf);
+        m.size = m.size.max(end);
         Ok(())
     }
     fn flush(&self) -> io::Result<()> {
         Ok(())
     }
     fn size(&self) -> io::Result<u64> {
-        Ok(self.lock().len() as u64)
+        Ok(self.lock().size as u64)
     }
     fn grow(&self, size: u64) -> io::Result<()> {
         let size = self.check_limit(size)?;
-        let mut b = self.lock();
-        if size > b.len() {
-            b.resize(size, 0);
-        }
+        let mut m = self.lock();
+        m.size = m.size.max(size);
         Ok(())
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut b = self.lock();
-        let size = b.len() as u64;
+        let mut m = self.lock();
+        let size = m.data.len() as u64;
         let start = offset.min(size);
         let end = offset.saturating_add(len).min(size);
-        b[start as usize..end as usize].fill(0);
+        m.data[start as usize..end as usize].fill(0);
         Ok(())
     }
     fn grows_with_zeroes(&self) -> bool {
@@ -428,6 +482,12 @@ mod tests {
         assert!(m.grow(65).is_err());
         m.grow(64).unwrap();
         assert_eq!(m.size().unwrap(), 64);
+        // Sparse: growing allocated nothing, and the bytes past the data read as zeroes.
+        assert_eq!(m.lock().data.len(), 15);
+        m.read_at(&mut b, 56).unwrap();
+        assert_eq!(b, [0u8; 8]);
+        let all = m.to_bytes();
+        assert_eq!((all.len(), &all[10..15]), (64, &b"hello"[..]));
     }
 
     #[test]
@@ -446,6 +506,24 @@ mod tests {
         ));
         assert!(matches!(
             FileStorage::open(&p, false),
+            Err(OpenFileError::Locked)
+        ));
+        // A writer that takes a reader's locks lets readers in, and cannot become a writer
+        // again while they are there.
+        w.relock(true).unwrap();
+        let r = FileStorage::open(&p, true).unwrap();
+        assert!(matches!(
+            FileStorage::open(&p, false),
+            Err(OpenFileError::Locked)
+        ));
+        assert_eq!(
+            w.relock(false).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        drop(r);
+        w.relock(false).unwrap();
+        assert!(matches!(
+            FileStorage::open(&p, true),
             Err(OpenFileError::Locked)
         ));
         drop(w);

@@ -280,20 +280,29 @@ fn chains_move_between_threads_and_backing_images_are_shared_across_them() {
 
 #[test]
 fn check_finds_leaks_and_missing_references() {
-    let m = MemStorage::new();
-    create(&m, &CreateOptions::new(1 << 20)).unwrap();
-    let mut img = open(&m, 8);
-    img.write_at(0, &[1u8; 70_000], None).unwrap();
-    img.close().unwrap();
-    assert_eq!(img.check().unwrap(), crate::CheckReport::default());
-    let host = match img.map_read(0, 512).unwrap().mapping {
-        crate::Mapping::Data { offset } => offset >> 16,
-        m => panic!("{m:?}"),
-    };
-    img.set_refcount(host, 0).unwrap();
-    img.set_refcount(host + 100, 1).unwrap();
-    let r = img.check().unwrap();
-    assert_eq!((r.errors, r.leaks), (1, 1));
+    // Every refcount width; leaks just past the file, in a later slice and at the end of
+    // the first refcount block's range.
+    for order in [0, 3, 4, 6] {
+        let m = MemStorage::new();
+        let mut o = CreateOptions::new(1 << 20);
+        o.refcount_order = order;
+        create(&m, &o).unwrap();
+        let mut img = open(&m, 8);
+        img.write_at(0, &[1u8; 70_000], None).unwrap();
+        img.close().unwrap();
+        assert_eq!(img.check().unwrap(), crate::CheckReport::default());
+        let host = match img.map_read(0, 512).unwrap().mapping {
+            crate::Mapping::Data { offset } => offset >> 16,
+            m => panic!("{m:?}"),
+        };
+        img.set_refcount(host, 0).unwrap();
+        let per_block = (65536 * 8) >> order;
+        for leak in [host + 100, 2000.min(per_block - 2), per_block - 1] {
+            img.set_refcount(leak, 1).unwrap();
+        }
+        let r = img.check().unwrap();
+        assert_eq!((r.errors, r.leaks), (1, 3), "refcount order {order}");
+    }
 }
 
 #[test]
@@ -320,4 +329,32 @@ fn a_slice_loaded_while_a_slot_is_freed_is_not_loaded_twice() {
         .unwrap();
     img.close().unwrap();
     assert_eq!(img.check().unwrap(), crate::CheckReport::default());
+}
+
+#[test]
+fn a_rebuild_clears_leaked_refcounts_in_every_slice() {
+    for order in [0, 4, 6] {
+        let m = MemStorage::new();
+        let mut o = CreateOptions::new(1 << 20);
+        o.refcount_order = order;
+        create(&m, &o).unwrap();
+        let mut img = open(&m, 8);
+        img.write_at(0, &[1u8; 70_000], None).unwrap();
+        let per_block = (65536 * 8) >> order;
+        for leak in [40, 2000.min(per_block - 2), per_block - 1] {
+            img.set_refcount(leak, 1).unwrap();
+        }
+        img.close().unwrap();
+        drop(img);
+        assert_eq!(open(&m, 8).check().unwrap().leaks, 3, "order {order}");
+        // The dirty bit (incompatible feature bit 0): a writable open rebuilds.
+        m.write_at(&[1], 79).unwrap();
+        let mut img = open(&m, 8);
+        assert!(!img.header().is_dirty());
+        assert_eq!(
+            img.check().unwrap(),
+            crate::CheckReport::default(),
+            "order {order}"
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //! `td-bench` binaries (built on first use by [`bin_dir`]) in a private run directory and drive
 //! them with real peers (qemu-io, qemu-img, nbdinfo, fio) and the blkif local frontend.
 
+pub mod blktap;
 pub mod etcd;
 pub mod lan;
 pub mod nbd;
@@ -18,8 +19,9 @@ use tapdisk_control::{RunDir, VbdSettings};
 /// The folder holding the workspace's binaries (`target/<profile>`, or
 /// `target/<triple>/<profile>`), found from the running test executable (which runs from its
 /// `deps/`). `cargo test --workspace` builds only the binaries of the package under test, so
-/// the first call builds `tapdisk`, `tap-ctl` and `td-bench` into that same target directory
-/// (a no-op when they are fresh); this honours `CARGO_TARGET_DIR` and the profile.
+/// the first call builds `tapdisk`, `tap-ctl`, `td-bench` and the other tools into that same
+/// target directory (a no-op when they are fresh); this honours `CARGO_TARGET_DIR` and the
+/// profile.
 pub fn bin_dir() -> PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("current_exe");
@@ -49,6 +51,8 @@ pub fn bin_dir() -> PathBuf {
             "stripe-master",
             "-p",
             "xen-frontend",
+            "-p",
+            "vhd-util",
             "--bins",
         ]);
         let parent = prof.parent().expect("target dir");
@@ -197,6 +201,52 @@ impl Drop for Tapdisk {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A deterministic xorshift64 generator for tests' random workloads.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next word (the seed must not be 0).
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// A number below `n` (> 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// `n` random bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+/// `qemu-img create -f qcow2 -o OPTS` of an overlay at `path` over `backing` (a name relative
+/// to the overlay's folder) of format `backing_fmt`.
+pub fn qcow2_overlay(path: &Path, backing: &str, backing_fmt: &str, opts: &str) {
+    run_ok(
+        Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                backing,
+                "-F",
+                backing_fmt,
+            ])
+            .args(["-o", opts])
+            .arg(path),
+    );
 }
 
 /// A sparse image file of `size` bytes in a temporary folder.

@@ -1,7 +1,8 @@
 #!/bin/bash
 # host-deps.sh - the host tools the rig needs, from Debian packages: qemu-system-x86_64 (TCG),
 # debootstrap, busybox-static, cpio, e2fsprogs (mkfs.ext4 -d), xz, zstd, fio (copied into the
-# guest's initramfs with its libraries).
+# guest's initramfs with its libraries), qemu-utils (qemu-img and qemu-io make the qcow2 chain
+# a guest's disk is served from).
 #
 # Quirk of this machine kind: qemu-utils from bookworm-backports is preinstalled and Breaks
 # qemu-system-common (<< 8.0), so bookworm's qemu-system-x86 7.2 cannot go next to it. Then
@@ -12,7 +13,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/config.sh"
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for p in debootstrap busybox-static cpio e2fsprogs xz-utils zstd kmod file fio bc; do
+for p in debootstrap busybox-static cpio e2fsprogs xz-utils zstd kmod file fio bc qemu-utils; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if ((${#need[@]})); then

@@ -7,7 +7,9 @@
 #   3. Xen + a Linux PV dom0 under qemu-system-x86_64 (TCG); dom0 runs dom0-init: tapback,
 #      the main guest on our backend (dd, fio verify, flush-heavy fio, mkfs + fstrim + fsck,
 #      xl block-attach/detach, a hostile frontend from dom0), a second guest on the same disk
-#      (reconnect), then one benchmark guest for kernel blkback, QEMU qdisk and tapdisk;
+#      (reconnect) with a second disk served from a qcow2 chain (a leaf over a compressed
+#      base, both made by qemu-img), then one benchmark guest for kernel blkback, QEMU qdisk
+#      and tapdisk;
 #   4. prints the checks, what the guests negotiated, and the backend comparison table.
 # Exit 0 iff dom0 printed "RIG: RESULT PASS".
 #
@@ -89,6 +91,18 @@ else
     tail -3 "$RIG_LOGS/blktap3.log" | tr '\n' ' ' > "$P/blktap3.skipped"
     step "blktap3 phase will be skipped: $(cat "$P/blktap3.skipped")"
 fi
+# A qcow2 chain made by QEMU's tools for the "again" guest's second disk: base.qcow2 (32 MiB:
+# 8 MiB of 0x5a in compressed clusters, `qemu-img convert -c`, then 8 MiB of 0xa5 in ordinary
+# clusters, `qemu-io`, then zeroes) under leaf.qcow2 (empty; backing file base.qcow2).
+Q=$RIG_WORK/qcow2
+rm -rf "$Q"; mkdir -p "$Q"
+{ truncate -s 32M "$Q/base.raw" && qemu-io -f raw -c "write -P 0x5a 0 8M" "$Q/base.raw" \
+    && qemu-img convert -c -f raw -O qcow2 "$Q/base.raw" "$Q/base.qcow2" \
+    && qemu-io -f qcow2 -c "write -P 0xa5 8M 8M" "$Q/base.qcow2" \
+    && (cd "$Q" && qemu-img create -f qcow2 -b base.qcow2 -F qcow2 leaf.qcow2) \
+    && qemu-img check -q "$Q/base.qcow2" && qemu-img check -q "$Q/leaf.qcow2"; } > "$RIG_LOGS/qcow2.log" 2>&1 \
+    || { echo "xen-rig: making the qcow2 chain failed"; tail -20 "$RIG_LOGS/qcow2.log"; exit 1; }
+cp "$Q/base.qcow2" "$Q/leaf.qcow2" "$P/"
 rm -f "$RIG_WORK/payload.ext4"
 mkfs.ext4 -q -F -L rigpayload -d "$P" "$RIG_WORK/payload.ext4" 512M
 install -m 0755 "$HERE/dom0-init" "$RIG_WORK/dom0-init"

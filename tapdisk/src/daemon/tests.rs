@@ -68,7 +68,10 @@ fn settings_out_of_range_are_refused_on_the_socket() {
             "poll time 4294967295 µs is out of range: poll_us takes 0..=10000",
         ),
         (r#"{"max_segments":12}"#, "max_segments takes 1..=11"),
-        (r#"{"cache_slots":8}"#, "parallax: images only"),
+        (
+            r#"{"cache_slots":8}"#,
+            "parallax:, vhd: and qcow2: images only",
+        ),
     ] {
         let e = error(&open(settings));
         assert_eq!(e.lines().count(), 1, "{e}");

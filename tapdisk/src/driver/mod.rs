@@ -7,9 +7,13 @@
 //! injection, a slow-storage model; [`layer`]).
 //!
 //! Drivers: [`aio`] (`aio:PATH`, a raw file or block device), [`parallax`] (`parallax:PATH`
-//! and `parallax:PATH@VOLUME`, volumes of a Parallax image), [`stripe`] (`stripe:MAPPING`, a
-//! disk striped over iSCSI servers). Layers: [`fault`], [`model`]. Adding a driver is adding a
-//! folder here with its image and its engine, and a line in [`open_image_logged`].
+//! and `parallax:PATH@VOLUME`, volumes of a Parallax image), [`vhd`] (`vhd:PATH`, a VHD and
+//! its parents), [`qcow2`] (`qcow2:PATH`, a qcow2 image and its backing chain), [`stripe`]
+//! (`stripe:MAPPING`, a disk striped over iSCSI servers). Parallax, VHD and qcow2 are
+//! formats of the translating engine ([`translate`]: the format maps guest ranges
+//! to file ranges, the engine does the data IO). Layers: [`fault`], [`model`]. Adding a
+//! driver is adding a folder here with its image and its engine (or its [`translate::Format`]),
+//! and a line in [`open_image_logged`].
 
 pub mod aio;
 pub mod engine;
@@ -17,7 +21,10 @@ pub mod fault;
 pub mod layer;
 pub mod model;
 pub mod parallax;
+pub mod qcow2;
 pub mod stripe;
+pub mod translate;
+pub mod vhd;
 
 use std::io;
 use std::sync::Arc;
@@ -49,6 +56,23 @@ pub trait Image: Send + Sync {
     fn stats(&self) -> serde_json::Value {
         serde_json::Value::Null
     }
+    /// The VBD paused with nothing in flight: write back what the image holds only in memory
+    /// (metadata), so that tools reading the file meanwhile (`vhd-util snapshot` of a paused
+    /// leaf) find it complete.
+    fn quiesce(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// The VBD, paused, is about to open another image in this one's place (`tap-ctl unpause
+    /// -a`): let go of what would keep the new image from opening this one's files (a qcow2
+    /// leaf's writer locks, when the new image is an overlay over it). Nothing is written
+    /// meanwhile; [`Image::reclaim`] undoes it if the new image does not open.
+    fn release(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Takes back what [`Image::release`] let go of.
+    fn reclaim(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Opens `spec` with the driver it names; drivers that log (`stripe:`: lost connections,
@@ -67,7 +91,15 @@ pub fn open_image_logged(
     match spec.driver {
         Driver::Aio => Ok(Arc::new(aio::AioImage::open(&spec.path, opts)?)),
         Driver::Stripe => Ok(Arc::new(stripe::StripeImage::open(&spec.path, opts, log)?)),
-        Driver::Parallax => Ok(Arc::new(parallax::ParallaxImage::open(spec, opts, log)?)),
+        Driver::Parallax => Ok(Arc::new(translate::Translated::new(
+            parallax::ParallaxImage::open(spec, opts, log)?,
+        ))),
+        Driver::Vhd => Ok(Arc::new(translate::Translated::new(vhd::VhdImage::open(
+            spec, opts,
+        )?))),
+        Driver::Qcow2 => Ok(Arc::new(translate::Translated::new(
+            qcow2::Qcow2Image::open(spec, opts)?,
+        ))),
     }
 }
 
@@ -121,8 +153,8 @@ pub struct OpenOptionsImg {
     pub read_only: bool,
     /// O_DIRECT policy.
     pub direct: DirectIo,
-    /// Metadata cache slots of a Parallax image (0: the driver's default, 128). An image
-    /// already open in this process for another volume keeps its cache.
+    /// Metadata cache slots of a Parallax or VHD image (0: the driver's default). An image
+    /// already open in this process (another volume, a shared parent) keeps its cache.
     pub cache_slots: u32,
     /// A `stripe:` image's iSCSI connections are driven inline by the event loops.
     pub iscsi_inline: bool,

@@ -6,8 +6,9 @@
 //! address of the settings if given) attach one ring per connection ([`export`]). Every ring gets
 //! its own thread running a [`crate::ring::RingLoop`] ([`rings`]).
 //!
-//! Pausing sets a flag every ring loop checks before taking requests, wakes the loops, and
-//! waits until each reports that nothing is in flight (NBD requests wait in their rings).
+//! Pausing sets a flag every ring loop checks before taking requests, wakes the loops, waits
+//! until each reports that nothing is in flight (NBD requests wait in their rings), then has
+//! the image write back its cached metadata ([`crate::driver::Image::quiesce`]).
 //! Unpausing may swap the image first (same size), as `tap-ctl unpause -a` does for a live
 //! image move.
 
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use blkif::local::AttachLimits;
 use blkif::request::DiskInfo;
-use slog::{info, o, Logger};
+use slog::{info, o, warn, Logger};
 
 use tapdisk_control::proto::{VbdState, VbdSummary};
 use tapdisk_control::{Driver, ImageSpec, VbdSettings};
@@ -284,6 +285,12 @@ impl Vbd {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.quiescing = false;
+        // Nothing in flight: the image writes back what only its memory holds, so tools see
+        // the file complete while it is paused (a snapshot of the leaf, say).
+        self.shared()
+            .image()
+            .quiesce()
+            .map_err(|e| Error::Image(e))?;
         info!(self.log, "paused");
         Ok(())
     }
@@ -309,17 +316,34 @@ impl Vbd {
             } else {
                 take_lock(&spec, &self.opts, &self.log)?
             };
-            let img = open_image_logged(&spec, image_options(&self.opts), &self.log)
-                .map_err(Error::Image)?;
-            let sectors = self.rings.disk().sectors;
-            if img.size() / SECTOR != sectors {
-                return Err(Error::Refused(format!(
-                    "new image {} has {} sectors, the disk has {}",
-                    spec.path.display(),
-                    img.size() / SECTOR,
-                    sectors
-                )));
-            }
+            // The new image may be an overlay over the old one (a snapshot): the old one lets
+            // go of its writer's locks first, and takes them back if the new one is refused.
+            let old = self.shared().image();
+            old.release().map_err(Error::Image)?;
+            let opened = open_image_logged(&spec, image_options(&self.opts), &self.log)
+                .map_err(Error::Image)
+                .and_then(|img| {
+                    let sectors = self.rings.disk().sectors;
+                    if img.size() / SECTOR != sectors {
+                        return Err(Error::Refused(format!(
+                            "new image {} has {} sectors, the disk has {}",
+                            spec.path.display(),
+                            img.size() / SECTOR,
+                            sectors
+                        )));
+                    }
+                    Ok(img)
+                });
+            let img = match opened {
+                Ok(img) => img,
+                Err(e) => {
+                    // (A new image of the wrong size was dropped already.)
+                    if let Err(r) = old.reclaim() {
+                        warn!(self.log, "the old image could not be locked again"; "error" => %r);
+                    }
+                    return Err(e);
+                }
+            };
             self.shared().set_image(img);
             if !same {
                 self.image_lock = new_lock;

@@ -161,8 +161,12 @@ pub struct DiskArgs {
     /// Types: aio (a raw image file or a block device),
     ///        parallax (a Parallax image: PATH serves its disk 'base', PATH@VOLUME another
     ///        disk, or a snapshot, read-only; see parallax-img),
+    ///        vhd (a VHD image, blktap's format: fixed, dynamic, or a differencing disk
+    ///        read through its parents; see vhd-util),
     ///        stripe (PATH is a mapping file made by stripe-img: a disk striped over
-    ///        iSCSI servers).
+    ///        iSCSI servers),
+    ///        qcow2 (a qcow2 image, versions 2 and 3, with its backing files: made by
+    ///        qemu-img; backing files are opened read-only).
     /// A relative PATH is taken from the current directory.
     #[arg(
         verbatim_doc_comment,
@@ -313,14 +317,16 @@ pub struct DiskArgs {
     ///   bad=S+N;S+N     bad sector ranges: every IO touching one fails
     #[arg(verbatim_doc_comment, long, value_name = "PLAN")]
     pub inject_faults: Option<String>,
-    /// Metadata cache slots of a parallax: image (0: the driver's default, 128).
+    /// Metadata cache slots of a parallax:, vhd: or qcow2: image (0: the driver's default).
     #[arg(
         long,
         value_name = "N",
         help = format!(
             "Metadata cache slots of a parallax: image ({}; 0 or none: the driver's default,\n\
-             128; the thesis's first Parallax had 10). Volumes of one image served by one\n\
-             tapdisk share the cache of the first one opened.",
+             128 nodes of 4 KiB; the thesis's first Parallax had 10), or of each image of a\n\
+             vhd: chain (512-byte BAT and bitmap sectors; default 1024) or of a qcow2: chain\n\
+             (L2 and refcount slices of up to 4 KiB). Volumes of one image, and parents\n\
+             shared by several chains, keep the cache of the first one opened.",
             limits::CACHE_SLOTS.range()
         ),
     )]
@@ -578,7 +584,10 @@ mod tests {
                 "--inject-faults takes 0..=1000000",
             ),
             (&["--model-disk", "link:1,0"], "--model-disk takes 1..="),
-            (&["--cache-slots", "10"], "parallax: images only"),
+            (
+                &["--cache-slots", "10"],
+                "parallax:, vhd: and qcow2: images only",
+            ),
             (
                 &["--cache-slots", "2000000"],
                 "--cache-slots takes 0..=1048576",

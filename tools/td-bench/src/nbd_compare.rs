@@ -6,6 +6,12 @@
 //! rounds are printed with each tapdisk's ratio to qemu-nbd. A tapdisk is driven through a
 //! `tap-ctl` binary (`--tap-ctl`, repeatable), so two builds can be compared side by side; each
 //! gets a private run directory and is destroyed after its round.
+//!
+//! Both servers open the same file, raw or qcow2 (`--image qcow2:FILE` or `--format qcow2`).
+//! With `--fresh` every run gets a new image (`qemu-img create`, so both sides start from an
+//! image QEMU made), and with `--once-per SIZE` each IO goes to its own SIZE-aligned block,
+//! none twice: `--fresh --rw randwrite --once-per 64k` measures writes that each allocate a
+//! new 64 KiB qcow2 cluster.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -58,16 +64,28 @@ pub enum Direct {
 /// Options of `td-bench nbd-compare`.
 #[derive(Args, Clone, Debug)]
 pub struct NbdCompareArgs {
-    /// The image both servers open (created sparse with --size if it does not exist and the
-    /// format is raw).
-    #[arg(long, value_name = "FILE")]
+    /// The image both servers open: FILE, or a disk spec aio:FILE or qcow2:FILE (the spec's
+    /// type is the format). Created with --size if it does not exist.
+    #[arg(long, value_name = "FILE|SPEC")]
     pub image: PathBuf,
-    /// Size of a raw image td-bench creates.
+    /// Size of an image td-bench creates.
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     pub size: u64,
-    /// Image format.
-    #[arg(long, value_enum, default_value_t = Format::Raw)]
-    pub format: Format,
+    /// Image format (default: the --image spec's type, else raw).
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Cluster size of a qcow2 image td-bench creates.
+    #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = parse_size)]
+    pub cluster_size: u64,
+    /// A new image before every run (raw: sparse; qcow2: `qemu-img create`), removed after
+    /// it: runs that allocate start from the same empty image on every side.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Each IO at its own SIZE-aligned block, none twice (fio `--blockalign` with a random
+    /// map; a run ends at --runtime or when every block was done once). With --fresh and
+    /// a random write pattern, every IO allocates a new cluster of that size.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub once_per: Option<u64>,
     /// Access pattern.
     #[arg(long, value_enum, default_value_t = Rw::Randread)]
     pub rw: Rw,
@@ -147,11 +165,11 @@ fn wait_for_socket(sock: &Path, child: &mut Option<&mut Child>) -> Result<()> {
     Ok(())
 }
 
-fn start(a: &NbdCompareArgs, s: &Server, dir: &Path, sock: &Path) -> Result<Running> {
+fn start(a: &Setup, s: &Server, dir: &Path, sock: &Path) -> Result<Running> {
     let _ = std::fs::remove_file(sock);
     match s {
         Server::Qemu => {
-            let mut c = Command::new(&a.qemu_nbd)
+            let mut c = Command::new(&a.args.qemu_nbd)
                 .args([
                     "--cache=none",
                     "--aio=io_uring",
@@ -162,16 +180,17 @@ fn start(a: &NbdCompareArgs, s: &Server, dir: &Path, sock: &Path) -> Result<Runn
                 ])
                 .arg(format!("--format={}", a.format.qemu_name()))
                 .arg(format!("--socket={}", sock.display()))
-                .arg(&a.image)
+                .arg(&a.path)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
                 .spawn()
-                .with_context(|| format!("cannot run {} (Debian: qemu-utils)", a.qemu_nbd))?;
+                .with_context(|| format!("cannot run {} (Debian: qemu-utils)", a.args.qemu_nbd))?;
             wait_for_socket(sock, &mut Some(&mut c))?;
             Ok(Running::Qemu(c))
         }
         Server::Tapdisk { tap_ctl, .. } => {
+            let (format, path, a) = (a.format, &a.path, a.args);
             let rundir = dir.join("run");
             let direct = match a.direct {
                 Direct::Auto => "auto",
@@ -183,7 +202,7 @@ fn start(a: &NbdCompareArgs, s: &Server, dir: &Path, sock: &Path) -> Result<Runn
                 .arg(&rundir)
                 .arg("create")
                 .arg("-a")
-                .arg(format!("{}:{}", a.format.tapdisk_type(), a.image.display()))
+                .arg(format!("{}:{}", format.tapdisk_type(), path.display()))
                 .arg("--nbd")
                 .arg(format!("unix:{}", sock.display()))
                 .arg("--direct")
@@ -232,8 +251,8 @@ fn stop(r: Running) -> Result<()> {
 }
 
 fn fio_run(a: &NbdCompareArgs, sock: &Path) -> Result<Figures> {
-    let out = Command::new(&a.fio)
-        .arg("--name=nbd")
+    let mut c = Command::new(&a.fio);
+    c.arg("--name=nbd")
         .arg("--ioengine=nbd")
         .arg(format!(
             "--uri=nbd+unix:///tapdev0?socket={}",
@@ -245,12 +264,16 @@ fn fio_run(a: &NbdCompareArgs, sock: &Path) -> Result<Figures> {
         .arg(format!("--runtime={}ms", a.runtime.as_millis()))
         .arg(format!("--ramp_time={}ms", a.warmup.as_millis()))
         .args([
-            "--time_based",
-            "--norandommap",
             "--randrepeat=0",
             "--unified_rw_reporting=mixed",
             "--output-format=json",
-        ])
+        ]);
+    match a.once_per {
+        // A random map: no block twice, and the run ends when every block was done.
+        Some(b) => c.arg(format!("--blockalign={b}")),
+        None => c.args(["--time_based", "--norandommap"]),
+    };
+    let out = c
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("cannot run {} (Debian: fio)", a.fio))?;
@@ -265,19 +288,69 @@ fn fio_run(a: &NbdCompareArgs, sock: &Path) -> Result<Figures> {
     parse_fio(&stdout)
 }
 
-fn prepare_image(a: &NbdCompareArgs) -> Result<()> {
-    if a.image.exists() {
-        return Ok(());
+/// What both servers open: the file and its format.
+struct Setup<'a> {
+    args: &'a NbdCompareArgs,
+    path: PathBuf,
+    format: Format,
+}
+
+impl<'a> Setup<'a> {
+    /// Splits `--image` into a format and a file (`aio:FILE`, `qcow2:FILE` or `FILE`).
+    fn new(args: &'a NbdCompareArgs) -> Result<Setup<'a>> {
+        let s = args.image.to_string_lossy();
+        let (typed, path) = match s.split_once(':') {
+            Some(("aio", p)) => (Some(Format::Raw), PathBuf::from(p)),
+            Some(("qcow2", p)) => (Some(Format::Qcow2), PathBuf::from(p)),
+            _ => (None, args.image.clone()),
+        };
+        let format = match (typed, args.format) {
+            (Some(t), Some(f)) if t != f => {
+                bail!("--image {s} and --format {} disagree", f.qemu_name())
+            }
+            (t, f) => t.or(f).unwrap_or(Format::Raw),
+        };
+        if args.once_per.is_some_and(|b| b == 0 || b % args.bs != 0) {
+            bail!("--once-per must be a multiple of --bs");
+        }
+        Ok(Setup { args, path, format })
     }
-    if a.format != Format::Raw {
-        bail!(
-            "{} does not exist (td-bench creates raw images only)",
-            a.image.display()
-        );
+
+    /// Creates the image if it does not exist (always, with `fresh`, replacing it).
+    fn prepare(&self, fresh: bool) -> Result<()> {
+        if fresh {
+            match std::fs::remove_file(&self.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", self.path.display()))
+                }
+                _ => {}
+            }
+        } else if self.path.exists() {
+            return Ok(());
+        }
+        match self.format {
+            Format::Raw => std::fs::File::create_new(&self.path)
+                .and_then(|f| f.set_len(self.args.size))
+                .with_context(|| format!("creating {}", self.path.display())),
+            Format::Qcow2 => {
+                let out = Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2", "-o"])
+                    .arg(format!("cluster_size={}", self.args.cluster_size))
+                    .arg(&self.path)
+                    .arg(self.args.size.to_string())
+                    .output()
+                    .context("cannot run qemu-img (Debian: qemu-utils)")?;
+                if !out.status.success() {
+                    bail!(
+                        "qemu-img create {} failed: {}",
+                        self.path.display(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+                Ok(())
+            }
+        }
     }
-    std::fs::File::create(&a.image)
-        .and_then(|f| f.set_len(a.size))
-        .with_context(|| format!("creating {}", a.image.display()))
 }
 
 /// A private folder, removed on drop.
@@ -303,7 +376,8 @@ pub fn run(a: &NbdCompareArgs) -> Result<()> {
     if a.repeat == 0 {
         bail!("--repeat must be at least 1");
     }
-    prepare_image(a)?;
+    let setup = Setup::new(a)?;
+    setup.prepare(false)?;
     let mut servers = vec![Server::Qemu];
     let tap_ctls = if a.tap_ctl.is_empty() {
         let exe = std::env::current_exe()?;
@@ -330,7 +404,10 @@ pub fn run(a: &NbdCompareArgs) -> Result<()> {
     for round in 0..a.repeat as usize {
         for k in 0..servers.len() {
             let i = (k + round) % servers.len();
-            let r = start(a, &servers[i], &dir.0, &sock)
+            if a.fresh {
+                setup.prepare(true)?;
+            }
+            let r = start(&setup, &servers[i], &dir.0, &sock)
                 .with_context(|| format!("starting {}", servers[i].name()))?;
             let f = fio_run(a, &sock);
             stop(r)?;
@@ -359,13 +436,20 @@ pub fn run(a: &NbdCompareArgs) -> Result<()> {
         })
         .collect();
     let base = med[0].0.max(f64::MIN_POSITIVE);
+    if a.fresh {
+        let _ = std::fs::remove_file(&setup.path);
+    }
     let what = format!(
-        "{} bs={} iodepth={} on {} ({}), {} rounds of {:?}",
+        "{} bs={} iodepth={}{} on {} ({}{}), {} rounds of {:?}",
         a.rw.name(),
         fmt_size(a.bs),
         a.iodepth,
-        a.image.display(),
-        a.format.qemu_name(),
+        a.once_per
+            .map(|b| format!(" once per {}", fmt_size(b)))
+            .unwrap_or_default(),
+        setup.path.display(),
+        setup.format.qemu_name(),
+        if a.fresh { ", new for every run" } else { "" },
         a.repeat,
         a.runtime
     );

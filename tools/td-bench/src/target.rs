@@ -71,8 +71,9 @@ pub struct TargetArgs {
     pub device: Option<PathBuf>,
     /// An image file, served by a private tapdisk for this run (created sparse if missing);
     /// or a disk spec: aio:FILE (the same), parallax:FILE or parallax:FILE@VOLUME (a Parallax
-    /// image, created with one disk if missing), stripe:MAPFILE (a striped disk made with
-    /// stripe-img, served as it is).
+    /// image, created with one disk if missing), qcow2:FILE (a qcow2 image, with its backing
+    /// files; created empty, version 3 with 64 KiB clusters, if missing), stripe:MAPFILE (a
+    /// striped disk made with stripe-img, served as it is).
     #[arg(long, value_name = "FILE|SPEC")]
     pub image: Option<PathBuf>,
     /// Size of the image when td-bench creates it [default: 256M].
@@ -490,7 +491,7 @@ fn create_image(path: &Path, size: u64) -> Result<bool> {
 }
 
 /// An `--image` argument: `FILE` (a raw image) or a disk spec, `aio:FILE`, `parallax:FILE`,
-/// `parallax:FILE@VOLUME` or `stripe:MAPFILE`.
+/// `parallax:FILE@VOLUME`, `qcow2:FILE` or `stripe:MAPFILE`.
 fn split_spec(arg: &Path) -> Result<ImageSpec> {
     let s = arg.to_string_lossy();
     let typed = Driver::ALL
@@ -510,6 +511,27 @@ fn create_parallax(path: &Path, size: u64) -> Result<bool> {
     }
     parallax::Disk::create(path, &parallax::CreateOptions::new(size))
         .map_err(|e| anyhow!("creating Parallax image {}: {e}", path.display()))?;
+    Ok(true)
+}
+
+/// Creates an empty qcow2 image of `size` bytes at `path` (version 3, 64 KiB clusters, as
+/// `qemu-img create -f qcow2` makes it) if there is none; true if it did.
+fn create_qcow2(path: &Path, size: u64) -> Result<bool> {
+    if path.exists() {
+        return Ok(false);
+    }
+    let file = qcow2::FileStorage::create(path).map_err(|e| {
+        anyhow!(
+            "creating qcow2 image {}: {}",
+            path.display(),
+            match e {
+                qcow2::OpenFileError::Locked => "locked by another process".to_string(),
+                qcow2::OpenFileError::Io(e) => e.to_string(),
+            }
+        )
+    })?;
+    qcow2::create(&file, &qcow2::CreateOptions::new(size))
+        .map_err(|e| anyhow!("creating qcow2 image {}: {e}", path.display()))?;
     Ok(true)
 }
 
@@ -582,7 +604,8 @@ pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<
     let fresh = match spec.driver {
         Driver::Aio => create_image(&path, size)?,
         Driver::Parallax => create_parallax(&path, size)? && spec.volume.is_none(),
-        Driver::Stripe => false,
+        Driver::Qcow2 => create_qcow2(&path, size)?,
+        Driver::Vhd | Driver::Stripe => false,
     };
     if !fresh
         && spec.driver == Driver::Aio

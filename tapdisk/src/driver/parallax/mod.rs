@@ -3,8 +3,9 @@
 //! `parallax:PATH` serves the image's first disk (`base`), `parallax:PATH@VOLUME` another disk
 //! (a clone) or a snapshot; snapshots are served read-only, and so is anything opened with
 //! `-R`. The image's metadata (V2P and P2M trees, allocators, volume table) is handled by the
-//! `parallax` crate; this driver translates each IO with its mapping calls and does the data IO
-//! itself, with io_uring, on the store file ([`engine`]).
+//! `parallax` crate; this driver is a format of the translating engine
+//! ([`crate::driver::translate`]): the library's mapping calls ([`mapper`]) translate each IO,
+//! and the engine does the data IO with io_uring on the store file.
 //!
 //! # One image, several volumes, one lock
 //!
@@ -23,7 +24,7 @@
 //!
 //! # Counters
 //!
-//! [`Image::stats`] gives the metadata cache's counters (lookups and misses of V2P and P2M
+//! [`Format::stats`] gives the metadata cache's counters (lookups and misses of V2P and P2M
 //! nodes, evictions, writebacks), read without taking the mutex; `tap-ctl stats` shows them
 //! under `driver`.
 
@@ -34,13 +35,16 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use parallax::{DiskSpec, FileBacking, StatsHandle, VolumeId, VolumeKind};
 
-pub mod engine;
+pub mod mapper;
+
+use std::convert::Infallible;
 
 use tapdisk_control::ImageSpec;
 
+use self::mapper::ParallaxMapper;
 use super::aio::AioImage;
-use super::engine::{Engine, Uring};
-use super::{Image, OpenOptionsImg};
+use super::translate::Format;
+use super::OpenOptionsImg;
 
 /// The errno a Parallax error is reported with.
 pub fn errno(e: &parallax::Error) -> i32 {
@@ -283,49 +287,34 @@ impl ParallaxImage {
             stats,
         })
     }
-
-    /// The image, locked (see the module docs).
-    pub fn lock(&self) -> MutexGuard<'_, parallax::Image<FileBacking>> {
-        lock(&self.shared.image)
-    }
-
-    /// The volume served.
-    pub fn volume(&self) -> VolumeId {
-        self.vol
-    }
-
-    /// The store as a raw image (where the data IO goes).
-    pub fn store(&self) -> &Arc<AioImage> {
-        &self.store
-    }
 }
 
-impl Image for ParallaxImage {
+impl Format for ParallaxImage {
+    type Ticket = Infallible;
+    type Inline = Infallible;
+    type Mapper<'a> = ParallaxMapper<'a>;
+
+    fn lock(&self) -> ParallaxMapper<'_> {
+        ParallaxMapper {
+            img: lock(&self.shared.image),
+            vol: self.vol,
+        }
+    }
+    fn files(&self) -> &[Arc<AioImage>] {
+        std::slice::from_ref(&self.store)
+    }
     fn size(&self) -> u64 {
         self.size
     }
     fn read_only(&self) -> bool {
         self.read_only
     }
-    fn supports_discard(&self) -> bool {
-        !self.read_only
-    }
-    fn engine(self: Arc<Self>, ring: &mut Uring, tags: u32) -> io::Result<Box<dyn Engine>> {
-        let inner_tags = tags.saturating_mul(engine::INNER_PER_TAG);
-        let inner = self.store.clone().engine(ring, inner_tags)?;
-        Ok(Box::new(engine::ParallaxEngine::new(
-            self, inner, tags, inner_tags,
-        )))
-    }
-
     fn spec(&self) -> ImageSpec {
         self.spec.clone()
     }
-
-    fn direct(&self) -> bool {
-        self.store.direct()
+    fn name(&self) -> &'static str {
+        "parallax"
     }
-
     fn stats(&self) -> serde_json::Value {
         let mut v = serde_json::json!({
             "type": "parallax",
@@ -348,6 +337,7 @@ impl Image for ParallaxImage {
 mod tests {
     use super::*;
     use crate::driver::engine::testing::{run, Step};
+    use crate::driver::engine::Uring;
     use crate::driver::open_image;
     use tapdisk_control::Driver;
 

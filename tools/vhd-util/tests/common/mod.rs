@@ -2,11 +2,8 @@
 //! from the peers folder beside the repo), processes, a deterministic generator.
 #![allow(dead_code)]
 
-use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 /// Our vhd-util.
 pub fn ours() -> PathBuf {
@@ -43,67 +40,10 @@ pub fn have(prog: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// The peers folder: `$TAPDISK_RS_SHARED`, else `../shared` beside the repository.
-fn shared() -> Option<PathBuf> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let cands = [
-        std::env::var_os("TAPDISK_RS_SHARED").map(PathBuf::from),
-        Some(repo.join("../shared")),
-    ];
-    cands
-        .into_iter()
-        .flatten()
-        .find(|p| p.join("peers/build-blktap3.sh").exists())
-}
-
-/// Where blktap3 is built once and reused.
-const CACHE: &str = "/var/tmp/tapdisk-rs-blktap3";
-
-/// blktap3's install prefix, building it on first use; `None` (with a message) where the
-/// peers folder is absent, as on a user's machine.
-pub fn blktap() -> Option<PathBuf> {
-    static B: OnceLock<Option<PathBuf>> = OnceLock::new();
-    B.get_or_init(|| {
-        let Some(sh) = shared() else {
-            eprintln!("skipping the blktap3 interop checks: no ../shared/peers beside the repository (set TAPDISK_RS_SHARED to use one elsewhere)");
-            return None;
-        };
-        let prefix = PathBuf::from(CACHE);
-        let ready = |p: &Path| {
-            p.join("bin/vhd-util").exists() && p.join("sbin/tap-ctl").exists() && p.join("libexec/tapdisk").exists()
-        };
-        if !ready(&prefix) {
-            // One build at a time across test processes.
-            std::fs::create_dir_all("/var/tmp").ok();
-            let lock = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open("/var/tmp/tapdisk-rs-blktap3.lock")
-                .expect("lock file");
-            // SAFETY: flock on a descriptor we own; no memory is passed.
-            unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-            if !ready(&prefix) {
-                eprintln!("building blktap3 into {CACHE} (about 30 s)");
-                let st = Command::new("bash")
-                    .arg(sh.join("peers/build-blktap3.sh"))
-                    .arg(&prefix)
-                    .status()
-                    .expect("running build-blktap3.sh");
-                assert!(st.success(), "build-blktap3.sh failed");
-            }
-        }
-        Some(prefix)
-    })
-    .clone()
-}
-
-/// A blktap3 command with its libraries found.
-pub fn bt(prefix: &Path, prog: &str) -> Command {
-    let mut c = Command::new(prefix.join(prog));
-    c.env("LD_LIBRARY_PATH", prefix.join("lib"));
-    c
-}
+#[path = "../../../../tests/src/blktap.rs"]
+mod blktap_peers;
+#[allow(unused_imports)] // not every test binary uses both
+pub use blktap_peers::{blktap, bt};
 
 /// A VHD served by blktap3's tapdisk over NBD; destroyed on drop.
 pub struct BlktapServe {

@@ -6,32 +6,29 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-/// The server's greeting magic (`NBDMAGIC`).
-pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-/// Option haggling magic (`IHAVEOPT`).
-pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-/// `NBD_OPT_EXPORT_NAME`.
-pub const OPT_EXPORT_NAME: u32 = 1;
-/// `NBD_OPT_LIST`.
-pub const OPT_LIST: u32 = 3;
-/// `NBD_OPT_INFO`.
-pub const OPT_INFO: u32 = 6;
-/// Option reply magic.
-pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-/// `NBD_REP_ACK`.
-pub const REP_ACK: u32 = 1;
+pub use tapdisk::nbd::proto::{
+    CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, IHAVEOPT, NBDMAGIC, OPT_EXPORT_NAME,
+    OPT_INFO, OPT_LIST, OPT_REPLY_MAGIC as REPLY_MAGIC, REP_ACK,
+};
+use tapdisk::nbd::proto::{
+    FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+};
 /// Client flags: fixed newstyle, no zeroes.
-pub const CLIENT_FLAGS: u32 = 1 | 2;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-/// `NBD_CMD_READ`.
-pub const CMD_READ: u16 = 0;
-/// `NBD_CMD_WRITE`.
-pub const CMD_WRITE: u16 = 1;
-/// `NBD_CMD_DISC`.
-pub const CMD_DISC: u16 = 2;
-/// `NBD_CMD_FLUSH`.
-pub const CMD_FLUSH: u16 = 3;
+pub const CLIENT_FLAGS: u32 = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
+
+mod pipelined;
+pub use pipelined::{NbdClient, Reply};
+
+/// The 28 bytes of a request (no flags).
+fn request_header(cmd: u16, handle: u64, offset: u64, len: u32) -> [u8; 28] {
+    let mut m = [0u8; 28];
+    m[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    m[6..8].copy_from_slice(&cmd.to_be_bytes());
+    m[8..16].copy_from_slice(&handle.to_be_bytes());
+    m[16..24].copy_from_slice(&offset.to_be_bytes());
+    m[24..28].copy_from_slice(&len.to_be_bytes());
+    m
+}
 
 /// An NBD client on a unix socket.
 pub struct Client {
@@ -103,13 +100,7 @@ impl Client {
 
     /// Sends a request.
     pub fn request(&mut self, cmd: u16, handle: u64, offset: u64, len: u32) -> io::Result<()> {
-        let mut m = [0u8; 28];
-        m[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        m[6..8].copy_from_slice(&cmd.to_be_bytes());
-        m[8..16].copy_from_slice(&handle.to_be_bytes());
-        m[16..24].copy_from_slice(&offset.to_be_bytes());
-        m[24..28].copy_from_slice(&len.to_be_bytes());
-        self.s.write_all(&m)
+        self.s.write_all(&request_header(cmd, handle, offset, len))
     }
 
     /// Sends a write of `data` at `offset` (the reply is read with [`Client::reply`]).
