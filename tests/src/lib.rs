@@ -106,15 +106,27 @@ impl Tapdisk {
         Ok(t)
     }
 
-    /// Starts a tapdisk in `rundir`.
+    /// Starts a tapdisk in `rundir`, logging at debug level to our stderr.
     pub fn start_in(rundir: &Path) -> Result<Tapdisk> {
+        Tapdisk::spawn(rundir, "debug", Stdio::inherit())
+    }
+
+    /// Starts a tapdisk in `rundir`, logging at info level into the file `log` (tests that
+    /// start many).
+    pub fn start_logged(rundir: &Path, log: &Path) -> Result<Tapdisk> {
+        let f =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        Tapdisk::spawn(rundir, "info", Stdio::from(f))
+    }
+
+    fn spawn(rundir: &Path, level: &str, stderr: Stdio) -> Result<Tapdisk> {
         let mut child = Command::new(bin("tapdisk"))
             .arg("--rundir")
             .arg(rundir)
             .arg("--log-level")
-            .arg("debug")
+            .arg(level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .context("starting tapdisk")?;
         let mut line = String::new();

@@ -7,9 +7,8 @@
 //! before the last completed flush reads back.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use blkif::local::{FrontRequest, FrontendConfig, LocalFrontend};
@@ -17,7 +16,7 @@ use blkif::protocol::{op, status};
 use blkif::Segment;
 use tapdisk_control::client::Client;
 use tapdisk_control::proto::{Command as Ctl, Reply};
-use tapdisk_control::{Driver, ImageSpec, RunDir, VbdSettings};
+use tapdisk_control::{Driver, ImageSpec, VbdSettings};
 use tapdisk_e2e::*;
 
 fn stdout(o: &Output) -> String {
@@ -402,44 +401,6 @@ struct SectorModel {
     since: Vec<(u64, u32)>,
 }
 
-struct Tapdisk {
-    child: Child,
-    pid: u32,
-    rundir: RunDir,
-}
-
-impl Tapdisk {
-    fn start(rundir: &Path, log: &Path) -> Tapdisk {
-        let mut child = Command::new(bin("tapdisk"))
-            .arg("--rundir")
-            .arg(rundir)
-            .args(["--log-level", "info"])
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .expect("starting tapdisk");
-        let mut line = String::new();
-        let mut out = child.stdout.take().unwrap();
-        let mut b = [0u8; 1];
-        while out.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-            line.push(b[0] as char);
-        }
-        let pid = line.trim().parse().expect("tapdisk prints its pid");
-        Tapdisk {
-            child,
-            pid,
-            rundir: RunDir(rundir.to_owned()),
-        }
-    }
-}
-
-impl Drop for Tapdisk {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// One round: serve the image, write and flush at random until `kill_after`, then SIGKILL
 /// tapdisk. Returns the model with what was submitted and flushed.
 fn crash_round(
@@ -452,7 +413,7 @@ fn crash_round(
 ) -> (u64, u64) {
     let rundir = dir.join("run");
     let _ = std::fs::remove_dir_all(&rundir);
-    let mut td = Tapdisk::start(&rundir, &dir.join("tapdisk.log"));
+    let mut td = Tapdisk::start_logged(&rundir, &dir.join("tapdisk.log")).expect("tapdisk");
     let vbd = match Client::connect_pid(&td.rundir, td.pid)
         .unwrap()
         .call(Ctl::Open {
