@@ -3,6 +3,7 @@
 //! them with real peers (qemu-io, qemu-img, nbdinfo, fio) and the blkif local frontend.
 
 pub mod blktap;
+pub mod crash;
 pub mod lan;
 pub mod nbd;
 

@@ -17,6 +17,7 @@ use blkif::Segment;
 use tapdisk_control::client::Client;
 use tapdisk_control::proto::{Command as Ctl, Reply};
 use tapdisk_control::{Driver, ImageSpec, VbdSettings};
+use tapdisk_e2e::crash::{check_after_crash, random_range, sector_data, Rng, SectorModel, SECTOR};
 use tapdisk_e2e::*;
 
 fn stdout(o: &Output) -> String {
@@ -350,56 +351,12 @@ fn snapshots_stay_unchanged_and_clones_diverge() {
 
 // ---- The crash test ----------------------------------------------------------------------
 
-const SECTOR: u64 = 512;
 const DISK: u64 = 8 << 20;
 const SECTORS: u64 = DISK / SECTOR;
 /// Writes in flight at most.
 const DEPTH: usize = 16;
 /// Pages of guest memory per in-flight write (up to 64 sectors, unaligned).
 const PAGES_PER_SLOT: usize = 9;
-
-/// xorshift64*, seeded.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Sector `s` as write `id` writes it: the id and the sector number, repeated.
-fn sector_data(id: u32, s: u64, out: &mut [u8]) {
-    for (i, c) in out.chunks_exact_mut(8).enumerate() {
-        c[..4].copy_from_slice(&id.to_le_bytes());
-        c[4..].copy_from_slice(&((s as u32) ^ (i as u32)).to_le_bytes());
-    }
-}
-
-/// Which write a sector's bytes came from (0: zeroes, never written); `None` if they match no
-/// write (torn or garbage).
-fn sector_id(s: u64, b: &[u8]) -> Option<u32> {
-    if b.iter().all(|&x| x == 0) {
-        return Some(0);
-    }
-    let id = u32::from_le_bytes(b[..4].try_into().unwrap());
-    let mut want = [0u8; SECTOR as usize];
-    sector_data(id, s, &mut want);
-    (want[..] == *b).then_some(id)
-}
-
-/// What a sector may hold after a crash.
-#[derive(Clone, Default)]
-struct SectorModel {
-    /// Its content at the last completed flush.
-    durable: u32,
-    /// Writes to it since: `(submission sequence, id)`.
-    since: Vec<(u64, u32)>,
-}
 
 /// One round: serve the image, write and flush at random until `kill_after`, then SIGKILL
 /// tapdisk. Returns the model with what was submitted and flushed.
@@ -466,12 +423,7 @@ fn crash_round(
             }
             // A range overlapping no write in flight (so per sector, submission order is the
             // order on disk).
-            let n = 1 + rng.below(64);
-            let s = if rng.below(2) == 0 {
-                rng.below(SECTORS - 64) & !7
-            } else {
-                rng.below(SECTORS - n)
-            };
+            let (s, n) = random_range(rng, SECTORS);
             if flight
                 .values()
                 .any(|&(_, r, _)| r.is_some_and(|(a, b)| a < s + n && s < b))
@@ -590,20 +542,7 @@ fn sigkill_during_writes_and_flushes_loses_nothing_flushed() {
         .unwrap();
         d.read_at(0, &mut disk).unwrap();
         drop(d);
-        for (s, m) in model.iter_mut().enumerate() {
-            let b = &disk[s * 512..(s + 1) * 512];
-            let got = sector_id(s as u64, b);
-            let ok = got.is_some_and(|g| g == m.durable || m.since.iter().any(|&(_, i)| i == g));
-            assert!(
-                ok,
-                "round {rounds}: sector {s} holds {got:?}; at the last flush it held write {}, \
-                 written since: {:?}",
-                m.durable, m.since
-            );
-            // The next round starts from what the disk holds now.
-            m.durable = got.unwrap_or(0);
-            m.since.clear();
-        }
+        check_after_crash(rounds, &disk, &mut model);
     }
     eprintln!(
         "{rounds} rounds in {:.1} s: {writes} writes and {flushes} flushes acknowledged",

@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 use tapdisk_control::proto::{Command as Ctl, Reply};
 use tapdisk_control::{NbdListen, VbdSettings};
 use tapdisk_e2e::blktap::{blktap, bt};
+use tapdisk_e2e::crash::{check_after_crash, random_range, sectors_data, Rng, SectorModel, SECTOR};
 use tapdisk_e2e::nbd::NbdClient;
 use tapdisk_e2e::*;
 
 const MB: u64 = 1 << 20;
-const SECTOR: u64 = 512;
 
 fn text(o: std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -86,39 +86,9 @@ fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y)
 }
 
-/// xorshift64*, seeded.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// The bytes write `id` puts at byte `off` (a multiple of 8) and on: the id and the offset,
-/// word by word, so any sector tells which write it came from.
+/// The bytes write `id` puts at byte `off` (a whole sector) and on.
 fn fill(id: u32, off: u64, out: &mut [u8]) {
-    for (i, c) in out.chunks_exact_mut(8).enumerate() {
-        let at = (off / 8 + i as u64) as u32;
-        c[..4].copy_from_slice(&id.to_le_bytes());
-        c[4..].copy_from_slice(&at.to_le_bytes());
-    }
-}
-
-/// Which write sector `sector`'s bytes came from (0: zeroes); `None` if from none.
-fn sector_id(sector: u64, b: &[u8]) -> Option<u32> {
-    if b.iter().all(|&x| x == 0) {
-        return Some(0);
-    }
-    let id = u32::from_le_bytes(b[..4].try_into().expect("4 bytes"));
-    let mut want = [0u8; SECTOR as usize];
-    fill(id, sector * SECTOR, &mut want);
-    (want[..] == *b).then_some(id)
+    sectors_data(id, off / SECTOR, out);
 }
 
 /// `tap-ctl` in `rundir`; stdout of a command that must succeed.
@@ -388,15 +358,6 @@ const CRASH_SECTORS: u64 = CRASH_DISK / SECTOR;
 /// Writes in flight at most.
 const DEPTH: usize = 16;
 
-/// What a sector may hold after a crash.
-#[derive(Clone, Default)]
-struct SectorModel {
-    /// Its content at the last completed flush (a write id; 0: zeroes).
-    durable: u32,
-    /// Writes to it since: `(sequence, id)`.
-    since: Vec<(u64, u32)>,
-}
-
 /// One round: serve `leaf`, write and flush at random over NBD until `kill_after`, then
 /// SIGKILL tapdisk. Returns the writes and flushes completed.
 fn crash_round(
@@ -451,12 +412,7 @@ fn crash_round(
                 flight.insert(seq, None);
                 continue;
             }
-            let n = 1 + rng.below(64);
-            let sct = if rng.below(2) == 0 {
-                rng.below(CRASH_SECTORS - 64) & !7
-            } else {
-                rng.below(CRASH_SECTORS - n)
-            };
+            let (sct, n) = random_range(rng, CRASH_SECTORS);
             if flight
                 .values()
                 .any(|r| r.is_some_and(|(a, b)| a < sct + n && sct < b))
@@ -544,23 +500,7 @@ fn sigkill_under_nbd_load_loses_no_flushed_write_in_30_rounds() {
         writes += w;
         flushes += f;
         check_clean(&leaf);
-        let disk_bytes = lib_read(&leaf);
-        for (sct, m) in model.iter_mut().enumerate() {
-            let b = &disk_bytes[sct * SECTOR as usize..(sct + 1) * SECTOR as usize];
-            let got = sector_id(sct as u64, b);
-            let ok = got.is_some_and(|g| g == m.durable || m.since.iter().any(|&(_, i)| i == g));
-            assert!(
-                ok,
-                "round {round}: sector {sct} holds {got:?}; at the last flush it held write {}, \
-                 written since: {:?}",
-                m.durable, m.since
-            );
-            // What it holds now is what it holds at the next round's start.
-            if let Some(g) = got {
-                m.durable = g;
-                m.since.clear();
-            }
-        }
+        check_after_crash(round, &lib_read(&leaf), &mut model);
     }
     eprintln!(
         "30 crash rounds in {:.1} s: {writes} writes and {flushes} flushes acknowledged",

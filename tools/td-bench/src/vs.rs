@@ -4,7 +4,7 @@
 //! formats with the raw driver: `--fill` writes every block of both images first (a disk whose
 //! blocks are allocated), `--fresh` recreates both before every measurement (first writes).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -61,9 +61,9 @@ fn fill(ta: &TargetArgs) -> Result<()> {
 }
 
 /// One measurement on `spec`.
-fn one(args: &VsArgs, spec: &PathBuf, first: bool) -> Result<BenchResult> {
+fn one(args: &VsArgs, spec: &Path, first: bool) -> Result<BenchResult> {
     let mut ta: TargetArgs = args.target.clone();
-    ta.image = Some(spec.clone());
+    ta.image = Some(spec.to_path_buf());
     let path = target::image_path(spec)?;
     if args.fresh {
         match std::fs::remove_file(&path) {
