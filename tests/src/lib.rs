@@ -3,6 +3,7 @@
 //! them with real peers (qemu-io, qemu-img, nbdinfo, fio) and the blkif local frontend.
 
 pub mod blktap;
+pub mod crash;
 pub mod etcd;
 pub mod lan;
 pub mod nbd;
@@ -107,9 +108,17 @@ impl Tapdisk {
         Ok(t)
     }
 
-    /// Starts a tapdisk in `rundir`.
+    /// Starts a tapdisk in `rundir`, logging at debug level to our stderr.
     pub fn start_in(rundir: &Path) -> Result<Tapdisk> {
         Tapdisk::start_with(rundir, &[])
+    }
+
+    /// Starts a tapdisk in `rundir`, logging at info level into the file `log` (tests that
+    /// start many).
+    pub fn start_logged(rundir: &Path, log: &Path) -> Result<Tapdisk> {
+        let f =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        Tapdisk::spawn(rundir, &[], &["--log-level", "info"], Stdio::from(f))
     }
 
     /// Starts a tapdisk in `rundir` with more arguments (`--log-file`, `--exit-deadline`).
@@ -120,6 +129,10 @@ impl Tapdisk {
     /// Starts a tapdisk in `rundir` through `wrapper` (a command that execs the rest, such
     /// as `prlimit --as=N --`), with more arguments.
     pub fn start_wrapped(rundir: &Path, wrapper: &[&str], args: &[&str]) -> Result<Tapdisk> {
+        Tapdisk::spawn(rundir, wrapper, args, Stdio::inherit())
+    }
+
+    fn spawn(rundir: &Path, wrapper: &[&str], args: &[&str], stderr: Stdio) -> Result<Tapdisk> {
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -135,7 +148,7 @@ impl Tapdisk {
         let mut child = cmd
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .context("starting tapdisk")?;
         let mut line = String::new();

@@ -7,9 +7,8 @@
 //! before the last completed flush reads back.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use blkif::local::{FrontRequest, FrontendConfig, LocalFrontend};
@@ -17,7 +16,8 @@ use blkif::protocol::{op, status};
 use blkif::Segment;
 use tapdisk_control::client::Client;
 use tapdisk_control::proto::{Command as Ctl, Reply};
-use tapdisk_control::{Driver, ImageSpec, RunDir, VbdSettings};
+use tapdisk_control::{Driver, ImageSpec, VbdSettings};
+use tapdisk_e2e::crash::{check_after_crash, random_range, sector_data, Rng, SectorModel, SECTOR};
 use tapdisk_e2e::*;
 
 fn stdout(o: &Output) -> String {
@@ -351,94 +351,12 @@ fn snapshots_stay_unchanged_and_clones_diverge() {
 
 // ---- The crash test ----------------------------------------------------------------------
 
-const SECTOR: u64 = 512;
 const DISK: u64 = 8 << 20;
 const SECTORS: u64 = DISK / SECTOR;
 /// Writes in flight at most.
 const DEPTH: usize = 16;
 /// Pages of guest memory per in-flight write (up to 64 sectors, unaligned).
 const PAGES_PER_SLOT: usize = 9;
-
-/// xorshift64*, seeded.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Sector `s` as write `id` writes it: the id and the sector number, repeated.
-fn sector_data(id: u32, s: u64, out: &mut [u8]) {
-    for (i, c) in out.chunks_exact_mut(8).enumerate() {
-        c[..4].copy_from_slice(&id.to_le_bytes());
-        c[4..].copy_from_slice(&((s as u32) ^ (i as u32)).to_le_bytes());
-    }
-}
-
-/// Which write a sector's bytes came from (0: zeroes, never written); `None` if they match no
-/// write (torn or garbage).
-fn sector_id(s: u64, b: &[u8]) -> Option<u32> {
-    if b.iter().all(|&x| x == 0) {
-        return Some(0);
-    }
-    let id = u32::from_le_bytes(b[..4].try_into().unwrap());
-    let mut want = [0u8; SECTOR as usize];
-    sector_data(id, s, &mut want);
-    (want[..] == *b).then_some(id)
-}
-
-/// What a sector may hold after a crash.
-#[derive(Clone, Default)]
-struct SectorModel {
-    /// Its content at the last completed flush.
-    durable: u32,
-    /// Writes to it since: `(submission sequence, id)`.
-    since: Vec<(u64, u32)>,
-}
-
-struct Tapdisk {
-    child: Child,
-    pid: u32,
-    rundir: RunDir,
-}
-
-impl Tapdisk {
-    fn start(rundir: &Path, log: &Path) -> Tapdisk {
-        let mut child = Command::new(bin("tapdisk"))
-            .arg("--rundir")
-            .arg(rundir)
-            .args(["--log-level", "info"])
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .expect("starting tapdisk");
-        let mut line = String::new();
-        let mut out = child.stdout.take().unwrap();
-        let mut b = [0u8; 1];
-        while out.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-            line.push(b[0] as char);
-        }
-        let pid = line.trim().parse().expect("tapdisk prints its pid");
-        Tapdisk {
-            child,
-            pid,
-            rundir: RunDir(rundir.to_owned()),
-        }
-    }
-}
-
-impl Drop for Tapdisk {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One round: serve the image, write and flush at random until `kill_after`, then SIGKILL
 /// tapdisk. Returns the model with what was submitted and flushed.
@@ -452,7 +370,7 @@ fn crash_round(
 ) -> (u64, u64) {
     let rundir = dir.join("run");
     let _ = std::fs::remove_dir_all(&rundir);
-    let mut td = Tapdisk::start(&rundir, &dir.join("tapdisk.log"));
+    let mut td = Tapdisk::start_logged(&rundir, &dir.join("tapdisk.log")).expect("tapdisk");
     let vbd = match Client::connect_pid(&td.rundir, td.pid)
         .unwrap()
         .call(Ctl::Open {
@@ -505,12 +423,7 @@ fn crash_round(
             }
             // A range overlapping no write in flight (so per sector, submission order is the
             // order on disk).
-            let n = 1 + rng.below(64);
-            let s = if rng.below(2) == 0 {
-                rng.below(SECTORS - 64) & !7
-            } else {
-                rng.below(SECTORS - n)
-            };
+            let (s, n) = random_range(rng, SECTORS);
             if flight
                 .values()
                 .any(|&(_, r, _)| r.is_some_and(|(a, b)| a < s + n && s < b))
@@ -629,20 +542,7 @@ fn sigkill_during_writes_and_flushes_loses_nothing_flushed() {
         .unwrap();
         d.read_at(0, &mut disk).unwrap();
         drop(d);
-        for (s, m) in model.iter_mut().enumerate() {
-            let b = &disk[s * 512..(s + 1) * 512];
-            let got = sector_id(s as u64, b);
-            let ok = got.is_some_and(|g| g == m.durable || m.since.iter().any(|&(_, i)| i == g));
-            assert!(
-                ok,
-                "round {rounds}: sector {s} holds {got:?}; at the last flush it held write {}, \
-                 written since: {:?}",
-                m.durable, m.since
-            );
-            // The next round starts from what the disk holds now.
-            m.durable = got.unwrap_or(0);
-            m.since.clear();
-        }
+        check_after_crash(rounds, &disk, &mut model);
     }
     eprintln!(
         "{rounds} rounds in {:.1} s: {writes} writes and {flushes} flushes acknowledged",

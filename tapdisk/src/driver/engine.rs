@@ -57,6 +57,18 @@ pub struct BackendIo {
     pub iovcnt: u32,
 }
 
+impl BackendIo {
+    /// No IO: what per-tag state holds before its first.
+    pub const IDLE: BackendIo = BackendIo {
+        tag: 0,
+        op: IoOp::Read,
+        offset: 0,
+        len: 0,
+        iov: std::ptr::null_mut(),
+        iovcnt: 0,
+    };
+}
+
 /// Completions an engine reports: `(tag, result)`, where result is 0 or a negative errno.
 /// Preallocated by the loop for every tag, so pushing never allocates.
 #[derive(Debug, Default)]

@@ -287,10 +287,7 @@ impl Vbd {
         self.quiescing = false;
         // Nothing in flight: the image writes back what only its memory holds, so tools see
         // the file complete while it is paused (a snapshot of the leaf, say).
-        self.shared()
-            .image()
-            .quiesce()
-            .map_err(|e| Error::Image(e))?;
+        self.shared().image().quiesce().map_err(Error::Image)?;
         info!(self.log, "paused");
         Ok(())
     }

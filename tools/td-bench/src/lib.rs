@@ -9,6 +9,8 @@
 //! - `run` ([`bench`]): a fio-like load generator reporting IOPS, bandwidth and latency
 //!   percentiles from a log-bucket histogram ([`hist`]).
 //! - `compare` ([`compare`]): fio on the image file, then the same workload through tapdisk.
+//! - `vs` ([`vs`]): the same workload on two images through tapdisk, alternating (an image
+//!   format against the raw driver).
 //! - `err` ([`err`]): early read return against a slow disk, per policy.
 //! - `thesis` ([`thesis`]): the thesis's experiments (Tables 3.1-3.5, 4.1, 4.2, Figures 3.1,
 //!   4.1-4.3), with a model of the guest's block layer ([`guest`]) and PNG charts ([`plot`]).
@@ -29,6 +31,7 @@ pub mod target;
 pub mod thesis;
 pub mod util;
 pub mod verify;
+pub mod vs;
 
 use clap::{Parser, Subcommand};
 
@@ -93,6 +96,12 @@ pub enum Cmd {
         after_help = "Examples:\n  td-bench nbd-compare --image /dev/shm/d.img --rw randread --bs 4k --iodepth 32\n  td-bench nbd-compare --image /var/tmp/d.img --rw read --bs 1M --iodepth 4 --tap-ctl /old/tap-ctl --label old --tap-ctl target/release/tap-ctl --label new"
     )]
     NbdCompare(nbd_compare::NbdCompareArgs),
+    /// The same workload on two images through tapdisk (an image format against the raw
+    /// driver, say), alternating in one run; prints medians and the ratio.
+    #[command(
+        after_help = "Examples:\n  td-bench vs --baseline aio:/var/tmp/r.img --image vhd:/var/tmp/d.vhd --size 1G --fill --rw randread --bs 4k --iodepth 32 --runtime 5s\n  td-bench vs --baseline aio:/var/tmp/r.img --image vhd:/var/tmp/d.vhd --size 1G --fresh --rw write --bs 1M --iodepth 8 --count 512"
+    )]
+    Vs(vs::VsArgs),
 }
 
 const ERR_EXAMPLES: &str = "\
@@ -126,6 +135,7 @@ pub fn main_with(cli: Cli) -> i32 {
         Cmd::Err(a) => err::run(a),
         Cmd::Soak(a) => soak::run(a),
         Cmd::NbdCompare(a) => nbd_compare::run(a).map(|()| true),
+        Cmd::Vs(a) => vs::run(a),
     });
     match res {
         Ok(true) => 0,

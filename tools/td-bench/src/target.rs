@@ -72,8 +72,9 @@ pub struct TargetArgs {
     /// An image file, served by a private tapdisk for this run (created sparse if missing);
     /// or a disk spec: aio:FILE (the same), parallax:FILE or parallax:FILE@VOLUME (a Parallax
     /// image, created with one disk if missing), qcow2:FILE (a qcow2 image, with its backing
-    /// files; created empty, version 3 with 64 KiB clusters, if missing), stripe:MAPFILE (a
-    /// striped disk made with stripe-img, served as it is).
+    /// files; created empty, version 3 with 64 KiB clusters, if missing), vhd:FILE (a VHD, or
+    /// the leaf of a chain; created as a dynamic disk if missing), stripe:MAPFILE (a striped
+    /// disk made with stripe-img, served as it is).
     #[arg(long, value_name = "FILE|SPEC")]
     pub image: Option<PathBuf>,
     /// Size of the image when td-bench creates it [default: 256M].
@@ -128,7 +129,8 @@ pub struct TargetArgs {
     #[arg(long, value_name = "PARAMS", num_args = 0..=1, default_missing_value = "default",
           value_parser = |s: &str| s.parse::<ModelParams>())]
     pub model_disk: Option<ModelParams>,
-    /// Metadata cache slots of a parallax: image in the private tapdisk (0: its default, 128).
+    /// Metadata cache slots of a parallax: or vhd: image in the private tapdisk (0: the
+    /// driver's default).
     #[arg(long, value_name = "N", default_value_t = 0,
           value_parser = |s: &str| limits::CACHE_SLOTS.parse::<u32>(s))]
     pub cache_slots: u32,
@@ -397,6 +399,9 @@ pub struct Target {
     pub shape: ReqShape,
     /// The private tapdisk, if td-bench started one.
     pub private: Option<PrivateCtl>,
+    /// Discards are hints that may leave data in place (a `vhd:` image frees whole blocks
+    /// only), so discarded sectors are unknown until rewritten.
+    pub discard_is_hint: bool,
     _guard: Option<PrivateGuard>,
 }
 
@@ -491,7 +496,7 @@ fn create_image(path: &Path, size: u64) -> Result<bool> {
 }
 
 /// An `--image` argument: `FILE` (a raw image) or a disk spec, `aio:FILE`, `parallax:FILE`,
-/// `parallax:FILE@VOLUME`, `qcow2:FILE` or `stripe:MAPFILE`.
+/// `parallax:FILE@VOLUME`, `qcow2:FILE`, `vhd:FILE` or `stripe:MAPFILE`.
 fn split_spec(arg: &Path) -> Result<ImageSpec> {
     let s = arg.to_string_lossy();
     let typed = Driver::ALL
@@ -502,6 +507,11 @@ fn split_spec(arg: &Path) -> Result<ImageSpec> {
     } else {
         Ok(ImageSpec::new(Driver::Aio, arg))
     }
+}
+
+/// The file an `--image` argument names (for a spec, its path).
+pub fn image_path(arg: &Path) -> Result<PathBuf> {
+    Ok(split_spec(arg)?.path)
 }
 
 /// Creates a Parallax image of `size` bytes at `path` if there is none; true if it did.
@@ -532,6 +542,16 @@ fn create_qcow2(path: &Path, size: u64) -> Result<bool> {
     })?;
     qcow2::create(&file, &qcow2::CreateOptions::new(size))
         .map_err(|e| anyhow!("creating qcow2 image {}: {e}", path.display()))?;
+    Ok(true)
+}
+
+/// Creates a dynamic VHD of `size` bytes at `path` if there is none; true if it did.
+fn create_vhd(path: &Path, size: u64) -> Result<bool> {
+    if path.exists() {
+        return Ok(false);
+    }
+    vhd::create(path, &vhd::CreateOptions::dynamic(size))
+        .map_err(|e| anyhow!("creating VHD image {}: {e}", path.display()))?;
     Ok(true)
 }
 
@@ -605,7 +625,8 @@ pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<
         Driver::Aio => create_image(&path, size)?,
         Driver::Parallax => create_parallax(&path, size)? && spec.volume.is_none(),
         Driver::Qcow2 => create_qcow2(&path, size)?,
-        Driver::Vhd | Driver::Stripe => false,
+        Driver::Vhd => create_vhd(&path, size)?,
+        Driver::Stripe => false,
     };
     if !fresh
         && spec.driver == Driver::Aio
@@ -672,6 +693,7 @@ pub fn open_traced(args: &TargetArgs, mem_pages: u32, trace_cap: u32) -> Result<
     // Only a raw image is something fio (compare) can be given.
     let raw = (spec.driver == Driver::Aio).then_some(path);
     let mut t = finish(fe, args, device, raw, fresh, describe, Some(guard))?;
+    t.discard_is_hint = spec.driver == Driver::Vhd;
     t.private = Some(PrivateCtl {
         rundir,
         pid,
@@ -706,6 +728,7 @@ fn finish(
         max_segments,
         shape,
         private: None,
+        discard_is_hint: false,
         device,
         image,
         fresh,

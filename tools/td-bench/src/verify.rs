@@ -47,7 +47,8 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "PCT", default_value_t = 1.0)]
     pub flush_pct: f64,
     /// Do not expect discarded sectors to read back as zeroes (for devices whose discard does
-    /// not zero): treat them as unknown until rewritten.
+    /// not zero): treat them as unknown until rewritten. Implied for vhd: images, which free
+    /// whole blocks only.
     #[arg(long)]
     pub discard_unknown: bool,
     /// Print the result as one JSON object instead of text.
@@ -418,7 +419,7 @@ pub fn run_with_hooks(
         next_gen: 1,
         totals: Totals::default(),
         failures: Failures { shown: 0 },
-        discard_zeroes: !args.discard_unknown,
+        discard_zeroes: !args.discard_unknown && !t.discard_is_hint,
         per_slot: per_slot as u32,
         allow_errors: args.allow_errors,
         expect_bad: args.expect_bad.clone().unwrap_or_default().0,

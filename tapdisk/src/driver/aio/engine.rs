@@ -52,14 +52,7 @@ impl AioEngine {
         let files = ring.add_files(&fds)?;
         let ud = ring.reserve(u64::from(tags));
         let idle = Tag {
-            io: BackendIo {
-                tag: 0,
-                op: IoOp::Read,
-                offset: 0,
-                len: 0,
-                iov: std::ptr::null_mut(),
-                iovcnt: 0,
-            },
+            io: BackendIo::IDLE,
             iov_start: 0,
             done_bytes: 0,
             retries: 0,

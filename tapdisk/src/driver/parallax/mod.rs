@@ -43,7 +43,7 @@ use tapdisk_control::ImageSpec;
 
 use self::mapper::ParallaxMapper;
 use super::aio::AioImage;
-use super::translate::Format;
+use super::translate::{Disk, Format};
 use super::OpenOptionsImg;
 
 /// The errno a Parallax error is reported with.
@@ -226,11 +226,8 @@ pub struct ParallaxImage {
     shared: Arc<Shared>,
     vol: VolumeId,
     volume: String,
-    spec: ImageSpec,
-    size: u64,
-    read_only: bool,
-    /// The image file as a raw image: the data IO goes to it through its engine.
-    store: Arc<AioImage>,
+    /// Its one file is the store, as a raw image: the data IO goes there.
+    disk: Disk,
     stats: StatsHandle,
 }
 
@@ -239,7 +236,7 @@ impl std::fmt::Debug for ParallaxImage {
         f.debug_struct("ParallaxImage")
             .field("path", &self.shared.path)
             .field("volume", &self.volume)
-            .field("read_only", &self.read_only)
+            .field("read_only", &self.disk.read_only)
             .finish_non_exhaustive()
     }
 }
@@ -280,10 +277,12 @@ impl ParallaxImage {
             shared,
             vol,
             volume,
-            spec: spec.clone(),
-            size,
-            read_only,
-            store: Arc::new(store),
+            disk: Disk {
+                files: vec![Arc::new(store)],
+                size,
+                read_only,
+                spec: spec.clone(),
+            },
             stats,
         })
     }
@@ -300,17 +299,8 @@ impl Format for ParallaxImage {
             vol: self.vol,
         }
     }
-    fn files(&self) -> &[Arc<AioImage>] {
-        std::slice::from_ref(&self.store)
-    }
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-    fn spec(&self) -> ImageSpec {
-        self.spec.clone()
+    fn disk(&self) -> &Disk {
+        &self.disk
     }
     fn name(&self) -> &'static str {
         "parallax"
@@ -320,7 +310,7 @@ impl Format for ParallaxImage {
             "type": "parallax",
             "image": self.shared.path.display().to_string(),
             "volume": self.volume,
-            "read_only": self.read_only,
+            "read_only": self.disk.read_only,
             "cache": self.stats.snapshot(),
         });
         // Without waiting: stats must not stall behind a commit.

@@ -59,7 +59,7 @@ use tapdisk_control::ImageSpec;
 
 use self::mapper::{Compressed, Qcow2Mapper};
 use super::aio::AioImage;
-use super::translate::{self, shared_read_only, Format};
+use super::translate::{self, shared_read_only, Disk, Format};
 use super::OpenOptionsImg;
 use crate::sys::uring::FIXED_FILES;
 
@@ -100,13 +100,10 @@ struct Level {
 pub struct Qcow2Image {
     chain: Mutex<qcow2::Chain>,
     path: PathBuf,
-    spec: ImageSpec,
-    size: u64,
+    /// The leaf, then each backing image (nearest first), in `files`: where data extents point.
+    disk: Disk,
     cluster_size: u64,
     version: u32,
-    read_only: bool,
-    /// The leaf, then each backing image (nearest first): where data extents point.
-    files: Vec<Arc<AioImage>>,
     /// The leaf, then each backing image.
     levels: Vec<Level>,
 }
@@ -115,8 +112,8 @@ impl std::fmt::Debug for Qcow2Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Image")
             .field("path", &self.path)
-            .field("depth", &self.files.len())
-            .field("read_only", &self.read_only)
+            .field("depth", &self.disk.files.len())
+            .field("read_only", &self.disk.read_only)
             .finish_non_exhaustive()
     }
 }
@@ -174,12 +171,14 @@ impl Qcow2Image {
         Ok(Qcow2Image {
             chain: Mutex::new(chain),
             path,
-            spec: spec.clone(),
-            size,
+            disk: Disk {
+                files,
+                size,
+                read_only: opts.read_only,
+                spec: spec.clone(),
+            },
             cluster_size,
             version,
-            read_only: opts.read_only,
-            files,
             levels,
         })
     }
@@ -202,7 +201,7 @@ impl Drop for Qcow2Image {
     fn drop(&mut self) {
         // The last user of the leaf: write back what only the cache holds, so the image is
         // clean for `qemu-img check`.
-        if !self.read_only {
+        if !self.disk.read_only {
             let c = self.chain.get_mut().unwrap_or_else(|e| e.into_inner());
             let _ = c.close();
         }
@@ -219,17 +218,8 @@ impl Format for Qcow2Image {
             chain: self.chain(),
         }
     }
-    fn files(&self) -> &[Arc<AioImage>] {
-        &self.files
-    }
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-    fn spec(&self) -> ImageSpec {
-        self.spec.clone()
+    fn disk(&self) -> &Disk {
+        &self.disk
     }
     fn name(&self) -> &'static str {
         "qcow2"
@@ -261,8 +251,8 @@ impl Format for Qcow2Image {
             "image": self.path.display().to_string(),
             "version": self.version,
             "cluster_size": self.cluster_size,
-            "read_only": self.read_only,
-            "depth": self.files.len(),
+            "read_only": self.disk.read_only,
+            "depth": self.disk.files.len(),
             "cache": self.levels[0].stats.as_ref().map(|s| s.snapshot()),
             "levels": levels,
         })

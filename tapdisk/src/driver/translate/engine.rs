@@ -60,7 +60,7 @@ struct Tag<T> {
 /// The engine of one ring over a [`Translated`] disk.
 pub struct TranslateEngine<F: Format> {
     image: Arc<Translated<F>>,
-    /// One engine per file of [`Format::files`].
+    /// One engine per file of the disk ([`super::Disk::files`]).
     inner: Vec<Box<dyn Engine>>,
     tags: Box<[Tag<F::Ticket>]>,
     /// Per inner tag: the outer tag it works for.
@@ -77,7 +77,8 @@ impl<F: Format> TranslateEngine<F> {
         let inner_tags = tags.saturating_mul(INNER_PER_TAG);
         let inner = image
             .format()
-            .files()
+            .disk()
+            .files
             .iter()
             .map(|f| f.clone().engine(ring, inner_tags))
             .collect::<io::Result<Vec<_>>>()?;
@@ -85,14 +86,7 @@ impl<F: Format> TranslateEngine<F> {
             return Err(io::Error::other("a translated disk without files"));
         }
         let idle = || Tag {
-            io: BackendIo {
-                tag: 0,
-                op: IoOp::Read,
-                offset: 0,
-                len: 0,
-                iov: std::ptr::null_mut(),
-                iovcnt: 0,
-            },
+            io: BackendIo::IDLE,
             parts: Vec::with_capacity(4),
             iov: Vec::with_capacity(16),
             tickets: Vec::with_capacity(2),
@@ -116,10 +110,10 @@ impl<F: Format> TranslateEngine<F> {
     fn map(&mut self, io: BackendIo) -> Result<(), i32> {
         let write = io.op == IoOp::Write;
         let format = self.image.format();
-        if write && format.read_only() {
+        if write && format.disk().read_only {
             return Err(-libc::EROFS);
         }
-        let files = format.files().len();
+        let files = format.disk().files.len();
         let t = &mut self.tags[io.tag as usize];
         t.parts.clear();
         t.iov.clear();
@@ -352,7 +346,7 @@ impl<F: Format> TranslateEngine<F> {
     /// `fdatasync` of file 0 as the tag's one part.
     fn flush(&mut self, tag: u32, done: &mut Done) -> bool {
         let format = self.image.format();
-        if !format.read_only() {
+        if !format.disk().read_only {
             let mut m = format.lock();
             if m.metadata_dirty() {
                 let res = m.flush().map_or_else(|e| -e, |()| 0);
@@ -416,7 +410,7 @@ impl<F: Format> Engine for TranslateEngine<F> {
             }
             IoOp::Discard { .. } => {
                 let format = self.image.format();
-                let res = if format.read_only() {
+                let res = if format.disk().read_only {
                     -libc::EROFS
                 } else {
                     format

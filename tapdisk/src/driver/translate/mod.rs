@@ -12,13 +12,14 @@
 //! A format implements [`Format`] for one open disk (an image, or a chain of them), shared by
 //! every ring of the VBD:
 //!
-//! - [`Format::files`]: the files data extents point into, each opened as a raw image
-//!   ([`AioImage`]). File 0 takes every write; the others (parents, backing files) are read
-//!   only, and may be shared with other VBDs ([`shared_read_only`]).
+//! - [`Format::disk`] ([`Disk`]): the files data extents point into, each opened as a raw
+//!   image ([`AioImage`]), with the disk's size, read-only flag and spec. File 0 takes every
+//!   write; the others (parents, backing files) are read only, and may be shared with other
+//!   VBDs ([`shared_read_only`]).
 //! - [`Format::lock`]: its [`Mapper`], locked for the mapping calls of one IO (the format
 //!   chooses the lock: a mutex per disk, or one per image file shared by several disks).
-//! - The size, read-only flag, spec and counters (`tap-ctl stats` shows [`Format::stats`]
-//!   under `driver`; read them without the lock).
+//! - Its name and counters (`tap-ctl stats` shows [`Format::stats`] under `driver`; read them
+//!   without the lock).
 //!
 //! and a [`Mapper`]:
 //!
@@ -74,9 +75,9 @@ pub type Errno = i32;
 /// Where a prefix of a read range is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReadMap<I> {
-    /// In file `file` of [`Format::files`], from byte `offset`, contiguous.
+    /// In file `file` of the disk's [`Disk::files`], from byte `offset`, contiguous.
     Data {
-        /// Index into [`Format::files`].
+        /// Index into [`Disk::files`].
         file: usize,
         /// Byte offset in that file.
         offset: u64,
@@ -148,6 +149,19 @@ pub trait Mapper {
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), Errno>;
 }
 
+/// What every translated disk has, whatever its format.
+#[derive(Debug)]
+pub struct Disk {
+    /// The files data extents point into; file 0 takes the writes. Never empty.
+    pub files: Vec<Arc<AioImage>>,
+    /// Guest-visible size in bytes (a multiple of 512).
+    pub size: u64,
+    /// Writes and discards are refused.
+    pub read_only: bool,
+    /// The spec it was opened from.
+    pub spec: ImageSpec,
+}
+
 /// One open disk of a translating format (see the module docs).
 pub trait Format: Send + Sync + 'static {
     /// [`Mapper::Ticket`].
@@ -161,14 +175,8 @@ pub trait Format: Send + Sync + 'static {
 
     /// Takes the lock for a few mapping calls.
     fn lock(&self) -> Self::Mapper<'_>;
-    /// The files data extents point into; file 0 takes the writes. Never empty.
-    fn files(&self) -> &[Arc<AioImage>];
-    /// Guest-visible size in bytes (a multiple of 512).
-    fn size(&self) -> u64;
-    /// Whether writes and discards are refused.
-    fn read_only(&self) -> bool;
-    /// The spec it was opened from.
-    fn spec(&self) -> ImageSpec;
+    /// Its files, size, read-only flag and spec.
+    fn disk(&self) -> &Disk;
     /// The format's name, for logs ("vhd").
     fn name(&self) -> &'static str;
     /// Counters for `tap-ctl stats`, read without the lock.
@@ -202,22 +210,22 @@ impl<F: Format> Translated<F> {
 
 impl<F: Format> Image for Translated<F> {
     fn size(&self) -> u64 {
-        self.format.size()
+        self.format.disk().size
     }
     fn read_only(&self) -> bool {
-        self.format.read_only()
+        self.format.disk().read_only
     }
     fn supports_discard(&self) -> bool {
-        !self.format.read_only()
+        !self.read_only()
     }
     fn engine(self: Arc<Self>, ring: &mut Uring, tags: u32) -> io::Result<Box<dyn Engine>> {
         Ok(Box::new(engine::TranslateEngine::new(self, ring, tags)?))
     }
     fn spec(&self) -> ImageSpec {
-        self.format.spec()
+        self.format.disk().spec.clone()
     }
     fn direct(&self) -> bool {
-        self.format.files().first().is_some_and(|f| f.direct())
+        self.format.disk().files.first().is_some_and(|f| f.direct())
     }
     fn stats(&self) -> serde_json::Value {
         self.format.stats()
@@ -229,20 +237,23 @@ impl<F: Format> Image for Translated<F> {
         self.format.reclaim()
     }
     fn quiesce(&self) -> io::Result<()> {
-        if self.format.read_only() {
+        if self.read_only() {
             return Ok(());
         }
         let mut m = self.format.lock();
         if m.metadata_dirty() {
-            let what = format!("writing back the metadata of {}", self.format.spec());
+            let what = format!("writing back the metadata of {}", self.spec());
             m.flush().map_err(|e| errno_error(&what, e))?;
         }
         Ok(())
     }
 }
 
-/// The read-only data files open in this process, by device, inode and O_DIRECT policy.
-static SHARED: Mutex<Vec<((u64, u64, DirectIo), Weak<AioImage>)>> = Mutex::new(Vec::new());
+/// A file's identity and O_DIRECT policy.
+type FileKey = (u64, u64, DirectIo);
+
+/// The read-only data files open in this process.
+static SHARED: Mutex<Vec<(FileKey, Weak<AioImage>)>> = Mutex::new(Vec::new());
 
 /// The file at `path` opened read-only for data IO, shared with every other disk of this
 /// process that reads it (a base image under several VBDs' chains).

@@ -45,8 +45,7 @@ struct Toy {
 
 struct ToyFormat {
     toy: Mutex<Toy>,
-    files: Vec<Arc<AioImage>>,
-    read_only: bool,
+    disk: Disk,
 }
 
 struct ToyMapper<'a>(MutexGuard<'a, Toy>);
@@ -148,17 +147,8 @@ impl Format for ToyFormat {
     fn lock(&self) -> ToyMapper<'_> {
         ToyMapper(self.toy.lock().unwrap())
     }
-    fn files(&self) -> &[Arc<AioImage>] {
-        &self.files
-    }
-    fn size(&self) -> u64 {
-        BLOCKS as u64 * BLOCK
-    }
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-    fn spec(&self) -> ImageSpec {
-        ImageSpec::new(crate::driver::Driver::Aio, "toy")
+    fn disk(&self) -> &Disk {
+        &self.disk
     }
     fn name(&self) -> &'static str {
         "toy"
@@ -203,8 +193,12 @@ fn fixture(map: Vec<Slot>, data_ro: bool) -> Fixture {
             fail_at: None,
             counts: Counts::default(),
         }),
-        files,
-        read_only: false,
+        disk: Disk {
+            files,
+            size: BLOCKS as u64 * BLOCK,
+            read_only: false,
+            spec: ImageSpec::new(crate::driver::Driver::Aio, "toy"),
+        },
     }));
     Fixture { _dir: dir, image }
 }
@@ -367,7 +361,7 @@ fn more_parts_than_inner_tags_wait_their_turn() {
 #[test]
 fn read_only_formats_refuse_writes_and_discards() {
     let mut f = fixture(vec![Slot::Zero; BLOCKS], false);
-    Arc::get_mut(&mut f.image).unwrap().format.read_only = true;
+    Arc::get_mut(&mut f.image).unwrap().format.disk.read_only = true;
     let mut ring = Uring::new(8).unwrap();
     let mut e = f.engine(&mut ring, 1);
     assert_eq!(

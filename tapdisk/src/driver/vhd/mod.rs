@@ -49,7 +49,7 @@ use tapdisk_control::ImageSpec;
 
 use self::mapper::VhdMapper;
 use super::aio::AioImage;
-use super::translate::{same_file, shared_read_only, Format};
+use super::translate::{same_file, shared_read_only, Disk, Format};
 use super::OpenOptionsImg;
 use crate::sys::uring::FIXED_FILES;
 
@@ -75,12 +75,9 @@ fn open_error(path: &Path, e: vhd::Error) -> io::Error {
 pub struct VhdImage {
     chain: Mutex<vhd::Chain>,
     path: PathBuf,
-    spec: ImageSpec,
     disk_type: vhd::DiskType,
-    size: u64,
-    read_only: bool,
-    /// The leaf, then each parent (nearest first): where data extents point.
-    files: Vec<Arc<AioImage>>,
+    /// Its files: the leaf, then each parent (nearest first), where data extents point.
+    disk: Disk,
     /// The leaf's cache counters, read without the lock.
     leaf_stats: vhd::StatsHandle,
     /// The parents (for their counters and paths).
@@ -93,8 +90,8 @@ impl std::fmt::Debug for VhdImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VhdImage")
             .field("path", &self.path)
-            .field("depth", &self.files.len())
-            .field("read_only", &self.read_only)
+            .field("depth", &self.disk.files.len())
+            .field("read_only", &self.disk.read_only)
             .finish_non_exhaustive()
     }
 }
@@ -134,11 +131,13 @@ impl VhdImage {
         Ok(VhdImage {
             chain: Mutex::new(chain),
             path,
-            spec: spec.clone(),
             disk_type,
-            size,
-            read_only: opts.read_only,
-            files,
+            disk: Disk {
+                files,
+                size,
+                read_only: opts.read_only,
+                spec: spec.clone(),
+            },
             leaf_stats,
             parents,
             dropped: AtomicU64::new(0),
@@ -150,7 +149,7 @@ impl Drop for VhdImage {
     fn drop(&mut self) {
         // The last user of the leaf: make what was written durable, as blktap does at close
         // (and put back a footer a crash lost).
-        if !self.read_only {
+        if !self.disk.read_only {
             let c = self.chain.get_mut().unwrap_or_else(|e| e.into_inner());
             let _ = c.flush();
         }
@@ -168,17 +167,8 @@ impl Format for VhdImage {
             dropped: &self.dropped,
         }
     }
-    fn files(&self) -> &[Arc<AioImage>] {
-        &self.files
-    }
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-    fn spec(&self) -> ImageSpec {
-        self.spec.clone()
+    fn disk(&self) -> &Disk {
+        &self.disk
     }
     fn name(&self) -> &'static str {
         "vhd"
@@ -188,7 +178,7 @@ impl Format for VhdImage {
         let mut total = leaf;
         let mut levels = vec![serde_json::json!({
             "path": self.path.display().to_string(),
-            "read_only": self.read_only,
+            "read_only": self.disk.read_only,
             "cache": leaf,
         })];
         for p in &self.parents {
@@ -206,8 +196,8 @@ impl Format for VhdImage {
             "type": "vhd",
             "image": self.path.display().to_string(),
             "disk_type": format!("{:?}", self.disk_type).to_lowercase(),
-            "read_only": self.read_only,
-            "depth": self.files.len(),
+            "read_only": self.disk.read_only,
+            "depth": self.disk.files.len(),
             "cache": total,
             "levels": levels,
             "discarded_blocks": self.dropped.load(Ordering::Relaxed),
