@@ -147,6 +147,9 @@ pub struct RingLoop<T: RingTransport> {
     done: Done,
     /// Scratch: what the scheduler finished.
     finished: Vec<u32>,
+    /// Scratch: the grant mappings of the requests being answered, and how their release went.
+    unmaps: Vec<blkif::transport::MapHandle>,
+    unmap_results: Vec<Result<(), blkif::request::Problem>>,
 }
 
 impl<T: RingTransport> RingLoop<T> {
@@ -170,7 +173,7 @@ impl<T: RingTransport> RingLoop<T> {
         let mut uring = Uring::new(entries)?;
         let tokens = Tokens::reserve(&mut uring);
         let intake = Intake::new(t.abi(), disk, &cfg, n);
-        let backend = Backend::new(&mut uring, env.vbd.image(), cfg.layers, t.memory(), tags)?;
+        let backend = Backend::new(&mut uring, env.vbd.image(), cfg.layers, tags)?;
         sched.set_engine_limit(backend.engine().max_in_flight());
         Ok(RingLoop {
             t,
@@ -187,6 +190,8 @@ impl<T: RingTransport> RingLoop<T> {
             guest_errors: RateLimit::new(10, Duration::from_secs(5)),
             done: Done::with_capacity(tags as usize),
             finished: Vec::with_capacity(n as usize + chunks as usize),
+            unmaps: Vec::with_capacity(n as usize),
+            unmap_results: Vec::with_capacity(n as usize),
         })
     }
 
@@ -224,7 +229,10 @@ impl<T: RingTransport> RingLoop<T> {
 
     /// Runs until the frontend goes away, breaks the protocol, or the VBD stops the ring.
     pub fn run(mut self) -> RingExit {
-        match self.run_inner() {
+        let r = self.run_inner();
+        self.update_grant_stats();
+        self.env.stats.grants.clear_gauges();
+        match r {
             Ok(()) => match std::mem::replace(&mut self.state, LoopState::Running) {
                 LoopState::Stopping(exit) => exit,
                 _ => RingExit::Stopped,
@@ -296,6 +304,13 @@ impl<T: RingTransport> RingLoop<T> {
             stats
                 .early_busy
                 .set(self.early.as_ref().map_or(0, |e| u64::from(e.busy())));
+            self.update_grant_stats();
+        }
+    }
+
+    fn update_grant_stats(&self) {
+        if let Some(c) = self.t.grant_counters() {
+            self.env.stats.grants.update(&c);
         }
     }
 

@@ -6,6 +6,7 @@
 //! is fine for statistics.
 
 pub mod early;
+pub mod grants;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -220,6 +221,8 @@ pub struct RingStats {
     pub sched: SchedCounters,
     /// Early read return.
     pub early: early::EarlyCounters,
+    /// Grant access (Xen rings).
+    pub grants: grants::GrantStats,
     /// Per-stage latencies.
     pub stages: StageHists,
     /// Reads.
@@ -308,6 +311,8 @@ pub struct Totals {
     pub stages: StageTotals,
     /// Early read return.
     pub early: early::EarlyTotals,
+    /// Grant access of Xen rings.
+    pub grants: grants::GrantTotals,
 }
 
 /// Scheduler figures for output.
@@ -407,6 +412,7 @@ pub fn totals<'a>(rings: impl IntoIterator<Item = &'a RingStats> + Clone) -> Tot
         respond: brief(rings.clone().into_iter().map(|r| &r.stages.respond)),
     };
     t.early = early::totals(rings.clone().into_iter().map(|r| &r.early));
+    t.grants = grants::totals(rings.clone().into_iter().map(|r| &r.grants));
     t.latency = percentiles(rings.into_iter().map(|r| &r.latency));
     t
 }
@@ -477,6 +483,7 @@ absorb_fields!(StageHists {
 absorb_fields!(RingStats {
     sched,
     early,
+    grants,
     stages,
     read,
     write,

@@ -36,7 +36,7 @@ use std::io;
 use std::sync::Arc;
 
 use super::{errno, ParallaxImage};
-use crate::driver::engine::{BackendIo, Cqe, Done, Engine, IoOp, Uring};
+use crate::driver::engine::{BackendIo, Cqe, Done, Engine, IoOp, Memory, Uring};
 use crate::driver::Image;
 
 /// Inner-engine tags per outer tag.
@@ -135,6 +135,7 @@ impl ParallaxEngine {
                 len: 0,
                 iov: std::ptr::null_mut(),
                 iovcnt: 0,
+                memory: Memory::Stable,
             },
             parts: Vec::with_capacity(4),
             iov: Vec::with_capacity(16),
@@ -270,6 +271,7 @@ impl ParallaxEngine {
                 len: p.len,
                 iov,
                 iovcnt,
+                memory: t.io.memory,
             };
             // SAFETY: the part's iovecs live in `t.iov`, which is neither cleared nor grown
             // until the tag is done, and point at the frontend's pages, which stay valid
@@ -345,10 +347,6 @@ impl ParallaxEngine {
 }
 
 impl Engine for ParallaxEngine {
-    fn unpinned_memory_only(&mut self) {
-        self.inner.unpinned_memory_only();
-    }
-
     unsafe fn submit(
         &mut self,
         ring: &mut Uring,
