@@ -114,7 +114,7 @@ timeout --foreground "$TIMEOUT" qemu-system-x86_64 -machine q35 -accel tcg,threa
     done > "$LOG"
 step "QEMU exited; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-grep -aE 'RIG: |  (main|again|ref|qd|copy|nopersist)\| |XENFRONT|  tap(back|disk)\|' "$LOG" | grep -avE 'guest_loglvl' | sed 's/^ *[0-9.]* //' > "$RIG_LOGS/summary.txt"
+grep -aE 'RIG: |  (main|again|ref|qd|copy|nopersist)(-console)?\| |XENFRONT|  tap(back|disk)\||  dmesg\|' "$LOG" | grep -avE 'guest_loglvl' | sed 's/^ *[0-9.]* //' > "$RIG_LOGS/summary.txt"
 grep -aE 'RIG: (CHECK|RESULT|frontend|main.img|grants|after)|DOMU: (CHECK|NEGOTIATED)|XENFRONT' "$LOG" | sed 's/^ *[0-9.]* //'
 echo
 echo "=== backend comparison (same guest workload, fio O_DIRECT libaio, ${BENCHSECS} s per job; TCG: only the ratios mean something)"
