@@ -246,6 +246,8 @@ impl<T: RingTransport> RingLoop<T> {
     }
 
     fn run_inner(&mut self) -> io::Result<()> {
+        // The ring's mode shows in the counters from the start, not from its first request.
+        self.update_grant_stats();
         self.arm_polls()?;
         self.t.parts().2.ack()?;
         loop {
