@@ -260,12 +260,16 @@ pub struct XenConnectSpec {
     pub vdev: String,
     /// Its rings, as read from xenstore and checked.
     pub rings: blkif::xen::frontend_keys::FrontendRings,
-    /// How request pages are reached.
+    /// How request pages are reached: what tapback negotiated for this frontend (`persistent`
+    /// when both sides offer persistent grants, else tapback's `map` or `copy`).
     #[serde(default)]
     pub grant_mode: blkif::xen::backend::GrantMode,
     /// Serve this frontend read-only whatever the VBD's setting (the toolstack's `mode = r`).
     #[serde(default)]
     pub read_only: bool,
+    /// Persistent grants kept mapped per ring at most (None: the ring's capacity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_persistent_grants: Option<u32>,
 }
 
 /// A Xen frontend a VBD serves, in listings.

@@ -30,6 +30,7 @@ fn spec(queues: usize, order: u8) -> XenConnectSpec {
         },
         grant_mode: GrantMode::Map,
         read_only: false,
+        max_persistent_grants: None,
     }
 }
 
@@ -110,6 +111,18 @@ fn tapback_and_xen_frontend_fail_cleanly_without_xenstore() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--max-queues 0"));
     let out = Command::new(bin("tapback"))
         .args(["--grant-mode", "mmap"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // Persistent grants are negotiated, not a mode to force on every frontend.
+    let out = Command::new(bin("tapback"))
+        .args(["--grant-mode", "persistent"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--feature-persistent"));
+    let out = Command::new(bin("tapback"))
+        .args(["--feature-persistent", "maybe"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

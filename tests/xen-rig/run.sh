@@ -14,9 +14,11 @@
 # Exit 0 iff dom0 printed "RIG: RESULT PASS".
 #
 # RIG_SUITE=trixie (default; Xen 4.20, backend/vbd3) or bookworm (Xen 4.17, backend/vbd).
-# Knobs: RIG_TIMEOUT (s, default 1200), RIG_BENCHSECS (s per benchmark job, default 5),
-# RIG_GRANT_COPY=0 (skip the guest on tapdisk in grant-copy mode; default 1, Xen >= 4.19 only),
-# RIG_PROFILE (cargo profile, default release), FORCE=1 (rebuild the images).
+# Knobs: RIG_TIMEOUT (s, default 1200; 2400 with RIG_BENCHSET=full), RIG_BENCHSECS (s per
+# benchmark job, default 5; 3 with RIG_PROFILE=dev), RIG_BENCHSET=full (also the guest whose
+# blkfront offers no persistent grants, column tapdisk-map: for measurements), RIG_GRANT_COPY=0
+# (skip the guest on tapdisk in grant-copy mode; default 1, Xen >= 4.19 only), RIG_PROFILE
+# (cargo profile, default release), FORCE=1 (rebuild the images).
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -108,11 +110,13 @@ mkfs.ext4 -q -F -L rigpayload -d "$P" "$RIG_WORK/payload.ext4" 512M
 install -m 0755 "$HERE/dom0-init" "$RIG_WORK/dom0-init"
 step "payload disk ready"
 
-TIMEOUT=${RIG_TIMEOUT:-1200}
+BENCHSET=${RIG_BENCHSET:-short}
+BENCHSECS=${RIG_BENCHSECS:-$([ "$PROFILE" = dev ] && echo 3 || echo 5)}
+TIMEOUT=${RIG_TIMEOUT:-$([ "$BENCHSET" = full ] && echo 2400 || echo 1200)}
 LOG=$RIG_LOGS/run-$RIG_SUITE-$(date +%Y%m%d-%H%M%S).log
 PIDF=$RIG_WORK/qemu.pid
 XEN_CMD="console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 loglvl=warning guest_loglvl=warning noreboot"
-DOM0_CMD="console=hvc0 earlyprintk=xen root=/dev/vda rw init=/usr/sbin/rig-init rig.suite=$RIG_SUITE rig.benchsecs=${RIG_BENCHSECS:-5} rig.grantcopy=${RIG_GRANT_COPY:-1}"
+DOM0_CMD="console=hvc0 earlyprintk=xen root=/dev/vda rw init=/usr/sbin/rig-init rig.suite=$RIG_SUITE rig.benchsecs=$BENCHSECS rig.grantcopy=${RIG_GRANT_COPY:-1} rig.benchset=$BENCHSET"
 # dom0's init goes into the cached root image with debugfs (no mount); the image is then
 # booted with snapshot=on, so the guests' disks and logs never change it.
 if ! debugfs -R "stat /usr/sbin/rig-init" "$RIG_IMG" 2>/dev/null | grep -q Inode || ! cmp -s "$HERE/dom0-init" "$RIG_WORK/dom0-init.installed"; then
@@ -122,7 +126,7 @@ if ! debugfs -R "stat /usr/sbin/rig-init" "$RIG_IMG" 2>/dev/null | grep -q Inode
     cp "$HERE/dom0-init" "$RIG_WORK/dom0-init.installed"
 fi
 rm -f "$PIDF"
-step "booting Xen $RIG_XENVER ($RIG_SUITE) under QEMU TCG; log $LOG"
+step "booting Xen $RIG_XENVER ($RIG_SUITE) under QEMU TCG; log $LOG; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 timeout --foreground "$TIMEOUT" qemu-system-x86_64 -machine q35 -accel tcg,thread=multi,tb-size=512 \
     -cpu qemu64 -smp 2 -m 4G -display none -monitor none -serial stdio -no-reboot \
     -kernel "$RIG_BOOT/xen" -append "$XEN_CMD" \
@@ -132,25 +136,18 @@ timeout --foreground "$TIMEOUT" qemu-system-x86_64 -machine q35 -accel tcg,threa
     -pidfile "$PIDF" < /dev/null 2>&1 | while IFS= read -r line; do
         printf '%6d %s\n' "$(( ${EPOCHSECONDS} - ${T0%.*} ))" "${line//$'\r'/}"
     done > "$LOG"
-step "QEMU exited"
+step "QEMU exited; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-grep -aE 'RIG: |  (main|again|ref|qd|copy|blktap3)\| |XENFRONT|  tap(back|disk)\|' "$LOG" | grep -avE 'guest_loglvl' | sed 's/^ *[0-9.]* //' > "$RIG_LOGS/summary.txt"
-grep -aE 'RIG: (CHECK|RESULT|frontend|main.img|blktap3)|DOMU: (CHECK|NEGOTIATED)|XENFRONT' "$LOG" | sed 's/^ *[0-9.]* //'
+grep -aE 'RIG: |  (main|again|ref|qd|copy|nopersist|blktap3)(-console)?\| |XENFRONT|  tap(back|disk)\||  dmesg\|' "$LOG" | grep -avE 'guest_loglvl' | sed 's/^ *[0-9.]* //' > "$RIG_LOGS/summary.txt"
+grep -aE 'RIG: (CHECK|RESULT|frontend|main.img|grants|after|blktap3)|DOMU: (CHECK|NEGOTIATED)|XENFRONT' "$LOG" | sed 's/^ *[0-9.]* //'
 echo
-echo "=== backend comparison (same guest workload, fio O_DIRECT libaio; TCG: only the ratios mean something)"
-grep -a 'DOMU: BENCH' "$LOG" | sed 's/.*DOMU: BENCH //' | awk '
-    { split($3, a, "="); split($4, b, "="); iops[$1","$2] = a[2]; labels[$1] = 1; w[$2] = 1; order[++n] = $1 }
-    END {
-        base = ("blkback" in labels) ? "blkback" : order[1]
-        printf "%-22s", "workload (IOPS)"; for (l in labels) printf " %14s", l; printf "   ratios vs %s\n", base
-        for (k in w) {
-            printf "%-22s", k
-            for (l in labels) printf " %14.0f", iops[l","k]
-            printf "  "
-            for (l in labels) if (l != base && iops[base","k] > 0) printf " %s=%.2f", l, iops[l","k] / iops[base","k]
-            printf "\n"
-        }
-    }'
+echo "=== backend comparison (same guest workload, fio O_DIRECT libaio, ${BENCHSECS} s per job; TCG: only the ratios mean something)"
+echo "    tapdisk: persistent grants (its main configuration); tapdisk-copy: grant copy; tapdisk-map: per-request"
+echo "    mapping (a guest without persistent grants); tapdisk-large: persistent, 16-page ring, 256 indirect segments, 2 queues"
+grep -a 'DOMU: BENCH' "$LOG" | sed 's/.*DOMU: BENCH //' | awk -f "$HERE/bench-table.awk"
+echo
+echo "=== multi-queue (tapdisk, persistent grants, 16-page ring: fio randread 4k qd16 numjobs=2)"
+grep -a 'DOMU: MQ' "$LOG" | sed 's/.*DOMU: MQ /  /'
 echo
 if grep -aq 'RIG: RESULT PASS' "$LOG"; then
     step "PASS (suite $RIG_SUITE)"; exit 0

@@ -10,7 +10,7 @@ use crate::mmap::Mapping;
 use crate::protocol::{Abi, Segment, PAGE_SIZE};
 use crate::request::{DiskInfo, Problem};
 use crate::ring::BackRing;
-use crate::transport::{EventChannel, GrantMapper, MapHandle};
+use crate::transport::{EventChannel, GrantMapper, MapHandle, Memory};
 
 use nix::sys::socket::MsgFlags;
 
@@ -32,6 +32,18 @@ impl LocalGrants {
     pub fn pages(&self) -> u32 {
         self.pages
     }
+
+    /// The first page of guest memory (page `g` is grant `g`).
+    pub fn base(&self) -> *mut u8 {
+        self.mem.ptr().as_ptr()
+    }
+
+    fn check(&self, segs: &[Segment]) -> Result<(), Problem> {
+        match segs.iter().find(|s| s.gref >= self.pages) {
+            Some(s) => Err(Problem::BadGrant(s.gref)),
+            None => Ok(()),
+        }
+    }
 }
 
 impl GrantMapper for LocalGrants {
@@ -50,6 +62,26 @@ impl GrantMapper for LocalGrants {
             *a = unsafe { self.mem.ptr().as_ptr().add(r as usize * PAGE_SIZE) };
         }
         Ok(MapHandle(0))
+    }
+
+    fn queue(&mut self, segs: &[Segment], _writable: bool) -> Result<MapHandle, Problem> {
+        self.check(segs)?;
+        Ok(MapHandle(0))
+    }
+
+    fn map_queued(&mut self) {}
+
+    fn addrs(
+        &mut self,
+        _handle: MapHandle,
+        segs: &[Segment],
+        addrs: &mut [*mut u8],
+    ) -> Result<(), Problem> {
+        self.map(segs, true, addrs).map(|_| ())
+    }
+
+    fn memory(&self, _handle: MapHandle) -> Memory {
+        Memory::Stable
     }
 
     fn unmap(&mut self, _handle: MapHandle) -> Result<(), Problem> {

@@ -9,6 +9,16 @@
 //!
 //! Grant copy (`IOCTL_GNTDEV_GRANT_COPY`) moves bytes between grants and local buffers in the
 //! hypervisor, without mapping: one ioctl for a whole batch of segments.
+//!
+//! Part of a mapping can be given back early ([`MappedGrants::release`]): an inaccessible
+//! anonymous placeholder is mapped over those pages (`MAP_FIXED`), which unmaps their grants
+//! (gntdev's MMU notifier follows the split mapping, Linux >= 6.1 and the stable kernels since
+//! late 2022) while their addresses stay reserved, so the whole range can still be unmapped in
+//! one call at the end without touching anything mapped there since.
+//!
+//! [`GrantDevice`] is what the grant bookkeeping ([`super::backend`], [`super::persistent`])
+//! needs from the device; [`Gntdev`] is the real one, and tests use a stand-in
+//! (`blkif::xen::testing`, feature `test-utils`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -49,15 +59,15 @@ struct UnmapArg {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct CopySegment {
-    source: [u64; 1],
-    dest: [u64; 1],
-    len: u16,
-    flags: u16,
-    status: i16,
+    pub(super) source: [u64; 1],
+    pub(super) dest: [u64; 1],
+    pub(super) len: u16,
+    pub(super) flags: u16,
+    pub(super) status: i16,
 }
 
-const GNTCOPY_SOURCE_GREF: u16 = 1;
-const GNTCOPY_DEST_GREF: u16 = 2;
+pub(super) const GNTCOPY_SOURCE_GREF: u16 = 1;
+pub(super) const GNTCOPY_DEST_GREF: u16 = 2;
 
 fn foreign(gref: GrantRef, offset: u16, domid: DomId) -> [u64; 1] {
     // struct { grant_ref_t ref; u16 offset; domid_t domid; } in little-endian order.
@@ -97,6 +107,30 @@ impl CopySegment {
 struct CopyArg {
     count: libc::c_uint,
     segments: *mut CopySegment,
+}
+
+/// The pages of one map call, as their holder sees them: unmapped when dropped.
+pub trait MappedGrants: Send {
+    /// Address of page `i` (`i < pages()`).
+    fn page(&self, i: usize) -> *mut u8;
+    /// Pages mapped by the call.
+    fn pages(&self) -> usize;
+    /// Unmaps pages `first..first + n` now; the others stay mapped until the drop.
+    fn release(&mut self, first: usize, n: usize) -> io::Result<()>;
+}
+
+/// Where grants are mapped and copied: `/dev/xen/gntdev` ([`Gntdev`]), or a stand-in in tests.
+pub trait GrantDevice: Send {
+    /// One map call's pages.
+    type Map: MappedGrants;
+    /// Maps `refs` of `domid` (1..=[`MAX_BATCH`]), writable or read-only. All or nothing.
+    fn map(&self, domid: DomId, refs: &[GrantRef], writable: bool) -> io::Result<Self::Map>;
+    /// Runs a batch of grant copies; each segment's status says whether it succeeded.
+    ///
+    /// # Safety
+    /// Every local address in `segs` must be valid for its `len` bytes (readable for copies
+    /// to a grant, writable for copies from one) for the duration of the call.
+    unsafe fn copy(&self, segs: &mut [CopySegment]) -> io::Result<()>;
 }
 
 const IOCTL_GNTDEV_MAP_GRANT_REF: libc::c_ulong = ioc_none(b'G', 0, 24);
@@ -139,6 +173,48 @@ impl GrantMap {
     }
 }
 
+impl MappedGrants for GrantMap {
+    fn page(&self, i: usize) -> *mut u8 {
+        GrantMap::page(self, i)
+    }
+
+    fn pages(&self) -> usize {
+        self.count as usize
+    }
+
+    fn release(&mut self, first: usize, n: usize) -> io::Result<()> {
+        if n == 0
+            || first
+                .checked_add(n)
+                .is_none_or(|end| end > self.count as usize)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("pages {first}+{n} of a mapping of {}", self.count),
+            ));
+        }
+        // SAFETY: the range lies inside our own mapping (checked above), and nothing of Rust
+        // lives there: the pages were only reached through raw pointers, whose users (the IO
+        // into them) finished before the caller releases them. MAP_FIXED replaces exactly
+        // those pages with an inaccessible placeholder, keeping the addresses ours until the
+        // drop unmaps the whole range.
+        let p = unsafe {
+            libc::mmap(
+                self.page(first).cast(),
+                n * PAGE_SIZE,
+                libc::PROT_NONE,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 impl Drop for GrantMap {
     fn drop(&mut self) {
         let len = self.count as usize * PAGE_SIZE;
@@ -152,6 +228,19 @@ impl Drop for GrantMap {
         // SAFETY: the ioctl reads a live `UnmapArg` of the size its number encodes; `fd` is the
         // gntdev descriptor that made the mapping (the `Gntdev` outlives us).
         unsafe { libc::ioctl(self.fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, &mut arg) };
+    }
+}
+
+impl GrantDevice for Gntdev {
+    type Map = GrantMap;
+
+    fn map(&self, domid: DomId, refs: &[GrantRef], writable: bool) -> io::Result<GrantMap> {
+        Gntdev::map(self, domid, refs, writable)
+    }
+
+    unsafe fn copy(&self, segs: &mut [CopySegment]) -> io::Result<()> {
+        // SAFETY: the caller's contract is this one's.
+        unsafe { Gntdev::copy(self, segs) }
     }
 }
 

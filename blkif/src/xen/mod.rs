@@ -11,8 +11,9 @@
 //! - [`xenstore`]: the xenstore wire protocol over `/run/xenstored/socket` or `/dev/xen/xenbus`,
 //!   with transactions and watches.
 //! - [`backend`]: the Xen ring transport tapdisk serves: the ring pages mapped from the
-//!   frontend's `ring-ref`s, per-request grant mapping (or grant copy into bounce pages), and the
-//!   event channel, behind the [`crate::transport`] traits.
+//!   frontend's `ring-ref`s, the event channel, and [`grants`]: how requests' pages are
+//!   reached (persistent grants ([`persistent`]), per-request mapping in batches, or grant
+//!   copy), behind the [`crate::transport`] traits.
 //! - [`frontend_keys`]: parsing the keys a frontend writes in xenstore (guest-controlled text).
 //!
 //! All of it is raw ioctls through `libc`; every `unsafe` block says why it is sound.
@@ -22,6 +23,10 @@ pub mod evtchn;
 pub mod frontend_keys;
 pub mod gntalloc;
 pub mod gntdev;
+pub mod grants;
+pub mod persistent;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 pub mod xenstore;
 
 /// A Xen domain id.

@@ -12,6 +12,7 @@
 use std::io;
 
 pub use crate::sys::uring::{Cqe, UdRange, Uring};
+pub use blkif::transport::Memory;
 
 /// [`Engine::lanes`] of storage that says nothing better: enough IOs side by side for a
 /// solid-state device or a file system over one, few enough that each stays large.
@@ -55,6 +56,9 @@ pub struct BackendIo {
     pub iov: *mut libc::iovec,
     /// Its length.
     pub iovcnt: u32,
+    /// What the memory behind the iovecs is: pages unmapped as soon as the IO is done never
+    /// get direct IO ([`Memory::UnmappedAfterIo`] says why).
+    pub memory: Memory,
 }
 
 impl BackendIo {
@@ -66,6 +70,7 @@ impl BackendIo {
         len: 0,
         iov: std::ptr::null_mut(),
         iovcnt: 0,
+        memory: Memory::Stable,
     };
 }
 
@@ -128,16 +133,6 @@ pub trait Engine {
     fn poll_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
-
-    /// The memory of every IO is unmapped as soon as the IO completes (a Xen ring's grant
-    /// mappings): never do direct IO into it. Linux posts a direct IO's completion before it
-    /// releases its pins on the pages (iomap completes the iocb, then releases the last bio's
-    /// pages, for reads possibly later from a workqueue), and a grant unmapped while a pin is
-    /// held is not unmapped: gntdev defers it, the pages' PTEs are torn down under it (kernel
-    /// warnings in `free_zone_device_folio` and `__unmap_grant_pages_done`), and the guest,
-    /// finding its grant still in use after the response, fails the request. Buffered IO
-    /// copies in the kernel and holds no pin past the syscall. Wrappers pass this on.
-    fn unpinned_memory_only(&mut self) {}
 
     /// [`Engine::poll_fd`] was readable: report what completed into `done`.
     fn on_poll(&mut self, _ring: &mut Uring, _done: &mut Done) -> io::Result<()> {
@@ -208,6 +203,7 @@ pub mod testing {
                 .as_mut()
                 .map_or(std::ptr::null_mut(), |v| v as *mut libc::iovec),
             iovcnt: u32::from(iov.is_some()),
+            memory: Memory::Stable,
         };
         let mut done = Done::with_capacity(4);
         // SAFETY: the iovec (on this stack frame) and the buffer it points at (borrowed by the

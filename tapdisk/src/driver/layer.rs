@@ -5,7 +5,7 @@
 //! engine below finished, and with a completion of its own (a timer), and nothing else.
 //! [`Layered`] turns a layer and the engine below into an [`Engine`]: it routes completions
 //! (the layer's own user data range, or the engine below), forwards what the layer does not
-//! change (poll descriptor, the unpinned-memory rule, the description), and feeds what the
+//! change (poll descriptor, the description), and feeds what the
 //! engine below reports, including IOs it finished synchronously inside a submit, back to the
 //! layer until nothing is left.
 
@@ -200,10 +200,6 @@ impl<L: Layer> Engine for Layered<L> {
 
     fn poll_fd(&self) -> Option<RawFd> {
         self.inner.poll_fd()
-    }
-
-    fn unpinned_memory_only(&mut self) {
-        self.inner.unpinned_memory_only();
     }
 
     fn on_poll(&mut self, ring: &mut Uring, done: &mut Done) -> io::Result<()> {

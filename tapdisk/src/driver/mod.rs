@@ -29,7 +29,7 @@ pub mod vhd;
 use std::io;
 use std::sync::Arc;
 
-pub use engine::{BackendIo, Done, Engine, IoOp, Uring};
+pub use engine::{BackendIo, Done, Engine, IoOp, Memory, Uring};
 pub use tapdisk_control::{DirectIo, Driver, ImageSpec};
 
 /// Bytes in a blkif sector (always 512, whatever the image's own block size).
@@ -103,16 +103,6 @@ pub fn open_image_logged(
     }
 }
 
-/// What the memory of a ring's requests is, for the engine's choice of direct IO.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Memory {
-    /// Stays mapped while the request lives: any IO may go straight to it.
-    Stable,
-    /// Unmapped as soon as each IO completes (a Xen ring's grant mappings): never direct IO
-    /// into it ([`Engine::unpinned_memory_only`] says why).
-    UnmappedAfterIo,
-}
-
 /// The layers a ring's engine gets on top of its driver's.
 #[derive(Clone, Debug, Default)]
 pub struct Layers {
@@ -130,13 +120,9 @@ pub fn make_engine(
     ring: &mut Uring,
     tags: u32,
     layers: &Layers,
-    memory: Memory,
 ) -> io::Result<Box<dyn Engine>> {
     ring.clear_files()?;
     let mut e = image.clone().engine(ring, tags)?;
-    if memory == Memory::UnmappedAfterIo {
-        e.unpinned_memory_only();
-    }
     if let Some(f) = &layers.faults {
         e = fault::wrap(e, f.clone(), ring, tags);
     }

@@ -17,7 +17,7 @@ mod idset;
 
 use blkif::protocol::{Segment, SECTOR_SIZE};
 use blkif::request::{Operation, Request};
-use blkif::transport::MapHandle;
+use blkif::transport::{MapHandle, Memory};
 
 use idset::IdSet;
 
@@ -46,6 +46,8 @@ pub struct ReqSlot {
     pub n_iov: usize,
     /// The grant mapping to release when the request is answered.
     pub map: MapHandle,
+    /// Whether its pages outlive its IO (direct IO allowed) or not.
+    pub memory: Memory,
     /// Its timestamps.
     pub t: Stamps,
     /// The status to answer with, once its IO finished.
@@ -67,6 +69,7 @@ impl ReqSlot {
             iov: zeroed_iovecs(seg_cap),
             n_iov: 0,
             map: MapHandle::default(),
+            memory: Memory::Stable,
             t: Stamps::default(),
             status: 0,
         }

@@ -1,7 +1,7 @@
-//! Answering: what the scheduler finished is unmapped (a copying transport copies read data
-//! back then), answered on the ring, counted and traced; early reads are answered when their
-//! layer says so and released when their last page is in. Responses are published once per
-//! loop iteration ([`RingLoop::publish`]).
+//! Answering: what the scheduler finished is unmapped, all of it at once (a copying transport
+//! copies the reads' data back then, in one call), answered on the ring, counted and traced;
+//! early reads are answered when their layer says so and released when their last page is in.
+//! Responses are published once per loop iteration ([`RingLoop::publish`]).
 
 use blkif::protocol::{status, Response};
 use blkif::request::{Operation, Problem};
@@ -31,15 +31,14 @@ impl<T: RingTransport> RingLoop<T> {
         }
         let now = now_ns();
         let mut finished = std::mem::take(&mut self.finished);
+        // Unmap before answering (a copying transport copies read data back here, and a
+        // failed copy must not be answered as a successful read), every request at once.
+        self.unmaps.clear();
         for &s in &finished {
             if self.table.is_chunk(s) {
-                self.chunk_finished(s, now);
                 continue;
             }
-            let (req, st) = {
-                let slot = self.table.slot(s);
-                (slot.req, slot.status)
-            };
+            let req = self.table.slot(s).req;
             if req.op.writes() || matches!(req.op, Operation::Discard { .. }) {
                 if let Some(c) = &self.env.cache {
                     c.invalidate(req.sector, req.nr_sectors);
@@ -49,15 +48,35 @@ impl<T: RingTransport> RingLoop<T> {
                 // Early-read frontends unmapped these pages when they queued the read.
                 self.map_for_frontend(s);
             }
-            // Unmap before answering: a copying transport copies read data back here, and a
-            // failed copy must not be answered as a successful read.
-            let st = match self.unmap_request(s) {
-                Ok(()) => st,
-                Err(p) => {
-                    self.guest_error("unmap", req.id, &p);
-                    status::ERROR
-                }
+            if req.nr_segments > 0 {
+                self.unmaps.push(self.table.slot(s).map);
+            }
+        }
+        let n = self.unmaps.len();
+        self.unmap_results.clear();
+        self.unmap_results.resize(n, Ok(()));
+        self.t
+            .parts()
+            .1
+            .unmap_batch(&self.unmaps, &mut self.unmap_results);
+        let mut k = 0;
+        for &s in &finished {
+            if self.table.is_chunk(s) {
+                self.chunk_finished(s, now);
+                continue;
+            }
+            let (req, st) = {
+                let slot = self.table.slot(s);
+                (slot.req, slot.status)
             };
+            let mut st = st;
+            if req.nr_segments > 0 {
+                if let Err(p) = self.unmap_results[k] {
+                    self.guest_error("unmap", req.id, &p);
+                    st = status::ERROR;
+                }
+                k += 1;
+            }
             self.respond_request(s, st, now);
             self.sched.release(s);
             self.table.release(s);

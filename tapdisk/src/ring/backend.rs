@@ -4,7 +4,7 @@
 use std::io;
 use std::sync::Arc;
 
-use crate::driver::{make_engine, Engine, Image, Layers, Memory};
+use crate::driver::{make_engine, Engine, Image, Layers};
 use crate::sys::uring::Uring;
 
 /// The engine of one ring over the VBD's current image.
@@ -12,7 +12,6 @@ pub(super) struct Backend {
     image: Arc<dyn Image>,
     engine: Box<dyn Engine>,
     layers: Layers,
-    memory: Memory,
 }
 
 impl Backend {
@@ -21,15 +20,13 @@ impl Backend {
         ring: &mut Uring,
         image: Arc<dyn Image>,
         layers: Layers,
-        memory: Memory,
         tags: u32,
     ) -> io::Result<Backend> {
-        let engine = make_engine(&image, ring, tags, &layers, memory)?;
+        let engine = make_engine(&image, ring, tags, &layers)?;
         Ok(Backend {
             image,
             engine,
             layers,
-            memory,
         })
     }
 
@@ -52,7 +49,7 @@ impl Backend {
         if std::ptr::addr_eq(Arc::as_ptr(&image), Arc::as_ptr(&self.image)) {
             return Ok(false);
         }
-        self.engine = make_engine(&image, ring, tags, &self.layers, self.memory)?;
+        self.engine = make_engine(&image, ring, tags, &self.layers)?;
         self.image = image;
         Ok(true)
     }

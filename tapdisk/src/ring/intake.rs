@@ -1,6 +1,8 @@
-//! Intake: pop a batch of requests, copy each slot once, validate it, map its grants, point
-//! its iovecs at the pages, and hand it to the scheduler (or to the early-read layer); then
-//! dispatch, after the batch timer if one is set.
+//! Intake: pop a batch of requests, copy each slot once, validate it and queue its grants;
+//! map the whole batch's grants at once (one map call, or one grant copy, per batch: the
+//! transport's [`GrantMapper::map_queued`]); then point each request's iovecs at its pages and
+//! hand it to the scheduler (or to the early-read layer); then dispatch, after the batch timer
+//! if one is set.
 
 use std::time::Duration;
 
@@ -36,6 +38,8 @@ pub(super) struct Intake {
     batch_ts: Box<types::Timespec>,
     /// The mapped address of each segment of the request being taken.
     addrs: Box<[*mut u8]>,
+    /// Slots of the batch being taken, validated and queued for mapping.
+    staged: Vec<u32>,
 }
 
 impl Intake {
@@ -54,6 +58,7 @@ impl Intake {
             batch_timer: false,
             batch_ts: Box::new(types::Timespec::new()),
             addrs: vec![std::ptr::null_mut(); disk.segment_capacity()].into_boxed_slice(),
+            staged: Vec::with_capacity(ring_size as usize),
         }
     }
 
@@ -76,20 +81,28 @@ impl<T: RingTransport> RingLoop<T> {
         let mut left = pending.min(self.intake.max_batch);
         let (mut reqs, mut segs) = (0u32, 0u32);
         let queued_before = self.sched.pending();
-        // One clock read per request: each request is popped when the one before it was
-        // handed to the scheduler.
+        // One clock read per request: the batch's requests are popped when it starts, each
+        // reaches the scheduler at a clock read of its own.
         let mut now = now_ns();
         while left > 0 && self.can_pop() {
             let mut copy = std::mem::take(&mut self.intake.copy);
             self.t.parts().0.pop(&mut copy);
             left -= 1;
-            if let Some((n, t)) = self.start(&copy, now) {
+            self.stage(&copy, now);
+            self.intake.copy = copy;
+        }
+        // The batch's grants, all at once.
+        self.t.parts().1.map_queued();
+        let staged = std::mem::take(&mut self.intake.staged);
+        for &s in &staged {
+            if let Some((n, t)) = self.start(s) {
                 reqs += 1;
                 segs += n as u32;
                 now = t;
             }
-            self.intake.copy = copy;
         }
+        self.intake.staged = staged;
+        self.intake.staged.clear();
         if reqs > 0 {
             let st = &self.env.stats.sched;
             st.batches.add(1);
@@ -127,44 +140,32 @@ impl<T: RingTransport> RingLoop<T> {
         self.guest_error(kind, rej.id, &rej.problem);
     }
 
-    /// Validates, maps and enqueues one request popped at `pop`. Returns its segment count
-    /// and the time it reached the scheduler if accepted.
-    fn start(&mut self, copy: &SlotCopy, pop: u64) -> Option<(usize, u64)> {
+    /// Validates one request popped at `pop`, queues its grants for the batch's map call, and
+    /// admits it (its id is in flight from here, so a duplicate later in the batch is caught).
+    fn stage(&mut self, copy: &SlotCopy, pop: u64) {
         let (id, raw_op) = slot_id(copy, self.intake.abi);
         if self.table.id_in_flight(id) {
             self.broken(format!("frontend reused id {id:#x} while it was in flight"));
-            return None;
+            return;
         }
         let Some(s) = self.table.take() else {
             // Cannot happen: pending() bounds outstanding requests by the ring size.
             self.broken("more requests outstanding than the ring holds".into());
-            return None;
+            return;
         };
         let req = match self.validate(s, copy) {
             Ok(r) => r,
             Err((rej, kind)) => {
                 self.reject(s, rej, kind);
-                return None;
+                return;
             }
         };
-        // Map the grants and point the iovecs at the pages.
         let n = req.nr_segments;
-        let exact = self.early.as_ref().is_some_and(|e| e.eligible(&req));
         if n > 0 {
             let writable = req.op == Operation::Read;
-            let segs = &self.table.slot(s).segs[..n];
             let (_, grants, _) = self.t.parts();
-            match grants.map(segs, writable, &mut self.intake.addrs[..n]) {
-                Ok(h) => {
-                    let slot = self.table.slot_mut(s);
-                    slot.req = req;
-                    slot.map = h;
-                    if exact {
-                        slot.build_iov_exact(&self.intake.addrs[..n]);
-                    } else {
-                        slot.build_iov(&self.intake.addrs[..n]);
-                    }
-                }
+            match grants.queue(&self.table.slot(s).segs[..n], writable) {
+                Ok(h) => self.table.slot_mut(s).map = h,
                 Err(problem) => {
                     let rej = Rejection {
                         id,
@@ -172,25 +173,73 @@ impl<T: RingTransport> RingLoop<T> {
                         problem,
                     };
                     self.reject(s, rej, "grant");
-                    return None;
+                    return;
                 }
             }
         }
-        let now = now_ns();
         let slot = self.table.slot_mut(s);
         slot.req = req;
-        if n == 0 {
-            slot.n_iov = 0;
-        }
         slot.t = crate::requests::Stamps {
             pop,
-            sched: now,
+            sched: 0,
             submit: 0,
             complete: 0,
         };
         self.table.admit(s);
         crate::probes::request_pull(req.id, req.raw_op, req.sector, req.nr_sectors);
         self.env.stats.in_flight.add(1);
+        self.intake.staged.push(s);
+    }
+
+    /// Answers staged request `s` with an error: its grants could not be mapped.
+    fn fail_staged(&mut self, s: u32, problem: blkif::request::Problem) {
+        let (id, raw_op) = {
+            let r = &self.table.slot(s).req;
+            (r.id, r.raw_op)
+        };
+        self.table.answered(s);
+        self.table.release(s);
+        self.env.stats.in_flight.sub(1);
+        self.env.stats.bad_requests.add(1);
+        self.respond(id, raw_op, problem.status());
+        self.guest_error("grant", id, &problem);
+    }
+
+    /// Points staged request `s`'s iovecs at its pages (mapped by the batch's map call) and
+    /// enqueues it. Returns its segment count and the time it reached the scheduler if it
+    /// was mapped.
+    fn start(&mut self, s: u32) -> Option<(usize, u64)> {
+        let req = self.table.slot(s).req;
+        let n = req.nr_segments;
+        let exact = self.early.as_ref().is_some_and(|e| e.eligible(&req));
+        if n > 0 {
+            let h = self.table.slot(s).map;
+            let (_, grants, _) = self.t.parts();
+            let segs = &self.table.slot(s).segs[..n];
+            match grants.addrs(h, segs, &mut self.intake.addrs[..n]) {
+                Ok(()) => {
+                    let memory = grants.memory(h);
+                    let slot = self.table.slot_mut(s);
+                    slot.memory = memory;
+                    if exact {
+                        slot.build_iov_exact(&self.intake.addrs[..n]);
+                    } else {
+                        slot.build_iov(&self.intake.addrs[..n]);
+                    }
+                }
+                Err(problem) => {
+                    let _ = grants.unmap(h);
+                    self.fail_staged(s, problem);
+                    return None;
+                }
+            }
+        } else {
+            let slot = self.table.slot_mut(s);
+            slot.n_iov = 0;
+            slot.memory = blkif::transport::Memory::Stable;
+        }
+        let now = now_ns();
+        self.table.slot_mut(s).t.sched = now;
         if let Some(c) = &self.env.cache {
             if req.op.writes() || matches!(req.op, Operation::Discard { .. }) {
                 c.invalidate(req.sector, req.nr_sectors);

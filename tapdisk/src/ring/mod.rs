@@ -159,6 +159,9 @@ pub struct RingLoop<T: RingTransport> {
     /// Kicks and notifications through the io_uring, where the transport allows (after
     /// `uring`, so its buffers outlive the ring).
     kicks: Option<UringKicks>,
+    /// Scratch: the grant mappings of the requests being answered, and how their release went.
+    unmaps: Vec<blkif::transport::MapHandle>,
+    unmap_results: Vec<Result<(), blkif::request::Problem>>,
 }
 
 impl<T: RingTransport> RingLoop<T> {
@@ -184,7 +187,7 @@ impl<T: RingTransport> RingLoop<T> {
         let intake = Intake::new(t.abi(), disk, &cfg, n);
         let kicks = t.eventfds().map(UringKicks::new);
         let poll_ns = u64::try_from(cfg.poll.as_nanos()).unwrap_or(u64::MAX);
-        let backend = Backend::new(&mut uring, env.vbd.image(), cfg.layers, t.memory(), tags)?;
+        let backend = Backend::new(&mut uring, env.vbd.image(), cfg.layers, tags)?;
         sched.set_engine(backend.engine());
         Ok(RingLoop {
             t,
@@ -204,6 +207,8 @@ impl<T: RingTransport> RingLoop<T> {
             poll_requests: Poller::new(poll_ns, 1),
             poll_io: Poller::new(poll_ns, 8),
             kicks,
+            unmaps: Vec::with_capacity(n as usize),
+            unmap_results: Vec::with_capacity(n as usize),
         })
     }
 
@@ -244,7 +249,10 @@ impl<T: RingTransport> RingLoop<T> {
 
     /// Runs until the frontend goes away, breaks the protocol, or the VBD stops the ring.
     pub fn run(mut self) -> RingExit {
-        match self.run_inner() {
+        let r = self.run_inner();
+        self.update_grant_stats();
+        self.env.stats.grants.clear_gauges();
+        match r {
             Ok(()) => match std::mem::replace(&mut self.state, LoopState::Running) {
                 LoopState::Stopping(exit) => exit,
                 _ => RingExit::Stopped,
@@ -258,6 +266,8 @@ impl<T: RingTransport> RingLoop<T> {
     }
 
     fn run_inner(&mut self) -> io::Result<()> {
+        // The ring's mode shows in the counters from the start, not from its first request.
+        self.update_grant_stats();
         self.arm_polls()?;
         self.t.parts().2.ack()?;
         loop {
@@ -332,6 +342,13 @@ impl<T: RingTransport> RingLoop<T> {
             stats
                 .early_busy
                 .set(self.early.as_ref().map_or(0, |e| u64::from(e.busy())));
+            self.update_grant_stats();
+        }
+    }
+
+    fn update_grant_stats(&self) {
+        if let Some(c) = self.t.grant_counters() {
+            self.env.stats.grants.update(&c);
         }
     }
 

@@ -1,6 +1,8 @@
 //! The ring loop on its own: a local frontend in the test drives a `RingLoop` on a thread over
 //! a socket pair, on a raw image in a temporary file. Data round trips, refusals, a broken
-//! frontend, pause and resume on another image, stop with IO in flight.
+//! frontend, pause and resume on another image, stop with IO in flight; and the same ring
+//! served the way a Xen ring is (persistent grants, batched per-request mapping, grant copy),
+//! through the real grant bookkeeping over a stand-in grant device that counts what is mapped.
 
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
@@ -8,9 +10,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use blkif::local::{AttachLimits, FrontRequest, FrontendConfig, LocalFrontend};
+use blkif::local::{AttachLimits, FrontRequest, FrontendConfig, LocalBackend, LocalFrontend};
 use blkif::protocol::{op, status, Response, Segment};
 use blkif::request::DiskInfo;
+use blkif::ring::BackRing;
+use blkif::xen::backend::{GrantCounters, GrantMode, XenGrants};
+use blkif::xen::testing::{FakeCounts, FakeGntdev};
 use slog::{o, Logger};
 
 use super::*;
@@ -28,6 +33,34 @@ struct Rig {
     front: LocalFrontend,
     thread: Option<JoinHandle<RingExit>>,
     next_id: u64,
+    /// What the stand-in grant device has mapped (rings served the Xen way).
+    grants: Option<Arc<FakeCounts>>,
+}
+
+/// A local frontend's ring served the way a Xen ring is: its memory reached through
+/// [`XenGrants`] over a stand-in grant device (grant `g` = page `g` of the frontend's memory).
+struct XenLike {
+    /// First: its mappings go before the memory under them.
+    grants: XenGrants<FakeGntdev>,
+    be: LocalBackend,
+}
+
+impl RingTransport for XenLike {
+    type Grants = XenGrants<FakeGntdev>;
+    type Evtchn = blkif::local::LocalEvtchn;
+    fn parts(&mut self) -> (&mut BackRing, &mut Self::Grants, &Self::Evtchn) {
+        (&mut self.be.ring, &mut self.grants, &self.be.evtchn)
+    }
+    fn abi(&self) -> blkif::Abi {
+        self.be.abi
+    }
+    fn hangup_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.be.sock.as_raw_fd())
+    }
+    fn grant_counters(&self) -> Option<GrantCounters> {
+        Some(self.grants.counters())
+    }
 }
 
 fn disk() -> DiskInfo {
@@ -49,6 +82,11 @@ fn image(path: &std::path::Path) -> Arc<dyn Image> {
 
 impl Rig {
     fn new(cfg: RingConfig) -> Rig {
+        Rig::serving(cfg, None)
+    }
+
+    /// A rig whose ring is served as a Xen ring in `mode` (None: the local transport).
+    fn serving(cfg: RingConfig, mode: Option<GrantMode>) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("disk.img");
         std::fs::File::create(&img)
@@ -67,9 +105,22 @@ impl Rig {
             log: Logger::root(slog::Discard, o!()),
             cache: None,
         };
+        let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let be = blkif::local::accept(back, &AttachLimits::default(), &disk()).unwrap();
-            match RingLoop::new(be, disk(), cfg, env) {
+            let Some(mode) = mode else {
+                return match RingLoop::new(be, disk(), cfg, env) {
+                    Ok(l) => l.run(),
+                    Err(e) => RingExit::Fatal(e),
+                };
+            };
+            // SAFETY: the frontend's memory stays mapped by `be`, which the transport holds
+            // and drops after the grants (field order).
+            let dev = unsafe { FakeGntdev::new(be.grants.base(), be.grants.pages()) };
+            tx.send(dev.counts()).unwrap();
+            let slots = be.ring.size();
+            let grants = XenGrants::new(1, mode, slots, 11, None, dev).unwrap();
+            match RingLoop::new(XenLike { grants, be }, disk(), cfg, env) {
                 Ok(l) => l.run(),
                 Err(e) => RingExit::Fatal(e),
             }
@@ -82,6 +133,7 @@ impl Rig {
             },
         )
         .unwrap();
+        let grants = mode.map(|_| rx.recv().unwrap());
         Rig {
             _dir: dir,
             img,
@@ -91,6 +143,7 @@ impl Rig {
             front,
             thread: Some(thread),
             next_id: 1,
+            grants,
         }
     }
 
@@ -278,4 +331,112 @@ fn a_stopped_ring_finishes_its_io_first() {
     assert_eq!((got[0].id, got[0].status), (id, status::OKAY));
     let on_disk = std::fs::read(&r.img).unwrap();
     assert_eq!(&on_disk[8192..12288], &[7u8; 4096][..]);
+}
+
+/// The pages mapped now by the stand-in grant device.
+fn live(r: &Rig) -> i64 {
+    r.grants.as_ref().map_or(0, |c| c.live())
+}
+
+#[test]
+fn persistent_grants_stay_mapped_while_the_ring_lives_and_go_when_it_disconnects() {
+    let mut r = Rig::serving(RingConfig::default(), Some(GrantMode::Persistent));
+    r.front.write_mem(0, &[0x5au8; 4096]);
+    for round in 0..3 {
+        assert_eq!(r.one(op::WRITE, 8, 0), status::OKAY, "round {round}");
+        assert_eq!(r.one(op::READ, 8, 1), status::OKAY, "round {round}");
+    }
+    let mut back = [0u8; 4096];
+    r.front.read_mem(4096, &mut back);
+    assert_eq!(back, [0x5au8; 4096]);
+    // Two grants, mapped once each, still mapped after their IO; four hits.
+    assert_eq!(live(&r), 2);
+    let g = &r.stats.grants;
+    assert_eq!((g.misses.get(), g.hits.get()), (2, 4));
+    assert_eq!((g.ring_persistent.get(), g.mapped_pages.get()), (1, 2));
+    assert_eq!(g.transient.get(), 0);
+    // The frontend goes away: every grant is unmapped once its ring is gone.
+    // SAFETY: the frontend's own socket, open while `r.front` lives; shutting it down only
+    // makes the backend see the hang-up.
+    let rc = unsafe { libc::shutdown(r.front.hangup_fd(), libc::SHUT_RDWR) };
+    assert_eq!(rc, 0);
+    let exit = r.thread.take().unwrap().join().unwrap();
+    assert!(matches!(exit, RingExit::FrontendGone), "{exit:?}");
+    assert_eq!(
+        live(&r),
+        0,
+        "grants left mapped after the ring disconnected"
+    );
+    assert_eq!(r.stats.grants.mapped_pages.get(), 0);
+}
+
+#[test]
+fn a_ring_stopped_with_io_in_flight_unmaps_its_persistent_grants_after_the_io() {
+    let mut r = Rig::serving(
+        RingConfig {
+            layers: crate::driver::Layers {
+                faults: Some("delay=1000000:200000".parse().unwrap()),
+                model: None,
+            },
+            ..RingConfig::default()
+        },
+        Some(GrantMode::Persistent),
+    );
+    r.front.write_mem(0, &[9u8; 4096]);
+    for i in 0..4u32 {
+        r.queue(op::WRITE, u64::from(i) * 8, i);
+    }
+    r.front.push().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(live(&r), 4, "mapped while the writes are in flight");
+    assert!(matches!(r.stop(), RingExit::Stopped));
+    let mut got = 0;
+    r.front.poll(|x| {
+        assert_eq!(x.status, status::OKAY);
+        got += 1;
+    });
+    assert_eq!(got, 4, "the writes in flight were answered");
+    assert_eq!(live(&r), 0, "grants left mapped after the ring stopped");
+}
+
+#[test]
+fn map_mode_unmaps_each_request_before_answering_it() {
+    let mut r = Rig::serving(RingConfig::default(), Some(GrantMode::Map));
+    r.front.write_mem(0, &[3u8; 8192]);
+    // A batch of writes: one map call for all of them.
+    let ids: Vec<u64> = (0..8u32)
+        .map(|i| r.queue(op::WRITE, u64::from(i) * 64, i % 2))
+        .collect();
+    let got = r.responses(ids.len());
+    assert!(got.iter().all(|x| x.status == status::OKAY));
+    assert_eq!(live(&r), 0, "a request was answered with its grants mapped");
+    let g = &r.stats.grants;
+    assert_eq!(g.ring_map.get(), 1);
+    assert_eq!(g.transient.get(), 8);
+    assert!(
+        g.map_calls.get() < 8,
+        "{} map calls for 8 requests taken as one batch",
+        g.map_calls.get()
+    );
+    assert_eq!(r.one(op::READ, 64, 5), status::OKAY);
+    let mut back = [0u8; 4096];
+    r.front.read_mem(5 * 4096, &mut back);
+    assert_eq!(back, [3u8; 4096]);
+    assert_eq!(live(&r), 0);
+    r.stop();
+}
+
+#[test]
+fn grant_copy_round_trips_and_maps_nothing() {
+    let mut r = Rig::serving(RingConfig::default(), Some(GrantMode::Copy));
+    r.front.write_mem(3 * 4096, &[0xc3u8; 4096]);
+    assert_eq!(r.one(op::WRITE, 24, 3), status::OKAY);
+    assert_eq!(r.one(op::READ, 24, 7), status::OKAY);
+    let mut back = [0u8; 4096];
+    r.front.read_mem(7 * 4096, &mut back);
+    assert_eq!(back, [0xc3u8; 4096]);
+    assert_eq!(live(&r), 0);
+    assert_eq!(r.stats.grants.copy_calls.get(), 2);
+    assert_eq!(r.stats.grants.ring_copy.get(), 1);
+    r.stop();
 }

@@ -8,11 +8,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use blkif::local::EarlyReadPort;
 use blkif::ring::BackRing;
 use blkif::transport::{EventChannel, GrantMapper};
-use blkif::xen::backend::{GrantMode, XenGrants, XenRing};
+use blkif::xen::backend::{GrantCounters, XenGrants, XenRing};
 use blkif::xen::evtchn::Evtchn;
 use blkif::Abi;
-
-use crate::driver::Memory;
 
 /// A ring as a transport hands it over: the back ring, grant mapper and event channel.
 pub trait RingTransport: Send + 'static {
@@ -36,9 +34,9 @@ pub trait RingTransport: Send + 'static {
     fn report_early_read_done(&self, _id: u64, _ok: bool) -> io::Result<()> {
         Ok(())
     }
-    /// What request memory is to the engine (see [`crate::driver::Engine::unpinned_memory_only`]).
-    fn memory(&self) -> Memory {
-        Memory::Stable
+    /// What a Xen ring's grant access did (persistent grants, batched maps or copies).
+    fn grant_counters(&self) -> Option<GrantCounters> {
+        None
     }
     /// The event channel as eventfds (kicks in, notifications out), if it is made of them:
     /// the loop then drains kicks and sends notifications through its io_uring ([`super::kick`]).
@@ -95,10 +93,7 @@ impl RingTransport for XenRing {
     fn hangup_fd(&self) -> Option<RawFd> {
         None
     }
-    fn memory(&self) -> Memory {
-        match self.grants.mode() {
-            GrantMode::Map => Memory::UnmappedAfterIo,
-            GrantMode::Copy => Memory::Stable,
-        }
+    fn grant_counters(&self) -> Option<GrantCounters> {
+        Some(self.grants.counters())
     }
 }

@@ -7,7 +7,7 @@ use blkif::protocol::SECTOR_SIZE;
 use blkif::request::Operation;
 
 use super::{IoCx, Sched, IOV_MAX, NONE};
-use crate::driver::{BackendIo, IoOp};
+use crate::driver::{BackendIo, IoOp, Memory};
 
 /// What an IO slot carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,11 +217,15 @@ impl Sched {
         let mut prev = NONE;
         let mut end = start;
         let mut segments = 0u64;
+        let mut memory = Memory::Stable;
         for j in 0..n {
             let s = self.ready[k + j];
             self.start_running(cx.table, s, 1, now);
             let slot = cx.table.slot(s);
             end = slot.end();
+            if slot.memory == Memory::UnmappedAfterIo {
+                memory = Memory::UnmappedAfterIo;
+            }
             segments += slot.req.nr_segments as u64;
             let dst = &mut self.ios.merge_bufs[buf as usize];
             for v in &slot.iov[..slot.n_iov] {
@@ -255,6 +259,7 @@ impl Sched {
             len: (end - start) * SECTOR_SIZE,
             iov: self.ios.merge_bufs[buf as usize].as_mut_ptr(),
             iovcnt: iv as u32,
+            memory,
         };
         stats.ios.add(1);
         stats.io_iovecs.add(iv as u64);
@@ -278,6 +283,7 @@ impl Sched {
                     len: 0,
                     iov: std::ptr::null_mut(),
                     iovcnt: 0,
+                    memory: Memory::Stable,
                 };
                 cx.stats.sched.flushes.add(1);
                 // SAFETY: a flush points at no memory.
@@ -301,6 +307,7 @@ impl Sched {
                 len: slot.req.nr_sectors * SECTOR_SIZE,
                 iov: std::ptr::null_mut(),
                 iovcnt: 0,
+                memory: Memory::Stable,
             }
         } else {
             let (first, cnt) = match part {
@@ -323,6 +330,7 @@ impl Sched {
                 // `first <= n_iov <= capacity`: a pointer inside (or one past) the array.
                 iov: slot.iov[first..].as_mut_ptr(),
                 iovcnt: cnt as u32,
+                memory: slot.memory,
             }
         };
         if matches!(op, IoOp::Read | IoOp::Write) {

@@ -1,6 +1,8 @@
 //! The scheduler against a reference model: whatever the batching, merging and completion
 //! order, the outcome equals executing the requests one by one in ring order, a request
-//! fails exactly when its own range holds a bad sector, and flushes run alone.
+//! fails exactly when its own range holds a bad sector, flushes run alone, and an IO over the
+//! pages of a request whose memory is unmapped after its IO (merged with others or not) is
+//! marked so (never direct IO).
 
 use std::io;
 
@@ -8,7 +10,7 @@ use blkif::request::{Operation, Request};
 use proptest::prelude::*;
 
 use super::*;
-use crate::driver::engine::{BackendIo, Cqe};
+use crate::driver::engine::{BackendIo, Cqe, Memory};
 
 const SECTORS: u64 = 64;
 
@@ -25,6 +27,9 @@ struct MemEngine {
     sync_flush: bool,
     /// What the engine says its storage works on at once.
     lanes: u32,
+    /// The test's request buffers (4 KiB each, by address) whose request's memory is
+    /// unmapped after its IO.
+    unmapped_bufs: Vec<usize>,
 }
 
 impl MemEngine {
@@ -111,6 +116,15 @@ impl Engine for MemEngine {
             if io.len > 8 * 512 {
                 self.merged_seen += 1;
             }
+            let touches_unmapped = iov.iter().any(|v| {
+                let p = v.iov_base as usize;
+                self.unmapped_bufs.iter().any(|&b| b <= p && p < b + 4096)
+            });
+            if touches_unmapped && io.memory != Memory::UnmappedAfterIo {
+                self.violations.push(format!(
+                    "{io:?}: over pages unmapped after the IO, marked stable"
+                ));
+            }
         }
         self.in_flight.push(io);
         self.max_seen = self.max_seen.max(self.in_flight.len());
@@ -193,6 +207,7 @@ fn run_sched(
         max_seen: 0,
         sync_flush,
         lanes,
+        unmapped_bufs: Vec::new(),
     };
     sched.set_engine(&eng);
     let mut ring = Uring::new(8).unwrap();
@@ -225,7 +240,17 @@ fn run_sched(
                 Op::Flush => (Operation::Flush, 0),
                 Op::Discard => (Operation::Discard { secure: false }, 0),
             };
+            // Every third request's pages go away after its IO (a one-shot grant mapping).
+            let base_addr = buf.as_ptr() as usize;
+            eng.unmapped_bufs.retain(|&b| b != base_addr);
+            let memory = if next % 3 == 0 {
+                eng.unmapped_bufs.push(base_addr);
+                Memory::UnmappedAfterIo
+            } else {
+                Memory::Stable
+            };
             let slot = table.slot_mut(s);
+            slot.memory = memory;
             slot.req = Request {
                 id: next as u64,
                 raw_op: 0,

@@ -6,6 +6,7 @@
 //! is fine for statistics.
 
 pub mod early;
+pub mod grants;
 pub mod poll;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -223,6 +224,8 @@ pub struct RingStats {
     pub early: early::EarlyCounters,
     /// Adaptive polling.
     pub poll: poll::PollCounters,
+    /// Grant access (Xen rings).
+    pub grants: grants::GrantStats,
     /// Per-stage latencies.
     pub stages: StageHists,
     /// Reads.
@@ -313,6 +316,8 @@ pub struct Totals {
     pub early: early::EarlyTotals,
     /// Adaptive polling.
     pub poll: poll::PollTotals,
+    /// Grant access of Xen rings.
+    pub grants: grants::GrantTotals,
 }
 
 /// Scheduler figures for output.
@@ -413,6 +418,7 @@ pub fn totals<'a>(rings: impl IntoIterator<Item = &'a RingStats> + Clone) -> Tot
     };
     t.early = early::totals(rings.clone().into_iter().map(|r| &r.early));
     t.poll = poll::totals(rings.clone().into_iter().map(|r| &r.poll));
+    t.grants = grants::totals(rings.clone().into_iter().map(|r| &r.grants));
     t.latency = percentiles(rings.into_iter().map(|r| &r.latency));
     t
 }
@@ -484,6 +490,7 @@ absorb_fields!(RingStats {
     sched,
     early,
     poll,
+    grants,
     stages,
     read,
     write,

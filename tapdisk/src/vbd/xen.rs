@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use blkif::request::DiskInfo;
-use blkif::xen::backend::{GrantMode, XenRing};
+use blkif::xen::backend::{GrantMode, RingAccess, XenRing};
 use blkif::xen::{MAX_QUEUES, MAX_RING_ORDER};
 use tapdisk_control::proto::{XenAttachmentInfo, XenConnectSpec};
 
@@ -111,14 +111,18 @@ pub fn connect(vbd: &mut Vbd, spec: XenConnectSpec) -> Result<(DiskInfo, XenAtta
     }
     let mut links = Vec::new();
     for (q, keys) in r.queues.iter().enumerate() {
+        let access = RingAccess {
+            mode: spec.grant_mode,
+            max_segs: disk.segment_capacity(),
+            max_persistent: spec.max_persistent_grants,
+        };
         let ring = XenRing::connect(
             spec.domid,
             &keys.ring_refs,
             r.ring_order,
             keys.evtchn,
             r.abi,
-            spec.grant_mode,
-            disk.segment_capacity(),
+            access,
         )
         .map_err(|e| Error::Refused(format!("queue {q}: {e}")));
         let ring = match ring {

@@ -78,8 +78,25 @@ pub struct Features {
     pub max_queues: u32,
     /// feature-max-indirect-segments (0: not advertised).
     pub max_indirect_segments: u32,
-    /// How tapdisk reaches request pages.
+    /// How tapdisk reaches request pages of frontends without persistent grants.
     pub grant_mode: GrantMode,
+    /// feature-persistent: persistent grants offered (used with frontends that offer them too).
+    pub persistent: bool,
+    /// Persistent grants kept mapped per ring at most (None: the ring's capacity).
+    pub max_persistent_grants: Option<u32>,
+}
+
+impl Features {
+    /// How a frontend's requests are reached: persistent grants if both sides wrote
+    /// `feature-persistent = 1` (Linux's rule since 6.0, decided at every connect), else the
+    /// configured mode.
+    pub fn grant_mode_for(&self, frontend_persistent: bool) -> GrantMode {
+        if self.persistent && frontend_persistent {
+            GrantMode::Persistent
+        } else {
+            self.grant_mode
+        }
+    }
 }
 
 /// Names a device: `backend/<kind>/<domid>/<devid>`.
@@ -319,7 +336,10 @@ impl Device {
             let mut w = |k: &str, v: String| xs.write(tx, &format!("{be}/{k}"), &v);
             w("feature-flush-cache", "1".into())?;
             w("feature-barrier", "1".into())?;
-            w("feature-persistent", "0".into())?;
+            w(
+                "feature-persistent",
+                if feat.persistent { "1" } else { "0" }.into(),
+            )?;
             w("max-ring-page-order", feat.max_ring_order.to_string())?;
             w("multi-queue-max-queues", feat.max_queues.to_string())?;
             if feat.max_indirect_segments > 0 {
@@ -400,13 +420,15 @@ impl Device {
         // The toolstack's access mode: Xen's block-tap opens every image read-write, so a
         // read-only disk ("mode = r") is enforced on the frontend's rings.
         let read_only = read(xs, &format!("{be}/mode"))?.is_some_and(|m| m.starts_with('r'));
+        let mode = feat.grant_mode_for(rings.persistent);
         let spec = XenConnectSpec {
             domid: self.key.domid,
             devid: self.key.devid,
             vdev,
             rings: rings.clone(),
-            grant_mode: feat.grant_mode,
+            grant_mode: mode,
             read_only,
+            max_persistent_grants: feat.max_persistent_grants,
         };
         let reply = Client::connect_pid(rundir, served.pid).and_then(|mut c| {
             c.call(Command::XenConnect {
@@ -456,7 +478,7 @@ impl Device {
         })?;
         tblog!(
             log,
-            "{}: backend -> Connected: tapdisk {} minor {}, {} sectors, {} queue(s) of 2^{} pages, {} ABI, grant {:?}, {} indirect segments",
+            "{}: backend -> Connected: tapdisk {} minor {}, {} sectors, {} queue(s) of 2^{} pages, {} ABI, grants {mode} (frontend feature-persistent={}), {} indirect segments",
             self.key,
             served.pid,
             served.minor,
@@ -464,7 +486,7 @@ impl Device {
             rings.queues.len(),
             rings.ring_order,
             rings.abi.name(),
-            feat.grant_mode,
+            u8::from(rings.persistent),
             disk.max_indirect_segments
         );
         Ok(())
@@ -620,6 +642,24 @@ mod tests {
         );
         assert_eq!(DeviceKey::from_backend_path(b, "/elsewhere/vbd3/5/1"), None);
         assert_eq!(DeviceKey::from_token("fe:vbd3:x:1"), None);
+    }
+
+    #[test]
+    fn persistent_grants_only_when_both_sides_offer_them() {
+        let mut f = Features {
+            max_ring_order: 4,
+            max_queues: 4,
+            max_indirect_segments: 256,
+            grant_mode: GrantMode::Map,
+            persistent: true,
+            max_persistent_grants: None,
+        };
+        assert_eq!(f.grant_mode_for(true), GrantMode::Persistent);
+        assert_eq!(f.grant_mode_for(false), GrantMode::Map);
+        f.grant_mode = GrantMode::Copy;
+        assert_eq!(f.grant_mode_for(false), GrantMode::Copy);
+        f.persistent = false;
+        assert_eq!(f.grant_mode_for(true), GrantMode::Copy);
     }
 
     #[test]

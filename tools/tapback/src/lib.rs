@@ -46,6 +46,8 @@ Examples:
   tapback --kinds vbd3,vbd                  # also backend/vbd with script=block-tap (Xen 4.17,
                                             # xen-blkback unloaded)
   tapback --grant-mode copy --max-queues 2 --log-file /var/log/tapback.log
+  tapback --feature-persistent 0            # no persistent grants: every frontend gets
+                                            # --grant-mode (map by default)
 
 A disk for it in an xl config (Xen >= 4.19):
   disk = [ 'vdev=xvda, backendtype=tap, target=/srv/vm1.img' ]   (libxl adds the aio:)";
@@ -63,9 +65,24 @@ pub struct Args {
     /// Domain this backend runs in.
     #[arg(long, default_value_t = 0)]
     pub domid: u16,
-    /// How tapdisk reaches request pages: map (gntdev mappings) or copy (grant copy).
+    /// How tapdisk reaches the request pages of frontends without persistent grants: map
+    /// (gntdev mappings for each request's IO) or copy (grant copy).
     #[arg(long, default_value = "map")]
     pub grant_mode: GrantMode,
+    /// Offer persistent grants (feature-persistent): a frontend that offers them too gets its
+    /// grants kept mapped for the ring's life, whatever --grant-mode says.
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub feature_persistent: bool,
+    /// Persistent grants kept mapped per ring at most (default: the ring's capacity, its
+    /// requests x segments; the least recently used go when a frontend uses more).
+    #[arg(long, value_name = "N")]
+    pub max_persistent_grants: Option<u32>,
     /// Queues offered to frontends (multi-queue-max-queues).
     #[arg(
         long,
@@ -198,6 +215,15 @@ fn run(args: Args) -> Result<()> {
             "unknown backend kind '{k}' (vbd3 or vbd)"
         );
     }
+    anyhow::ensure!(
+        args.grant_mode != GrantMode::Persistent,
+        "--grant-mode is map or copy (what frontends without persistent grants get); \
+         persistent grants are negotiated with each frontend (--feature-persistent)"
+    );
+    anyhow::ensure!(
+        args.max_persistent_grants != Some(0),
+        "--max-persistent-grants must be at least 1"
+    );
     let mut log = Log::open(args.log_file.as_ref())?;
     let mut xs = Xenstore::open().context("cannot reach xenstore")?;
     let base = format!("/local/domain/{}/backend", args.domid);
@@ -211,6 +237,8 @@ fn run(args: Args) -> Result<()> {
         max_queues: args.max_queues,
         max_indirect_segments: args.max_indirect_segments,
         grant_mode: args.grant_mode,
+        persistent: args.feature_persistent,
+        max_persistent_grants: args.max_persistent_grants,
     };
     let rundir = RunDir(args.rundir.clone());
     tblog!(

@@ -18,6 +18,13 @@
 //! 5. a `req_prod` far beyond the ring: the backend must drop the rings and close the device
 //!    (state 5), without harming the other disks it serves.
 //!
+//! With `--persistent` it offers persistent grants (`feature-persistent = 1`, at every
+//! (re)connect) and expects the backend to offer them too; `--grants N` then writes and reads
+//! back N more pages, each through a grant of its own, twice (with the backend's cache smaller
+//! than N, grants are evicted and mapped again). Every time the backend closed the device
+//! (each reconnect, and the end) the tapdisk that served it must have no grant mapped any
+//! more: its `/proc/<pid>/maps` holds no `/dev/xen/gntdev` mapping.
+//!
 //! With `--bad ring-ref` or `--bad event-channel` it publishes a grant reference that was
 //! never granted (or a port never allocated) instead, and passes if the backend refuses the
 //! connection with an error in its `error` key and closes the device (real gntdev map and
@@ -73,6 +80,17 @@ pub struct Args {
     /// Seconds to wait for each backend state change.
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
+    /// Offer persistent grants (feature-persistent = 1) and expect the backend to offer them.
+    #[arg(long)]
+    pub persistent: bool,
+    /// Pages, each with a grant of its own, written and read back twice (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub grants: usize,
+    /// With --persistent: the backend keeps at most N grants mapped (tapback's
+    /// --max-persistent-grants). Checked after the --grants passes against the tapdisk's
+    /// counters (`tap-ctl stats`) and its `/proc/<pid>/maps`.
+    #[arg(long, value_name = "N")]
+    pub expect_cache: Option<u64>,
 }
 
 /// Which key `--bad` breaks.
@@ -127,17 +145,62 @@ impl XorShift {
 }
 
 /// Publishes a ring (one page) and its event channel, and says Initialised, as blkfront does.
-fn publish_ring(xs: &mut Xenstore, fe: &str, ring_ref: u32, port: u32, abi: Abi) -> Result<()> {
+fn publish_ring(
+    xs: &mut Xenstore,
+    fe: &str,
+    ring_ref: u32,
+    port: u32,
+    abi: Abi,
+    persistent: bool,
+) -> Result<()> {
     xs.transaction(|xs, tx| {
         xs.write(tx, &format!("{fe}/ring-ref"), &ring_ref.to_string())?;
         xs.write(tx, &format!("{fe}/event-channel"), &port.to_string())?;
         xs.write(tx, &format!("{fe}/protocol"), abi.name())?;
+        xs.write(
+            tx,
+            &format!("{fe}/feature-persistent"),
+            if persistent { "1" } else { "0" },
+        )?;
         xs.write(tx, &format!("{fe}/state"), "3")
     })?;
     Ok(())
 }
 
-/// Sends one request of one segment and waits for its answer; its status.
+/// Pages of `/dev/xen/gntdev` mapped in process `pid` (its `/proc/<pid>/maps`).
+fn gntdev_pages(pid: u32) -> Result<usize> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .with_context(|| format!("reading /proc/{pid}/maps"))?;
+    let mut pages = 0;
+    for line in maps.lines().filter(|l| l.ends_with("/dev/xen/gntdev")) {
+        let range = line.split_whitespace().next().unwrap_or("");
+        let (a, b) = range.split_once('-').unwrap_or(("0", "0"));
+        let (a, b) = (
+            usize::from_str_radix(a, 16).unwrap_or(0),
+            usize::from_str_radix(b, 16).unwrap_or(0),
+        );
+        pages += b.saturating_sub(a) / PAGE_SIZE;
+    }
+    Ok(pages)
+}
+
+/// The backend closed the device: the tapdisk that served it must hold no grant any more.
+fn check_unmapped(xs: &mut Xenstore, be: &str, when: &str) -> Result<()> {
+    let Some(pid) = xs
+        .read(Tx::NONE, &format!("{be}/pid"))?
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        bail!("no pid key under {be}");
+    };
+    let pages = gntdev_pages(pid)?;
+    if pages != 0 {
+        bail!("{when}: tapdisk {pid} still maps {pages} pages of /dev/xen/gntdev");
+    }
+    println!("XENFRONT: PASS {when}: tapdisk {pid} maps no grant any more (/proc/{pid}/maps)");
+    Ok(())
+}
+
+/// Sends one request (at sector 8) and waits for its answer; its status.
 fn one_request(
     ring: &mut FrontRing,
     ev: &Evtchn,
@@ -147,27 +210,7 @@ fn one_request(
     id: u64,
     segs: &[Segment],
 ) -> Result<i16> {
-    let mut slot = [0u8; MAX_SLOT];
-    encode(abi, opc, segs.len() as u8, id, 8, segs, &mut slot);
-    ring.put_request(&slot[..abi.layout().slot]);
-    if ring.push_requests() {
-        ev.notify_port()?;
-    }
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut got = None;
-        ring.take_responses(|r| got = Some(r));
-        if let Some(r) = got {
-            if r.id != id {
-                bail!("response id {} for request {id}", r.id);
-            }
-            return Ok(r.status);
-        }
-        if Instant::now() > deadline {
-            bail!("no response to request {id}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    request_at(ring, ev, abi, timeout, opc, id, 8, segs)
 }
 
 fn run(a: &Args) -> Result<()> {
@@ -215,12 +258,15 @@ fn run(a: &Args) -> Result<()> {
     if !st.success() {
         bail!("{} add failed ({st})", a.hotplug);
     }
-    let result = frontend(&mut xs, a, &be, &fe);
+    let mut result = frontend(&mut xs, a, &be, &fe);
     // Tear down as the toolstack would, whatever happened.
     let _ = xs.write(Tx::NONE, &format!("{fe}/state"), "6");
     let _ = xs.write(Tx::NONE, &format!("{be}/online"), "0");
     let _ = xs.write(Tx::NONE, &format!("{be}/state"), "5");
-    let _ = wait_state(&mut xs, &format!("{be}/state"), &["6"], a.timeout);
+    let closed = wait_state(&mut xs, &format!("{be}/state"), &["6"], a.timeout);
+    if result.is_ok() && a.bad.is_none() {
+        result = closed.and_then(|_| check_unmapped(&mut xs, &be, "device closed"));
+    }
     let _ = std::process::Command::new(&a.hotplug)
         .arg("remove")
         .env("XENBUS_PATH", be.trim_start_matches("/local/domain/0/"))
@@ -247,7 +293,7 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
         Some(Bad::EventChannel) => (ring_pages.refs()[0], ev.port().wrapping_add(900)),
         None => (ring_pages.refs()[0], ev.port()),
     };
-    publish_ring(xs, fe, ring_ref, port, abi)?;
+    publish_ring(xs, fe, ring_ref, port, abi, a.persistent)?;
     if let Some(bad) = a.bad {
         let st = wait_state(xs, &format!("{be}/state"), &["4", "5", "6"], a.timeout)?;
         let why = xs
@@ -267,6 +313,13 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
         .parse()
         .context("sectors")?;
     println!("XENFRONT: backend Connected, {sectors} sectors");
+    if a.persistent {
+        let offered = xs.read(Tx::NONE, &format!("{be}/feature-persistent"))?;
+        if offered.as_deref() != Some("1") {
+            bail!("the backend does not offer persistent grants (feature-persistent {offered:?})");
+        }
+        println!("XENFRONT: both sides offer persistent grants");
+    }
 
     // 1. A well-formed write then read of one page.
     let pat: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 7 + 3) as u8).collect();
@@ -355,6 +408,14 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
         );
     }
 
+    // 3b. Many grants, each page its own, twice over.
+    if a.grants > 0 {
+        many_grants(&mut ring, &ev, abi, timeout, a.grants, be, xs)?;
+    }
+    if let Some(cap) = a.expect_cache {
+        check_cache(xs, be, cap, a.grants as u64)?;
+    }
+
     // 4. The frontend goes away and comes back on the same device, with new rings.
     let mut ev_now = ev;
     for cycle in 1..=a.reconnects {
@@ -363,6 +424,7 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
         wait_state(xs, &format!("{be}/state"), &["5", "6"], a.timeout)?;
         xs.write(Tx::NONE, &format!("{fe}/state"), "6")?;
         wait_state(xs, &format!("{be}/state"), &["6"], a.timeout)?;
+        check_unmapped(xs, be, &format!("reconnect {cycle}, backend closed"))?;
         xs.write(Tx::NONE, &format!("{fe}/state"), "1")?;
         wait_state(xs, &format!("{be}/state"), &["2"], a.timeout)?;
         // SAFETY: as for the first ring: the backend unmapped the page when it closed, and
@@ -370,7 +432,7 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
         let mut ring2 =
             unsafe { FrontRing::init(ring_pages.addr(), 1, abi) }.context("ring too small")?;
         let ev2 = Evtchn::bind_unbound(0).context("allocating an event channel")?;
-        publish_ring(xs, fe, ring_pages.refs()[0], ev2.port(), abi)?;
+        publish_ring(xs, fe, ring_pages.refs()[0], ev2.port(), abi, a.persistent)?;
         wait_state(xs, &format!("{be}/state"), &["4"], a.timeout)?;
         xs.write(Tx::NONE, &format!("{fe}/state"), "4")?;
         let w = roundtrip(&mut ring2, &ev2, op::WRITE, 1, seg(0))?;
@@ -447,6 +509,158 @@ fn frontend(xs: &mut Xenstore, a: &Args, be: &str, fe: &str) -> Result<()> {
     println!(
         "XENFRONT: PASS overflowing req_prod: backend state {st} after {:.1} s ({why})",
         t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Writes `n` pages, each through a grant of its own, one request each, then reads each back
+/// into its own page and compares; twice, with other contents the second time. A backend
+/// whose persistent-grant cache is smaller than `n` evicts grants and maps them again.
+fn many_grants(
+    ring: &mut FrontRing,
+    ev: &Evtchn,
+    abi: Abi,
+    timeout: Duration,
+    n: usize,
+    be: &str,
+    xs: &mut Xenstore,
+) -> Result<()> {
+    let mut pages = Vec::new();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(256);
+        pages.push(GrantedPages::alloc(0, k).context("granting pages")?);
+        left -= k;
+    }
+    let page = |i: usize| -> (u32, *mut u8) {
+        let g = &pages[i / 256];
+        // SAFETY: page `i % 256` of a set of at least that many pages, mapped while `pages`
+        // lives.
+        (g.refs()[i % 256], unsafe {
+            g.addr().as_ptr().add((i % 256) * PAGE_SIZE)
+        })
+    };
+    let t0 = Instant::now();
+    let mut id = 100_000u64;
+    for pass in 0..2u8 {
+        for i in 0..n {
+            let (gref, p) = page(i);
+            let fill = (i as u8).wrapping_mul(31).wrapping_add(pass * 101);
+            // SAFETY: the page is ours; the backend touches it only while a request of ours
+            // on it is outstanding, and none is now.
+            unsafe { std::ptr::write_bytes(p, fill, PAGE_SIZE) };
+            let seg = [Segment {
+                gref,
+                first_sect: 0,
+                last_sect: 7,
+                pad: 0,
+            }];
+            let sector = 2048 + 8 * i as u64;
+            id += 1;
+            let w = request_at(ring, ev, abi, timeout, op::WRITE, id, sector, &seg)?;
+            // SAFETY: as above.
+            unsafe { std::ptr::write_bytes(p, 0, PAGE_SIZE) };
+            id += 1;
+            let r = request_at(ring, ev, abi, timeout, op::READ, id, sector, &seg)?;
+            // SAFETY: as above; the read's response was seen.
+            let back = unsafe { std::slice::from_raw_parts(p, PAGE_SIZE) };
+            if w != status::OKAY || r != status::OKAY || back.iter().any(|&b| b != fill) {
+                bail!(
+                    "page {i} of {n} (pass {pass}): status {w}/{r}, data equal: {}",
+                    back.iter().all(|&b| b == fill)
+                );
+            }
+        }
+    }
+    if xs.read(Tx::NONE, &format!("{be}/state"))?.as_deref() != Some("4") {
+        bail!("the backend left Connected during the {n}-grant passes");
+    }
+    println!(
+        "XENFRONT: PASS {n} pages through {n} grants of their own, written and read back twice ({:.1} s), device still Connected",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// One request at `sector` over `segs`; waits for its answer; its status.
+#[allow(clippy::too_many_arguments)]
+fn request_at(
+    ring: &mut FrontRing,
+    ev: &Evtchn,
+    abi: Abi,
+    timeout: Duration,
+    opc: u8,
+    id: u64,
+    sector: u64,
+    segs: &[Segment],
+) -> Result<i16> {
+    let mut slot = [0u8; MAX_SLOT];
+    encode(abi, opc, segs.len() as u8, id, sector, segs, &mut slot);
+    ring.put_request(&slot[..abi.layout().slot]);
+    if ring.push_requests() {
+        ev.notify_port()?;
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut got = None;
+        ring.take_responses(|r| got = Some(r));
+        if let Some(r) = got {
+            if r.id != id {
+                bail!("response id {} for request {id}", r.id);
+            }
+            return Ok(r.status);
+        }
+        if Instant::now() > deadline {
+            bail!("no response to request {id}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The tapdisk's grant counters (`tap-ctl stats`, `.ring.grants`) agree with a persistent
+/// cache of at most `cap` grants, with what its `/proc/<pid>/maps` holds (one ring page and
+/// the cached grants), and, after `used` distinct grants, with grants having been evicted or
+/// mapped for one request only when `used > cap`.
+fn check_cache(xs: &mut Xenstore, be: &str, cap: u64, used: u64) -> Result<()> {
+    let read = |xs: &mut Xenstore, k: &str| -> Result<String> {
+        xs.read(Tx::NONE, &format!("{be}/{k}"))?
+            .map(|v| v.trim().to_owned())
+            .ok_or_else(|| anyhow::anyhow!("no {k} key under {be}"))
+    };
+    let pid: u32 = read(xs, "pid")?.parse().context("pid key")?;
+    let minor = read(xs, "minor")?;
+    let out = std::process::Command::new("tap-ctl")
+        .args(["stats", "-m", &minor, "-p", &pid.to_string()])
+        .output()
+        .context("running tap-ctl stats")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("tap-ctl stats printed no JSON")?;
+    let g = &v["ring"]["grants"];
+    println!("XENFRONT: tapdisk {pid} grants {g}");
+    let n = |k: &str| g[k].as_u64().unwrap_or(0);
+    if g["rings"]["persistent"].as_u64() != Some(1) {
+        bail!("the ring does not use persistent grants: {g}");
+    }
+    let mapped = n("mapped_pages");
+    if mapped > cap || n("capacity") != cap {
+        bail!(
+            "{mapped} grants mapped, capacity {} (expected at most {cap})",
+            n("capacity")
+        );
+    }
+    if used > cap && n("evictions") + n("transient") == 0 {
+        bail!("{used} grants through a cache of {cap}, but none evicted or mapped for one request");
+    }
+    let in_maps = gntdev_pages(pid)? as u64;
+    if in_maps != mapped + 1 {
+        bail!("/proc/{pid}/maps holds {in_maps} gntdev pages, the counters say 1 ring page + {mapped} grants");
+    }
+    println!(
+        "XENFRONT: PASS persistent cache of {cap}: {mapped} grants mapped (= /proc/{pid}/maps less the ring page), {} hits, {} misses, {} evictions, {} requests mapped for their IO only",
+        n("hits"),
+        n("misses"),
+        n("evictions"),
+        n("transient")
     );
     Ok(())
 }

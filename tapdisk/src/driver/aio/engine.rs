@@ -13,7 +13,9 @@ use std::sync::Arc;
 use io_uring::{opcode, types};
 
 use super::AioImage;
-use crate::driver::engine::{BackendIo, Cqe, Done, Engine, IoOp, UdRange, Uring, DEFAULT_LANES};
+use crate::driver::engine::{
+    BackendIo, Cqe, Done, Engine, IoOp, Memory, UdRange, Uring, DEFAULT_LANES,
+};
 use crate::sys::file::{discard_fd, rw_nowait, Dir};
 
 /// Of the engine's two fixed-file slots: the O_DIRECT descriptor (the buffered one if the
@@ -40,8 +42,6 @@ pub struct AioEngine {
     ud: UdRange,
     /// The first of the engine's two fixed-file slots.
     files: u32,
-    /// Never the O_DIRECT descriptor ([`Engine::unpinned_memory_only`]).
-    buffered_only: bool,
 }
 
 impl AioEngine {
@@ -62,7 +62,6 @@ impl AioEngine {
             tags: vec![idle; tags as usize].into_boxed_slice(),
             ud,
             files,
-            buffered_only: false,
         })
     }
 
@@ -81,7 +80,9 @@ impl AioEngine {
     }
 
     fn choose_fd(&self, t: &Tag) -> types::Fixed {
-        if let Some((_, align)) = self.image.direct_fd().filter(|_| !self.buffered_only) {
+        // Memory unmapped right after the IO never gets direct IO (see `Memory`).
+        let stable = t.io.memory == Memory::Stable;
+        if let Some((_, align)) = self.image.direct_fd().filter(|_| stable) {
             let a = u64::from(align);
             let off = t.io.offset + t.done_bytes;
             let aligned = off.is_multiple_of(a)
@@ -214,10 +215,6 @@ impl AioEngine {
 }
 
 impl Engine for AioEngine {
-    fn unpinned_memory_only(&mut self) {
-        self.buffered_only = true;
-    }
-
     fn lanes(&self) -> u32 {
         // A file in memory is copied on this thread, one IO after another: fewer, larger
         // IOs are fewer system calls. Elsewhere the device's queues work side by side.
@@ -307,7 +304,7 @@ mod tests {
             return;
         };
         let mut ring = Uring::new(8).unwrap();
-        let mut e = AioEngine::new(&mut ring, image, 1).unwrap();
+        let e = AioEngine::new(&mut ring, image, 1).unwrap();
         let layout = std::alloc::Layout::from_size_align(4096, 4096.max(align as usize)).unwrap();
         // SAFETY: a non-zero size; freed below with the same layout.
         let buf = unsafe { std::alloc::alloc(layout) };
@@ -325,7 +322,7 @@ mod tests {
             e.files + FILE_DIRECT,
             "aligned IO goes direct"
         );
-        e.unpinned_memory_only();
+        t.io.memory = Memory::UnmappedAfterIo;
         assert_eq!(
             e.choose_fd(&t).0,
             e.files + FILE_BUFFERED,

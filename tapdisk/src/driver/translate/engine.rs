@@ -269,6 +269,7 @@ impl<F: Format> TranslateEngine<F> {
                 len: p.len,
                 iov,
                 iovcnt,
+                memory: t.io.memory,
             };
             let e = &mut self.inner[file as usize];
             // SAFETY: the part's iovecs live in `t.iov`, which is neither cleared nor grown
@@ -369,12 +370,6 @@ impl<F: Format> TranslateEngine<F> {
 }
 
 impl<F: Format> Engine for TranslateEngine<F> {
-    fn unpinned_memory_only(&mut self) {
-        for e in &mut self.inner {
-            e.unpinned_memory_only();
-        }
-    }
-
     unsafe fn submit(
         &mut self,
         ring: &mut Uring,

@@ -250,6 +250,7 @@ fn reads_are_cut_at_extents_across_files_zeroes_and_inline_bytes() {
         len: 16384,
         iov: iov.as_mut_ptr(),
         iovcnt: 3,
+        memory: crate::driver::engine::Memory::Stable,
     };
     let mut done = Done::with_capacity(4);
     // SAFETY: the iovecs and buffers live on this frame until the tag is reported below.
