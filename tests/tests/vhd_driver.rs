@@ -536,7 +536,11 @@ fn block_tap_serves_what_xl_writes_for_format_vhd() {
     let scripts = d.join("scripts");
     std::fs::create_dir(&scripts).unwrap();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::fs::copy(repo.join("xen-configs/block-tap"), scripts.join("block-tap")).unwrap();
+    std::fs::copy(
+        repo.join("xen-configs/block-tap"),
+        scripts.join("block-tap"),
+    )
+    .unwrap();
     std::fs::write(scripts.join("block-common.sh"), BLOCK_COMMON).unwrap();
     let xs = d.join("xenstore");
     std::fs::create_dir(&xs).unwrap();
@@ -557,7 +561,10 @@ fn block_tap_serves_what_xl_writes_for_format_vhd() {
     };
     hotplug("add");
     let _cleanup = Cleanup(&rundir, vec!["0".into()]);
-    assert_eq!(std::fs::read_to_string(key("hotplug-status")).unwrap(), "connected");
+    assert_eq!(
+        std::fs::read_to_string(key("hotplug-status")).unwrap(),
+        "connected"
+    );
     let list = ctl(&rundir, &["list"]);
     assert!(
         list.contains(&format!("minor=0 state=running args=vhd:{}", img.display())),
