@@ -4,6 +4,7 @@
 
 pub mod blktap;
 pub mod crash;
+pub use crash::Rng;
 pub mod etcd;
 pub mod lan;
 pub mod nbd;
@@ -213,32 +214,6 @@ impl Drop for Tapdisk {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A deterministic xorshift64 generator for tests' random workloads.
-pub struct Rng(pub u64);
-
-impl Rng {
-    /// The next word (the seed must not be 0).
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// A number below `n` (> 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// `n` random bytes.
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(n + 8);
-        while v.len() < n {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(n);
-        v
     }
 }
 

@@ -113,7 +113,7 @@ fn flushed_writes_survive_sigkill_and_the_image_is_never_corrupt() {
         let mut next_flush = FLUSH;
         while replies < kill_after {
             while in_flight < 16 && !slots.is_empty() {
-                if since_flush >= 1 + rng.below(8) {
+                if since_flush > rng.below(8) {
                     let covered = (0..writes.len())
                         .filter(|&i| writes[i].replied && !writes[i].durable)
                         .collect();

@@ -243,7 +243,7 @@ fn run_sched(
             // Every third request's pages go away after its IO (a one-shot grant mapping).
             let base_addr = buf.as_ptr() as usize;
             eng.unmapped_bufs.retain(|&b| b != base_addr);
-            let memory = if next % 3 == 0 {
+            let memory = if next.is_multiple_of(3) {
                 eng.unmapped_bufs.push(base_addr);
                 Memory::UnmappedAfterIo
             } else {
