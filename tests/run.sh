@@ -14,11 +14,12 @@ cd "$(dirname "$0")/.."
 # (losetup), a font for td-bench's charts, libvhdi-utils (vhdiinfo, vhdimount: an independent VHD
 # reader for vhd-util's interop tests), python3 (tests/compat/tapctl-contract.py drives tap-ctl
 # as xapi's storage manager does, in Python), bpftrace (tapdisk's USDT probes), prometheus
-# (promtool checks `tap-ctl stats --prometheus`). Add a package here when a test starts using it.
+# (promtool checks `tap-ctl stats --prometheus`), etcd-server (the striped disks' records and
+# writer lease: a 3-member cluster on loopback). Add a package here when a test starts using it.
 packages=(fio qemu-utils libnbd-bin tgt iproute2 gcc rpcsvc-proto libtirpc-dev mount
-  fonts-dejavu-core libvhdi-utils python3 bpftrace prometheus)
+  fonts-dejavu-core libvhdi-utils python3 bpftrace prometheus etcd-server)
 tools=(fio qemu-io qemu-img nbdinfo nbdcopy tgtd tgtadm ip tc gcc rpcgen losetup vhdiinfo vhdimount
-  python3 bpftrace promtool)
+  python3 bpftrace promtool etcd)
 
 bash tests/apt-install-missing.sh "${packages[@]}"
 for tool in "${tools[@]}"; do
