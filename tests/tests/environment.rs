@@ -102,7 +102,9 @@ fn destroy_works_when_the_device_socket_was_removed() {
         "took {:?}",
         t.elapsed()
     );
-    let left = std::fs::read_dir(rundir.join("ctl")).unwrap().count();
+    let left = std::fs::read_dir(tapdisk_control::RunDir(rundir.clone()).ctl_dir())
+        .unwrap()
+        .count();
     assert_eq!(left, 0, "a control socket is left");
 }
 

@@ -34,7 +34,7 @@ impl Drop for Cleanup<'_> {
 }
 
 fn pid_of(rundir: &Path) -> u32 {
-    let ctl = std::fs::read_dir(rundir.join("ctl")).unwrap();
+    let ctl = std::fs::read_dir(tapdisk_control::RunDir(rundir.to_owned()).ctl_dir()).unwrap();
     ctl.flatten()
         .find_map(|e| {
             e.file_name()
@@ -124,8 +124,14 @@ fn unpause_to_an_image_in_use_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_holder_named(&err, &img_a, pid_of(&ra));
     let list = String::from_utf8(run_ok(tap_ctl(&rb).args(["list"])).stdout).unwrap();
+    // blktap3's flag word: PAUSED is 0x20.
+    let paused = list
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("state=0x"))
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .is_some_and(|f| f & 0x20 != 0);
     assert!(
-        list.contains(&format!("args=aio:{}", img_b.display())) && list.contains("paused"),
+        list.contains(&format!("args=aio:{}", img_b.display())) && paused,
         "{list}"
     );
     run_ok(tap_ctl(&rb).args(["unpause", "-m", "0"]));

@@ -97,7 +97,7 @@ fn sizes_beyond_the_tapdisks_memory_are_refused_and_it_serves_on() {
         assert!(td.alive(), "the tapdisk died refusing {line}");
     }
     // Nothing was claimed or opened for them; the two VBDs serve on.
-    let minors = std::fs::read_dir(dir.path().join("run/minors"))
+    let minors = std::fs::read_dir(tapdisk_control::RunDir(dir.path().join("run")).minor_dir())
         .unwrap()
         .count();
     assert_eq!(minors, 2);
@@ -106,7 +106,11 @@ fn sizes_beyond_the_tapdisks_memory_are_refused_and_it_serves_on() {
     nbd_round_trip(&b, 2);
     // What fits is opened.
     let reply = td
-        .raw_call(&open_line("aio", &img, r#"{"early":{"cache_mb":64}}"#))
+        .raw_call(&open_line(
+            "aio",
+            &img,
+            r#"{"early":{"cache_mb":64},"force_share":true}"#,
+        ))
         .unwrap();
     assert!(reply.contains(r#""ok""#), "{reply}");
 }

@@ -349,9 +349,9 @@ fn bad_arguments_are_one_line_errors() {
     // Exit statuses are blktap3's: the errno of what failed (EINVAL 22, ENOENT 2, ...).
     r.fails(&["create", "-a", &img], 22, "TYPE:PATH");
     r.fails(
-        &["create", "-a", &format!("vhd:{img}")],
+        &["create", "-a", &format!("qed:{img}")],
         22,
-        "unknown disk type 'vhd'",
+        "unknown disk type 'qed'",
     );
     r.fails(
         &["create", "-a", "aio:/nonexistent/disk.img"],

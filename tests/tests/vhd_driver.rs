@@ -567,7 +567,7 @@ fn block_tap_serves_what_xl_writes_for_format_vhd() {
     );
     let list = ctl(&rundir, &["list"]);
     assert!(
-        list.contains(&format!("minor=0 state=running args=vhd:{}", img.display())),
+        list.contains(&format!("minor=0 state=0 args=vhd:{}", img.display())),
         "{list}"
     );
     let st: serde_json::Value = serde_json::from_str(&ctl(&rundir, &["stats", "-m", "0"])).unwrap();

@@ -543,7 +543,7 @@ mod tests {
         let good = format!("aio:{}", f.path().display());
         let err = |a: DiskArgs| a.validate().unwrap_err().to_string();
         assert!(err(disk("/tmp/x.img", &[])).contains("disk spec '/tmp/x.img' has no type"));
-        assert!(err(disk("vhd:/tmp/x.img", &[])).contains("unknown disk type 'vhd'"));
+        assert!(err(disk("qed:/tmp/x.img", &[])).contains("unknown disk type 'qed'"));
         assert_eq!(
             err(disk("aio:/nonexistent/x.img", &[])),
             "image /nonexistent/x.img does not exist"
