@@ -93,6 +93,21 @@ pub struct EtcdControl {
 }
 
 /// This host's name.
+/// Runs `call` on `etcd`'s runtime until it succeeds or `deadline` passes (every 200 ms).
+fn retry<T, F, Fut>(etcd: &Etcd, deadline: Instant, mut call: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    loop {
+        match etcd.block_on(call()) {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(etcd.err(e)),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -128,10 +143,13 @@ impl EtcdControl {
         };
         let mut c = etcd.client();
         let ttl = opts.ttl.as_secs().max(2) as i64;
-        let lease = etcd
-            .block_on(c.lease_grant(ttl, None))
-            .map_err(|e| etcd.err(e))?
-            .id();
+        // A member may be down (or not yet up): each call is retried until the deadline.
+        let deadline = Instant::now() + opts.timeout;
+        let lease = retry(&etcd, deadline, || {
+            let mut c = etcd.client();
+            async move { c.lease_grant(ttl, None).await }
+        })?
+        .id();
         let writer_key = etcd.key(&format!("writers/{}", map.disk_id));
         let me = serde_json::json!({
             "host": hostname(),
@@ -160,26 +178,34 @@ impl EtcdControl {
                 .and_then([put])
                 .or_else([TxnOp::get(writer_key.as_str(), None)])
         };
-        let r = etcd.block_on(c.txn(txn)).map_err(|e| etcd.err(e))?;
-        if !r.succeeded() {
-            let holder = r
-                .op_responses()
-                .into_iter()
-                .find_map(|op| match op {
-                    etcd_client::TxnOpResponse::Get(g) => g
-                        .kvs()
-                        .first()
-                        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
-                    _ => None,
-                })
-                .unwrap_or_else(|| "another process".into());
-            let _ = etcd.block_on(c.lease_revoke(lease));
-            return Err(Error::InUse {
-                disk: map.disk_id.clone(),
-                holder,
+        let r = retry(&etcd, deadline, || {
+            let (mut c, txn) = (etcd.client(), txn.clone());
+            async move { c.txn(txn).await }
+        })?;
+        let token = if r.succeeded() {
+            r.header().map(|h| h.revision()).unwrap_or(0)
+        } else {
+            let held = r.op_responses().into_iter().find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                        kv.mod_revision(),
+                    )
+                }),
+                _ => None,
             });
-        }
-        let token = r.header().map(|h| h.revision()).unwrap_or(0);
+            match held {
+                // An earlier attempt took it and its answer was lost on the way.
+                Some((holder, rev)) if holder == me => rev,
+                other => {
+                    let _ = etcd.block_on(c.lease_revoke(lease));
+                    return Err(Error::InUse {
+                        disk: map.disk_id.clone(),
+                        holder: other.map_or_else(|| "another process".into(), |(h, _)| h),
+                    });
+                }
+            }
+        };
         if token <= 0 {
             return Err(etcd.err("no revision in the answer to taking the writer key"));
         }
@@ -231,18 +257,28 @@ impl EtcdControl {
         let cache = self.cache.clone();
         let mut c = etcd.client();
         self.etcd.runtime().spawn(async move {
+            use tokio::time::timeout;
+            // Renew every third of the TTL while etcd answers; after a round that renewed
+            // nothing (a member, perhaps the leader, went away) try again soon, and bound every
+            // call, so that a dead member never holds the lease's renewal up for a whole TTL.
             let every = (ttl / 3).max(Duration::from_millis(300));
+            let soon = Duration::from_millis(200);
+            let call = every.min(Duration::from_secs(1));
+            let mut wait = every;
             let mut last_ok = Instant::now();
             let mut keeper = None;
             while shared.held.load(Ordering::SeqCst) {
-                tokio::time::sleep(every).await;
+                tokio::time::sleep(wait).await;
                 if keeper.is_none() {
-                    keeper = c.lease_keep_alive(lease).await.ok();
+                    keeper = timeout(call, c.lease_keep_alive(lease))
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
                 }
                 let mut renewed = false;
                 if let Some((k, s)) = keeper.as_mut() {
-                    let sent = k.keep_alive().await.is_ok();
-                    let answer = tokio::time::timeout(every, s.message()).await;
+                    let sent = matches!(timeout(call, k.keep_alive()).await, Ok(Ok(())));
+                    let answer = timeout(call, s.message()).await;
                     match (sent, answer) {
                         (true, Ok(Ok(Some(resp)))) if resp.ttl() > 0 => renewed = true,
                         (true, Ok(Ok(Some(_)))) => {
@@ -253,8 +289,8 @@ impl EtcdControl {
                     }
                 }
                 // The key must still be ours (another writer may have taken over).
-                match c.get(wk.as_str(), None).await {
-                    Ok(g) => match g.kvs().first() {
+                match timeout(call, c.get(wk.as_str(), None)).await {
+                    Ok(Ok(g)) => match g.kvs().first() {
                         Some(kv) if kv.mod_revision() == token => {}
                         Some(kv) => {
                             shared.lose(format!(
@@ -268,19 +304,24 @@ impl EtcdControl {
                             break;
                         }
                     },
-                    Err(_) => renewed = false,
+                    _ => renewed = false,
                 }
                 if renewed {
                     last_ok = Instant::now();
+                    wait = every;
                 } else if last_ok.elapsed() >= ttl {
                     shared.lose(format!(
                         "the lease could not be renewed for {} s",
                         ttl.as_secs()
                     ));
                     break;
+                } else {
+                    wait = soon;
+                    continue;
                 }
                 // The record's generation moved: refresh the cache.
-                if let Ok(r) = c.get(format!("{}/disks/{disk}", etcd.prefix), None).await {
+                let key = format!("{}/disks/{disk}", etcd.prefix);
+                if let Ok(Ok(r)) = timeout(call, c.get(key, None)).await {
                     if let Some(kv) = r.kvs().first() {
                         if let Ok(rec) = serde_json::from_slice::<DiskRecord>(kv.value()) {
                             if rec.generation > generation {
