@@ -114,26 +114,7 @@ fn vbds_of_one_process_share_their_backing_files() {
     base(dir.path(), 4 * MB);
     let c1 = create(dir.path(), "c1.qcow2", 4 * MB, Some("base.qcow2"));
     let c2 = create(dir.path(), "c2.qcow2", 4 * MB, Some("base.qcow2"));
-    let one = open(&c1);
-    let two = open(&c2);
-    let mut ring = Uring::new(32).unwrap();
-    let mut e1 = one.clone().engine(&mut ring, 2).unwrap();
-    let mut e2 = two.clone().engine(&mut ring, 2).unwrap();
-    assert_eq!(
-        run(&mut *e1, &mut ring, Step::write(MB, &[0x33u8; 4096])),
-        0
-    );
-    let mut got = vec![0u8; 8192];
-    assert_eq!(run(&mut *e2, &mut ring, Step::read(MB, &mut got)), 0);
-    assert!(got.iter().all(|&x| x == 0x11), "the clones diverge");
-    assert_eq!(run(&mut *e1, &mut ring, Step::read(MB, &mut got)), 0);
-    assert!(got[..4096].iter().all(|&x| x == 0x33));
-    assert!(got[4096..].iter().all(|&x| x == 0x11));
-    // One base, one cache: its counters show both VBDs' lookups.
-    assert_eq!(
-        one.stats()["levels"][1]["cache"],
-        two.stats()["levels"][1]["cache"]
-    );
+    crate::driver::engine::testing::check_shared_base(&open(&c1), &open(&c2));
 }
 
 #[test]

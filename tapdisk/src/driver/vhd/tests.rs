@@ -96,26 +96,7 @@ fn vbds_of_one_process_share_their_parents() {
     let (c1, c2) = (dir.path().join("c1.vhd"), dir.path().join("c2.vhd"));
     snapshot(&c1, &b);
     snapshot(&c2, &b);
-    let one = open(&c1);
-    let two = open(&c2);
-    let mut ring = Uring::new(32).unwrap();
-    let mut e1 = one.clone().engine(&mut ring, 2).unwrap();
-    let mut e2 = two.clone().engine(&mut ring, 2).unwrap();
-    assert_eq!(
-        run(&mut *e1, &mut ring, Step::write(MB, &[0x33u8; 4096])),
-        0
-    );
-    let mut got = vec![0u8; 8192];
-    assert_eq!(run(&mut *e2, &mut ring, Step::read(MB, &mut got)), 0);
-    assert!(got.iter().all(|&x| x == 0x11), "the clones diverge");
-    assert_eq!(run(&mut *e1, &mut ring, Step::read(MB, &mut got)), 0);
-    assert!(got[..4096].iter().all(|&x| x == 0x33));
-    assert!(got[4096..].iter().all(|&x| x == 0x11));
-    // One parent, one cache: its counters show both VBDs' lookups.
-    assert_eq!(
-        one.stats()["levels"][1]["cache"],
-        two.stats()["levels"][1]["cache"]
-    );
+    crate::driver::engine::testing::check_shared_base(&open(&c1), &open(&c2));
 }
 
 #[test]
