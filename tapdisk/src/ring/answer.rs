@@ -25,15 +25,15 @@ impl<T: RingTransport> RingLoop<T> {
 
     /// Answers every request the scheduler finished.
     pub(super) fn answer(&mut self) {
-        self.sched.take_finished(&mut self.finished);
-        if self.finished.is_empty() {
+        self.sched.take_finished(&mut self.scratch.finished);
+        if self.scratch.finished.is_empty() {
             return;
         }
         let now = now_ns();
-        let mut finished = std::mem::take(&mut self.finished);
+        let mut finished = std::mem::take(&mut self.scratch.finished);
         // Unmap before answering (a copying transport copies read data back here, and a
         // failed copy must not be answered as a successful read), every request at once.
-        self.unmaps.clear();
+        self.scratch.unmaps.clear();
         for &s in &finished {
             if self.table.is_chunk(s) {
                 continue;
@@ -49,16 +49,16 @@ impl<T: RingTransport> RingLoop<T> {
                 self.map_for_frontend(s);
             }
             if req.nr_segments > 0 {
-                self.unmaps.push(self.table.slot(s).map);
+                self.scratch.unmaps.push(self.table.slot(s).map);
             }
         }
-        let n = self.unmaps.len();
-        self.unmap_results.clear();
-        self.unmap_results.resize(n, Ok(()));
+        let n = self.scratch.unmaps.len();
+        self.scratch.unmap_results.clear();
+        self.scratch.unmap_results.resize(n, Ok(()));
         self.t
             .parts()
             .1
-            .unmap_batch(&self.unmaps, &mut self.unmap_results);
+            .unmap_batch(&self.scratch.unmaps, &mut self.scratch.unmap_results);
         let mut k = 0;
         for &s in &finished {
             if self.table.is_chunk(s) {
@@ -71,7 +71,7 @@ impl<T: RingTransport> RingLoop<T> {
             };
             let mut st = st;
             if req.nr_segments > 0 {
-                if let Err(p) = self.unmap_results[k] {
+                if let Err(p) = self.scratch.unmap_results[k] {
                     self.guest_error("unmap", req.id, &p);
                     st = status::ERROR;
                 }
@@ -82,7 +82,7 @@ impl<T: RingTransport> RingLoop<T> {
             self.table.release(s);
         }
         finished.clear();
-        self.finished = finished;
+        self.scratch.finished = finished;
     }
 
     /// Answers request `s` with `st` and accounts for it; its slot and grants stay held.

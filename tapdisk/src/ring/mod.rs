@@ -133,6 +133,25 @@ enum LoopState {
     Stopping(RingExit),
 }
 
+/// What a ring loop reuses on every pass instead of allocating.
+struct Scratch {
+    /// What the engine reported done.
+    done: Done,
+    /// What the scheduler finished.
+    finished: Vec<u32>,
+    /// The grant mappings of the requests being answered, and how their release went.
+    unmaps: Vec<blkif::transport::MapHandle>,
+    unmap_results: Vec<Result<(), blkif::request::Problem>>,
+}
+
+/// The loop's two pollers.
+struct Pollers {
+    /// How long to spin for the next request before sleeping (nothing in flight).
+    requests: Poller,
+    /// How long to spin for completions before sleeping (IO in flight).
+    io: Poller,
+}
+
 /// One ring's loop. Build it on the thread that runs it (it holds raw pointers).
 pub struct RingLoop<T: RingTransport> {
     t: T,
@@ -148,20 +167,13 @@ pub struct RingLoop<T: RingTransport> {
     eoi_due: bool,
     env: RingEnv,
     guest_errors: RateLimit,
-    /// Scratch: what the engine reported done.
-    done: Done,
-    /// Scratch: what the scheduler finished.
-    finished: Vec<u32>,
-    /// How long to spin for the next request before sleeping (nothing in flight).
-    poll_requests: Poller,
-    /// How long to spin for completions before sleeping (IO in flight).
-    poll_io: Poller,
+    /// Scratch space reused every pass.
+    scratch: Scratch,
+    /// How long to spin before sleeping, for requests and for completions.
+    poll: Pollers,
     /// Kicks and notifications through the io_uring, where the transport allows (after
     /// `uring`, so its buffers outlive the ring).
     kicks: Option<UringKicks>,
-    /// Scratch: the grant mappings of the requests being answered, and how their release went.
-    unmaps: Vec<blkif::transport::MapHandle>,
-    unmap_results: Vec<Result<(), blkif::request::Problem>>,
 }
 
 impl<T: RingTransport> RingLoop<T> {
@@ -202,13 +214,17 @@ impl<T: RingTransport> RingLoop<T> {
             eoi_due: true,
             env,
             guest_errors: RateLimit::new(10, Duration::from_secs(5)),
-            done: Done::with_capacity(tags as usize),
-            finished: Vec::with_capacity(n as usize + chunks as usize),
-            poll_requests: Poller::new(poll_ns, 1),
-            poll_io: Poller::new(poll_ns, 8),
+            scratch: Scratch {
+                done: Done::with_capacity(tags as usize),
+                finished: Vec::with_capacity(n as usize + chunks as usize),
+                unmaps: Vec::with_capacity(n as usize),
+                unmap_results: Vec::with_capacity(n as usize),
+            },
+            poll: Pollers {
+                requests: Poller::new(poll_ns, 1),
+                io: Poller::new(poll_ns, 8),
+            },
             kicks,
-            unmaps: Vec::with_capacity(n as usize),
-            unmap_results: Vec::with_capacity(n as usize),
         })
     }
 
@@ -307,7 +323,7 @@ impl<T: RingTransport> RingLoop<T> {
             if wait && matches!(self.state, LoopState::Paused) && self.idle() {
                 self.env.ctl.quiesced.store(true, Ordering::Release);
             }
-            let asleep = if wait && self.poll_requests.enabled() {
+            let asleep = if wait && self.poll.requests.enabled() {
                 now_ns()
             } else {
                 0
@@ -326,9 +342,9 @@ impl<T: RingTransport> RingLoop<T> {
             if asleep != 0 {
                 let slept = now_ns().saturating_sub(asleep);
                 let p = if io_wait {
-                    &mut self.poll_io
+                    &mut self.poll.io
                 } else {
-                    &mut self.poll_requests
+                    &mut self.poll.requests
                 };
                 p.slept(slept);
                 let w = p.window_ns();
@@ -401,9 +417,9 @@ impl<T: RingTransport> RingLoop<T> {
     /// The poller of what the loop would wait for now.
     fn poller(&mut self) -> &mut Poller {
         if self.sched.ios_in_flight() > 0 {
-            &mut self.poll_io
+            &mut self.poll.io
         } else {
-            &mut self.poll_requests
+            &mut self.poll.requests
         }
     }
 

@@ -21,9 +21,11 @@ impl<T: RingTransport> RingLoop<T> {
             match self.tokens.decode(cqe.ud) {
                 Some(tok) => self.on_token(tok, cqe, &mut now)?,
                 None => {
-                    self.backend
-                        .engine_mut()
-                        .complete(&mut self.uring, cqe, &mut self.done)?;
+                    self.backend.engine_mut().complete(
+                        &mut self.uring,
+                        cqe,
+                        &mut self.scratch.done,
+                    )?;
                     self.process_done(&mut now)?;
                 }
             }
@@ -72,7 +74,7 @@ impl<T: RingTransport> RingLoop<T> {
                 }
                 self.backend
                     .engine_mut()
-                    .on_poll(&mut self.uring, &mut self.done)?;
+                    .on_poll(&mut self.uring, &mut self.scratch.done)?;
                 self.process_done(now)?;
                 if !cqe.more {
                     self.arm_engine_poll()?;
@@ -95,7 +97,7 @@ impl<T: RingTransport> RingLoop<T> {
 
     /// Hands what the engine reported done to the scheduler.
     fn process_done(&mut self, now: &mut u64) -> io::Result<()> {
-        if self.done.0.is_empty() {
+        if self.scratch.done.0.is_empty() {
             return Ok(());
         }
         if *now == 0 {
@@ -107,14 +109,14 @@ impl<T: RingTransport> RingLoop<T> {
             engine: self.backend.engine_mut(),
             stats: &self.env.stats,
         };
-        for &(tag, r) in &self.done.0 {
+        for &(tag, r) in &self.scratch.done.0 {
             if r < 0 && self.guest_errors.check().is_some() {
                 let e = io::Error::from_raw_os_error(-r);
                 warn!(self.env.log, "IO failed"; "error" => %e, "io" => tag);
             }
             self.sched.io_done(&mut cx, tag, r, *now)?;
         }
-        self.done.0.clear();
+        self.scratch.done.0.clear();
         Ok(())
     }
 

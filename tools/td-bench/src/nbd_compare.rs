@@ -68,7 +68,8 @@ pub struct NbdCompareArgs {
     /// type is the format). Created with --size if it does not exist.
     #[arg(long, value_name = "FILE|SPEC")]
     pub image: PathBuf,
-    /// Size of an image td-bench creates.
+    /// Size of an image td-bench creates (a raw one is written in full, unless --fresh: a
+    /// sparse image would let qemu-nbd answer reads with holes).
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     pub size: u64,
     /// Image format (default: the --image spec's type, else raw).
@@ -329,9 +330,13 @@ impl<'a> Setup<'a> {
             return Ok(());
         }
         match self.format {
-            Format::Raw => std::fs::File::create_new(&self.path)
+            // A sparse raw image would let qemu-nbd answer reads with hole replies (no data on
+            // the wire) where tapdisk sends the zeroes: written in full unless every run
+            // starts fresh (then the runs measure writes into nothing, on both sides alike).
+            Format::Raw if fresh => std::fs::File::create_new(&self.path)
                 .and_then(|f| f.set_len(self.args.size))
                 .with_context(|| format!("creating {}", self.path.display())),
+            Format::Raw => crate::util::prefill(&self.path, self.args.size, self.args.size),
             Format::Qcow2 => {
                 let out = Command::new("qemu-img")
                     .args(["create", "-q", "-f", "qcow2", "-o"])
