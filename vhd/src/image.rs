@@ -198,8 +198,8 @@ impl Image {
             ));
         }
         let bat_space = (h.max_table_entries as u64 * 4).div_ceil(SECTOR) * SECTOR;
-        let bat_used_end = h.table_offset + blocks * 4;
-        if bat_used_end > limit {
+        let bat_used_end = h.table_offset.checked_add(blocks * 4);
+        if bat_used_end.is_none_or(|end| end > limit) {
             return Err(Error::field(
                 S,
                 "table_offset",
@@ -217,7 +217,11 @@ impl Image {
         });
         self.regions.push(Region {
             start: h.table_offset,
-            end: (h.table_offset + bat_space).min(limit).max(bat_used_end),
+            end: h
+                .table_offset
+                .saturating_add(bat_space)
+                .min(limit)
+                .max(bat_used_end.unwrap_or(limit)),
             what: "the BAT",
         });
         if self.footer.disk_type == DiskType::Differencing
@@ -237,7 +241,7 @@ impl Image {
                 self.regions.push(r);
             }
         }
-        let batmap_offset = h.table_offset + bat_space;
+        let batmap_offset = h.table_offset.saturating_add(bat_space);
         self.header = Some(h);
         self.load_batmap(batmap_offset, limit)?;
         self.scan_bat(limit)?;
@@ -252,7 +256,7 @@ impl Image {
         if !f.creator_is_tap() || f.creator_version < 0x0001_0001 {
             return Ok(());
         }
-        if hoff + BATMAP_HEADER_SIZE as u64 > limit {
+        if hoff.saturating_add(BATMAP_HEADER_SIZE as u64) > limit {
             return Ok(());
         }
         let mut hb = [0u8; BATMAP_HEADER_SIZE];

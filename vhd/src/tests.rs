@@ -231,6 +231,15 @@ fn fields_are_validated_with_their_names() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("block_size"), "{e}");
+    // A BAT offset whose end does not fit in 64 bits (fuzzing found the sum overflowing).
+    let mut bytes = m.bytes();
+    bytes[512 + 16..512 + 24].copy_from_slice(&(u64::MAX - 2).to_be_bytes());
+    let c = crate::format::checksum(&bytes[512..1536], 36);
+    bytes[512 + 36..512 + 40].copy_from_slice(&c.to_be_bytes());
+    let e = Image::open(Box::new(MemBacking::from_bytes(bytes, 1 << 30)), "t", &rw())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("table_offset"), "{e}");
 }
 
 #[test]
