@@ -8,7 +8,8 @@
 #![no_main]
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use stripe::master::{Master, State};
+use stripe::master::State;
+use stripe::master_server::Master;
 use stripe::proto::{self, AllocArgs, RegisterArgs};
 use stripe::rpc;
 use stripe::xdr::{Dec, Enc};

@@ -11,10 +11,11 @@ use crate::cache::StatsHandle;
 use crate::entry::Compressed;
 use crate::error::{corrupt, Error, Result};
 use crate::header::MAGIC;
+use crate::image::Ticket;
 use crate::image::{Image, OpenOptions};
 use crate::map::Mapping;
 use crate::storage::{FileStorage, OpenFileError, Storage};
-use crate::write::{GuestReader, Ticket, WriteExtent};
+use crate::write::{GuestReader, WriteExtent};
 
 /// Longest backing chain opened (QEMU has no fixed limit; this bounds open files and memory).
 pub const MAX_DEPTH: usize = 64;

@@ -9,11 +9,40 @@ use std::sync::Arc;
 
 use crate::cache::{Cache, FastMap, StatsHandle, DEFAULT_SLOTS, SLICE};
 use crate::compress::Inflater;
-use crate::entry::{self, Refcounts, OFFSET_MASK};
+use crate::entry::{self, Compressed, Refcounts, OFFSET_MASK};
 use crate::error::{corrupt, Error, Result};
 use crate::header::{self, field, Header};
 use crate::snapshot::{self, Snapshot};
 use crate::storage::Storage;
+
+// The write path (`write.rs`) and the metadata write-back (`meta.rs`) are methods of [`Image`];
+// the types their signatures name live here, so neither file is imported back by this one.
+
+/// Guest clusters a write allocated (or joined while their allocation was in flight), to be
+/// linked into their L2 tables after the data write. Not `Clone`: exactly one commit or
+/// abort per ticket.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a ticket must be committed or aborted"]
+pub struct Ticket {
+    pub(crate) first: u64,
+    pub(crate) count: u64,
+}
+
+/// What the rest of a new cluster must hold.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Source {
+    Zero,
+    Backing,
+    OldCluster(u64),
+    Compressed(Compressed),
+}
+
+/// Which in-memory table.
+#[derive(Clone, Copy)]
+pub(crate) enum Table {
+    L1,
+    Refcount,
+}
 
 /// How to open an image.
 #[derive(Clone, Debug)]

@@ -184,12 +184,13 @@ pub use create::{create, CreateOptions};
 pub use entry::Compressed;
 pub use error::{Error, Result};
 pub use header::Header;
+pub use image::Ticket;
 pub use image::{Image, OpenOptions};
 pub use map::{Extent, Mapping};
 pub use repair::CheckReport;
 pub use snapshot::Snapshot;
 pub use storage::{FileStorage, MemStorage, OpenFileError, Storage};
-pub use write::{GuestReader, Ticket, WriteExtent};
+pub use write::{GuestReader, WriteExtent};
 
 #[cfg(test)]
 mod tests;

@@ -13,14 +13,7 @@
 use crate::cache::{Key, Kind};
 use crate::entry::put_be64_at;
 use crate::error::{Error, Result};
-use crate::image::Image;
-
-/// Which in-memory table.
-#[derive(Clone, Copy)]
-enum Table {
-    L1,
-    Refcount,
-}
+use crate::image::{Image, Table};
 
 impl Image {
     /// `fdatasync`, counted.

@@ -1,9 +1,9 @@
 //! The write mapping: guest bytes to where the data goes, allocating clusters when needed,
 //! and the tickets that link new clusters into their L2 tables once the data is written.
 
-use crate::entry::{self, Compressed, COPIED, L2};
+use crate::entry::{self, COPIED, L2};
 use crate::error::{corrupt, Error, Result};
-use crate::image::{Image, Pending};
+use crate::image::{Image, Pending, Source, Ticket};
 use crate::map::MAX_RUN;
 
 /// Reads guest bytes of a backing image (for the part of a new cluster a write does not
@@ -25,25 +25,6 @@ pub struct WriteExtent {
     /// write completed, or to [`Image::abort`] if it failed. `None`: the clusters were
     /// already allocated, nothing to do afterwards.
     pub ticket: Option<Ticket>,
-}
-
-/// Guest clusters a write allocated (or joined while their allocation was in flight), to be
-/// linked into their L2 tables after the data write. Not `Clone`: exactly one commit or
-/// abort per ticket.
-#[derive(Debug, PartialEq, Eq)]
-#[must_use = "a ticket must be committed or aborted"]
-pub struct Ticket {
-    first: u64,
-    count: u64,
-}
-
-/// What the rest of a new cluster must hold.
-#[derive(Clone, Copy, Debug)]
-enum Source {
-    Zero,
-    Backing,
-    OldCluster(u64),
-    Compressed(Compressed),
 }
 
 impl Image {

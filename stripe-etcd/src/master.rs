@@ -1,7 +1,7 @@
 //! The extent master's state in etcd: one key per LUN (its extents and their owners), the
 //! next extent id, and the extent size; every change a compare-and-swap transaction.
 //!
-//! A change ([`stripe::master::Backend::apply`]) reads the whole state at one revision (one
+//! A change ([`stripe::master_server::Backend::apply`]) reads the whole state at one revision (one
 //! transaction of two range reads), runs the master's own logic on it
 //! ([`stripe::master::State`]: placement, idempotence, checks), and writes back only the LUN
 //! keys that changed, each guarded by its `mod_revision` as read (a new key by
@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
-use stripe::master::{Backend, Slot, State};
+use stripe::master::{Slot, State};
+use stripe::master_server::Backend;
 use stripe::proto::{Failure, ListRes, Status};
 
 use crate::{Error, Etcd};

@@ -26,7 +26,7 @@ use crate::control::{Control, FileControl};
 use crate::intent::{self, Record};
 use crate::intent_log::IntentLog;
 use crate::map::{Geometry, StripeMap};
-use crate::path::{Options, BLOCK};
+use crate::options::{Options, BLOCK};
 use crate::resync::{self, Lun};
 use crate::Error;
 

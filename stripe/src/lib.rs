@@ -29,6 +29,7 @@ pub mod intent_log;
 pub mod map;
 pub mod master;
 pub mod master_server;
+pub mod options;
 pub mod path;
 pub mod proto;
 pub mod recover;

@@ -29,7 +29,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::master_server::{Backend, FileBackend, Master};
 use crate::proto::{
     self, AllocArgs, Extent, ExtentState, Failure, ListRes, Placement, RegisterArgs, Status,
 };

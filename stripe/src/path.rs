@@ -44,10 +44,9 @@ use nix::sys::eventfd::EventFd;
 
 pub use crate::disk::{parse_stale_marks, Disk, ServerStats};
 use crate::map::{Geometry, StripeMap};
+pub use crate::options::{Options, BLOCK};
 use crate::Error;
 
-/// Bytes per LBA on the LUNs (the only block size served).
-pub const BLOCK: u64 = 512;
 /// Most buffers in one SCSI command (the initiator's limit).
 const CMD_IOV: usize = iscsi::conn::MAX_IOV;
 
@@ -62,35 +61,6 @@ pub enum Op {
     Flush,
     /// UNMAP the range.
     Discard,
-}
-
-/// Settings of the data path.
-#[derive(Clone)]
-pub struct Options {
-    /// Commands in flight per server session.
-    pub queue_depth: u16,
-    /// How long commands wait for a dropped server before failing.
-    pub reconnect_timeout: Duration,
-    /// Time limit of one command.
-    pub command_timeout: Duration,
-    /// Logger (connection events, stale marks; never per IO).
-    pub logger: slog::Logger,
-    /// Which thread drives each server's connection: an IO thread per server (the default:
-    /// servers' socket work in parallel on other cores) or the event loop's own thread
-    /// ([`Drive::Inline`]: no hand-off between threads, less CPU per command).
-    pub drive: Drive,
-}
-
-impl Default for Options {
-    fn default() -> Options {
-        Options {
-            queue_depth: 128,
-            reconnect_timeout: Duration::from_secs(5),
-            command_timeout: Duration::from_secs(30),
-            logger: slog::Logger::root(slog::Discard, slog::o!()),
-            drive: Drive::Thread,
-        }
-    }
 }
 
 /// Where one replica of one extent lives, resolved to this loop's server numbers.

@@ -6,7 +6,8 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 
-use stripe::master::{Master, Store};
+use stripe::master::Store;
+use stripe::master_server::Master;
 
 fn have(tool: &str) -> bool {
     Command::new(tool).arg("--version").output().is_ok()

@@ -175,7 +175,7 @@ pub fn master(state: &Path, extent_size: u64, urls: &[String]) -> Result<String>
     let (store, st) = stripe::master::Store::open(state, Some(extent_size))?;
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?.to_string();
-    let m = stripe::master::Master::new(store, st, log);
+    let m = stripe::master_server::Master::new(store, st, log);
     std::thread::spawn(move || m.serve(l));
     let mut c = stripe::MasterClient::new(&addr);
     for u in urls {

@@ -10,6 +10,28 @@ use crate::format::{
     SECTOR,
 };
 
+/// (Defined here, beside the image it belongs to; `map.rs` makes and commits them.)
+/// What [`Image::commit`] must record once the data IO of a mapped write has completed.
+/// Dropping it instead (the IO failed) leaves the range as it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "commit the ticket after the data IO completes, or drop it if the IO failed"]
+pub struct Ticket {
+    pub(crate) kind: TicketKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TicketKind {
+    /// Nothing to record (fixed disk, or a block already full).
+    Nothing,
+    /// Set `count` bitmap bits from `first` in `block`, stored at BAT entry `entry`.
+    Bits {
+        block: u32,
+        entry: u32,
+        first: u32,
+        count: u32,
+    },
+}
+
 /// How to open an image.
 #[derive(Clone, Debug)]
 pub struct OpenOptions {

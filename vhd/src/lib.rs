@@ -85,8 +85,8 @@ pub use create::{
 pub use error::{Error, Result};
 pub use format::{DiskType, Footer, Header, Uuid};
 pub use grow::{grow, revert};
-pub use image::{Image, OpenOptions};
-pub use map::{Extent, Mapping, Ticket, WriteMap};
+pub use image::{Image, OpenOptions, Ticket};
+pub use map::{Extent, Mapping, WriteMap};
 pub use resize::resize;
 
 #[cfg(test)]

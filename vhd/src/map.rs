@@ -30,7 +30,7 @@
 use crate::cache::Key;
 use crate::error::{Error, Result};
 use crate::format::{clear_bit, run_len, set_bit, test_bit, DiskType, BAT_UNUSED, SECTOR};
-use crate::image::Image;
+use crate::image::{Image, Ticket, TicketKind};
 
 /// Where a range of one image is, for reading.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,27 +53,6 @@ pub struct Extent {
     pub len: u64,
     /// Where they are.
     pub map: Mapping,
-}
-
-/// What [`Image::commit`] must record once the data IO of a mapped write has completed.
-/// Dropping it instead (the IO failed) leaves the range as it was.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[must_use = "commit the ticket after the data IO completes, or drop it if the IO failed"]
-pub struct Ticket {
-    kind: TicketKind,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum TicketKind {
-    /// Nothing to record (fixed disk, or a block already full).
-    Nothing,
-    /// Set `count` bitmap bits from `first` in `block`, stored at BAT entry `entry`.
-    Bits {
-        block: u32,
-        entry: u32,
-        first: u32,
-        count: u32,
-    },
 }
 
 /// Where a prefix of a write goes.

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use stripe::master::{Master, Store};
+use stripe::master::Store;
+use stripe::master_server::Master;
 use stripe::proto::{RegisterArgs, DEFAULT_PORT};
 use stripe::MasterClient;
 use td_cli::{fmt_bytes, fmt_size, parse_size as size_arg};

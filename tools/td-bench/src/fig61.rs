@@ -177,7 +177,11 @@ fn striped(f: &Fig61, n: u32, dir: &Path) -> Result<Row> {
     let (store, st) = stripe::master::Store::open(&state, Some(EXTENT))?;
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?.to_string();
-    let m = stripe::master::Master::new(store, st, slog::Logger::root(slog::Discard, slog::o!()));
+    let m = stripe::master_server::Master::new(
+        store,
+        st,
+        slog::Logger::root(slog::Discard, slog::o!()),
+    );
     std::thread::spawn(move || m.serve(l));
     let mut c = stripe::MasterClient::new(&addr);
     for u in &urls {

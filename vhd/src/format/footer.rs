@@ -1,6 +1,10 @@
 //! The footer and the disk's CHS geometry.
 
-use super::*;
+use super::{
+    be32, be64, checksum, put32, put64, vhd_now, Uuid, CREATOR_TAP, CREATOR_VERSION,
+    FEATURE_RESERVED, FEATURE_TEMPORARY, FILE_FORMAT_VERSION, FOOTER_COOKIE, FOOTER_SIZE,
+    POISON_COOKIE, SECTOR,
+};
 use crate::error::{Error, Result};
 
 /// The CHS geometry the specification derives from a size (cylinders, heads, sectors per
