@@ -562,3 +562,46 @@ fn control_socket_refuses_long_lines_and_other_versions() {
     (&s).write_all(b"{\"v\":1,\"cmd\":\"hello\"}\n").unwrap();
     assert!(reply(&mut r).get("ok").is_some());
 }
+
+/// A stand-in for a tapdisk killed in the middle of a request: a process that listens on the
+/// control socket of its own pid, takes one connection, reads the request and exits without
+/// an answer. Every verb reports such a tapdisk as dead (ESRCH), as it does one found dead
+/// before the request, not as a broken connection.
+#[test]
+fn a_tapdisk_that_dies_during_a_request_is_reported_dead() {
+    let rig = Rig::new();
+    let script = r#"
+import os, socket, sys
+d = os.path.join(sys.argv[1], "tapdisk-rs", "ctl")
+os.makedirs(d, exist_ok=True)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(os.path.join(d, "tapdisk-%d.sock" % os.getpid()))
+s.listen(1)
+print(os.getpid(), flush=True)
+c, _ = s.accept()
+c.recv(65536)
+os._exit(0)
+"#;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&rig.rundir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("running python3 (tests/run.sh installs it)");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let pid = line.trim().to_owned();
+    let reaper = std::thread::spawn(move || child.wait());
+    let msg = rig.fails(
+        &["stats", "-p", &pid, "-m", "0"],
+        libc::ESRCH,
+        "died during the request",
+    );
+    assert!(msg.contains(&format!("tapdisk {pid}")), "{msg}");
+    reaper.join().unwrap().unwrap();
+}

@@ -1,6 +1,6 @@
 //! The VBD's NBD export: each connection that reaches transmission attaches a ring of its own
 //! to the VBD (a local-transport ring over a socket pair inside the process) and drives it
-//! with [`RingDisk`].
+//! with [`RingDisk`]. The connection's thread and its ring's stay on one CPU.
 
 use std::io;
 use std::os::unix::net::UnixStream;
@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::nbd::ring_disk::RingDisk;
 use crate::nbd::{Disk, Export, ExportInfo};
+use crate::sys::cpu::Colocation;
 
 use super::rings::{RingKind, Rings};
 
@@ -68,11 +69,14 @@ impl Export for VbdExport {
         self.info.clone()
     }
 
+    /// Runs on the connection's thread: it and the ring's thread hand each batch to each
+    /// other, so both stay on the CPU the connection runs on now ([`Colocation`]).
     fn connect(&self) -> io::Result<Box<dyn Disk>> {
         let (front, back) = UnixStream::pair()?;
         let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let near = Colocation::here().filter(|c| c.join());
         self.rings
-            .attach_local(RingKind::Nbd, &format!("nbd{n}"), back)?;
+            .attach_local(RingKind::Nbd, &format!("nbd{n}"), back, near)?;
         Ok(Box::new(RingDisk::attach(front)?))
     }
 }

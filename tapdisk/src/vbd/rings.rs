@@ -19,6 +19,7 @@ use crate::ring::{
     lock, RingConfig, RingControl, RingEnv, RingExit, RingLoop, RingTransport, VbdShared,
 };
 use crate::stats::{Absorb, RingStats};
+use crate::sys::cpu::Colocation;
 use crate::trace::{self, TraceReader};
 
 /// Rings attached to a VBD at once through the device socket or by tapback, counting those
@@ -218,19 +219,23 @@ impl Rings {
     }
 
     /// Serves a local-transport frontend that connected over `sock` (its handshake runs on
-    /// the ring's thread).
+    /// the ring's thread). With `near`, the ring's thread stays on that CPU (a frontend
+    /// thread in this process that works in step with it is there: [`Colocation`]).
     pub fn attach_local(
         &self,
         kind: RingKind,
         name: &str,
         sock: UnixStream,
+        near: Option<Colocation>,
     ) -> io::Result<RingLink> {
         let (limits, disk) = (self.limits, self.disk);
         self.spawn(kind, name, disk, move |log| {
+            let cpu = near.filter(|c| c.join()).map(|c| c.cpu());
             match blkif::local::accept(sock, &limits, &disk) {
                 Ok(be) => {
                     info!(log, "ring attached"; "abi" => be.abi.name(), "ring_order" => be.ring_order,
-                          "slots" => be.ring.size(), "mem_pages" => be.grants.pages());
+                          "slots" => be.ring.size(), "mem_pages" => be.grants.pages(),
+                          "cpu" => ?cpu);
                     Ok(be)
                 }
                 Err(e) => {
@@ -371,7 +376,7 @@ pub fn accept_loop(
                 continue;
             }
             let no = lock(&rings.registry).next_no + 1;
-            if let Err(e) = rings.attach_local(RingKind::Local, &format!("ring{no}"), sock) {
+            if let Err(e) = rings.attach_local(RingKind::Local, &format!("ring{no}"), sock, None) {
                 warn!(rings.log, "cannot start a ring thread"; "error" => %e);
             }
         }

@@ -81,8 +81,9 @@ pub fn close(ctx: &Ctx, target: &Target, timeout: Option<u64>, force: bool) -> R
     let limit = timeout.map_or(cmd.deadline(), Duration::from_secs);
     match conn.done_within(limit, cmd) {
         Ok(()) => Ok(Closed::Live(pid)),
-        // It died under us (killed just before, its socket not yet gone): what a dead one gets.
-        Err(_) if !pid_alive(pid) => {
+        // It died under us (killed just before, its socket not yet gone; `Ctx` tells): what a
+        // dead one gets.
+        Err(e) if exit_code(&e) == Errno::ESRCH as i32 => {
             ctx.clean_dead(pid, m);
             ctx.forget_dead(m);
             Ok(Closed::Dead)

@@ -19,6 +19,10 @@ use crate::{io_msg, one_line, Disk, Target};
 /// How long a tapdisk may take to exit once told to.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long an exchange that broke waits for its tapdisk to finish dying before it calls the
+/// tapdisk alive (a killed process's socket breaks before the process is gone).
+const DYING_GRACE: Duration = Duration::from_millis(500);
+
 /// Where the tapdisks are.
 #[derive(Debug, Clone)]
 pub struct Ctx {
@@ -295,11 +299,43 @@ impl Conn {
         let pid = self.pid;
         self.client.call_within(command, limit).map_err(|e| {
             let msg = format!("tapdisk {pid}: {}", one_line(&e));
-            match errno_of(&e) {
+            self.died(&e, &msg).unwrap_or_else(|| match errno_of(&e) {
                 Some(n) => fail(n, msg),
                 None => anyhow!(msg),
-            }
+            })
         })
+    }
+
+    /// The error for an exchange that failed because the tapdisk died during it (killed or
+    /// crashed just before or meanwhile, its socket not yet gone): ESRCH, as for a tapdisk
+    /// found dead before the exchange, so every verb treats both alike. None if the failure is
+    /// not the transport's, or the tapdisk lives on.
+    fn died(&self, e: &tapdisk_control::Error, msg: &str) -> Option<anyhow::Error> {
+        let transport = matches!(
+            e,
+            tapdisk_control::Error::Io { .. }
+                | tapdisk_control::Error::Closed { .. }
+                | tapdisk_control::Error::Connect { .. }
+        );
+        if !transport {
+            return None;
+        }
+        // A process killed a moment ago may still be exiting when its socket breaks.
+        let deadline = Instant::now() + DYING_GRACE;
+        while pid_alive(self.pid) {
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(fail(
+            Errno::ESRCH,
+            format!(
+                "tapdisk {} died during the request (killed or crashed): {msg}; \
+                 'tap-ctl list' shows what it served, 'tap-ctl destroy -m MINOR' cleans up",
+                self.pid
+            ),
+        ))
     }
 
     /// Sends a command answered with `done`.
@@ -335,10 +371,12 @@ impl Conn {
         match self.client.call_within(cmd, limit) {
             Ok(Reply::Opened { vbd }) => Ok(vbd),
             Ok(other) => Err(self.unexpected(&other)),
-            Err(e) => Err(match errno_of(&e) {
-                Some(n) => fail(n, one_line(&e)),
-                None => anyhow!(one_line(&e)),
-            }),
+            Err(e) => Err(self
+                .died(&e, &one_line(&e))
+                .unwrap_or_else(|| match errno_of(&e) {
+                    Some(n) => fail(n, one_line(&e)),
+                    None => anyhow!(one_line(&e)),
+                })),
         }
     }
 
