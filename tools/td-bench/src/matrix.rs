@@ -5,7 +5,8 @@
 //! no device under it) and one on a file system (O_DIRECT where it allows: a device under
 //! it). Every row uses tapdisk's default settings except where it says otherwise; the last
 //! polls on both sides, with the frontend and tapdisk pinned to different CPUs (see
-//! `--pin`).
+//! `--pin`); it is skipped where the process may use only one CPU (`taskset -c N td-bench
+//! compare --matrix` runs every side on that one CPU).
 
 use std::path::Path;
 use std::time::Duration;
@@ -68,6 +69,7 @@ fn filled(path: &Path, size: u64) -> Result<()> {
     prefill(path, size, size)
 }
 
+/// The arguments of row `r`.
 fn row_args(base: &CompareArgs, r: &Row, image: &Path) -> CompareArgs {
     let mut a = base.clone();
     a.matrix = false;
@@ -104,11 +106,20 @@ pub fn run(args: &CompareArgs) -> Result<bool> {
     filled(&file, size)?;
     // Pinned rows move this thread; every other row runs with the CPUs we started with.
     let cpus = sched_getaffinity(Pid::from_raw(0)).context("reading this process's CPUs")?;
+    let can_pin = (0..nix::sched::CpuSet::count())
+        .filter(|&c| cpus.is_set(c).unwrap_or(false))
+        .nth(1)
+        .is_some();
     let mut rows: Vec<(&Row, Pair)> = Vec::new();
     let mut errors = 0;
     for r in ROWS {
         let image = if r.memory { &mem } else { &file };
         eprintln!("== {} ({} runs each)", r.name, args.repeat);
+        if r.poll_us > 0 && !can_pin {
+            // Two threads spinning on one CPU take it from each other: no measurement.
+            eprintln!("   skipped: this process may use one CPU, and both sides poll");
+            continue;
+        }
         let p = compare::pair(&row_args(args, r, image), false);
         sched_setaffinity(Pid::from_raw(0), &cpus).context("restoring this process's CPUs")?;
         let p = p.with_context(|| r.name)?;
