@@ -36,22 +36,26 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A `stripe-master serve --etcd` process, killed on drop.
-struct Master(Child, String);
+/// A `stripe-master serve --etcd` process, killed on drop; its log is printed if the test
+/// fails (a master that stops answering says why there).
+struct Master(Child, String, tempfile::NamedTempFile);
 
 impl Master {
     fn start(endpoints: &str, extent_size: &str) -> Master {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
+        let log = tempfile::NamedTempFile::new().expect("a log file for the master");
         let child = Command::new(bin("stripe-master"))
             .args(["serve", "--etcd", endpoints, "--extent-size", extent_size])
             .args(["--listen", &addr])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(
+                log.reopen().expect("reopening the master's log"),
+            ))
             .spawn()
             .expect("starting stripe-master");
-        let m = Master(child, addr.clone());
+        let m = Master(child, addr.clone(), log);
         let t0 = Instant::now();
         let mut c = MasterClient::new(&addr);
         while c.reachable().is_err() {
@@ -69,6 +73,14 @@ impl Drop for Master {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.2.path()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- stripe-master at {}, last lines of its log:", self.1);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 
