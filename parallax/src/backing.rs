@@ -5,12 +5,13 @@
 //! io_uring on [`FileBacking::file`]), or uses the image's synchronous read/write API, which
 //! goes through the backing too.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use storefile::{Fallocate, Fallocated, Store};
 
 use crate::error::{Error, Result};
 
@@ -66,9 +67,7 @@ impl<B: Backing + Sync> Backing for Arc<B> {
 /// two processes never write one image and no reader sees it change under it.
 #[derive(Debug)]
 pub struct FileBacking {
-    file: File,
-    path: PathBuf,
-    block_device: bool,
+    store: Store,
     read_only: bool,
 }
 
@@ -76,74 +75,37 @@ impl FileBacking {
     /// Opens an existing file or block device; [`Error::Locked`] if another process holds a
     /// conflicting lock. Errors do not repeat the path: callers say which image they opened.
     pub fn open(path: &Path, read_only: bool) -> Result<FileBacking> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| Error::io("cannot open", e))?;
-        Self::from_file(file, path, read_only, "cannot open")
+        let store = Store::open(path, read_only).map_err(|e| Error::io("cannot open", e))?;
+        Self::locked(store, read_only, "cannot open")
     }
 
     /// Creates a new file (failing if it exists).
     pub fn create(path: &Path) -> Result<FileBacking> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| Error::io("cannot create", e))?;
-        Self::from_file(file, path, false, "cannot create")
+        let store = Store::create(path).map_err(|e| Error::io("cannot create", e))?;
+        Self::locked(store, false, "cannot create")
     }
 
-    fn from_file(file: File, path: &Path, read_only: bool, what: &str) -> Result<FileBacking> {
-        let meta = file.metadata().map_err(|e| Error::io(what, e))?;
-        let block_device = meta.file_type().is_block_device();
-        if !block_device && !meta.is_file() {
-            return Err(Error::io(
-                what,
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "neither a regular file nor a block device",
-                ),
-            ));
+    fn locked(store: Store, read_only: bool, what: &str) -> Result<FileBacking> {
+        match store.try_lock(!read_only) {
+            Ok(true) => Ok(FileBacking { store, read_only }),
+            Ok(false) => Err(Error::Locked(store.path().display().to_string())),
+            Err(e) => Err(Error::io(what, e)),
         }
-        let op = if read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        } | libc::LOCK_NB;
-        // SAFETY: flock on a descriptor this function owns; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
-            let e = io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                Error::Locked(path.display().to_string())
-            } else {
-                Error::io(what, e)
-            });
-        }
-        Ok(FileBacking {
-            file,
-            path: path.to_path_buf(),
-            block_device,
-            read_only,
-        })
     }
 
     /// The open file: data IO at the machine offsets the image hands out goes here.
     pub fn file(&self) -> &File {
-        &self.file
+        self.store.file()
     }
 
     /// The path it was opened with.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.store.path()
     }
 
     /// Whether it is a block device (fixed size, no holes).
     pub fn is_block_device(&self) -> bool {
-        self.block_device
+        self.store.is_block_device()
     }
 
     /// Whether it was opened read-only.
@@ -154,83 +116,47 @@ impl FileBacking {
 
 impl Backing for FileBacking {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        self.file().read_exact_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        self.file().write_all_at(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.file().sync_data()
     }
     fn size(&self) -> io::Result<u64> {
-        if self.block_device {
-            let mut size = 0u64;
-            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at a
-            // live local of that type.
-            let r = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64, &mut size) };
-            if r != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(size)
-        } else {
-            Ok(self.file.metadata()?.len())
-        }
+        self.store.size()
     }
     fn grow(&self, size: u64) -> io::Result<()> {
         let now = self.size()?;
         if size <= now {
             return Ok(());
         }
-        if self.block_device {
+        if self.is_block_device() {
             // ENOSPC: the image turns it into an out-of-space error.
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         // Allocate the new space at once (unwritten extents: it still reads as zeroes), so
         // the data written there later needs no block allocation per IO and lands in one
         // contiguous run; where the file system cannot, a sparse extension.
-        let (Ok(off), Ok(len)) = (i64::try_from(now), i64::try_from(size - now)) else {
-            return Err(io::Error::from_raw_os_error(libc::EFBIG));
-        };
-        // SAFETY: fallocate on a descriptor this value owns; no memory is passed.
-        if unsafe { libc::fallocate(self.file.as_raw_fd(), 0, off, len) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => self.file.set_len(size),
-            _ => Err(e),
+        match self.store.fallocate(Fallocate::Allocate, now, size - now)? {
+            Fallocated::Done => Ok(()),
+            Fallocated::Unsupported => self.file().set_len(size),
         }
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        if self.block_device || len == 0 {
+        if self.is_block_device() {
             return Ok(());
         }
-        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Ok(());
-        };
-        // SAFETY: fallocate on a descriptor this value owns; no memory is passed.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                l,
-            )
-        };
-        if r != 0 {
-            let e = io::Error::last_os_error();
-            // A file system without hole punching simply keeps the space.
-            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                return Ok(());
-            }
-            return Err(e);
+        // A hint: a file system without hole punching simply keeps the space, and a range
+        // past any file's size has nothing to give back.
+        match self.store.fallocate(Fallocate::PunchHole, offset, len) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EFBIG) => Ok(()),
+            Err(e) => Err(e),
         }
-        Ok(())
     }
 }
-
-// _IOR(0x12, 114, size_t)
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 /// A store in memory, for tests, fuzzing and the cache experiment. Clones share the bytes.
 #[derive(Clone, Debug, Default)]

@@ -9,12 +9,12 @@
 //! single writer, which another thread may read at any time through a [`StatsHandle`] (for
 //! `tap-ctl stats`) without taking a lock.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::Serialize;
+
+use metacache::{Counter, FastMap};
 
 use crate::error::{Error, Result};
 use crate::format::BLOCK;
@@ -97,43 +97,6 @@ impl Key {
 pub(crate) enum KeyKind {
     V2p(u64),
     Tree(Tree, u8, u64),
-}
-
-/// Multiplicative hashing for keys (they are small integers).
-#[derive(Default)]
-pub(crate) struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-    fn write_u64(&mut self, x: u64) {
-        let h = (self.0 ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = h ^ (h >> 29);
-    }
-}
-
-/// A counter with one writer and any number of readers.
-#[derive(Debug, Default)]
-struct Counter(AtomicU64);
-
-impl Counter {
-    #[inline]
-    fn add(&self, n: u64) {
-        // One writer: a relaxed load and store, no locked instruction.
-        self.0.store(
-            self.0.load(Ordering::Relaxed).wrapping_add(n),
-            Ordering::Relaxed,
-        );
-    }
-    fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
 }
 
 #[derive(Debug, Default)]
@@ -266,7 +229,7 @@ pub(crate) struct Slot {
 pub(crate) struct Cache {
     data: Vec<u8>,
     slots: Vec<Slot>,
-    map: HashMap<Key, u32, BuildHasherDefault<KeyHasher>>,
+    map: FastMap<Key, u32>,
     free: Vec<u32>,
     /// Most recently used.
     head: u32,
@@ -294,7 +257,7 @@ impl Cache {
         };
         let counters = Arc::new(Counters::default());
         counters.slots.store(n as u64, Ordering::Relaxed);
-        let mut map = HashMap::default();
+        let mut map = FastMap::default();
         map.try_reserve(n).map_err(no_memory)?;
         let bytes = n.saturating_mul(BLOCK);
         let mut data = Vec::new();

@@ -28,11 +28,12 @@
 //! committed. Reopening resumes from the last commit.
 
 use std::collections::HashSet;
-use std::hash::BuildHasherDefault;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use metacache::FastSet;
+
 use crate::backing::Backing;
-use crate::cache::{Cache, CacheStats, KeyHasher, StatsHandle, Tree, DEFAULT_SLOTS};
+use crate::cache::{Cache, CacheStats, StatsHandle, Tree, DEFAULT_SLOTS};
 use crate::error::{Error, Result};
 use crate::format::{
     self, check_name, decode_volume_block, encode_volume_block, v2p_levels, Range, Superblock,
@@ -123,7 +124,7 @@ pub struct Image<B: Backing> {
     pub(crate) read_only: bool,
     pub(crate) cache: Cache,
     /// Metadata machine blocks allocated in this epoch.
-    pub(crate) fresh: HashSet<u64, BuildHasherDefault<KeyHasher>>,
+    pub(crate) fresh: FastSet<u64>,
     /// Machine runs `(start, len)` freed in this epoch.
     pub(crate) freed_machine: Vec<(u64, u64)>,
     /// Physical blocks freed in this epoch.
@@ -210,7 +211,7 @@ impl<B: Backing> Image<B> {
             superblock_damage: None,
             read_only,
             cache,
-            fresh: HashSet::default(),
+            fresh: FastSet::default(),
             freed_machine: Vec::new(),
             freed_phys: Vec::new(),
             freed_sorted: 0,

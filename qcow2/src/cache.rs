@@ -9,11 +9,10 @@
 //! Hits and misses are counted per table kind in counters with a single writer, which another
 //! thread may read at any time through a [`StatsHandle`] (for `tap-ctl stats`) without a lock.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+pub(crate) use metacache::FastMap;
 use serde::Serialize;
 
 /// The default number of slots (8 MiB of 4 KiB slices: the L2 tables of 4 GiB of disk with
@@ -50,27 +49,6 @@ impl Key {
         self.0 & !1
     }
 }
-
-/// Multiplicative hashing for keys (file offsets).
-#[derive(Default)]
-pub(crate) struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-    fn write_u64(&mut self, x: u64) {
-        let h = (self.0 ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = h ^ (h >> 29);
-    }
-}
-
-pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
 
 /// Counters with one writer (the image's owner) and any number of readers.
 #[derive(Debug, Default)]

@@ -9,12 +9,14 @@
 //! see each other: `qemu-img` refuses to write an image we serve, and we refuse to open one a
 //! QEMU process writes. `qemu-img` with `-U` (force share) can still read it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use storefile::{Fallocate, Store};
 
 /// Synchronous positional access to the bytes of an image file.
 ///
@@ -74,9 +76,7 @@ pub(crate) fn write_zeroes(s: &dyn Storage, mut offset: u64, mut len: u64) -> io
 /// An image in a regular file or on a block device.
 #[derive(Debug)]
 pub struct FileStorage {
-    file: File,
-    path: PathBuf,
-    block_device: bool,
+    store: Store,
 }
 
 /// Why a file could not be opened.
@@ -101,65 +101,32 @@ impl FileStorage {
     /// Opens an existing file or block device, read-write or read-only, and takes QEMU's
     /// locks for that use (see the module doc).
     pub fn open(path: &Path, read_only: bool) -> Result<FileStorage, OpenFileError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(OpenFileError::Io)?;
-        Self::from_file(file, path, read_only, true)
+        let store = Store::open(path, read_only).map_err(OpenFileError::Io)?;
+        Self::from_store(store, read_only, true)
     }
 
     /// Opens without taking or checking locks (for tools that know better, and tests).
     pub fn open_unlocked(path: &Path, read_only: bool) -> Result<FileStorage, OpenFileError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(OpenFileError::Io)?;
-        Self::from_file(file, path, read_only, false)
+        let store = Store::open(path, read_only).map_err(OpenFileError::Io)?;
+        Self::from_store(store, read_only, false)
     }
 
     /// Creates a new file (failing if it exists), locked for writing.
     pub fn create(path: &Path) -> Result<FileStorage, OpenFileError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(OpenFileError::Io)?;
-        Self::from_file(file, path, false, true)
+        let store = Store::create(path).map_err(OpenFileError::Io)?;
+        Self::from_store(store, false, true)
     }
 
-    fn from_file(
-        file: File,
-        path: &Path,
-        read_only: bool,
-        lock: bool,
-    ) -> Result<FileStorage, OpenFileError> {
-        let meta = file.metadata().map_err(OpenFileError::Io)?;
-        let block_device = meta.file_type().is_block_device();
-        if !block_device && !meta.is_file() {
-            return Err(OpenFileError::Io(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "neither a regular file nor a block device",
-            )));
-        }
+    fn from_store(store: Store, read_only: bool, lock: bool) -> Result<FileStorage, OpenFileError> {
         if lock {
-            qemu_lock(&file, read_only)?;
+            qemu_lock(store.file(), read_only)?;
         }
-        Ok(FileStorage {
-            file,
-            path: path.to_path_buf(),
-            block_device,
-        })
+        Ok(FileStorage { store })
     }
 
     /// The path it was opened with.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.store.path()
     }
 }
 
@@ -244,14 +211,15 @@ fn ofd_conflict(file: &File, byte: i64) -> io::Result<bool> {
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }
 
-// _IOR(0x12, 114, size_t)
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match self
+                .store
+                .file()
+                .read_at(&mut buf[done..], offset + done as u64)
+            {
                 Ok(0) => {
                     buf[done..].fill(0);
                     return Ok(());
@@ -264,78 +232,54 @@ impl Storage for FileStorage {
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        self.store.file().write_all_at(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.store.file().sync_data()
     }
     fn size(&self) -> io::Result<u64> {
-        if self.block_device {
-            let mut size = 0u64;
-            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, a live local of that
-            // type.
-            let r = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64, &mut size) };
-            if r != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(size)
-        } else {
-            Ok(self.file.metadata()?.len())
-        }
+        self.store.size()
     }
     fn grow(&self, size: u64) -> io::Result<()> {
         if self.size()? >= size {
             return Ok(());
         }
-        if self.block_device {
+        if self.store.is_block_device() {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        self.file.set_len(size)
+        self.store.file().set_len(size)
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        if self.block_device || len == 0 {
+        if self.store.is_block_device() {
             return Ok(());
         }
-        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Ok(());
-        };
-        // SAFETY: fallocate on a descriptor this value owns; no memory is passed.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                l,
-            )
-        };
-        if r != 0 {
-            let e = io::Error::last_os_error();
-            if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) {
-                return Ok(());
-            }
-            return Err(e);
+        // A file system without hole punching keeps the space; a range no file can reach
+        // has nothing to give back.
+        match self.store.fallocate(Fallocate::PunchHole, offset, len) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EFBIG) => Ok(()),
+            Err(e) => Err(e),
         }
-        Ok(())
     }
     fn grows_with_zeroes(&self) -> bool {
-        !self.block_device
+        !self.store.is_block_device()
     }
     fn file(&self) -> Option<&File> {
-        Some(&self.file)
+        Some(self.store.file())
     }
     fn relock(&self, read_only: bool) -> io::Result<()> {
         let writer = [PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE];
         if read_only {
             for p in writer {
-                ofd_unlock(&self.file, LOCK_PERM_BASE + p as i64)?;
+                ofd_unlock(self.store.file(), LOCK_PERM_BASE + p as i64)?;
             }
             return Ok(());
         }
-        match qemu_lock(&self.file, false) {
+        match qemu_lock(self.store.file(), false) {
             Ok(()) => Ok(()),
             Err(e) => {
                 for p in writer {
-                    ofd_unlock(&self.file, LOCK_PERM_BASE + p as i64)?;
+                    ofd_unlock(self.store.file(), LOCK_PERM_BASE + p as i64)?;
                 }
                 Err(match e {
                     OpenFileError::Locked => io::Error::new(
@@ -348,7 +292,7 @@ impl Storage for FileStorage {
         }
     }
     fn name(&self) -> String {
-        self.path.display().to_string()
+        self.store.path().display().to_string()
     }
 }
 

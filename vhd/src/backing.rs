@@ -2,12 +2,13 @@
 //! executor. A block driver does its data IO itself at the offsets the mapping calls return,
 //! on [`Backing::file`] or a descriptor of its own on the same path.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Mutex;
+
+use storefile::{Fallocate, Fallocated, Store};
 
 /// Synchronous positional access to an image file.
 ///
@@ -45,118 +46,72 @@ pub trait Backing: Send + Sync {
 /// An image in a regular file or on a block device.
 #[derive(Debug)]
 pub struct FileBacking {
-    file: File,
-    path: PathBuf,
-    block_device: bool,
+    store: Store,
 }
 
 impl FileBacking {
     /// Opens an existing file or block device.
     pub fn open(path: &Path, read_only: bool) -> io::Result<FileBacking> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)?;
-        Self::from_file(file, path)
+        Ok(FileBacking {
+            store: Store::open(path, read_only)?,
+        })
     }
 
     /// Creates a new file, failing if it exists.
     pub fn create(path: &Path) -> io::Result<FileBacking> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)?;
-        Self::from_file(file, path)
-    }
-
-    fn from_file(file: File, path: &Path) -> io::Result<FileBacking> {
-        let meta = file.metadata()?;
-        let block_device = meta.file_type().is_block_device();
-        if !block_device && !meta.is_file() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "neither a regular file nor a block device",
-            ));
-        }
         Ok(FileBacking {
-            file,
-            path: path.to_path_buf(),
-            block_device,
+            store: Store::create(path)?,
         })
     }
 }
 
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-
 impl Backing for FileBacking {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        self.store.file().read_exact_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        self.store.file().write_all_at(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.store.file().sync_data()
     }
     fn size(&self) -> io::Result<u64> {
-        if self.block_device {
-            let mut size = 0u64;
-            // SAFETY: BLKGETSIZE64 stores one u64 through the pointer, which points at a live
-            // local of that type; the descriptor is ours.
-            let r = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64, &mut size) };
-            if r != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(size)
-        } else {
-            Ok(self.file.metadata()?.len())
-        }
+        self.store.size()
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        };
-        let mode = if self.block_device {
-            // Zeroing a range of a block device: it may not hold zeroes after a plain discard.
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        // Zeroing a range of a block device: it may not hold zeroes after a plain discard.
+        let what = if self.store.is_block_device() {
+            Fallocate::ZeroRange
         } else {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            Fallocate::PunchHole
         };
-        // SAFETY: fallocate on a descriptor this value owns; no memory is passed.
-        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) } == 0 {
+        if self.store.fallocate(what, offset, len)? == Fallocated::Done {
             return Ok(());
         }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            // No hole punching here: write zeroes instead, so the range still reads as zero.
-            let z = vec![0u8; (len as usize).min(1 << 20)];
-            let mut done = 0u64;
-            while done < len as u64 {
-                let n = (len as u64 - done).min(z.len() as u64) as usize;
-                self.file.write_all_at(&z[..n], offset + done)?;
-                done += n as u64;
-            }
-            return Ok(());
+        // No hole punching here: write zeroes instead, so the range still reads as zero.
+        let z = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(z.len() as u64) as usize;
+            self.store.file().write_all_at(&z[..n], offset + done)?;
+            done += n as u64;
         }
-        Err(e)
+        Ok(())
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        if self.block_device {
+        if self.store.is_block_device() {
             return Ok(());
         }
-        self.file.set_len(len)
+        self.store.file().set_len(len)
     }
     fn fixed_size(&self) -> bool {
-        self.block_device
+        self.store.is_block_device()
     }
     fn file(&self) -> Option<&File> {
-        Some(&self.file)
+        Some(self.store.file())
     }
     fn path(&self) -> Option<&Path> {
-        Some(&self.path)
+        Some(self.store.path())
     }
 }
 

@@ -8,10 +8,9 @@
 //! Hits and misses are counted per kind in counters with a single writer (the image's owner),
 //! which any thread may read at any time through a [`StatsHandle`] without a lock.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use metacache::{Counter, FastMap};
 use serde::Serialize;
 
 /// Slots when nothing is configured: 1024 (512 KiB), the bitmaps of 2 GiB of a disk.
@@ -24,24 +23,6 @@ pub(crate) enum Key {
     Bat(u32),
     /// The sector bitmap of block `n`.
     Bitmap(u32),
-}
-
-/// A counter with one writer and any number of readers.
-#[derive(Debug, Default)]
-struct Counter(AtomicU64);
-
-impl Counter {
-    #[inline]
-    fn add(&self, n: u64) {
-        // One writer: a relaxed load and store, no locked instruction.
-        self.0.store(
-            self.0.load(Ordering::Relaxed).wrapping_add(n),
-            Ordering::Relaxed,
-        );
-    }
-    fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
 }
 
 #[derive(Debug, Default)]
@@ -117,7 +98,7 @@ pub(crate) struct Cache {
     /// File offset of each slot's sector.
     offsets: Box<[u64]>,
     bufs: Box<[[u8; 512]]>,
-    index: HashMap<Key, u32>,
+    index: FastMap<Key, u32>,
     hand: usize,
     used: usize,
     counters: Arc<Counters>,
@@ -135,7 +116,7 @@ impl Cache {
             referenced: vec![false; n].into_boxed_slice(),
             offsets: vec![0; n].into_boxed_slice(),
             bufs: vec![[0u8; 512]; n].into_boxed_slice(),
-            index: HashMap::with_capacity(n),
+            index: FastMap::with_capacity_and_hasher(n, Default::default()),
             hand: 0,
             used: 0,
             counters,

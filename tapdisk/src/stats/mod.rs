@@ -9,42 +9,10 @@ pub mod early;
 pub mod grants;
 pub mod poll;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use serde::Serialize;
 
-/// A counter with one writer and many readers.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    /// Adds `n`. Only the owning thread may call this.
-    #[inline]
-    pub fn add(&self, n: u64) {
-        self.0.store(
-            self.0.load(Ordering::Relaxed).wrapping_add(n),
-            Ordering::Relaxed,
-        );
-    }
-    /// Subtracts `n`. Only the owning thread may call this.
-    #[inline]
-    pub fn sub(&self, n: u64) {
-        self.0.store(
-            self.0.load(Ordering::Relaxed).wrapping_sub(n),
-            Ordering::Relaxed,
-        );
-    }
-    /// Sets the value (a gauge). Only the owning thread may call this.
-    #[inline]
-    pub fn set(&self, v: u64) {
-        self.0.store(v, Ordering::Relaxed);
-    }
-
-    /// Current value.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+/// A counter with one writer (the ring's thread) and many readers.
+pub use metacache::Counter;
 
 /// Counters of one kind of operation.
 #[derive(Debug, Default)]
@@ -103,7 +71,7 @@ impl Histogram {
     pub fn record(&self, ns: u64) {
         self.buckets[bucket_of(ns)].add(1);
         if ns > self.max.get() {
-            self.max.0.store(ns, Ordering::Relaxed);
+            self.max.set(ns);
         }
     }
 

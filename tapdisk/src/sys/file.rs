@@ -6,15 +6,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-/// Size in bytes of the block device `f`.
-pub fn block_device_size(f: &File) -> io::Result<u64> {
-    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
-    nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
-    let mut size = 0u64;
-    // SAFETY: `f` is an open block device and `size` is a valid, writable u64 that outlives the call.
-    unsafe { blkgetsize64(f.as_raw_fd(), &mut size) }.map_err(io::Error::from)?;
-    Ok(size)
-}
+/// Size in bytes of the block device `f` (`BLKGETSIZE64`; the image crates share it).
+pub use storefile::block_device_size;
 
 /// The offset/memory alignment O_DIRECT needs on this file (statx STATX_DIOALIGN), 512 if unknown.
 pub fn dio_alignment(f: &File) -> u32 {
