@@ -192,12 +192,30 @@ fn connections_beyond_the_limit_are_closed_and_slots_come_back() {
     let mut m = start_master(&dir.path().join("state"), port);
     let addr = format!("127.0.0.1:{port}");
     MasterClient::new(&addr).ping().unwrap();
-    // 64 idle peers (the master's limit) hold every slot.
-    let mut idle: Vec<TcpStream> = (0..64)
-        .map(|_| TcpStream::connect(&addr).unwrap())
-        .collect();
-    // The master counts a connection once its accept loop has seen it: give it a moment.
-    std::thread::sleep(Duration::from_millis(500));
+    // 64 idle peers (the master's limit) hold every slot. The master counts a connection once
+    // its accept loop has seen it, and gives the ping's slot back only when that connection's
+    // thread has seen it close: a peer that came in before that was refused (closed at once),
+    // so replace refused peers until 64 are held.
+    let closed = |s: &TcpStream| -> bool {
+        s.set_nonblocking(true).unwrap();
+        let r = s.peek(&mut [0u8; 1]);
+        s.set_nonblocking(false).unwrap();
+        !matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    };
+    let mut idle: Vec<TcpStream> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Two looks in a row with none refused: the accept loop has seen every peer.
+    let mut steady = 0;
+    while steady < 2 {
+        while idle.len() < 64 {
+            idle.push(TcpStream::connect(&addr).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let before = idle.len();
+        idle.retain(|s| !closed(s));
+        steady = if idle.len() == before { steady + 1 } else { 0 };
+        assert!(Instant::now() < deadline, "the master never held 64 peers");
+    }
     let t0 = Instant::now();
     let mut extra = TcpStream::connect(&addr).unwrap();
     extra
