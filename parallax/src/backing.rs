@@ -145,16 +145,7 @@ impl Backing for FileBacking {
         }
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        if self.is_block_device() {
-            return Ok(());
-        }
-        // A hint: a file system without hole punching simply keeps the space, and a range
-        // past any file's size has nothing to give back.
-        match self.store.fallocate(Fallocate::PunchHole, offset, len) {
-            Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EFBIG) => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.store.give_back(offset, len)
     }
 }
 

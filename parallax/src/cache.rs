@@ -9,7 +9,6 @@
 //! single writer, which another thread may read at any time through a [`StatsHandle`] (for
 //! `tap-ctl stats`) without taking a lock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -107,7 +106,7 @@ struct LayerCounters {
 
 #[derive(Debug, Default)]
 struct Counters {
-    slots: AtomicU64,
+    slots: Counter,
     v2p: LayerCounters,
     p2m: LayerCounters,
     alloc: LayerCounters,
@@ -197,7 +196,7 @@ impl StatsHandle {
     pub fn snapshot(&self) -> CacheStats {
         let c = &self.0;
         CacheStats {
-            slots: c.slots.load(Ordering::Relaxed),
+            slots: c.slots.get(),
             v2p: LayerStats::of(&c.v2p),
             p2m: LayerStats::of(&c.p2m),
             alloc: LayerStats::of(&c.alloc),
@@ -256,7 +255,7 @@ impl Cache {
             ))
         };
         let counters = Arc::new(Counters::default());
-        counters.slots.store(n as u64, Ordering::Relaxed);
+        counters.slots.set(n as u64);
         let mut map = FastMap::default();
         map.try_reserve(n).map_err(no_memory)?;
         let bytes = n.saturating_mul(BLOCK);

@@ -9,10 +9,9 @@
 //! Hits and misses are counted per table kind in counters with a single writer, which another
 //! thread may read at any time through a [`StatsHandle`] (for `tap-ctl stats`) without a lock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-pub(crate) use metacache::FastMap;
+use metacache::{Counter, FastMap};
 use serde::Serialize;
 
 /// The default number of slots (8 MiB of 4 KiB slices: the L2 tables of 4 GiB of disk with
@@ -53,21 +52,17 @@ impl Key {
 /// Counters with one writer (the image's owner) and any number of readers.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    l2_hits: AtomicU64,
-    l2_misses: AtomicU64,
-    refcount_hits: AtomicU64,
-    refcount_misses: AtomicU64,
-    writebacks: AtomicU64,
-    syncs: AtomicU64,
-}
-
-fn bump(c: &AtomicU64) {
-    c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    l2_hits: Counter,
+    l2_misses: Counter,
+    refcount_hits: Counter,
+    refcount_misses: Counter,
+    writebacks: Counter,
+    syncs: Counter,
 }
 
 impl Counters {
     pub fn sync(&self) {
-        bump(&self.syncs);
+        self.syncs.add(1);
     }
 }
 
@@ -104,7 +99,7 @@ impl StatsHandle {
     /// The counters now.
     pub fn snapshot(&self) -> CacheStats {
         let c = &self.counters;
-        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let r = Counter::get;
         CacheStats {
             slots: self.slots,
             slice_bytes: self.slice,
@@ -161,10 +156,10 @@ impl Cache {
         let hit = self.map.get(&key.0).map(|&s| s as usize);
         let c = &self.counters;
         match (key.kind(), hit.is_some()) {
-            (Kind::L2, true) => bump(&c.l2_hits),
-            (Kind::L2, false) => bump(&c.l2_misses),
-            (Kind::Refblock, true) => bump(&c.refcount_hits),
-            (Kind::Refblock, false) => bump(&c.refcount_misses),
+            (Kind::L2, true) => c.l2_hits.add(1),
+            (Kind::L2, false) => c.l2_misses.add(1),
+            (Kind::Refblock, true) => c.refcount_hits.add(1),
+            (Kind::Refblock, false) => c.refcount_misses.add(1),
         }
         if let Some(s) = hit {
             self.referenced[s] = true;
@@ -235,7 +230,7 @@ impl Cache {
 
     pub fn mark_clean(&mut self, s: usize) {
         self.dirty[s] = false;
-        bump(&self.counters.writebacks);
+        self.counters.writebacks.add(1);
     }
 
     pub fn slots(&self) -> usize {

@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
-use crate::cache::{Cache, FastMap, StatsHandle, DEFAULT_SLOTS, SLICE};
+use metacache::FastMap;
+
+use crate::cache::{Cache, StatsHandle, DEFAULT_SLOTS, SLICE};
 use crate::compress::Inflater;
 use crate::entry::{self, Compressed, Refcounts, OFFSET_MASK};
 use crate::error::{corrupt, Error, Result};

@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use storefile::{Fallocate, Store};
+use storefile::Store;
 
 /// Synchronous positional access to the bytes of an image file.
 ///
@@ -250,16 +250,7 @@ impl Storage for FileStorage {
         self.store.file().set_len(size)
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        if self.store.is_block_device() {
-            return Ok(());
-        }
-        // A file system without hole punching keeps the space; a range no file can reach
-        // has nothing to give back.
-        match self.store.fallocate(Fallocate::PunchHole, offset, len) {
-            Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EFBIG) => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.store.give_back(offset, len)
     }
     fn grows_with_zeroes(&self) -> bool {
         !self.store.is_block_device()

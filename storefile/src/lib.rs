@@ -170,6 +170,23 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Tells the store that `len` bytes at `offset` hold nothing useful any more: a file
+    /// punches a hole where its file system can. Purely a hint, so nothing happens on a block
+    /// device (a discard there need not leave zeroes), on a file system without hole punching,
+    /// or for a range no file can reach; only other failures are errors.
+    pub fn give_back(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.block_device {
+            return Ok(());
+        }
+        match self.fallocate(Fallocate::PunchHole, offset, len) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EFBIG) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,5 +246,7 @@ mod tests {
         let s = Store::create(&dir.path().join("x")).unwrap();
         let e = s.fallocate(Fallocate::PunchHole, u64::MAX, 1).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EFBIG));
+        // A hint about such a range is no error.
+        s.give_back(u64::MAX, 1).unwrap();
     }
 }

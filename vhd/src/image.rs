@@ -10,9 +10,9 @@ use crate::format::{
     SECTOR,
 };
 
-/// (Defined here, beside the image it belongs to; `map.rs` makes and commits them.)
 /// What [`Image::commit`] must record once the data IO of a mapped write has completed.
-/// Dropping it instead (the IO failed) leaves the range as it was.
+/// Dropping it instead (the IO failed) leaves the range as it was. (Defined here, beside the
+/// image it belongs to; `map.rs` makes and commits them.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use = "commit the ticket after the data IO completes, or drop it if the IO failed"]
 pub struct Ticket {

@@ -213,32 +213,39 @@ fn discard_drops_whole_blocks_only_where_nothing_is_below() {
     let _ = Uuid::random();
 }
 
+/// The error opening `bytes` as an image.
+fn open_error(bytes: Vec<u8>) -> String {
+    Image::open(Box::new(MemBacking::from_bytes(bytes, 1 << 30)), "t", &rw())
+        .unwrap_err()
+        .to_string()
+}
+
+/// `bytes` with the dynamic header's field at `range` (offsets within the header) set to
+/// `value` and the header's checksum fixed up, so only the field is wrong.
+fn with_header_field(mut bytes: Vec<u8>, range: std::ops::Range<usize>, value: &[u8]) -> Vec<u8> {
+    bytes[512 + range.start..512 + range.end].copy_from_slice(value);
+    let c = crate::format::checksum(&bytes[512..1536], 36);
+    bytes[512 + 36..512 + 40].copy_from_slice(&c.to_be_bytes());
+    bytes
+}
+
 #[test]
 fn fields_are_validated_with_their_names() {
     let m = dynamic(8 * MB);
     let mut bytes = m.bytes();
     // BAT entry 0 pointing into the header.
     bytes[1536..1540].copy_from_slice(&1u32.to_be_bytes());
-    let img = Image::open(Box::new(MemBacking::from_bytes(bytes, 1 << 30)), "t", &rw());
-    let e = img.unwrap_err().to_string();
+    let e = open_error(bytes);
     assert!(e.contains("BAT") && e.contains("entry"), "{e}");
-    // A block size that is not a power of two (checksum fixed up).
-    let mut bytes = m.bytes();
-    bytes[512 + 32..512 + 36].copy_from_slice(&3000u32.to_be_bytes());
-    let c = crate::format::checksum(&bytes[512..1536], 36);
-    bytes[512 + 36..512 + 40].copy_from_slice(&c.to_be_bytes());
-    let e = Image::open(Box::new(MemBacking::from_bytes(bytes, 1 << 30)), "t", &rw())
-        .unwrap_err()
-        .to_string();
+    // A block size that is not a power of two.
+    let e = open_error(with_header_field(m.bytes(), 32..36, &3000u32.to_be_bytes()));
     assert!(e.contains("block_size"), "{e}");
     // A BAT offset whose end does not fit in 64 bits (fuzzing found the sum overflowing).
-    let mut bytes = m.bytes();
-    bytes[512 + 16..512 + 24].copy_from_slice(&(u64::MAX - 2).to_be_bytes());
-    let c = crate::format::checksum(&bytes[512..1536], 36);
-    bytes[512 + 36..512 + 40].copy_from_slice(&c.to_be_bytes());
-    let e = Image::open(Box::new(MemBacking::from_bytes(bytes, 1 << 30)), "t", &rw())
-        .unwrap_err()
-        .to_string();
+    let e = open_error(with_header_field(
+        m.bytes(),
+        16..24,
+        &(u64::MAX - 2).to_be_bytes(),
+    ));
     assert!(e.contains("table_offset"), "{e}");
 }
 

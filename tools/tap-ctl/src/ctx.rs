@@ -297,12 +297,17 @@ impl Conn {
     /// [`Conn::call`], the exchange bounded by `limit`.
     pub fn call_within(&mut self, command: Command, limit: Duration) -> Result<Reply> {
         let pid = self.pid;
-        self.client.call_within(command, limit).map_err(|e| {
-            let msg = format!("tapdisk {pid}: {}", one_line(&e));
-            self.died(&e, &msg).unwrap_or_else(|| match errno_of(&e) {
-                Some(n) => fail(n, msg),
-                None => anyhow!(msg),
-            })
+        self.client
+            .call_within(command, limit)
+            .map_err(|e| self.failure(&e, format!("tapdisk {pid}: {}", one_line(&e))))
+    }
+
+    /// The error for a failed exchange, reading `msg`: ESRCH if the tapdisk died during it
+    /// ([`Conn::died`]), else the errno the failure carries.
+    fn failure(&self, e: &tapdisk_control::Error, msg: String) -> anyhow::Error {
+        self.died(e, &msg).unwrap_or_else(|| match errno_of(e) {
+            Some(n) => fail(n, msg),
+            None => anyhow!(msg),
         })
     }
 
@@ -371,12 +376,7 @@ impl Conn {
         match self.client.call_within(cmd, limit) {
             Ok(Reply::Opened { vbd }) => Ok(vbd),
             Ok(other) => Err(self.unexpected(&other)),
-            Err(e) => Err(self
-                .died(&e, &one_line(&e))
-                .unwrap_or_else(|| match errno_of(&e) {
-                    Some(n) => fail(n, one_line(&e)),
-                    None => anyhow!(one_line(&e)),
-                })),
+            Err(e) => Err(self.failure(&e, one_line(&e))),
         }
     }
 
