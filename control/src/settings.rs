@@ -20,6 +20,9 @@ pub struct VbdSettings {
     pub read_only: bool,
     /// O_DIRECT policy for `aio:` images (and the stores of `parallax:` ones).
     pub direct: DirectIo,
+    /// Xen rings with persistent grants: IO through the ring's own pages, the data copied
+    /// from and to the guest's persistent pages (`staged`), or on the guest's pages (`direct`).
+    pub persistent_io: blkif::xen::backend::PersistentIo,
     /// Largest ring order a local frontend may use ([`limits::MAX_RING_ORDER`]).
     pub max_ring_order: u8,
     /// Segments per direct request offered ([`limits::MAX_SEGMENTS`]).
@@ -76,6 +79,7 @@ impl VbdSettings {
     pub const DEFAULT: VbdSettings = VbdSettings {
         read_only: false,
         direct: DirectIo::Auto,
+        persistent_io: blkif::xen::backend::PersistentIo::Staged,
         max_ring_order: blkif::local::MAX_RING_ORDER,
         max_segments: blkif::protocol::MAX_SEGMENTS_PER_REQUEST as u8,
         // 1 MiB per request, as Linux blkback offers.

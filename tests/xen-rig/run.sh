@@ -15,7 +15,8 @@
 #
 # RIG_SUITE=trixie (default; Xen 4.20, backend/vbd3) or bookworm (Xen 4.17, backend/vbd).
 # Knobs: RIG_TIMEOUT (s, default 1200; 2400 with RIG_BENCHSET=full), RIG_BENCHSECS (s per
-# benchmark job, default 5; 3 with RIG_PROFILE=dev), RIG_BENCHSET=full (also the guest whose
+# benchmark job, default 5; 3 with RIG_PROFILE=dev), RIG_BENCHROUNDS (rounds of the benchmark,
+# default 2: each workload runs on every disk of a guest in turn), RIG_BENCHSET=full (also the guest whose
 # blkfront offers no persistent grants, column tapdisk-map: for measurements), RIG_GRANT_COPY=0
 # (skip the guest on tapdisk in grant-copy mode; default 1, Xen >= 4.19 only), RIG_PROFILE
 # (cargo profile, default release), FORCE=1 (rebuild the images).
@@ -112,11 +113,12 @@ step "payload disk ready"
 
 BENCHSET=${RIG_BENCHSET:-short}
 BENCHSECS=${RIG_BENCHSECS:-$([ "$PROFILE" = dev ] && echo 3 || echo 5)}
+BENCHROUNDS=${RIG_BENCHROUNDS:-2}
 TIMEOUT=${RIG_TIMEOUT:-$([ "$BENCHSET" = full ] && echo 2400 || echo 1200)}
 LOG=$RIG_LOGS/run-$RIG_SUITE-$(date +%Y%m%d-%H%M%S).log
 PIDF=$RIG_WORK/qemu.pid
 XEN_CMD="console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 loglvl=warning guest_loglvl=warning noreboot"
-DOM0_CMD="console=hvc0 earlyprintk=xen root=/dev/vda rw init=/usr/sbin/rig-init rig.suite=$RIG_SUITE rig.benchsecs=$BENCHSECS rig.grantcopy=${RIG_GRANT_COPY:-1} rig.benchset=$BENCHSET"
+DOM0_CMD="console=hvc0 earlyprintk=xen root=/dev/vda rw init=/usr/sbin/rig-init rig.suite=$RIG_SUITE rig.benchsecs=$BENCHSECS rig.benchrounds=$BENCHROUNDS rig.grantcopy=${RIG_GRANT_COPY:-1} rig.benchset=$BENCHSET"
 # dom0's init goes into the cached root image with debugfs (no mount); the image is then
 # booted with snapshot=on, so the guests' disks and logs never change it.
 if ! debugfs -R "stat /usr/sbin/rig-init" "$RIG_IMG" 2>/dev/null | grep -q Inode || ! cmp -s "$HERE/dom0-init" "$RIG_WORK/dom0-init.installed"; then

@@ -12,7 +12,7 @@ use super::DomId;
 use crate::protocol::{Abi, GrantRef};
 use crate::ring::{ring_size, BackRing};
 
-pub use super::grants::{GrantCounters, GrantMode, XenGrants};
+pub use super::grants::{GrantCounters, GrantMode, PersistentIo, XenGrants};
 
 /// A frontend's ring, mapped and bound.
 pub struct XenRing {
@@ -51,6 +51,8 @@ pub struct RingAccess {
     pub max_segs: usize,
     /// Persistent mode: most grants kept mapped (None: the ring's capacity).
     pub max_persistent: Option<u32>,
+    /// Persistent mode: where the IO goes.
+    pub persistent_io: PersistentIo,
 }
 
 impl XenRing {
@@ -111,6 +113,7 @@ impl XenRing {
             ring.size(),
             access.max_segs,
             access.max_persistent,
+            access.persistent_io,
             gntdev,
         )?;
         Ok(XenRing {
@@ -153,6 +156,7 @@ mod tests {
             mode,
             max_segs: 11,
             max_persistent: None,
+            persistent_io: PersistentIo::default(),
         }
     }
 

@@ -14,7 +14,7 @@ use blkif::local::{AttachLimits, FrontRequest, FrontendConfig, LocalBackend, Loc
 use blkif::protocol::{op, status, Response, Segment};
 use blkif::request::DiskInfo;
 use blkif::ring::BackRing;
-use blkif::xen::backend::{GrantCounters, GrantMode, XenGrants};
+use blkif::xen::backend::{GrantCounters, GrantMode, PersistentIo, XenGrants};
 use blkif::xen::testing::{FakeCounts, FakeGntdev};
 use slog::{o, Logger};
 
@@ -87,6 +87,11 @@ impl Rig {
 
     /// A rig whose ring is served as a Xen ring in `mode` (None: the local transport).
     fn serving(cfg: RingConfig, mode: Option<GrantMode>) -> Rig {
+        Rig::serving_with(cfg, mode, PersistentIo::default())
+    }
+
+    /// The same, persistent-mode IO going where `pio` says.
+    fn serving_with(cfg: RingConfig, mode: Option<GrantMode>, pio: PersistentIo) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("disk.img");
         std::fs::File::create(&img)
@@ -119,7 +124,7 @@ impl Rig {
             let dev = unsafe { FakeGntdev::new(be.grants.base(), be.grants.pages()) };
             tx.send(dev.counts()).unwrap();
             let slots = be.ring.size();
-            let grants = XenGrants::new(1, mode, slots, 11, None, dev).unwrap();
+            let grants = XenGrants::new(1, mode, slots, 11, None, pio, dev).unwrap();
             match RingLoop::new(XenLike { grants, be }, disk(), cfg, env) {
                 Ok(l) => l.run(),
                 Err(e) => RingExit::Fatal(e),
@@ -340,15 +345,24 @@ fn live(r: &Rig) -> i64 {
 
 #[test]
 fn persistent_grants_stay_mapped_while_the_ring_lives_and_go_when_it_disconnects() {
-    let mut r = Rig::serving(RingConfig::default(), Some(GrantMode::Persistent));
+    for pio in [PersistentIo::Staged, PersistentIo::Direct] {
+        persistent_grants_round_trip(pio);
+    }
+}
+
+fn persistent_grants_round_trip(pio: PersistentIo) {
+    let mut r = Rig::serving_with(RingConfig::default(), Some(GrantMode::Persistent), pio);
     r.front.write_mem(0, &[0x5au8; 4096]);
     for round in 0..3 {
-        assert_eq!(r.one(op::WRITE, 8, 0), status::OKAY, "round {round}");
-        assert_eq!(r.one(op::READ, 8, 1), status::OKAY, "round {round}");
+        assert_eq!(r.one(op::WRITE, 8, 0), status::OKAY, "{pio} round {round}");
+        assert_eq!(r.one(op::READ, 8, 1), status::OKAY, "{pio} round {round}");
     }
     let mut back = [0u8; 4096];
     r.front.read_mem(4096, &mut back);
-    assert_eq!(back, [0x5au8; 4096]);
+    assert_eq!(
+        back, [0x5au8; 4096],
+        "{pio}: the read's data in the guest's page"
+    );
     // Two grants, mapped once each, still mapped after their IO; four hits.
     assert_eq!(live(&r), 2);
     let g = &r.stats.grants;

@@ -5,7 +5,7 @@
 //! The ring's transport keeps the running figures ([`blkif::xen::backend::GrantCounters`]);
 //! the ring loop copies them here after each pass.
 
-use blkif::xen::backend::{GrantCounters, GrantMode};
+use blkif::xen::backend::{GrantCounters, GrantMode, PersistentIo};
 use serde::Serialize;
 
 use super::Counter;
@@ -19,6 +19,8 @@ pub struct GrantStats {
     pub ring_copy: Counter,
     /// 1 if the ring keeps persistent grants (gauge).
     pub ring_persistent: Counter,
+    /// 1 if it keeps them and stages their IO through its own pages (gauge).
+    pub ring_staged: Counter,
     /// Segments whose persistent grant was mapped already.
     pub hits: Counter,
     /// Persistent grants mapped.
@@ -48,6 +50,7 @@ crate::stats::absorb_fields!(GrantStats {
     ring_map,
     ring_copy,
     ring_persistent,
+    ring_staged,
     mapped_pages,
     capacity,
 });
@@ -57,8 +60,11 @@ impl GrantStats {
     pub fn update(&self, c: &GrantCounters) {
         self.ring_map.set(u64::from(c.mode == GrantMode::Map));
         self.ring_copy.set(u64::from(c.mode == GrantMode::Copy));
-        self.ring_persistent
-            .set(u64::from(c.mode == GrantMode::Persistent));
+        let persistent = c.mode == GrantMode::Persistent;
+        self.ring_persistent.set(u64::from(persistent));
+        self.ring_staged.set(u64::from(
+            persistent && c.persistent_io == PersistentIo::Staged,
+        ));
         self.hits.set(c.hits);
         self.misses.set(c.misses);
         self.evictions.set(c.evictions);
@@ -75,6 +81,7 @@ impl GrantStats {
             &self.ring_map,
             &self.ring_copy,
             &self.ring_persistent,
+            &self.ring_staged,
             &self.mapped_pages,
             &self.capacity,
         ] {
@@ -88,6 +95,8 @@ impl GrantStats {
 pub struct ModeCounts {
     /// Persistent grants.
     pub persistent: u64,
+    /// Of those, the rings whose IO goes through their own pages (`tapback --persistent-io`).
+    pub persistent_staged: u64,
     /// Per-request mapping.
     pub map: u64,
     /// Grant copy.
@@ -126,6 +135,7 @@ pub fn totals<'a>(cs: impl IntoIterator<Item = &'a GrantStats>) -> GrantTotals {
         t.rings.map += c.ring_map.get();
         t.rings.copy += c.ring_copy.get();
         t.rings.persistent += c.ring_persistent.get();
+        t.rings.persistent_staged += c.ring_staged.get();
         t.hits += c.hits.get();
         t.misses += c.misses.get();
         t.evictions += c.evictions.get();
@@ -176,6 +186,7 @@ mod tests {
             t.rings,
             ModeCounts {
                 persistent: 1,
+                persistent_staged: 1,
                 map: 0,
                 copy: 0
             }

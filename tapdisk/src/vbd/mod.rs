@@ -366,6 +366,11 @@ impl Vbd {
         self.opts.max_ring_order
     }
 
+    /// Where the IO of its Xen rings with persistent grants goes (its setting).
+    pub fn persistent_io(&self) -> blkif::xen::backend::PersistentIo {
+        self.opts.persistent_io
+    }
+
     /// The disk as rings see it.
     pub fn disk(&self) -> DiskInfo {
         self.rings.disk()

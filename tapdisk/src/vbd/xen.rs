@@ -115,6 +115,7 @@ pub fn connect(vbd: &mut Vbd, spec: XenConnectSpec) -> Result<(DiskInfo, XenAtta
             mode: spec.grant_mode,
             max_segs: disk.segment_capacity(),
             max_persistent: spec.max_persistent_grants,
+            persistent_io: vbd.persistent_io(),
         };
         let ring = XenRing::connect(
             spec.domid,

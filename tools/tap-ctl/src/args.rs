@@ -7,6 +7,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Result};
+use blkif::xen::backend::PersistentIo;
 use clap::{Args, ValueEnum};
 use tapdisk_control::limits::{self, Limit};
 use tapdisk_control::{
@@ -153,6 +154,25 @@ impl From<Direct> for DirectIo {
     }
 }
 
+/// Where a Xen ring with persistent grants does its IO, as given on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PersistentIoArg {
+    /// Through the ring's own pages: the data is copied from the guest's persistent pages
+    /// before a write and to them after a read (faster in the Xen rig)
+    Staged,
+    /// On the guest's persistent pages themselves, no copy
+    Direct,
+}
+
+impl From<PersistentIoArg> for PersistentIo {
+    fn from(p: PersistentIoArg) -> PersistentIo {
+        match p {
+            PersistentIoArg::Staged => PersistentIo::Staged,
+            PersistentIoArg::Direct => PersistentIo::Direct,
+        }
+    }
+}
+
 /// The image and settings of a new VBD (create, open).
 #[derive(Debug, Clone, Args)]
 pub struct DiskArgs {
@@ -200,6 +220,9 @@ pub struct DiskArgs {
     /// Whether the image is opened with O_DIRECT, bypassing the page cache
     #[arg(long, value_enum, value_name = "MODE", default_value_t = Direct::Auto)]
     pub direct: Direct,
+    /// Xen guests with persistent grants: where a request's IO goes (see docs/xen.md)
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = PersistentIoArg::Staged)]
+    pub persistent_io: PersistentIoArg,
     /// Also export the disk over NBD at ADDRESS: unix:PATH or tcp:IP:PORT
     ///
     /// Examples: unix:/run/vm1.nbd, tcp:127.0.0.1:10809, tcp:[::1]:10809.
@@ -386,6 +409,7 @@ impl DiskArgs {
         let settings = VbdSettings {
             read_only: self.readonly,
             direct,
+            persistent_io: self.persistent_io.into(),
             max_ring_order: limits::MAX_RING_ORDER
                 .fit(self.ring_order.into())
                 .map_err(in_flags)?,
@@ -502,6 +526,8 @@ mod tests {
             "1",
             "--direct",
             "off",
+            "--persistent-io",
+            "direct",
             "--nbd",
             "tcp:127.0.0.1:0",
         ];
@@ -512,6 +538,7 @@ mod tests {
             VbdSettings {
                 read_only: true,
                 direct: DirectIo::Off,
+                persistent_io: PersistentIo::Direct,
                 max_ring_order: 0,
                 max_segments: 1,
                 nbd: Some("tcp:127.0.0.1:0".parse().unwrap()),

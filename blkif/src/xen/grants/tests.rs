@@ -26,10 +26,21 @@ impl Guest {
         unsafe { self.mem.as_mut_ptr().add(g as usize * PAGE_SIZE) }
     }
 
+    /// Grants in `mode`; persistent IO on the guest's pages (direct), whose addresses the
+    /// tests compare.
     fn grants(&mut self, mode: GrantMode, cap: Option<u32>) -> XenGrants<FakeGntdev> {
+        self.grants_with(mode, cap, PersistentIo::Direct)
+    }
+
+    fn grants_with(
+        &mut self,
+        mode: GrantMode,
+        cap: Option<u32>,
+        pio: PersistentIo,
+    ) -> XenGrants<FakeGntdev> {
         // SAFETY: every test declares the guest before the grants, so it outlives them.
         let dev = unsafe { FakeGntdev::new(self.mem.as_mut_ptr(), PAGES as u32) };
-        XenGrants::new(1, mode, 8, 11, cap, dev).unwrap()
+        XenGrants::new(1, mode, 8, 11, cap, pio, dev).unwrap()
     }
 }
 
@@ -190,6 +201,90 @@ fn copy_mode_copies_a_batch_in_one_call_each_way() {
     assert!(p.iter().all(|&x| x == 0xab), "read data copied out");
     assert_eq!(counts.live(), 0);
     assert_eq!(g.counters().copy_calls, 2);
+}
+
+fn seg(gref: u32, first_sect: u8, last_sect: u8) -> [Segment; 1] {
+    [Segment {
+        gref,
+        first_sect,
+        last_sect,
+        pad: 0,
+    }]
+}
+
+#[test]
+fn staged_persistent_io_copies_the_segments_bytes_and_nothing_else() {
+    let mut guest = Guest::new();
+    let mut g = guest.grants_with(GrantMode::Persistent, None, PersistentIo::Staged);
+    let counts = g.device().counts();
+    // A write of sectors 2..=5 of page 4, a read of sectors 1..=3 of page 6.
+    let (w, r) = (seg(4, 2, 5), seg(6, 1, 3));
+    let hw = g.queue(&w, false).unwrap();
+    let hr = g.queue(&r, true).unwrap();
+    g.map_queued();
+    assert_eq!(calls(&g), 1, "both grants mapped in one call, persistently");
+    let mut addrs = [std::ptr::null_mut(); 11];
+    g.addrs(hw, &w, &mut addrs).unwrap();
+    assert_ne!(
+        addrs[0],
+        guest.page(4),
+        "the IO goes to tapdisk's page, not the guest's"
+    );
+    // SAFETY: the write's bounce page, 4096 bytes.
+    let b = unsafe { std::slice::from_raw_parts(addrs[0], PAGE_SIZE) };
+    assert!(
+        b[1024..3072].iter().all(|&x| x == 4),
+        "the segment's bytes copied in"
+    );
+    assert_eq!(g.memory(hw), Memory::Stable, "direct IO allowed");
+    g.addrs(hr, &r, &mut addrs).unwrap();
+    assert_ne!(addrs[0], guest.page(6));
+    // The read's IO fills its bounce page (more than the segment, as a sloppy device could).
+    // SAFETY: the read's bounce page.
+    unsafe { std::ptr::write_bytes(addrs[0], 0xab, PAGE_SIZE) };
+    let mut res = [Ok(()), Ok(())];
+    g.unmap_batch(&[hw, hr], &mut res);
+    assert!(res.iter().all(|r| r.is_ok()));
+    // SAFETY: page 6 of the guest buffer.
+    let p = unsafe { std::slice::from_raw_parts(guest.page(6), PAGE_SIZE) };
+    assert!(
+        p[512..2048].iter().all(|&x| x == 0xab),
+        "the read's sectors copied out"
+    );
+    assert!(
+        p[..512].iter().chain(&p[2048..]).all(|&x| x == 6),
+        "the rest of the guest's page untouched"
+    );
+    assert_eq!(counts.live(), 2, "persistent: still mapped after the IO");
+    let c = g.counters();
+    assert_eq!((c.persistent_io, c.copy_calls), (PersistentIo::Staged, 0));
+    drop(g);
+    assert_eq!(counts.live(), 0);
+}
+
+#[test]
+fn staged_persistent_io_fails_a_request_whose_grant_cannot_be_mapped() {
+    let mut guest = Guest::new();
+    let mut g = guest.grants_with(GrantMode::Persistent, None, PersistentIo::Staged);
+    let mut addrs = [std::ptr::null_mut(); 11];
+    for writable in [false, true] {
+        let bad = seg(900, 0, 7);
+        let h = g.queue(&bad, writable).unwrap();
+        g.map_queued();
+        let e = g.addrs(h, &bad, &mut addrs).unwrap_err();
+        assert!(matches!(e, Problem::BadGrant(900)), "{e}");
+        let _ = g.unmap(h);
+    }
+    assert_eq!(g.device().counts().live(), 0);
+}
+
+#[test]
+fn persistent_io_names_parse_back() {
+    for p in [PersistentIo::Staged, PersistentIo::Direct] {
+        assert_eq!(p.name().parse::<PersistentIo>().unwrap(), p);
+    }
+    assert!("copy".parse::<PersistentIo>().is_err());
+    assert_eq!(PersistentIo::default(), PersistentIo::Staged);
 }
 
 #[test]
