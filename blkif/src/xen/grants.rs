@@ -75,8 +75,8 @@ impl std::str::FromStr for GrantMode {
 pub enum PersistentIo {
     /// Through bounce pages of the ring's own: the segments' bytes are copied from the
     /// persistent pages before a write and to them after a read, and the IO (direct where the
-    /// image takes it) reaches only tapdisk's memory. Measured faster in the Xen rig than IO on
-    /// the guest's pages, whose every direct IO pins a foreign page (`docs/xen.md`).
+    /// image takes it) reaches only tapdisk's memory: a write's data is read from the guest
+    /// once, and no IO pins a foreign page (`docs/xen.md`).
     #[default]
     Staged,
     /// On the persistently mapped guest pages themselves (no copy).

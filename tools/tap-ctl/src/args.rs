@@ -158,7 +158,7 @@ impl From<Direct> for DirectIo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PersistentIoArg {
     /// Through the ring's own pages: the data is copied from the guest's persistent pages
-    /// before a write and to them after a read (faster in the Xen rig)
+    /// before a write and to them after a read (a write's data read from the guest once)
     Staged,
     /// On the guest's persistent pages themselves, no copy
     Direct,
