@@ -37,10 +37,6 @@ pub enum Error {
     /// A grant mode other than `map` or `copy` ([`crate::xen::backend::GrantMode`]).
     #[error("grant mode '{0}' is not map or copy")]
     GrantMode(String),
-    /// A persistent-grant IO mode other than `staged` or `direct`
-    /// ([`crate::xen::backend::PersistentIo`]).
-    #[error("persistent-grant IO mode '{0}' is not staged or direct")]
-    PersistentIo(String),
 }
 
 impl Error {

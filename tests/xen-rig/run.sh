@@ -144,8 +144,9 @@ grep -aE 'RIG: |  (main|again|ref|qd|copy|nopersist|blktap3)(-console)?\| |XENFR
 grep -aE 'RIG: (CHECK|RESULT|frontend|main.img|grants|after|blktap3)|DOMU: (CHECK|NEGOTIATED)|XENFRONT' "$LOG" | sed 's/^ *[0-9.]* //'
 echo
 echo "=== backend comparison (same guest workload, fio O_DIRECT libaio, ${BENCHSECS} s per job; TCG: only the ratios mean something)"
-echo "    tapdisk: persistent grants (its main configuration); tapdisk-copy: grant copy; tapdisk-map: per-request"
-echo "    mapping (a guest without persistent grants); tapdisk-large: persistent, 16-page ring, 256 indirect segments, 2 queues"
+echo "    tapdisk: persistent grants, IO staged through its own pages (its main configuration); tapdisk-direct: IO on the"
+echo "    guest's pages; tapdisk-buffered: --direct off; tapdisk-copy: grant copy; tapdisk-map: per-request mapping (a guest"
+echo "    without persistent grants); tapdisk-large: persistent, 16-page ring, 2 queues"
 grep -a 'DOMU: BENCH' "$LOG" | sed 's/.*DOMU: BENCH //' | awk -f "$HERE/bench-table.awk"
 echo
 echo "=== multi-queue (tapdisk, persistent grants, 16-page ring: fio randread 4k qd16 numjobs=2)"

@@ -83,33 +83,6 @@ pub enum PersistentIo {
     Direct,
 }
 
-impl PersistentIo {
-    /// The name used on command lines and in listings.
-    pub fn name(self) -> &'static str {
-        match self {
-            PersistentIo::Staged => "staged",
-            PersistentIo::Direct => "direct",
-        }
-    }
-}
-
-impl std::fmt::Display for PersistentIo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for PersistentIo {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> crate::Result<Self> {
-        match s {
-            "staged" => Ok(PersistentIo::Staged),
-            "direct" => Ok(PersistentIo::Direct),
-            _ => Err(crate::Error::PersistentIo(s.chars().take(64).collect())),
-        }
-    }
-}
-
 /// What a ring's grant access did, for statistics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GrantCounters {

@@ -354,14 +354,18 @@ fn persistent_grants_round_trip(pio: PersistentIo) {
     let mut r = Rig::serving_with(RingConfig::default(), Some(GrantMode::Persistent), pio);
     r.front.write_mem(0, &[0x5au8; 4096]);
     for round in 0..3 {
-        assert_eq!(r.one(op::WRITE, 8, 0), status::OKAY, "{pio} round {round}");
-        assert_eq!(r.one(op::READ, 8, 1), status::OKAY, "{pio} round {round}");
+        assert_eq!(
+            r.one(op::WRITE, 8, 0),
+            status::OKAY,
+            "{pio:?} round {round}"
+        );
+        assert_eq!(r.one(op::READ, 8, 1), status::OKAY, "{pio:?} round {round}");
     }
     let mut back = [0u8; 4096];
     r.front.read_mem(4096, &mut back);
     assert_eq!(
         back, [0x5au8; 4096],
-        "{pio}: the read's data in the guest's page"
+        "{pio:?}: the read's data in the guest's page"
     );
     // Two grants, mapped once each, still mapped after their IO; four hits.
     assert_eq!(live(&r), 2);

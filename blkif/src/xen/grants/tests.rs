@@ -279,11 +279,15 @@ fn staged_persistent_io_fails_a_request_whose_grant_cannot_be_mapped() {
 }
 
 #[test]
-fn persistent_io_names_parse_back() {
-    for p in [PersistentIo::Staged, PersistentIo::Direct] {
-        assert_eq!(p.name().parse::<PersistentIo>().unwrap(), p);
+fn persistent_io_names_on_the_wire() {
+    for (p, name) in [
+        (PersistentIo::Staged, "\"staged\""),
+        (PersistentIo::Direct, "\"direct\""),
+    ] {
+        assert_eq!(serde_json::to_string(&p).unwrap(), name);
+        assert_eq!(serde_json::from_str::<PersistentIo>(name).unwrap(), p);
     }
-    assert!("copy".parse::<PersistentIo>().is_err());
+    assert!(serde_json::from_str::<PersistentIo>("\"copy\"").is_err());
     assert_eq!(PersistentIo::default(), PersistentIo::Staged);
 }
 
