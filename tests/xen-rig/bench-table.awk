@@ -11,7 +11,7 @@ function median(list,    n, a, i, j, t) {
     for (i = 2; i <= n; i++) { t = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
     return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
 }
-BEGIN { known = "blkback qdisk blktap3 tapdisk tapdisk-direct tapdisk-buffered tapdisk-map tapdisk-copy tapdisk-large"; nk = split(known, order, " ") }
+BEGIN { known = "blkback qdisk blktap3 tapdisk tapdisk-direct tapdisk-buffered tapdisk-map tapdisk-copy tapdisk-large tapdisk-bt3"; nk = split(known, order, " ") }
 {
     run = 1
     if ($1 ~ /^run=/) { run = substr($1, 5); $0 = substr($0, index($0, " ") + 1) }

@@ -19,7 +19,9 @@
 # default 2: each workload runs on every disk of a guest in turn), RIG_BENCHSET=full (also the guest whose
 # blkfront offers no persistent grants, column tapdisk-map: for measurements), RIG_GRANT_COPY=0
 # (skip the guest on tapdisk in grant-copy mode; default 1, Xen >= 4.19 only), RIG_PROFILE
-# (cargo profile, default release), FORCE=1 (rebuild the images).
+# (cargo profile, default release; CI uses dev, whose binaries are unoptimised: measure with
+# release), FORCE=1 (rebuild the images), RIG_DIAG=dom0fio|prof (a diagnostic run instead of
+# the checks, see diag.sh; RIG_DIAG_BENCH=rw:bs:qd,... the workloads prof profiles).
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -84,6 +86,18 @@ for b in tapdisk tap-ctl tapback xen-frontend; do
 done
 install -m 0755 "$ROOT/xen-configs/block-tap" "$P/block-tap"
 cp "$INITRD" "$P/domu-initrd.cpio"
+install -m 0644 "$HERE/diag.sh" "$P/diag.sh"
+# A diagnostic run (RIG_DIAG, see diag.sh) takes the host's fio and perf along, with their
+# libraries and loader, run in dom0 as tools/lib64/ld-linux-x86-64.so.2 --library-path tools/lib.
+if [ -n "${RIG_DIAG:-}" ]; then
+    mkdir -p "$P/tools/bin" "$P/tools/lib" "$P/tools/lib64"
+    for b in fio perf; do
+        p=$(command -v $b) || { echo "xen-rig: RIG_DIAG needs $b on the host"; exit 1; }
+        cp -L "$p" "$P/tools/bin/"
+        ldd "$p" | awk '/=>/ {print $3}' | while read -r l; do cp -L "$l" "$P/tools/lib/"; done
+    done
+    cp -L /lib64/ld-linux-x86-64.so.2 "$P/tools/lib64/"
+fi
 # The reference, blktap3 (tapdisk, tap-ctl, tapback with the libxl fix), for dom0-init's
 # blktap3 phase: built from ../shared/peers (cached), unpacked in dom0 at the same path.
 # Where the peers folder is absent (a user's machine) the phase is skipped, saying why.
@@ -118,7 +132,7 @@ TIMEOUT=${RIG_TIMEOUT:-$([ "$BENCHSET" = full ] && echo 2400 || echo 1200)}
 LOG=$RIG_LOGS/run-$RIG_SUITE-$(date +%Y%m%d-%H%M%S).log
 PIDF=$RIG_WORK/qemu.pid
 XEN_CMD="console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 loglvl=warning guest_loglvl=warning noreboot"
-DOM0_CMD="console=hvc0 earlyprintk=xen root=/dev/vda rw init=/usr/sbin/rig-init rig.suite=$RIG_SUITE rig.benchsecs=$BENCHSECS rig.benchrounds=$BENCHROUNDS rig.grantcopy=${RIG_GRANT_COPY:-1} rig.benchset=$BENCHSET"
+DOM0_CMD="console=hvc0 earlyprintk=xen root=/dev/vda rw init=/usr/sbin/rig-init rig.suite=$RIG_SUITE rig.benchsecs=$BENCHSECS rig.benchrounds=$BENCHROUNDS rig.grantcopy=${RIG_GRANT_COPY:-1} rig.benchset=$BENCHSET${RIG_DIAG:+ rig.diag=$RIG_DIAG}${RIG_DIAG_BENCH:+ rig.diagbench=$RIG_DIAG_BENCH}"
 # dom0's init goes into the cached root image with debugfs (no mount); the image is then
 # booted with snapshot=on, so the guests' disks and logs never change it.
 if ! debugfs -R "stat /usr/sbin/rig-init" "$RIG_IMG" 2>/dev/null | grep -q Inode || ! cmp -s "$HERE/dom0-init" "$RIG_WORK/dom0-init.installed"; then
@@ -141,12 +155,23 @@ timeout --foreground "$TIMEOUT" qemu-system-x86_64 -machine q35 -accel tcg,threa
 step "QEMU exited; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 grep -aE 'RIG: |  (main|again|ref|qd|copy|nopersist|blktap3)(-console)?\| |XENFRONT|  tap(back|disk)\||  dmesg\|' "$LOG" | grep -avE 'guest_loglvl' | sed 's/^ *[0-9.]* //' > "$RIG_LOGS/summary.txt"
+if [ -n "${RIG_DIAG:-}" ]; then
+    grep -aE 'RIG: (DIAG|RESULT|unknown)|DIAG-PROF\||DOMU: BENCH' "$LOG" | sed 's/^ *[0-9.]* //'
+    grep -aq 'RIG: RESULT PASS' "$LOG" && { step "diagnostic run $RIG_DIAG done"; exit 0; }
+    step "diagnostic run $RIG_DIAG FAILED: see $LOG"; exit 1
+fi
 grep -aE 'RIG: (CHECK|RESULT|frontend|main.img|grants|after|blktap3)|DOMU: (CHECK|NEGOTIATED)|XENFRONT' "$LOG" | sed 's/^ *[0-9.]* //'
 echo
 echo "=== backend comparison (same guest workload, fio O_DIRECT libaio, ${BENCHSECS} s per job; TCG: only the ratios mean something)"
+if [ "$PROFILE" = release ]; then
+    echo "    our binaries: release build"
+else
+    echo "    our binaries: $PROFILE build, NOT OPTIMISED (a check that the columns run, not a measurement; measure with RIG_PROFILE=release)"
+fi
 echo "    tapdisk: persistent grants, IO staged through its own pages (its main configuration); tapdisk-direct: IO on the"
 echo "    guest's pages; tapdisk-buffered: --direct off; tapdisk-copy: grant copy; tapdisk-map: per-request mapping (a guest"
-echo "    without persistent grants); tapdisk-large: persistent, 16-page ring, 2 queues"
+echo "    without persistent grants); tapdisk-large: persistent, 16-page ring, 2 queues; tapdisk-bt3: tapdisk in blktap3's guest,"
+echo "    interleaved with blktap3's disk (its ratio to blktap3 is the one taken at the same moments)"
 grep -a 'DOMU: BENCH' "$LOG" | sed 's/.*DOMU: BENCH //' | awk -f "$HERE/bench-table.awk"
 echo
 echo "=== multi-queue (tapdisk, persistent grants, 16-page ring: fio randread 4k qd16 numjobs=2)"

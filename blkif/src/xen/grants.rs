@@ -19,7 +19,7 @@
 use std::io;
 
 use super::gntdev::{CopySegment, Gntdev, GrantDevice, MappedGrants, MAX_BATCH};
-use super::persistent::PersistentGrants;
+use super::persistent::{PersistentGrants, Stamp};
 use super::DomId;
 use crate::mmap::Mapping;
 use crate::protocol::{GrantRef, Segment, MAX_INDIRECT_PAGES_PER_REQUEST, PAGE_SIZE, SECTOR_SIZE};
@@ -468,7 +468,7 @@ impl<D: GrantDevice> XenGrants<D> {
 
     /// Releases entry `e`'s pages (the request is done; in copy mode its read data was copied
     /// out already).
-    fn release(&mut self, e: usize) {
+    fn release(&mut self, e: usize, at: Option<Stamp>) {
         let held = std::mem::replace(&mut self.entries[e].held, Held::Free);
         match held {
             Held::Own(m) => drop(m),
@@ -492,8 +492,9 @@ impl<D: GrantDevice> XenGrants<D> {
             }
             Held::Cached => {
                 if let Some(cache) = self.cache.as_mut() {
+                    let at = at.unwrap_or_else(|| cache.stamp());
                     for &id in &self.entries[e].ids[..self.entries[e].n] {
-                        cache.release(id);
+                        cache.release(id, at);
                     }
                 }
             }
@@ -565,8 +566,9 @@ impl<D: GrantDevice> GrantMapper for XenGrants<D> {
                 } else {
                     // The cache is full of grants in use or just used: this request's pages
                     // are mapped for its IO only.
+                    let at = cache.stamp();
                     for &id in &self.entries[ei].ids[..got] {
-                        cache.release(id);
+                        cache.release(id, at);
                     }
                     self.counters.transient += 1;
                     self.queued.push(e);
@@ -705,6 +707,8 @@ impl<D: GrantDevice> GrantMapper for XenGrants<D> {
                 g.entries[e].held = Held::Failed(Problem::BadGrant(gref));
             });
         }
+        // One clock read for the batch (the persistent cache stamps idle grants with it).
+        let at = self.cache.as_ref().map(PersistentGrants::stamp);
         for (h, r) in handles.iter().zip(results.iter_mut()) {
             *r = match self.entry_of(*h) {
                 None => Ok(()),
@@ -722,7 +726,7 @@ impl<D: GrantDevice> GrantMapper for XenGrants<D> {
                         Held::Failed(p) if self.entries[e].writable => Err(p),
                         _ => copied,
                     };
-                    self.release(e);
+                    self.release(e, at);
                     st
                 }
             };
