@@ -29,16 +29,18 @@
 //! can, as long as nothing is unmapped within moments of its last IO.
 //!
 //! The clock is read once per batch of releases ([`PersistentGrants::stamp`]), not once per
-//! segment: where a dom0's clock source has no vDSO (a PV dom0 whose TSC Xen does not call
-//! stable), every read is a system call, and a clock read per segment was most of the ring
-//! thread's time on 128 KiB requests in the rig.
+//! segment, and it is the kernel's coarse monotonic clock: where a dom0's clock source has no
+//! vDSO (a PV dom0 whose TSC Xen does not call stable), every precise read is a system call,
+//! and a clock read per segment was most of the ring thread's time on 128 KiB requests in the
+//! rig. The coarse clock is read from the vDSO's data page on every clock source; it advances
+//! once per kernel tick, so the grace is measured as [`PIN_GRACE`] plus one tick.
 //!
 //! One map call maps a batch of grants into one contiguous range; a single grant of it is
 //! unmapped on eviction with [`MappedGrants::release`], and the range itself when its last
 //! grant is gone.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::gntdev::{GrantDevice, MappedGrants, MAX_BATCH};
 use super::DomId;
@@ -49,7 +51,7 @@ pub const PIN_GRACE: Duration = Duration::from_millis(100);
 
 const NONE: u32 = u32::MAX;
 
-/// A moment on a cache's clock (ns since the cache was made), read once for a batch of
+/// A moment on a cache's clock (coarse ns since the cache was made), read once for a batch of
 /// releases with [`PersistentGrants::stamp`]. Taken after the batch's IO completed, so an
 /// idle grant's grace never starts before its last IO ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -121,7 +123,11 @@ pub struct PersistentGrants<M: MappedGrants> {
     held: u32,
     /// Grants mapped.
     mapped: u32,
-    t0: Instant,
+    /// The coarse clock when the cache was made (ns).
+    t0: u64,
+    /// How long a grant stays mapped at least after its last use: [`PIN_GRACE`] plus one
+    /// tick of the coarse clock (ns).
+    grace: u64,
     /// When a request last released its grants (ns since `t0`).
     last_release: u64,
     counts: CacheCounts,
@@ -154,7 +160,8 @@ impl<M: MappedGrants> PersistentGrants<M> {
             cap,
             held: 0,
             mapped: 0,
-            t0: Instant::now(),
+            t0: coarse_ns(),
+            grace: PIN_GRACE.as_nanos() as u64 + coarse_tick_ns(),
             last_release: 0,
             counts: CacheCounts::default(),
         }
@@ -176,7 +183,8 @@ impl<M: MappedGrants> PersistentGrants<M> {
     }
 
     fn now(&self) -> u64 {
-        self.t0.elapsed().as_nanos() as u64
+        // Wrapping: the tests move `t0` back to age the cache.
+        coarse_ns().wrapping_sub(self.t0)
     }
 
     /// Now, on this cache's clock: one read for a batch of [`PersistentGrants::release`]s.
@@ -344,7 +352,7 @@ impl<M: MappedGrants> PersistentGrants<M> {
             return false;
         }
         let g = self.grants[id as usize];
-        if self.now().saturating_sub(g.idle_since) < PIN_GRACE.as_nanos() as u64 {
+        if self.now().saturating_sub(g.idle_since) < self.grace {
             return false;
         }
         self.lru_unlink(id);
@@ -410,14 +418,42 @@ impl<M: MappedGrants> Drop for PersistentGrants<M> {
         // The ring's IO is over (its loop drained it before dropping the transport); let the
         // last completions drop their page pins before the grants are unmapped.
         if self.mapped > 0 {
-            let idle = Duration::from_nanos(self.now().saturating_sub(self.last_release));
-            if let Some(wait) = PIN_GRACE.checked_sub(idle) {
-                std::thread::sleep(wait);
+            let idle = self.now().saturating_sub(self.last_release);
+            if let Some(wait) = self.grace.checked_sub(idle) {
+                std::thread::sleep(Duration::from_nanos(wait));
             }
         }
         // The chunks' drops unmap what is left.
         self.chunks.clear();
     }
+}
+
+/// CLOCK_MONOTONIC_COARSE in ns: the kernel's time at its last tick, read from the vDSO's data
+/// page without a system call whatever the clock source.
+fn coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the pointer, a live local; the clock
+    // id is a constant every Linux since 2.6.32 knows, so it cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// How far the coarse clock may lag the precise one: one kernel tick (ns). 10 ms (HZ=100,
+/// the coarsest Linux tick) if the kernel does not say.
+fn coarse_tick_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres writes one timespec through the pointer, a live local.
+    let r = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if r != 0 || ts.tv_sec < 0 || ts.tv_nsec < 0 {
+        return 10_000_000;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]
@@ -442,7 +478,7 @@ mod tests {
     }
 
     fn age_past_grace<M: MappedGrants>(c: &mut PersistentGrants<M>) {
-        c.t0 -= PIN_GRACE * 2;
+        c.t0 = c.t0.wrapping_sub(2 * c.grace);
         for g in c.grants.iter_mut() {
             g.idle_since = 0;
         }
