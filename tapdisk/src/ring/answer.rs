@@ -11,7 +11,7 @@ use slog::warn;
 use super::early::{EarlyCx, Owed};
 use super::{RingLoop, RingTransport};
 use crate::early::Outcome;
-use crate::trace::{now_ns, ReqRecord};
+use crate::trace::ReqRecord;
 
 impl<T: RingTransport> RingLoop<T> {
     /// Puts one response on the ring (published later, with the batch).
@@ -29,7 +29,7 @@ impl<T: RingTransport> RingLoop<T> {
         if self.scratch.finished.is_empty() {
             return;
         }
-        let now = now_ns();
+        let now = self.clock.now();
         let mut finished = std::mem::take(&mut self.scratch.finished);
         // Unmap before answering (a copying transport copies read data back here, and a
         // failed copy must not be answered as a successful read), every request at once.

@@ -105,6 +105,8 @@ impl<T: RingTransport> RingLoop<T> {
         self.intake.staged = staged;
         self.intake.staged.clear();
         if reqs > 0 {
+            // Dispatch comes next, with no wait between: it submits at this reading.
+            self.clock.hand_over(now);
             let st = &self.env.stats.sched;
             st.batches.add(1);
             st.batch_requests.add(u64::from(reqs));
@@ -309,7 +311,7 @@ impl<T: RingTransport> RingLoop<T> {
         if self.sched.pending() == 0 {
             return Ok(());
         }
-        let now = now_ns();
+        let now = self.clock.now();
         if let Some(deadline) = self.intake.batch_deadline {
             if now < deadline && (self.sched.pending() as u32) < self.intake.max_batch {
                 if !self.intake.batch_timer {

@@ -24,6 +24,7 @@
 
 mod answer;
 mod backend;
+mod clock;
 pub mod control;
 mod early;
 mod intake;
@@ -56,6 +57,7 @@ use crate::sys::uring::Uring;
 use crate::trace::{now_ns, TraceWriter};
 
 use self::backend::Backend;
+use self::clock::PassClock;
 use self::early::EarlyLayer;
 use self::intake::Intake;
 use self::kick::UringKicks;
@@ -174,6 +176,8 @@ pub struct RingLoop<T: RingTransport> {
     /// Kicks and notifications through the io_uring, where the transport allows (after
     /// `uring`, so its buffers outlive the ring).
     kicks: Option<UringKicks>,
+    /// A clock reading handed from one step of a pass to the next.
+    clock: PassClock,
 }
 
 impl<T: RingTransport> RingLoop<T> {
@@ -201,6 +205,7 @@ impl<T: RingTransport> RingLoop<T> {
         let poll_ns = u64::try_from(cfg.poll.as_nanos()).unwrap_or(u64::MAX);
         let backend = Backend::new(&mut uring, env.vbd.image(), cfg.layers, tags)?;
         sched.set_engine(backend.engine());
+        let clock = PassClock::new(env.trace.is_some());
         Ok(RingLoop {
             t,
             uring,
@@ -225,6 +230,7 @@ impl<T: RingTransport> RingLoop<T> {
                 io: Poller::new(poll_ns, 8),
             },
             kicks,
+            clock,
         })
     }
 
@@ -287,6 +293,7 @@ impl<T: RingTransport> RingLoop<T> {
         self.arm_polls()?;
         self.t.parts().2.ack()?;
         loop {
+            self.clock.forget();
             self.check_control()?;
             if self.stopping() && self.idle() {
                 self.publish()?;
@@ -297,6 +304,7 @@ impl<T: RingTransport> RingLoop<T> {
             self.answer();
             self.publish()?;
             let mut wait = !more;
+            self.clock.forget();
             if wait && self.poller().window_ns() > 0 && self.may_spin() {
                 // Busy-poll before re-arming req_event: a frontend that publishes within the
                 // window needs neither a kick nor a wake-up, nor does a completion.
@@ -340,7 +348,9 @@ impl<T: RingTransport> RingLoop<T> {
                 Err(e) => return Err(e),
             }
             if asleep != 0 {
-                let slept = now_ns().saturating_sub(asleep);
+                let woke = now_ns();
+                self.clock.hand_over(woke);
+                let slept = woke.saturating_sub(asleep);
                 let p = if io_wait {
                     &mut self.poll.io
                 } else {

@@ -30,6 +30,10 @@ impl<T: RingTransport> RingLoop<T> {
                 }
             }
         }
+        if now != 0 {
+            // Answering comes next: what completed at this reading is answered at it.
+            self.clock.hand_over(now);
+        }
         Ok(())
     }
 
@@ -101,7 +105,7 @@ impl<T: RingTransport> RingLoop<T> {
             return Ok(());
         }
         if *now == 0 {
-            *now = now_ns();
+            *now = self.clock.now();
         }
         let mut cx = IoCx {
             table: &mut self.table,
