@@ -5,7 +5,8 @@
 #            with no guest and no grant in the way, the ceiling of every backend's column.
 #   prof     one guest on tapdisk (blkfront defaults) runs rig.benchw (default read:256k:4)
 #            for three rounds; tapdisk is profiled with perf (cpu-clock, call graphs) during
-#            the second and the report's top lines are printed (DIAG-PROF).
+#            the second and the report's top lines are printed (DIAG-PROF), then its system
+#            calls by kind are counted for 4 s (DIAG-SYSCALLS).
 # fio and perf are the host's, with their libraries, on the payload disk under tools/.
 T=/opt/rig/tools
 tool() { # name args...: a host binary with the host's libraries
@@ -40,6 +41,10 @@ prof)
     P=$(pgrep -x tapdisk | head -1)
     sleep 2
     (cd /tmp && tool perf record -q -e cpu-clock -F 1000 -g -p "$P" -o /tmp/perf.data -- sleep 8) 2>&1 | tail -3
+    # System calls the tapdisk makes in 4 s (needs the kernel's syscall trace points); with the
+    # BENCH line of round 2 that is system calls per request.
+    tool perf stat -x, -p "$P" -e syscalls:sys_enter_clock_gettime,syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_ioctl,syscalls:sys_enter_read,syscalls:sys_enter_write -- sleep 4 2>&1 \
+        | awk -F, '{printf "  DIAG-SYSCALLS| %s in 4 s: %s\n", $3, $1}'
     tool perf report -i /tmp/perf.data --no-children --sort comm,dso --stdio -g none 2>/dev/null \
         | grep '%' | head -12 | sed 's/^/  DIAG-PROF| /'
     tool perf report -i /tmp/perf.data --no-children --sort dso,sym --stdio \

@@ -78,6 +78,10 @@ impl<T: RingTransport> RingLoop<T> {
                 return false;
             }
         };
+        if pending == 0 {
+            // A pass woken by completions only: no clock read, no map call.
+            return false;
+        }
         let mut left = pending.min(self.intake.max_batch);
         let (mut reqs, mut segs) = (0u32, 0u32);
         let queued_before = self.sched.pending();
