@@ -353,17 +353,25 @@ fn images_we_create_are_clean_for_qemu() {
 }
 
 fn open_err(path: &Path, read_only: bool) -> String {
-    match Chain::open(
-        path,
-        &OpenOptions {
-            read_only,
-            cache_slots: 8,
-        },
-        &BackingPool::new(),
-    ) {
-        Ok(_) => panic!("{} opened", path.display()),
-        Err(e) => e.to_string(),
+    // A lock conflict here is another thread's fork holding our last open's lock (see
+    // `open`): retry it, so that the error checked is the one the image itself causes.
+    for _ in 0..100 {
+        match Chain::open(
+            path,
+            &OpenOptions {
+                read_only,
+                cache_slots: 8,
+            },
+            &BackingPool::new(),
+        ) {
+            Ok(_) => panic!("{} opened", path.display()),
+            Err(qcow2::Error::Locked(_)) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => return e.to_string(),
+        }
     }
+    panic!("{} stayed locked", path.display())
 }
 
 #[test]
