@@ -467,8 +467,9 @@ impl<D: GrantDevice> XenGrants<D> {
     }
 
     /// Releases entry `e`'s pages (the request is done; in copy mode its read data was copied
-    /// out already).
-    fn release(&mut self, e: usize, at: Option<Stamp>) {
+    /// out already). `at` is the batch's persistent-cache stamp, read at the first release
+    /// that needs it.
+    fn release(&mut self, e: usize, at: &mut Option<Stamp>) {
         let held = std::mem::replace(&mut self.entries[e].held, Held::Free);
         match held {
             Held::Own(m) => drop(m),
@@ -492,7 +493,7 @@ impl<D: GrantDevice> XenGrants<D> {
             }
             Held::Cached => {
                 if let Some(cache) = self.cache.as_mut() {
-                    let at = at.unwrap_or_else(|| cache.stamp());
+                    let at = *at.get_or_insert_with(|| cache.stamp());
                     for &id in &self.entries[e].ids[..self.entries[e].n] {
                         cache.release(id, at);
                     }
@@ -708,7 +709,7 @@ impl<D: GrantDevice> GrantMapper for XenGrants<D> {
             });
         }
         // One clock read for the batch (the persistent cache stamps idle grants with it).
-        let at = self.cache.as_ref().map(PersistentGrants::stamp);
+        let mut at = None;
         for (h, r) in handles.iter().zip(results.iter_mut()) {
             *r = match self.entry_of(*h) {
                 None => Ok(()),
@@ -726,7 +727,7 @@ impl<D: GrantDevice> GrantMapper for XenGrants<D> {
                         Held::Failed(p) if self.entries[e].writable => Err(p),
                         _ => copied,
                     };
-                    self.release(e, at);
+                    self.release(e, &mut at);
                     st
                 }
             };

@@ -438,7 +438,7 @@ fn coarse_ns() -> u64 {
     // SAFETY: clock_gettime writes one timespec through the pointer, a live local; the clock
     // id is a constant every Linux since 2.6.32 knows, so it cannot fail.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    timespec_ns(&ts)
 }
 
 /// How far the coarse clock may lag the precise one: one kernel tick (ns). 10 ms (HZ=100,
@@ -450,10 +450,17 @@ fn coarse_tick_ns() -> u64 {
     };
     // SAFETY: clock_getres writes one timespec through the pointer, a live local.
     let r = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    if r != 0 || ts.tv_sec < 0 || ts.tv_nsec < 0 {
-        return 10_000_000;
+    match timespec_ns(&ts) {
+        t if r == 0 && t > 0 => t,
+        _ => 10_000_000,
     }
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A timespec the kernel wrote, in ns (negative fields, which it never writes, count as 0).
+fn timespec_ns(ts: &libc::timespec) -> u64 {
+    let s = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let ns = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    s * 1_000_000_000 + ns
 }
 
 #[cfg(test)]
