@@ -156,10 +156,11 @@ impl std::fmt::Display for ImageSpec {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DirectIo {
-    /// O_DIRECT where the file system takes it, buffered otherwise.
+    /// O_DIRECT where the file system takes it, buffered otherwise; a raw image's sequential
+    /// read streams go through the page cache (its readahead), as a loop device's reads do.
     #[default]
     Auto,
-    /// O_DIRECT or fail to open.
+    /// O_DIRECT or fail to open; every aligned IO direct.
     On,
     /// Page cache.
     Off,

@@ -2,7 +2,8 @@
 //!
 //! Reads and writes are one `readv`/`writev` each, on a registered (fixed) file: the O_DIRECT
 //! descriptor when the offset, every iovec's address and every length meet the file's
-//! `STATX_DIOALIGN`, the buffered one otherwise. A short transfer resumes where it stopped;
+//! `STATX_DIOALIGN` (and, under `--direct auto`, the read continues no sequential stream:
+//! [`super::stream`]), the buffered one otherwise. A short transfer resumes where it stopped;
 //! `EAGAIN`/`EINTR` are retried a few times. A flush is `fdatasync`. A discard punches a hole
 //! in a file (`fallocate`) or, on a block device, is a `BLKDISCARD` ioctl issued at once
 //! (io_uring has no portable discard for block devices before Linux 6.12; discards are rare).
@@ -12,6 +13,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types};
 
+use super::stream::ReadStreams;
 use super::AioImage;
 use crate::driver::engine::{
     BackendIo, Cqe, Done, Engine, IoOp, Memory, UdRange, Uring, DEFAULT_LANES,
@@ -32,6 +34,8 @@ struct Tag {
     iov_start: u32,
     done_bytes: u64,
     retries: u8,
+    /// A read of a sequential stream: through the page cache, whatever its alignment.
+    stream: bool,
 }
 
 /// The engine of one ring over an [`AioImage`].
@@ -42,6 +46,7 @@ pub struct AioEngine {
     ud: UdRange,
     /// The first of the engine's two fixed-file slots.
     files: u32,
+    streams: ReadStreams,
 }
 
 impl AioEngine {
@@ -56,12 +61,14 @@ impl AioEngine {
             iov_start: 0,
             done_bytes: 0,
             retries: 0,
+            stream: false,
         };
         Ok(AioEngine {
             image,
             tags: vec![idle; tags as usize].into_boxed_slice(),
             ud,
             files,
+            streams: ReadStreams::default(),
         })
     }
 
@@ -82,7 +89,7 @@ impl AioEngine {
     fn choose_fd(&self, t: &Tag) -> types::Fixed {
         // Memory unmapped right after the IO never gets direct IO (see `Memory`).
         let stable = t.io.memory == Memory::Stable;
-        if let Some((_, align)) = self.image.direct_fd().filter(|_| stable) {
+        if let Some((_, align)) = self.image.direct_fd().filter(|_| stable && !t.stream) {
             let a = u64::from(align);
             let off = t.io.offset + t.done_bytes;
             let aligned = off.is_multiple_of(a)
@@ -231,11 +238,15 @@ impl Engine for AioEngine {
         io: BackendIo,
         done: &mut Done,
     ) -> io::Result<()> {
+        let stream = io.op == IoOp::Read
+            && self.image.cache_streams()
+            && self.streams.note(io.offset, io.len);
         self.tags[io.tag as usize] = Tag {
             io,
             iov_start: 0,
             done_bytes: 0,
             retries: 0,
+            stream,
         };
         self.push_op(ring, io.tag, done)
     }
@@ -283,6 +294,7 @@ impl Engine for AioEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::engine::testing::{run, Step};
     use crate::driver::OpenOptionsImg;
     use tapdisk_control::DirectIo;
 
@@ -328,7 +340,53 @@ mod tests {
             e.files + FILE_BUFFERED,
             "unless memory is unmapped after it"
         );
+        t.io.memory = Memory::Stable;
+        t.stream = true;
+        assert_eq!(
+            e.choose_fd(&t).0,
+            e.files + FILE_BUFFERED,
+            "nor a read of a sequential stream"
+        );
         // SAFETY: allocated above with `layout`, no longer referenced.
         unsafe { std::alloc::dealloc(buf, layout) };
+    }
+
+    #[test]
+    fn sequential_reads_go_through_the_page_cache_under_auto_only() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("img");
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        for (direct, cached) in [(DirectIo::Auto, true), (DirectIo::On, false)] {
+            let opts = OpenOptionsImg {
+                direct,
+                ..Default::default()
+            };
+            let Ok(image) = AioImage::open(&path, opts) else {
+                eprintln!("no O_DIRECT on /var/tmp here: nothing to check");
+                return;
+            };
+            if image.direct_fd().is_none() {
+                eprintln!("no O_DIRECT on /var/tmp here: nothing to check");
+                return;
+            }
+            assert_eq!(image.cache_streams(), cached, "{direct:?}");
+            let mut ring = Uring::new(8).unwrap();
+            let mut e = AioEngine::new(&mut ring, Arc::new(image), 1).unwrap();
+            let mut buf = vec![0u8; 64 << 10];
+            let mut via_cache = Vec::new();
+            for i in 0..4u64 {
+                let step = Step::read(i * (64 << 10), &mut buf);
+                assert_eq!(run(&mut e, &mut ring, step), 0);
+                let at = (i * (64 << 10)) as usize;
+                assert_eq!(
+                    buf[..],
+                    data[at..at + (64 << 10)],
+                    "read {i} under {direct:?}"
+                );
+                via_cache.push(e.tags[0].stream);
+            }
+            assert_eq!(via_cache, [false, false, cached, cached], "{direct:?}");
+        }
     }
 }

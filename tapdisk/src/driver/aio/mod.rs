@@ -2,9 +2,12 @@
 //!
 //! The image is opened twice when O_DIRECT is possible: an O_DIRECT descriptor for IO whose
 //! offsets, lengths and memory meet the file's alignment, and a buffered one for the rest
-//! ([`engine`]: one io_uring `readv`/`writev` per IO on registered files).
+//! ([`engine`]: one io_uring `readv`/`writev` per IO on registered files). With the default
+//! `--direct auto`, reads that continue a sequential stream take the buffered one too
+//! ([`stream`]): the page cache reads ahead of them.
 
 pub mod engine;
+pub mod stream;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -30,6 +33,9 @@ pub struct AioImage {
     block_device: bool,
     /// tmpfs or ramfs: IO never waits for a device.
     memory_backed: bool,
+    /// Sequential read streams go through the page cache (`--direct auto` on a file system
+    /// that takes O_DIRECT, not in memory).
+    cache_streams: bool,
 }
 
 impl AioImage {
@@ -62,6 +68,7 @@ impl AioImage {
         };
         let dio_align = direct.as_ref().map(dio_alignment).unwrap_or(512);
         let memory_backed = memory_backed(&buffered);
+        let cache_streams = opts.direct == DirectIo::Auto && direct.is_some() && !memory_backed;
         Ok(AioImage {
             path: path.to_owned(),
             buffered,
@@ -71,6 +78,7 @@ impl AioImage {
             read_only: opts.read_only,
             block_device,
             memory_backed,
+            cache_streams,
         })
     }
 
@@ -94,6 +102,11 @@ impl AioImage {
     /// Whether the image lives in memory (tmpfs, ramfs).
     pub fn memory_backed(&self) -> bool {
         self.memory_backed
+    }
+
+    /// Whether reads that continue a sequential stream go through the page cache.
+    pub fn cache_streams(&self) -> bool {
+        self.cache_streams
     }
 
     /// Whether this is a block device (discard is BLKDISCARD) rather than a file (hole punch).
