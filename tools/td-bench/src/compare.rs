@@ -1,7 +1,6 @@
 //! `td-bench compare`: the same workload with fio directly on the image file (io_uring), then
 //! through tapdisk, alternated `--repeat` times; reports medians and the ratio tapdisk/fio.
 
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -10,7 +9,7 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::bench::{self, BenchResult, Stop, Workload, WorkloadArgs};
-use crate::target::{self, TargetArgs};
+use crate::target::{self, DirectArg, TargetArgs};
 
 /// Options of `td-bench compare`.
 #[derive(Args, Clone, Debug)]
@@ -117,23 +116,6 @@ pub fn parse_fio(out: &str) -> Result<Figures> {
         }
         _ => bail!("fio's JSON lacks read or write figures"),
     }
-}
-
-/// Whether `path` can be read with O_DIRECT (some file systems refuse it).
-pub fn direct_io_works(path: &Path) -> bool {
-    let Ok(f) = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    else {
-        return false;
-    };
-    let mut buf = vec![0u8; 8192];
-    let off = buf.as_ptr().align_offset(4096);
-    if off > 4096 {
-        return false;
-    }
-    f.read_at(&mut buf[off..off + 4096], 0).is_ok()
 }
 
 /// fio's arguments for `w` on `file`.
@@ -252,12 +234,18 @@ pub fn pair(args: &CompareArgs, quiet: bool) -> Result<Pair> {
     if args.target.device.is_some() {
         bail!("compare runs fio on the image file itself: name it with --image, not --device");
     }
-    let (mut t, w) = bench::prepare(&args.workload, &args.target)?;
+    // Under `auto` a raw image's sequential reads would go through the page cache while fio's
+    // go direct: where the file takes O_DIRECT, both sides use it.
+    let mut ta = args.target.clone();
+    if let (DirectArg::Auto, Some(i)) = (ta.direct, &ta.image) {
+        ta.direct = DirectArg::strict_where_possible(i);
+    }
+    let (mut t, w) = bench::prepare(&args.workload, &ta)?;
     let image = t
         .image
         .clone()
         .ok_or_else(|| anyhow!("no image file to give fio"))?;
-    let direct = direct_io_works(&image);
+    let direct = target::direct_io_works(&image);
     let fio_args = fio_args(&w, &image, direct);
     if !quiet {
         eprintln!("td-bench compare: {} on {}", w.describe(), t.describe);
@@ -270,7 +258,7 @@ pub fn pair(args: &CompareArgs, quiet: bool) -> Result<Pair> {
             } else {
                 " (the file system refuses O_DIRECT)"
             },
-            format!("{:?}", args.target.direct).to_lowercase(),
+            format!("{:?}", ta.direct).to_lowercase(),
             t.fe.ring_size(),
             t.fe.abi().name(),
             w.bs.div_ceil(t.shape.max_bytes()),

@@ -96,6 +96,7 @@ impl Drop for Lan {
 }
 
 fn targs(image: String) -> TargetArgs {
+    let direct = DirectArg::strict_where_possible(Path::new(&image));
     TargetArgs {
         device: None,
         image: Some(PathBuf::from(image)),
@@ -103,7 +104,7 @@ fn targs(image: String) -> TargetArgs {
         ring_order: 0,
         abi: AbiArg::X86_64,
         max_segments: 11,
-        direct: DirectArg::Auto,
+        direct,
         poll_us: 0,
         spin_us: 0,
         indirect_segments: 0,

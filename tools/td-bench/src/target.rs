@@ -2,6 +2,7 @@
 //! td-bench starts in a temporary run directory and shuts down when it is done, also on error
 //! and on SIGINT/SIGTERM/SIGHUP.
 
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Mutex;
@@ -44,12 +45,48 @@ impl From<AbiArg> for Abi {
 /// O_DIRECT policy on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DirectArg {
-    /// O_DIRECT where the file system takes it.
+    /// O_DIRECT where the file system takes it (a raw image's sequential reads: page cache).
     Auto,
-    /// O_DIRECT or fail.
+    /// O_DIRECT for every aligned IO, or fail.
     On,
     /// Page cache.
     Off,
+}
+
+/// Whether `path` can be read with O_DIRECT (some file systems refuse it).
+pub fn direct_io_works(path: &Path) -> bool {
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    else {
+        return false;
+    };
+    let mut buf = vec![0u8; 8192];
+    let off = buf.as_ptr().align_offset(4096);
+    if off > 4096 {
+        return false;
+    }
+    f.read_at(&mut buf[off..off + 4096], 0).is_ok()
+}
+
+impl DirectArg {
+    /// `On` where `image` (a plain path or an `aio:` spec) exists on a file system that takes
+    /// O_DIRECT, `Auto` otherwise. For experiments that measure O_DIRECT IO: under `auto` a raw
+    /// image's sequential reads go through the page cache.
+    pub fn strict_where_possible(image: &Path) -> DirectArg {
+        let s = image.to_string_lossy();
+        let path = match s.parse::<ImageSpec>() {
+            Ok(spec) if spec.driver == Driver::Aio => spec.path,
+            Ok(_) => return DirectArg::Auto,
+            Err(_) => image.to_owned(),
+        };
+        if direct_io_works(&path) {
+            DirectArg::On
+        } else {
+            DirectArg::Auto
+        }
+    }
 }
 
 impl From<DirectArg> for DirectIo {

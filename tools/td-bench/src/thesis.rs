@@ -181,7 +181,7 @@ fn targs(disk: &Disk, c: Config) -> TargetArgs {
         ring_order: c.ring_order,
         abi: AbiArg::X86_64,
         max_segments: 11,
-        direct: DirectArg::Auto,
+        direct: DirectArg::strict_where_possible(&disk.path),
         poll_us: c.poll_us,
         spin_us: c.poll_us,
         indirect_segments: c.indirect,
@@ -1007,7 +1007,7 @@ fn fio_direct_write(fio: &str, image: &Path, bs: u64, count: u64) -> Result<f64>
         rwmixread: 0,
         seed: 1,
     };
-    let direct = compare::direct_io_works(image);
+    let direct = target::direct_io_works(image);
     let mut args = compare::fio_args(&w, image, direct);
     // Sequential from offset 0, like dd; no time-based looping.
     args.retain(|a| a != "--time_based");

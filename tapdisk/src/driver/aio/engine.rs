@@ -389,4 +389,74 @@ mod tests {
             assert_eq!(via_cache, [false, false, cached, cached], "{direct:?}");
         }
     }
+
+    /// A page-aligned buffer (what O_DIRECT needs), freed on drop.
+    struct Aligned(*mut u8, std::alloc::Layout);
+
+    impl Aligned {
+        fn new(len: usize) -> Aligned {
+            let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+            // SAFETY: a non-zero size; freed in `drop` with the same layout.
+            let p = unsafe { std::alloc::alloc_zeroed(layout) };
+            assert!(!p.is_null());
+            Aligned(p, layout)
+        }
+        fn bytes(&mut self) -> &mut [u8] {
+            // SAFETY: `alloc_zeroed` gave `layout.size()` initialised bytes, ours alone.
+            unsafe { std::slice::from_raw_parts_mut(self.0, self.1.size()) }
+        }
+    }
+
+    impl Drop for Aligned {
+        fn drop(&mut self) {
+            // SAFETY: allocated in `new` with this layout; no slice of it outlives `self`.
+            unsafe { std::alloc::dealloc(self.0, self.1) };
+        }
+    }
+
+    #[test]
+    fn a_direct_write_is_seen_by_the_next_sequential_read_through_the_cache() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![0xaa; 1 << 20]).unwrap();
+        let Ok(image) = AioImage::open(&path, OpenOptionsImg::default()) else {
+            return;
+        };
+        if !image.cache_streams() {
+            eprintln!("no O_DIRECT on /var/tmp here: nothing to check");
+            return;
+        }
+        let mut ring = Uring::new(8).unwrap();
+        let mut e = AioEngine::new(&mut ring, Arc::new(image), 1).unwrap();
+        const CHUNK: usize = 64 << 10;
+        let mut buf = Aligned::new(CHUNK);
+        let mut read_all = |e: &mut AioEngine, ring: &mut Uring, want: &dyn Fn(usize) -> u8| {
+            for i in 0..8 {
+                let step = Step::read((i * CHUNK) as u64, buf.bytes());
+                assert_eq!(run(e, ring, step), 0);
+                assert!(
+                    buf.bytes().iter().all(|&b| b == want(i)),
+                    "chunk {i}: stale data"
+                );
+            }
+            assert!(
+                e.tags[0].stream,
+                "the last reads went through the page cache"
+            );
+        };
+        read_all(&mut e, &mut ring, &|_| 0xaa);
+        // Chunk 5 is in the page cache now; overwrite it with a direct write.
+        let mut new = Aligned::new(CHUNK);
+        new.bytes().fill(0x55);
+        // Aligned offset, length and memory: the write takes the O_DIRECT descriptor.
+        assert_eq!(
+            run(
+                &mut e,
+                &mut ring,
+                Step::write(5 * CHUNK as u64, new.bytes())
+            ),
+            0
+        );
+        read_all(&mut e, &mut ring, &|i| if i == 5 { 0x55 } else { 0xaa });
+    }
 }
