@@ -156,8 +156,9 @@ impl std::fmt::Display for ImageSpec {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DirectIo {
-    /// O_DIRECT where the file system takes it, buffered otherwise; a raw image's sequential
-    /// read streams go through the page cache (its readahead), as a loop device's reads do.
+    /// O_DIRECT where the file system takes it, buffered otherwise; the sequential read
+    /// streams of image files (raw, VHD, qcow2, Parallax) go through the page cache (its
+    /// readahead), as a loop device's reads do.
     #[default]
     Auto,
     /// O_DIRECT or fail to open; every aligned IO direct.

@@ -136,7 +136,7 @@ pub struct Target {
 /// O_DIRECT policy, as given on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Direct {
-    /// O_DIRECT where the file system supports it, the page cache otherwise; a raw image's
+    /// O_DIRECT where the file system supports it, the page cache otherwise; image files'
     /// sequential read streams use the page cache (its readahead).
     Auto,
     /// O_DIRECT for every aligned IO; refuse to open the image if it cannot be had.

@@ -234,8 +234,8 @@ pub fn pair(args: &CompareArgs, quiet: bool) -> Result<Pair> {
     if args.target.device.is_some() {
         bail!("compare runs fio on the image file itself: name it with --image, not --device");
     }
-    // Under `auto` a raw image's sequential reads would go through the page cache while fio's
-    // go direct: where the file takes O_DIRECT, both sides use it.
+    // Under `auto` tapdisk's sequential reads would go through the page cache while fio's go
+    // direct: where the file takes O_DIRECT, both sides use it.
     let mut ta = args.target.clone();
     if let (DirectArg::Auto, Some(i)) = (ta.direct, &ta.image) {
         ta.direct = DirectArg::strict_where_possible(i);

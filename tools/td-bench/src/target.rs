@@ -45,7 +45,7 @@ impl From<AbiArg> for Abi {
 /// O_DIRECT policy on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DirectArg {
-    /// O_DIRECT where the file system takes it (a raw image's sequential reads: page cache).
+    /// O_DIRECT where the file system takes it (sequential reads of image files: page cache).
     Auto,
     /// O_DIRECT for every aligned IO, or fail.
     On,
@@ -71,14 +71,14 @@ pub fn direct_io_works(path: &Path) -> bool {
 }
 
 impl DirectArg {
-    /// `On` where `image` (a plain path or an `aio:` spec) exists on a file system that takes
-    /// O_DIRECT, `Auto` otherwise. For experiments that measure O_DIRECT IO: under `auto` a raw
-    /// image's sequential reads go through the page cache.
+    /// `On` where `image` (a plain path, or a spec of an image file: not `stripe:`) exists on a
+    /// file system that takes O_DIRECT, `Auto` otherwise. For experiments that measure O_DIRECT
+    /// IO: under `auto` the sequential reads of image files go through the page cache.
     pub fn strict_where_possible(image: &Path) -> DirectArg {
         let s = image.to_string_lossy();
         let path = match s.parse::<ImageSpec>() {
-            Ok(spec) if spec.driver == Driver::Aio => spec.path,
-            Ok(_) => return DirectArg::Auto,
+            Ok(spec) if spec.driver == Driver::Stripe => return DirectArg::Auto,
+            Ok(spec) => spec.path,
             Err(_) => image.to_owned(),
         };
         if direct_io_works(&path) {
@@ -782,3 +782,33 @@ pub fn wait_error(e: std::io::Error, in_flight: u32) -> anyhow::Error {
 
 /// How long a request may take before td-bench gives up on the backend.
 pub const STALL: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn experiments_keep_o_direct_for_image_files_only() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let img = dir.path().join("img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let want = if direct_io_works(&img) {
+            DirectArg::On
+        } else {
+            DirectArg::Auto
+        };
+        let strict = |s: String| DirectArg::strict_where_possible(Path::new(&s));
+        let p = img.display();
+        assert_eq!(strict(p.to_string()), want, "a plain path");
+        assert_eq!(strict(format!("aio:{p}")), want);
+        assert_eq!(strict(format!("vhd:{p}")), want);
+        assert_eq!(strict(format!("parallax:{p}@vol")), want);
+        assert_eq!(
+            strict(format!("stripe:{p}")),
+            DirectArg::Auto,
+            "not a file of data"
+        );
+        let gone = dir.path().join("missing");
+        assert_eq!(strict(gone.display().to_string()), DirectArg::Auto);
+    }
+}
