@@ -241,6 +241,9 @@ impl Engine for AioEngine {
         let stream = io.op == IoOp::Read
             && self.image.cache_streams()
             && self.streams.note(io.offset, io.len);
+        if stream {
+            self.image.count_stream_read();
+        }
         self.tags[io.tag as usize] = Tag {
             io,
             iov_start: 0,
@@ -295,7 +298,7 @@ impl Engine for AioEngine {
 mod tests {
     use super::*;
     use crate::driver::engine::testing::{run, Step};
-    use crate::driver::OpenOptionsImg;
+    use crate::driver::{Image, OpenOptionsImg};
     use tapdisk_control::DirectIo;
 
     #[test]
@@ -387,6 +390,9 @@ mod tests {
                 via_cache.push(e.tags[0].stream);
             }
             assert_eq!(via_cache, [false, false, cached, cached], "{direct:?}");
+            let st = e.image().stats();
+            assert_eq!(st["stream_reads"], if cached { 2 } else { 0 }, "{st}");
+            assert_eq!(st["cache_streams"], cached, "{st}");
         }
     }
 

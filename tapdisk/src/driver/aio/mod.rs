@@ -14,6 +14,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::engine::{Engine, Uring};
@@ -36,6 +37,8 @@ pub struct AioImage {
     /// Sequential read streams go through the page cache (`--direct auto` on a file system
     /// that takes O_DIRECT, not in memory).
     cache_streams: bool,
+    /// Reads of sequential streams sent through the page cache, by every ring (`tap-ctl stats`).
+    stream_reads: AtomicU64,
 }
 
 impl AioImage {
@@ -79,6 +82,7 @@ impl AioImage {
             block_device,
             memory_backed,
             cache_streams,
+            stream_reads: AtomicU64::new(0),
         })
     }
 
@@ -109,6 +113,11 @@ impl AioImage {
         self.cache_streams
     }
 
+    /// Counts a read of a sequential stream sent through the page cache.
+    pub fn count_stream_read(&self) {
+        self.stream_reads.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Whether this is a block device (discard is BLKDISCARD) rather than a file (hole punch).
     pub fn is_block_device(&self) -> bool {
         self.block_device
@@ -133,6 +142,16 @@ impl Image for AioImage {
     }
     fn direct(&self) -> bool {
         self.direct.is_some()
+    }
+    fn stats(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": "aio",
+            "image": self.path.display().to_string(),
+            "direct": self.direct.is_some(),
+            "cache_streams": self.cache_streams,
+            // A counter read on its own: no other memory depends on it.
+            "stream_reads": self.stream_reads.load(Ordering::Relaxed),
+        })
     }
 }
 
