@@ -14,26 +14,27 @@ fn p(x: &Path) -> &str {
     x.to_str().unwrap()
 }
 
-fn open(path: &Path, read_only: bool) -> Chain {
-    // Another test thread's fork (to start qemu-img) briefly holds a copy of every open
-    // descriptor, and with it our released lock: retry a lock conflict for a while.
+/// Opens `path`, retrying a lock conflict for a while: another test thread's fork (to start
+/// qemu-img) briefly holds a copy of every open descriptor, and with it our released lock.
+/// What is returned is the open's own result once no fork holds the lock.
+fn open_unlocked(path: &Path, read_only: bool, cache_slots: usize) -> qcow2::Result<Chain> {
+    let o = OpenOptions {
+        read_only,
+        cache_slots,
+    };
     for _ in 0..100 {
-        match Chain::open(
-            path,
-            &OpenOptions {
-                read_only,
-                cache_slots: 64,
-            },
-            &BackingPool::new(),
-        ) {
-            Ok(c) => return c,
+        match Chain::open(path, &o, &BackingPool::new()) {
             Err(qcow2::Error::Locked(_)) => {
                 std::thread::sleep(std::time::Duration::from_millis(20))
             }
-            Err(e) => panic!("opening {}: {e}", path.display()),
+            r => return r,
         }
     }
     panic!("{} stayed locked", path.display())
+}
+
+fn open(path: &Path, read_only: bool) -> Chain {
+    open_unlocked(path, read_only, 64).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
 }
 
 fn read_all(c: &mut Chain) -> Vec<u8> {
@@ -352,26 +353,13 @@ fn images_we_create_are_clean_for_qemu() {
     }
 }
 
+/// The error opening `path` gives, a lock conflict of another thread's fork aside (see
+/// `open_unlocked`): the one the image itself causes.
 fn open_err(path: &Path, read_only: bool) -> String {
-    // A lock conflict here is another thread's fork holding our last open's lock (see
-    // `open`): retry it, so that the error checked is the one the image itself causes.
-    for _ in 0..100 {
-        match Chain::open(
-            path,
-            &OpenOptions {
-                read_only,
-                cache_slots: 8,
-            },
-            &BackingPool::new(),
-        ) {
-            Ok(_) => panic!("{} opened", path.display()),
-            Err(qcow2::Error::Locked(_)) => {
-                std::thread::sleep(std::time::Duration::from_millis(20))
-            }
-            Err(e) => return e.to_string(),
-        }
+    match open_unlocked(path, read_only, 8) {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e) => e.to_string(),
     }
-    panic!("{} stayed locked", path.display())
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! Reads and writes are one `readv`/`writev` each, on a registered (fixed) file: the O_DIRECT
 //! descriptor when the offset, every iovec's address and every length meet the file's
 //! `STATX_DIOALIGN` (and, under `--direct auto`, the read continues no sequential stream:
-//! [`super::stream`]), the buffered one otherwise. A short transfer resumes where it stopped;
+//! `stream.rs`), the buffered one otherwise. A short transfer resumes where it stopped;
 //! `EAGAIN`/`EINTR` are retried a few times. A flush is `fdatasync`. A discard punches a hole
 //! in a file (`fallocate`) or, on a block device, is a `BLKDISCARD` ioctl issued at once
 //! (io_uring has no portable discard for block devices before Linux 6.12; discards are rare).
@@ -320,12 +320,9 @@ mod tests {
         };
         let mut ring = Uring::new(8).unwrap();
         let e = AioEngine::new(&mut ring, image, 1).unwrap();
-        let layout = std::alloc::Layout::from_size_align(4096, 4096.max(align as usize)).unwrap();
-        // SAFETY: a non-zero size; freed below with the same layout.
-        let buf = unsafe { std::alloc::alloc(layout) };
-        assert!(!buf.is_null());
+        let mut buf = Aligned::new(4096, 4096.max(align as usize));
         let mut iov = [libc::iovec {
-            iov_base: buf.cast(),
+            iov_base: buf.bytes().as_mut_ptr().cast(),
             iov_len: 4096,
         }];
         let mut t = e.tags[0];
@@ -350,8 +347,6 @@ mod tests {
             e.files + FILE_BUFFERED,
             "nor a read of a sequential stream"
         );
-        // SAFETY: allocated above with `layout`, no longer referenced.
-        unsafe { std::alloc::dealloc(buf, layout) };
     }
 
     #[test]
@@ -365,14 +360,11 @@ mod tests {
                 direct,
                 ..Default::default()
             };
-            let Ok(image) = AioImage::open(&path, opts) else {
+            let opened = AioImage::open(&path, opts).ok();
+            let Some(image) = opened.filter(|i| i.direct_fd().is_some()) else {
                 eprintln!("no O_DIRECT on /var/tmp here: nothing to check");
                 return;
             };
-            if image.direct_fd().is_none() {
-                eprintln!("no O_DIRECT on /var/tmp here: nothing to check");
-                return;
-            }
             assert_eq!(image.cache_streams(), cached, "{direct:?}");
             let mut ring = Uring::new(8).unwrap();
             let mut e = AioEngine::new(&mut ring, Arc::new(image), 1).unwrap();
@@ -396,12 +388,12 @@ mod tests {
         }
     }
 
-    /// A page-aligned buffer (what O_DIRECT needs), freed on drop.
+    /// A buffer aligned as O_DIRECT needs, freed on drop.
     struct Aligned(*mut u8, std::alloc::Layout);
 
     impl Aligned {
-        fn new(len: usize) -> Aligned {
-            let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+        fn new(len: usize, align: usize) -> Aligned {
+            let layout = std::alloc::Layout::from_size_align(len, align).unwrap();
             // SAFETY: a non-zero size; freed in `drop` with the same layout.
             let p = unsafe { std::alloc::alloc_zeroed(layout) };
             assert!(!p.is_null());
@@ -435,7 +427,7 @@ mod tests {
         let mut ring = Uring::new(8).unwrap();
         let mut e = AioEngine::new(&mut ring, Arc::new(image), 1).unwrap();
         const CHUNK: usize = 64 << 10;
-        let mut buf = Aligned::new(CHUNK);
+        let mut buf = Aligned::new(CHUNK, 4096);
         let mut read_all = |e: &mut AioEngine, ring: &mut Uring, want: &dyn Fn(usize) -> u8| {
             for i in 0..8 {
                 let step = Step::read((i * CHUNK) as u64, buf.bytes());
@@ -452,7 +444,7 @@ mod tests {
         };
         read_all(&mut e, &mut ring, &|_| 0xaa);
         // Chunk 5 is in the page cache now; overwrite it with a direct write.
-        let mut new = Aligned::new(CHUNK);
+        let mut new = Aligned::new(CHUNK, 4096);
         new.bytes().fill(0x55);
         // Aligned offset, length and memory: the write takes the O_DIRECT descriptor.
         assert_eq!(

@@ -4,10 +4,10 @@
 //! offsets, lengths and memory meet the file's alignment, and a buffered one for the rest
 //! ([`engine`]: one io_uring `readv`/`writev` per IO on registered files). With the default
 //! `--direct auto`, reads that continue a sequential stream take the buffered one too
-//! ([`stream`]): the page cache reads ahead of them.
+//! (`stream.rs`): the page cache reads ahead of them.
 
 pub mod engine;
-pub mod stream;
+mod stream;
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -16,7 +16,7 @@
 /// Streams tracked at once.
 const SLOTS: usize = 4;
 /// Reads a stream must already have had before its next read counts as sequential.
-pub const MIN_RUN: u32 = 2;
+const MIN_RUN: u32 = 2;
 /// How far before a stream's next byte a read may start and still continue it (a request that
 /// overtook its predecessor).
 const BEHIND: u64 = 512 << 10;
