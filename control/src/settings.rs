@@ -34,8 +34,9 @@ pub struct VbdSettings {
     pub merge: bool,
     /// Largest merged IO, KiB ([`limits::MAX_MERGE_KB`]).
     pub max_merge_kb: u32,
-    /// Requests taken from a ring per batch (0: the ring size; more than the ring holds
-    /// means the ring size).
+    /// Requests taken from a ring per batch (0: half the requests the frontend keeps
+    /// outstanding, at least 8, so that it refills while the rest are served; more than the
+    /// ring holds means the ring size).
     pub max_batch: u32,
     /// Backend IOs in flight per ring at most (0: no limit unless the engine asks for one).
     pub max_ios: u32,

@@ -95,7 +95,8 @@ impl std::fmt::Display for RingExit {
 pub struct RingConfig {
     /// Sorting and merging.
     pub sched: SchedConfig,
-    /// Requests taken from the ring per batch (0: the ring size).
+    /// Requests taken from the ring per batch (0: half the frontend's depth, so that the
+    /// frontend refills while the loop serves; see `intake.rs`).
     pub max_batch: u32,
     /// Wait up to this long for a batch to fill before dispatching it (0: never wait).
     pub batch_wait: Duration,

@@ -276,7 +276,8 @@ pub struct DiskArgs {
         ),
     )]
     pub max_merge_kb: u32,
-    /// Requests taken from a ring at a time (0: the whole ring)
+    /// Requests taken from a ring at a time (0: half of what the frontend keeps outstanding,
+    /// at least 8, so that it refills the ring while the rest are served)
     #[arg(long, value_name = "N", default_value_t = VbdSettings::DEFAULT.max_batch)]
     pub max_batch: u32,
     /// Backend IOs in flight per ring at most (0: unlimited); the rest wait in the scheduler,
