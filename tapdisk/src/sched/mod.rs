@@ -18,7 +18,7 @@
 //!   room ([`Engine::max_in_flight`], usually unlimited): sorting and merging work on what
 //!   arrived together, and on what accumulates while a device that takes one IO at a time is
 //!   busy. A merge never turns parallel work into serial work: what is ready is spread over
-//!   the storage's free lanes ([`Engine::lanes`]), each merged IO at most its share (and at
+//!   the storage's lanes ([`Engine::lanes`]), each merged IO at most its share (and at
 //!   least [`MIN_SPREAD_BYTES`]), so 16 MiB of contiguous writes on a device with 8 lanes go
 //!   out as 8 IOs of 2 MiB side by side, not one of 16 MiB.
 //! - **Completion.** A request completes when all its IOs are done. If a merged IO fails, each
@@ -48,7 +48,7 @@ use self::ios::{IoKind, IoSlots};
 /// The kernel's limit on iovecs per readv/writev (`UIO_MAXIOV`).
 pub const IOV_MAX: usize = 1024;
 
-/// A merged IO spread over free lanes is never cut smaller than this by default: below it,
+/// A merged IO spread over the lanes is never cut smaller than this by default: below it,
 /// the cost per IO outweighs the parallelism.
 pub const MIN_SPREAD_BYTES: u64 = 1 << 20;
 
@@ -64,7 +64,7 @@ pub struct SchedConfig {
     /// can still be sorted and merged with them, as in an elevator in front of a busy disk.
     /// (A request too large for one IO may go over it by its extra parts.)
     pub max_ios: u32,
-    /// A merged IO spread over free lanes is never cut smaller than this
+    /// A merged IO spread over the lanes is never cut smaller than this
     /// ([`MIN_SPREAD_BYTES`]; smaller in tests).
     pub min_spread_bytes: u64,
 }
@@ -368,12 +368,15 @@ impl Sched {
         self.reap_done(cx)
     }
 
-    /// The largest merged IO for what is ready now: its bytes spread over the lanes not
-    /// busy, at least [`MIN_SPREAD_BYTES`], at most the configured maximum.
+    /// The largest merged IO for what is ready now: its bytes spread over the storage's
+    /// lanes, at least [`MIN_SPREAD_BYTES`], at most the configured maximum. Over all the
+    /// lanes, not only the free ones: what starts while some are busy waits in the device's
+    /// queue, and a share of all lanes keeps each lane busy as it frees, where the free lanes'
+    /// share would be a few large IOs serialised behind them (one lane free: one IO of
+    /// everything).
     fn spread(&self, table: &RequestTable) -> u64 {
         let max = self.cfg.max_merge_bytes;
-        let free = self.lanes.saturating_sub(self.ios.active() as u32);
-        if free <= 1 {
+        if self.lanes <= 1 {
             return max;
         }
         let ready: u64 = self
@@ -382,7 +385,7 @@ impl Sched {
             .map(|&s| table.slot(s).req.nr_sectors * SECTOR_SIZE)
             .sum();
         ready
-            .div_ceil(u64::from(free))
+            .div_ceil(u64::from(self.lanes))
             .next_multiple_of(SECTOR_SIZE)
             .clamp(self.cfg.min_spread_bytes.min(max), max)
     }

@@ -438,7 +438,7 @@ fn contiguous_requests_merge_and_a_failure_stays_with_its_request() {
 }
 
 #[test]
-fn what_is_ready_is_spread_over_the_free_lanes() {
+fn what_is_ready_is_spread_over_the_lanes() {
     // 16 contiguous 4-sector writes (32 KiB) at once; merged IOs of at most 16 sectors.
     let reqs = contiguous_writes();
     let ok = [false; SECTORS as usize];
@@ -451,4 +451,17 @@ fn what_is_ready_is_spread_over_the_free_lanes() {
     // Sixteen lanes: never below the smallest spread (2 sectors here, so 16 IOs of 4).
     let (_, _, ios) = run_sched(&reqs, &ok, true, 16, &[0; 64], 0, false, 16);
     assert_eq!(ios, 16);
+}
+
+#[test]
+fn what_arrives_while_the_lanes_are_busy_is_still_spread_over_them() {
+    // Two batches of 8 contiguous 4-sector writes, four lanes, one IO completing per round:
+    // the first batch goes out as 4 IOs of 2 requests; when the second arrives, 3 lanes are
+    // still busy. It is cut by the lanes the storage has, not the one free: 4 IOs of 2
+    // requests again, not 2 of 4 (a few large IOs serialised behind one lane).
+    let reqs = contiguous_writes();
+    let ok = [false; SECTORS as usize];
+    let (got, eng, ios) = run_sched(&reqs, &ok, true, 8, &[0; 64], 0, false, 4);
+    assert!(got.iter().all(|g| g.0 == 0));
+    assert_eq!(ios, 8);
 }
