@@ -75,9 +75,10 @@ const PIPELINE_MIN: u32 = 8;
 /// all of it before it sees the first answer; then the loop waits while the frontend refills.
 /// The two sides take turns on two CPUs. Taking half the frontend's depth per pass lets them
 /// overlap: the first half's answers are published (and the frontend woken) while the second
-/// half is served. `td-bench run` on a tmpfs image, 4 KiB random reads at depth 32: 0.81 M
-/// IOPS taking the whole ring, 1.09-1.12 M taking half (docs/performance.md). Where the IO is
-/// asynchronous the split costs one more pass per ring-full and changed nothing measurable.
+/// half is served. `td-bench run` on a tmpfs image, 4 KiB random reads at depth 32: 975568
+/// IOPS taking the whole ring, 1368854 taking halves (medians of 3, docs/performance.md).
+/// Where the IO is asynchronous the split costs one more pass per ring-full and changed
+/// nothing measurable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum BatchRule {
     /// At most this many (`--max-batch N`).
