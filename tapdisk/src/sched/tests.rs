@@ -462,6 +462,7 @@ fn what_arrives_while_the_lanes_are_busy_is_still_spread_over_them() {
     let reqs = contiguous_writes();
     let ok = [false; SECTORS as usize];
     let (got, eng, ios) = run_sched(&reqs, &ok, true, 8, &[0; 64], 0, false, 4);
+    assert!(eng.violations.is_empty());
     assert!(got.iter().all(|g| g.0 == 0));
     assert_eq!(ios, 8);
 }
