@@ -187,17 +187,19 @@ pub fn try_flock(f: &File, exclusive: bool) -> io::Result<bool> {
     }
 }
 
+/// For tests: an iovec over all of `buf`.
+#[cfg(test)]
+pub(crate) fn iov(buf: &mut [u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
-
-    fn iov(b: &mut [u8]) -> libc::iovec {
-        libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        }
-    }
 
     /// One buffer (the plain calls) and several (the vectored ones) move the same bytes.
     #[test]

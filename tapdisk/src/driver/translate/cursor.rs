@@ -50,13 +50,7 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn iov(buf: &mut [u8]) -> libc::iovec {
-        libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }
-    }
+    use crate::sys::file::iov;
 
     #[test]
     fn cursor_cuts_iovecs_at_part_boundaries_and_merges_neighbours() {
