@@ -217,24 +217,30 @@ mod tests {
         let mem = memory_backed(&f);
         let fd = f.as_raw_fd();
         let mut data: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+        // On a file in memory every transfer moves bytes; elsewhere `RWF_NOWAIT` may decline
+        // one (`None`), and then there is nothing to compare.
+        let moved = |n: io::Result<Option<usize>>| match n {
+            Ok(None) if !mem => None,
+            n => Some(n.unwrap().expect("a file in memory never declines")),
+        };
         // SAFETY: the iovec points at `data`, alive and untouched during the call.
         let n = unsafe { rw_nowait(fd, &[iov(&mut data)], 512, Dir::Write, mem) };
-        if !mem && matches!(n, Ok(None)) {
+        let Some(n) = moved(n) else {
             eprintln!("no nowait writes on this file system: nothing to check");
             return;
-        }
-        assert_eq!(n.unwrap(), Some(8192));
+        };
+        assert_eq!(n, 8192);
         let (mut a, mut b) = (vec![0u8; 1000], vec![0u8; 7192]);
         // SAFETY: both iovecs point at live buffers untouched during the call.
         let n = unsafe { rw_nowait(fd, &[iov(&mut a), iov(&mut b)], 512, Dir::Read, mem) };
-        if let Ok(Some(n)) = n {
+        if let Some(n) = moved(n) {
             assert_eq!(n, 8192);
             assert_eq!([a, b].concat(), data);
         }
         let mut one = vec![0u8; 4096];
         // SAFETY: as above.
         let n = unsafe { rw_nowait(fd, &[iov(&mut one)], 4096, Dir::Read, mem) };
-        if let Ok(Some(n)) = n {
+        if let Some(n) = moved(n) {
             assert_eq!(n, 4096);
             assert_eq!(one[..], data[3584..7680]);
         }
