@@ -149,7 +149,14 @@ fn send_line(sock: &UnixStream, line: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let iov = [io::IoSlice::new(line)];
     let cmsg = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
-    let n = sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    let n = loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            // A socket with a timeout is not restarted after a signal or task work (an
+            // io_uring this thread closed queues some): try again.
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => break r?,
+        }
+    };
     (&*sock).write_all(&line[n..])
 }
 
@@ -161,12 +168,18 @@ fn recv_line(sock: &UnixStream, timeout: Duration) -> Result<(Vec<u8>, Vec<Owned
     let mut cmsg_space = nix::cmsg_space!([RawFd; 8]);
     let n = {
         let mut iov = [io::IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
+        let msg = loop {
+            let r = recvmsg::<()>(
+                sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg_space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            );
+            // As in `send_line`: an interrupted wait is tried again (nothing was received).
+            if r != Err(nix::errno::Errno::EINTR) {
+                break r;
+            }
+        }
         .map_err(|e| match e {
             nix::errno::Errno::EAGAIN => proto(format!(
                 "no handshake message from the peer within {} s",
@@ -191,7 +204,10 @@ fn recv_line(sock: &UnixStream, timeout: Duration) -> Result<(Vec<u8>, Vec<Owned
         if len == MAX_LINE {
             return Err(proto("handshake line longer than 4 KiB"));
         }
-        let m = (&*sock).read(&mut buf[len..])?;
+        let m = match (&*sock).read(&mut buf[len..]) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => r?,
+        };
         if m == 0 {
             return Err(proto("peer closed the socket during the handshake"));
         }
