@@ -29,16 +29,7 @@ struct Input {
     steps: Vec<Step>,
 }
 
-const DISK: DiskInfo = DiskInfo {
-    sectors: 1 << 20,
-    sector_size: 512,
-    read_only: false,
-    flush: true,
-    barrier: true,
-    discard: true,
-    max_segments: 11,
-    max_indirect_segments: 0,
-};
+const DISK: DiskInfo = DiskInfo::writable(1 << 20);
 
 fuzz_target!(|inp: Input| {
     let abi = if inp.x86_32 { Abi::X86_32 } else { Abi::X86_64 };

@@ -11,16 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok((mut a, b)) = UnixStream::pair() else {
         return;
     };
-    let info = DiskInfo {
-        sectors: 8,
-        sector_size: 512,
-        read_only: false,
-        flush: true,
-        barrier: true,
-        discard: true,
-        max_segments: 11,
-        max_indirect_segments: 0,
-    };
+    let info = DiskInfo::writable(8);
     let mut line = data[..data.len().min(8192)].to_vec();
     line.push(b'\n');
     let _ = a.write_all(&line);

@@ -7,16 +7,7 @@ use crate::protocol::op;
 use crate::protocol::{Response, Segment};
 use crate::request::Problem;
 
-const INFO: DiskInfo = DiskInfo {
-    sectors: 2048,
-    sector_size: 512,
-    read_only: false,
-    flush: true,
-    barrier: true,
-    discard: true,
-    max_segments: 11,
-    max_indirect_segments: 0,
-};
+const INFO: DiskInfo = DiskInfo::writable(2048);
 
 #[test]
 fn handshake_and_one_request() {

@@ -50,6 +50,22 @@ pub const MAX_INDIRECT_SEGMENTS: u16 =
     (MAX_INDIRECT_PAGES_PER_REQUEST * SEGMENTS_PER_INDIRECT_FRAME) as u16;
 
 impl DiskInfo {
+    /// A writable disk of `sectors` 512-byte sectors that takes flushes, barriers and
+    /// discards, with direct requests of up to 11 segments and no indirect ones: the disk of
+    /// tests and fuzzers that need one.
+    pub const fn writable(sectors: u64) -> DiskInfo {
+        DiskInfo {
+            sectors,
+            sector_size: 512,
+            read_only: false,
+            flush: true,
+            barrier: true,
+            discard: true,
+            max_segments: 11,
+            max_indirect_segments: 0,
+        }
+    }
+
     /// The most segments any request may carry: the size a per-request segment buffer needs.
     pub fn segment_capacity(&self) -> usize {
         (self.max_segments as usize)

@@ -5,14 +5,8 @@ use crate::protocol::MAX_SLOT;
 use proptest::prelude::*;
 
 const DISK: DiskInfo = DiskInfo {
-    sectors: 1000,
-    sector_size: 512,
-    read_only: false,
-    flush: true,
-    barrier: true,
-    discard: true,
-    max_segments: 11,
     max_indirect_segments: 256,
+    ..DiskInfo::writable(1000)
 };
 
 fn seg(gref: u32, f: u8, l: u8) -> Segment {

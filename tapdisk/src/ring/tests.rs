@@ -64,16 +64,7 @@ impl RingTransport for XenLike {
 }
 
 fn disk() -> DiskInfo {
-    DiskInfo {
-        sectors: SECTORS,
-        sector_size: 512,
-        read_only: false,
-        flush: true,
-        barrier: true,
-        discard: true,
-        max_segments: 11,
-        max_indirect_segments: 0,
-    }
+    DiskInfo::writable(SECTORS)
 }
 
 fn image(path: &std::path::Path) -> Arc<dyn Image> {

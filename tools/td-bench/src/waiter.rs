@@ -206,16 +206,7 @@ mod tests_support {
     use blkif::request::DiskInfo;
     use std::os::unix::net::UnixStream;
 
-    const INFO: DiskInfo = DiskInfo {
-        sectors: 2048,
-        sector_size: 512,
-        read_only: false,
-        flush: true,
-        barrier: true,
-        discard: true,
-        max_segments: 11,
-        max_indirect_segments: 0,
-    };
+    const INFO: DiskInfo = DiskInfo::writable(2048);
 
     /// A frontend attached to a backend in this process.
     pub fn attached() -> (LocalFrontend, LocalBackend) {
