@@ -111,11 +111,6 @@ impl LocalFrontend {
         self.spin = spin;
     }
 
-    /// How long [`LocalFrontend::wait`] spins before it sleeps.
-    pub fn spin(&self) -> Duration {
-        self.spin
-    }
-
     /// Connects to a VBD's local-transport socket and attaches a new ring.
     pub fn connect(path: &Path, cfg: FrontendConfig) -> crate::Result<LocalFrontend> {
         let sock = UnixStream::connect(path).map_err(|e| {
@@ -406,22 +401,10 @@ impl LocalFrontend {
 
     /// Publishes queued requests and kicks the backend if it asked for it.
     pub fn push(&mut self) -> io::Result<()> {
-        if self.publish() {
+        if self.ring.push_requests() {
             eventfd_signal(self.kick.as_fd())?;
         }
         Ok(())
-    }
-
-    /// Publishes queued requests without kicking; true if the backend asked for a kick,
-    /// which the caller then sends itself (an 8-byte write of 1 to [`LocalFrontend::kick_fd`],
-    /// for a caller that batches it with its own waiting).
-    pub fn publish(&mut self) -> bool {
-        self.ring.push_requests()
-    }
-
-    /// The eventfd that kicks the backend (see [`LocalFrontend::publish`]).
-    pub fn kick_fd(&self) -> RawFd {
-        self.kick.as_raw_fd()
     }
 
     /// A duplicate of the ring's memfd (tests hand it to another process that scribbles over

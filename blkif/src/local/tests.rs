@@ -209,3 +209,44 @@ fn short_memfds_and_foreign_event_descriptors_are_refused() {
     send_line(&a, line, &[m, r, k, n]).unwrap();
     assert!(t.join().unwrap().is_ok());
 }
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// A signal whose handler does not ask for restarting (or task work an io_uring the thread
+/// closed left behind) interrupts the handshake's blocking receive; the attach must retry
+/// it, not fail with EINTR.
+#[test]
+fn an_interrupted_handshake_is_retried() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    // No SA_RESTART: a receive the signal interrupts returns EINTR.
+    let act = SigAction::new(
+        SigHandler::Handler(ignore_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler does nothing (async-signal-safe) and lives as long as the process;
+    // no other test of this binary uses SIGUSR1.
+    unsafe { sigaction(Signal::SIGUSR1, &act) }.unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    let t = std::thread::spawn(move || {
+        // The frontend is blocked in the handshake by then (it waits for the answer).
+        std::thread::sleep(Duration::from_millis(100));
+        // SAFETY: `me` is the test's thread, alive until it joins this one.
+        assert_eq!(unsafe { libc::pthread_kill(me, libc::SIGUSR1) }, 0);
+        std::thread::sleep(Duration::from_millis(100));
+        accept(b, &AttachLimits::default(), &INFO)
+    });
+    let fe = LocalFrontend::attach(
+        a,
+        FrontendConfig {
+            mem_pages: 4,
+            ..Default::default()
+        },
+    );
+    let be = t.join().unwrap();
+    let fe = fe.expect("the attach survives the signal");
+    assert!(be.is_ok());
+    assert_eq!(fe.info(), &INFO);
+}

@@ -18,7 +18,6 @@ use crate::hist::Histogram;
 use crate::progress::{Goal, Progress};
 use crate::target::{self, ReqShape, Target, TargetArgs, STALL};
 use crate::util::{clock_seed, parse_duration, parse_seed, Rng};
-use crate::waiter::Waiter;
 use tapdisk::trace::now_ns;
 
 /// Access pattern (fio's names).
@@ -366,12 +365,6 @@ pub fn measure(
     let mut rsps: Vec<Response> = Vec::with_capacity(fe.ring_size() as usize);
     let (mut hr, mut hw) = (Histogram::new(), Histogram::new());
     let mut errors = 0u64;
-    // A frontend that spins keeps the ring's own wait, which spins before it sleeps.
-    let mut waiter = if fe.spin().is_zero() {
-        Some(Waiter::new(fe).context("setting up the frontend's io_uring")?)
-    } else {
-        None
-    };
 
     let start = Instant::now();
     let mut t0: Option<Instant> = w.warmup.is_zero().then_some(start);
@@ -465,11 +458,8 @@ pub fn measure(
             just_queued.push(s * parts + p);
         }
         if !just_queued.is_empty() {
-            match &mut waiter {
-                Some(w) => w.publish(fe),
-                None => fe.push(),
-            }
-            .map_err(|e| target::wait_error(e, fe.outstanding()))?;
+            fe.push()
+                .map_err(|e| target::wait_error(e, fe.outstanding()))?;
             if stamps.is_some() {
                 let ts = now_ns();
                 for &k in &just_queued {
@@ -485,11 +475,7 @@ pub fn measure(
             continue;
         }
         let n = fe.outstanding();
-        let answered = match &mut waiter {
-            Some(w) => w.wait(fe, STALL),
-            None => fe.wait(Some(STALL)),
-        };
-        if !answered.map_err(|e| target::wait_error(e, n))? {
+        if !fe.wait(Some(STALL)).map_err(|e| target::wait_error(e, n))? {
             bail!(
                 "no response from tapdisk for {} s with {n} requests in flight",
                 STALL.as_secs()

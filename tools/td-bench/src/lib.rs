@@ -32,7 +32,6 @@ pub mod thesis;
 pub mod util;
 pub mod verify;
 pub mod vs;
-pub mod waiter;
 
 use clap::{Parser, Subcommand};
 
