@@ -210,6 +210,54 @@ fn run_count_json() {
 }
 
 #[test]
+fn a_trace_has_both_ring_steps_of_every_request() {
+    // Each request's trace pairs the frontend's stamps with tapdisk's: published, popped,
+    // ..., answered, seen. A step whose end came before its start is left out of the trace,
+    // so a request without both ring steps means the two sides' stamps disagree (the
+    // frontend once stamped a request after its kick returned, when tapdisk, woken on the
+    // other CPU, could already have popped it). One IO in flight: every push kicks.
+    let dir = tempfile::tempdir().unwrap();
+    let (img, trace) = (dir.path().join("disk.img"), dir.path().join("trace.json"));
+    let out = td_bench(&[
+        "run",
+        "--image",
+        img.to_str().unwrap(),
+        "--size",
+        "16M",
+        "--rw",
+        "randrw",
+        "--iodepth",
+        "1",
+        "--count",
+        "3000",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "exit status {}", out.status);
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&trace).unwrap()).expect("a JSON trace");
+    let events = v["traceEvents"].as_array().expect("traceEvents");
+    let begun = |name: &str| {
+        events
+            .iter()
+            .filter(|e| e["ph"] == "b" && e["name"] == name)
+            .count()
+    };
+    let requests = events
+        .iter()
+        .filter(|e| e["ph"] == "b" && e["cat"] == "request")
+        .count();
+    assert!(requests >= 3000, "{requests} requests traced");
+    for step in [
+        "ring (frontend to tapdisk)",
+        "ring (tapdisk to frontend)",
+        "io",
+    ] {
+        assert_eq!(begun(step), requests, "requests with a '{step}' step");
+    }
+}
+
+#[test]
 fn run_splits_large_ios_into_ring_requests() {
     // 1M IOs with 4 segments per request: 64 ring requests each, 8 IOs in flight = 512
     // requests queued against a 32-slot ring. Every one must come back, none with an error.

@@ -458,14 +458,18 @@ pub fn measure(
             just_queued.push(s * parts + p);
         }
         if !just_queued.is_empty() {
-            fe.push()
-                .map_err(|e| target::wait_error(e, fe.outstanding()))?;
+            // Stamped before the push: the push publishes the requests and then kicks
+            // tapdisk, and the kick (a system call that may wake another CPU) is the ring
+            // path's time, not the frontend's. Stamped after it, a slow kick hid from the
+            // ring-in stage and could even put tapdisk's IO before the frontend's publish.
             if stamps.is_some() {
                 let ts = now_ns();
                 for &k in &just_queued {
                     part_ts[k] = ts;
                 }
             }
+            fe.push()
+                .map_err(|e| target::wait_error(e, fe.outstanding()))?;
             just_queued.clear();
         }
         if fe.outstanding() == 0 {
