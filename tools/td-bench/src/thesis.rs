@@ -126,9 +126,10 @@ pub struct ThesisArgs {
     /// source tree td-bench was built from].
     #[arg(long, value_name = "PATH")]
     pub lan_script: Option<PathBuf>,
-    /// Runs of each configuration in Table 4.2 and Figure 4.2 (off and on alternating);
-    /// medians are shown.
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    /// Rounds of Table 4.2 and Figure 4.2: each runs the scheduler off and on back to back
+    /// (which goes first alternates); medians are shown, and the middle half of the rounds'
+    /// on/off ratios.
+    #[arg(long, value_name = "N", default_value_t = 9, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: u32,
     /// Bytes written and read per pass in Table 3.6.
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = td_cli::parse_size)]
@@ -565,33 +566,104 @@ fn table_3_5(disk: &Disk) -> Result<Vec<BufferedRow>> {
     Ok(rows)
 }
 
-/// Runs `off` and `on` `rounds` times each, alternating, and returns the median row of each
-/// (by elapsed time).
+/// Off and on of one experiment, `rounds` runs each.
+struct OffOn {
+    /// The median run of each, by elapsed time.
+    off: BufferedRow,
+    on: BufferedRow,
+    /// Elapsed time on / off of each round's two runs, run back to back.
+    time_ratios: Vec<f64>,
+}
+
+impl OffOn {
+    /// Time on / off: the median of the rounds and their middle half.
+    fn time(&self) -> Spread {
+        Spread::of(self.time_ratios.clone())
+    }
+
+    /// Throughput on / off (the same bytes both ways, so off's time / on's).
+    fn throughput(&self) -> Spread {
+        Spread::of(self.time_ratios.iter().map(|r| 1.0 / r).collect())
+    }
+}
+
+/// A median and the middle half (25th to 75th percentile) of a few ratios.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Spread {
+    median: f64,
+    low: f64,
+    high: f64,
+}
+
+impl Spread {
+    fn of(mut v: Vec<f64>) -> Spread {
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            if v.is_empty() {
+                return 0.0;
+            }
+            // Linear between the closest ranks, as a spreadsheet's PERCENTILE does.
+            let x = q * (v.len() - 1) as f64;
+            let (i, f) = (x.floor() as usize, x.fract());
+            v[i] + (v[(i + 1).min(v.len() - 1)] - v[i]) * f
+        };
+        Spread {
+            median: at(0.5),
+            low: at(0.25),
+            high: at(0.75),
+        }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2} ({:.2}-{:.2})", self.median, self.low, self.high)
+    }
+}
+
+/// Runs `off` and `on` `rounds` times each, back to back in each round, the first of the
+/// pair alternating between rounds: a disk that is slower or faster for the second of two
+/// runs (its cache, its neighbours) then weighs on both alike. The ratio of each round's pair
+/// is kept as well as each side's median: on a noisy disk the spread of the ratios says
+/// whether a difference is the scheduler's or the disk's.
 fn off_on(
     disk: &Disk,
     off: Config,
     on: Config,
     writes: &[(u64, u64)],
     rounds: u32,
-) -> Result<(BufferedRow, BufferedRow)> {
+) -> Result<OffOn> {
     let mut a = Vec::new();
     let mut b = Vec::new();
-    for _ in 0..rounds {
-        a.push(buffered(disk, off, writes)?);
-        b.push(buffered(disk, on, writes)?);
+    let mut time_ratios = Vec::new();
+    for round in 0..rounds {
+        let (x, y) = if round % 2 == 0 {
+            let x = buffered(disk, off, writes)?;
+            (x, buffered(disk, on, writes)?)
+        } else {
+            let y = buffered(disk, on, writes)?;
+            (buffered(disk, off, writes)?, y)
+        };
+        time_ratios.push(y.elapsed_ms / x.elapsed_ms.max(1e-9));
+        a.push(x);
+        b.push(y);
     }
     let mid = |mut v: Vec<BufferedRow>| {
         v.sort_by(|x, y| x.elapsed_ms.total_cmp(&y.elapsed_ms));
         v.swap_remove(v.len() / 2)
     };
-    Ok((mid(a), mid(b)))
+    Ok(OffOn {
+        off: mid(a),
+        on: mid(b),
+        time_ratios,
+    })
 }
 
-fn table_4_2(disk: &Disk, rounds: u32) -> Result<(BufferedRow, BufferedRow)> {
+fn table_4_2(disk: &Disk, rounds: u32) -> Result<()> {
     println!();
     println!(
         "Table 4.2: 100 buffered 112 KB writes interleaved over two regions, 1-page ring, 44 KB \
-         requests, on the {} (medians of {rounds} runs each)",
+         requests, on the {} (medians of {rounds} rounds, off and on back to back in each)",
         disk.name()
     );
     let writes = guest::interleaved(100, 112 << 10);
@@ -600,7 +672,8 @@ fn table_4_2(disk: &Disk, rounds: u32) -> Result<(BufferedRow, BufferedRow)> {
         merge: true,
         ..THESIS_SETUP
     };
-    let (off, on) = off_on(disk, off, on, &writes, rounds)?;
+    let r = off_on(disk, off, on, &writes, rounds)?;
+    let (off, on) = (&r.off, &r.on);
     println!(
         "  {:<28} {:>10} {:>10} {:>12}",
         "", "time", "backend IOs", "ring requests"
@@ -621,13 +694,17 @@ fn table_4_2(disk: &Disk, rounds: u32) -> Result<(BufferedRow, BufferedRow)> {
         "  {:<28} {:>8.1}ms {:>10.0} {:>12}",
         "ours, scheduler on", on.elapsed_ms, on.backend_ios, on.requests
     );
+    let t = r.time();
     println!(
-        "  time on / off: ours {:.3}, thesis {:.3}; backend IOs fell {:.1}x",
-        on.elapsed_ms / off.elapsed_ms,
+        "  time on / off: ours {:.3} (rounds' middle half {:.3}-{:.3}), thesis {:.3}; backend \
+         IOs fell {:.1}x",
+        t.median,
+        t.low,
+        t.high,
         0.359 / 1.419,
         off.backend_ios / on.backend_ios.max(1.0)
     );
-    Ok((off, on))
+    Ok(())
 }
 
 /// Figure 4.2's numbers: per ring size, MB/s with the scheduler off and on (medians).
@@ -641,12 +718,12 @@ fn figure_4_2(disk: &Disk, rounds: u32) -> Result<Fig42> {
     println!();
     println!(
         "Figure 4.2: 4096 buffered 4 KB writes (44 KB requests), scheduler off vs on, on the {} \
-         (medians of {rounds} runs each)",
+         (medians of {rounds} rounds, off and on back to back in each)",
         disk.name()
     );
     println!(
-        "  {:<14} {:>9} {:>9} {:>7} {:>12} {:>12}",
-        "ring", "off MB/s", "on MB/s", "on/off", "IOs off", "IOs on"
+        "  {:<14} {:>9} {:>9} {:>18} {:>8} {:>8}",
+        "ring", "off MB/s", "on MB/s", "on/off (mid half)", "IOs off", "IOs on"
     );
     let writes = guest::sequential(4096, 4096);
     let mut f = Fig42 {
@@ -660,14 +737,15 @@ fn figure_4_2(disk: &Disk, rounds: u32) -> Result<Fig42> {
             ..THESIS_SETUP
         };
         let on = Config { merge: true, ..off };
-        let (a, b) = off_on(disk, off, on, &writes, rounds)?;
+        let r = off_on(disk, off, on, &writes, rounds)?;
+        let (a, b) = (&r.off, &r.on);
         let ring = format!("{}-page ring", 1 << order);
         println!(
-            "  {:<14} {:>9.1} {:>9.1} {:>7.2} {:>12.0} {:>12.0}",
+            "  {:<14} {:>9.1} {:>9.1} {:>18} {:>8.0} {:>8.0}",
             ring,
             a.mb_s,
             b.mb_s,
-            b.mb_s / a.mb_s.max(1e-9),
+            r.throughput().to_string(),
             a.backend_ios,
             b.backend_ios
         );
@@ -675,6 +753,11 @@ fn figure_4_2(disk: &Disk, rounds: u32) -> Result<Fig42> {
         f.off.push(a.mb_s);
         f.on.push(b.mb_s);
     }
+    println!(
+        "  on/off is the median of the rounds' own ratios (each round runs off and on back to \
+         back, in turn first); (mid half) is their 25th-75th percentile. Where it holds 1.00, \
+         the difference is within this disk's noise."
+    );
     Ok(f)
 }
 
@@ -1275,6 +1358,29 @@ pub fn run(args: &ThesisArgs) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spread_is_the_median_and_the_middle_half() {
+        let s = Spread::of(vec![1.2, 0.8, 1.0, 0.9, 1.1]);
+        assert_eq!((s.median, s.low, s.high), (1.0, 0.9, 1.1));
+        // Between ranks it interpolates: four values, the median halfway between the middle two.
+        let s = Spread::of(vec![4.0, 1.0, 3.0, 2.0]);
+        assert_eq!((s.median, s.low, s.high), (2.5, 1.75, 3.25));
+        assert_eq!(Spread::of(vec![0.5]).to_string(), "0.50 (0.50-0.50)");
+        assert_eq!(Spread::of(Vec::new()).median, 0.0);
+    }
+
+    #[test]
+    fn off_on_ratios_read_both_ways() {
+        let r = OffOn {
+            off: BufferedRow::default(),
+            on: BufferedRow::default(),
+            time_ratios: vec![0.5, 2.0, 1.0],
+        };
+        assert_eq!(r.time().median, 1.0);
+        // Half the time is twice the throughput.
+        assert_eq!((r.throughput().low, r.throughput().high), (0.75, 1.5));
+    }
 
     #[test]
     fn spans_join_by_io() {
