@@ -215,7 +215,8 @@ fn a_trace_has_both_ring_steps_of_every_request() {
     // ..., answered, seen. A step whose end came before its start is left out of the trace,
     // so a request without both ring steps means the two sides' stamps disagree (the
     // frontend once stamped a request after its kick returned, when tapdisk, woken on the
-    // other CPU, could already have popped it). One IO in flight: every push kicks.
+    // other CPU, could already have popped it). One IO in flight, so most pushes kick a
+    // sleeping tapdisk.
     let dir = tempfile::tempdir().unwrap();
     let (img, trace) = (dir.path().join("disk.img"), dir.path().join("trace.json"));
     let out = td_bench(&[
@@ -232,6 +233,8 @@ fn a_trace_has_both_ring_steps_of_every_request() {
         "3000",
         "--trace",
         trace.to_str().unwrap(),
+        "--trace-size",
+        "4096",
     ]);
     assert!(out.status.success(), "exit status {}", out.status);
     let v: serde_json::Value =

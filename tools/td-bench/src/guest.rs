@@ -165,7 +165,7 @@ pub fn run_plan(
                 STALL.as_secs()
             );
         }
-        let seen = if stamps.is_some() { now_ns() } else { 0 };
+        let stamped = stamps.as_ref().map_or(0, |s| s.len());
         let mut bad = None;
         fe.poll(|rsp| {
             let i = rsp.id as usize;
@@ -179,9 +179,17 @@ pub fn run_plan(
                 errors += 1;
             }
             if let Some(st) = stamps.as_deref_mut() {
-                st.push((rsp.id, pushed_at[i], seen));
+                st.push((rsp.id, pushed_at[i], 0));
             }
         });
+        if let Some(st) = stamps.as_deref_mut() {
+            // Seen once the poll has taken them: a stamp before the poll could precede the
+            // answer to a response tapdisk published in between.
+            let seen = now_ns();
+            for s in &mut st[stamped..] {
+                s.2 = seen;
+            }
+        }
         if let Some(id) = bad {
             return Err(anyhow!(
                 "tapdisk answered an id that is not in flight: {id:#x}"
